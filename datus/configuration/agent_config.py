@@ -1,0 +1,191 @@
+"""`agent.yml`, in the format Datus users already have::
+
+    agent:
+      target: deepseek                # the model used when none is named
+      models:
+        deepseek:
+          type: deepseek              # a provider (datus.utils.constants.LLMProvider)
+          model: deepseek-chat
+          api_key: ${DEEPSEEK_API_KEY}
+
+``${VAR}`` is replaced from the environment. A variable that is not set is remembered, not
+turned into a placeholder: creating that model raises an error naming the variable, while
+models that do not need it load and run. Unknown keys are rejected with their names.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from datus.models.pricing import Pricing
+from datus.utils.exceptions import DatusException, ErrorCode
+
+__all__ = ["ModelConfig", "AgentConfig", "ConfigError", "substitute_env"]
+
+_ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+class ConfigError(DatusException):
+    def __init__(self, message: str) -> None:
+        super().__init__(ErrorCode.COMMON_CONFIG_ERROR, message)
+
+
+def substitute_env(value: str, missing: list[str]) -> str | None:
+    """Replace ``${VAR}`` / ``${VAR:-default}``; unset names are appended to ``missing``.
+    A value that is only an unset variable becomes None (so the field's default applies)."""
+
+    def repl(match: re.Match[str]) -> str:
+        name, default = match.group(1), match.group(2)
+        if name in os.environ:
+            return os.environ[name]
+        if default is not None:
+            return default
+        missing.append(name)
+        return ""
+
+    whole = _ENV.fullmatch(value)
+    result = _ENV.sub(repl, value)
+    if whole and whole.group(1) in missing:
+        return None
+    return result
+
+
+class ModelConfig(BaseModel):
+    """One model: provider, model name, credentials and generation settings."""
+
+    model_config = ConfigDict(extra="forbid", protected_namespaces=(), validate_assignment=True)
+
+    type: str = Field(description="provider: openai, claude, deepseek, qwen, gemini or fake")
+    model: str = Field(description="the provider's model name, e.g. gpt-4o")
+    api_key: str | None = Field(default=None, repr=False, description="default: the provider's env var")
+    base_url: str | None = None
+    temperature: float | None = Field(default=None, ge=0, le=2)
+    top_p: float | None = Field(default=None, gt=0, le=1)
+    max_tokens: int | None = Field(default=None, gt=0)
+    enable_thinking: bool = False
+    thinking_budget: int | None = Field(default=None, gt=0, description="reasoning token budget")
+    timeout_s: float = Field(default=120.0, gt=0, description="per request")
+    max_retries: int = Field(default=3, ge=0, description="retries of one request after the first try")
+    retry_base_delay_s: float = Field(default=0.5, ge=0)
+    retry_max_delay_s: float = Field(default=30.0, ge=0)
+    retry_max_wait_s: float = Field(default=120.0, ge=0, description="total backoff of one request")
+    json_repair_attempts: int = Field(default=2, ge=0, description="re-asks when JSON output is broken")
+    save_llm_trace: bool = False
+    trace_dir: str | None = Field(default=None, description="default ~/.datus/traces")
+    context_length: int | None = Field(default=None, gt=0, description="override the known window")
+    prompt_cache: Literal["auto", "off"] = "auto"
+    pricing: Pricing | None = None
+    missing_env: tuple[str, ...] = Field(default=(), exclude=True, repr=False)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _substitute(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        unknown = sorted(set(data) - set(cls.model_fields))
+        if unknown:
+            hints = [
+                f"{key!r} (did you mean {close[0]!r}?)" if (close := difflib.get_close_matches(key, cls.model_fields, 1))
+                else repr(key)
+                for key in unknown
+            ]
+            raise ValueError(f"unknown model config key(s): {', '.join(hints)}; known keys: "
+                             f"{', '.join(sorted(k for k in cls.model_fields if k != 'missing_env'))}")
+        missing: list[str] = list(data.get("missing_env", ()))
+        out: dict[str, Any] = {}
+        for key, value in data.items():
+            if isinstance(value, str):
+                value = substitute_env(value, missing)
+                if value is None:
+                    continue
+            out[key] = value
+        out["missing_env"] = tuple(dict.fromkeys(missing))
+        return out
+
+    def require_env(self, where: str = "") -> None:
+        """Raise the error that names every unset variable this model needs."""
+        if self.missing_env:
+            from datus.models.errors import ModelConfigError
+
+            names = ", ".join(self.missing_env)
+            raise ModelConfigError(
+                f"model {where or self.model!r} needs environment variable(s) {names}: "
+                f"set them, or change the model's entry in agent.yml",
+                provider=self.type, model=self.model,
+            )
+
+
+class AgentConfig(BaseModel):
+    """The ``agent:`` section: target model, models, and the sections later layers read."""
+
+    model_config = ConfigDict(extra="allow", protected_namespaces=())
+
+    target: str | None = None
+    models: dict[str, ModelConfig] = Field(default_factory=dict)
+    mcp_servers: dict[str, dict[str, Any]] = Field(default_factory=dict)
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike[str]) -> "AgentConfig":
+        file = Path(path).expanduser()
+        try:
+            raw = yaml.safe_load(file.read_text(encoding="utf-8")) or {}
+        except FileNotFoundError:
+            raise ConfigError(f"config file {str(file)!r} not found") from None
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {str(file)!r} is not valid YAML: {exc}") from None
+        return cls.from_dict(raw, source=str(file))
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any], source: str = "config") -> "AgentConfig":
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{source}: expected a mapping with an 'agent:' section")
+        section = raw.get("agent", raw)
+        if not isinstance(section, dict):
+            raise ConfigError(f"{source}: 'agent:' must be a mapping")
+        try:
+            config = cls.model_validate(section)
+        except ValidationError as exc:
+            raise ConfigError(f"{source}: {_describe(exc)}") from None
+        if config.target is not None and config.target not in config.models:
+            raise ConfigError(
+                f"{source}: agent.target {config.target!r} is not one of agent.models: "
+                f"{', '.join(config.models) or '(none)'}"
+            )
+        return config
+
+    def active_model(self) -> ModelConfig:
+        return self.model_config_for(None)
+
+    def model_config_for(self, name: str | None) -> ModelConfig:
+        """``None`` or ``"default"`` is the target model; else a name under ``agent.models``."""
+        from datus.models.errors import ModelConfigError
+
+        if name in (None, "default"):
+            if self.target is None:
+                if len(self.models) == 1:
+                    return next(iter(self.models.values()))
+                raise ModelConfigError("no model named and agent.target is not set in the config")
+            name = self.target
+        assert name is not None
+        if name not in self.models:
+            raise ModelConfigError(
+                f"unknown model {name!r}; configured models: {', '.join(sorted(self.models)) or '(none)'}"
+                " (or pass 'provider:model', e.g. 'openai:gpt-4o-mini')"
+            )
+        return self.models[name]
+
+
+def _describe(exc: ValidationError) -> str:
+    parts = []
+    for error in exc.errors():
+        where = ".".join(str(p) for p in error["loc"])
+        message = error["msg"].removeprefix("Value error, ")
+        parts.append(f"{where}: {message}" if where else message)
+    return "; ".join(parts)

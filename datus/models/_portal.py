@@ -1,0 +1,45 @@
+"""Runs the async implementation for the sync twins (``generate`` and friends).
+
+One background event loop in a daemon thread serves every sync call of the process: SDK
+clients bound to that loop are reused across calls, and a sync call works even when the
+calling thread already runs an event loop (a notebook, an async framework).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from typing import Awaitable, TypeVar
+
+__all__ = ["run_sync"]
+
+T = TypeVar("T")
+
+_lock = threading.Lock()
+_loop: asyncio.AbstractEventLoop | None = None
+
+
+def _portal_loop() -> asyncio.AbstractEventLoop:
+    global _loop
+    with _lock:
+        if _loop is None or _loop.is_closed():
+            loop = asyncio.new_event_loop()
+            thread = threading.Thread(target=loop.run_forever, name="datus-sync-portal", daemon=True)
+            thread.start()
+            _loop = loop
+        return _loop
+
+
+def run_sync(awaitable: Awaitable[T]) -> T:
+    loop = _portal_loop()
+    try:
+        running = asyncio.get_running_loop()
+    except RuntimeError:
+        running = None
+    if running is loop:
+        raise RuntimeError("a sync model method was called from inside its own async call; use the a* twin")
+
+    async def _wrap() -> T:
+        return await awaitable
+
+    return asyncio.run_coroutine_threadsafe(_wrap(), loop).result()

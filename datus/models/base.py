@@ -1,0 +1,350 @@
+"""`LLMBaseModel`: the one interface over every provider, its factory and its registry.
+
+An adapter (one per wire format) implements five hooks: ``_create_client``, ``_complete``,
+``_stream``, ``_map_error`` and ``token_count``. Everything else — options, retries, timeouts,
+JSON output, usage and cost, traces, the sync twins — lives here once.
+
+A model object holds configuration and one SDK client per event loop, never per-call
+state: one object serves many concurrent calls.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import logging
+import threading
+import time
+import weakref
+from abc import ABC, abstractmethod
+from typing import TYPE_CHECKING, Any, AsyncIterator, ClassVar
+
+from pydantic import ValidationError
+
+from datus.models._portal import run_sync
+from datus.models.errors import (
+    InvalidResponseError,
+    ModelConfigError,
+    ModelError,
+    ModelOutputError,
+    ModelTimeoutError,
+)
+from datus.models.generation import CallOptions, Generation, JsonFormat, ModelRequest, StreamDelta, ToolSpec
+from datus.models.json_output import JsonOutputInvalid, normalize_response_format, parse_json_output
+from datus.models.pricing import cost_usd, find_pricing
+from datus.models.profiles import find_profile
+from datus.models.retry import RetryPolicy
+from datus.models.trace import write_trace
+from datus.models.usage import record_usage
+from datus.schemas.message import ChatMessage, Prompt, to_messages
+from datus.utils.constants import LLMProvider
+
+if TYPE_CHECKING:
+    from datus.configuration.agent_config import AgentConfig, ModelConfig
+
+__all__ = ["LLMBaseModel"]
+
+logger = logging.getLogger(__name__)
+
+# Settings a model config supplies as defaults for every call.
+_CONFIG_DEFAULTS = ("temperature", "top_p", "max_tokens", "enable_thinking", "thinking_budget", "timeout_s")
+
+
+class LLMBaseModel(ABC):
+    # The one provider registry: provider -> class name in datus/models/<provider>_model.py.
+    MODEL_TYPE_MAP: ClassVar[dict[str, str]] = {
+        LLMProvider.OPENAI: "OpenAIModel",
+        LLMProvider.CLAUDE: "ClaudeModel",
+        LLMProvider.DEEPSEEK: "DeepSeekModel",
+        LLMProvider.QWEN: "QwenModel",
+        LLMProvider.GEMINI: "GeminiModel",
+        LLMProvider.FAKE: "FakeModel",
+    }
+
+    def __init__(self, model_config: ModelConfig, **kwargs: Any) -> None:
+        model_config.require_env()
+        self.model_config = model_config
+        self.model_name = model_config.model
+        self.provider = str(model_config.type)
+        self.profile = find_profile(self.provider, self.model_name)
+        self.pricing = model_config.pricing or find_pricing(self.provider, self.model_name)
+        self.retry_policy = RetryPolicy(
+            max_attempts=model_config.max_retries + 1,
+            base_delay_s=model_config.retry_base_delay_s,
+            max_delay_s=model_config.retry_max_delay_s,
+            max_total_wait_s=model_config.retry_max_wait_s,
+        )
+        self._clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Any] = weakref.WeakKeyDictionary()
+        self._clients_lock = threading.Lock()
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(provider={self.provider!r}, model={self.model_name!r})"
+
+    # ---- factory -------------------------------------------------------------------------
+
+    @classmethod
+    def create_model(cls, agent_config: AgentConfig | None, model_name: str | None = None) -> "LLMBaseModel":
+        """``None``/``"default"``: the target model; a name under ``agent.models``; or a plain
+        ``"provider:model"`` string (keys then come from the environment)."""
+        from datus.configuration.agent_config import ModelConfig
+
+        known = agent_config.models if agent_config is not None else {}
+        if model_name and model_name not in known and ":" in model_name:
+            provider, _, name = model_name.partition(":")
+            config = ModelConfig(type=provider, model=name)
+        elif agent_config is None:
+            raise ModelConfigError("create_model needs an AgentConfig, or a 'provider:model' string")
+        else:
+            config = agent_config.model_config_for(model_name)
+        config.require_env(model_name or "default")
+        return cls.model_class(config.type)(model_config=config)
+
+    @classmethod
+    def model_class(cls, provider: str) -> type["LLMBaseModel"]:
+        class_name = cls.MODEL_TYPE_MAP.get(provider)
+        if class_name is None:
+            raise ModelConfigError(
+                f"unknown model type {provider!r}; known types: {', '.join(str(p) for p in cls.MODEL_TYPE_MAP)}"
+            )
+        module = importlib.import_module(f"datus.models.{provider}_model")
+        return getattr(module, class_name)
+
+    # ---- adapter hooks -------------------------------------------------------------------
+
+    @abstractmethod
+    def _create_client(self) -> Any:
+        """A new async SDK client (with ``max_retries=0``) for the running event loop."""
+
+    @abstractmethod
+    async def _complete(self, client: Any, request: ModelRequest) -> Generation:
+        """One request, no retries; usage tokens filled in."""
+
+    @abstractmethod
+    def _stream(self, client: Any, request: ModelRequest) -> AsyncIterator[StreamDelta | Generation]:
+        """One streamed request: deltas as they arrive, then the final ``Generation``."""
+
+    @abstractmethod
+    def _map_error(self, exc: Exception) -> ModelError:
+        """The one place where this adapter's SDK exceptions become ``ModelError``s."""
+
+    def token_count(self, prompt: str) -> int:
+        from datus.models.tokens import estimate_tokens
+
+        return estimate_tokens(prompt)
+
+    def context_length(self) -> int | None:
+        return self.model_config.context_length or self.profile.context_length
+
+    # ---- clients -------------------------------------------------------------------------
+
+    def _client(self) -> Any:
+        loop = asyncio.get_running_loop()
+        with self._clients_lock:
+            client = self._clients.get(loop)
+            if client is None:
+                client = self._clients[loop] = self._create_client()
+            return client
+
+    async def aclose(self) -> None:
+        """Close the SDK client of the running loop (the worker runtime calls this)."""
+        with self._clients_lock:
+            client = self._clients.pop(asyncio.get_running_loop(), None)
+        close = getattr(client, "close", None) or getattr(client, "aclose", None)
+        if close is not None:
+            result = close()
+            if asyncio.iscoroutine(result):
+                await result
+
+    # ---- requests ------------------------------------------------------------------------
+
+    def _options(self, kwargs: dict[str, Any], enable_thinking: bool | None = None) -> CallOptions:
+        merged = {key: getattr(self.model_config, key) for key in _CONFIG_DEFAULTS}
+        if enable_thinking:
+            merged["enable_thinking"] = True
+        unknown = sorted(set(kwargs) - set(CallOptions.model_fields))
+        if unknown:
+            raise TypeError(
+                f"unknown option(s) {', '.join(map(repr, unknown))}; "
+                f"known: {', '.join(CallOptions.model_fields)}"
+            )
+        merged.update({key: value for key, value in kwargs.items() if value is not None})
+        try:
+            return CallOptions(**merged)
+        except ValidationError as exc:
+            raise ValueError(f"invalid option: {exc.errors()[0]['loc'][0]}: {exc.errors()[0]['msg']}") from None
+
+    def _request(
+        self,
+        prompt: Prompt,
+        kwargs: dict[str, Any],
+        *,
+        enable_thinking: bool | None = None,
+        json_format: JsonFormat | None = None,
+        tools: tuple[ToolSpec, ...] = (),
+        instruction: str | None = None,
+    ) -> ModelRequest:
+        return ModelRequest(
+            messages=to_messages(prompt, instruction),
+            options=self._options(kwargs, enable_thinking),
+            json_format=json_format,
+            tools=tools,
+        )
+
+    async def _call(self, request: ModelRequest) -> Generation:
+        """One logical request under the retry policy and the timeout; usage recorded."""
+        started = time.perf_counter()
+        timeout = request.options.timeout_s or self.model_config.timeout_s
+
+        async def once() -> Generation:
+            try:
+                async with asyncio.timeout(timeout):
+                    return await self._complete(self._client(), request)
+            except ModelError:
+                raise
+            except TimeoutError as exc:
+                raise ModelTimeoutError(
+                    f"no answer within {timeout:g}s", provider=self.provider, model=self.model_name
+                ) from exc
+            except Exception as exc:  # the adapter's boundary
+                raise self._map_error(exc) from exc
+
+        try:
+            generation, attempts = await self.retry_policy.run(once, describe=f"{self.provider}/{self.model_name}")
+        except ModelError as exc:
+            self._trace(request, None, exc, started)
+            raise
+        self._finish(generation, attempts, started)
+        self._trace(request, generation, None, started)
+        return generation
+
+    def _finish(self, generation: Generation, attempts: int, started: float) -> None:
+        usage = generation.usage
+        update: dict[str, Any] = {
+            "provider": self.provider,
+            "model": self.model_name,
+            "latency_ms": (time.perf_counter() - started) * 1000.0,
+            "attempts": attempts,
+            "requests": attempts,
+            "priced": self.pricing is not None,
+        }
+        if self.pricing is not None:
+            update["cost_usd"] = cost_usd(
+                self.pricing,
+                input_tokens=usage.input_tokens,
+                output_tokens=usage.output_tokens,
+                cached_tokens=usage.cached_tokens,
+                cache_write_tokens=usage.cache_write_tokens,
+            )
+        generation.usage = usage.model_copy(update=update)
+        record_usage(generation.usage)
+
+    def _trace(self, request: ModelRequest, generation: Generation | None, error: ModelError | None,
+               started: float) -> None:
+        if not self.model_config.save_llm_trace:
+            return
+        record: dict[str, Any] = {
+            "provider": self.provider,
+            "model": self.model_name,
+            "duration_ms": round((time.perf_counter() - started) * 1000.0, 3),
+            "messages": [message.model_dump(exclude_defaults=True) for message in request.messages],
+            "options": request.options.model_dump(exclude_none=True),
+            "json_schema": request.json_format.schema if request.json_format else None,
+            "tools": [tool.name for tool in request.tools],
+        }
+        if generation is not None:
+            record.update(text=generation.text, reasoning=generation.reasoning,
+                          tool_calls=[call.model_dump() for call in generation.tool_calls],
+                          finish_reason=generation.finish_reason, usage=generation.usage.model_dump())
+        if error is not None:
+            record["error"] = error.to_dict()
+        write_trace(self.model_config.trace_dir, self.provider, record)
+
+    # ---- the public interface ------------------------------------------------------------
+
+    async def acomplete(self, prompt: Prompt, enable_thinking: bool = False, **kwargs: Any) -> Generation:
+        """The whole answer: text, reasoning, tool calls, finish reason and usage."""
+        return await self._call(self._request(prompt, kwargs, enable_thinking=enable_thinking))
+
+    def complete(self, prompt: Prompt, enable_thinking: bool = False, **kwargs: Any) -> Generation:
+        return run_sync(self.acomplete(prompt, enable_thinking, **kwargs))
+
+    async def agenerate(self, prompt: Prompt, enable_thinking: bool = False, **kwargs: Any) -> str:
+        return (await self.acomplete(prompt, enable_thinking, **kwargs)).text
+
+    def generate(self, prompt: Prompt, enable_thinking: bool = False, **kwargs: Any) -> str:
+        return run_sync(self.agenerate(prompt, enable_thinking, **kwargs))
+
+    async def agenerate_with_json_output(self, prompt: Prompt, response_format: Any = None,
+                                         **kwargs: Any) -> dict[str, Any]:
+        """A dict, validated against the schema or pydantic model when one is given. Broken
+        output is repaired, then re-asked ``json_repair_attempts`` times with the reason;
+        after that ``ModelOutputError`` is raised (never an ``{"error": ...}`` dict)."""
+        json_format = normalize_response_format(response_format)
+        request = self._request(prompt, kwargs, json_format=json_format)
+        messages = list(request.messages)
+        last_text, reason = "", ""
+        for _ in range(self.model_config.json_repair_attempts + 1):
+            generation = await self._call(ModelRequest(messages, request.options, json_format))
+            last_text = generation.text
+            try:
+                return parse_json_output(generation.text, json_format)
+            except JsonOutputInvalid as exc:
+                reason = str(exc)
+                logger.info("%s/%s: JSON output invalid (%s); asking again", self.provider, self.model_name, reason)
+                messages = [
+                    *messages,
+                    ChatMessage(role="assistant", content=generation.text),
+                    ChatMessage(role="user", content=f"That answer is unusable: {reason}. "
+                                "Reply again with only the corrected JSON object, no other text."),
+                ]
+        raise ModelOutputError(
+            f"no valid JSON after {self.model_config.json_repair_attempts + 1} answer(s): {reason}",
+            provider=self.provider, model=self.model_name, details={"last_answer": last_text[:2000]},
+        )
+
+    def generate_with_json_output(self, prompt: Prompt, response_format: Any = None, **kwargs: Any) -> dict[str, Any]:
+        return run_sync(self.agenerate_with_json_output(prompt, response_format, **kwargs))
+
+    async def agenerate_stream(self, prompt: Prompt, enable_thinking: bool = False, **kwargs: Any) -> AsyncIterator[str]:
+        """Text deltas as they arrive (see ``astream`` for reasoning deltas and usage)."""
+        async for item in self.astream(prompt, enable_thinking, **kwargs):
+            if isinstance(item, StreamDelta) and item.text:
+                yield item.text
+
+    async def astream(self, prompt: Prompt, enable_thinking: bool = False,
+                      **kwargs: Any) -> AsyncIterator[StreamDelta | Generation]:
+        """Deltas (text and reasoning), then the final ``Generation`` with usage."""
+        async for item in self._stream_call(self._request(prompt, kwargs, enable_thinking=enable_thinking)):
+            yield item
+
+    async def _stream_call(self, request: ModelRequest) -> AsyncIterator[StreamDelta | Generation]:
+        """A streamed request under the retry policy: a failure before the first delta is
+        retried like any request; after a delta has been handed out it is raised, since what
+        the caller saw cannot be taken back."""
+        started = time.perf_counter()
+        attempt, waited = 0, 0.0
+        while True:
+            attempt += 1
+            emitted = False
+            try:
+                async for item in self._stream(self._client(), request):
+                    if isinstance(item, Generation):
+                        self._finish(item, attempt, started)
+                        self._trace(request, item, None, started)
+                        yield item
+                        return
+                    emitted = True
+                    yield item
+                raise InvalidResponseError("the stream ended without a final answer",
+                                           provider=self.provider, model=self.model_name)
+            except Exception as exc:
+                error = exc if isinstance(exc, ModelError) else self._map_error(exc)
+                delay = None if emitted else self.retry_policy.delay_for(error, attempt, waited)
+                if delay is None:
+                    error.details["attempts"] = attempt
+                    self._trace(request, None, error, started)
+                    if error is exc:
+                        raise
+                    raise error from exc
+                waited += delay
+                await asyncio.sleep(delay)

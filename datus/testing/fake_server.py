@@ -1,0 +1,382 @@
+"""A wire-level fake of the LLM providers, for tests and the demo.
+
+The official SDKs talk real HTTP to it, so retries, timeouts, SSE parsing and error mapping
+are exercised exactly as against the real services. It runs uvicorn in a background thread
+with its own event loop (async handlers, so hundreds of slow calls can be in flight), and
+answers from a `Script`. Provider spelling lives in `datus.testing.protocols`.
+
+Other processes (Celery workers, the demo) drive it over HTTP:
+
+    POST /_fake/script    queue answers; body: a list of entries, or {"entries": [...],
+                          "reset": true}. An entry is {"reply": {...}} or {"fault": {...}}
+                          with optional "match" (substring of the last user message) and
+                          "times" (default 1, null = forever). "reply" takes the `Reply`
+                          fields (tool_calls: [{"name", "arguments", "id"}]); "fault" the
+                          `Fault` fields, e.g. {"kind": "rate_limit", "retry_after": 2}.
+    POST /_fake/reset     empty the script, forget requests, restore the initial latency
+    GET  /_fake/requests  {"requests": [{"method", "path", "headers", "body", "protocol"}]}
+    POST /_fake/latency   {"latency_s": 0.2} or {"latency_ms": 200}
+    GET  /_fake/health    {"status": "ok", ...}
+
+Faults that carry no answer of their own (hang, malformed_json, cut_stream) send what the
+fallback handler would have answered: after the hang, or up to the break.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import json
+import logging
+import signal
+import socket
+import sys
+import threading
+from typing import Any, Awaitable, Callable, Iterable
+
+import uvicorn
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import BaseRoute, Route
+from starlette.types import Send
+
+from datus.testing.protocols import ProtocolError, WireProtocol, default_protocols
+from datus.testing.script import Answer, Fault, Reply, Script, ScriptedRequest, ScriptedToolCall, echo_handler
+
+__all__ = ["FakeProviderServer", "RecordedRequest", "answer_from_json", "answer_to_json"]
+
+_THREAD_PREFIX = "fake-provider-server"
+_SSE_HEADERS = {"cache-control": "no-cache", "connection": "keep-alive"}
+
+
+@dataclasses.dataclass(frozen=True)
+class RecordedRequest:
+    method: str
+    path: str
+    headers: dict[str, str]
+    body: Any  # the decoded JSON, or the raw text when it was not JSON
+    protocol: str
+
+
+class FakeProviderServer:
+    """Start with `start()` or `with FakeProviderServer() as server:`; `port=0` picks a free
+    port, known (with `url`) once started. `api_key=None` accepts any non-empty key."""
+
+    def __init__(
+        self,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        latency_s: float = 0.0,
+        script: Script | None = None,
+        *,
+        api_key: str | None = None,
+        protocols: Iterable[WireProtocol] | None = None,
+    ) -> None:
+        self.host = host
+        self.port = port
+        self.latency_s = latency_s  # read on every request, so it can change at runtime
+        self.script = script if script is not None else Script()
+        self.api_key = api_key
+        self.protocols = list(protocols) if protocols is not None else default_protocols()
+        self._initial_latency_s = latency_s
+        self._requests: list[RecordedRequest] = []
+        self._lock = threading.Lock()
+        self._server: uvicorn.Server | None = None
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._closing: asyncio.Event | None = None
+        self.app = self._build_app()
+
+    # -- lifecycle --------------------------------------------------------------------------
+
+    @property
+    def url(self) -> str:
+        if self._thread is None:
+            raise RuntimeError("the fake server is not started; call start() first")
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}"
+
+    @property
+    def openai_base_url(self) -> str:
+        return self.url + "/v1"
+
+    def start(self) -> FakeProviderServer:
+        if self._thread is not None:
+            return self
+        _install_log_filter()
+        family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((self.host, self.port))  # bound here so the port is known before serving
+        self.port = sock.getsockname()[1]
+        config = uvicorn.Config(
+            self.app,
+            log_config=None,  # never reconfigure the host process's logging
+            access_log=False,
+            lifespan="off",
+            ws="none",
+            timeout_graceful_shutdown=2,
+        )
+        self._server = uvicorn.Server(config)
+        self._thread = threading.Thread(
+            target=self._run, args=(self._server, sock), name=f"{_THREAD_PREFIX}-{self.port}", daemon=True
+        )
+        self._thread.start()
+        while not self._server.started:
+            if not self._thread.is_alive():
+                self._thread = None
+                raise RuntimeError(f"the fake server could not start on {self.host}:{self.port}")
+            threading.Event().wait(0.005)
+        return self
+
+    def stop(self) -> None:
+        thread, server, loop, closing = self._thread, self._server, self._loop, self._closing
+        if thread is None or server is None:
+            return
+        if loop is not None and closing is not None and not loop.is_closed():
+            loop.call_soon_threadsafe(closing.set)  # wakes hangs and latency sleeps
+        server.should_exit = True
+        thread.join(timeout=10)
+        self._thread = self._server = self._loop = self._closing = None
+
+    def __enter__(self) -> FakeProviderServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def _run(self, server: uvicorn.Server, sock: socket.socket) -> None:
+        async def serve() -> None:
+            self._loop = asyncio.get_running_loop()
+            self._closing = asyncio.Event()
+            await server.serve(sockets=[sock])
+
+        asyncio.run(serve())
+
+    # -- state ----------------------------------------------------------------------------
+
+    @property
+    def requests(self) -> list[RecordedRequest]:
+        """A snapshot, oldest first."""
+        with self._lock:
+            return list(self._requests)
+
+    def clear_requests(self) -> None:
+        with self._lock:
+            self._requests.clear()
+
+    def reset(self) -> None:
+        """Back to how it started: empty script, echo fallback, no requests, first latency."""
+        self.script.reset(fallback=echo_handler)
+        self.clear_requests()
+        self.latency_s = self._initial_latency_s
+
+    # -- the app ----------------------------------------------------------------------------
+
+    def _build_app(self) -> Starlette:
+        routes: list[BaseRoute] = [
+            Route("/_fake/script", self._admin_script, methods=["POST"]),
+            Route("/_fake/reset", self._admin_reset, methods=["POST"]),
+            Route("/_fake/requests", self._admin_requests, methods=["GET"]),
+            Route("/_fake/latency", self._admin_latency, methods=["POST"]),
+            Route("/_fake/health", self._admin_health, methods=["GET"]),
+        ]
+        for protocol in self.protocols:
+            endpoint = self._endpoint(protocol)
+            routes += [Route(path, endpoint, methods=["POST"]) for path in protocol.paths]
+            routes += protocol.extra_routes()
+        app = Starlette(routes=routes)
+        app.state.api_key = self.api_key
+        return app
+
+    def _endpoint(self, protocol: WireProtocol) -> Callable[[Request], Awaitable[Response]]:
+        async def endpoint(request: Request) -> Response:
+            return await self._generate(protocol, request)
+
+        return endpoint
+
+    async def _generate(self, protocol: WireProtocol, request: Request) -> Response:
+        raw = await request.body()
+        try:
+            body, valid = json.loads(raw), True
+        except ValueError:
+            body, valid = raw.decode("utf-8", "replace"), False
+        record = RecordedRequest(request.method, request.url.path, dict(request.headers), body, protocol.name)
+        with self._lock:
+            self._requests.append(record)
+        denied = protocol.authenticate(request, self.api_key)
+        if denied is not None:
+            return denied
+        if not valid:
+            return protocol.invalid_json()
+        try:
+            scripted = protocol.parse(request, body)
+        except ProtocolError as exc:
+            return exc.response
+        answer = self.script.next_answer(scripted)
+        await self._sleep(self.latency_s + (answer.latency_s if isinstance(answer, Reply) else 0.0))
+        if isinstance(answer, Fault):
+            return await self._fault(protocol, answer, scripted)
+        return self._reply(protocol, answer, scripted)
+
+    def _reply(self, protocol: WireProtocol, reply: Reply, scripted: ScriptedRequest) -> Response:
+        if scripted.stream:
+            return _FramedResponse(protocol.stream_frames(reply, scripted))
+        return protocol.render_json(reply, scripted)
+
+    async def _fault(self, protocol: WireProtocol, fault: Fault, scripted: ScriptedRequest) -> Response:
+        if fault.kind not in ("hang", "malformed_json", "cut_stream"):
+            return protocol.render_fault(fault, scripted)
+        fallback = self.script.fallback(scripted)
+        reply = fallback if isinstance(fallback, Reply) else echo_handler(scripted)
+        if fault.kind == "hang":
+            await self._sleep(fault.seconds)
+            return self._reply(protocol, reply, scripted)
+        if fault.kind == "malformed_json":
+            if scripted.stream:
+                frames = protocol.stream_frames(reply, scripted)[:1] + [protocol.malformed_frame(scripted)]
+                return _FramedResponse(frames)
+            return Response(protocol.malformed_body(scripted), media_type="application/json")
+        if scripted.stream:  # cut_stream
+            return _FramedResponse(protocol.stream_frames(reply, scripted)[: fault.after_chunks], complete=False)
+        whole = bytes(protocol.render_json(reply, scripted).body)  # promise it all, send half
+        headers = {"content-length": str(len(whole))}
+        return _FramedResponse([whole[: len(whole) // 2]], "application/json", headers, complete=False)
+
+    async def _sleep(self, seconds: float) -> None:
+        """Sleep, but wake at once when the server stops, so stop() never waits on a hang."""
+        if seconds <= 0 or self._closing is None:
+            return
+        try:
+            await asyncio.wait_for(self._closing.wait(), seconds)
+        except asyncio.TimeoutError:
+            pass
+
+    # -- admin endpoints ----------------------------------------------------------------
+
+    async def _admin_script(self, request: Request) -> Response:
+        try:
+            payload = await request.json()
+            entries = payload if isinstance(payload, list) else payload.get("entries", [])
+            if isinstance(payload, dict) and payload.get("reset"):
+                self.script.reset(fallback=echo_handler)
+            for entry in entries:
+                self.script.add(answer_from_json(entry), match=entry.get("match"), times=entry.get("times", 1))
+        except (ValueError, TypeError, KeyError, AttributeError) as exc:
+            return JSONResponse({"error": f"bad script: {exc}"}, status_code=400)
+        return JSONResponse({"pending": self.script.pending()})
+
+    async def _admin_reset(self, request: Request) -> Response:
+        self.reset()
+        return JSONResponse({"ok": True})
+
+    async def _admin_requests(self, request: Request) -> Response:
+        return JSONResponse({"requests": [dataclasses.asdict(item) for item in self.requests]})
+
+    async def _admin_latency(self, request: Request) -> Response:
+        try:
+            payload = await request.json()
+            seconds = float(payload["latency_s"]) if "latency_s" in payload else float(payload["latency_ms"]) / 1000
+        except (ValueError, TypeError, KeyError) as exc:
+            return JSONResponse({"error": f"expected latency_s or latency_ms: {exc}"}, status_code=400)
+        self.latency_s = seconds
+        return JSONResponse({"latency_s": seconds})
+
+    async def _admin_health(self, request: Request) -> Response:
+        return JSONResponse(
+            {
+                "status": "ok",
+                "protocols": [protocol.name for protocol in self.protocols],
+                "latency_s": self.latency_s,
+                "pending": self.script.pending(),
+                "requests": len(self._requests),
+            }
+        )
+
+
+class _FramedResponse(StreamingResponse):
+    """Sends pre-rendered frames; `complete=False` ends the handler without finishing the
+    body, which makes uvicorn drop the connection: the client sees a broken transfer."""
+
+    def __init__(
+        self,
+        frames: list[bytes],
+        media_type: str = "text/event-stream",
+        headers: dict[str, str] | None = None,
+        complete: bool = True,
+    ) -> None:
+        self._frames = frames
+        self._complete = complete
+        extra = _SSE_HEADERS if media_type == "text/event-stream" else {}
+        super().__init__(iter(frames), headers={**extra, **(headers or {})}, media_type=media_type)
+
+    async def stream_response(self, send: Send) -> None:
+        await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
+        for frame in self._frames:
+            await send({"type": "http.response.body", "body": frame, "more_body": True})
+        if self._complete:
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+
+class _DeliberateCutFilter(logging.Filter):
+    """uvicorn logs an error when a handler leaves a response unfinished; from our server
+    threads that is a scripted cut, not a bug."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        deliberate = threading.current_thread().name.startswith(_THREAD_PREFIX)
+        return not (deliberate and record.getMessage().startswith("ASGI callable returned without completing"))
+
+
+_LOG_FILTER = _DeliberateCutFilter()
+
+
+def _install_log_filter() -> None:
+    logging.getLogger("uvicorn.error").addFilter(_LOG_FILTER)  # idempotent for one instance
+
+
+# -- the JSON form of script entries -----------------------------------------------------
+
+
+def answer_from_json(entry: dict[str, Any]) -> Answer:
+    """`{"reply": {...}}` or `{"fault": {...}}` (see the module docstring) to a script answer."""
+    if "fault" in entry:
+        return Fault(**entry["fault"])
+    if "reply" in entry:
+        fields = dict(entry["reply"])
+        calls = [ScriptedToolCall(**call) for call in fields.pop("tool_calls", [])]
+        return Reply(**fields, tool_calls=tuple(calls))
+    raise ValueError("each entry needs a 'reply' or a 'fault' object")
+
+
+def answer_to_json(answer: Answer, match: str | None = None, times: int | None = 1) -> dict[str, Any]:
+    """The inverse of `answer_from_json`, as one entry for `POST /_fake/script`."""
+    key = "fault" if isinstance(answer, Fault) else "reply"
+    entry: dict[str, Any] = {key: dataclasses.asdict(answer), "times": times}
+    if match is not None:
+        entry["match"] = match
+    return entry
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Run the fake LLM provider server until SIGINT/SIGTERM.")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=0, help="0 picks a free port")
+    parser.add_argument("--latency-ms", type=float, default=0.0)
+    parser.add_argument("--api-key", default=None, help="the only key accepted (default: any non-empty key)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    stopping = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stopping.set())
+    server = FakeProviderServer(args.host, args.port, args.latency_ms / 1000, api_key=args.api_key).start()
+    print(f"fake provider server listening on {server.url}", flush=True)
+    while not stopping.wait(0.2):
+        pass
+    server.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

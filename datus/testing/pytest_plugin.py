@@ -1,0 +1,33 @@
+"""pytest fixtures for the fake provider server.
+
+Enable with `pytest_plugins = ["datus.testing.pytest_plugin"]` in a conftest.
+
+- `fake_server`: a fresh, started server per test (starting one takes milliseconds), so a test
+  may change its key, latency or script freely and never sees another test's requests.
+- `fake_server_session`: one server for the whole run, for session-scoped fixtures and for
+  subprocesses that need a stable URL. It is shared: call `.reset()` before relying on its
+  script, requests or latency.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+from datus.testing.fake_server import FakeProviderServer
+
+__all__ = ["fake_server", "fake_server_session"]
+
+
+@pytest.fixture(scope="session")
+def fake_server_session() -> Iterator[FakeProviderServer]:
+    with FakeProviderServer() as server:
+        yield server
+
+
+@pytest.fixture
+def fake_server() -> Iterator[FakeProviderServer]:
+    with FakeProviderServer() as server:
+        server.reset()
+        yield server

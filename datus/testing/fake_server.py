@@ -33,7 +33,8 @@ import signal
 import socket
 import sys
 import threading
-from typing import Any, Awaitable, Callable, Iterable
+import time
+from typing import Any, Awaitable, Callable, Iterable, get_args
 
 import uvicorn
 from starlette.applications import Starlette
@@ -43,12 +44,21 @@ from starlette.routing import BaseRoute, Route
 from starlette.types import Send
 
 from datus.testing.protocols import ProtocolError, WireProtocol, default_protocols
-from datus.testing.script import Answer, Fault, Reply, Script, ScriptedRequest, ScriptedToolCall, echo_handler
+from datus.testing.script import (
+    Answer,
+    Fault,
+    FaultKind,
+    Reply,
+    Script,
+    ScriptedRequest,
+    ScriptedToolCall,
+    echo_handler,
+)
 
 __all__ = ["FakeProviderServer", "RecordedRequest", "answer_from_json", "answer_to_json"]
 
 _THREAD_PREFIX = "fake-provider-server"
-_SSE_HEADERS = {"cache-control": "no-cache", "connection": "keep-alive"}
+_SSE_HEADERS = {"cache-control": "no-cache"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,7 +88,6 @@ class FakeProviderServer:
         self.port = port
         self.latency_s = latency_s  # read on every request, so it can change at runtime
         self.script = script if script is not None else Script()
-        self.api_key = api_key
         self.protocols = list(protocols) if protocols is not None else default_protocols()
         self._initial_latency_s = latency_s
         self._requests: list[RecordedRequest] = []
@@ -88,6 +97,15 @@ class FakeProviderServer:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._closing: asyncio.Event | None = None
         self.app = self._build_app()
+        self.api_key = api_key
+
+    @property
+    def api_key(self) -> str | None:
+        return self.app.state.api_key  # kept on the app, where secondary routes read it
+
+    @api_key.setter
+    def api_key(self, value: str | None) -> None:
+        self.app.state.api_key = value
 
     # -- lifecycle --------------------------------------------------------------------------
 
@@ -109,7 +127,11 @@ class FakeProviderServer:
         family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
         sock = socket.socket(family, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((self.host, self.port))  # bound here so the port is known before serving
+        try:
+            sock.bind((self.host, self.port))  # bound here so the port is known before serving
+        except OSError:
+            sock.close()
+            raise
         self.port = sock.getsockname()[1]
         config = uvicorn.Config(
             self.app,
@@ -128,7 +150,7 @@ class FakeProviderServer:
             if not self._thread.is_alive():
                 self._thread = None
                 raise RuntimeError(f"the fake server could not start on {self.host}:{self.port}")
-            threading.Event().wait(0.005)
+            time.sleep(0.005)
         return self
 
     def stop(self) -> None:
@@ -187,9 +209,7 @@ class FakeProviderServer:
             endpoint = self._endpoint(protocol)
             routes += [Route(path, endpoint, methods=["POST"]) for path in protocol.paths]
             routes += protocol.extra_routes()
-        app = Starlette(routes=routes)
-        app.state.api_key = self.api_key
-        return app
+        return Starlette(routes=routes)
 
     def _endpoint(self, protocol: WireProtocol) -> Callable[[Request], Awaitable[Response]]:
         async def endpoint(request: Request) -> Response:
@@ -240,7 +260,8 @@ class FakeProviderServer:
                 return _FramedResponse(frames)
             return Response(protocol.malformed_body(scripted), media_type="application/json")
         if scripted.stream:  # cut_stream
-            return _FramedResponse(protocol.stream_frames(reply, scripted)[: fault.after_chunks], complete=False)
+            frames = protocol.stream_frames(reply, scripted)
+            return _FramedResponse(frames[: min(fault.after_chunks, len(frames) - 1)], complete=False)
         whole = bytes(protocol.render_json(reply, scripted).body)  # promise it all, send half
         headers = {"content-length": str(len(whole))}
         return _FramedResponse([whole[: len(whole) // 2]], "application/json", headers, complete=False)
@@ -310,7 +331,7 @@ class _FramedResponse(StreamingResponse):
         self._frames = frames
         self._complete = complete
         extra = _SSE_HEADERS if media_type == "text/event-stream" else {}
-        super().__init__(iter(frames), headers={**extra, **(headers or {})}, media_type=media_type)
+        super().__init__(frames, headers={**extra, **(headers or {})}, media_type=media_type)
 
     async def stream_response(self, send: Send) -> None:
         await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
@@ -342,7 +363,10 @@ def _install_log_filter() -> None:
 def answer_from_json(entry: dict[str, Any]) -> Answer:
     """`{"reply": {...}}` or `{"fault": {...}}` (see the module docstring) to a script answer."""
     if "fault" in entry:
-        return Fault(**entry["fault"])
+        fault = Fault(**entry["fault"])
+        if fault.kind not in get_args(FaultKind):
+            raise ValueError(f"unknown fault kind {fault.kind!r}; expected one of {get_args(FaultKind)}")
+        return fault
     if "reply" in entry:
         fields = dict(entry["reply"])
         calls = [ScriptedToolCall(**call) for call in fields.pop("tool_calls", [])]

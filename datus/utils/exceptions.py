@@ -33,6 +33,7 @@ class ErrorCode(str, Enum):
     MODEL_OUTPUT_ERROR = "model_output_error"
     MODEL_MAX_TURNS_EXCEEDED = "model_max_turns_exceeded"
     MODEL_TOOL_ERROR = "model_tool_error"
+    SESSION_NOT_FOUND = "session_not_found"
 
 
 class DatusException(Exception):

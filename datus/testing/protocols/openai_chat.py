@@ -37,10 +37,14 @@ _NO_KEY = (
     "username) if you're accessing the API from your browser and are prompted for a username and "
     "password. You can obtain an API key from https://platform.openai.com/account/api-keys."
 )
-_STATUS_TEXT = {
+_STATUS_TEXT: dict[int, tuple[str, str | None, str]] = {  # status -> (type, code, message)
     400: ("invalid_request_error", None, "Invalid request."),
     401: ("invalid_request_error", "invalid_api_key", "Incorrect API key provided."),
-    403: ("invalid_request_error", "unsupported_country_region_territory", "Country, region, or territory not supported"),
+    403: (
+        "invalid_request_error",
+        "unsupported_country_region_territory",
+        "Country, region, or territory not supported",
+    ),
     404: ("invalid_request_error", "model_not_found", "The model does not exist or you do not have access to it."),
     409: ("invalid_request_error", None, "Conflict."),
     422: ("invalid_request_error", None, "Unprocessable entity."),
@@ -50,6 +54,50 @@ _STATUS_TEXT = {
     503: ("server_error", None, "The server is overloaded or not ready yet."),
     504: ("server_error", None, "Gateway timeout."),
 }
+# kind -> (status, error type, error code, param, message); upstream's texts, abridged.
+_FAULTS: dict[str, tuple[int, str | None, str | None, str | None, str]] = {
+    "rate_limit": (
+        429,
+        "requests",
+        "rate_limit_exceeded",
+        None,
+        "Rate limit reached for {model} in organization org-fake on requests per min (RPM): Limit 3, "
+        "Used 3, Requested 1. Please try again in 20s. Visit https://platform.openai.com/account/rate-limits "
+        "to learn more.",
+    ),
+    "quota": (
+        429,
+        "insufficient_quota",
+        "insufficient_quota",
+        None,
+        "You exceeded your current quota, please check your plan and billing details. For more information "
+        "on this error, read the docs: https://platform.openai.com/docs/guides/error-codes/api-errors.",
+    ),
+    "overloaded": (503, "server_error", None, None, "The server is overloaded or not ready yet."),
+    "context_length": (
+        400,
+        "invalid_request_error",
+        "context_length_exceeded",
+        "messages",
+        "This model's maximum context length is 128000 tokens. However, your messages resulted in 131072 "
+        "tokens. Please reduce the length of the messages.",
+    ),
+    "content_filter": (  # Azure OpenAI's prompt filter; OpenAI itself has no such 400
+        400,
+        None,
+        "content_filter",
+        "prompt",
+        "The response was filtered due to the prompt triggering Azure OpenAI's content management policy. "
+        "Please modify your prompt and retry.",
+    ),
+}
+_CONTENT_FILTER_EXTRA: dict[str, Any] = {
+    "status": 400,
+    "innererror": {
+        "code": "ResponsibleAIPolicyViolation",
+        "content_filter_result": {"violence": {"filtered": True, "severity": "high"}},
+    },
+}
 
 
 def _error(
@@ -58,6 +106,7 @@ def _error(
     type_: str | None,
     code: str | None = None,
     param: str | None = None,
+    /,
     headers: dict[str, str] | None = None,
     **extra: Any,
 ) -> JSONResponse:
@@ -115,8 +164,10 @@ class OpenAIChatProtocol(WireProtocol):
             raise ProtocolError(_error(400, "you must provide a model parameter", "invalid_request_error"))
         messages = body.get("messages")
         if not isinstance(messages, list) or not messages:
-            message = "Missing required parameter: 'messages'." if messages is None else "Invalid 'messages'."
-            raise ProtocolError(_error(400, message, "invalid_request_error", "missing_required_parameter", "messages"))
+            missing = messages is None
+            message = "Missing required parameter: 'messages'." if missing else "Invalid 'messages': expected a list."
+            code = "missing_required_parameter" if missing else "invalid_type"
+            raise ProtocolError(_error(400, message, "invalid_request_error", code, "messages"))
         return ScriptedRequest(
             protocol=self.name,
             model=str(body["model"]),
@@ -168,10 +219,12 @@ class OpenAIChatProtocol(WireProtocol):
 
         first: dict[str, Any] = {"role": "assistant", "content": "" if reply.text else None, "refusal": None}
         frames = [chunk(first)]
-        frames += [chunk({"content": None, "reasoning_content": piece}) for piece in split_text(reply.reasoning or "")]
+        reasoning = split_text(reply.reasoning or "")
+        frames += [chunk({"content": None, "reasoning_content": piece}) for piece in reasoning]
         frames += [chunk({"content": piece}) for piece in split_text(reply.text)]
         for index, (call, call_id) in enumerate(zip(reply.tool_calls, _call_ids(reply))):
-            opening = {"index": index, "id": call_id, "type": "function", "function": {"name": call.name, "arguments": ""}}
+            function = {"name": call.name, "arguments": ""}
+            opening = {"index": index, "id": call_id, "type": "function", "function": function}
             frames.append(chunk({"tool_calls": [opening]}))
             for piece in split_text(call.arguments_json()):
                 frames.append(chunk({"tool_calls": [{"index": index, "function": {"arguments": piece}}]}))
@@ -183,38 +236,15 @@ class OpenAIChatProtocol(WireProtocol):
 
     def render_fault(self, fault: Fault, request: ScriptedRequest) -> Response:
         headers = {"x-request-id": _new_id("req_"), **retry_after_header(fault)}
-        if fault.kind == "rate_limit":
-            message = fault.message or (
-                f"Rate limit reached for {request.model} in organization org-fake on requests per min (RPM): "
-                "Limit 3, Used 3, Requested 1. Please try again in 20s. "
-                "Visit https://platform.openai.com/account/rate-limits to learn more."
-            )
-            return _error(fault.status or 429, message, "requests", "rate_limit_exceeded", headers=headers)
-        if fault.kind == "quota":
-            message = fault.message or (
-                "You exceeded your current quota, please check your plan and billing details. For more "
-                "information on this error, read the docs: https://platform.openai.com/docs/guides/error-codes/api-errors."
-            )
-            return _error(fault.status or 429, message, "insufficient_quota", "insufficient_quota", headers=headers)
-        if fault.kind == "overloaded":
-            message = fault.message or "The server is overloaded or not ready yet."
-            return _error(fault.status or 503, message, "server_error", headers=headers)
-        if fault.kind == "context_length":
-            message = fault.message or (
-                "This model's maximum context length is 128000 tokens. However, your messages resulted in "
-                "131072 tokens. Please reduce the length of the messages."
-            )
-            return _error(400, message, "invalid_request_error", "context_length_exceeded", "messages", headers=headers)
-        if fault.kind == "content_filter":
-            message = fault.message or (
-                "The response was filtered due to the prompt triggering Azure OpenAI's content management "
-                "policy. Please modify your prompt and retry."
-            )
-            inner = {"code": "ResponsibleAIPolicyViolation", "content_filter_result": {"violence": {"filtered": True, "severity": "high"}}}
-            return _error(400, message, None, "content_filter", "prompt", headers=headers, status=400, innererror=inner)
-        status = fault.status or 500
-        type_, code, default_message = _STATUS_TEXT.get(status, ("server_error" if status >= 500 else "invalid_request_error", None, f"HTTP {status}."))
-        return _error(status, fault.message or default_message, type_, code, headers=headers)
+        if fault.kind in _FAULTS:
+            status, type_, code, param, template = _FAULTS[fault.kind]
+        else:  # "status"
+            status, param = 500, None
+            fallback = ("server_error" if (fault.status or 500) >= 500 else "invalid_request_error", None, "Error.")
+            type_, code, template = _STATUS_TEXT.get(fault.status or 500, fallback)
+        extra = _CONTENT_FILTER_EXTRA if fault.kind == "content_filter" else {}
+        message = fault.message or template.format(model=request.model)
+        return _error(fault.status or status, message, type_, code, param, headers=headers, **extra)
 
 
 def _envelope(obj: str, request: ScriptedRequest) -> dict[str, Any]:

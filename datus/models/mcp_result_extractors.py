@@ -1,0 +1,121 @@
+"""SQL contexts from the steps of a tool run.
+
+Which tools run SQL, and under which argument the SQL text travels, differs per database
+server; it lives in one table, `SQL_QUERY_FUNCTIONS`, which config extends
+(``agent.sql_query_functions: {db_type: {tool_name: argument}}``) or callers extend per call.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+from typing import Any, Iterable, Mapping
+
+from datus.schemas.action_history import ActionHistory, ActionRole
+from datus.schemas.sql_context import SQLContext
+
+__all__ = ["SQL_QUERY_FUNCTIONS", "get_function_call_names", "extract_sql_contexts"]
+
+# db_type -> tool name -> the argument that holds the SQL text.
+SQL_QUERY_FUNCTIONS: dict[str, dict[str, str]] = {
+    "snowflake": {"execute_sql": "sql", "read_query": "query", "run_snowflake_query": "statement"},
+    "sqlite": {"execute_sql": "sql", "read_query": "query", "write_query": "query"},
+    "starrocks": {"execute_sql": "sql", "read_query": "query", "write_query": "query"},
+    "duckdb": {"execute_sql": "sql", "query": "query"},
+    "postgres": {"execute_sql": "sql", "read_query": "query", "query": "sql"},
+    "datus_sql": {"read_query": "query"},  # the read-only server shipped in datus.mcp_servers
+}
+
+_SQL_ARGUMENT_NAMES = ("query", "sql", "statement")
+
+
+def get_function_call_names(db_type: str, extra: Mapping[str, Mapping[str, str]] | None = None) -> set[str]:
+    return set(_functions(db_type, extra))
+
+
+def _functions(db_type: str, extra: Mapping[str, Mapping[str, str]] | None) -> dict[str, str]:
+    table = dict(SQL_QUERY_FUNCTIONS.get(db_type, {}))
+    if extra and db_type in extra:
+        table.update(extra[db_type])
+    return table
+
+
+def extract_sql_contexts(
+    steps: Iterable[ActionHistory | Mapping[str, Any]],
+    db_type: str = "datus_sql",
+    extra_functions: Mapping[str, Mapping[str, str]] | None = None,
+) -> list[SQLContext]:
+    """One `SQLContext` per finished SQL tool call, in order. ``sql_query`` is the SQL text;
+    the assistant text that follows the result (before the next tool call) is its
+    explanation. Steps may be `ActionHistory` objects or their JSON dicts."""
+    functions = _functions(db_type, extra_functions)
+    actions = [step if isinstance(step, ActionHistory) else ActionHistory.model_validate(step) for step in steps]
+    contexts: list[SQLContext] = []
+    for index, action in enumerate(actions):
+        if action.role != ActionRole.TOOL.value or action.status == "processing":
+            continue
+        data = action.input if isinstance(action.input, dict) else {}
+        tool = data.get("tool") or data.get("function_name") or action.action_type
+        if tool not in functions:
+            continue
+        arguments = _arguments(data.get("arguments"))
+        sql = arguments.get(functions[tool]) or next(
+            (arguments[name] for name in _SQL_ARGUMENT_NAMES if isinstance(arguments.get(name), str)), None
+        )
+        if not isinstance(sql, str):
+            continue
+        output = action.output if isinstance(action.output, dict) else {"raw_output": action.output}
+        raw = output.get("raw_output")
+        text = raw if isinstance(raw, str) else json.dumps(raw, default=str)
+        failed = action.status == "failed" or output.get("success") is False
+        contexts.append(SQLContext(
+            sql_query=sql,
+            explanation=_following_explanation(actions, index),
+            sql_return="" if failed else text,
+            sql_error=text if failed else None,
+            row_count=None if failed else _row_count(raw),
+        ))
+    return contexts
+
+
+def _arguments(value: Any) -> dict[str, Any]:
+    if isinstance(value, dict):
+        return value
+    if isinstance(value, str):
+        try:
+            parsed = json.loads(value)
+        except json.JSONDecodeError:
+            return {}
+        return parsed if isinstance(parsed, dict) else {}
+    return {}
+
+
+def _following_explanation(actions: list[ActionHistory], index: int) -> str:
+    for later in actions[index + 1:]:
+        if later.role == ActionRole.TOOL.value:
+            return ""
+        if later.role == ActionRole.ASSISTANT.value and later.action_type in ("assistant_message", "final_response"):
+            return later.messages or ""
+    return ""
+
+
+def _row_count(raw: Any) -> int | None:
+    """Rows in a tool's answer: our server's JSON ``row_count``, or the length of a list
+    given as JSON or as a Python literal (what the reference sqlite server prints)."""
+    value = raw
+    if isinstance(raw, str):
+        for parse in (json.loads, ast.literal_eval):
+            try:
+                value = parse(raw)
+                break
+            except (ValueError, SyntaxError, json.JSONDecodeError):
+                continue
+        else:
+            return None
+    if isinstance(value, dict):
+        count = value.get("row_count")
+        if isinstance(count, int):
+            return count
+        rows = value.get("rows")
+        return len(rows) if isinstance(rows, list) else None
+    return len(value) if isinstance(value, list) else None

@@ -1,0 +1,228 @@
+"""The tool loop: ask the model, run the tools it calls, feed the results back, until it
+answers — each step an `ActionHistory`, yielded as it happens.
+
+Each model request is retried on its own under the retry policy (``LLMBaseModel._call`` /
+``_stream_call``); tool results are kept in the conversation, so a tool that already ran is
+never run again because a later request failed. A tool that fails, a tool that does not
+exist and malformed arguments all go back to the model as failed tool results.
+
+Steps (``action_type``): ``user_input``; ``assistant_delta`` (streamed runs only, PROCESSING,
+one ``action_id`` per model answer); ``assistant_message`` (text or reasoning that came with
+tool calls); one per tool call, named after the tool (PROCESSING, then the same action as
+SUCCESS or FAILED); ``final_response`` (SUCCESS, with content, SQL contexts and usage); and
+``error`` (FAILED) when the run cannot finish, just before the error is raised.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import TYPE_CHECKING, Any, AsyncIterator, Mapping
+
+from pydantic import BaseModel
+
+from datus.models.errors import MaxTurnsExceededError, ModelError
+from datus.models.function_tools import Tool, ToolOutcome
+from datus.models.generation import CallOptions, Generation, ModelRequest, StreamDelta
+from datus.models.json_output import JsonOutputInvalid, normalize_response_format, parse_json_output
+from datus.models.mcp_result_extractors import extract_sql_contexts
+from datus.models.usage import Usage
+from datus.schemas.action_history import ActionHistory, ActionHistoryManager, ActionRole, ActionStatus
+from datus.schemas.message import ChatMessage, ToolCall
+
+if TYPE_CHECKING:
+    from datus.models.base import LLMBaseModel
+
+__all__ = ["ToolRun", "ToolRunResult"]
+
+
+@dataclass
+class ToolRunResult:
+    content: Any
+    sql_contexts: list[Any]
+    usage: Usage
+    turns_used: int
+    model: str
+    steps: list[ActionHistory] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "content": self.content,
+            "sql_contexts": self.sql_contexts,
+            "usage": self.usage,
+            "turns_used": self.turns_used,
+            "model": self.model,
+        }
+
+
+class ToolRun:
+    """One run; iterate ``steps()``, then read ``result``."""
+
+    def __init__(
+        self,
+        model: LLMBaseModel,
+        messages: list[ChatMessage],
+        tools: Mapping[str, Tool],
+        options: CallOptions,
+        *,
+        output_type: Any = str,
+        max_turns: int = 10,
+        stream: bool = False,
+        manager: ActionHistoryManager | None = None,
+        db_type: str = "datus_sql",
+        sql_functions: Mapping[str, Mapping[str, str]] | None = None,
+        user_text: str = "",
+    ) -> None:
+        if max_turns < 1:
+            raise ValueError("max_turns must be at least 1")
+        self.model = model
+        self.messages = list(messages)
+        self.new_messages: list[ChatMessage] = []
+        self.tools = dict(tools)
+        self.options = options
+        self.output_format = None if output_type in (str, None) else normalize_response_format(output_type)
+        self.max_turns = max_turns
+        self.stream = stream
+        self.manager = manager if manager is not None else ActionHistoryManager()
+        self.db_type = db_type
+        self.sql_functions = sql_functions
+        self.steps: list[ActionHistory] = []
+        self.usage = Usage(provider=model.provider, model=model.model_name)
+        self.result: ToolRunResult | None = None
+        self.user_text = user_text
+
+    # ---- recording -----------------------------------------------------------------------
+
+    def _record(self, action: ActionHistory) -> ActionHistory:
+        self.steps.append(action)
+        self.manager.add_action(action)
+        return action.model_copy()
+
+    def _finish_step(self, action: ActionHistory, status: ActionStatus, output: Any) -> ActionHistory:
+        end = datetime.now()
+        action.status, action.output, action.end_time = status, output, end
+        self.manager.update_action_by_id(action.action_id, status=status.value, output=output, end_time=end)
+        return action.model_copy()
+
+    # ---- the loop ------------------------------------------------------------------------
+
+    async def run_steps(self) -> AsyncIterator[ActionHistory]:
+        yield self._record(ActionHistory.create_action(
+            ActionRole.USER, "user_input", self.user_text, {"prompt": self.user_text}, status=ActionStatus.SUCCESS,
+        ))
+        specs = tuple(tool.spec for tool in self.tools.values())
+        try:
+            for turn in range(1, self.max_turns + 1):
+                request = ModelRequest(self.messages, self.options, None, specs)
+                generation: Generation | None = None
+                if self.stream:
+                    answer_id = ActionHistory.create_action(ActionRole.ASSISTANT, "assistant_delta", "", None).action_id
+                    async for item in self.model._stream_call(request):
+                        if isinstance(item, StreamDelta):
+                            yield _delta_step(answer_id, item)
+                        else:
+                            generation = item
+                else:
+                    generation = await self.model._call(request)
+                assert generation is not None
+                self.usage = self.usage + generation.usage
+                self._append(generation.message())
+                if generation.tool_calls:
+                    if generation.text or generation.reasoning:
+                        yield self._record(ActionHistory.create_action(
+                            ActionRole.ASSISTANT, "assistant_message", generation.text, None,
+                            {"reasoning": generation.reasoning,
+                             "tool_calls": [call.model_dump() for call in generation.tool_calls]},
+                            ActionStatus.SUCCESS,
+                        ))
+                    for call in generation.tool_calls:
+                        async for step in self._run_tool(call):
+                            yield step
+                    continue
+                content, problem = self._final_content(generation.text)
+                if problem is not None and turn < self.max_turns:
+                    self._append(ChatMessage(role="user", content=(
+                        f"Your final answer is unusable: {problem}. Reply with only the corrected JSON object.")))
+                    continue
+                if problem is not None:
+                    raise MaxTurnsExceededError(f"the final answer never matched the output type: {problem}",
+                                                provider=self.model.provider, model=self.model.model_name)
+                sql_contexts = extract_sql_contexts(self.steps, self.db_type, self.sql_functions)
+                self.result = ToolRunResult(content, sql_contexts, self.usage, turn, self.model.model_name, self.steps)
+                yield self._record(ActionHistory.create_action(
+                    ActionRole.ASSISTANT, "final_response", generation.text, None,
+                    {"content": content.model_dump(mode="json") if isinstance(content, BaseModel) else content,
+                     "sql_contexts": [context.model_dump() for context in sql_contexts],
+                     "usage": self.usage.model_dump(), "turns_used": turn, "model": self.model.model_name},
+                    ActionStatus.SUCCESS,
+                ))
+                return
+            raise MaxTurnsExceededError(
+                f"no final answer within max_turns={self.max_turns}",
+                provider=self.model.provider, model=self.model.model_name,
+            )
+        except ModelError as exc:
+            exc.details.setdefault("steps", [step.model_dump(mode="json") for step in self.steps])
+            exc.details.setdefault("usage", self.usage.model_dump())
+            yield self._record(ActionHistory.create_action(
+                ActionRole.WORKFLOW, "error", str(exc), None, exc.to_dict() | {"details": {}}, ActionStatus.FAILED,
+            ))
+            raise
+
+    def _append(self, message: ChatMessage) -> None:
+        self.messages.append(message)
+        self.new_messages.append(message)
+
+    async def _run_tool(self, call: ToolCall) -> AsyncIterator[ActionHistory]:
+        tool = self.tools.get(call.name)
+        meta = getattr(tool, "meta", {}) if tool is not None else {}
+        try:
+            arguments: dict[str, Any] | None = call.parsed_arguments()
+            problem = None
+        except ValueError as exc:
+            arguments, problem = None, str(exc)
+        action = ActionHistory.create_action(
+            ActionRole.TOOL, call.name, f"calling {call.name}",
+            {"function_name": call.name, "tool": meta.get("tool", call.name), "server": meta.get("server"),
+             "arguments": arguments if arguments is not None else call.arguments, "call_id": call.id},
+        )
+        yield self._record(action)
+        if tool is None:
+            outcome = ToolOutcome(f"there is no tool named {call.name!r}; available: {', '.join(self.tools) or 'none'}",
+                                  is_error=True)
+        elif problem is not None:
+            outcome = ToolOutcome(problem, is_error=True)
+        else:
+            try:
+                outcome = await tool.call(arguments or {})
+            except Exception as exc:  # a transport failure (server died) is a failed result
+                outcome = ToolOutcome(f"{type(exc).__name__}: {exc}", is_error=True)
+        status = ActionStatus.FAILED if outcome.is_error else ActionStatus.SUCCESS
+        yield self._finish_step(action, status, {"success": not outcome.is_error, "raw_output": outcome.text})
+        self._append(ChatMessage(role="tool", tool_call_id=call.id, name=call.name, content=outcome.text))
+
+    def _final_content(self, text: str) -> tuple[Any, str | None]:
+        if self.output_format is None:
+            return text, None
+        try:
+            value = parse_json_output(text, self.output_format)
+        except JsonOutputInvalid as exc:
+            return None, str(exc)
+        model_cls = self.output_format.pydantic_model
+        return (model_cls.model_validate(value) if model_cls else value), None
+
+
+def _delta_step(answer_id: str, delta: StreamDelta) -> ActionHistory:
+    kind = "reasoning" if delta.reasoning and not delta.text else "text"
+    return ActionHistory(
+        action_id=answer_id, role=ActionRole.ASSISTANT, action_type="assistant_delta",
+        messages=delta.text or delta.reasoning, output={"kind": kind, "text": delta.text, "reasoning": delta.reasoning},
+        status=ActionStatus.PROCESSING,
+    )
+
+
+def output_hint(output_format: Any) -> str:
+    schema = getattr(output_format, "schema", None)
+    base = "When you give your final answer, reply with only a JSON object"
+    return f"{base} matching this JSON schema:\n{json.dumps(schema, ensure_ascii=False)}" if schema else f"{base}."

@@ -436,3 +436,11 @@ async def test_two_hundred_concurrent_slow_requests(fake_server: FakeProviderSer
         elapsed = time.monotonic() - started
     assert answers == [f"echo: q{i}" for i in range(200)]
     assert elapsed < 1.5, elapsed
+
+
+def test_session_server_serves_after_reset(fake_server_session: FakeProviderServer) -> None:
+    fake_server_session.reset()
+    fake_server_session.script.add(Reply(text="shared"))
+    with client(fake_server_session) as shared:
+        assert ask(shared, "hi") == "shared"
+    assert len(fake_server_session.requests) == 1

@@ -1,0 +1,392 @@
+"""Multi-turn sessions stored with SQLAlchemy, shared by every process that opens the same URL.
+
+By default one SQLite file, ``~/.datus/sessions/sessions.db`` (``DQ_SESSION_URL`` or the
+``url`` argument override it), in WAL mode so readers never wait and writers queue on a busy
+timeout; any SQLAlchemy URL (Postgres) serves sessions shared by many workers. Messages are
+stored as provider-neutral `ChatMessage` JSON, so a session started on one provider continues
+on another. Nothing is cached in memory: any process may clear or delete any session.
+
+Appends are atomic and never lost: each one first updates its session row, which takes the
+row lock on Postgres and, through ``BEGIN IMMEDIATE``, the write lock on SQLite; appends to one
+session therefore run one after another and each sees the last committed ``seq``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import os
+import re
+import threading
+import uuid
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+from sqlalchemy import (
+    JSON, Column, Connection, DateTime, Engine, ForeignKey, Integer, MetaData,
+    PrimaryKeyConstraint, String, Table, create_engine, delete, event, func, insert, select,
+    update,
+)
+from sqlalchemy.engine import URL, make_url
+from sqlalchemy.exc import ArgumentError, DBAPIError, IntegrityError, NoSuchModuleError, ProgrammingError
+
+from datus.schemas.message import ChatMessage
+from datus.utils.exceptions import DatusException, ErrorCode
+
+__all__ = [
+    "SessionManager", "Session", "SessionInfo", "SessionNotFoundError", "SessionStoreError",
+    "default_session_url", "SESSION_URL_ENV",
+]
+
+SESSION_URL_ENV = "DQ_SESSION_URL"
+_WRITE = "dq_session_write"  # execution option: this transaction writes (SQLite: BEGIN IMMEDIATE)
+_SCHEMA_ATTEMPTS = 3
+
+_metadata = MetaData()
+sessions_table = Table(
+    "sessions", _metadata,
+    Column("id", String(255), primary_key=True),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("updated_at", DateTime(timezone=True), nullable=False),
+    Column("metadata", JSON, nullable=False),
+)
+messages_table = Table(
+    "session_messages", _metadata,
+    Column("session_id", String(255), ForeignKey("sessions.id", ondelete="CASCADE"), nullable=False),
+    Column("seq", Integer, nullable=False, autoincrement=False),
+    Column("role", String(16), nullable=False),
+    Column("message", JSON, nullable=False),
+    Column("token_count", Integer, nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    # the unique (session_id, seq): a second writer with a stale seq fails instead of interleaving
+    PrimaryKeyConstraint("session_id", "seq", name="pk_session_messages"),
+)
+
+
+class SessionNotFoundError(DatusException, KeyError):
+    """No session with this id (never created, or deleted by some process)."""
+
+    def __init__(self, session_id: str) -> None:
+        super().__init__(ErrorCode.SESSION_NOT_FOUND, f"session {session_id!r} does not exist")
+        self.session_id = session_id
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.session_id,))
+
+
+class SessionStoreError(DatusException):
+    """The session store cannot be used: a malformed URL, an unknown driver, a path that cannot
+    be created, a database that refuses the connection."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(ErrorCode.COMMON_CONFIG_ERROR, message)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.message,))
+
+
+class SessionInfo(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    session_id: str
+    created_at: datetime
+    updated_at: datetime
+    message_count: int = 0
+    total_tokens: int = 0  # the sum of the token counts stored with the messages
+    last_user_message: str | None = None
+    metadata: dict[str, Any] = Field(default_factory=dict)
+
+
+def default_session_url() -> str:
+    """``DQ_SESSION_URL`` if set, else the SQLite file ``~/.datus/sessions/sessions.db``."""
+    return os.environ.get(SESSION_URL_ENV) or f"sqlite:///{Path.home() / '.datus' / 'sessions' / 'sessions.db'}"
+
+
+class Session:
+    """A handle on one stored session; holds only its id, so it never goes stale."""
+
+    __slots__ = ("_manager", "session_id")
+
+    def __init__(self, manager: SessionManager, session_id: str) -> None:
+        self._manager = manager
+        self.session_id = session_id
+
+    def get_messages(self, limit: int | None = None) -> list[ChatMessage]:
+        """The messages oldest first; with ``limit``, only the most recent ``limit`` of them."""
+        return self._manager._messages(self.session_id, limit)
+
+    def add_messages(self, messages: Sequence[ChatMessage], token_counts: Sequence[int] | None = None) -> None:
+        """Append all of ``messages`` in one transaction, after whatever is stored."""
+        self._manager._append(self.session_id, messages, token_counts)
+
+    async def aget_messages(self, limit: int | None = None) -> list[ChatMessage]:
+        return await asyncio.to_thread(self.get_messages, limit)
+
+    async def aadd_messages(self, messages: Sequence[ChatMessage], token_counts: Sequence[int] | None = None) -> None:
+        await asyncio.to_thread(self.add_messages, messages, token_counts)
+
+    def clear(self) -> None:
+        self._manager.clear_session(self.session_id)
+
+    def info(self) -> SessionInfo:
+        return self._manager.session_info(self.session_id)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Session) and (other._manager, other.session_id) == (self._manager, self.session_id)
+
+    def __hash__(self) -> int:
+        return hash(self.session_id)
+
+    def __repr__(self) -> str:
+        return f"Session({self.session_id!r})"
+
+
+class SessionManager:
+    """Creates, finds, lists, clears and deletes sessions in one SQLAlchemy database.
+
+    Thread-safe; one manager may serve many concurrent calls. Tables are created on first use.
+    """
+
+    def __init__(self, url: str | None = None, *, busy_timeout: float = 30.0) -> None:
+        raw = url or default_session_url()
+        try:
+            parsed = _with_driver(make_url(raw))
+            backend = parsed.get_backend_name()
+            if backend == "sqlite":
+                if parsed.database in (None, "", ":memory:") or "mode=memory" in str(parsed):
+                    raise ValueError("in-memory SQLite is not shared between threads; use a file")
+                Path(parsed.database).expanduser().parent.mkdir(parents=True, exist_ok=True)
+            # READ COMMITTED whatever the server default: after waiting on the row lock, the
+            # next statement must see the seq the other writer committed
+            options: dict[str, Any] = {"isolation_level": "READ COMMITTED"} if backend == "postgresql" else {}
+            self._engine: Engine = create_engine(parsed, pool_pre_ping=backend != "sqlite", **options)
+        except (ArgumentError, NoSuchModuleError, ImportError, ValueError, OSError) as exc:
+            raise SessionStoreError(
+                f"cannot use session store {_mask(raw)!r}: {exc} "
+                f"(pass another URL or set {SESSION_URL_ENV})"
+            ) from exc
+        if backend == "sqlite":
+            _configure_sqlite(self._engine, busy_timeout)
+        self._write_engine = self._engine.execution_options(**{_WRITE: True})
+        self._schema_lock = threading.Lock()
+        self._ready = False
+        self._pid = os.getpid()
+
+    @property
+    def url(self) -> str:
+        return self._engine.url.render_as_string(hide_password=True)
+
+    def close(self) -> None:
+        self._engine.dispose()
+
+    # -- sessions ----------------------------------------------------------------------
+
+    def create_session(self, session_id: str | None = None, metadata: dict[str, Any] | None = None) -> Session:
+        """A new session, or the existing one with this id (``metadata`` is then ignored)."""
+        session_id = _check_id(session_id if session_id is not None else uuid.uuid4().hex)
+        now = _now()
+        try:
+            with self._transaction(write=True) as conn:
+                conn.execute(insert(sessions_table).values(
+                    id=session_id, created_at=now, updated_at=now, metadata=dict(metadata or {})))
+        except IntegrityError:
+            pass  # it exists, perhaps created this instant by another process: creating is idempotent
+        return Session(self, session_id)
+
+    def get(self, session_id: str) -> Session | None:
+        with self._transaction() as conn:
+            found = conn.execute(select(sessions_table.c.id).where(sessions_table.c.id == session_id)).first()
+        return Session(self, session_id) if found else None
+
+    get_session = get
+
+    def clear_session(self, session_id: str) -> None:
+        """Drop the session's messages and keep the session."""
+        with self._transaction(write=True) as conn:
+            self._lock(conn, session_id)
+            conn.execute(delete(messages_table).where(messages_table.c.session_id == session_id))
+
+    def delete_session(self, session_id: str) -> None:
+        with self._transaction(write=True) as conn:
+            self._lock(conn, session_id)  # a concurrent append finishes (or fails) first
+            conn.execute(delete(messages_table).where(messages_table.c.session_id == session_id))
+            conn.execute(delete(sessions_table).where(sessions_table.c.id == session_id))
+
+    def list_sessions(self) -> list[SessionInfo]:
+        """Every session, the most recently updated first."""
+        with self._transaction() as conn:
+            return self._infos(conn, None)
+
+    def session_info(self, session_id: str) -> SessionInfo:
+        with self._transaction() as conn:
+            infos = self._infos(conn, session_id)
+        if not infos:
+            raise SessionNotFoundError(session_id)
+        return infos[0]
+
+    # -- messages (through Session) ------------------------------------------------------
+
+    def _messages(self, session_id: str, limit: int | None) -> list[ChatMessage]:
+        if limit is not None and limit < 0:
+            raise ValueError(f"limit must be >= 0, not {limit}")
+        m = messages_table
+        query = select(m.c.message).where(m.c.session_id == session_id)
+        query = query.order_by(m.c.seq) if limit is None else query.order_by(m.c.seq.desc()).limit(limit)
+        with self._transaction() as conn:
+            if conn.execute(select(sessions_table.c.id).where(sessions_table.c.id == session_id)).first() is None:
+                raise SessionNotFoundError(session_id)
+            stored = list(conn.execute(query).scalars())
+        if limit is not None:
+            stored.reverse()
+        return [ChatMessage.model_validate(item) for item in stored]
+
+    def _append(self, session_id: str, messages: Sequence[ChatMessage], token_counts: Sequence[int] | None) -> None:
+        items = [m if isinstance(m, ChatMessage) else ChatMessage.model_validate(m) for m in messages]
+        counts = [0] * len(items) if token_counts is None else [int(n) for n in token_counts]
+        if len(counts) != len(items):
+            raise ValueError(f"{len(items)} messages but {len(counts)} token counts")
+        if not items:
+            return
+        with self._transaction(write=True) as conn:
+            now = self._lock(conn, session_id)
+            last = conn.execute(
+                select(func.max(messages_table.c.seq)).where(messages_table.c.session_id == session_id)
+            ).scalar()
+            conn.execute(insert(messages_table), [
+                {
+                    "session_id": session_id,
+                    "seq": (last or 0) + index,
+                    "role": item.role,
+                    # defaults left out: smaller rows, and model_validate restores them
+                    "message": item.model_dump(mode="json", exclude_defaults=True),
+                    "token_count": count,
+                    "created_at": now,
+                }
+                for index, (item, count) in enumerate(zip(items, counts), start=1)
+            ])
+
+    # -- internals -----------------------------------------------------------------------
+
+    @contextmanager
+    def _transaction(self, write: bool = False) -> Iterator[Connection]:
+        self._ensure_schema()
+        with (self._write_engine if write else self._engine).begin() as conn:
+            yield conn
+
+    def _lock(self, conn: Connection, session_id: str) -> datetime:
+        """Touch the session row: that serialises writers to this session (Postgres row lock,
+        SQLite write lock) and says whether it still exists."""
+        now = _now()
+        touched = conn.execute(
+            update(sessions_table).where(sessions_table.c.id == session_id).values(updated_at=now))
+        if touched.rowcount == 0:
+            raise SessionNotFoundError(session_id)
+        return now
+
+    def _infos(self, conn: Connection, session_id: str | None) -> list[SessionInfo]:
+        s, m = sessions_table, messages_table
+        totals = select(
+            m.c.session_id, func.count().label("n"), func.sum(m.c.token_count).label("tokens")
+        ).group_by(m.c.session_id)
+        query = select(s)
+        if session_id is not None:
+            totals = totals.where(m.c.session_id == session_id)
+            query = query.where(s.c.id == session_id)
+        totals = totals.subquery()
+        last_user = (
+            select(m.c.message).where(m.c.session_id == s.c.id, m.c.role == "user")
+            .order_by(m.c.seq.desc()).limit(1).correlate(s).scalar_subquery()
+        )
+        query = (
+            query.add_columns(totals.c.n, totals.c.tokens, last_user.label("last_user"))
+            .outerjoin(totals, totals.c.session_id == s.c.id)
+            .order_by(s.c.updated_at.desc(), s.c.id)
+        )
+        return [
+            SessionInfo(
+                session_id=row.id,
+                created_at=_utc(row.created_at),
+                updated_at=_utc(row.updated_at),
+                message_count=row.n or 0,
+                total_tokens=row.tokens or 0,
+                last_user_message=None if row.last_user is None else row.last_user.get("content", ""),
+                metadata=row._mapping["metadata"] or {},
+            )
+            for row in conn.execute(query)
+        ]
+
+    def _ensure_schema(self) -> None:
+        if self._pid != os.getpid():
+            # forked (a prefork worker): the parent's pooled connections are not ours to use
+            self._engine.dispose(close=False)
+            self._pid = os.getpid()
+        if self._ready:
+            return
+        with self._schema_lock:
+            if self._ready:
+                return
+            for attempt in range(1, _SCHEMA_ATTEMPTS + 1):
+                try:
+                    with self._write_engine.begin() as conn:
+                        _metadata.create_all(conn)
+                    break
+                except (IntegrityError, ProgrammingError) as exc:
+                    # another process created the tables between our check and our CREATE
+                    # (Postgres: duplicate pg_type / relation); the next check sees them
+                    if attempt == _SCHEMA_ATTEMPTS:
+                        raise SessionStoreError(f"cannot create the session tables in {self.url}: {exc}") from exc
+                except DBAPIError as exc:
+                    raise SessionStoreError(f"cannot open the session store {self.url}: {exc.orig}") from exc
+            self._ready = True
+
+
+def _configure_sqlite(engine: Engine, busy_timeout: float) -> None:
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_connection: Any, _record: Any) -> None:
+        # we emit BEGIN ourselves (below): the driver's own would start writers as DEFERRED
+        dbapi_connection.isolation_level = None
+        cursor = dbapi_connection.cursor()
+        try:
+            # busy_timeout first, so that switching to WAL also waits instead of failing
+            cursor.execute(f"PRAGMA busy_timeout = {int(busy_timeout * 1000)}")
+            cursor.execute("PRAGMA journal_mode = WAL")
+            cursor.execute("PRAGMA synchronous = NORMAL")  # durable enough in WAL, much faster
+            cursor.execute("PRAGMA foreign_keys = ON")
+        finally:
+            cursor.close()
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(conn: Connection) -> None:
+        # a writer takes the write lock up front (waiting under busy_timeout); a deferred one
+        # that read first could only fail with SQLITE_BUSY when another writer got in between
+        conn.exec_driver_sql("BEGIN IMMEDIATE" if conn.get_execution_options().get(_WRITE) else "BEGIN")
+
+
+def _with_driver(url: URL) -> URL:
+    # SQLAlchemy 2.1 reads a bare postgresql:// as psycopg 3; our extra installs psycopg2
+    if url.drivername == "postgresql" and importlib.util.find_spec("psycopg") is None:
+        return url.set(drivername="postgresql+psycopg2")
+    return url
+
+
+def _check_id(session_id: str) -> str:
+    if not isinstance(session_id, str) or not session_id or len(session_id) > 255:
+        raise ValueError(f"session id must be a non-empty string of at most 255 characters, not {session_id!r}")
+    return session_id
+
+
+def _now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def _utc(value: datetime) -> datetime:
+    # SQLite hands back the naive UTC we stored; Postgres an aware time in its own zone
+    return value.replace(tzinfo=timezone.utc) if value.tzinfo is None else value.astimezone(timezone.utc)
+
+
+def _mask(url: str) -> str:
+    return re.sub(r"(://[^:/@]*:)[^@]*@", r"\1***@", url)

@@ -252,7 +252,7 @@ class SessionManager:
         if not items:
             return
         with self._transaction(write=True) as conn:
-            now = self._lock(conn, session_id)
+            now = _now()
             last = conn.execute(
                 select(func.max(messages_table.c.seq)).where(messages_table.c.session_id == session_id)
             ).scalar()

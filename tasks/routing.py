@@ -1,0 +1,34 @@
+"""Provider -> queue. Queues come from one enum; Celery routes through ``task_routes``."""
+
+from __future__ import annotations
+
+from enum import Enum
+from typing import Any
+
+from datus.utils.constants import LLMProvider
+
+__all__ = ["Queue", "queue_for", "route_task"]
+
+Queue = Enum("Queue", {provider.name: f"llm.{provider.value}" for provider in LLMProvider}, type=str)  # type: ignore[misc]
+Queue.__doc__ = "One queue per provider: llm.openai, llm.claude, ..."
+
+
+def queue_for(provider: str) -> str:
+    try:
+        return Queue[LLMProvider(provider).name].value
+    except ValueError:
+        known = ", ".join(p.value for p in LLMProvider)
+        raise ValueError(f"unknown provider {provider!r}; known: {known}") from None
+
+
+def route_task(name: str, args: Any, kwargs: Any, options: Any, task: Any = None, **_: Any) -> dict[str, str] | None:
+    """Celery router: a job's payload names its provider, which picks the queue."""
+    if not name.startswith("dq."):
+        return None
+    payload = (kwargs or {}).get("payload") or (args[1] if args and len(args) > 1 else None)
+    if isinstance(payload, dict) and isinstance(payload.get("provider"), str):
+        try:
+            return {"queue": queue_for(payload["provider"])}
+        except ValueError:
+            return None
+    return None

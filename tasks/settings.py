@@ -1,0 +1,36 @@
+"""Infrastructure settings, from the environment (prefix ``DQ_``). Models live in agent.yml."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+__all__ = ["Settings", "get_settings"]
+
+
+def _default_database_url() -> str:
+    return f"sqlite:///{Path.home() / '.datus' / 'jobs.db'}"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="DQ_", extra="ignore")
+
+    redis_url: str = Field(default="redis://127.0.0.1:6379/0", description="broker, results and events")
+    database_url: str = Field(default_factory=_default_database_url, description="the job store; Postgres in production")
+    config: str | None = Field(default=None, description="path of agent.yml (default conf/agent.yml if present)")
+    visibility_timeout_s: int = Field(default=3600, gt=0,
+                                      description="longer than the longest call plus the longest retry countdown")
+    event_ttl_s: int = Field(default=86_400, gt=0, description="how long a job's event stream is kept")
+    event_maxlen: int = Field(default=10_000, gt=0, description="cap of a job's event stream")
+    dead_letter_threshold: int = Field(default=5, gt=0, description="deliveries (not retries) before dead-lettering")
+    result_expires_s: int = Field(default=86_400, gt=0)
+    worker_concurrency: int = Field(default=200, gt=0, description="jobs in flight per worker process")
+    max_retry_countdown_s: float = Field(default=600.0, gt=0, description="longest retry countdown of a job")
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    return Settings()

@@ -2,7 +2,16 @@
 
 from __future__ import annotations
 
-__all__ = ["PREFIX", "DEAD_LETTER", "job_events", "job_channel", "job_cancel", "job_deliveries", "ratelimit"]
+__all__ = [
+    "DEAD_LETTER",
+    "PREFIX",
+    "job_cancel",
+    "job_channel",
+    "job_deliveries",
+    "job_event_seq",
+    "job_events",
+    "ratelimit",
+]
 
 PREFIX = "dq"
 DEAD_LETTER = f"{PREFIX}:dead"  # a list of JSON records: job id, task, reason, when
@@ -11,6 +20,11 @@ DEAD_LETTER = f"{PREFIX}:dead"  # a list of JSON records: job id, task, reason, 
 def job_events(job_id: str) -> str:
     """The job's capped, expiring Redis Stream of ActionHistory events (for replay)."""
     return f"{PREFIX}:job:{job_id}:events"
+
+
+def job_event_seq(job_id: str) -> str:
+    """The job's event counter: the last ``seq`` handed out (shared by every attempt of the job)."""
+    return f"{PREFIX}:job:{job_id}:seq"
 
 
 def job_channel(job_id: str) -> str:

@@ -59,6 +59,7 @@ __all__ = [
     "error_from_status",
     "parse_retry_after",
     "error_from_dict",
+    "transport_error",
 ]
 
 
@@ -290,3 +291,19 @@ def parse_retry_after(headers: Mapping[str, str], now: float | None = None) -> f
     except (TypeError, ValueError):
         return None
     return max(0.0, when.timestamp() - (time.time() if now is None else now))
+
+
+# httpx and its successor httpx2 (which recent SDKs use) share these exception class names.
+_TIMEOUT_TYPES = frozenset({"TimeoutException", "TimeoutError", "ReadTimeout", "ConnectTimeout", "PoolTimeout"})
+_TRANSPORT_TYPES = frozenset({"TransportError", "NetworkError", "StreamError", "RemoteProtocolError",
+                              "ConnectionError", "IncompleteRead", "ProtocolError"})
+
+
+def transport_error(exc: BaseException, provider: str | None = None, model: str | None = None) -> ModelError | None:
+    """A timeout or broken connection from the HTTP layer, by exception type; else None."""
+    names = {cls.__name__ for cls in type(exc).__mro__}
+    if names & _TIMEOUT_TYPES:
+        return ModelTimeoutError(f"request timed out: {exc}", provider=provider, model=model)
+    if names & _TRANSPORT_TYPES:
+        return ModelConnectionError(f"the connection broke: {exc}", provider=provider, model=model)
+    return None

@@ -25,7 +25,7 @@ if TYPE_CHECKING:
 
     from datus.models.profiles import ModelProfile
 
-__all__ = ["SIGNATURE_DETAIL", "to_contents", "build_config", "usage_of", "ResponseFolder"]
+__all__ = ["SIGNATURE_DETAIL", "ResponseFolder", "build_config", "to_contents", "usage_of"]
 
 # The `reasoning_details` entry that carries a Gemini thought signature: Gemini wants the
 # signature back on the same part (a function call, or the text) in the next turn.

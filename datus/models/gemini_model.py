@@ -16,7 +16,8 @@ import logging
 import os
 import re
 import sys
-from typing import Any, AsyncIterator, ClassVar
+from collections.abc import AsyncIterator
+from typing import Any, ClassVar
 
 from datus.models._portal import run_sync
 from datus.models.base import LLMBaseModel
@@ -160,17 +161,17 @@ class GeminiModel(LLMBaseModel):
         # The SDK sends through httpx2 when installed, else httpx (or aiohttp, if installed).
         for module in _http_modules():
             if isinstance(exc, module.TimeoutException):
-                return ModelTimeoutError(f"request timed out: {exc}", **where)
+                return ModelTimeoutError(f"request timed out ({type(exc).__name__})", **where)
             if isinstance(exc, (module.TransportError, module.StreamError)):
                 return ModelConnectionError(f"the connection broke: {exc!r}", **where)
         aiohttp = sys.modules.get("aiohttp")
         if aiohttp is not None:
             if isinstance(exc, aiohttp.ServerTimeoutError):
-                return ModelTimeoutError(f"request timed out: {exc}", **where)
+                return ModelTimeoutError(f"request timed out ({type(exc).__name__})", **where)
             if isinstance(exc, aiohttp.ClientError):
                 return ModelConnectionError(f"the connection broke: {exc!r}", **where)
         if isinstance(exc, TimeoutError):
-            return ModelTimeoutError(f"request timed out: {exc}", **where)
+            return ModelTimeoutError(f"request timed out ({type(exc).__name__})", **where)
         if isinstance(exc, (errors.UnknownApiResponseError, json.JSONDecodeError)):
             return InvalidResponseError(f"Gemini's answer is not valid: {exc}", **where)
         return ModelError(f"{type(exc).__name__}: {exc}", **where)
@@ -194,7 +195,7 @@ class GeminiModel(LLMBaseModel):
         mapped = error_from_status(int(exc.code or 500), message, codes=tuple(codes),
                                    headers=dict(headers) if headers is not None else None, **where)
         if mapped.retryable and mapped.retry_after is None:
-            mapped.retry_after = _retry_delay(details)
+            pass
         return mapped
 
 

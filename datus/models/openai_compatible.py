@@ -21,6 +21,7 @@ from datus.models.errors import (
     ModelError,
     ModelTimeoutError,
     error_from_status,
+    transport_error,
 )
 from datus.models.generation import Generation, ModelRequest, StreamDelta
 from datus.models.usage import Usage
@@ -215,7 +216,6 @@ class OpenAICompatibleModel(LLMBaseModel):
                                      provider=self.provider, model=self.model_name)
 
     def _map_error(self, exc: Exception) -> ModelError:
-        import httpx
         import openai
 
         where = {"provider": self.provider, "model": self.model_name}
@@ -230,10 +230,8 @@ class OpenAICompatibleModel(LLMBaseModel):
             return ModelTimeoutError(f"request timed out: {exc}", **where)
         if isinstance(exc, openai.APIConnectionError):
             return ModelConnectionError(f"connection failed: {exc.__cause__ or exc}", **where)
-        if isinstance(exc, (httpx.TimeoutException,)):
-            return ModelTimeoutError(f"request timed out: {exc}", **where)
-        if isinstance(exc, (httpx.TransportError, httpx.StreamError)):
-            return ModelConnectionError(f"the connection broke: {exc}", **where)
+        if (mapped := transport_error(exc, self.provider, self.model_name)) is not None:
+            return mapped
         if isinstance(exc, (openai.APIResponseValidationError, json.JSONDecodeError)):
             return InvalidResponseError(f"the provider's answer is not valid: {exc}", **where)
         return ModelError(f"{type(exc).__name__}: {exc}", **where)

@@ -21,49 +21,44 @@ import threading
 import uuid
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import sqlalchemy as sa
 from pydantic import BaseModel, ConfigDict, Field
-from sqlalchemy import (
-    JSON, Column, Connection, DateTime, Engine, ForeignKey, Integer, MetaData,
-    PrimaryKeyConstraint, String, Table, create_engine, delete, event, func, insert, select,
-    update,
-)
-from sqlalchemy.engine import URL, make_url
-from sqlalchemy.exc import ArgumentError, DBAPIError, IntegrityError, NoSuchModuleError, ProgrammingError
+from sqlalchemy.engine import URL, Connection, Engine, make_url
 
 from datus.schemas.message import ChatMessage
 from datus.utils.exceptions import DatusException, ErrorCode
 
 __all__ = [
-    "SessionManager", "Session", "SessionInfo", "SessionNotFoundError", "SessionStoreError",
-    "default_session_url", "SESSION_URL_ENV",
+    "SESSION_URL_ENV", "Session", "SessionInfo", "SessionManager", "SessionNotFoundError", "SessionStoreError",
+    "default_session_url",
 ]
 
 SESSION_URL_ENV = "DQ_SESSION_URL"
 _WRITE = "dq_session_write"  # execution option: this transaction writes (SQLite: BEGIN IMMEDIATE)
 _SCHEMA_ATTEMPTS = 3
 
-_metadata = MetaData()
-sessions_table = Table(
+_metadata = sa.MetaData()
+sessions_table = sa.Table(
     "sessions", _metadata,
-    Column("id", String(255), primary_key=True),
-    Column("created_at", DateTime(timezone=True), nullable=False),
-    Column("updated_at", DateTime(timezone=True), nullable=False),
-    Column("metadata", JSON, nullable=False),
+    sa.Column("id", sa.String(255), primary_key=True),
+    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("metadata", sa.JSON, nullable=False),
 )
-messages_table = Table(
+messages_table = sa.Table(
     "session_messages", _metadata,
-    Column("session_id", String(255), ForeignKey("sessions.id", ondelete="CASCADE"), nullable=False),
-    Column("seq", Integer, nullable=False, autoincrement=False),
-    Column("role", String(16), nullable=False),
-    Column("message", JSON, nullable=False),
-    Column("token_count", Integer, nullable=False),
-    Column("created_at", DateTime(timezone=True), nullable=False),
+    sa.Column("session_id", sa.String(255), sa.ForeignKey("sessions.id", ondelete="CASCADE"), nullable=False),
+    sa.Column("seq", sa.Integer, nullable=False, autoincrement=False),
+    sa.Column("role", sa.String(16), nullable=False),
+    sa.Column("message", sa.JSON, nullable=False),
+    sa.Column("token_count", sa.Integer, nullable=False),
+    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
     # the unique (session_id, seq): a second writer with a stale seq fails instead of interleaving
-    PrimaryKeyConstraint("session_id", "seq", name="pk_session_messages"),
+    sa.PrimaryKeyConstraint("session_id", "seq", name="pk_session_messages"),
 )
 
 
@@ -84,9 +79,6 @@ class SessionStoreError(DatusException):
 
     def __init__(self, message: str) -> None:
         super().__init__(ErrorCode.COMMON_CONFIG_ERROR, message)
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        return (type(self), (self.message,))
 
 
 class SessionInfo(BaseModel):
@@ -159,16 +151,16 @@ class SessionManager:
             if backend == "sqlite":
                 if parsed.database in (None, "", ":memory:") or "mode=memory" in str(parsed):
                     raise ValueError("in-memory SQLite is not shared between threads; use a file")
-                Path(parsed.database).expanduser().parent.mkdir(parents=True, exist_ok=True)
+                # sqlite3 would take "~" literally, so DQ_SESSION_URL=sqlite:///~/... is expanded here
+                parsed = parsed.set(database=str(Path(parsed.database).expanduser()))
+                Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
             # READ COMMITTED whatever the server default: after waiting on the row lock, the
             # next statement must see the seq the other writer committed
             options: dict[str, Any] = {"isolation_level": "READ COMMITTED"} if backend == "postgresql" else {}
-            self._engine: Engine = create_engine(parsed, pool_pre_ping=backend != "sqlite", **options)
-        except (ArgumentError, NoSuchModuleError, ImportError, ValueError, OSError) as exc:
-            raise SessionStoreError(
-                f"cannot use session store {_mask(raw)!r}: {exc} "
-                f"(pass another URL or set {SESSION_URL_ENV})"
-            ) from exc
+            self._engine: Engine = sa.create_engine(parsed, pool_pre_ping=backend != "sqlite", **options)
+        except (sa.exc.ArgumentError, sa.exc.NoSuchModuleError, ImportError, ValueError, OSError) as exc:
+            hint = f"(pass another URL or set {SESSION_URL_ENV})"
+            raise SessionStoreError(f"cannot use session store {_mask(raw)!r}: {exc} {hint}") from exc
         if backend == "sqlite":
             _configure_sqlite(self._engine, busy_timeout)
         self._write_engine = self._engine.execution_options(**{_WRITE: True})
@@ -183,23 +175,23 @@ class SessionManager:
     def close(self) -> None:
         self._engine.dispose()
 
-    # -- sessions ----------------------------------------------------------------------
-
     def create_session(self, session_id: str | None = None, metadata: dict[str, Any] | None = None) -> Session:
         """A new session, or the existing one with this id (``metadata`` is then ignored)."""
-        session_id = _check_id(session_id if session_id is not None else uuid.uuid4().hex)
+        session_id = uuid.uuid4().hex if session_id is None else session_id
+        if not isinstance(session_id, str) or not 0 < len(session_id) <= 255:
+            raise ValueError(f"a session id is a string of 1 to 255 characters, not {session_id!r}")
         now = _now()
         try:
             with self._transaction(write=True) as conn:
-                conn.execute(insert(sessions_table).values(
+                conn.execute(sa.insert(sessions_table).values(
                     id=session_id, created_at=now, updated_at=now, metadata=dict(metadata or {})))
-        except IntegrityError:
+        except sa.exc.IntegrityError:
             pass  # it exists, perhaps created this instant by another process: creating is idempotent
         return Session(self, session_id)
 
     def get(self, session_id: str) -> Session | None:
         with self._transaction() as conn:
-            found = conn.execute(select(sessions_table.c.id).where(sessions_table.c.id == session_id)).first()
+            found = conn.execute(sa.select(sessions_table.c.id).where(sessions_table.c.id == session_id)).first()
         return Session(self, session_id) if found else None
 
     get_session = get
@@ -208,13 +200,13 @@ class SessionManager:
         """Drop the session's messages and keep the session."""
         with self._transaction(write=True) as conn:
             self._lock(conn, session_id)
-            conn.execute(delete(messages_table).where(messages_table.c.session_id == session_id))
+            conn.execute(sa.delete(messages_table).where(messages_table.c.session_id == session_id))
 
     def delete_session(self, session_id: str) -> None:
         with self._transaction(write=True) as conn:
             self._lock(conn, session_id)  # a concurrent append finishes (or fails) first
-            conn.execute(delete(messages_table).where(messages_table.c.session_id == session_id))
-            conn.execute(delete(sessions_table).where(sessions_table.c.id == session_id))
+            conn.execute(sa.delete(messages_table).where(messages_table.c.session_id == session_id))
+            conn.execute(sa.delete(sessions_table).where(sessions_table.c.id == session_id))
 
     def list_sessions(self) -> list[SessionInfo]:
         """Every session, the most recently updated first."""
@@ -228,16 +220,14 @@ class SessionManager:
             raise SessionNotFoundError(session_id)
         return infos[0]
 
-    # -- messages (through Session) ------------------------------------------------------
-
     def _messages(self, session_id: str, limit: int | None) -> list[ChatMessage]:
         if limit is not None and limit < 0:
             raise ValueError(f"limit must be >= 0, not {limit}")
         m = messages_table
-        query = select(m.c.message).where(m.c.session_id == session_id)
+        query = sa.select(m.c.message).where(m.c.session_id == session_id)
         query = query.order_by(m.c.seq) if limit is None else query.order_by(m.c.seq.desc()).limit(limit)
         with self._transaction() as conn:
-            if conn.execute(select(sessions_table.c.id).where(sessions_table.c.id == session_id)).first() is None:
+            if conn.execute(sa.select(sessions_table.c.id).where(sessions_table.c.id == session_id)).first() is None:
                 raise SessionNotFoundError(session_id)
             stored = list(conn.execute(query).scalars())
         if limit is not None:
@@ -252,24 +242,16 @@ class SessionManager:
         if not items:
             return
         with self._transaction(write=True) as conn:
-            now = _now()
+            now = self._lock(conn, session_id)
             last = conn.execute(
-                select(func.max(messages_table.c.seq)).where(messages_table.c.session_id == session_id)
+                sa.select(sa.func.max(messages_table.c.seq)).where(messages_table.c.session_id == session_id)
             ).scalar()
-            conn.execute(insert(messages_table), [
-                {
-                    "session_id": session_id,
-                    "seq": (last or 0) + index,
-                    "role": item.role,
-                    # defaults left out: smaller rows, and model_validate restores them
-                    "message": item.model_dump(mode="json", exclude_defaults=True),
-                    "token_count": count,
-                    "created_at": now,
-                }
-                for index, (item, count) in enumerate(zip(items, counts), start=1)
+            # defaults are left out of the JSON: smaller rows, and model_validate restores them
+            conn.execute(sa.insert(messages_table), [
+                {"session_id": session_id, "seq": (last or 0) + index, "role": item.role, "token_count": count,
+                 "message": item.model_dump(mode="json", exclude_defaults=True), "created_at": now}
+                for index, (item, count) in enumerate(zip(items, counts, strict=True), start=1)
             ])
-
-    # -- internals -----------------------------------------------------------------------
 
     @contextmanager
     def _transaction(self, write: bool = False) -> Iterator[Connection]:
@@ -278,27 +260,26 @@ class SessionManager:
             yield conn
 
     def _lock(self, conn: Connection, session_id: str) -> datetime:
-        """Touch the session row: that serialises writers to this session (Postgres row lock,
-        SQLite write lock) and says whether it still exists."""
+        # touching the row serialises this session's writers (Postgres row lock, SQLite write lock)
         now = _now()
         touched = conn.execute(
-            update(sessions_table).where(sessions_table.c.id == session_id).values(updated_at=now))
+            sa.update(sessions_table).where(sessions_table.c.id == session_id).values(updated_at=now))
         if touched.rowcount == 0:
             raise SessionNotFoundError(session_id)
         return now
 
     def _infos(self, conn: Connection, session_id: str | None) -> list[SessionInfo]:
         s, m = sessions_table, messages_table
-        totals = select(
-            m.c.session_id, func.count().label("n"), func.sum(m.c.token_count).label("tokens")
+        totals = sa.select(
+            m.c.session_id, sa.func.count().label("n"), sa.func.sum(m.c.token_count).label("tokens")
         ).group_by(m.c.session_id)
-        query = select(s)
+        query = sa.select(s)
         if session_id is not None:
             totals = totals.where(m.c.session_id == session_id)
             query = query.where(s.c.id == session_id)
         totals = totals.subquery()
         last_user = (
-            select(m.c.message).where(m.c.session_id == s.c.id, m.c.role == "user")
+            sa.select(m.c.message).where(m.c.session_id == s.c.id, m.c.role == "user")
             .order_by(m.c.seq.desc()).limit(1).correlate(s).scalar_subquery()
         )
         query = (
@@ -308,13 +289,9 @@ class SessionManager:
         )
         return [
             SessionInfo(
-                session_id=row.id,
-                created_at=_utc(row.created_at),
-                updated_at=_utc(row.updated_at),
-                message_count=row.n or 0,
-                total_tokens=row.tokens or 0,
+                session_id=row.id, created_at=_utc(row.created_at), updated_at=_utc(row.updated_at),
+                message_count=row.n or 0, total_tokens=row.tokens or 0, metadata=row._mapping["metadata"] or {},
                 last_user_message=None if row.last_user is None else row.last_user.get("content", ""),
-                metadata=row._mapping["metadata"] or {},
             )
             for row in conn.execute(query)
         ]
@@ -334,18 +311,18 @@ class SessionManager:
                     with self._write_engine.begin() as conn:
                         _metadata.create_all(conn)
                     break
-                except (IntegrityError, ProgrammingError) as exc:
+                except (sa.exc.IntegrityError, sa.exc.ProgrammingError) as exc:
                     # another process created the tables between our check and our CREATE
                     # (Postgres: duplicate pg_type / relation); the next check sees them
                     if attempt == _SCHEMA_ATTEMPTS:
                         raise SessionStoreError(f"cannot create the session tables in {self.url}: {exc}") from exc
-                except DBAPIError as exc:
+                except sa.exc.DBAPIError as exc:
                     raise SessionStoreError(f"cannot open the session store {self.url}: {exc.orig}") from exc
             self._ready = True
 
 
 def _configure_sqlite(engine: Engine, busy_timeout: float) -> None:
-    @event.listens_for(engine, "connect")
+    @sa.event.listens_for(engine, "connect")
     def _on_connect(dbapi_connection: Any, _record: Any) -> None:
         # we emit BEGIN ourselves (below): the driver's own would start writers as DEFERRED
         dbapi_connection.isolation_level = None
@@ -359,7 +336,7 @@ def _configure_sqlite(engine: Engine, busy_timeout: float) -> None:
         finally:
             cursor.close()
 
-    @event.listens_for(engine, "begin")
+    @sa.event.listens_for(engine, "begin")
     def _on_begin(conn: Connection) -> None:
         # a writer takes the write lock up front (waiting under busy_timeout); a deferred one
         # that read first could only fail with SQLITE_BUSY when another writer got in between
@@ -373,19 +350,13 @@ def _with_driver(url: URL) -> URL:
     return url
 
 
-def _check_id(session_id: str) -> str:
-    if not isinstance(session_id, str) or not session_id or len(session_id) > 255:
-        raise ValueError(f"session id must be a non-empty string of at most 255 characters, not {session_id!r}")
-    return session_id
-
-
 def _now() -> datetime:
-    return datetime.now(timezone.utc)
+    return datetime.now(UTC)
 
 
 def _utc(value: datetime) -> datetime:
     # SQLite hands back the naive UTC we stored; Postgres an aware time in its own zone
-    return value.replace(tzinfo=timezone.utc) if value.tzinfo is None else value.astimezone(timezone.utc)
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
 
 
 def _mask(url: str) -> str:

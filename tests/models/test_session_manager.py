@@ -14,6 +14,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -21,7 +22,11 @@ from sqlalchemy import create_engine, text
 from sqlalchemy.engine import URL, make_url
 
 from datus.models.session_manager import (
-    SESSION_URL_ENV, Session, SessionManager, SessionNotFoundError, SessionStoreError,
+    SESSION_URL_ENV,
+    Session,
+    SessionManager,
+    SessionNotFoundError,
+    SessionStoreError,
 )
 from datus.schemas.message import ChatMessage, ToolCall
 from datus.utils.exceptions import DatusException, ErrorCode
@@ -203,23 +208,16 @@ def test_concurrent_threads_lose_nothing(open_manager: Callable[[], SessionManag
     manager = open_manager()
     manager.create_session("s")
     start = threading.Barrier(8)
-    errors: list[BaseException] = []
 
     def append(worker: int) -> None:
-        try:
-            session = manager.get("s")
-            start.wait()
-            for i in range(50):
-                session.add_messages([_user(f"{worker}:{i}")], [1])
-        except BaseException as exc:  # surfaced below: a thread's exception is otherwise lost
-            errors.append(exc)
+        session = manager.get("s")
+        start.wait()  # all eight append at once
+        for i in range(50):
+            session.add_messages([_user(f"{worker}:{i}")], [1])
 
-    threads = [threading.Thread(target=append, args=(w,)) for w in range(8)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    assert not errors
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        for done in [pool.submit(append, worker) for worker in range(8)]:
+            done.result()  # re-raises what a thread raised
     contents = [m.content for m in open_manager().get("s").get_messages()]
     assert len(contents) == 400 and len(set(contents)) == 400
     for worker in range(8):  # each thread's appends appear in the order it made them

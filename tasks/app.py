@@ -1,0 +1,55 @@
+"""The Celery app, with the reliability settings of the architecture.
+
+JSON only; late acks with requeue when a worker is lost; one message prefetched per slot; a
+visibility timeout longer than the longest call plus the longest retry countdown, set in all
+three places; results ignored (the job store holds them) and expiring; task arguments never
+stored in results.
+"""
+
+from __future__ import annotations
+
+from celery import Celery
+
+from tasks.routing import route_task
+from tasks.settings import Settings, get_settings
+
+__all__ = ["create_app", "app", "TASK_MODULES"]
+
+TASK_MODULES = ("tasks.generation", "tasks.tool_run")
+
+
+def create_app(settings: Settings | None = None) -> Celery:
+    settings = settings or get_settings()
+    visibility = settings.visibility_timeout_s
+    celery = Celery("datus_queue", broker=settings.redis_url, backend=settings.redis_url, include=list(TASK_MODULES))
+    celery.conf.update(
+        task_serializer="json",
+        result_serializer="json",
+        accept_content=["json"],
+        result_accept_content=["json"],
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        task_acks_on_failure_or_timeout=True,
+        worker_prefetch_multiplier=1,
+        broker_transport_options={"visibility_timeout": visibility},
+        result_backend_transport_options={"visibility_timeout": visibility},
+        visibility_timeout=visibility,
+        worker_cancel_long_running_tasks_on_connection_loss=True,
+        worker_deduplicate_successful_tasks=True,
+        worker_soft_shutdown_timeout=2.0,
+        worker_enable_soft_shutdown_on_idle=True,
+        task_ignore_result=True,
+        result_expires=settings.result_expires_s,
+        result_extended=False,
+        task_routes=(route_task,),
+        task_default_queue="llm.default",
+        task_create_missing_queues=True,
+        broker_connection_retry_on_startup=True,
+        worker_hijack_root_logger=False,
+        worker_send_task_events=True,  # Flower
+        task_send_sent_event=True,
+    )
+    return celery
+
+
+app = create_app()

@@ -1,0 +1,175 @@
+"""`JobClient`: submit jobs, wait for results, stream their steps, cancel them.
+
+Everything is validated before anything is sent: an unknown model, provider or MCP server
+name is an error that says what to fix, and nothing is queued.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Any, AsyncIterator, Iterator
+
+from datus.configuration.agent_config import AgentConfig
+from datus.schemas.action_history import ActionHistory, ActionRole, ActionStatus
+from datus.utils.constants import LLMProvider
+from tasks import keys
+from tasks.context import load_agent_config
+from tasks.routing import queue_for
+from tasks.schemas import JobKind, JobRequest, JobResult, JobStatus, TaskPayload
+from tasks.settings import Settings, get_settings
+
+__all__ = ["JobClient", "InvalidJob", "resolve_provider"]
+
+TASK_NAMES = {JobKind.GENERATE: "dq.generate", JobKind.JSON: "dq.generate", JobKind.TOOL_RUN: "dq.tool_run"}
+
+
+class InvalidJob(ValueError):
+    """The request cannot run; the message says what to fix."""
+
+
+def resolve_provider(model: str, agent_config: AgentConfig) -> str:
+    if model in agent_config.models:
+        return str(agent_config.models[model].type)
+    if model == "default" and agent_config.target:
+        return str(agent_config.models[agent_config.target].type)
+    provider, sep, name = model.partition(":")
+    known = ", ".join(p.value for p in LLMProvider)
+    if not sep:
+        configured = ", ".join(sorted(agent_config.models)) or "(none)"
+        raise InvalidJob(f"unknown model {model!r}: configured models are {configured}; or use provider:model")
+    if provider not in {p.value for p in LLMProvider} or not name:
+        raise InvalidJob(f"unknown provider {provider!r} in {model!r}; known providers: {known}")
+    return provider
+
+
+class JobClient:
+    def __init__(self, settings: Settings | None = None, agent_config: AgentConfig | None = None,
+                 app: Any = None, store: Any = None) -> None:
+        self.settings = settings or get_settings()
+        self.agent_config = agent_config if agent_config is not None else load_agent_config(self.settings)
+        if app is None:
+            from tasks.app import app as default_app
+
+            app = default_app
+        self.app = app
+        if store is None:
+            from tasks.store import JobStore
+
+            store = JobStore(self.settings.database_url)
+        self.store = store
+        import redis
+
+        self.redis = redis.Redis.from_url(self.settings.redis_url)
+
+    # ---- submitting ----------------------------------------------------------------------
+
+    def validate(self, request: JobRequest | dict[str, Any]) -> tuple[JobRequest, str]:
+        try:
+            job = request if isinstance(request, JobRequest) else JobRequest.model_validate(request)
+        except Exception as exc:
+            raise InvalidJob(f"invalid job request: {exc}") from None
+        provider = resolve_provider(job.model, self.agent_config)
+        unknown = [name for name in job.mcp_servers if name not in self.agent_config.mcp_servers]
+        if unknown:
+            configured = ", ".join(sorted(self.agent_config.mcp_servers)) or "(none)"
+            raise InvalidJob(f"unknown MCP server(s) {', '.join(unknown)}; configured in agent.mcp_servers: {configured}")
+        return job, provider
+
+    def submit(self, request: JobRequest | dict[str, Any], job_id: str | None = None) -> str:
+        """Queue a job; returns its id. The same idempotency key returns the same job."""
+        job, provider = self.validate(request)
+        job_id, created = self.store.create_job(job_id or uuid.uuid4().hex, job, provider)
+        if not created:
+            return job_id
+        payload = TaskPayload(provider=provider, request=job).model_dump(mode="json")
+        try:
+            self.app.send_task(TASK_NAMES[job.kind], args=(job_id, payload), task_id=job_id,
+                               queue=queue_for(provider))
+        except Exception as exc:  # the row must not stay queued forever
+            from tasks.jobs import job_error
+
+            self.store.finish(job_id, JobStatus.FAILED, error=job_error(exc), attempts=0)
+            raise
+        return job_id
+
+    # ---- reading -------------------------------------------------------------------------
+
+    def get(self, job_id: str) -> JobResult:
+        result = self.store.get(job_id)
+        if result is None:
+            raise KeyError(f"no job {job_id!r}")
+        return result
+
+    def status(self, job_id: str) -> JobStatus:
+        return self.get(job_id).status
+
+    def result(self, job_id: str, timeout: float | None = None) -> JobResult:
+        """Wait until the job is final. Polls the store with backoff; TimeoutError after
+        ``timeout`` seconds."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        delay = 0.01
+        while True:
+            result = self.get(job_id)
+            if result.final:
+                return result
+            if deadline is not None and time.monotonic() >= deadline:
+                raise TimeoutError(f"job {job_id} is still {result.status.value} after {timeout}s")
+            time.sleep(delay if deadline is None else max(0.0, min(delay, deadline - time.monotonic())))
+            delay = min(delay * 1.5, 0.25)
+
+    def stream(self, job_id: str, after_seq: int = 0, timeout: float | None = None) -> Iterator[ActionHistory]:
+        """The job's steps: what was missed since ``after_seq``, then live, each exactly once,
+        ending with the terminal step."""
+        from tasks.events import follow
+
+        self.get(job_id)
+        for event in follow(self.redis, job_id, after_seq=after_seq, timeout_s=timeout, is_final=self._is_final):
+            yield ActionHistory.model_validate(event.step)
+
+    async def astream(self, job_id: str, after_seq: int = 0, timeout: float | None = None
+                      ) -> AsyncIterator[ActionHistory]:
+        import asyncio
+
+        import redis.asyncio as aredis
+
+        from tasks.events import afollow
+
+        client = aredis.Redis.from_url(self.settings.redis_url)
+        try:
+            async for event in afollow(client, job_id, after_seq=after_seq, timeout_s=timeout,
+                                       is_final=lambda job: asyncio.to_thread(self._is_final, job)):
+                yield ActionHistory.model_validate(event.step)
+        finally:
+            await client.aclose()
+
+    def events(self, job_id: str, after_seq: int = 0, timeout: float | None = None) -> Iterator[Any]:
+        """Like ``stream`` but yields the numbered `JobEvent`s (for resuming with after_seq)."""
+        from tasks.events import follow
+
+        yield from follow(self.redis, job_id, after_seq=after_seq, timeout_s=timeout, is_final=self._is_final)
+
+    def _is_final(self, job_id: str) -> bool:
+        result = self.store.get(job_id)
+        return result is None or result.final
+
+    # ---- cancelling ----------------------------------------------------------------------
+
+    def cancel(self, job_id: str) -> JobStatus:
+        """A queued job never runs; a running one stops at its next step."""
+        status = self.store.cancel(job_id)
+        if status is JobStatus.CANCELLED:
+            self.app.control.revoke(job_id)
+            from tasks.events import EventPublisher
+
+            EventPublisher(self.redis, self.settings.event_ttl_s, self.settings.event_maxlen).publish(
+                job_id,
+                ActionHistory.create_action(ActionRole.WORKFLOW, "cancelled", "cancelled before it ran", None,
+                                            None, ActionStatus.FAILED),
+                terminal=True, status=JobStatus.CANCELLED)
+        elif status in (JobStatus.RUNNING, JobStatus.RETRYING, JobStatus.QUEUED):
+            self.redis.set(keys.job_cancel(job_id), "1", ex=self.settings.event_ttl_s)
+        return status
+
+    def close(self) -> None:
+        self.redis.close()

@@ -1,0 +1,127 @@
+"""What a process needs to run jobs: settings, agent config, the job store, Redis clients,
+the event publisher and the model objects — created lazily, once per process (after fork),
+and closed by the worker runtime at shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+import weakref
+from pathlib import Path
+from typing import Any
+
+from datus.configuration.agent_config import AgentConfig
+from datus.models.base import LLMBaseModel
+from tasks.settings import Settings, get_settings
+
+__all__ = ["JobContext", "get_context", "reset_context", "load_agent_config"]
+
+
+def load_agent_config(settings: Settings) -> AgentConfig:
+    """``DQ_CONFIG``, else ``conf/agent.yml`` in the working directory, else no named models
+    (``provider:model`` strings still work, keys from the environment)."""
+    if settings.config:
+        return AgentConfig.from_file(settings.config)
+    default = Path("conf/agent.yml")
+    if default.is_file():
+        return AgentConfig.from_file(default)
+    return AgentConfig()
+
+
+class JobContext:
+    def __init__(self, settings: Settings | None = None, agent_config: AgentConfig | None = None) -> None:
+        self.settings = settings or get_settings()
+        self.agent_config = agent_config if agent_config is not None else load_agent_config(self.settings)
+        self.pid = os.getpid()
+        self._lock = threading.Lock()
+        self._store: Any = None
+        self._models: dict[tuple[str, bool], LLMBaseModel] = {}
+        self._per_loop: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[str, Any]] = (
+            weakref.WeakKeyDictionary()
+        )
+
+    @property
+    def store(self) -> Any:
+        with self._lock:
+            if self._store is None:
+                from tasks.store import JobStore
+
+                self._store = JobStore(self.settings.database_url)
+            return self._store
+
+    def model(self, name: str, in_process_retries: bool) -> LLMBaseModel:
+        """One model object per (name, retry mode) per process. Jobs retried by Celery use a
+        model that tries each request once; tool runs retry each request in-process, so a
+        tool that already ran never runs again."""
+        key = (name, in_process_retries)
+        with self._lock:
+            model = self._models.get(key)
+            if model is None:
+                model = LLMBaseModel.create_model(self.agent_config, name)
+                if not in_process_retries:
+                    model.retry_policy = type(model.retry_policy)(
+                        max_attempts=1,
+                        base_delay_s=model.retry_policy.base_delay_s,
+                        max_delay_s=model.retry_policy.max_delay_s,
+                        max_total_wait_s=model.retry_policy.max_total_wait_s,
+                    )
+                self._models[key] = model
+            return model
+
+    def models(self) -> list[LLMBaseModel]:
+        with self._lock:
+            return list(self._models.values())
+
+    def _loop_state(self) -> dict[str, Any]:
+        loop = asyncio.get_running_loop()
+        with self._lock:
+            state = self._per_loop.get(loop)
+            if state is None:
+                import redis.asyncio as aredis
+
+                from tasks.events import AsyncEventPublisher
+
+                client = aredis.Redis.from_url(self.settings.redis_url)
+                state = {
+                    "redis": client,
+                    "publisher": AsyncEventPublisher(client, self.settings.event_ttl_s, self.settings.event_maxlen),
+                }
+                self._per_loop[loop] = state
+            return state
+
+    @property
+    def aredis(self) -> Any:
+        """The async Redis client of the running event loop."""
+        return self._loop_state()["redis"]
+
+    @property
+    def publisher(self) -> Any:
+        return self._loop_state()["publisher"]
+
+    async def aclose(self) -> None:
+        """Close what belongs to the running loop: SDK clients and the Redis client."""
+        for model in self.models():
+            await model.aclose()
+        with self._lock:
+            state = self._per_loop.pop(asyncio.get_running_loop(), None)
+        if state is not None:
+            await state["redis"].aclose()
+
+
+_context: JobContext | None = None
+_context_lock = threading.Lock()
+
+
+def get_context() -> JobContext:
+    global _context
+    with _context_lock:
+        if _context is None or _context.pid != os.getpid():  # never share across a fork
+            _context = JobContext()
+        return _context
+
+
+def reset_context(context: JobContext | None = None) -> None:
+    global _context
+    with _context_lock:
+        _context = context

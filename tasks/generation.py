@@ -1,0 +1,15 @@
+"""``dq.generate``: plain generation and JSON output jobs. Thin: the work is in tasks.jobs."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from tasks.app import app
+from tasks.jobs import run_task
+
+__all__ = ["generate"]
+
+
+@app.task(name="dq.generate", bind=True, acks_late=True, max_retries=None)
+def generate(self: Any, job_id: str, payload: dict[str, Any]) -> dict[str, Any]:
+    return run_task(self, job_id, payload)

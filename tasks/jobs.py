@@ -1,0 +1,247 @@
+"""Running one job: the plain functions behind the thin Celery tasks.
+
+A job's life on the worker (see ARCHITECTURE.md): validate the payload; count the delivery
+(too many → dead letter); claim the row (a job that is already final makes no second model
+call); run the model, publishing every step; write the result to the store *before* the task
+returns (the message is acknowledged after that); publish the terminal event. A retryable
+error asks Celery for a retry with countdown = max(Retry-After, full-jitter backoff), kept
+below the visibility timeout; a permanent one fails at once with the provider's message.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any
+
+from pydantic import ValidationError
+
+from datus.models.errors import ModelError
+from datus.models.usage import Usage, track_usage
+from datus.schemas.action_history import ActionHistory, ActionRole, ActionStatus
+from datus.schemas.message import to_messages
+from tasks import keys
+from tasks.context import JobContext, get_context
+from tasks.execution import run_coroutine
+from tasks.schemas import JobError, JobKind, JobRequest, JobStatus, TaskPayload
+
+__all__ = ["run_task", "execute", "RetryLater", "JobCancelled"]
+
+logger = logging.getLogger("tasks.jobs")
+
+
+@dataclass(frozen=True)
+class RetryLater:
+    countdown: float
+    error: JobError
+
+
+class JobCancelled(Exception):
+    pass
+
+
+def run_task(task: Any, job_id: str, payload: Any) -> dict[str, Any]:
+    """The body of every task: run the job's coroutine, turn ``RetryLater`` into a Celery
+    retry (a new message with the same task id; this one is then acknowledged)."""
+    outcome = run_coroutine(execute(job_id, payload, retries=int(task.request.retries or 0)))
+    if isinstance(outcome, RetryLater):
+        raise task.retry(countdown=outcome.countdown, max_retries=None)
+    return outcome
+
+
+def job_error(exc: BaseException) -> JobError:
+    if isinstance(exc, ModelError):
+        return JobError(code=exc.code.value, type=type(exc).__name__, message=exc.message,
+                        provider=exc.provider, status_code=exc.status_code, retryable=exc.retryable)
+    return JobError(code="internal_error", type=type(exc).__name__, message=str(exc) or type(exc).__name__)
+
+
+async def execute(job_id: str, payload: Any, retries: int = 0, context: JobContext | None = None) -> Any:
+    ctx = context or get_context()
+    if not isinstance(job_id, str) or not job_id:
+        await _dead_letter(ctx, str(job_id), "the job id is missing or not a string", payload)
+        return {"job_id": str(job_id), "status": "rejected"}
+    try:
+        task_payload = TaskPayload.model_validate(payload)
+    except ValidationError as exc:
+        reason = f"invalid payload: {_first_error(exc)}"
+        await _dead_letter(ctx, job_id, reason, payload)
+        await asyncio.to_thread(ctx.store.finish, job_id, JobStatus.FAILED,
+                                error=JobError(code="invalid_payload", type="ValidationError", message=reason),
+                                attempts=retries + 1)
+        return {"job_id": job_id, "status": "rejected"}
+
+    deliveries = await ctx.aredis.incr(keys.job_deliveries(job_id))
+    await ctx.aredis.expire(keys.job_deliveries(job_id), ctx.settings.event_ttl_s)
+    redeliveries = deliveries - 1 - retries
+    if redeliveries >= ctx.settings.dead_letter_threshold:
+        reason = f"delivered {deliveries} times ({redeliveries} redeliveries without a result)"
+        await _dead_letter(ctx, job_id, reason, None)
+        error = JobError(code="dead_letter", type="DeadLetter", message=reason)
+        if await asyncio.to_thread(ctx.store.finish, job_id, JobStatus.DEAD, error=error, attempts=retries + 1):
+            await _terminal(ctx, job_id, JobStatus.DEAD, _error_step(error))
+        return {"job_id": job_id, "status": JobStatus.DEAD.value}
+
+    attempt = retries + 1
+    claimed = await asyncio.to_thread(ctx.store.mark_running, job_id, attempt)
+    if claimed is None:  # already final (a redelivery after success) or cancelled while queued
+        current = await asyncio.to_thread(ctx.store.get, job_id)
+        return {"job_id": job_id, "status": current.status.value if current else "unknown"}
+    return await _run(ctx, job_id, task_payload.request, attempt)
+
+
+async def _run(ctx: JobContext, job_id: str, request: JobRequest, attempt: int) -> Any:
+    runner = _JobRunner(ctx, job_id, request)
+    try:
+        with track_usage() as calls:
+            output, sql_contexts = await runner.run()
+    except JobCancelled:
+        if await asyncio.to_thread(ctx.store.finish, job_id, JobStatus.CANCELLED, attempts=attempt):
+            await _terminal(ctx, job_id, JobStatus.CANCELLED, ActionHistory.create_action(
+                ActionRole.WORKFLOW, "cancelled", "cancelled", None, None, ActionStatus.FAILED))
+        return {"job_id": job_id, "status": JobStatus.CANCELLED.value}
+    except Exception as exc:
+        return await _failed(ctx, job_id, request, attempt, exc, runner.tools_ran)
+    usage = sum(calls, Usage()) if calls else Usage()
+    won = await asyncio.to_thread(
+        ctx.store.finish, job_id, JobStatus.SUCCEEDED, output=output, sql_contexts=sql_contexts,
+        usage=usage.model_dump(), cost_usd=usage.cost_usd, attempts=attempt,
+    )
+    if won:
+        final = runner.final_step or ActionHistory.create_action(
+            ActionRole.ASSISTANT, "final_response", output if isinstance(output, str) else json.dumps(output), None,
+            {"content": output}, ActionStatus.SUCCESS)
+        if isinstance(final.output, dict):
+            final.output = {**final.output, "usage": usage.model_dump()}
+        await _terminal(ctx, job_id, JobStatus.SUCCEEDED, final)
+    return {"job_id": job_id, "status": JobStatus.SUCCEEDED.value}
+
+
+async def _failed(ctx: JobContext, job_id: str, request: JobRequest, attempt: int, exc: Exception,
+                  tools_ran: bool) -> Any:
+    error = job_error(exc)
+    if not isinstance(exc, ModelError):
+        logger.exception("job %s failed with an internal error", job_id)
+    elif exc.retryable and not tools_ran:
+        model = ctx.model(request.model, in_process_retries=True)
+        delay = model.retry_policy.delay_for(exc, attempt)
+        ceiling = min(ctx.settings.max_retry_countdown_s, ctx.settings.visibility_timeout_s * 0.5)
+        if delay is not None and delay <= ceiling:
+            await asyncio.to_thread(ctx.store.mark_retrying, job_id, attempt, error, delay)
+            await ctx.publisher.publish(job_id, ActionHistory.create_action(
+                ActionRole.WORKFLOW, "retry", f"{error.type}: retrying in {delay:.2f}s", None,
+                {"error": error.model_dump(), "countdown_s": delay, "attempt": attempt}, ActionStatus.PROCESSING))
+            logger.info("job %s attempt %d: %s; retry in %.2fs", job_id, attempt, error.type, delay)
+            return RetryLater(delay, error)
+    if await asyncio.to_thread(ctx.store.finish, job_id, JobStatus.FAILED, error=error, attempts=attempt):
+        await _terminal(ctx, job_id, JobStatus.FAILED, _error_step(error))
+    return {"job_id": job_id, "status": JobStatus.FAILED.value}
+
+
+class _JobRunner:
+    """Runs one request on the model layer, publishing each step."""
+
+    def __init__(self, ctx: JobContext, job_id: str, request: JobRequest) -> None:
+        self.ctx, self.job_id, self.request = ctx, job_id, request
+        self.final_step: ActionHistory | None = None
+        self.tools_ran = False
+        self._last_cancel_check = 0.0
+
+    async def publish(self, step: ActionHistory) -> None:
+        await self.ctx.publisher.publish(self.job_id, step)
+        await self.check_cancelled()
+
+    async def check_cancelled(self, force: bool = False) -> None:
+        now = time.monotonic()
+        if not force and now - self._last_cancel_check < 0.1:
+            return
+        self._last_cancel_check = now
+        if await self.ctx.aredis.exists(keys.job_cancel(self.job_id)):
+            raise JobCancelled(self.job_id)
+
+    async def run(self) -> tuple[Any, list[dict[str, Any]]]:
+        request = self.request
+        await self.check_cancelled(force=True)
+        prompt = request.prompt if request.prompt is not None else request.messages
+        text = request.prompt if request.prompt is not None else _last_user(request.messages or [])
+        options = request.options.model_dump(exclude_none=True, exclude={"extra_body"})
+        if request.kind is JobKind.TOOL_RUN:
+            return await self._tool_run(prompt, options)
+        await self.publish(ActionHistory.create_action(
+            ActionRole.USER, "user_input", text, {"prompt": text}, status=ActionStatus.SUCCESS))
+        model = self.ctx.model(request.model, in_process_retries=False)
+        messages = to_messages(prompt, request.instruction or None)
+        if request.kind is JobKind.JSON:
+            output: Any = await model.agenerate_with_json_output(messages, response_format=request.output_schema,
+                                                                 **options)
+        elif request.stream:
+            output = None
+            async for item in model.astream(messages, **options):
+                if hasattr(item, "usage"):
+                    output = item.text
+                else:
+                    await self.publish(ActionHistory(
+                        action_id=self.job_id, role=ActionRole.ASSISTANT, action_type="assistant_delta",
+                        messages=item.text or item.reasoning, status=ActionStatus.PROCESSING,
+                        output={"kind": "reasoning" if item.reasoning and not item.text else "text",
+                                "text": item.text, "reasoning": item.reasoning}))
+        else:
+            output = await model.agenerate(messages, **options)
+        self.final_step = ActionHistory.create_action(
+            ActionRole.ASSISTANT, "final_response", output if isinstance(output, str) else json.dumps(output), None,
+            {"content": output}, ActionStatus.SUCCESS)
+        return output, []
+
+    async def _tool_run(self, prompt: Any, options: dict[str, Any]) -> tuple[Any, list[dict[str, Any]]]:
+        request = self.request
+        model = self.ctx.model(request.model, in_process_retries=True)
+        steps = model.generate_with_tools_stream(
+            prompt, mcp_servers=request.mcp_servers or None, instruction=request.instruction,
+            output_type=request.output_schema or str, max_turns=request.max_turns,
+            session=request.session_id, db_type=request.db_type, **options)
+        async for step in steps:
+            if step.action_type == "assistant_delta" and not request.stream:
+                continue
+            if step.role == ActionRole.TOOL.value and step.status != ActionStatus.PROCESSING.value:
+                self.tools_ran = True
+            if step.action_type == "final_response":
+                self.final_step = step  # published as the terminal event, after the store write
+                output = step.output or {}
+                return output.get("content"), output.get("sql_contexts", [])
+            if step.action_type == "error":
+                continue  # the exception that follows is recorded and published by the caller
+            await self.publish(step)
+        raise RuntimeError("the tool run ended without a final answer")
+
+
+async def _terminal(ctx: JobContext, job_id: str, status: JobStatus, step: ActionHistory) -> None:
+    await ctx.publisher.publish(job_id, step, terminal=True, status=status)
+
+
+def _error_step(error: JobError) -> ActionHistory:
+    return ActionHistory.create_action(ActionRole.WORKFLOW, "error", f"{error.type}: {error.message}", None,
+                                       error.model_dump(), ActionStatus.FAILED)
+
+
+async def _dead_letter(ctx: JobContext, job_id: str, reason: str, payload: Any) -> None:
+    record = {"job_id": job_id, "reason": reason, "at": datetime.now(timezone.utc).isoformat(),
+              "payload_type": type(payload).__name__}
+    await ctx.aredis.rpush(keys.DEAD_LETTER, json.dumps(record))
+    logger.warning("job %s dead-lettered: %s", job_id, reason)
+
+
+def _first_error(exc: ValidationError) -> str:
+    error = exc.errors()[0]
+    where = ".".join(str(part) for part in error["loc"]) or "(payload)"
+    return f"{where}: {error['msg']}"
+
+
+def _last_user(messages: list[dict[str, Any]]) -> str:
+    for message in reversed(messages):
+        if message.get("role") == "user" and isinstance(message.get("content"), str):
+            return message["content"]
+    return ""

@@ -1,0 +1,146 @@
+"""The job store's tables and their numbered migrations.
+
+``migrate(engine)`` brings a database to `SCHEMA_VERSION`: it applies, in one transaction,
+every migration whose number is not yet in ``schema_version``. Several processes may start at
+once against a fresh database: each takes a lock first (Postgres: a transaction-level advisory
+lock keyed on the current schema; SQLite: ``BEGIN IMMEDIATE``, the database write lock), so
+exactly one of them creates the tables and the others find them made.
+
+The `Table` objects below describe the latest schema and are what the store queries. A
+migration that changes a table must therefore not rely on them for older steps: before adding
+migration 2, freeze migration 1's table definitions inside ``_v1``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, timezone
+
+from sqlalchemy import (
+    JSON, Column, Connection, DateTime, Engine, Float, ForeignKey, Index, Integer, MetaData, String,
+    Table, Text, UniqueConstraint, func, insert, select, text,
+)
+
+__all__ = [
+    "SCHEMA_VERSION", "MIGRATIONS", "Migration", "SchemaTooNewError",
+    "metadata", "jobs", "batches", "batch_items", "schema_version", "migrate", "WRITE_OPTION",
+]
+
+# execution option: this transaction writes (on SQLite the store then emits BEGIN IMMEDIATE)
+WRITE_OPTION = "dq_store_write"
+
+_Json = JSON(none_as_null=True)  # Python None is SQL NULL, not the JSON text 'null'
+_Time = DateTime(timezone=True)  # always written as UTC; SQLite hands it back naive
+
+metadata = MetaData()
+
+jobs = Table(
+    "jobs", metadata,
+    Column("job_id", String(255), primary_key=True),
+    Column("idempotency_key", String(255), nullable=True, unique=True),  # NULLs never collide
+    Column("kind", String(16), nullable=False),
+    Column("model", String(255), nullable=False),
+    Column("provider", String(64), nullable=False),
+    Column("status", String(16), nullable=False),
+    Column("request", _Json, nullable=False),  # the JobRequest, which holds no secret by construction
+    Column("output", _Json),
+    Column("sql_contexts", _Json),
+    Column("usage", _Json),
+    Column("cost_usd", Float, nullable=False, default=0.0),
+    Column("error", _Json),
+    Column("attempts", Integer, nullable=False, default=0),
+    Column("deliveries", Integer, nullable=False, default=0),  # starts of the current attempt
+    Column("retry_at", _Time),  # when the pending retry is due
+    Column("batch_id", String(255)),
+    Column("item_id", String(255)),
+    Column("created_at", _Time, nullable=False),
+    Column("started_at", _Time),  # the first start: queue time is honest even after retries
+    Column("finished_at", _Time),
+    Column("updated_at", _Time, nullable=False),
+    Index("ix_jobs_batch_id", "batch_id"),
+    Index("ix_jobs_status", "status"),
+    Index("ix_jobs_created_at", "created_at"),
+)
+
+batches = Table(
+    "batches", metadata,
+    Column("batch_id", String(255), primary_key=True),
+    Column("name", String(255)),
+    Column("model", String(255), nullable=False),
+    Column("prompt_hash", String(128), nullable=False),
+    Column("mode", String(16), nullable=False),
+    Column("status", String(32), nullable=False),
+    Column("total", Integer, nullable=False, default=0),
+    Column("created_at", _Time, nullable=False),
+    Column("finished_at", _Time),
+    Column("metadata", _Json),
+)
+
+batch_items = Table(
+    "batch_items", metadata,
+    # a surrogate key in insertion order: chunked iteration pages on it and keeps input order
+    Column("seq", Integer, primary_key=True, autoincrement=True),
+    Column("batch_id", String(255), ForeignKey("batches.batch_id", ondelete="CASCADE"), nullable=False),
+    Column("item_id", String(255), nullable=False),
+    Column("job_id", String(255)),
+    Column("status", String(16), nullable=False),
+    Column("question", Text, nullable=False),
+    Column("result", _Json),  # the scored result the batch runner writes
+    Column("cost_usd", Float, nullable=False, default=0.0),
+    UniqueConstraint("batch_id", "item_id", name="uq_batch_items_batch_item"),
+    Index("ix_batch_items_batch_seq", "batch_id", "seq"),
+)
+
+schema_version = Table(
+    "schema_version", metadata,
+    Column("version", Integer, primary_key=True, autoincrement=False),
+    Column("description", String(255), nullable=False),
+    Column("applied_at", _Time, nullable=False),
+)
+
+
+class SchemaTooNewError(RuntimeError):
+    """The database was migrated by a newer release than this one."""
+
+
+@dataclass(frozen=True)
+class Migration:
+    version: int
+    description: str
+    apply: Callable[[Connection], None]
+
+
+def _v1(conn: Connection) -> None:
+    for table in (jobs, batches, batch_items):
+        table.create(conn, checkfirst=True)
+
+
+MIGRATIONS: tuple[Migration, ...] = (
+    Migration(1, "jobs, batches, batch_items", _v1),
+)
+SCHEMA_VERSION = MIGRATIONS[-1].version
+
+
+def migrate(engine: Engine) -> int:
+    """Apply the missing migrations; returns the database's schema version. Idempotent, and
+    safe when several processes call it at once."""
+    with engine.execution_options(**{WRITE_OPTION: True}).begin() as conn:
+        if conn.dialect.name == "postgresql":
+            # serialises migrators of this schema until commit; before any CREATE, since two
+            # concurrent CREATE TABLE IF NOT EXISTS can still collide on pg_type
+            conn.execute(text("SELECT pg_advisory_xact_lock(hashtext('datus-queue store:' || current_schema()))"))
+        schema_version.create(conn, checkfirst=True)
+        applied = set(conn.execute(select(schema_version.c.version)).scalars())
+        newest = max(applied, default=0)
+        if newest > SCHEMA_VERSION:
+            raise SchemaTooNewError(
+                f"the job store is at schema version {newest}, newer than this datus-queue knows "
+                f"({SCHEMA_VERSION}); upgrade datus-queue")
+        for migration in MIGRATIONS:
+            if migration.version not in applied:
+                migration.apply(conn)
+                conn.execute(insert(schema_version).values(
+                    version=migration.version, description=migration.description,
+                    applied_at=datetime.now(timezone.utc)))
+        return conn.execute(select(func.max(schema_version.c.version))).scalar_one()

@@ -1,0 +1,15 @@
+"""``dq.tool_run``: tool runs against MCP servers. Thin: the work is in tasks.jobs."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from tasks.app import app
+from tasks.jobs import run_task
+
+__all__ = ["tool_run"]
+
+
+@app.task(name="dq.tool_run", bind=True, acks_late=True, max_retries=None)
+def tool_run(self: Any, job_id: str, payload: dict[str, Any]) -> dict[str, Any]:
+    return run_task(self, job_id, payload)

@@ -1,0 +1,51 @@
+"""``python -m workers --provider openai [--provider claude] [--concurrency N]``: a Celery
+worker pinned to the providers' queues.
+
+The default pool is threads: the pool's threads only wait while the process's one event loop
+keeps every call in flight. SIGTERM is a soft shutdown: running jobs get a short grace period,
+then their unacknowledged messages are requeued at once (REMAP_SIGTERM=SIGQUIT).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import sys
+
+from datus.utils.constants import LLMProvider
+
+
+def parse(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="dq worker", description=__doc__.splitlines()[0])
+    parser.add_argument("--provider", "-p", action="append", choices=[p.value for p in LLMProvider],
+                        help="serve this provider's queue (repeatable; default: all)")
+    parser.add_argument("--concurrency", "-c", type=int, default=None, help="jobs in flight (default DQ_WORKER_CONCURRENCY)")
+    parser.add_argument("--pool", default="threads", choices=["threads", "prefork", "solo"])
+    parser.add_argument("--loglevel", "-l", default="INFO")
+    parser.add_argument("--hostname", "-n", default=None)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse(sys.argv[1:] if argv is None else argv)
+    os.environ.setdefault("REMAP_SIGTERM", "SIGQUIT")  # read by billiard at import: must precede celery
+    from tasks.app import app
+    from tasks.routing import queue_for
+    from tasks.settings import get_settings
+    from workers import signals
+
+    signals.connect()
+    providers = args.provider or [p.value for p in LLMProvider]
+    queues = ",".join(queue_for(provider) for provider in providers)
+    concurrency = args.concurrency or get_settings().worker_concurrency
+    hostname = args.hostname or f"dq-{'-'.join(providers) if len(providers) < 3 else 'all'}-{os.getpid()}@{socket.gethostname()}"
+    app.worker_main([
+        "worker", "-Q", queues, "-P", args.pool, "-c", str(concurrency), "-l", args.loglevel,
+        "-n", hostname, "--without-gossip", "--without-mingle",
+    ])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

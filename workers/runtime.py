@@ -1,0 +1,74 @@
+"""The worker process runtime: one long-lived asyncio loop per process and its SDK clients.
+
+Created after fork (or at worker start for the threads pool, which does not fork) and
+installed into ``tasks.execution``: every task of the process hands its coroutine to this
+loop, so one process keeps hundreds of model calls in flight while Celery's pool threads
+only wait. At shutdown the loop's clients are closed and running jobs are cancelled (their
+unacknowledged messages go back to the queue).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from concurrent.futures import Future
+from typing import Any, Coroutine
+
+from tasks import execution
+from tasks.context import get_context
+
+__all__ = ["WorkerRuntime", "runtime"]
+
+logger = logging.getLogger("workers.runtime")
+
+
+class WorkerRuntime:
+    def __init__(self) -> None:
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.thread: threading.Thread | None = None
+        self._futures: set[Future[Any]] = set()
+        self._lock = threading.Lock()
+
+    def start(self) -> None:
+        if self.loop is not None:
+            return
+        loop = asyncio.new_event_loop()
+        thread = threading.Thread(target=loop.run_forever, name="dq-worker-loop", daemon=True)
+        thread.start()
+        self.loop, self.thread = loop, thread
+        execution.install_runner(self.run)
+        logger.info("worker runtime started: one event loop for this process")
+
+    def run(self, coro: Coroutine[Any, Any, Any]) -> Any:
+        assert self.loop is not None, "the worker runtime is not started"
+        future = asyncio.run_coroutine_threadsafe(coro, self.loop)
+        with self._lock:
+            self._futures.add(future)
+        try:
+            return future.result()
+        finally:
+            with self._lock:
+                self._futures.discard(future)
+
+    def stop(self, timeout_s: float = 5.0) -> None:
+        loop = self.loop
+        if loop is None:
+            return
+        execution.uninstall_runner()
+        with self._lock:
+            pending = list(self._futures)
+        for future in pending:  # running jobs stop now; their messages are requeued
+            future.cancel()
+        try:
+            asyncio.run_coroutine_threadsafe(get_context().aclose(), loop).result(timeout_s)
+        except Exception as exc:  # shutting down: log and go on
+            logger.warning("closing clients at shutdown failed: %s", exc)
+        loop.call_soon_threadsafe(loop.stop)
+        if self.thread is not None:
+            self.thread.join(timeout_s)
+        self.loop = self.thread = None
+        logger.info("worker runtime stopped")
+
+
+runtime = WorkerRuntime()

@@ -1,0 +1,49 @@
+"""Celery signal hooks of the worker: start and stop the runtime, and log each task's end
+with low-cardinality labels (task name, state — never arguments or messages)."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from celery import signals
+
+from workers.runtime import runtime
+
+__all__ = ["connect"]
+
+logger = logging.getLogger("workers.signals")
+_connected = False
+
+
+def _start(**_: Any) -> None:
+    runtime.start()
+
+
+def _stop(**_: Any) -> None:
+    runtime.stop()
+
+
+def _unknown(sender: Any = None, name: str | None = None, id: str | None = None, **_: Any) -> None:
+    logger.warning("rejected a message for unknown task %r (id %s)", name, id)
+
+
+def connect() -> None:
+    """prefork children start their runtime after fork; the threads pool starts it in the
+    main process. Both stop it at shutdown."""
+    global _connected
+    if _connected:
+        return
+    signals.worker_process_init.connect(_start, weak=False)
+    signals.worker_process_shutdown.connect(_stop, weak=False)
+    signals.worker_init.connect(_start_unless_prefork, weak=False)
+    signals.worker_shutdown.connect(_stop, weak=False)
+    signals.task_unknown.connect(_unknown, weak=False)
+    _connected = True
+
+
+def _start_unless_prefork(sender: Any = None, **_: Any) -> None:
+    pool = getattr(sender, "pool_cls", None)
+    name = getattr(pool, "__module__", str(pool))
+    if "prefork" not in name:
+        runtime.start()

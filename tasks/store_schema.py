@@ -1,4 +1,7 @@
-"""The job store's tables and their numbered migrations.
+"""The job store's engine, tables and numbered migrations.
+
+``create_store_engine(url)``: SQLite in WAL mode with a busy timeout (writers take the write
+lock up front with ``BEGIN IMMEDIATE``), or Postgres with ``pool_pre_ping`` at READ COMMITTED.
 
 ``migrate(engine)`` brings a database to `SCHEMA_VERSION`: it applies, in one transaction,
 every migration whose number is not yet in ``schema_version``. Several processes may start at
@@ -13,18 +16,52 @@ migration 2, freeze migration 1's table definitions inside ``_v1``.
 
 from __future__ import annotations
 
+import importlib.util
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
 
 from sqlalchemy import (
-    JSON, Column, Connection, DateTime, Engine, Float, ForeignKey, Index, Integer, MetaData, String,
-    Table, Text, UniqueConstraint, func, insert, select, text,
+    JSON,
+    Column,
+    Connection,
+    DateTime,
+    Engine,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    UniqueConstraint,
+    create_engine,
+    event,
+    func,
+    insert,
+    select,
+    text,
 )
+from sqlalchemy.engine import URL, make_url
+from sqlalchemy.exc import ArgumentError
 
 __all__ = [
-    "SCHEMA_VERSION", "MIGRATIONS", "Migration", "SchemaTooNewError",
-    "metadata", "jobs", "batches", "batch_items", "schema_version", "migrate", "WRITE_OPTION",
+    "MIGRATIONS",
+    "SCHEMA_VERSION",
+    "WRITE_OPTION",
+    "Migration",
+    "SchemaTooNewError",
+    "StoreError",
+    "batch_items",
+    "batches",
+    "create_store_engine",
+    "jobs",
+    "metadata",
+    "migrate",
+    "schema_version",
 ]
 
 # execution option: this transaction writes (on SQLite the store then emits BEGIN IMMEDIATE)
@@ -100,7 +137,11 @@ schema_version = Table(
 )
 
 
-class SchemaTooNewError(RuntimeError):
+class StoreError(RuntimeError):
+    """The job store cannot be used (bad URL, missing driver, unreachable database)."""
+
+
+class SchemaTooNewError(StoreError):
     """The database was migrated by a newer release than this one."""
 
 
@@ -142,5 +183,60 @@ def migrate(engine: Engine) -> int:
                 migration.apply(conn)
                 conn.execute(insert(schema_version).values(
                     version=migration.version, description=migration.description,
-                    applied_at=datetime.now(timezone.utc)))
+                    applied_at=datetime.now(UTC)))
         return conn.execute(select(func.max(schema_version.c.version))).scalar_one()
+
+
+def create_store_engine(url: str, busy_timeout_s: float = 30.0) -> Engine:
+    """An engine for the store at ``url``, configured for many concurrent writers."""
+    try:
+        parsed = _with_driver(make_url(url))
+        if parsed.get_backend_name() not in ("sqlite", "postgresql"):
+            raise ValueError("the job store runs on SQLite or Postgres")  # it relies on ON CONFLICT
+        if parsed.get_backend_name() == "postgresql":
+            # READ COMMITTED whatever the server default: after ON CONFLICT waits for another
+            # writer, the next statement must see the row it committed
+            return create_engine(parsed, pool_pre_ping=True, isolation_level="READ COMMITTED")
+        if parsed.database in (None, "", ":memory:") or parsed.query.get("mode") == "memory":
+            raise ValueError("an in-memory SQLite database is not shared between connections; use a file")
+        Path(parsed.database).expanduser().parent.mkdir(parents=True, exist_ok=True)
+        engine = create_engine(parsed)
+    except Exception as exc:  # ArgumentError, NoSuchModuleError, ImportError, OSError, ValueError
+        raise StoreError(f"cannot use job store {_masked(url)!r}: {exc} (set DQ_DATABASE_URL)") from exc
+    _configure_sqlite(engine, busy_timeout_s)
+    return engine
+
+
+def _configure_sqlite(engine: Engine, busy_timeout_s: float) -> None:
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_connection: Any, _record: Any) -> None:
+        dbapi_connection.isolation_level = None  # we emit BEGIN ourselves (below)
+        cursor = dbapi_connection.cursor()
+        try:
+            # busy_timeout first, so that switching a fresh file to WAL waits instead of failing
+            cursor.execute(f"PRAGMA busy_timeout = {int(busy_timeout_s * 1000)}")
+            cursor.execute("PRAGMA journal_mode = WAL")
+            cursor.execute("PRAGMA synchronous = NORMAL")  # durable enough in WAL, much faster
+            cursor.execute("PRAGMA foreign_keys = ON")
+        finally:
+            cursor.close()
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(conn: Connection) -> None:
+        # a writer takes the write lock up front (waiting under busy_timeout): a deferred one
+        # that read first could only fail with SQLITE_BUSY when another writer got in between
+        conn.exec_driver_sql("BEGIN IMMEDIATE" if conn.get_execution_options().get(WRITE_OPTION) else "BEGIN")
+
+
+def _with_driver(url: URL) -> URL:
+    # SQLAlchemy 2.1 reads a bare postgresql:// as psycopg 3; the postgres extra installs psycopg2
+    if url.drivername == "postgresql" and importlib.util.find_spec("psycopg") is None:
+        return url.set(drivername="postgresql+psycopg2")
+    return url
+
+
+def _masked(url: str) -> str:
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except ArgumentError:
+        return "<unparseable URL>"

@@ -399,3 +399,25 @@ class LLMBaseModel(ABC):
                                 session=session, kwargs=kwargs, stream=True) as run:
             async for step in run.run_steps():
                 yield step
+
+    # ---- sessions ------------------------------------------------------------------------
+
+    @property
+    def session_manager(self) -> Any:
+        """Sessions live in one SQLAlchemy store shared by every model (``DQ_SESSION_URL``,
+        default ``~/.datus/sessions/sessions.db``)."""
+        from datus.models.session_manager import shared_session_manager
+
+        return shared_session_manager()
+
+    def create_session(self, session_id: str | None = None) -> Any:
+        return self.session_manager.create_session(session_id)
+
+    def list_sessions(self) -> list[Any]:
+        return self.session_manager.list_sessions()
+
+    def clear_session(self, session_id: str) -> None:
+        self.session_manager.clear_session(session_id)
+
+    def delete_session(self, session_id: str) -> None:
+        self.session_manager.delete_session(session_id)

@@ -195,7 +195,7 @@ class GeminiModel(LLMBaseModel):
         mapped = error_from_status(int(exc.code or 500), message, codes=tuple(codes),
                                    headers=dict(headers) if headers is not None else None, **where)
         if mapped.retryable and mapped.retry_after is None:
-            pass
+            mapped.retry_after = _retry_delay(details)
         return mapped
 
 

@@ -34,7 +34,7 @@ from datus.utils.exceptions import DatusException, ErrorCode
 
 __all__ = [
     "SESSION_URL_ENV", "Session", "SessionInfo", "SessionManager", "SessionNotFoundError", "SessionStoreError",
-    "default_session_url",
+    "default_session_url", "shared_session_manager",
 ]
 
 SESSION_URL_ENV = "DQ_SESSION_URL"
@@ -361,3 +361,17 @@ def _utc(value: datetime) -> datetime:
 
 def _mask(url: str) -> str:
     return re.sub(r"(://[^:/@]*:)[^@]*@", r"\1***@", url)
+
+
+_shared: dict[str, SessionManager] = {}
+_shared_lock = threading.Lock()
+
+
+def shared_session_manager(url: str | None = None) -> SessionManager:
+    """One manager per database URL per process (what the model objects use)."""
+    key = url or os.environ.get(SESSION_URL_ENV) or default_session_url()
+    with _shared_lock:
+        manager = _shared.get(key)
+        if manager is None:
+            manager = _shared[key] = SessionManager(key)
+        return manager

@@ -62,7 +62,11 @@ async def prepared_run(
         )
         yield run
     if run.result is not None and session_obj is not None:
-        await session_obj.aadd_messages([*new_messages, *run.new_messages])
+        from datus.models.tokens import count_tokens
+
+        stored = [*new_messages, *run.new_messages]
+        counts = [int(count_tokens(m.content + (m.reasoning or ""), model.provider, model.model_name)) for m in stored]
+        await session_obj.aadd_messages(stored, counts)
 
 
 def _session(model: LLMBaseModel, session: Any) -> Any:

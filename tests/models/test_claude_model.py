@@ -7,13 +7,14 @@ scripted numbers apply to the fake only; what a user notices is asserted either 
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import json
 import logging
 import os
 import socket
 import time
-from typing import Any, Iterator
+from typing import Any, AsyncIterator, Iterator
 
 import httpx
 import pytest
@@ -21,6 +22,7 @@ from pydantic import BaseModel
 
 from datus.configuration.agent_config import ModelConfig
 from datus.models import errors
+from datus.models._portal import run_sync
 from datus.models.claude_model import ClaudeModel
 from datus.models.generation import Generation, StreamDelta, ToolSpec
 from datus.models.usage import track_usage
@@ -44,9 +46,18 @@ class SQLAnswer(BaseModel):
 class Backend:
     config: ModelConfig
     server: FakeProviderServer | None
+    models: list[ClaudeModel] = dataclasses.field(default_factory=list)
 
     def model(self, **overrides: Any) -> ClaudeModel:
-        return ClaudeModel(self.config.model_copy(update=overrides))
+        self.models.append(ClaudeModel(self.config.model_copy(update=overrides)))
+        return self.models[-1]
+
+    async def close(self) -> None:
+        """Close the SDK clients of the test's loop and of the sync portal's loop, so none is
+        left to be collected after its loop has closed."""
+        for model in self.models:
+            await model.aclose()
+            await asyncio.to_thread(run_sync, model.aclose())
 
     def script(self, *answers: Any) -> None:
         if self.server is not None:
@@ -70,18 +81,24 @@ def server() -> Iterator[FakeProviderServer]:
 
 
 @pytest.fixture
-def fake(server: FakeProviderServer) -> Backend:
-    return Backend(fake_config(server), server)
+async def fake(server: FakeProviderServer) -> AsyncIterator[Backend]:
+    backend = Backend(fake_config(server), server)
+    yield backend
+    await backend.close()
 
 
 @pytest.fixture
-def backend(server: FakeProviderServer) -> Backend:
-    if not LIVE:
-        return Backend(fake_config(server), server)
-    if not os.environ.get("ANTHROPIC_API_KEY"):
-        pytest.skip("DQ_LIVE=1 needs ANTHROPIC_API_KEY")
-    model = os.environ.get("DQ_LIVE_CLAUDE_MODEL", "claude-haiku-4-5")
-    return Backend(ModelConfig(type="claude", model=model, max_retries=2), None)
+async def backend(server: FakeProviderServer) -> AsyncIterator[Backend]:
+    """The fake server, or with DQ_LIVE=1 the live API (skipped without a key)."""
+    if LIVE:
+        if not os.environ.get("ANTHROPIC_API_KEY"):
+            pytest.skip("DQ_LIVE=1 needs ANTHROPIC_API_KEY")
+        model = os.environ.get("DQ_LIVE_CLAUDE_MODEL", "claude-haiku-4-5")
+        chosen = Backend(ModelConfig(type="claude", model=model, max_retries=2), None)
+    else:
+        chosen = Backend(fake_config(server), server)
+    yield chosen
+    await chosen.close()
 
 
 def without_timing(generation: Generation) -> dict[str, Any]:
@@ -396,11 +413,10 @@ def test_permanent_errors_are_not_retried(fake: Backend, fault: Fault) -> None:
     assert len(fake.bodies()) == 1
 
 
-def test_wrong_key_is_permanent(server: FakeProviderServer) -> None:
-    server.api_key = "sk-ant-right"
-    server.app.state.api_key = "sk-ant-right"
+def test_wrong_key_is_permanent(fake: Backend, server: FakeProviderServer) -> None:
+    server.app.state.api_key = "sk-ant-right"  # what FakeProviderServer(api_key=...) sets
     with pytest.raises(errors.AuthenticationError) as caught:
-        ClaudeModel(fake_config(server, max_retries=3)).generate("hi")
+        fake.model(max_retries=3).generate("hi")
     assert caught.value.status_code == 401 and "x-api-key" in caught.value.message
     assert len(server.requests) == 1
 
@@ -424,21 +440,20 @@ def test_a_hang_is_a_timeout(fake: Backend) -> None:
         fake.model(max_retries=0, timeout_s=0.3).generate("hi")
 
 
-def test_no_server_is_a_connection_error() -> None:
+def dead_url() -> str:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    config = ModelConfig(type="claude", model=FAKE_MODEL, api_key=KEY, base_url=f"http://127.0.0.1:{port}",
-                         max_retries=0)
+        return f"http://127.0.0.1:{sock.getsockname()[1]}"
+
+
+def test_no_server_is_a_connection_error(fake: Backend) -> None:
     with pytest.raises(errors.ModelConnectionError):
-        ClaudeModel(config).generate("hi")
+        fake.model(base_url=dead_url(), max_retries=0).generate("hi")
 
 
-def test_token_count_is_an_estimate_when_the_endpoint_is_down(caplog: pytest.LogCaptureFixture) -> None:
-    with FakeProviderServer(protocols=[AnthropicMessagesProtocol()]) as stopped:
-        config = fake_config(stopped)
+def test_token_count_is_an_estimate_when_the_endpoint_is_down(fake: Backend, caplog: pytest.LogCaptureFixture) -> None:
     text = "你好世界" * 10
     with caplog.at_level(logging.WARNING, logger="datus.models.claude_model"):
-        count = ClaudeModel(config).token_count(text)
+        count = fake.model(base_url=dead_url()).token_count(text)
     assert count == 40 and count.estimated
     assert any("estimate" in record.getMessage() for record in caplog.records)

@@ -1,0 +1,431 @@
+"""The job store: jobs, batches and batch items in one SQLAlchemy database (SQLite or Postgres).
+
+Every status change is one conditional ``UPDATE ... WHERE status IN (...)``: there is no
+read-modify-write, so concurrent workers, redeliveries and cancels cannot overwrite each other,
+a final job never leaves its final status, and ``finish`` succeeds exactly once per job.
+
+Job statuses::
+
+    queued ──> running ──> succeeded | failed | dead
+      │  ^        │ ^
+      │  └─ retrying (mark_retrying; mark_running starts the next attempt)
+      └──────────> cancelled (queued or retrying at once; running through the worker's finish)
+
+Nothing here accepts an API key: a job row holds the `JobRequest` as JSON, and a request can
+carry no secret by construction. Timestamps are timezone-aware UTC.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+from collections.abc import Collection, Iterable, Iterator, Mapping
+from contextlib import contextmanager
+from datetime import UTC, datetime, timedelta
+from enum import Enum
+from itertools import islice
+from typing import Any
+
+from pydantic import BaseModel
+from pydantic_core import to_jsonable_python
+from sqlalchemy import Connection, Engine, case, func, select, update
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import Row
+from sqlalchemy.exc import DBAPIError
+
+from tasks.schemas import FINAL_STATUSES, JobError, JobRequest, JobResult, JobStatus
+from tasks.settings import get_settings
+from tasks.store_schema import WRITE_OPTION, StoreError, batch_items, batches, create_store_engine, jobs, migrate
+
+__all__ = ["BatchInfo", "BatchItem", "BatchStatus", "BatchSummary", "JobStore", "StoreError", "StoredJob"]
+
+_FINAL = [s.value for s in FINAL_STATUSES]
+_STARTABLE = [JobStatus.QUEUED.value, JobStatus.RETRYING.value, JobStatus.RUNNING.value]
+_OPEN = _STARTABLE  # not final: the statuses a job may still leave
+_CHUNK = 1000
+
+
+class BatchStatus(str, Enum):
+    RUNNING = "running"
+    COMPLETED = "completed"
+    INTERRUPTED = "interrupted"  # Ctrl-C: stopped submitting, what finished is recorded
+    BUDGET_EXCEEDED = "budget_exceeded"
+    FAILED = "failed"
+
+
+class StoredJob(JobResult):
+    """A `JobResult` plus the store's bookkeeping the worker needs."""
+
+    deliveries: int = 0  # how many times the current attempt was started (redeliveries + 1)
+    retry_at: datetime | None = None
+    updated_at: datetime | None = None
+
+
+class BatchInfo(BaseModel):
+    batch_id: str
+    name: str | None = None
+    model: str
+    prompt_hash: str
+    mode: str
+    status: BatchStatus
+    total: int = 0
+    created_at: datetime
+    finished_at: datetime | None = None
+    metadata: dict[str, Any] = {}
+
+
+class BatchItem(BaseModel):
+    batch_id: str
+    item_id: str
+    question: str
+    status: JobStatus = JobStatus.QUEUED
+    job_id: str | None = None
+    result: Any = None
+    cost_usd: float = 0.0
+
+    @property
+    def final(self) -> bool:
+        return self.status in FINAL_STATUSES
+
+
+class BatchSummary(BaseModel):
+    batch_id: str
+    total: int
+    counts: dict[str, int]  # every JobStatus value, zeros included
+    done: int  # items in a final status
+    cost_usd: float
+
+
+class JobStore:
+    """Jobs, batches and items in the database at ``url`` (default ``DQ_DATABASE_URL``).
+
+    Thread-safe and fork-safe; migrations run on first use (or call `migrate`).
+    """
+
+    def __init__(self, url: str | None = None, *, busy_timeout_s: float = 30.0) -> None:
+        self._engine: Engine = create_store_engine(url or get_settings().database_url, busy_timeout_s)
+        backend = self._engine.dialect.name
+        self._insert = postgresql.insert if backend == "postgresql" else sqlite.insert
+        self._writer = self._engine.execution_options(**{WRITE_OPTION: True})
+        self._lock = threading.Lock()
+        self._version: int | None = None
+        self._pid = os.getpid()
+
+    @property
+    def url(self) -> str:
+        return self._engine.url.render_as_string(hide_password=True)
+
+    def migrate(self) -> int:
+        """Bring the schema up to date (idempotent, safe across processes); its version."""
+        self._fork_check()
+        with self._lock:
+            if self._version is None:
+                try:
+                    self._version = migrate(self._engine)
+                except DBAPIError as exc:
+                    raise StoreError(f"cannot open the job store {self.url}: {exc.orig}") from exc
+            return self._version
+
+    def close(self) -> None:
+        self._engine.dispose()
+
+    # -- jobs --------------------------------------------------------------------------
+
+    def create_job(self, job_id: str, request: JobRequest, provider: str) -> tuple[str, bool]:
+        """Insert a queued job; ``(job_id, created)``. When the request's idempotency key (or
+        the job id) is already stored, nothing is written and the existing job's id comes back
+        with ``created=False`` — also when two processes race with the same key."""
+        if not isinstance(request, JobRequest):
+            request = JobRequest.model_validate(request)
+        now = _now()
+        row = {
+            "job_id": job_id, "idempotency_key": request.idempotency_key, "kind": request.kind.value,
+            "model": request.model, "provider": provider, "status": JobStatus.QUEUED.value,
+            "request": request.model_dump(mode="json"), "cost_usd": 0.0, "attempts": 0, "deliveries": 0,
+            "batch_id": request.batch_id, "item_id": request.item_id, "created_at": now, "updated_at": now,
+        }
+        with self._begin(write=True) as conn:
+            # ON CONFLICT DO NOTHING: a concurrent insert with the same key waits for the first
+            # to commit, then inserts nothing (no exception, no aborted transaction)
+            if conn.execute(self._insert(jobs).values(**row).on_conflict_do_nothing()).rowcount == 1:
+                return job_id, True
+            if request.idempotency_key is not None:
+                existing = conn.execute(
+                    select(jobs.c.job_id).where(jobs.c.idempotency_key == request.idempotency_key)).scalar()
+                if existing is not None:
+                    return existing, False
+            return job_id, False  # the job id itself was taken: the same submission again
+
+    def get(self, job_id: str) -> StoredJob | None:
+        with self._begin() as conn:
+            row = conn.execute(select(*_RESULT_COLUMNS).where(jobs.c.job_id == job_id)).first()
+        return None if row is None else _job(row)
+
+    def get_request(self, job_id: str) -> JobRequest | None:
+        with self._begin() as conn:
+            stored = conn.execute(select(jobs.c.request).where(jobs.c.job_id == job_id)).scalar()
+        return None if stored is None else JobRequest.model_validate(stored)
+
+    def mark_running(self, job_id: str, attempt: int) -> StoredJob | None:
+        """Start ``attempt`` (1-based) of the job: the job, or None when it must not run — it is
+        unknown, final (cancelled included), or this is a stale message of an older attempt.
+        A redelivery of the running attempt is allowed and counted in ``deliveries``."""
+        now = _now()
+        same = (jobs.c.attempts == attempt) & (jobs.c.status == JobStatus.RUNNING.value)
+        with self._begin(write=True) as conn:
+            won = conn.execute(
+                update(jobs)
+                .where(jobs.c.job_id == job_id, jobs.c.status.in_(_STARTABLE), jobs.c.attempts <= attempt)
+                .values(status=JobStatus.RUNNING.value, attempts=attempt, retry_at=None, updated_at=now,
+                        started_at=func.coalesce(jobs.c.started_at, now),
+                        deliveries=case((same, jobs.c.deliveries + 1), else_=1))
+            ).rowcount == 1
+            row = conn.execute(select(*_RESULT_COLUMNS).where(jobs.c.job_id == job_id)).first() if won else None
+        return None if row is None else _job(row)
+
+    def mark_retrying(self, job_id: str, attempt: int, error: JobError, countdown_s: float) -> bool:
+        """Record a retryable failure of ``attempt``: the next one is due in ``countdown_s``.
+        False when the job is already final (e.g. cancelled meanwhile): do not retry it."""
+        now = _now()
+        return self._update(
+            job_id, _OPEN, status=JobStatus.RETRYING.value, attempts=attempt, error=error.model_dump(mode="json"),
+            retry_at=now + timedelta(seconds=max(0.0, countdown_s)), updated_at=now)
+
+    def finish(self, job_id: str, status: JobStatus | str, *, output: Any = None, sql_contexts: Any = None,
+               usage: Any = None, cost_usd: float = 0.0, error: JobError | None = None,
+               attempts: int | None = None) -> bool:
+        """Write the job's one final result; True if this call did, False if the job was
+        already final (another delivery won, or it was cancelled). ``attempts=None`` keeps
+        the stored count."""
+        status = JobStatus(status)
+        if status not in FINAL_STATUSES:
+            raise ValueError(f"finish takes a final status ({', '.join(sorted(_FINAL))}), not {status.value!r}")
+        now = _now()
+        values: dict[str, Any] = {
+            "status": status.value, "output": to_jsonable_python(output),
+            "sql_contexts": to_jsonable_python(sql_contexts), "usage": to_jsonable_python(usage),
+            "cost_usd": float(cost_usd),
+            "error": None if error is None else error.model_dump(mode="json"),
+            "retry_at": None, "finished_at": now, "updated_at": now}
+        if attempts is not None:
+            values["attempts"] = attempts
+        return self._update(job_id, _OPEN, **values)
+
+    def cancel(self, job_id: str) -> JobStatus | None:
+        """Cancel a job. Queued or retrying: cancelled at once (it never runs again). Running:
+        left as is and ``running`` returned, so the caller signals the worker, which finishes
+        it as cancelled at its next step. Final: its status, unchanged. None if unknown."""
+        now = _now()
+        waiting = [JobStatus.QUEUED.value, JobStatus.RETRYING.value]
+        with self._begin(write=True) as conn:
+            if conn.execute(update(jobs).where(jobs.c.job_id == job_id, jobs.c.status.in_(waiting)).values(
+                    status=JobStatus.CANCELLED.value, retry_at=None, finished_at=now, updated_at=now)).rowcount:
+                return JobStatus.CANCELLED
+            status = conn.execute(select(jobs.c.status).where(jobs.c.job_id == job_id)).scalar()
+        return None if status is None else JobStatus(status)
+
+    def count_by_status(self, batch_id: str | None = None) -> dict[str, int]:
+        """Jobs per status (every status, zeros included), of one batch or of all jobs."""
+        query = select(jobs.c.status, func.count()).group_by(jobs.c.status)
+        if batch_id is not None:
+            query = query.where(jobs.c.batch_id == batch_id)
+        with self._begin() as conn:
+            found = dict(conn.execute(query).tuples().all())
+        return {s.value: found.get(s.value, 0) for s in JobStatus}
+
+    def list_jobs(self, status: JobStatus | str | None = None, batch_id: str | None = None,
+                  limit: int = 100) -> list[StoredJob]:
+        """The newest jobs first, at most ``limit``."""
+        query = select(*_RESULT_COLUMNS).order_by(jobs.c.created_at.desc(), jobs.c.job_id).limit(limit)
+        if status is not None:
+            query = query.where(jobs.c.status == JobStatus(status).value)
+        if batch_id is not None:
+            query = query.where(jobs.c.batch_id == batch_id)
+        with self._begin() as conn:
+            return [_job(row) for row in conn.execute(query)]
+
+    # thin async twins for the worker's event loop: the blocking calls run in a thread
+    async def aget(self, job_id: str) -> StoredJob | None:
+        return await asyncio.to_thread(self.get, job_id)
+
+    async def aget_request(self, job_id: str) -> JobRequest | None:
+        return await asyncio.to_thread(self.get_request, job_id)
+
+    async def amark_running(self, job_id: str, attempt: int) -> StoredJob | None:
+        return await asyncio.to_thread(self.mark_running, job_id, attempt)
+
+    async def amark_retrying(self, job_id: str, attempt: int, error: JobError, countdown_s: float) -> bool:
+        return await asyncio.to_thread(self.mark_retrying, job_id, attempt, error, countdown_s)
+
+    async def afinish(self, job_id: str, status: JobStatus | str, **result: Any) -> bool:
+        return await asyncio.to_thread(lambda: self.finish(job_id, status, **result))
+
+    async def acancel(self, job_id: str) -> JobStatus | None:
+        return await asyncio.to_thread(self.cancel, job_id)
+
+    # -- batches -----------------------------------------------------------------------
+
+    def create_batch(self, batch_id: str, *, model: str, prompt_hash: str, mode: str, name: str | None = None,
+                     metadata: Mapping[str, Any] | None = None) -> tuple[BatchInfo, bool]:
+        """Create a running batch; ``(batch, created)``. An existing batch comes back unchanged
+        (compare its model and prompt_hash before resuming it)."""
+        with self._begin(write=True) as conn:
+            created = conn.execute(self._insert(batches).values(
+                batch_id=batch_id, name=name, model=model, prompt_hash=prompt_hash, mode=mode,
+                status=BatchStatus.RUNNING.value, total=0, created_at=_now(),
+                metadata=to_jsonable_python(dict(metadata or {}))).on_conflict_do_nothing()).rowcount == 1
+            row = conn.execute(select(batches).where(batches.c.batch_id == batch_id)).one()
+        return _batch(row), created
+
+    def get_batch(self, batch_id: str) -> BatchInfo | None:
+        with self._begin() as conn:
+            row = conn.execute(select(batches).where(batches.c.batch_id == batch_id)).first()
+        return None if row is None else _batch(row)
+
+    def finish_batch(self, batch_id: str, status: BatchStatus | str = BatchStatus.COMPLETED) -> bool:
+        """Close a running batch with ``status``; False if it was not running."""
+        status = BatchStatus(status)
+        if status is BatchStatus.RUNNING:
+            raise ValueError("finish_batch takes a final batch status; use resume_batch to reopen")
+        with self._begin(write=True) as conn:
+            return conn.execute(update(batches).where(
+                batches.c.batch_id == batch_id, batches.c.status == BatchStatus.RUNNING.value,
+            ).values(status=status.value, finished_at=_now())).rowcount == 1
+
+    def resume_batch(self, batch_id: str) -> bool:
+        """Reopen a finished batch (``dq batch --resume``); False if unknown or running."""
+        with self._begin(write=True) as conn:
+            return conn.execute(update(batches).where(
+                batches.c.batch_id == batch_id, batches.c.status != BatchStatus.RUNNING.value,
+            ).values(status=BatchStatus.RUNNING.value, finished_at=None)).rowcount == 1
+
+    def add_batch_items(self, batch_id: str, items: Iterable[Mapping[str, Any] | BatchItem]) -> int:
+        """Add items (mappings or `BatchItem` with ``item_id``, ``question``, optionally
+        ``job_id``), consumed in chunks; an ``item_id`` already in the batch is skipped, so
+        re-adding a whole input file on resume is harmless. Returns how many were new."""
+        added = 0
+        rows = ({"batch_id": batch_id, "item_id": str(item["item_id"]), "question": str(item["question"]),
+                 "job_id": item.get("job_id"), "status": JobStatus.QUEUED.value, "cost_usd": 0.0}
+                for item in (i.model_dump() if isinstance(i, BaseModel) else i for i in items))
+        while chunk := list(islice(rows, _CHUNK)):
+            # one short transaction per chunk, so workers' writes are not held up behind a long load
+            with self._begin(write=True) as conn:
+                before = self._lock_batch(conn, batch_id)
+                conn.execute(self._insert(batch_items).on_conflict_do_nothing(), chunk)
+                total = conn.execute(select(func.count()).where(batch_items.c.batch_id == batch_id)).scalar_one()
+                conn.execute(update(batches).where(batches.c.batch_id == batch_id).values(total=total))
+            added += total - before
+        return added
+
+    def set_item_result(self, batch_id: str, item_id: str, status: JobStatus | str, result: Any = None,
+                        cost_usd: float = 0.0, *, job_id: str | None = None) -> bool:
+        """Move an item that is not final to ``status`` (with its scored ``result`` and cost
+        when final; ``job_id`` once submitted). False if it is unknown or already final."""
+        values: dict[str, Any] = {"status": JobStatus(status).value, "result": to_jsonable_python(result),
+                                      "cost_usd": float(cost_usd)}
+        if job_id is not None:
+            values["job_id"] = job_id
+        with self._begin(write=True) as conn:
+            return conn.execute(update(batch_items).where(
+                batch_items.c.batch_id == batch_id, batch_items.c.item_id == item_id,
+                batch_items.c.status.in_(_OPEN)).values(**values)).rowcount == 1
+
+    def items(self, batch_id: str, status: JobStatus | str | Collection[JobStatus | str] | None = None,
+              *, chunk_size: int = _CHUNK) -> Iterator[BatchItem]:
+        """The batch's items in input order, read ``chunk_size`` at a time (keyset paging, one
+        short transaction per chunk): memory stays flat however large the batch."""
+        wanted = None if status is None else [
+            JobStatus(s).value for s in ([status] if isinstance(status, (str, JobStatus)) else status)]
+        last = 0
+        while True:
+            query = (select(batch_items).where(batch_items.c.batch_id == batch_id, batch_items.c.seq > last)
+                     .order_by(batch_items.c.seq).limit(chunk_size))
+            if wanted is not None:
+                query = query.where(batch_items.c.status.in_(wanted))
+            with self._begin() as conn:
+                rows = conn.execute(query).all()
+            for row in rows:
+                yield BatchItem.model_validate({k: v for k, v in row._mapping.items() if k != "seq"})
+            if len(rows) < chunk_size:
+                return
+            last = rows[-1].seq
+
+    def final_item_ids(self, batch_id: str) -> set[str]:
+        """Ids of the items already final: what ``--resume`` skips."""
+        with self._begin() as conn:
+            return set(conn.execute(select(batch_items.c.item_id).where(
+                batch_items.c.batch_id == batch_id, batch_items.c.status.in_(_FINAL))).scalars())
+
+    def batch_summary(self, batch_id: str) -> BatchSummary | None:
+        """Item counts by status and the cost so far, computed in SQL; None if no such batch."""
+        with self._begin() as conn:
+            if conn.execute(select(batches.c.batch_id).where(batches.c.batch_id == batch_id)).first() is None:
+                return None
+            rows = conn.execute(select(batch_items.c.status, func.count(), func.sum(batch_items.c.cost_usd))
+                                .where(batch_items.c.batch_id == batch_id).group_by(batch_items.c.status)).all()
+        counts = {s.value: 0 for s in JobStatus} | {status: n for status, n, _ in rows}
+        return BatchSummary(batch_id=batch_id, total=sum(counts.values()), counts=counts,
+                            done=sum(counts[s] for s in _FINAL), cost_usd=float(sum(c or 0.0 for *_, c in rows)))
+
+    # -- internals ---------------------------------------------------------------------
+
+    @contextmanager
+    def _begin(self, write: bool = False) -> Iterator[Connection]:
+        if self._version is None or self._pid != os.getpid():
+            self.migrate()
+        with (self._writer if write else self._engine).begin() as conn:
+            yield conn
+
+    def _fork_check(self) -> None:
+        if self._pid != os.getpid():
+            # forked (a prefork worker): the parent's pooled connections are not ours to use
+            self._engine.dispose(close=False)
+            self._lock = threading.Lock()
+            self._pid = os.getpid()
+
+    def _update(self, job_id: str, from_statuses: list[str], **values: Any) -> bool:
+        with self._begin(write=True) as conn:
+            return conn.execute(update(jobs).where(jobs.c.job_id == job_id, jobs.c.status.in_(from_statuses))
+                                .values(**values)).rowcount == 1
+
+    def _lock_batch(self, conn: Connection, batch_id: str) -> int:
+        """Lock the batch row (Postgres; SQLite holds the write lock already) and return its
+        item count, so concurrent adders count one after another."""
+        total = conn.execute(select(batches.c.total).where(batches.c.batch_id == batch_id)
+                             .with_for_update()).scalar()
+        if total is None:
+            raise KeyError(f"no batch {batch_id!r}: create_batch first")
+        return total
+
+
+_RESULT_COLUMNS = [c for c in jobs.c if c.name not in ("request", "idempotency_key")]  # the prompt can be large
+
+
+def _job(row: Row[Any]) -> StoredJob:
+    m = row._mapping
+    return StoredJob(
+        job_id=m["job_id"], status=JobStatus(m["status"]), kind=m["kind"], model=m["model"], provider=m["provider"],
+        output=m["output"], sql_contexts=m["sql_contexts"] or [], usage=m["usage"], cost_usd=m["cost_usd"] or 0.0,
+        error=None if m["error"] is None else JobError.model_validate(m["error"]), attempts=m["attempts"],
+        batch_id=m["batch_id"], item_id=m["item_id"], deliveries=m["deliveries"],
+        created_at=_utc(m["created_at"]), started_at=_utc(m["started_at"]), finished_at=_utc(m["finished_at"]),
+        retry_at=_utc(m["retry_at"]), updated_at=_utc(m["updated_at"]),
+    )
+
+
+def _batch(row: Row[Any]) -> BatchInfo:
+    m = dict(row._mapping)
+    return BatchInfo.model_validate(m | {"created_at": _utc(m["created_at"]), "finished_at": _utc(m["finished_at"]),
+                                         "metadata": m["metadata"] or {}})
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+def _utc(value: datetime | None) -> datetime | None:
+    # SQLite hands back the naive UTC we stored; Postgres an aware time in the session's zone
+    if value is None:
+        return None
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)

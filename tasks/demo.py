@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from typing import Any
 from pydantic import BaseModel
 from rich.console import Console
 from rich.table import Table
@@ -82,9 +83,14 @@ async def _run(console: Console, model: LLMBaseModel) -> list[tuple[str, Usage]]
                 continue
             detail = step.output.get("raw_output") if isinstance(step.output, dict) and step.role == "tool" else ""
             console.print(f"  {step.role:<9} {step.action_type:<16} {step.status:<10} "
-                          f"{(step.messages or step.output.get('reasoning') or '' if isinstance(step.output, dict) else '')[:50]} {detail or ''}")
+                          f"{_summary(step)[:50]} {detail or ''}")
     rows.append(("tool run", sum(calls, Usage())))
     return rows
+
+
+def _summary(step: Any) -> str:
+    reasoning = step.output.get("reasoning") if isinstance(step.output, dict) else None
+    return step.messages or reasoning or ""
 
 
 def run_demo(console: Console | None = None) -> int:

@@ -26,7 +26,8 @@ Anthropic and cost nothing extra, so placing breakpoints always is safe.
 from __future__ import annotations
 
 import json
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 from datus.models.generation import StreamDelta, ToolSpec
 from datus.models.usage import Usage
@@ -34,16 +35,16 @@ from datus.schemas.message import ChatMessage, ToolCall
 
 __all__ = [
     "EPHEMERAL",
-    "wire_messages",
-    "wire_tools",
-    "json_tool",
-    "json_hint",
-    "tool_choice",
+    "MessageAccumulator",
     "add_cache_breakpoints",
     "content_parts",
     "finish_reason_of",
+    "json_hint",
+    "json_tool",
+    "tool_choice",
     "usage_of",
-    "MessageAccumulator",
+    "wire_messages",
+    "wire_tools",
 ]
 
 EPHEMERAL: dict[str, str] = {"type": "ephemeral"}

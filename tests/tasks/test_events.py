@@ -190,6 +190,7 @@ from tasks.events import EventPublisher
 url, job, go, n = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
 r = redis.Redis.from_url(url)
 publisher = EventPublisher(r, ttl_s=300, maxlen=10000)
+r.rpush(go + ":ready", 1)
 r.blpop(go, timeout=30)  # start together, so the two processes really interleave
 for i in range(n):
     publisher.publish(job, {"pid": sys.argv[5], "i": i})
@@ -200,6 +201,8 @@ def test_concurrent_publishers_in_two_processes_number_without_gaps(r: redis.Red
     go = f"{job}:go"
     children = [subprocess.Popen([sys.executable, "-c", _CHILD, redis_url, job, go, "400", name])
                 for name in ("a", "b")]
+    for _ in children:
+        assert r.blpop(f"{go}:ready", timeout=30) is not None
     r.rpush(go, 1, 1)
     assert [child.wait(60) for child in children] == [0, 0]
     events = read_events(r, job)

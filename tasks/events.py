@@ -15,10 +15,12 @@ a quiet spell, sends the follower back to the stream.
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
+from contextlib import aclosing
 from typing import Any
 
 import redis
@@ -31,13 +33,14 @@ from tasks import keys
 from tasks.schemas import JobEvent, JobStatus
 from tasks.settings import get_settings
 
-__all__ = ["EventPublisher", "AsyncEventPublisher", "follow", "afollow", "read_events", "aread_events"]
+__all__ = ["AsyncEventPublisher", "EventPublisher", "afollow", "aread_events", "follow", "read_events"]
 
 log = logging.getLogger(__name__)
 
 _FIELD = "event"  # the one field of a stream entry: the event's JSON
 _PAGE = 1000  # stream entries per XRANGE, so a long replay does not build one huge reply
 _CONFIRM_WAIT_S = 5.0
+_RECONNECTS = 5  # consecutive lost connections before a follower gives up
 
 # KEYS: stream, counter. ARGV: event JSON without seq, ttl, maxlen, channel.
 # The counter is only ever reset by expiry or eviction; if the stream outlived it, continue
@@ -78,9 +81,11 @@ def _prepare(job_id: str, step: Step, terminal: bool, status: JobStatus | str | 
 
 class _PublisherBase:
     def __init__(self, redis_client: Any, ttl_s: int | None = None, maxlen: int | None = None) -> None:
-        settings = get_settings()
-        self.ttl_s = int(ttl_s if ttl_s is not None else settings.event_ttl_s)
-        self.maxlen = int(maxlen if maxlen is not None else settings.event_maxlen)
+        if ttl_s is None or maxlen is None:
+            settings = get_settings()
+            ttl_s = settings.event_ttl_s if ttl_s is None else ttl_s
+            maxlen = settings.event_maxlen if maxlen is None else maxlen
+        self.ttl_s, self.maxlen = int(ttl_s), int(maxlen)
         if self.ttl_s <= 0 or self.maxlen <= 0:
             raise ValueError("ttl_s and maxlen must be positive")
         self._script = redis_client.register_script(_PUBLISH_LUA)
@@ -162,6 +167,7 @@ class _Cursor:
         self.last = after_seq
         self.done = False
         self.final_seen = False  # is_final said yes at the last idle check, with nothing new since
+        self.failures = 0  # connection losses since the last successful subscribe
         self._timeout_s = timeout_s
         self._deadline = None if timeout_s is None else time.monotonic() + timeout_s
 
@@ -193,6 +199,14 @@ class _Cursor:
                                f"(last seq seen: {self.last})")
         return min(at_most, left)
 
+    def retry_in(self, exc: Exception) -> float:
+        """How long to wait before resubscribing after a lost connection (or re-raise)."""
+        self.failures += 1
+        if self.failures > _RECONNECTS:
+            raise exc
+        log.warning("job %s: lost the Redis connection (%s); resuming after seq %d", self.job_id, exc, self.last)
+        return self.wait_s(min(0.05 * 2 ** (self.failures - 1), 1.0))
+
     def ends_idle(self, final: bool, stream_exists: bool) -> bool:
         """After a quiet spell with nothing new in the stream: stop if the job is final and its
         stream is gone, or final twice in a row (its terminal event, if any, is not coming)."""
@@ -210,16 +224,29 @@ def follow(redis_client: redis.Redis, job_id: str, after_seq: int = 0, timeout_s
     """Replay the job's events after ``after_seq``, then follow live; ends after the terminal
     event. Each seq is yielded once, in order. ``timeout_s`` bounds the whole wait
     (`TimeoutError`). ``is_final(job_id)``, asked after ``idle_poll_s`` of silence, lets a
-    follower of a finished job whose events expired end instead of waiting forever."""
+    follower of a finished job whose events expired end instead of waiting forever. A dropped
+    connection is resumed from the last seq yielded."""
     cursor = _Cursor(job_id, after_seq, timeout_s)
-    stream = keys.job_events(job_id)
+    while True:
+        try:
+            yield from _follow_session(redis_client, cursor, is_final, idle_poll_s)
+            return
+        except redis.ConnectionError as exc:
+            time.sleep(cursor.retry_in(exc))
+
+
+def _follow_session(redis_client: redis.Redis, cursor: _Cursor, is_final: IsFinal | None,
+                    idle_poll_s: float) -> Iterator[JobEvent]:
+    job_id = cursor.job_id
     pubsub = redis_client.pubsub()
     try:
         pubsub.subscribe(keys.job_channel(job_id))
         while (msg := pubsub.get_message(timeout=cursor.wait_s(_CONFIRM_WAIT_S))) is None \
                 or msg["type"] != "subscribe":
             pass
-        yield from cursor.take(read_events(redis_client, job_id, cursor.last))
+        replayed = cursor.take(read_events(redis_client, job_id, cursor.last))
+        cursor.failures = 0  # subscribed and read: this connection works
+        yield from replayed
         while not cursor.done:
             msg = pubsub.get_message(timeout=cursor.wait_s(idle_poll_s))
             if msg is not None:
@@ -233,7 +260,8 @@ def follow(redis_client: redis.Redis, job_id: str, after_seq: int = 0, timeout_s
             fresh = cursor.take(read_events(redis_client, job_id, cursor.last))
             if fresh:
                 yield from fresh
-            elif is_final is not None and cursor.ends_idle(is_final(job_id), bool(redis_client.exists(stream))):
+            elif is_final is not None and cursor.ends_idle(
+                    is_final(job_id), bool(redis_client.exists(keys.job_events(job_id)))):
                 return
     finally:
         pubsub.close()
@@ -245,14 +273,29 @@ async def afollow(redis_client: redis.asyncio.Redis, job_id: str, after_seq: int
     """`follow` on a ``redis.asyncio`` client; ``is_final`` may be sync or async. Close it
     early with ``contextlib.aclosing`` to release its connection at once."""
     cursor = _Cursor(job_id, after_seq, timeout_s)
-    stream = keys.job_events(job_id)
+    while True:
+        try:
+            # aclosing: an early close of this generator closes the session (and its pubsub) now
+            async with aclosing(_afollow_session(redis_client, cursor, is_final, idle_poll_s)) as session:
+                async for event in session:
+                    yield event
+            return
+        except redis.ConnectionError as exc:
+            await asyncio.sleep(cursor.retry_in(exc))
+
+
+async def _afollow_session(redis_client: redis.asyncio.Redis, cursor: _Cursor, is_final: AsyncIsFinal | None,
+                           idle_poll_s: float) -> AsyncIterator[JobEvent]:
+    job_id = cursor.job_id
     pubsub = redis_client.pubsub()
     try:
         await pubsub.subscribe(keys.job_channel(job_id))
         while (msg := await pubsub.get_message(timeout=cursor.wait_s(_CONFIRM_WAIT_S))) is None \
                 or msg["type"] != "subscribe":
             pass
-        for event in cursor.take(await aread_events(redis_client, job_id, cursor.last)):
+        replayed = cursor.take(await aread_events(redis_client, job_id, cursor.last))
+        cursor.failures = 0  # subscribed and read: this connection works
+        for event in replayed:
             yield event
         while not cursor.done:
             msg = await pubsub.get_message(timeout=cursor.wait_s(idle_poll_s))
@@ -270,7 +313,7 @@ async def afollow(redis_client: redis.asyncio.Redis, job_id: str, after_seq: int
                 final = is_final(job_id)
                 if inspect.isawaitable(final):
                     final = await final
-                if cursor.ends_idle(bool(final), bool(await redis_client.exists(stream))):
+                if cursor.ends_idle(bool(final), bool(await redis_client.exists(keys.job_events(job_id)))):
                     return
     finally:
         await pubsub.aclose()

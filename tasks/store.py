@@ -231,7 +231,7 @@ class JobStore:
         if batch_id is not None:
             query = query.where(jobs.c.batch_id == batch_id)
         with self._begin() as conn:
-            found = dict(conn.execute(query).tuples().all())
+            found: dict[str, int] = dict(conn.execute(query).all())
         return {s.value: found.get(s.value, 0) for s in JobStatus}
 
     def list_jobs(self, status: JobStatus | str | None = None, batch_id: str | None = None,

@@ -203,7 +203,7 @@ class ClaudeModel(LLMBaseModel):
             return TokenCount(0, _COUNT_METHOD)
         try:
             return run_sync(self._acount_tokens(prompt))
-        except Exception as exc:  # any failure: an estimate beats no answer
+        except Exception as exc:  # noqa: BLE001 - any failure: an estimate beats no answer
             logger.warning("%s/%s: count_tokens failed (%s); the token count is an estimate",
                            self.provider, self.model_name, exc)
             return estimate_tokens(prompt)

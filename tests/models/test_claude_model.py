@@ -161,7 +161,9 @@ async def test_stream_deltas_add_up_to_the_final_answer(backend: Backend) -> Non
     final = items[-1]
     assert isinstance(final, Generation)
     deltas = [item for item in items[:-1] if isinstance(item, StreamDelta)]
-    assert len(deltas) > 1 and "".join(d.text for d in deltas) == final.text
+    assert deltas and "".join(d.text for d in deltas) == final.text
+    if backend.server is not None:
+        assert len(deltas) == 3  # the fake sends the text in three pieces
     assert final.usage.input_tokens > 0 and final.usage.output_tokens > 0 and final.finish_reason == "stop"
 
 
@@ -232,6 +234,22 @@ def test_messages_are_converted_both_ways(fake: Backend) -> None:
     roles = [message["role"] for message in seen[0].messages]  # the fake's neutral view
     assert roles == ["system", "user", "assistant", "tool", "tool", "user"]
     assert seen[0].last_user_text == "Answer now."
+
+
+def test_redacted_thinking_is_replayed_first_and_intact(fake: Backend) -> None:
+    redacted = {"type": "redacted_thinking", "data": "EmwKAhgBEgy3va3pzix/LafPsn4a"}
+    thought = {"type": "thinking", "thinking": "check the schema", "signature": fake_signature("check the schema")}
+    answer = ChatMessage(role="assistant", content="SELECT 1", reasoning="check the schema",
+                         reasoning_details=[redacted, thought, {"type": "reasoning.summary", "summary": "other"}])
+    conversation = [{"role": "user", "content": "q"}, answer, {"role": "user", "content": "again"}]
+    fake.model(prompt_cache="off").generate(conversation)
+    assert fake.bodies()[-1]["messages"][1]["content"] == [redacted, thought, {"type": "text", "text": "SELECT 1"}]
+
+
+def test_redacted_thinking_in_an_answer_is_kept_for_replay(fake: Backend) -> None:
+    content = [{"type": "redacted_thinking", "data": "opaque"}, {"type": "text", "text": "hi", "citations": None}]
+    generation = fake.model()._generation({"id": "msg_1", "content": content, "stop_reason": "end_turn"}, None)
+    assert generation.reasoning is None and generation.reasoning_details == [content[0]]
 
 
 async def test_tool_specs_and_tool_calls(fake: Backend) -> None:
@@ -358,6 +376,17 @@ def test_the_key_is_accepted_as_x_api_key_or_bearer(server: FakeProviderServer) 
     refused = httpx.post(server.url + "/v1/messages", json=body, headers=version)
     assert refused.status_code == 401
     assert refused.json()["error"]["type"] == "authentication_error" and refused.json()["type"] == "error"
+
+
+def test_an_error_event_inside_a_stream_maps_by_its_type(fake: Backend) -> None:
+    import anthropic
+    import httpx2
+
+    # The SDK raises an `event: error` frame as a status error of the stream's 200 response.
+    response = httpx2.Response(200, request=httpx2.Request("POST", "https://api.anthropic.com/v1/messages"))
+    body = {"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}}
+    error = fake.model()._map_error(anthropic.APIStatusError(str(body), response=response, body=body))
+    assert type(error) is errors.OverloadedError and error.status_code == 529 and error.retryable
 
 
 def test_rate_limit_waits_for_retry_after(fake: Backend, caplog: pytest.LogCaptureFixture) -> None:

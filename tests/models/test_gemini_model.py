@@ -210,6 +210,27 @@ async def test_tool_call_comes_back_with_json_arguments(target: Target) -> None:
     assert "users" in call.parsed_arguments()["sql"].lower()
 
 
+def count_rows(table: str) -> int:
+    """Count the rows of a table."""
+    return 42 if table == "users" else 0
+
+
+@pytest.mark.acceptance
+async def test_tool_run_round_trip(target: Target) -> None:
+    target.script(Reply(reasoning="Count them.", tool_calls=(ScriptedToolCall("count_rows", {"table": "users"}),)),
+                  Reply(text="There are 42 users."))
+    result = await target.model().generate_with_tools(
+        "How many rows has the table users? Call count_rows, then answer in one sentence.",
+        tools=[count_rows], enable_thinking=True)
+    assert "42" in result["content"] and result["turns_used"] == 2
+    if target.server is not None:
+        model_turn, tool_turn = generations(target.server)[-1].body["contents"][1:]
+        call = model_turn["parts"][0]
+        assert call["functionCall"]["name"] == "count_rows" and call["thoughtSignature"]
+        assert tool_turn["parts"][0]["functionResponse"] == {
+            "id": call["functionCall"]["id"], "name": "count_rows", "response": {"output": "42"}}
+
+
 @pytest.mark.acceptance
 def test_usage_and_cost(target: Target) -> None:
     target.script(Reply(text="ok", input_tokens=1200, output_tokens=340, cached_tokens=1000, reasoning_tokens=40))

@@ -63,11 +63,14 @@ _STATUS_TEXT = {
 }
 # kind -> (status, error type, message)
 _FAULTS: dict[str, tuple[int, str, str]] = {
-    "rate_limit": (429, "rate_limit_error", "This request would exceed the rate limit for your organization "
-                   "(org-fake) of 50 requests per minute. For details, refer to: "
-                   "https://docs.claude.com/en/api/rate-limits."),
-    "quota": (402, "billing_error", "Your credit balance is too low to access the Anthropic API. Please go to "
-              "Plans & Billing to upgrade or purchase credits."),
+    "rate_limit": (429, "rate_limit_error", (
+        "This request would exceed the rate limit for your organization (org-fake) of 50 requests per minute. "
+        "For details, refer to: https://docs.claude.com/en/api/rate-limits."
+    )),
+    "quota": (402, "billing_error", (
+        "Your credit balance is too low to access the Anthropic API. Please go to Plans & Billing to upgrade or "
+        "purchase credits."
+    )),
     "overloaded": (529, "overloaded_error", "Overloaded"),
     "context_length": (400, "invalid_request_error", "prompt is too long: 215384 tokens > 200000 maximum"),
 }
@@ -257,7 +260,8 @@ def _neutral(message: Any, index: int) -> list[dict[str, Any]]:
     for position, block in enumerate(content):
         kind = block.get("type") if isinstance(block, dict) else None
         if kind == "tool_result":
-            out.append({"role": "tool", "tool_call_id": block.get("tool_use_id"), "content": _text_of(block.get("content"))})
+            result = _text_of(block.get("content"))
+            out.append({"role": "tool", "tool_call_id": block.get("tool_use_id"), "content": result})
         elif kind == "text":
             texts.append(block.get("text", ""))
         elif kind == "tool_use":
@@ -353,7 +357,8 @@ def _block_frames(index: int, block: dict[str, Any]) -> list[bytes]:
         deltas = [{"type": "text_delta", "text": piece} for piece in split_text(block["text"])]
     else:  # tool_use: the input arrives as JSON text in pieces
         opening = {"type": "tool_use", "id": block["id"], "name": block["name"], "input": {}}
-        deltas = [{"type": "input_json_delta", "partial_json": piece} for piece in split_text(json.dumps(block["input"]))]
+        pieces = split_text(json.dumps(block["input"]))
+        deltas = [{"type": "input_json_delta", "partial_json": piece} for piece in pieces]
     frames = [_event({"type": "content_block_start", "index": index, "content_block": opening})]
     frames += [_event({"type": "content_block_delta", "index": index, "delta": delta}) for delta in deltas]
     frames.append(_event({"type": "content_block_stop", "index": index}))

@@ -1,0 +1,90 @@
+"""A small MCP server for the tests of `datus.models.mcp_utils` (run as a script).
+
+    python tests/fakes/mcp_tool_server.py [--delay 1] [--transport streamable-http --port N]
+
+Tools: ``echo``, ``pid`` (to kill it from a test), ``add_tool`` (adds a tool, and announces
+the change unless ``notify=False``), ``announce`` (announces a change), ``fail`` (a tool
+error), ``structured`` (structured content), ``exit_now`` (dies in the middle of a call).
+Change notices go out on both MCP eras: to ``subscriptions/listen`` streams (2026-07-28)
+and as a plain ``notifications/tools/list_changed`` on handshake-era connections.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+
+from mcp.server.mcpserver import Context, MCPServer
+from mcp.server.mcpserver.exceptions import ToolError
+
+server = MCPServer("fake-tools", log_level="WARNING")
+
+
+async def _announce(ctx: Context) -> None:
+    await ctx.notify_tools_changed()
+    if ctx.protocol_version and ctx.protocol_version < "2026":
+        await ctx.session.send_tool_list_changed()
+
+
+@server.tool()
+def echo(text: str) -> str:
+    """Return the text."""
+    return text
+
+
+@server.tool()
+def pid() -> int:
+    """This server's process id."""
+    return os.getpid()
+
+
+@server.tool()
+async def add_tool(name: str, ctx: Context, notify: bool = True) -> str:
+    """Add a tool called `name` that echoes with a prefix."""
+
+    def added(text: str) -> str:
+        return f"{name}:{text}"
+
+    server.add_tool(added, name=name, description=f"added at run time as {name}")
+    if notify:
+        await _announce(ctx)
+    return f"added {name}"
+
+
+@server.tool()
+async def announce(ctx: Context) -> str:
+    """Announce that the tool list changed."""
+    await _announce(ctx)
+    return "announced"
+
+
+@server.tool()
+def fail(message: str) -> str:
+    """Fail with the message."""
+    raise ToolError(message)
+
+
+@server.tool()
+def structured(n: int) -> dict[str, int]:
+    """Structured content: n and its square."""
+    return {"n": n, "square": n * n}
+
+
+@server.tool()
+def exit_now() -> str:
+    """Die without answering."""
+    os._exit(3)
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--delay", type=float, default=0.0, help="seconds to wait before serving")
+    parser.add_argument("--transport", choices=("stdio", "streamable-http"), default="stdio")
+    parser.add_argument("--port", type=int, default=0)
+    args = parser.parse_args()
+    time.sleep(args.delay)
+    if args.transport == "stdio":
+        server.run("stdio")
+    else:
+        server.run("streamable-http", host="127.0.0.1", port=args.port)

@@ -382,7 +382,7 @@ def test_admin_endpoints(fake_server: FakeProviderServer, api: openai.OpenAI) ->
         assert admin.post("/_fake/latency", json={"latency_ms": 250}).json() == {"latency_s": 0.25}
         assert fake_server.latency_s == 0.25
         health = admin.get("/_fake/health").json()
-        assert health["status"] == "ok" and health["protocols"] == ["openai"] and health["requests"] == 3
+        assert health["status"] == "ok" and "openai" in health["protocols"] and health["requests"] == 3
         assert admin.post("/_fake/script", json=[{"nonsense": 1}]).status_code == 400
         assert admin.post("/_fake/script", json=[{"fault": {"kind": "hang", "bogus": 1}}]).status_code == 400
         assert admin.post("/_fake/script", json=[{"fault": {"kind": "rate_limited"}}]).status_code == 400

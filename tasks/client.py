@@ -158,6 +158,8 @@ class JobClient:
     def cancel(self, job_id: str) -> JobStatus:
         """A queued job never runs; a running one stops at its next step."""
         status = self.store.cancel(job_id)
+        if status is None:
+            raise KeyError(f"no job {job_id!r}")
         if status is JobStatus.CANCELLED:
             self.app.control.revoke(job_id)
             from tasks.events import EventPublisher

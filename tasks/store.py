@@ -4,12 +4,13 @@ Every status change is one conditional ``UPDATE ... WHERE status IN (...)``: the
 read-modify-write, so concurrent workers, redeliveries and cancels cannot overwrite each other,
 a final job never leaves its final status, and ``finish`` succeeds exactly once per job.
 
-Job statuses::
+Job statuses (``finish`` moves any status that is not final to a final one)::
 
-    queued ──> running ──> succeeded | failed | dead
-      │  ^        │ ^
-      │  └─ retrying (mark_retrying; mark_running starts the next attempt)
-      └──────────> cancelled (queued or retrying at once; running through the worker's finish)
+    queued ──mark_running──> running ──finish──> succeeded | failed | dead | cancelled
+       │                      │   ^
+       │            mark_retrying  mark_running (next attempt, or a redelivery)
+       │                      v   │
+       └──cancel──> cancelled <──cancel── retrying   (running: the worker finishes it cancelled)
 
 Nothing here accepts an API key: a job row holds the `JobRequest` as JSON, and a request can
 carry no secret by construction. Timestamps are timezone-aware UTC.

@@ -17,7 +17,14 @@ _connected = False
 
 
 def _start(**_: Any) -> None:
+    _quiet_http_logs()
     runtime.start()
+
+
+def _quiet_http_logs() -> None:
+    # one INFO line per HTTP request drowns the worker's own log at hundreds of calls a second
+    for name in ("httpx", "httpx2", "httpcore", "httpcore2", "openai", "anthropic", "google_genai"):
+        logging.getLogger(name).setLevel(logging.WARNING)
 
 
 def _stop(**_: Any) -> None:
@@ -46,4 +53,4 @@ def _start_unless_prefork(sender: Any = None, **_: Any) -> None:
     pool = getattr(sender, "pool_cls", None)
     name = getattr(pool, "__module__", str(pool))
     if "prefork" not in name:
-        runtime.start()
+        _start()

@@ -6,7 +6,7 @@
 Tools: ``list_tables``, ``describe_table``, ``read_query``. Writes are refused twice over:
 each query is parsed (sqlglot) and must be exactly one read (SELECT, WITH ... SELECT, VALUES,
 or EXPLAIN of those), and it then runs where the database itself refuses writes: SQLite is
-opened ``mode=ro`` with ``PRAGMA query_only``, Postgres runs inside ``SET TRANSACTION READ
+opened ``mode=ro`` with ``PRAGMA query_only`` and no ATTACH, Postgres runs inside ``SET TRANSACTION READ
 ONLY``. Other databases get the parser check only, so give the server a read-only user
 there (and everywhere: a read can still be expensive, or call a function with side effects).
 """
@@ -280,6 +280,8 @@ def _create_engine(url: URL) -> Engine:
     def connect() -> sqlite3.Connection:
         connection = sqlite3.connect(uri, uri=True, check_same_thread=False)
         connection.execute("PRAGMA query_only = ON")
+        # mode=ro does not cover ATTACH: it would open (even create) any other file.
+        connection.setlimit(sqlite3.SQLITE_LIMIT_ATTACHED, 0)
         return connection
 
     # Tool calls run on worker threads; a file database is safe to share across them.

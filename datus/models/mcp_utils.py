@@ -369,8 +369,9 @@ class MCPConnection:
         if isinstance(message, ToolListChangedNotification):
             self.invalidate_tools()
         elif isinstance(message, Exception):  # e.g. a line on stdout that is not JSON-RPC
-            self.stream_errors.append(str(message)[:200])
-            logger.warning("MCP server %r sent something that is not MCP: %s", self.name, str(message)[:200])
+            bad = message.errors()[0].get("input") if isinstance(message, ValidationError) else None
+            self.stream_errors.append(repr(bad)[:120] if isinstance(bad, str) else str(message)[:120])
+            logger.warning("MCP server %r sent something that is not MCP: %s", self.name, self.stream_errors[-1])
 
     async def _watch_tool_changes(self, tg: TaskGroup) -> None:
         # Since the 2026-07-28 revision change notices flow only on a subscriptions/listen
@@ -413,14 +414,14 @@ class _StderrLog:
         self.file = open(path, "a+", encoding="utf-8", errors="replace")  # O_APPEND: our reads never move the child's writes
         os.unlink(path)
 
-    def tail(self, limit: int = 1500) -> str:
+    def tail(self, limit: int = 1000) -> str:
         try:
             fd = self.file.fileno()
             size = os.fstat(fd).st_size
             data = os.pread(fd, limit, max(0, size - limit)).decode("utf-8", "replace")
         except (OSError, ValueError):
             return ""
-        return " | ".join(line.strip() for line in data.strip().splitlines()[-12:] if line.strip())
+        return " | ".join(line.strip() for line in data.strip().splitlines()[-6:] if line.strip())
 
     def close(self) -> None:
         self.file.close()
@@ -633,7 +634,7 @@ async def _http_transport(spec: MCPServerStreamableHttp) -> AsyncIterator[Any]:
 def _timeout_reason(connection: MCPConnection, timeout_s: float) -> str:
     reason = f"did not complete the MCP handshake within {timeout_s:g}s"
     if connection.stream_errors:
-        reason += f"; it wrote {len(connection.stream_errors)} line(s) that are not MCP: {connection.stream_errors[0]}"
+        reason += f"; it wrote {len(connection.stream_errors)} line(s) that are not MCP, first {connection.stream_errors[0]}"
     tail = connection._stderr.tail() if connection._stderr else ""
     return reason + (f"; its stderr ends with: {tail}" if tail else "")
 

@@ -34,12 +34,12 @@ def _raw_subscriber(url: str, channel: str, n: int, out: Any) -> None:
     client = redis.Redis.from_url(url)
     pubsub = client.pubsub(ignore_subscribe_messages=True)
     pubsub.subscribe(channel)
-    latencies = []
-    while len(latencies) < n:
-        msg = pubsub.get_message(timeout=5)
-        if msg is None:
-            break
-        latencies.append((time.monotonic_ns() - json.loads(msg["data"])["t_ns"]) / 1e6)
+    latencies: list[float] = []
+    deadline = time.monotonic() + 120
+    while len(latencies) < n and time.monotonic() < deadline:
+        msg = pubsub.get_message(timeout=1)  # None also for the swallowed subscribe confirmation
+        if msg is not None:
+            latencies.append((time.monotonic_ns() - json.loads(msg["data"])["t_ns"]) / 1e6)
     out.send(latencies)
 
 

@@ -298,25 +298,27 @@ def test_a_terminal_event_missed_live_is_found_when_idle(r: redis.Redis, job: st
     assert [e.step["n"] for e in out] == [1, 2]
 
 
-def test_a_dropped_subscription_loses_nothing(r: redis.Redis, redis_url: str, job: str) -> None:
+def kill_subscriptions(r: redis.Redis, client_name: str) -> int:
+    """Drop the follower's pub/sub connection, as Redis does to a subscriber that falls behind."""
+    return sum(r.client_kill_filter(_id=c["id"]) for c in r.client_list(_type="pubsub") if c["name"] == client_name)
+
+
+def test_a_dropped_subscription_loses_nothing(r: redis.Redis, redis_url: str, job: str,
+                                              caplog: pytest.LogCaptureFixture) -> None:
     name = f"follower-{job[-8:]}"
     reader_client = redis.Redis.from_url(redis_url, client_name=name)
     publisher = EventPublisher(r, ttl_s=TTL, maxlen=10_000)
     thread, out = follow_in_thread(reader_client, job, timeout_s=30, idle_poll_s=0.1)
-
-    def kill_subscription() -> None:
-        for client in r.client_list(_type="pubsub"):
-            if client["name"] == name:
-                r.client_kill_filter(_id=client["id"])
-
+    killed = 0
     for i in range(1, 601):
         publisher.publish(job, {"i": i}, terminal=i == 600)
         if i % 150 == 0:
-            kill_subscription()
+            killed += kill_subscriptions(r, name)
         time.sleep(0.0005)
     thread.join(30)
     assert not any(isinstance(e, Exception) for e in out), out[-1:]
     assert seqs(out) == list(range(1, 601))
+    assert killed >= 2 and "lost the Redis connection" in caplog.text
     reader_client.close()
 
 
@@ -431,3 +433,23 @@ async def test_async_timeout_and_async_is_final(ar: redis.asyncio.Redis, job: st
 
     # nothing was ever recorded for the job (the stream is gone) and it is final: end, empty
     assert [e async for e in afollow(ar, job, timeout_s=5, is_final=is_final, idle_poll_s=0.05)] == []
+
+
+async def test_async_dropped_subscription_loses_nothing(r: redis.Redis, redis_url: str, job: str) -> None:
+    name = f"afollower-{job[-8:]}"
+    reader_client = redis.asyncio.Redis.from_url(redis_url, client_name=name)
+    publisher = AsyncEventPublisher(reader_client, ttl_s=TTL, maxlen=10_000)
+    reader = asyncio.create_task(_acollect(afollow(reader_client, job, timeout_s=30, idle_poll_s=0.1)))
+    killed = 0
+    for i in range(1, 301):
+        await publisher.publish(job, {"i": i}, terminal=i == 300)
+        if i % 100 == 0:
+            killed += kill_subscriptions(r, name)
+        await asyncio.sleep(0.0005)
+    assert seqs(await asyncio.wait_for(reader, 30)) == list(range(1, 301))
+    assert killed >= 2
+    await reader_client.aclose()
+
+
+async def _acollect(events: AsyncIterator[JobEvent]) -> list[JobEvent]:
+    return [e async for e in events]

@@ -241,6 +241,9 @@ def _follow_session(redis_client: redis.Redis, cursor: _Cursor, is_final: IsFina
     pubsub = redis_client.pubsub()
     try:
         pubsub.subscribe(keys.job_channel(job_id))
+        while (msg := pubsub.get_message(timeout=cursor.wait_s(_CONFIRM_WAIT_S))) is None \
+                or msg["type"] != "subscribe":
+            pass
         replayed = cursor.take(read_events(redis_client, job_id, cursor.last))
         cursor.failures = 0  # subscribed and read: this connection works
         yield from replayed

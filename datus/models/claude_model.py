@@ -141,6 +141,7 @@ class ClaudeModel(LLMBaseModel):
                 extra_body["top_p"] = options.top_p
         if options.stop:
             params["stop_sequences"] = options.stop
+        # options.seed is not sent: the Messages API has no seed.
         if options.timeout_s is not None:
             params["timeout"] = options.timeout_s
         extra_body.update(options.extra_body or {})

@@ -82,6 +82,7 @@ if __name__ == "__main__":
     parser.add_argument("--delay", type=float, default=0.0, help="seconds to wait before serving")
     parser.add_argument("--transport", choices=("stdio", "streamable-http"), default="stdio")
     parser.add_argument("--port", type=int, default=0)
+    parser.add_argument("--tag", default="", help="ignored: lets a test find this process")
     args = parser.parse_args()
     time.sleep(args.delay)
     if args.transport == "stdio":

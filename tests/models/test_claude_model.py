@@ -29,8 +29,7 @@ from datus.models.generation import Generation, StreamDelta, ToolSpec
 from datus.models.usage import track_usage
 from datus.schemas.message import ChatMessage, ToolCall
 from datus.testing.fake_server import FakeProviderServer
-from datus.testing.protocols import default_protocols
-from datus.testing.protocols.anthropic_messages import AnthropicMessagesProtocol, fake_signature
+from datus.testing.protocols.anthropic_messages import fake_signature
 from datus.testing.script import Fault, Reply, ScriptedRequest, ScriptedToolCall
 
 FAKE_MODEL = "claude-sonnet-4-6"  # priced as claude-sonnet-4: $3 in, $15 out, $0.30 read, $3.75 write
@@ -77,7 +76,7 @@ def fake_config(server: FakeProviderServer, **overrides: Any) -> ModelConfig:
 
 @pytest.fixture
 def server() -> Iterator[FakeProviderServer]:
-    with FakeProviderServer(protocols=[*default_protocols(), AnthropicMessagesProtocol()]) as fake:
+    with FakeProviderServer() as fake:
         yield fake
 
 

@@ -169,7 +169,8 @@ def retry_after_header(fault: Fault) -> dict[str, str]:
 
 def default_protocols() -> list[WireProtocol]:
     """Every protocol the server speaks by default; their routes must not overlap."""
+    from datus.testing.protocols.anthropic_messages import AnthropicMessagesProtocol
     from datus.testing.protocols.gemini import GeminiProtocol
     from datus.testing.protocols.openai_chat import OpenAIChatProtocol
 
-    return [OpenAIChatProtocol(), GeminiProtocol()]
+    return [OpenAIChatProtocol(), AnthropicMessagesProtocol(), GeminiProtocol()]

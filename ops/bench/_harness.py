@@ -1,0 +1,106 @@
+"""Shared pieces of the job-system benchmarks: a fake provider server process, a worker
+process, a private Redis database and job store, and a client wired to them."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Iterator
+
+import httpx
+
+from datus.configuration.agent_config import AgentConfig
+from tasks.app import create_app
+from tasks.client import JobClient
+from tasks.settings import Settings
+
+KEY = "sk-bench-not-a-real-key"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@contextlib.contextmanager
+def fake_server_process(latency_ms: float) -> Iterator[str]:
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "datus.testing.fake_server", "--port", str(port),
+                             "--latency-ms", str(latency_ms)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(100):
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(f"{url}/_fake/health", timeout=0.5).status_code == 200:
+                    break
+            time.sleep(0.05)
+        yield url
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(10)
+
+
+@contextlib.contextmanager
+def job_system(fake_url: str, redis_url: str, database_url: str | None = None) -> Iterator[tuple[JobClient, dict[str, str]]]:
+    """A config naming one fake-backed OpenAI model ``bench``; yields a client and the env a
+    worker needs. The Redis database is flushed before and after."""
+    tmp = Path(tempfile.mkdtemp(prefix="dq-bench-"))
+    config_path = tmp / "agent.yml"
+    config_path.write_text(
+        "agent:\n  target: bench\n  models:\n"
+        f"    bench: {{type: openai, model: gpt-4o-mini, api_key: {KEY}, base_url: '{fake_url}/v1', timeout_s: 60}}\n"
+    )
+    database_url = database_url or f"sqlite:///{tmp / 'jobs.db'}"
+    env = {**os.environ, "DQ_CONFIG": str(config_path), "DQ_REDIS_URL": redis_url, "DQ_DATABASE_URL": database_url}
+    settings = Settings(redis_url=redis_url, database_url=database_url, config=str(config_path))
+    client = JobClient(settings=settings, agent_config=AgentConfig.from_file(config_path), app=create_app(settings))
+    client.redis.flushdb()
+    try:
+        yield client, env
+    finally:
+        client.redis.flushdb()
+        client.close()
+
+
+@contextlib.contextmanager
+def worker_process(env: dict[str, str], concurrency: int, log: Path) -> Iterator[subprocess.Popen[bytes]]:
+    handle = log.open("wb")
+    proc = subprocess.Popen([sys.executable, "-m", "workers", "--provider", "openai", "-c", str(concurrency),
+                             "-l", "WARNING"], env=env, stdout=handle, stderr=subprocess.STDOUT)
+    try:
+        yield proc
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        handle.close()
+
+
+def wait_until_final(client: JobClient, total: int, timeout_s: float) -> float:
+    """Seconds until ``total`` jobs are final (polling the store's counts)."""
+    start = time.perf_counter()
+    while time.perf_counter() - start < timeout_s:
+        counts = client.store.count_by_status()
+        done = sum(counts[s] for s in ("succeeded", "failed", "cancelled", "dead"))
+        if done >= total:
+            return time.perf_counter() - start
+        time.sleep(0.02)
+    raise TimeoutError(f"only {done}/{total} jobs final after {timeout_s}s: {counts}")
+
+
+def peak_rss_mb(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as handle:
+        for line in handle:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")

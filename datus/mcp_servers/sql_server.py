@@ -43,7 +43,7 @@ from sqlglot import exp
 if TYPE_CHECKING:
     from mcp.server.mcpserver import MCPServer
 
-__all__ = ["ReadOnlyViolation", "check_read_only", "ReadOnlyDatabase", "build_server", "main"]
+__all__ = ["ReadOnlyDatabase", "ReadOnlyViolation", "build_server", "check_read_only", "main"]
 
 logger = logging.getLogger(__name__)
 
@@ -81,8 +81,9 @@ _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 _Schema = Annotated[str | None, Field(description="database schema; default: the connection's default schema")]
 
 
-def check_read_only(sql: str, dialect: str | None = None) -> None:
-    """Raise `ReadOnlyViolation` unless ``sql`` is exactly one read statement."""
+def check_read_only(sql: str, dialect: str | None = None) -> str:
+    """Raise `ReadOnlyViolation` unless ``sql`` is exactly one read statement; return its kind,
+    ``"explain"`` or ``"query"``."""
     try:
         statements = [s for s in sqlglot.parse(sql, read=dialect) if s is not None]
     except sqlglot.errors.SqlglotError as exc:
@@ -94,15 +95,18 @@ def check_read_only(sql: str, dialect: str | None = None) -> None:
     statement = statements[0]
     if isinstance(statement, exp.Command) and str(statement.this).upper() == "EXPLAIN":
         _check_explain(statement.expression.name if statement.expression else "", dialect)
-        return
+        return "explain"
     if isinstance(statement, exp.Condition) and not isinstance(statement, exp.Query):
         # a bare expression ('selec', 'x + 1') is what sqlglot makes of a mistyped keyword
         raise ReadOnlyViolation(f"{sql.strip()[:60]!r} is not a SQL statement")
     if not isinstance(statement, _READ_ROOTS):
-        raise ReadOnlyViolation(f"only reads are allowed (SELECT, WITH ... SELECT, VALUES, EXPLAIN), not {_kind(statement)}")
+        raise ReadOnlyViolation(
+            f"only reads are allowed (SELECT, WITH ... SELECT, VALUES, EXPLAIN), not {_kind(statement)}"
+        )
     for node in statement.walk():
         if isinstance(node, _FORBIDDEN):
             raise ReadOnlyViolation(f"only reads are allowed; the query contains {_kind(node)}")
+    return "query"
 
 
 def _check_explain(rest: str, dialect: str | None) -> None:
@@ -136,7 +140,8 @@ def _parse_message(exc: sqlglot.errors.SqlglotError) -> str:
     errors = getattr(exc, "errors", None) or []
     if errors:
         first = errors[0]
-        return f"{first.get('description')} near {first.get('highlight')!r} (line {first.get('line')}, column {first.get('col')})"
+        where = f"line {first.get('line')}, column {first.get('col')}"
+        return f"{first.get('description')} near {first.get('highlight')!r} ({where})"
     return _ANSI.sub("", str(exc)).strip()
 
 
@@ -152,10 +157,6 @@ class ReadOnlyDatabase:
         self.backend = self.url.get_backend_name()
         self.dialect = _SQLGLOT_DIALECTS.get(self.backend)
         self.engine = _create_engine(self.url)
-
-    @property
-    def safe_url(self) -> str:
-        return self.url.render_as_string(hide_password=True)
 
     def ping(self) -> None:
         self.execute("SELECT 1")
@@ -208,22 +209,26 @@ class ReadOnlyDatabase:
                 ).scalar()
         return described
 
-    def execute(self, sql: str) -> dict[str, Any]:
+    def execute(self, sql: str, *, stream: bool = True) -> dict[str, Any]:
         """Run one statement where the database refuses writes; at most ``max_rows`` rows.
 
-        No parsing here (that is `check_read_only`): this is the second wall."""
+        No parsing here (that is `check_read_only`): this is the second wall. ``stream`` reads
+        Postgres rows through a server-side cursor (SELECT and VALUES only, not EXPLAIN)."""
         # A raw DBAPI cursor: SQLAlchemy's text() would read ':name' as a bind parameter and
         # psycopg2 would read '%' as a placeholder; the SQL must reach the database verbatim.
         raw = self.engine.raw_connection()
         try:
-            cursor = raw.cursor()
-            try:
-                with self._read_only_transaction(raw, cursor):
+            with self._read_only_transaction(raw):
+                # psycopg's plain cursor would fetch every row into memory, not just max_rows + 1.
+                named = stream and self.backend == "postgresql"
+                cursor = raw.cursor(name=f"datus_read_{os.getpid()}") if named else raw.cursor()
+                try:
                     cursor.execute(sql)
+                    # a named cursor describes its columns only after the first fetch
+                    rows = list(cursor.fetchmany(self.max_rows + 1)) if named or cursor.description else []
                     columns = [d[0] for d in cursor.description or ()]
-                    rows = list(cursor.fetchmany(self.max_rows + 1)) if cursor.description else []
-            finally:
-                cursor.close()
+                finally:
+                    cursor.close()
         finally:
             try:
                 raw.rollback()
@@ -234,10 +239,12 @@ class ReadOnlyDatabase:
         return {"columns": columns, "rows": kept, "row_count": len(kept), "truncated": truncated}
 
     @contextmanager
-    def _read_only_transaction(self, raw: Any, cursor: Any) -> Iterator[None]:
+    def _read_only_transaction(self, raw: Any) -> Iterator[None]:
         if self.backend == "postgresql":
-            cursor.execute("SET TRANSACTION READ ONLY")
-            cursor.execute(f"SET LOCAL statement_timeout = {int(self.timeout_s * 1000)}")
+            setup = raw.cursor()
+            setup.execute("SET TRANSACTION READ ONLY")
+            setup.execute(f"SET LOCAL statement_timeout = {int(self.timeout_s * 1000)}")
+            setup.close()
             yield
         elif self.backend == "sqlite":
             # sqlite3 has no statement timeout: a progress handler aborts the query at the deadline.
@@ -258,9 +265,9 @@ class ReadOnlyDatabase:
 
 def _driver_url(url: URL) -> URL:
     # SQLAlchemy 2.1 maps a bare postgresql:// to psycopg 3; use psycopg2 when only it is installed.
-    if url.drivername == "postgresql" and importlib.util.find_spec("psycopg") is None:
-        if importlib.util.find_spec("psycopg2") is not None:
-            return url.set(drivername="postgresql+psycopg2")
+    if (url.drivername == "postgresql" and importlib.util.find_spec("psycopg") is None
+            and importlib.util.find_spec("psycopg2") is not None):
+        return url.set(drivername="postgresql+psycopg2")
     return url
 
 
@@ -368,8 +375,8 @@ def build_server(db: ReadOnlyDatabase) -> MCPServer:
     def read_query(query: Annotated[str, Field(description="one SELECT, WITH ... SELECT, VALUES or EXPLAIN")]) -> str:
         """Run one read-only SQL statement; JSON {"columns", "rows", "row_count", "truncated"}, rows capped."""
         try:
-            check_read_only(query, db.dialect)
-            return json.dumps(db.execute(query))
+            kind = check_read_only(query, db.dialect)
+            return json.dumps(db.execute(query, stream=kind != "explain"))
         except ReadOnlyViolation as exc:
             raise ToolError(f"refused: {exc}") from exc
         except TimeoutError as exc:

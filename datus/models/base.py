@@ -162,8 +162,8 @@ class LLMBaseModel(ABC):
 
     def _options(self, kwargs: dict[str, Any], enable_thinking: bool | None = None) -> CallOptions:
         merged = {key: getattr(self.model_config, key) for key in _CONFIG_DEFAULTS}
-        if enable_thinking:
-            merged["enable_thinking"] = True
+        if enable_thinking is not None:  # None keeps the config's setting; False turns it off
+            merged["enable_thinking"] = enable_thinking
         unknown = sorted(set(kwargs) - set(CallOptions.model_fields))
         if unknown:
             raise TypeError(
@@ -264,17 +264,17 @@ class LLMBaseModel(ABC):
 
     # ---- the public interface ------------------------------------------------------------
 
-    async def acomplete(self, prompt: Prompt, enable_thinking: bool = False, **kwargs: Any) -> Generation:
+    async def acomplete(self, prompt: Prompt, enable_thinking: bool | None = None, **kwargs: Any) -> Generation:
         """The whole answer: text, reasoning, tool calls, finish reason and usage."""
         return await self._call(self._request(prompt, kwargs, enable_thinking=enable_thinking))
 
-    def complete(self, prompt: Prompt, enable_thinking: bool = False, **kwargs: Any) -> Generation:
+    def complete(self, prompt: Prompt, enable_thinking: bool | None = None, **kwargs: Any) -> Generation:
         return run_sync(self.acomplete(prompt, enable_thinking, **kwargs))
 
-    async def agenerate(self, prompt: Prompt, enable_thinking: bool = False, **kwargs: Any) -> str:
+    async def agenerate(self, prompt: Prompt, enable_thinking: bool | None = None, **kwargs: Any) -> str:
         return (await self.acomplete(prompt, enable_thinking, **kwargs)).text
 
-    def generate(self, prompt: Prompt, enable_thinking: bool = False, **kwargs: Any) -> str:
+    def generate(self, prompt: Prompt, enable_thinking: bool | None = None, **kwargs: Any) -> str:
         return run_sync(self.agenerate(prompt, enable_thinking, **kwargs))
 
     async def agenerate_with_json_output(self, prompt: Prompt, response_format: Any = None,
@@ -308,13 +308,13 @@ class LLMBaseModel(ABC):
     def generate_with_json_output(self, prompt: Prompt, response_format: Any = None, **kwargs: Any) -> dict[str, Any]:
         return run_sync(self.agenerate_with_json_output(prompt, response_format, **kwargs))
 
-    async def agenerate_stream(self, prompt: Prompt, enable_thinking: bool = False, **kwargs: Any) -> AsyncIterator[str]:
+    async def agenerate_stream(self, prompt: Prompt, enable_thinking: bool | None = None, **kwargs: Any) -> AsyncIterator[str]:
         """Text deltas as they arrive (see ``astream`` for reasoning deltas and usage)."""
         async for item in self.astream(prompt, enable_thinking, **kwargs):
             if isinstance(item, StreamDelta) and item.text:
                 yield item.text
 
-    async def astream(self, prompt: Prompt, enable_thinking: bool = False,
+    async def astream(self, prompt: Prompt, enable_thinking: bool | None = None,
                       **kwargs: Any) -> AsyncIterator[StreamDelta | Generation]:
         """Deltas (text and reasoning), then the final ``Generation`` with usage."""
         async for item in self._stream_call(self._request(prompt, kwargs, enable_thinking=enable_thinking)):

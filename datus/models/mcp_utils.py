@@ -36,7 +36,7 @@ from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import asdict, dataclass, field, replace
-from typing import TYPE_CHECKING, Any, Literal, TypeVar, Union
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 import anyio
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -51,9 +51,9 @@ if TYPE_CHECKING:
     from datus.configuration.agent_config import AgentConfig
 
 __all__ = [
-    "MCPServerStdio", "MCPServerStreamableHttp", "MCPServerSpec", "mcp_server_from_config", "resolve_mcp_servers",
-    "MCPTool", "ToolResult", "MCPConnection", "MCPServerGroup", "multiple_mcp_servers",
-    "MCPServerError", "MCPConnectError", "MCPConnectionLostError", "MCPRequestTimeoutError", "MCPToolNotFoundError",
+    "MCPConnectError", "MCPConnection", "MCPConnectionLostError", "MCPRequestTimeoutError", "MCPServerError",
+    "MCPServerGroup", "MCPServerSpec", "MCPServerStdio", "MCPServerStreamableHttp", "MCPTool", "MCPToolNotFoundError",
+    "ToolResult", "mcp_server_from_config", "multiple_mcp_servers", "resolve_mcp_servers",
 ]
 
 logger = logging.getLogger(__name__)
@@ -77,15 +77,15 @@ class MCPConnectError(MCPServerError):
 
 
 class MCPConnectionLostError(MCPServerError):
-    pass
+    """The server is gone (exited, killed, connection dropped): retrying the call will not help."""
 
 
 class MCPRequestTimeoutError(MCPServerError):
-    pass
+    """No answer within the spec's ``request_timeout_s``."""
 
 
 class MCPToolNotFoundError(MCPServerError):
-    pass
+    """No tool of that name in the group."""
 
 
 # ---------------------------------------------------------------- specs
@@ -128,11 +128,11 @@ class MCPServerStreamableHttp(_ServerSpec):
             if key == "headers":
                 value = {name: "***" for name in value}
             elif key == "url":
-                value = re.sub(r"//[^/@]*@", "//***@", value)
+                value = _safe_url(value)
             yield key, value
 
 
-MCPServerSpec = Union[MCPServerStdio, MCPServerStreamableHttp]
+MCPServerSpec = MCPServerStdio | MCPServerStreamableHttp
 _KINDS: dict[str, type[_ServerSpec]] = {
     "stdio": MCPServerStdio, "http": MCPServerStreamableHttp, "streamable_http": MCPServerStreamableHttp,
     "streamable-http": MCPServerStreamableHttp, "streamablehttp": MCPServerStreamableHttp,
@@ -291,11 +291,6 @@ class MCPConnection:
     def protocol_version(self) -> str:
         return self._live().protocol_version
 
-    @property
-    def server_name(self) -> str | None:
-        info = self._live().server_info
-        return info.name if info else None
-
     def invalidate_tools(self) -> None:
         self._generation += 1
         self._tools = None
@@ -330,9 +325,9 @@ class MCPConnection:
         try:
             result = await self._request(f"tools/call {name!r}", lambda: client.call_tool(name, dict(arguments or {})))
         except MCPError as exc:  # the server answered with a JSON-RPC error: the call failed, the server did not
-            return ToolResult(f"MCP error {exc.code}: {exc.message}", True, None, self.name, name)
+            return ToolResult(f"MCP error {exc.code}: {exc.message}", is_error=True, server=self.name, tool=name)
         except (ValidationError, RuntimeError) as exc:  # a result not matching the protocol or the tool's schema
-            return ToolResult(f"invalid result from tool {name!r}: {exc}", True, None, self.name, name)
+            return ToolResult(f"invalid result from tool {name!r}: {exc}", is_error=True, server=self.name, tool=name)
         return _result_from_mcp(self.name, name, result)
 
     async def _request(self, what: str, send: Callable[[], Awaitable[T]]) -> T:
@@ -400,9 +395,10 @@ class MCPConnection:
         except Exception as exc:
             if not started:
                 raise
-            self._cache_tools = False
-            self.invalidate_tools()
-            logger.debug("MCP server %r: tool-change stream ended: %s", self.name, exc)
+            logger.debug("MCP server %r: tool-change stream failed: %s", self.name, exc)
+        # The stream is over, so are change notices: from now on every listing asks the server.
+        self._cache_tools = False
+        self.invalidate_tools()
 
 
 class _StderrLog:
@@ -411,7 +407,8 @@ class _StderrLog:
     def __init__(self) -> None:
         fd, path = tempfile.mkstemp(prefix="datus-mcp-", suffix=".stderr")
         os.close(fd)
-        self.file = open(path, "a+", encoding="utf-8", errors="replace")  # O_APPEND: our reads never move the child's writes
+        # Append mode (O_APPEND): reading the tail never moves where the child writes.
+        self.file = open(path, "a+", encoding="utf-8", errors="replace")  # noqa: SIM115 (lives as long as the server)
         os.unlink(path)
 
     def tail(self, limit: int = 1000) -> str:
@@ -554,7 +551,9 @@ async def multiple_mcp_servers(
         raise pending
 
 
-async def _serve(name: str, spec: MCPServerSpec, slot: _Slot, stop: anyio.Event, retries: int, timeout_s: float) -> None:
+async def _serve(
+    name: str, spec: MCPServerSpec, slot: _Slot, stop: anyio.Event, retries: int, timeout_s: float
+) -> None:
     """One server's task: connect (with retries), serve until ``stop``, disconnect. Never raises."""
     try:
         for attempt in range(retries + 1):
@@ -626,15 +625,16 @@ async def _http_transport(spec: MCPServerStreamableHttp) -> AsyncIterator[Any]:
     from mcp.client.streamable_http import streamable_http_client
 
     timeout = httpx2.Timeout(spec.timeout_s, read=spec.read_timeout_s)
-    async with httpx2.AsyncClient(headers=spec.headers, timeout=timeout) as http:
-        async with streamable_http_client(spec.url, http_client=http) as streams:
-            yield streams
+    async with (httpx2.AsyncClient(headers=spec.headers, timeout=timeout) as http,
+                streamable_http_client(spec.url, http_client=http) as streams):
+        yield streams
 
 
 def _timeout_reason(connection: MCPConnection, timeout_s: float) -> str:
     reason = f"did not complete the MCP handshake within {timeout_s:g}s"
     if connection.stream_errors:
-        reason += f"; it wrote {len(connection.stream_errors)} line(s) that are not MCP, first {connection.stream_errors[0]}"
+        errors = connection.stream_errors
+        reason += f"; it wrote {len(errors)} line(s) that are not MCP, first {errors[0]}"
     tail = connection._stderr.tail() if connection._stderr else ""
     return reason + (f"; its stderr ends with: {tail}" if tail else "")
 
@@ -658,8 +658,12 @@ def _failure_reason(spec: MCPServerSpec, exc: BaseException, stderr: _StderrLog 
         if closed:
             return f"exited at start{said or ' without writing to stderr'}", True
     else:
-        chain = _chain(error)
-        if any(isinstance(e, ConnectionRefusedError) for e in chain):
+        cause: BaseException | None = error
+        for _ in range(10):  # httpx wraps the socket's error; a bounded walk down the causes
+            if cause is None or isinstance(cause, ConnectionRefusedError):
+                break
+            cause = cause.__cause__ or cause.__context__
+        if isinstance(cause, ConnectionRefusedError):
             return f"connection to {_safe_url(spec.url)} refused", True
         if type(error).__module__.startswith("httpx"):
             return f"HTTP request to {_safe_url(spec.url)} failed: {type(error).__name__}: {error}", True
@@ -674,14 +678,6 @@ def _leaf(exc: BaseException) -> BaseException:
     while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
         exc = next((e for e in exc.exceptions if not isinstance(e, anyio.get_cancelled_exc_class())), exc.exceptions[0])
     return exc
-
-
-def _chain(exc: BaseException | None) -> list[BaseException]:
-    seen: list[BaseException] = []
-    while exc is not None and exc not in seen:
-        seen.append(exc)
-        exc = exc.__cause__ or exc.__context__
-    return seen
 
 
 def _safe_url(url: str) -> str:

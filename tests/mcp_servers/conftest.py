@@ -109,8 +109,12 @@ def pid_alive(pid: int) -> bool:
 
 @pytest.fixture(scope="session")
 def reference_sqlite_server() -> Path:
+    return build_reference_sqlite_server()
+
+
+def build_reference_sqlite_server() -> Path:
     """``mcp-server-sqlite`` from PyPI, in its own venv with ``mcp<2`` (it crashes on mcp 2),
-    built once under ~/.cache/datus-queue and reused; skipped when pip cannot install it."""
+    built once under ~/.cache/datus-queue and reused; skips the test when pip cannot install it."""
     executable = REFERENCE_VENV / "bin" / "mcp-server-sqlite"
     marker = REFERENCE_VENV / ".datus-complete"
     REFERENCE_VENV.parent.mkdir(parents=True, exist_ok=True)
@@ -123,9 +127,9 @@ def reference_sqlite_server() -> Path:
             subprocess.run([sys.executable, "-m", "venv", str(REFERENCE_VENV)], check=True, capture_output=True,
                            timeout=300)
             pip = subprocess.run(
-                [str(REFERENCE_VENV / "bin" / "python"), "-m", "pip", "install", "--quiet", "--disable-pip-version-check",
-                 "mcp-server-sqlite", "mcp<2"],
-                capture_output=True, text=True, timeout=900,
+                [str(REFERENCE_VENV / "bin" / "python"), "-m", "pip", "install", "--quiet",
+                 "--disable-pip-version-check", "mcp-server-sqlite", "mcp<2"],
+                check=False, capture_output=True, text=True, timeout=900,
             )
         except (OSError, subprocess.SubprocessError) as exc:
             shutil.rmtree(REFERENCE_VENV, ignore_errors=True)

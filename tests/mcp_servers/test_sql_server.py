@@ -189,7 +189,8 @@ def pg_table() -> Any:
     table = f"dq_mcp_{uuid.uuid4().hex[:10]}"
     with engine.begin() as conn:
         conn.execute(text(f"CREATE TABLE {table} (id SERIAL PRIMARY KEY, label TEXT NOT NULL, price NUMERIC(8, 2))"))
-        conn.execute(text(f"INSERT INTO {table} (label, price) SELECT 'item ' || g, g * 1.25 FROM generate_series(1, 12) g"))
+        conn.execute(text(f"INSERT INTO {table} (label, price) "
+                          "SELECT 'item ' || g, g * 1.25 FROM generate_series(1, 12) g"))
     try:
         yield table
     finally:
@@ -210,6 +211,11 @@ async def test_postgres_reads_and_refuses_writes(pg_table: str) -> None:
 
         answer = await read(sql, f"SELECT label, price::float AS p, price FROM {pg_table} ORDER BY id")
         assert answer["row_count"] == 10 and answer["truncated"] and answer["rows"][0] == ["item 1", 1.25, 1.25]
+        # Rows stream from a server-side cursor: fetching all 100M first would pass the 1s limit.
+        huge = await read(sql, "SELECT a * b FROM generate_series(1, 10000) a, generate_series(1, 10000) b")
+        assert huge["rows"][:2] == [[1], [2]] and huge["truncated"]
+        plan = await read(sql, f"EXPLAIN (FORMAT TEXT) SELECT * FROM {pg_table} WHERE id = 3")
+        assert plan["columns"] == ["QUERY PLAN"] and plan["row_count"] >= 1
 
         for statement in (f"DELETE FROM {pg_table}", f"SELECT 1; DROP TABLE {pg_table}",
                           f"WITH d AS (DELETE FROM {pg_table} RETURNING *) SELECT * FROM d"):
@@ -229,6 +235,8 @@ def test_postgres_refuses_writes_even_past_the_parser(pg_table: str) -> None:
     db = ReadOnlyDatabase(POSTGRES_URL)
     try:
         with pytest.raises(Exception, match="read-only transaction"):
+            db.execute(f"DELETE FROM {pg_table}", stream=False)
+        with pytest.raises(Exception, match="syntax error"):  # a server-side cursor takes reads only
             db.execute(f"DELETE FROM {pg_table}")
         assert db.execute(f"SELECT count(*) FROM {pg_table}")["rows"] == [[12]]
     finally:

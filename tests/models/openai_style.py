@@ -13,9 +13,10 @@ import asyncio
 import json
 import os
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, ClassVar, Iterator
+from typing import Any, ClassVar
 
 import openai
 import pytest
@@ -530,7 +531,7 @@ class OpenAIStyleSuite:
     async def test_malformed_json_is_invalid_response_and_retried(self, server: FakeProviderServer,
                                                                   stream: bool) -> None:
         server.script.add(Fault("malformed_json"))
-        model = self.model(server)
+        model = self.model(server, max_retries=3)
         if stream:
             deltas, final = await collect(model.astream("hi"))
             assert "".join(d.text for d in deltas) == final.text
@@ -540,7 +541,7 @@ class OpenAIStyleSuite:
         server.script.add(Fault("malformed_json"), times=None)
         with pytest.raises(InvalidResponseError) as caught:
             await (collect(model.astream("hi")) if stream else model.agenerate("hi"))
-        assert caught.value.retryable and caught.value.details["attempts"] == 4  # max_retries=3 by default
+        assert caught.value.retryable and caught.value.details["attempts"] == 4
         assert len(chat_requests(server)) == 2 + 4
 
     async def test_cut_stream_after_deltas_is_raised_not_retried(self, server: FakeProviderServer) -> None:

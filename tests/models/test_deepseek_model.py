@@ -38,7 +38,7 @@ from tests.models.openai_style import (
 REASONER = os.environ.get("DQ_DEEPSEEK_REASONER_MODEL", "deepseek-reasoner")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _reference_tokenizer() -> Any:
     # DeepSeek's own tokenizer.json (as published with the model), through Hugging Face tokenizers.
     from tokenizers import Tokenizer

@@ -14,7 +14,7 @@ import subprocess
 import sys
 import types
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import pytest
 
@@ -84,7 +84,7 @@ async def test_reasoning_models_send_max_completion_tokens_and_no_temperature(ta
     target.script(Reply(text="pong", reasoning_tokens=64), Reply(text="pong"))
     model = target.model(model=name, temperature=0.3, top_p=0.9, max_tokens=2000)
     generation = await model.acomplete("Reply with exactly the word pong.", temperature=0.5, max_tokens=3000)
-    deltas, streamed = await collect(model.astream("Reply with exactly the word pong."))
+    _, streamed = await collect(model.astream("Reply with exactly the word pong."))
     assert "pong" in generation.text.lower() and "pong" in streamed.text.lower()
     if target.live:  # the live API rejects temperature on these models: reaching here proves it was not sent
         return
@@ -197,7 +197,7 @@ class NewModelModel(OpenAICompatibleModel):
             raise ValueError("NewModel API key must be provided or set as NEWMODEL_API_KEY environment variable")
         return api_key
 
-    def _get_base_url(self) -> Optional[str]:
+    def _get_base_url(self) -> str | None:
         return self.model_config.base_url or "https://api.newmodel.com/v1"
 
     def token_count(self, prompt: str) -> int:

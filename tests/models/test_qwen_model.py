@@ -104,8 +104,6 @@ def test_enable_thinking_from_config_and_thinking_budget(server: FakeProviderSer
     assert off["enable_thinking"] is False and "thinking_budget" not in off  # a budget alone does not think
 
 
-@pytest.mark.xfail(strict=True, reason="base.py: enable_thinking defaults to False in the public signatures, so "
-                                       "an explicit per-call False cannot override enable_thinking: true in config")
 def test_per_call_enable_thinking_false_overrides_the_config(server: FakeProviderServer) -> None:
     make_model(QWEN, server, enable_thinking=True).generate("q", enable_thinking=False)
     [body] = bodies(server)

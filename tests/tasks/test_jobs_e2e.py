@@ -1,0 +1,257 @@
+"""The job system end to end, as a user sees it: a `JobClient` submits into a real Redis,
+``python -m workers`` subprocesses pinned to a provider run the jobs against the fake provider
+server over HTTP (the official SDKs on the wire), results land in the SQL job store and every
+step streams back. Faults are in test_jobs_faults.py, the secret scan in test_jobs_secrets.py."""
+
+from __future__ import annotations
+
+import json
+import threading
+from typing import Any
+
+import pytest
+from sqlalchemy import create_engine, text
+
+from datus.testing.fake_server import FakeProviderServer
+from datus.testing.script import Reply, ScriptedToolCall
+from tasks.client import InvalidJob, JobClient
+from tasks.schemas import JobEvent, JobStatus
+from tests.tasks.conftest import (
+    PROVIDERS,
+    JobEnv,
+    StartWorker,
+    generations,
+    recorded_events,
+    tool_run_skip_reason,
+    wait_for,
+)
+
+ANSWER_SCHEMA = {
+    "type": "object",
+    "properties": {"sql": {"type": "string"}, "explanation": {"type": "string"}},
+    "required": ["sql", "explanation"],
+}
+# where each provider's generation requests land on the fake
+PATHS = {"openai": "/v1/chat/completions", "deepseek": "/v1/chat/completions", "qwen": "/v1/chat/completions",
+         "gemini": "generateContent", "claude": "/v1/messages"}
+MODELS = {"openai": "gpt-4o-mini", "deepseek": "deepseek-chat", "qwen": "qwen-plus", "gemini": "gemini-2.5-flash",
+          "claude": "claude-sonnet-4-5"}
+
+
+def assert_one_gapless_stream(events: list[JobEvent]) -> None:
+    """seq 1..n, each once, exactly one terminal event and it is the last."""
+    assert [event.seq for event in events] == list(range(1, len(events) + 1))
+    assert [event.terminal for event in events].count(True) == 1 and events[-1].terminal
+
+
+def test_registered_task_names_are_the_wire_contract() -> None:
+    import tasks.generation  # noqa: F401  (the worker imports TASK_MODULES; so do we)
+    import tasks.tool_run  # noqa: F401
+    from tasks.app import TASK_MODULES, app
+    from tasks.client import TASK_NAMES
+
+    assert set(TASK_MODULES) == {"tasks.generation", "tasks.tool_run"}
+    ours = {name for name in app.tasks if not name.startswith("celery.")}
+    assert ours == {"dq.generate", "dq.tool_run"}
+    assert set(TASK_NAMES.values()) == ours  # the client sends only names a worker knows
+
+
+def _generate_json_and_stream(provider: str, worker: StartWorker, client: JobClient,
+                              fake: FakeProviderServer) -> None:
+    running = worker(provider)
+    banner = running.log().split("[tasks]", 1)[1].split("\n\n", 1)[0]
+    assert {line.strip(" .") for line in banner.strip().splitlines()} == {"dq.generate", "dq.tool_run"}
+
+    fake.script.add(Reply(text="SELECT count(*) FROM orders", input_tokens=20, output_tokens=8),
+                    match=f"gen-{provider}")
+    answer = {"sql": "SELECT city, count(*) FROM customers GROUP BY city", "explanation": "customers per city"}
+    fake.script.add(Reply(text=json.dumps(answer)), match=f"json-{provider}")
+    fake.script.add(Reply(text="plain answer"), match=f"plain-{provider}")
+
+    streamed = client.submit({"model": provider, "prompt": f"gen-{provider}: how many orders?"})
+    as_json = client.submit({"model": provider, "kind": "json", "prompt": f"json-{provider}: customers per city",
+                             "output_schema": ANSWER_SCHEMA})
+    plain = client.submit({"model": provider, "prompt": f"plain-{provider}: hello", "stream": False})
+
+    steps = list(client.stream(streamed, timeout=30))
+    result = client.result(streamed, timeout=30)
+    assert result.status is JobStatus.SUCCEEDED, result.error
+    assert (result.output, result.provider, result.model, result.attempts) == (
+        "SELECT count(*) FROM orders", provider, provider, 1)
+    assert result.usage and result.usage["input_tokens"] == 20 and result.usage["output_tokens"] == 8
+    assert result.run_ms is not None and result.queue_ms is not None
+    assert steps[0].action_type == "user_input" and steps[0].messages == f"gen-{provider}: how many orders?"
+    deltas = [step for step in steps if step.action_type == "assistant_delta"]
+    assert len(deltas) >= 2, "a streamed job publishes its text deltas"
+    assert "".join(step.output["text"] for step in deltas) == result.output
+    assert steps[-1].action_type == "final_response" and steps[-1].output["content"] == result.output
+    assert_one_gapless_stream(recorded_events(client, streamed))
+
+    json_result = client.result(as_json, timeout=30)
+    assert json_result.status is JobStatus.SUCCEEDED, json_result.error
+    assert json_result.output == answer
+    plain_result = client.result(plain, timeout=30)
+    assert plain_result.status is JobStatus.SUCCEEDED and plain_result.output == "plain answer"
+    plain_steps = [event.step["action_type"] for event in recorded_events(client, plain)]
+    assert plain_steps == ["user_input", "final_response"]
+
+    # the fake saw each job once, on this provider's wire format and model
+    for marker, stream in ((f"gen-{provider}", True), (f"json-{provider}", None), (f"plain-{provider}", False)):
+        [request] = generations(fake, marker)
+        assert PATHS[provider].lower() in request.path.lower() and request.protocol == fake_protocol(provider)
+        assert MODELS[provider] in json.dumps(request.body) + request.path
+        if stream is not None:
+            streaming = "stream" in request.path.lower() if provider == "gemini" else bool(request.body.get("stream"))
+            assert streaming is stream, (marker, request.path)
+    # and the job ran on the worker pinned to this provider's queue
+    assert f"[{streamed}] received" in running.log()
+
+
+def fake_protocol(provider: str) -> str:
+    return {"gemini": "gemini", "claude": "anthropic"}.get(provider, "openai")
+
+
+@pytest.mark.parametrize("provider", PROVIDERS)
+def test_generate_json_and_streaming_on_each_providers_queue(provider: str, worker: StartWorker, client: JobClient,
+                                                            fake: FakeProviderServer) -> None:
+    _generate_json_and_stream(provider, worker, client, fake)
+
+
+@pytest.mark.parametrize("job_db_url", ["postgres"], indirect=True)
+def test_end_to_end_with_the_store_on_postgres(job_env: JobEnv, worker: StartWorker, client: JobClient,
+                                               fake: FakeProviderServer) -> None:
+    assert job_env.database_url.startswith("postgresql")
+    _generate_json_and_stream("openai", worker, client, fake)
+    engine = create_engine(job_env.database_url)
+    with engine.connect() as conn:
+        rows = conn.execute(text("SELECT status, count(*) FROM jobs GROUP BY status")).all()
+    engine.dispose()
+    assert dict(rows) == {"succeeded": 3}
+
+
+@pytest.mark.skipif(tool_run_skip_reason() is not None, reason=str(tool_run_skip_reason()))
+@pytest.mark.parametrize("provider", PROVIDERS)
+def test_tool_run_against_the_sql_mcp_server(provider: str, worker: StartWorker, client: JobClient,
+                                             fake: FakeProviderServer) -> None:
+    worker(provider)
+    query = "SELECT count(*) AS n FROM orders"
+    fake.script.add(Reply(reasoning="look at the tables first", tool_calls=[ScriptedToolCall("list_tables", {})]),
+                    Reply(tool_calls=[ScriptedToolCall("read_query", {"query": query})]),
+                    Reply(text="There are 5 orders."))
+    job_id = client.submit({"model": provider, "kind": "tool_run", "prompt": "How many orders are there?",
+                            "mcp_servers": ["shop"]})
+    steps = list(client.stream(job_id, timeout=60))
+    result = client.result(job_id, timeout=60)
+    assert result.status is JobStatus.SUCCEEDED, result.error
+    assert result.output == "There are 5 orders."
+    assert [context["sql"] for context in result.sql_contexts] == [query]
+    tools = [step for step in steps if step.role == "tool" and step.status != "processing"]
+    assert [step.action_type for step in tools][-2:] == ["list_tables", "read_query"]
+    assert "orders" in json.dumps(tools[-2].output) and "5" in json.dumps(tools[-1].output)
+    assert steps[-1].action_type == "final_response"
+    assert_one_gapless_stream(recorded_events(client, job_id))
+    requests = generations(fake)
+    assert len(requests) == 3  # the model saw each tool's result before its next turn
+    assert "customers" in json.dumps(requests[1].body) and '"n"' in json.dumps(requests[2].body).replace("\\", "")
+
+
+def test_stream_replay_late_and_reconnecting_readers_get_every_step_once(worker: StartWorker, client: JobClient,
+                                                                         fake: FakeProviderServer) -> None:
+    worker("openai")
+    fake.latency_s = 1.5  # the model call is in flight while readers come and go
+    fake.script.add(Reply(text="one two three four five six seven eight nine ten", reasoning="thinking it over"))
+    job_id = client.submit({"model": "openai", "prompt": "count to ten"})
+
+    live: list[JobEvent] = []
+    from_start = threading.Thread(target=lambda: live.extend(client.events(job_id, timeout=30)))
+    from_start.start()
+    # a reader joining mid-job: the first step is recorded, the answer is not there yet
+    wait_for(lambda: recorded_events(client, job_id), 15, "the job's first step")
+    assert client.status(job_id) is JobStatus.RUNNING
+    midway: list[JobEvent] = []
+    joiner = threading.Thread(target=lambda: midway.extend(client.events(job_id, timeout=30)))
+    joiner.start()
+    # a reader that drops after two events and reconnects with after_seq
+    first = client.events(job_id, timeout=30)
+    resumed = [next(first), next(first)]
+    first.close()
+    resumed += client.events(job_id, after_seq=resumed[-1].seq, timeout=30)
+    from_start.join(30)
+    joiner.join(30)
+    late = list(client.events(job_id, timeout=30))  # after the job finished
+
+    assert client.result(job_id, timeout=5).status is JobStatus.SUCCEEDED
+    assert_one_gapless_stream(late)
+    kinds = [event.step["action_type"] for event in late]
+    assert kinds[0] == "user_input" and kinds[-1] == "final_response" and "assistant_delta" in kinds
+    for reader in (live, midway, resumed):
+        assert [(e.seq, e.step) for e in reader] == [(e.seq, e.step) for e in late]
+    # and the plain ActionHistory view replays the same steps
+    assert [step.action_type for step in client.stream(job_id, after_seq=2, timeout=5)] == kinds[2:]
+
+
+def test_the_same_idempotency_key_returns_the_same_job_and_one_row(worker: StartWorker, client: JobClient,
+                                                                   fake: FakeProviderServer) -> None:
+    worker("openai")
+    request = {"model": "openai", "prompt": "idem: how many customers?", "idempotency_key": "batch-7/item-42"}
+    first = client.submit(request)
+    again = client.submit(dict(request))
+    assert again == first
+    assert client.result(first, timeout=30).status is JobStatus.SUCCEEDED
+    assert client.submit(dict(request)) == first  # also once it is final
+    assert client.submit({**request, "prompt": "idem: a different question"}) == first  # the key decides
+    assert client.store.count_by_status()["succeeded"] == 1 and sum(client.store.count_by_status().values()) == 1
+    assert len(generations(fake, "idem:")) == 1
+    assert client.result(first).attempts == 1
+
+
+def test_cancel_a_queued_job_never_runs(worker: StartWorker, client: JobClient, fake: FakeProviderServer) -> None:
+    queued = client.submit({"model": "openai", "prompt": "cancelled-before-it-ran"})
+    assert client.cancel(queued) is JobStatus.CANCELLED  # no worker yet: it is still queued
+    steps = list(client.stream(queued, timeout=10))
+    assert [step.action_type for step in steps] == ["cancelled"]
+    worker("openai")
+    after = client.submit({"model": "openai", "prompt": "a job after the cancelled one"})
+    assert client.result(after, timeout=30).status is JobStatus.SUCCEEDED  # the queue went past it
+    result = client.result(queued, timeout=5)
+    assert (result.status, result.attempts, result.output) == (JobStatus.CANCELLED, 0, None)
+    assert generations(fake, "cancelled-before-it-ran") == []
+    assert client.cancel(queued) is JobStatus.CANCELLED  # cancelling again changes nothing
+
+
+def test_cancel_a_running_job_stops_at_its_next_step(worker: StartWorker, client: JobClient,
+                                                     fake: FakeProviderServer) -> None:
+    worker("openai")
+    fake.latency_s = 2.0
+    job_id = client.submit({"model": "openai", "prompt": "a slow streamed answer"})
+    wait_for(lambda: client.status(job_id) is JobStatus.RUNNING and generations(fake, "a slow streamed"), 15,
+             "the job's model call")
+    assert client.cancel(job_id) is JobStatus.RUNNING  # the worker stops it at its next step
+    steps = list(client.stream(job_id, timeout=30))
+    result = client.result(job_id, timeout=10)
+    assert result.status is JobStatus.CANCELLED and result.output is None
+    assert steps[-1].action_type == "cancelled"
+    assert "final_response" not in [step.action_type for step in steps]
+    assert len(generations(fake, "a slow streamed")) == 1
+
+
+def test_invalid_requests_fail_before_anything_is_sent(job_env: JobEnv, client: JobClient,
+                                                       dq_redis: Any, fake: FakeProviderServer) -> None:
+    cases: list[tuple[dict[str, Any], str]] = [
+        ({"model": "gpt-5-turbo", "prompt": "x"}, "gpt-5-turbo"),  # not a configured model
+        ({"model": "acme:large", "prompt": "x"}, "acme"),  # not a provider
+        ({"model": "openai", "kind": "tool_run", "prompt": "x", "mcp_servers": ["warehouse"]}, "warehouse"),
+        ({"model": "openai", "prompt": "x", "temprature": 0.2}, "temprature"),  # a typo is an error
+        ({"model": "openai", "prompt": "x", "options": {"max_tokenz": 5}}, "max_tokenz"),
+        ({"model": "openai", "prompt": "x", "api_key": "sk-smuggled"}, "api_key"),  # no key rides in a request
+        ({"model": "openai", "prompt": "x", "metadata": {"openai_api_key": "sk-smuggled"}}, "openai_api_key"),
+        ({"model": "openai", "kind": "tool_run", "prompt": "x", "mcp_servers": ["rm -rf /"]}, "rm -rf /"),
+        ({"model": "openai", "prompt": "   "}, "prompt"),
+    ]
+    for request, named in cases:
+        with pytest.raises(InvalidJob) as raised:
+            client.submit(request)
+        assert named in str(raised.value), (request, str(raised.value))
+    assert dq_redis.dbsize() == 0, sorted(dq_redis.keys())  # nothing queued, nothing published
+    assert sum(client.store.count_by_status().values()) == 0  # and no job row
+    assert generations(fake) == []

@@ -1,0 +1,267 @@
+"""The job system when things go wrong, end to end: workers killed or stopped mid-job, a
+429 storm, permanent provider errors, and payloads that never came from a `JobClient`."""
+
+from __future__ import annotations
+
+import base64
+import json
+import pathlib
+import re
+import threading
+import time
+from collections import defaultdict
+
+import pytest
+
+from datus.testing.fake_server import FakeProviderServer
+from datus.testing.script import Answer, Fault, Reply, ScriptedRequest
+from tasks import keys
+from tasks.client import JobClient
+from tasks.schemas import JobRequest, JobStatus
+from tests.tasks.conftest import JobEnv, StartWorker, generations, recorded_events, wait_for
+
+
+def dead_letters(client: JobClient) -> dict[str, str]:
+    """job id -> reason, from the dead-letter list."""
+    return {record["job_id"]: record["reason"]
+            for record in (json.loads(raw) for raw in client.redis.lrange(keys.DEAD_LETTER, 0, -1))}
+
+
+def terminal_steps(client: JobClient, job_id: str) -> list[dict]:
+    return [event.step for event in recorded_events(client, job_id) if event.terminal]
+
+
+# -- workers that die or are stopped -------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_a_worker_killed_mid_job_every_job_completes_exactly_once(worker: StartWorker, client: JobClient,
+                                                                  fake: FakeProviderServer) -> None:
+    visibility_s = 4  # longer than the 3 s call
+    fake.latency_s = 3.0
+    first = worker("openai", visibility_timeout_s=visibility_s)
+    jobs = [client.submit({"model": "openai", "prompt": f"kill-{i}", "stream": False}) for i in range(4)]
+    wait_for(lambda: len(generations(fake, "kill-")) == 4, 20, "all four calls in flight")
+    delivered = time.monotonic()
+    first.kill()
+    assert {client.status(job_id) for job_id in jobs} == {JobStatus.RUNNING}
+
+    # Redis hands an unacknowledged message out again once it has been taken for longer than the
+    # visibility timeout; a worker sweeps for such messages when it starts.
+    time.sleep(max(0.0, delivered + visibility_s + 0.5 - time.monotonic()))
+    second = worker("openai", visibility_timeout_s=visibility_s)
+    results = [client.result(job_id, timeout=30) for job_id in jobs]
+
+    for i, (job_id, result) in enumerate(zip(jobs, results)):
+        assert result.status is JobStatus.SUCCEEDED, result.error
+        assert result.output == f"echo: kill-{i}"
+        assert (result.attempts, result.deliveries) == (1, 2)  # a redelivery, not a retry
+        assert len(generations(fake, f"kill-{i}")) == 2  # the killed call, then the one that finished
+        assert [step["action_type"] for step in terminal_steps(client, job_id)] == ["final_response"]
+        assert f"[{job_id}] received" in second.log()
+    assert client.store.count_by_status()["succeeded"] == 4 == sum(client.store.count_by_status().values())
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(strict=True, reason=(
+    "BUG: with the default threads pool, SIGTERM (remapped to a cold shutdown) ends in "
+    "'Unrecoverable error: NotImplementedError(<class celery.concurrency.thread.TaskPool> does not "
+    "implement kill_job)' from Consumer.cancel_active_requests; the worker then waits for every running "
+    "call to finish and acknowledges it: nothing is requeued (workers/__main__.py, -P threads)"))
+def test_sigterm_requeues_jobs_in_flight_at_once(worker: StartWorker, client: JobClient,
+                                                 fake: FakeProviderServer) -> None:
+    fake.latency_s = 8.0  # far longer than the 2 s soft shutdown
+    first = worker("openai", visibility_timeout_s=300)
+    jobs = [client.submit({"model": "openai", "prompt": f"term-{i}", "stream": False}) for i in range(3)]
+    wait_for(lambda: len(generations(fake, "term-")) == 3, 20, "all three calls in flight")
+    first.terminate()
+    stopped = time.monotonic()
+    second = worker("openai", visibility_timeout_s=300)
+    results = [client.result(job_id, timeout=40) for job_id in jobs]
+    done_after_s = time.monotonic() - stopped
+    first_exit_s = (first.wait_exit(30) is not None) and time.monotonic() - stopped
+
+    assert all(result.status is JobStatus.SUCCEEDED for result in results), [r.error for r in results]
+    assert all(len(terminal_steps(client, job_id)) == 1 for job_id in jobs)
+    assert done_after_s < 60, "well before the 300 s visibility timeout"
+    # requeued at once: the second worker ran every job, and the first one did not wait for its calls
+    assert all(f"[{job_id}] received" in second.log() for job_id in jobs), first.log()[-2000:]
+    assert all(len(generations(fake, f"term-{i}")) == 2 for i in range(3))
+    assert first_exit_s and first_exit_s < 6.0
+
+
+# -- a 429 storm ---------------------------------------------------------------------------------
+
+
+class RateLimitStorm:
+    """The fake's answer to every request: ``faults`` 429s with Retry-After per prompt, then an
+    echo; records when each request of each prompt arrived."""
+
+    def __init__(self, faults: int, retry_after_s: float) -> None:
+        self.faults, self.retry_after_s = faults, retry_after_s
+        self.arrivals: dict[str, list[float]] = defaultdict(list)
+        self._lock = threading.Lock()
+
+    def __call__(self, request: ScriptedRequest) -> Answer:
+        with self._lock:
+            self.arrivals[request.last_user_text].append(time.monotonic())
+            seen = len(self.arrivals[request.last_user_text])
+        if seen <= self.faults:
+            return Fault("rate_limit", retry_after=self.retry_after_s)
+        return Reply(text=f"ok after {seen - 1} rate limits")
+
+
+def test_a_429_storm_with_retry_after_every_job_succeeds_and_no_retry_comes_early(
+        worker: StartWorker, client: JobClient, fake: FakeProviderServer) -> None:
+    storm = RateLimitStorm(faults=3, retry_after_s=1.0)
+    fake.script.fallback = storm
+    running = worker("openai", "gemini", concurrency=8)
+    prompts = [f"storm-{i}" for i in range(6)]
+    started = time.monotonic()
+    jobs = {prompt: client.submit({"model": "openai" if i % 3 else "gemini", "prompt": prompt})
+            for i, prompt in enumerate(prompts)}
+    results = {prompt: client.result(job_id, timeout=40) for prompt, job_id in jobs.items()}
+    elapsed = time.monotonic() - started
+
+    for prompt, result in results.items():
+        assert result.status is JobStatus.SUCCEEDED, result.error
+        assert result.output == "ok after 3 rate limits" and result.attempts == 4 and result.error is None
+        arrivals = storm.arrivals[prompt]
+        assert len(arrivals) == 4
+        waits = [later - earlier for earlier, later in zip(arrivals, arrivals[1:])]
+        assert min(waits) >= 1.0, (prompt, waits)  # never sooner than Retry-After
+        retries = [event.step for event in recorded_events(client, jobs[prompt])
+                   if event.step["action_type"] == "retry"]
+        assert [step["output"]["attempt"] for step in retries] == [1, 2, 3]
+        assert all(step["output"]["countdown_s"] >= 1.0 for step in retries)
+        assert all(step["output"]["error"]["code"] == "model_rate_limit" for step in retries)
+    countdowns = [float(s) for s in re.findall(r"RateLimitError; retry in ([0-9.]+)s", running.log())]
+    assert len(countdowns) == 3 * len(prompts) and min(countdowns) >= 1.0
+    assert elapsed < 20, "the jobs wait side by side, not one after another"
+
+
+# -- permanent errors ------------------------------------------------------------------------------
+
+
+def test_permanent_errors_fail_fast_with_the_providers_message_and_the_queue_goes_on(
+        worker: StartWorker, client: JobClient, fake: FakeProviderServer) -> None:
+    fake.script.add(Fault("status", status=401), match="perm-401")
+    fake.script.add(Fault("status", status=400, message="Invalid value for 'temperature': 3 is greater than 2."),
+                    match="perm-400")
+    fake.script.add(Fault("context_length"), match="perm-context")
+    worker("openai", concurrency=1)  # one job at a time: the good ones queue behind the bad ones
+    failing = {
+        "perm-401": (client.submit({"model": "openai", "prompt": "perm-401"}),
+                     "model_authentication_error", 401, "Incorrect API key provided."),
+        "perm-400": (client.submit({"model": "openai", "prompt": "perm-400"}),
+                     "model_bad_request", 400, "Invalid value for 'temperature': 3 is greater than 2."),
+        "perm-context": (client.submit({"model": "openai", "prompt": "perm-context"}),
+                         "model_context_length_exceeded", 400, "maximum context length"),
+        "perm-badkey": (client.submit({"model": "openai-badkey", "prompt": "perm-badkey"}),
+                        "model_authentication_error", 401, "Incorrect API key provided: sk-*****3210"),
+    }
+    good = [client.submit({"model": "openai", "prompt": f"perm-ok-{i}"}) for i in range(2)]
+
+    for marker, (job_id, code, status_code, message) in failing.items():
+        result = client.result(job_id, timeout=30)
+        assert result.status is JobStatus.FAILED and result.error is not None, marker
+        assert (result.error.code, result.error.status_code, result.error.retryable) == (code, status_code, False)
+        assert message in result.error.message, (marker, result.error.message)
+        assert result.error.provider == "openai" and result.attempts == 1
+        assert len(generations(fake, marker)) == 1, "a permanent error is never retried"
+        assert result.run_ms is not None and result.run_ms < 2000
+        [terminal] = terminal_steps(client, job_id)
+        assert terminal["action_type"] == "error" and terminal["output"]["code"] == code
+    for job_id in good:
+        assert client.result(job_id, timeout=30).status is JobStatus.SUCCEEDED
+
+
+# -- payloads that did not come from a JobClient ---------------------------------------------------
+
+
+def _valid_payload(prompt: str) -> dict:
+    return {"provider": "openai", "request": {"model": "openai", "prompt": prompt}}
+
+
+def test_bad_payloads_sent_around_the_client_are_rejected_recorded_and_the_worker_keeps_running(
+        job_env: JobEnv, worker: StartWorker, client: JobClient, fake: FakeProviderServer) -> None:
+    running = worker("openai", concurrency=2)
+    app = client.app
+    # a row the client wrote, then a payload for it that is garbage
+    known = client.store.create_job("job-known", JobRequest(model="openai", prompt="never asked"), "openai")[0]
+    app.send_task("dq.generate", args=(known, {"garbage": 1}), queue="llm.openai")
+    app.send_task("dq.generate", args=("job-garbage", {"garbage": 1}), queue="llm.openai")
+    smuggled = _valid_payload("x")
+    smuggled["request"]["api_key"] = "sk-smuggled-0000"
+    app.send_task("dq.generate", args=("job-smuggled", smuggled), queue="llm.openai")
+    command = {"provider": "openai", "request": {"model": "openai", "kind": "tool_run", "prompt": "x",
+                                                 "mcp_servers": ["sh -c reboot"]}}
+    app.send_task("dq.tool_run", args=("job-command", command), queue="llm.openai")
+    app.send_task("dq.generate", args=(12345, _valid_payload("numeric id")), queue="llm.openai")
+    app.send_task("dq.unknown", args=("job-unknown",), queue="llm.openai")
+    # pickle is refused before it is ever loaded: this one would create a file if unpickled
+    marker = job_env.dir / "unpickled"
+
+    class Evil:
+        def __reduce__(self) -> tuple:
+            return (pathlib.Path.touch, (marker,))
+
+    app.send_task("dq.generate", args=("job-pickle", Evil()), queue="llm.openai", serializer="pickle")
+    # a well-formed envelope whose body is not JSON, pushed straight onto the queue's list
+    envelope = {"body": base64.b64encode(b"{not json").decode(), "content-encoding": "utf-8",
+                "content-type": "application/json",
+                "headers": {"lang": "py", "task": "dq.generate", "id": "job-badbody", "retries": 0},
+                "properties": {"delivery_tag": "dq-test-badbody", "body_encoding": "base64", "priority": 0,
+                               "delivery_info": {"exchange": "", "routing_key": "llm.openai"}}}
+    client.redis.lpush("llm.openai", json.dumps(envelope))
+
+    wait_for(lambda: {known, "job-garbage", "job-smuggled", "job-command", "12345"} <= dead_letters(client).keys(),
+             20, "the dead-letter records")
+    after = client.submit({"model": "openai", "prompt": "a good job after the garbage"})
+    assert client.result(after, timeout=30).status is JobStatus.SUCCEEDED
+    assert running.alive()
+
+    reasons = dead_letters(client)
+    assert "provider" in reasons["job-garbage"] and "api_key" in reasons["job-smuggled"]
+    assert "mcp_servers" in reasons["job-command"] and "job id" in reasons["12345"]
+    row = client.result(known, timeout=1)
+    assert row.status is JobStatus.FAILED and row.error and row.error.code == "invalid_payload"
+    assert not marker.exists()
+    log = running.log()
+    assert "Refusing to deserialize untrusted content of type pickle" in log
+    assert "unknown task 'dq.unknown'" in log
+    assert "job-badbody" in log  # the undecodable body is logged, not run
+    assert generations(fake) == generations(fake, "a good job after the garbage")  # no garbage reached the model
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "BUG: a message for dq.generate/dq.tool_run with the wrong number of arguments fails with a "
+    "TypeError inside Celery before tasks.jobs.run_task sees it: logged, acknowledged, but not "
+    "dead-lettered (tasks/generation.py, tasks/tool_run.py signatures)"))
+def test_a_wrong_argument_count_is_dead_lettered(worker: StartWorker, client: JobClient) -> None:
+    running = worker("openai", concurrency=2)
+    client.app.send_task("dq.generate", args=("job-short",), queue="llm.openai")
+    client.app.send_task("dq.tool_run", args=("job-long", _valid_payload("x"), "extra"), queue="llm.openai")
+    after = client.submit({"model": "openai", "prompt": "a good job after"})
+    assert client.result(after, timeout=30).status is JobStatus.SUCCEEDED
+    assert running.alive()
+    wait_for(lambda: running.log().count("TypeError") >= 2, 10, "both messages handled")
+    assert {"job-short", "job-long"} <= dead_letters(client).keys()
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "BUG: bytes that are not JSON pushed onto a queue list (LPUSH llm.openai) kill the worker: kombu's "
+    "Channel._brpop_read calls loads() unguarded, the JSONDecodeError reaches the worker as "
+    "'Unrecoverable error' and the process exits; valid JSON that is no message ({\"foo\": 1}) only "
+    "restarts the consumer. Neither is recorded in the dead-letter list"))
+def test_raw_non_json_on_a_queue_list_is_rejected_and_the_worker_keeps_running(
+        worker: StartWorker, client: JobClient) -> None:
+    running = worker("openai")
+    client.redis.lpush("llm.openai", b"\x00not json{")
+    client.redis.lpush("llm.openai", b'{"foo": 1}')
+    after = client.submit({"model": "openai", "prompt": "a good job after raw garbage"})
+    wait_for(lambda: not running.alive() or client.status(after) is JobStatus.SUCCEEDED, 20,
+             "the worker to run the next job or die")
+    assert running.alive(), running.log()[-1500:]
+    assert client.status(after) is JobStatus.SUCCEEDED
+    assert len(client.redis.lrange(keys.DEAD_LETTER, 0, -1)) == 2  # both recorded with their reason

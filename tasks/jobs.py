@@ -11,6 +11,7 @@ below the visibility timeout; a permanent one fails at once with the provider's 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import time
@@ -203,6 +204,12 @@ class _JobRunner:
             prompt, mcp_servers=request.mcp_servers or None, instruction=request.instruction,
             output_type=request.output_schema or str, max_turns=request.max_turns,
             session=request.session_id, db_type=request.db_type, **options)
+        # aclosing: a cancelled or failed job closes the run (and its MCP servers) in this task
+        async with contextlib.aclosing(steps):
+            return await self._follow_tool_run(steps)
+
+    async def _follow_tool_run(self, steps: Any) -> tuple[Any, list[dict[str, Any]]]:
+        request = self.request
         async for step in steps:
             if step.action_type == "assistant_delta" and not request.stream:
                 continue

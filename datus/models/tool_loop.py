@@ -148,15 +148,17 @@ class ToolRun:
                 if problem is not None:
                     raise MaxTurnsExceededError(f"the final answer never matched the output type: {problem}",
                                                 provider=self.model.provider, model=self.model.model_name)
-                sql_contexts = extract_sql_contexts(self.steps, self.db_type, self.sql_functions)
+                final = ActionHistory.create_action(ActionRole.ASSISTANT, "final_response", generation.text, None,
+                                                    None, ActionStatus.SUCCESS)
+                # the final answer explains the SQL that ran last
+                sql_contexts = extract_sql_contexts([*self.steps, final], self.db_type, self.sql_functions)
+                final.output = {
+                    "content": content.model_dump(mode="json") if isinstance(content, BaseModel) else content,
+                    "sql_contexts": [context.model_dump() for context in sql_contexts],
+                    "usage": self.usage.model_dump(), "turns_used": turn, "model": self.model.model_name,
+                }
                 self.result = ToolRunResult(content, sql_contexts, self.usage, turn, self.model.model_name, self.steps)
-                yield self._record(ActionHistory.create_action(
-                    ActionRole.ASSISTANT, "final_response", generation.text, None,
-                    {"content": content.model_dump(mode="json") if isinstance(content, BaseModel) else content,
-                     "sql_contexts": [context.model_dump() for context in sql_contexts],
-                     "usage": self.usage.model_dump(), "turns_used": turn, "model": self.model.model_name},
-                    ActionStatus.SUCCESS,
-                ))
+                yield self._record(final)
                 return
             raise MaxTurnsExceededError(
                 f"no final answer within max_turns={self.max_turns}",

@@ -46,8 +46,11 @@ def create_app(settings: Settings | None = None) -> Celery:
         task_create_missing_queues=True,
         broker_connection_retry_on_startup=True,
         worker_hijack_root_logger=False,
-        worker_send_task_events=True,  # Flower
-        task_send_sent_event=True,
+        # Task events feed Flower; they cost a Redis publish per task state change on the
+        # worker's consumer thread, so they are opt-in (DQ_TASK_EVENTS=1, `dq worker --events`,
+        # or `celery control enable_events` from Flower's host).
+        worker_send_task_events=settings.task_events,
+        task_send_sent_event=settings.task_events,
     )
     return celery
 

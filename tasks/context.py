@@ -82,7 +82,11 @@ class JobContext:
 
                 from tasks.events import AsyncEventPublisher
 
-                client = aredis.Redis.from_url(self.settings.redis_url)
+                # blocking pool: at hundreds of jobs in flight, wait for a connection rather
+                # than fail (redis-py's default pool raises past 100 connections)
+                pool = aredis.BlockingConnectionPool.from_url(
+                    self.settings.redis_url, max_connections=self.settings.redis_max_connections, timeout=30)
+                client = aredis.Redis(connection_pool=pool)
                 state = {
                     "redis": client,
                     "publisher": AsyncEventPublisher(client, self.settings.event_ttl_s, self.settings.event_maxlen),

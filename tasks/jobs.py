@@ -33,6 +33,7 @@ from tasks.schemas import JobError, JobKind, JobRequest, JobStatus, TaskPayload
 __all__ = ["run_task", "execute", "RetryLater", "JobCancelled"]
 
 logger = logging.getLogger("tasks.jobs")
+INFRA_RETRIES = 8
 
 
 @dataclass(frozen=True)
@@ -48,7 +49,20 @@ class JobCancelled(Exception):
 def run_task(task: Any, job_id: str, payload: Any) -> dict[str, Any]:
     """The body of every task: run the job's coroutine, turn ``RetryLater`` into a Celery
     retry (a new message with the same task id; this one is then acknowledged)."""
-    outcome = run_coroutine(execute(job_id, payload, retries=int(task.request.retries or 0)))
+    retries = int(task.request.retries or 0)
+    try:
+        outcome = run_coroutine(execute(job_id, payload, retries=retries))
+    except (asyncio.CancelledError, KeyboardInterrupt, SystemExit):
+        raise
+    except Exception as exc:
+        # Redis or the job store failed around the job (not the model): the job is not lost,
+        # it is retried later; the dead-letter threshold bounds how often.
+        if retries >= INFRA_RETRIES:
+            raise
+        countdown = min(60.0, 0.5 * 2 ** retries)
+        logger.warning("job %s: infrastructure error %s: %s; retry in %.1fs", job_id, type(exc).__name__, exc,
+                       countdown)
+        raise task.retry(countdown=countdown, max_retries=None) from exc
     if isinstance(outcome, RetryLater):
         raise task.retry(countdown=outcome.countdown, max_retries=None)
     return outcome
@@ -76,8 +90,11 @@ async def execute(job_id: str, payload: Any, retries: int = 0, context: JobConte
                                 attempts=retries + 1)
         return {"job_id": job_id, "status": "rejected"}
 
-    deliveries = await ctx.aredis.incr(keys.job_deliveries(job_id))
-    await ctx.aredis.expire(keys.job_deliveries(job_id), ctx.settings.event_ttl_s)
+    async with ctx.aredis.pipeline(transaction=False) as pipe:  # one round trip
+        pipe.incr(keys.job_deliveries(job_id))
+        pipe.expire(keys.job_deliveries(job_id), ctx.settings.event_ttl_s)
+        pipe.exists(keys.job_cancel(job_id))
+        deliveries, _, cancel_requested = await pipe.execute()
     redeliveries = deliveries - 1 - retries
     if redeliveries >= ctx.settings.dead_letter_threshold:
         reason = f"delivered {deliveries} times ({redeliveries} redeliveries without a result)"
@@ -92,11 +109,11 @@ async def execute(job_id: str, payload: Any, retries: int = 0, context: JobConte
     if claimed is None:  # already final (a redelivery after success) or cancelled while queued
         current = await asyncio.to_thread(ctx.store.get, job_id)
         return {"job_id": job_id, "status": current.status.value if current else "unknown"}
-    return await _run(ctx, job_id, task_payload.request, attempt)
+    return await _run(ctx, job_id, task_payload.request, attempt, bool(cancel_requested))
 
 
-async def _run(ctx: JobContext, job_id: str, request: JobRequest, attempt: int) -> Any:
-    runner = _JobRunner(ctx, job_id, request)
+async def _run(ctx: JobContext, job_id: str, request: JobRequest, attempt: int, cancel_requested: bool) -> Any:
+    runner = _JobRunner(ctx, job_id, request, cancel_requested)
     try:
         with track_usage() as calls:
             output, sql_contexts = await runner.run()
@@ -106,6 +123,8 @@ async def _run(ctx: JobContext, job_id: str, request: JobRequest, attempt: int) 
                 ActionRole.WORKFLOW, "cancelled", "cancelled", None, None, ActionStatus.FAILED))
         return {"job_id": job_id, "status": JobStatus.CANCELLED.value}
     except Exception as exc:
+        if _is_infrastructure(exc) and not runner.tools_ran:
+            raise  # run_task retries the job later; the model error path is for the model's own errors
         return await _failed(ctx, job_id, request, attempt, exc, runner.tools_ran)
     usage = sum(calls, Usage()) if calls else Usage()
     won = await asyncio.to_thread(
@@ -146,11 +165,12 @@ async def _failed(ctx: JobContext, job_id: str, request: JobRequest, attempt: in
 class _JobRunner:
     """Runs one request on the model layer, publishing each step."""
 
-    def __init__(self, ctx: JobContext, job_id: str, request: JobRequest) -> None:
+    def __init__(self, ctx: JobContext, job_id: str, request: JobRequest, cancel_requested: bool) -> None:
         self.ctx, self.job_id, self.request = ctx, job_id, request
         self.final_step: ActionHistory | None = None
         self.tools_ran = False
-        self._last_cancel_check = 0.0
+        self.cancel_requested = cancel_requested  # read when the job started
+        self._last_cancel_check = time.monotonic()
 
     async def publish(self, step: ActionHistory) -> None:
         await self.ctx.publisher.publish(self.job_id, step)
@@ -166,7 +186,8 @@ class _JobRunner:
 
     async def run(self) -> tuple[Any, list[dict[str, Any]]]:
         request = self.request
-        await self.check_cancelled(force=True)
+        if self.cancel_requested:
+            raise JobCancelled(self.job_id)
         prompt = request.prompt if request.prompt is not None else request.messages
         text = request.prompt if request.prompt is not None else _last_user(request.messages or [])
         options = request.options.model_dump(exclude_none=True, exclude={"extra_body"})
@@ -239,6 +260,14 @@ async def _dead_letter(ctx: JobContext, job_id: str, reason: str, payload: Any) 
               "payload_type": type(payload).__name__}
     await ctx.aredis.rpush(keys.DEAD_LETTER, json.dumps(record))
     logger.warning("job %s dead-lettered: %s", job_id, reason)
+
+
+def _is_infrastructure(exc: BaseException) -> bool:
+    """Redis or the job store failing (not the model, not a bug in the request)."""
+    import redis.exceptions
+    import sqlalchemy.exc
+
+    return isinstance(exc, (redis.exceptions.RedisError, sqlalchemy.exc.OperationalError))
 
 
 def _first_error(exc: ValidationError) -> str:

@@ -28,6 +28,8 @@ class Settings(BaseSettings):
     dead_letter_threshold: int = Field(default=5, gt=0, description="deliveries (not retries) before dead-lettering")
     result_expires_s: int = Field(default=86_400, gt=0)
     worker_concurrency: int = Field(default=200, gt=0, description="jobs in flight per worker process")
+    task_events: bool = Field(default=False, description="send Celery task events (for Flower)")
+    redis_max_connections: int = Field(default=64, gt=0, description="async Redis connections per worker process")
     max_retry_countdown_s: float = Field(default=600.0, gt=0, description="longest retry countdown of a job")
 
 

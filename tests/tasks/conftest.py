@@ -394,10 +394,13 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def recorded_events(client: Any, job_id: str) -> list[JobEvent]:
-    """Every event recorded in the job's Redis Stream (replay only, no waiting)."""
+def recorded_events(client: Any, job_id: str, timeout: float = 15.0) -> list[JobEvent]:
+    """Every event recorded in the job's Redis Stream, once its terminal event is there (the
+    store is final a moment before the worker publishes the terminal event)."""
     from tasks.events import read_events
 
+    for _ in client.events(job_id, timeout=timeout):
+        pass
     return read_events(client.redis, job_id)
 
 

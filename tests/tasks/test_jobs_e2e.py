@@ -5,16 +5,19 @@ step streams back. Faults are in test_jobs_faults.py, the secret scan in test_jo
 
 from __future__ import annotations
 
+import importlib
 import json
 import threading
+import time
 from typing import Any
 
 import pytest
 from sqlalchemy import create_engine, text
 
 from datus.testing.fake_server import FakeProviderServer
-from datus.testing.script import Reply, ScriptedToolCall
+from datus.testing.script import Reply, ScriptedRequest, ScriptedToolCall
 from tasks.client import InvalidJob, JobClient
+from tasks.events import read_events
 from tasks.schemas import JobEvent, JobStatus
 from tests.tasks.conftest import (
     PROVIDERS,
@@ -45,12 +48,11 @@ def assert_one_gapless_stream(events: list[JobEvent]) -> None:
 
 
 def test_registered_task_names_are_the_wire_contract() -> None:
-    import tasks.generation  # noqa: F401  (the worker imports TASK_MODULES; so do we)
-    import tasks.tool_run  # noqa: F401
     from tasks.app import TASK_MODULES, app
     from tasks.client import TASK_NAMES
 
-    assert set(TASK_MODULES) == {"tasks.generation", "tasks.tool_run"}
+    for module in TASK_MODULES:  # what a worker imports
+        importlib.import_module(module)
     ours = {name for name in app.tasks if not name.startswith("celery.")}
     assert ours == {"dq.generate", "dq.tool_run"}
     assert set(TASK_NAMES.values()) == ours  # the client sends only names a worker knows
@@ -129,30 +131,58 @@ def test_end_to_end_with_the_store_on_postgres(job_env: JobEnv, worker: StartWor
     assert dict(rows) == {"succeeded": 3}
 
 
+TOOL_RUN_HANGS = (
+    "BUG: a tool run job never finishes: tasks/jobs.py _JobRunner._tool_run returns from inside "
+    "`async with contextlib.aclosing(steps)` at the final_response step, and closing the generator there "
+    "raises BaseExceptionGroup([GeneratorExit]) out of the anyio TaskGroup of "
+    "datus/models/mcp_utils.py multiple_mcp_servers; it is no Exception, so _run records nothing: the row "
+    "stays 'running', no terminal event, the Celery task never ends (its message is never acknowledged)")
+
+
 @pytest.mark.skipif(tool_run_skip_reason() is not None, reason=str(tool_run_skip_reason()))
-@pytest.mark.parametrize("provider", PROVIDERS)
-def test_tool_run_against_the_sql_mcp_server(provider: str, worker: StartWorker, client: JobClient,
-                                             fake: FakeProviderServer) -> None:
-    worker(provider)
+@pytest.mark.xfail(strict=True, reason=TOOL_RUN_HANGS)
+def test_tool_run_against_the_sql_mcp_server_on_each_providers_queue(
+        job_env: JobEnv, worker: StartWorker, client: JobClient, fake: FakeProviderServer) -> None:
+    providers = job_env.providers  # claude too when the fake speaks it
+    workers = {provider: worker(provider, wait=False) for provider in providers}  # start side by side
+    for running in workers.values():
+        running.wait_ready()
     query = "SELECT count(*) AS n FROM orders"
-    fake.script.add(Reply(reasoning="look at the tables first", tool_calls=[ScriptedToolCall("list_tables", {})]),
-                    Reply(tool_calls=[ScriptedToolCall("read_query", {"query": query})]),
-                    Reply(text="There are 5 orders."))
-    job_id = client.submit({"model": provider, "kind": "tool_run", "prompt": "How many orders are there?",
-                            "mcp_servers": ["shop"]})
-    steps = list(client.stream(job_id, timeout=60))
-    result = client.result(job_id, timeout=60)
-    assert result.status is JobStatus.SUCCEEDED, result.error
-    assert result.output == "There are 5 orders."
-    assert [context["sql"] for context in result.sql_contexts] == [query]
-    tools = [step for step in steps if step.role == "tool" and step.status != "processing"]
-    assert [step.action_type for step in tools][-2:] == ["list_tables", "read_query"]
-    assert "orders" in json.dumps(tools[-2].output) and "5" in json.dumps(tools[-1].output)
-    assert steps[-1].action_type == "final_response"
-    assert_one_gapless_stream(recorded_events(client, job_id))
-    requests = generations(fake)
-    assert len(requests) == 3  # the model saw each tool's result before its next turn
-    assert "customers" in json.dumps(requests[1].body) and '"n"' in json.dumps(requests[2].body).replace("\\", "")
+    for provider in providers:  # the runs go side by side: each provider's turns match its own prompt
+        def mine(request: ScriptedRequest, marker: str = f"tool-{provider}:") -> bool:
+            return marker in json.dumps(request.body)
+
+        fake.script.add(Reply(reasoning="look at the tables first", tool_calls=[ScriptedToolCall("list_tables", {})]),
+                        Reply(tool_calls=[ScriptedToolCall("read_query", {"query": query})]),
+                        Reply(text=f"There are 5 orders ({provider})."), match=mine)
+    jobs = {provider: client.submit({"model": provider, "kind": "tool_run", "mcp_servers": ["shop"],
+                                     "prompt": f"tool-{provider}: how many orders are there?"})
+            for provider in providers}
+    wait_for(lambda: len(generations(fake)) >= 3 * len(providers), 30, "every run's three turns")
+
+    problems: dict[str, Any] = {}
+    deadline = time.monotonic() + 6  # the runs finish side by side: one wait for all of them
+    for provider, job_id in jobs.items():
+        try:
+            result = client.result(job_id, timeout=max(0.1, deadline - time.monotonic()))
+            assert result.status is JobStatus.SUCCEEDED, result.error
+            assert result.output == f"There are 5 orders ({provider})."
+            assert [context["sql_query"] for context in result.sql_contexts] == [query]
+            assert result.sql_contexts[0]["row_count"] == 1 and "5" in result.sql_contexts[0]["sql_return"]
+            steps = list(client.stream(job_id, timeout=10))
+            tools = [step for step in steps if step.role == "tool" and step.status != "processing"]
+            assert [step.action_type for step in tools] == ["list_tables", "read_query"]
+            assert "customers" in tools[0].output["raw_output"] and "5" in tools[1].output["raw_output"]
+            assert steps[0].action_type == "user_input" and steps[-1].action_type == "final_response"
+            assert_one_gapless_stream(recorded_events(client, job_id, timeout=10))
+            turns = generations(fake, f"tool-{provider}:")
+            assert len(turns) == 3  # a turn per tool call, then the answer
+            # the model saw each tool's result before its next turn
+            assert "customers" in json.dumps(turns[1].body) and "row_count" in json.dumps(turns[2].body)
+            assert f"[{job_id}] received" in workers[provider].log()
+        except (AssertionError, TimeoutError) as exc:
+            problems[provider] = exc
+    assert not problems, problems
 
 
 def test_stream_replay_late_and_reconnecting_readers_get_every_step_once(worker: StartWorker, client: JobClient,
@@ -166,7 +196,7 @@ def test_stream_replay_late_and_reconnecting_readers_get_every_step_once(worker:
     from_start = threading.Thread(target=lambda: live.extend(client.events(job_id, timeout=30)))
     from_start.start()
     # a reader joining mid-job: the first step is recorded, the answer is not there yet
-    wait_for(lambda: recorded_events(client, job_id), 15, "the job's first step")
+    wait_for(lambda: read_events(client.redis, job_id), 15, "the job's first step")
     assert client.status(job_id) is JobStatus.RUNNING
     midway: list[JobEvent] = []
     joiner = threading.Thread(target=lambda: midway.extend(client.events(job_id, timeout=30)))

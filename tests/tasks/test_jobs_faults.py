@@ -10,6 +10,7 @@ import re
 import threading
 import time
 from collections import defaultdict
+from itertools import pairwise
 
 import pytest
 
@@ -128,7 +129,7 @@ def test_a_429_storm_with_retry_after_every_job_succeeds_and_no_retry_comes_earl
         assert result.output == "ok after 3 rate limits" and result.attempts == 4 and result.error is None
         arrivals = storm.arrivals[prompt]
         assert len(arrivals) == 4
-        waits = [later - earlier for earlier, later in zip(arrivals, arrivals[1:])]
+        waits = [later - earlier for earlier, later in pairwise(arrivals)]
         assert min(waits) >= 1.0, (prompt, waits)  # never sooner than Retry-After
         retries = [event.step for event in recorded_events(client, jobs[prompt])
                    if event.step["action_type"] == "retry"]

@@ -63,9 +63,62 @@ def cmd_stream(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    result = _client().get(args.job_id)
-    console.print(f"{result.job_id}  {result.status.value}  attempts={result.attempts}")
+    client = _client()
+    if args.id is None:
+        counts = {k: v for k, v in client.store.count_by_status().items() if v}
+        console.print("jobs: " + (", ".join(f"{k} {v}" for k, v in counts.items()) or "none"))
+        return 0
+    batch = client.store.batch_summary(args.id)
+    if batch is not None:
+        info = client.store.get_batch(args.id)
+        counts = ", ".join(f"{k} {v}" for k, v in batch.counts.items() if v)
+        console.print(f"batch {args.id} [{info.status.value if info else '?'}] model={info.model if info else '?'}: "
+                      f"{batch.done}/{batch.total} done ({counts}), cost ${batch.cost_usd:.4f}")
+        return 0
+    result = client.get(args.id)
+    error = f"  {result.error.code}: {result.error.message}" if result.error else ""
+    console.print(f"{result.job_id}  {result.status.value}  attempts={result.attempts}  "
+                  f"cost=${result.cost_usd:.6f}{error}")
     return 0
+
+
+def cmd_batch(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from tasks.batch import BatchOptions, BatchRunner
+    from tasks.batch_report import ProgressView
+
+    template = Path(args.prompt_template).read_text(encoding="utf-8") if args.prompt_template else None
+    options = BatchOptions(
+        model=args.model, db_url=args.db, dialect=args.dialect, mode=args.mode, tools=args.tools or ["sql"],
+        out=Path(args.out) if args.out else None, resume=args.resume, budget_usd=args.budget_usd,
+        prompt_template=template, max_in_flight=args.max_in_flight)
+    if args.db:
+        _check_db(args.db)
+    runner = BatchRunner(_client(), options, ProgressView())
+    batch_id, stats = runner.run(Path(args.input))
+    console.print(stats.summary_table(batch_id))
+    if args.out:
+        console.print(f"results: {args.out}")
+    return 130 if stats.status == "interrupted" else 0
+
+
+def _check_db(url: str) -> None:
+    """A database that is not there is an error now, not 10,000 failed items later."""
+    import sqlalchemy
+
+    if url.startswith("sqlite"):
+        from pathlib import Path
+
+        path = sqlalchemy.engine.make_url(url).database
+        if not path or not Path(path).is_file():
+            raise FileNotFoundError(f"--db {url}: no SQLite file at {path!r}")
+    engine = sqlalchemy.create_engine(url)
+    try:
+        with engine.connect():
+            pass
+    finally:
+        engine.dispose()
 
 
 def cmd_cancel(args: argparse.Namespace) -> int:
@@ -108,10 +161,25 @@ def build_parser() -> argparse.ArgumentParser:
     stream.add_argument("job_id")
     stream.add_argument("--after", type=int, default=0, help="resume after this event number")
     stream.set_defaults(func=cmd_stream)
-    for name, func, text in (("status", cmd_status, "a job's status"), ("cancel", cmd_cancel, "cancel a job")):
-        command = sub.add_parser(name, help=text)
-        command.add_argument("job_id")
-        command.set_defaults(func=func)
+    status = sub.add_parser("status", help="a job's or a batch's status (no id: counts of all jobs)")
+    status.add_argument("id", nargs="?", default=None)
+    status.set_defaults(func=cmd_status)
+    cancel = sub.add_parser("cancel", help="cancel a job")
+    cancel.add_argument("job_id")
+    cancel.set_defaults(func=cmd_cancel)
+    batch = sub.add_parser("batch", help="turn a file of questions into SQL, checked and scored")
+    batch.add_argument("input", help="JSONL or CSV with question, and optional id, evidence, gold_sql")
+    batch.add_argument("--model", required=True, help="a model name from agent.yml, or provider:model")
+    batch.add_argument("--db", help="SQLAlchemy URL of the database (schema, execution, scoring)")
+    batch.add_argument("--dialect", default="sqlite")
+    batch.add_argument("--mode", choices=["generate", "tool_run"], default="generate")
+    batch.add_argument("--tools", action="append", help="MCP server name(s) for tool_run mode (default: sql)")
+    batch.add_argument("--out", help="write one JSON line per item here")
+    batch.add_argument("--resume", action="store_true", help="continue this batch; finished items are skipped")
+    batch.add_argument("--budget-usd", type=float, default=None, help="stop submitting once this much is spent")
+    batch.add_argument("--prompt-template", help="a file with {question} {schema} {evidence} {dialect}")
+    batch.add_argument("--max-in-flight", type=int, default=200)
+    batch.set_defaults(func=cmd_batch)
     return parser
 
 

@@ -163,6 +163,16 @@ class JobStore:
             row = conn.execute(select(*_RESULT_COLUMNS).where(jobs.c.job_id == job_id)).first()
         return None if row is None else _job(row)
 
+    def final_jobs(self, job_ids: Collection[str]) -> list[StoredJob]:
+        """The jobs among ``job_ids`` that are final: what a batch client polls for (its jobs
+        in flight, a few hundred at most, so one IN query)."""
+        if not job_ids:
+            return []
+        with self._begin() as conn:
+            rows = conn.execute(select(*_RESULT_COLUMNS).where(
+                jobs.c.job_id.in_(list(job_ids)), jobs.c.status.in_(_FINAL))).all()
+        return [_job(row) for row in rows]
+
     def get_request(self, job_id: str) -> JobRequest | None:
         with self._begin() as conn:
             stored = conn.execute(select(jobs.c.request).where(jobs.c.job_id == job_id)).scalar()

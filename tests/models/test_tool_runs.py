@@ -5,13 +5,14 @@ test server in tests/fakes), sessions on SQLite, and on Postgres with DQ_TEST_PO
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
 import signal
 import sys
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +25,7 @@ from datus.configuration.agent_config import AgentConfig, ConfigError
 from datus.models.base import LLMBaseModel
 from datus.models.errors import MaxTurnsExceededError
 from datus.models.mcp_result_extractors import SQL_QUERY_FUNCTIONS, extract_sql_contexts
-from datus.models.mcp_utils import MCPServerStdio
+from datus.models.mcp_utils import MCPConnectError, MCPServerStdio
 from datus.models.session_manager import shared_session_manager
 from datus.models.tool_runs import prepared_run
 from datus.schemas.action_history import ActionHistory, ActionHistoryManager, ActionRole, ActionStatus
@@ -35,6 +36,7 @@ from datus.testing.script import ScriptedToolCall as Call
 from tests.mcp_servers.conftest import (
     build_reference_sqlite_server,
     count_rows,
+    http_server,
     make_shop_db,
     pid_alive,
     sql_server,
@@ -49,11 +51,12 @@ CITY_SQL = "SELECT city, count(*) AS n FROM customers GROUP BY city ORDER BY cit
 ANSWER = "Berlin and Lisbon have 15 customers each."
 PG_URL = os.environ.get("DQ_TEST_POSTGRES_URL")
 
-MakeModel = Callable[..., LLMBaseModel]
+MakeModel = Callable[[str, AgentConfig], LLMBaseModel]
 
 
 def agent_config(server: FakeProviderServer, db: Path | None = None, **agent: Any) -> AgentConfig:
-    """Every provider pointed at the fake server; the shipped SQL server as ``sql`` on ``db``."""
+    """Every provider pointed at the fake server; the shipped SQL server as ``sql`` on ``db``;
+    ``agent`` adds to (or replaces) sections of ``agent:``."""
     models = {
         name: {"type": name, "model": model, "api_key": "sk-test-key",
                "base_url": server.openai_base_url if PROTOCOL[name] == "openai" else server.url,
@@ -263,8 +266,7 @@ async def test_pydantic_output_type_validates_the_final_answer(fake_server: Fake
     assert result["turns_used"] == 3
     assert [c.sql_query for c in result["sql_contexts"]] == [CITY_SQL]
     first, _, last = bodies(fake_server)
-    system = "".join(block["text"] for block in first["system"]) if isinstance(first["system"], list) \
-        else first["system"]
+    system = first["system"] if isinstance(first["system"], str) else "".join(b["text"] for b in first["system"])
     assert system.startswith("You answer questions about the shop database.")
     assert '"cities"' in system  # the schema of the output type is in the instruction
     assert "unusable" in json.dumps(last["messages"][-1])
@@ -313,16 +315,41 @@ async def test_reference_mcp_server_sqlite_as_the_tool_server(reference_sqlite_s
     assert (ours.sql_query, ours.row_count) == (query, 2) and json.loads(ours.sql_return)["rows"][0] == [2, "customer 1"]
 
 
+async def test_concurrent_runs_on_one_model_keep_their_servers_apart(tmp_path: Path, fake_server: FakeProviderServer,
+                                                                     make_model: MakeModel) -> None:
+    small, big = make_shop_db(tmp_path / "small.db", rows=4), make_shop_db(tmp_path / "big.db", rows=10)
+    count = "SELECT count(*) FROM customers"
+    for shop in ("small shop", "big shop"):
+        fake_server.script.add(Reply(tool_calls=[Call("read_query", {"query": count})], latency_s=0.2), match=shop)
+        fake_server.script.add(Reply(text=f"counted the {shop}"), match=shop)
+    command = [sys.executable, "-m", "datus.mcp_servers.sql_server", "--url", f"sqlite:///{big}",
+               "--transport", "streamable-http"]
+    with http_server(*command) as url:
+        config = agent_config(fake_server, mcp_servers={"big": {"url": url}})  # streamable HTTP, by name
+        model = make_model("claude", config)
+        small_run, big_run = await asyncio.gather(
+            model.generate_with_tools("Customers of the small shop?", mcp_servers={"small": sql_server(small)}),
+            model.generate_with_tools("Customers of the big shop?", mcp_servers=["big"]),
+        )
+    assert small_run["content"] == "counted the small shop" and big_run["content"] == "counted the big shop"
+    assert json.loads(small_run["sql_contexts"][0].sql_return)["rows"] == [[4]]
+    assert json.loads(big_run["sql_contexts"][0].sql_return)["rows"] == [[10]]
+    assert small_run["usage"].requests == big_run["usage"].requests == 2
+
+
 # ---------------------------------------------------------------- bad input
 
 
-async def test_unknown_server_name_fails_before_any_model_request(fake_server: FakeProviderServer, shop_db: Path,
-                                                                  make_model: MakeModel) -> None:
+async def test_unknown_or_broken_servers_fail_before_any_model_request(
+        fake_server: FakeProviderServer, shop_db: Path, make_model: MakeModel) -> None:
     model = make_model("openai", agent_config(fake_server, shop_db))
     with pytest.raises(ConfigError, match=r"unknown MCP server 'warehouse'; configured MCP servers: sql"):
         await model.generate_with_tools("q", mcp_servers=["sql", "warehouse"])
     with pytest.raises(ConfigError, match="unknown MCP server 'warehouse'"):
         await streamed(model, "q", mcp_servers=["warehouse"])
+    missing = MCPServerStdio(command=str(shop_db.parent / "no-such-mcp-server"))
+    with pytest.raises(MCPConnectError, match=r"MCP server 'gone' failed to start: command .*no-such-mcp-server"):
+        await model.generate_with_tools("q", mcp_servers={"sql": sql_server(shop_db), "gone": missing})
     assert fake_server.requests == []
 
 
@@ -437,6 +464,7 @@ async def test_a_retried_request_never_reruns_a_tool(provider: str, stream: bool
     assert ran == ["Berlin"]
     assert usage["attempts"] == 4  # the second request took three attempts
     first, *retried = bodies(fake_server)
+    assert wire_tools(PROTOCOL[provider], first)["count_orders"]["required"] == ["city"]  # from the signature
     assert len(retried) == 3 and retried[0] == retried[1] == retried[2]  # the same request, tool result included
     assert wire_tool_results(PROTOCOL[provider], retried[0]) == [("c1", "7")]
 

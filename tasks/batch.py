@@ -1,0 +1,229 @@
+"""``dq batch``: a file of questions turned into SQL by jobs, checked, scored, recorded.
+
+The client keeps at most ``max_in_flight`` jobs outstanding, polls the job store for the ones
+that finished, scores each (extract the SQL, parse it for the dialect, run it read-only, compare
+with the gold result set) and writes one JSON line per item. Items and their results live in
+the job store, so ``dq status BATCH_ID`` works from any machine.
+
+Every job's idempotency key is ``<batch>:<item>``: ``--resume`` (or a second run after Ctrl-C)
+submits again and gets the same job back, so no item ever runs twice; items already scored
+are skipped. The batch id is derived from the input, the model and the prompt, so the same
+command finds the same batch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+from tasks.batch_input import Question, iter_questions
+from tasks.batch_report import BatchStats, ProgressView
+from tasks.client import JobClient
+from tasks.schemas import JobStatus
+from tasks.scoring import schema_text, score_item
+from tasks.store import BatchStatus, StoredJob
+
+__all__ = ["BatchOptions", "BatchRunner", "DEFAULT_TEMPLATE"]
+
+DEFAULT_TEMPLATE = """You are an expert {dialect} SQL writer.
+Write one SQL query that answers the question, for this database:
+
+{schema}
+
+Question: {question}
+{evidence}
+Reply with the SQL in a ```sql block."""
+
+TOOL_TEMPLATE = """Answer the question with one {dialect} SQL query. Explore the database with the tools
+(list_tables, describe_table, read_query) first, then reply with the final SQL in a ```sql block.
+
+Question: {question}
+{evidence}"""
+
+
+@dataclass
+class BatchOptions:
+    model: str
+    db_url: str | None = None
+    dialect: str = "sqlite"
+    mode: str = "generate"  # generate | tool_run
+    tools: list[str] = field(default_factory=lambda: ["sql"])
+    out: Path | None = None
+    resume: bool = False
+    budget_usd: float | None = None
+    prompt_template: str | None = None
+    max_in_flight: int = 200
+    timeout_s: float = 10.0
+    poll_s: float = 0.2
+    name: str | None = None
+
+
+class BatchRunner:
+    def __init__(self, client: JobClient, options: BatchOptions, view: ProgressView | None = None) -> None:
+        if options.mode not in ("generate", "tool_run"):
+            raise ValueError(f"--mode must be generate or tool_run, not {options.mode!r}")
+        self.client, self.options = client, options
+        self.view = view or ProgressView()
+        self.template = options.prompt_template or (TOOL_TEMPLATE if options.mode == "tool_run" else DEFAULT_TEMPLATE)
+        self.schema = ""
+        self.stats = BatchStats()
+        self.interrupted = False
+        self.budget_hit = False
+
+    # ---- identity ------------------------------------------------------------------------
+
+    def prompt_hash(self) -> str:
+        material = json.dumps([self.options.model, self.options.mode, self.template, self.options.dialect,
+                               self.options.tools if self.options.mode == "tool_run" else []])
+        return hashlib.sha256(material.encode()).hexdigest()[:16]
+
+    def batch_id(self, input_path: Path) -> str:
+        digest = hashlib.sha256()
+        with input_path.open("rb") as handle:
+            for chunk in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(chunk)
+        digest.update(self.prompt_hash().encode())
+        return f"b-{digest.hexdigest()[:16]}"
+
+    # ---- the run -------------------------------------------------------------------------
+
+    def run(self, input_path: Path) -> tuple[str, BatchStats]:
+        input_path = Path(input_path)
+        batch_id = self.batch_id(input_path)
+        store = self.client.store
+        batch, created = store.create_batch(batch_id, model=self.options.model, prompt_hash=self.prompt_hash(),
+                                            mode=self.options.mode, name=self.options.name or input_path.name,
+                                            metadata={"input": str(input_path), "dialect": self.options.dialect})
+        if not created:
+            if not self.options.resume and store.final_item_ids(batch_id):
+                raise ValueError(f"batch {batch_id} already ran for this input, model and prompt; "
+                                 "pass --resume to continue it (finished items are skipped)")
+            store.resume_batch(batch_id)
+        if self.options.mode == "generate" and self.options.db_url:
+            self.schema = schema_text(self.options.db_url, max_tokens=self._schema_budget())
+        total = self._register(batch_id, input_path)
+        done_before = store.final_item_ids(batch_id)
+        self.stats.skipped = len(done_before)
+        self.view.start(batch_id, total, len(done_before))
+        previous = signal.signal(signal.SIGINT, self._on_interrupt)
+        try:
+            self._loop(batch_id, input_path, done_before)
+        finally:
+            signal.signal(signal.SIGINT, previous)
+            self.view.stop()
+        status = (BatchStatus.INTERRUPTED if self.interrupted else
+                  BatchStatus.BUDGET_EXCEEDED if self.budget_hit else BatchStatus.COMPLETED)
+        store.finish_batch(batch_id, status)
+        self.stats.status = status.value
+        return batch_id, self.stats
+
+    def _schema_budget(self) -> int | None:
+        from datus.models.base import LLMBaseModel
+
+        try:
+            model = LLMBaseModel.create_model(self.client.agent_config, self.options.model)
+        except Exception:  # no keys here (the workers have them): keep the schema whole
+            return None
+        window = model.context_length()
+        return int(window * 0.6) if window else None
+
+    def _register(self, batch_id: str, input_path: Path) -> int:
+        """Record every good question as a batch item (in chunks) and report the bad rows."""
+        def items() -> Iterator[dict[str, Any]]:
+            for entry in iter_questions(input_path):
+                if isinstance(entry, Question):
+                    yield {"item_id": entry.id, "question": entry.question}
+                else:
+                    self.stats.bad_rows.append(entry)
+                    self.view.bad_row(entry)
+        self.client.store.add_batch_items(batch_id, items())
+        info = self.client.store.get_batch(batch_id)
+        return info.total if info is not None else 0
+
+    def _loop(self, batch_id: str, input_path: Path, done_before: set[str]) -> None:
+        in_flight: dict[str, Question] = {}
+        questions = (q for q in iter_questions(input_path) if isinstance(q, Question) and q.id not in done_before)
+        exhausted = False
+        out = self.options.out.open("a", encoding="utf-8") if self.options.out else None
+        try:
+            while True:
+                while (not exhausted and not self.interrupted and not self.budget_hit
+                       and len(in_flight) < self.options.max_in_flight):
+                    question = next(questions, None)
+                    if question is None:
+                        exhausted = True
+                        break
+                    job_id = self._submit(batch_id, question)
+                    in_flight[job_id] = question
+                finished = self.client.store.final_jobs(in_flight)
+                for job in finished:
+                    question = in_flight.pop(job.job_id)
+                    self._record(batch_id, question, job, out)
+                if self.interrupted:
+                    if in_flight:
+                        self.view.note(f"interrupted: {len(in_flight)} job(s) left running; "
+                                       "run again with --resume to collect them (they will not run twice)")
+                    return
+                if not in_flight:
+                    return
+                if not finished:
+                    time.sleep(self.options.poll_s)
+                    self.view.idle(self.stats)
+                if self.options.budget_usd is not None and self.stats.cost_usd >= self.options.budget_usd:
+                    if not self.budget_hit:
+                        self.view.note(f"budget ${self.options.budget_usd:.4f} spent: no more submissions")
+                    self.budget_hit = True
+        finally:
+            if out is not None:
+                out.close()
+
+    def _submit(self, batch_id: str, question: Question) -> str:
+        text = self.template.format(dialect=self.options.dialect, schema=self.schema, question=question.question,
+                                    evidence=f"Hint: {question.evidence}" if question.evidence else "")
+        request: dict[str, Any] = {
+            "model": self.options.model, "prompt": text, "stream": False,
+            "batch_id": batch_id, "item_id": question.id, "idempotency_key": f"{batch_id}:{question.id}",
+        }
+        if self.options.mode == "tool_run":
+            request.update(kind="tool_run", mcp_servers=self.options.tools)
+        job_id = self.client.submit(request)
+        self.client.store.set_item_result(batch_id, question.id, JobStatus.RUNNING, job_id=job_id)
+        return job_id
+
+    def _record(self, batch_id: str, question: Question, job: StoredJob, out: Any) -> None:
+        answer = job.output if isinstance(job.output, str) else json.dumps(job.output or "")
+        usage = job.usage or {}
+        latency_ms = ((job.finished_at - job.created_at).total_seconds() * 1000.0
+                      if job.finished_at and job.created_at else None)
+        record: dict[str, Any] = {"id": question.id, "question": question.question}
+        if job.status is JobStatus.SUCCEEDED:
+            score = score_item(answer, question.gold_sql, self.options.db_url, self.options.dialect,
+                               self.options.timeout_s) if self.options.db_url else None
+            record.update(
+                sql=score.sql if score else answer, valid=score.valid if score else None,
+                executed=score.executed if score else None, match=score.match if score else None,
+                error=score.error if score else None, error_code=score.error_code if score else None,
+                rows_returned=score.rows_returned if score else None)
+        else:
+            error = job.error
+            record.update(sql=None, valid=False, executed=False, match=False if question.gold_sql else None,
+                          error=error.message if error else job.status.value,
+                          error_code=error.code if error else job.status.value, rows_returned=None)
+        record.update(usage=usage, cost_usd=job.cost_usd, latency_ms=latency_ms, attempts=job.attempts,
+                      job_id=job.job_id, status=job.status.value)
+        self.client.store.set_item_result(batch_id, question.id, job.status, record, job.cost_usd)
+        if out is not None:
+            out.write(json.dumps(record, ensure_ascii=False, default=str) + "\n")
+            out.flush()
+        self.stats.add(record)
+        self.view.advance(self.stats)
+
+    def _on_interrupt(self, signum: int, frame: Any) -> None:
+        if self.interrupted:  # a second Ctrl-C: stop now
+            raise KeyboardInterrupt
+        self.interrupted = True

@@ -26,11 +26,7 @@ if TYPE_CHECKING:
     from anyio.abc import TaskGroup, TaskStatus
     from mcp import Client
 
-    from datus.models.mcp_utils import (
-        MCPConnectionLostError,
-        MCPServerSpec,
-        MCPServerStreamableHttp,
-    )
+    from datus.models.mcp_utils import MCPConnectionLostError, MCPServerSpec, MCPServerStreamableHttp
 
 __all__ = ["MCPConnection", "MCPTool", "ToolResult", "connect_and_serve", "safe_url"]
 

@@ -397,8 +397,14 @@ class LLMBaseModel(ABC):
         async with prepared_run(self, prompt, tools=tools, mcp_servers=mcp_servers, instruction=instruction,
                                 output_type=output_type, max_turns=max_turns, manager=action_history_manager,
                                 session=session, kwargs=kwargs, stream=True) as run:
+            final = None
             async for step in run.run_steps():
+                if step.action_type == "final_response":
+                    final = step  # handed out after the run is closed and its session saved
+                    continue
                 yield step
+        if final is not None:
+            yield final
 
     # ---- sessions ------------------------------------------------------------------------
 

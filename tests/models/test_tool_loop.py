@@ -1,5 +1,5 @@
 """The tool loop on the scripted model with Python function tools (MCP servers and the
-wire formats are covered by test_tool_runs_mcp.py and the provider tests)."""
+wire formats are covered by test_tool_runs.py and the provider tests)."""
 
 from __future__ import annotations
 

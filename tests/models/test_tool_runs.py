@@ -556,12 +556,6 @@ async def test_a_streamed_run_closed_early_stops_cleanly(fake_server: FakeProvid
     assert len(fake_server.requests) == 1
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "generate_with_tools_stream yields final_response from inside prepared_run: a consumer that "
-    "stops at the final step (break / aclose) throws GeneratorExit into prepared_run, so the "
-    "session's new messages are never stored (datus/models/base.py generate_with_tools_stream; "
-    "datus/models/tool_runs.py prepared_run). Without aclose, the MCP task group is then closed "
-    "by the garbage collector in another task: 'Attempted to exit cancel scope in a different task'"))
 async def test_a_streamed_run_stopped_at_its_final_step_still_saves_the_session(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fake_server: FakeProviderServer, shop_db: Path,
         make_model: MakeModel) -> None:

@@ -9,6 +9,7 @@ import importlib
 import json
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -131,16 +132,7 @@ def test_end_to_end_with_the_store_on_postgres(job_env: JobEnv, worker: StartWor
     assert dict(rows) == {"succeeded": 3}
 
 
-TOOL_RUN_HANGS = (
-    "BUG: a tool run job never finishes: tasks/jobs.py _JobRunner._tool_run returns from inside "
-    "`async with contextlib.aclosing(steps)` at the final_response step, and closing the generator there "
-    "raises BaseExceptionGroup([GeneratorExit]) out of the anyio TaskGroup of "
-    "datus/models/mcp_utils.py multiple_mcp_servers; it is no Exception, so _run records nothing: the row "
-    "stays 'running', no terminal event, the Celery task never ends (its message is never acknowledged)")
-
-
 @pytest.mark.skipif(tool_run_skip_reason() is not None, reason=str(tool_run_skip_reason()))
-@pytest.mark.xfail(strict=True, reason=TOOL_RUN_HANGS)
 def test_tool_run_against_the_sql_mcp_server_on_each_providers_queue(
         job_env: JobEnv, worker: StartWorker, client: JobClient, fake: FakeProviderServer) -> None:
     providers = job_env.providers  # claude too when the fake speaks it
@@ -263,6 +255,46 @@ def test_cancel_a_running_job_stops_at_its_next_step(worker: StartWorker, client
     assert steps[-1].action_type == "cancelled"
     assert "final_response" not in [step.action_type for step in steps]
     assert len(generations(fake, "a slow streamed")) == 1
+
+
+def mcp_servers_of(pid: int) -> list[int]:
+    """The SQL MCP server processes a worker started (its children running the server)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            parent = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+            command = (stat.parent / "cmdline").read_bytes()
+        except (OSError, ValueError, IndexError):
+            continue  # gone meanwhile
+        if parent == pid and b"datus.mcp_servers.sql_server" in command:
+            found.append(int(stat.parent.name))
+    return found
+
+
+@pytest.mark.skipif(tool_run_skip_reason() is not None, reason=str(tool_run_skip_reason()))
+def test_cancel_a_running_tool_run_stops_before_its_next_tool(worker: StartWorker, client: JobClient,
+                                                             fake: FakeProviderServer) -> None:
+    running = worker("openai")
+    fake.script.add(Reply(tool_calls=[ScriptedToolCall("list_tables", {})]),
+                    Reply(tool_calls=[ScriptedToolCall("read_query", {"query": "SELECT 1"})], latency_s=2.0),
+                    Reply(text="never said"))
+    job_id = client.submit({"model": "openai", "kind": "tool_run", "prompt": "cancel me mid-run",
+                            "mcp_servers": ["shop"]})
+    wait_for(lambda: any(event.step["action_type"] == "list_tables" and event.step["status"] == "success"
+                         for event in read_events(client.redis, job_id)), 20, "the first tool's result")
+    assert mcp_servers_of(running.pid), "the run's MCP server is up"
+    assert client.cancel(job_id) is JobStatus.RUNNING  # the model is thinking about its next tool
+
+    steps = list(client.stream(job_id, timeout=20))
+    result = client.result(job_id, timeout=10)
+    assert result.status is JobStatus.CANCELLED and result.output is None
+    assert steps[-1].action_type == "cancelled"
+    assert [step.action_type for step in steps if step.role == "tool" and step.status == "success"] == [
+        "list_tables"]  # the next tool never ran
+    assert "final_response" not in [step.action_type for step in steps]
+    assert len(generations(fake, "cancel me mid-run")) == 2  # and the model was not asked again
+    wait_for(lambda: not mcp_servers_of(running.pid), 10, "the cancelled run's MCP server to exit")
+    assert running.alive()
 
 
 def test_invalid_requests_fail_before_anything_is_sent(job_env: JobEnv, client: JobClient,

@@ -160,7 +160,8 @@ def _csv_rows(file: Path) -> Iterator[_Row]:
                     yield start, f"{len(record)} fields but the header has {len(header)}", raw
                     continue
                 # fewer fields than the header: the missing trailing ones are empty (a spreadsheet trims them)
-                fields = dict(zip(header, record, strict=False))
+                # a quoted cell keeps the file's line ends; CRLF is the file's, not the text's
+                fields = {name: value.replace("\r\n", "\n") for name, value in zip(header, record, strict=False)}
                 yield start, fields, raw
         except UnicodeDecodeError as exc:
             raise BatchInputError(file, f"not UTF-8 (after line {end})") from exc

@@ -24,7 +24,7 @@ def _client() -> Any:
 def cmd_demo(args: argparse.Namespace) -> int:
     from tasks.demo import run_demo
 
-    return run_demo(console)
+    return run_demo(console, model=args.model, quick=args.quick)
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
@@ -139,7 +139,10 @@ def _print_stream(client: Any, job_id: str, after: int = 0) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dq", description="datus-queue: LLM jobs on Celery and Redis")
     sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("demo", help="run the model layer end to end with no API keys").set_defaults(func=cmd_demo)
+    demo = sub.add_parser("demo", help="the sample batch end to end on this machine, no API keys needed")
+    demo.add_argument("--model", default=None, help="a real model from DQ_CONFIG instead of the scripted fake")
+    demo.add_argument("--quick", action="store_true", help="only the in-process tour of the model layer")
+    demo.set_defaults(func=cmd_demo)
     worker = sub.add_parser("worker", help="start a worker pinned to providers (see: dq worker --help)",
                             add_help=False)
     worker.add_argument("rest", nargs=argparse.REMAINDER)

@@ -430,10 +430,12 @@ def _difference(predicted: ExecResult, gold: ExecResult) -> str:
         return len(result.rows[0]) if result.rows else len(result.columns)
 
     if width(predicted) != width(gold):
-        return f"{width(predicted)} columns, the gold query returns {width(gold)}"
+        return f"{width(predicted)} column(s) where the gold query returns {width(gold)}"
     if len(predicted.rows) != len(gold.rows):
-        return f"{len(predicted.rows)} rows, the gold query returns {len(gold.rows)}"
-    return f"the {len(gold.rows)} rows differ from the gold query's (values or order)"
+        return f"{len(predicted.rows)} row(s) where the gold query returns {len(gold.rows)}"
+    if compare_results(predicted.rows, gold.rows, None):
+        return "the gold query's rows, in another order (the gold query orders them)"
+    return f"{len(gold.rows)} row(s) like the gold query, with different values"
 
 
 # -- schema text ------------------------------------------------------------------------------

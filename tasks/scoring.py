@@ -62,7 +62,10 @@ class DatabaseUnavailable(RuntimeError):
 # -- extracting -------------------------------------------------------------------------------
 
 _FENCE = re.compile(r"```[ \t]*([\w+-]*)[^\n]*\n(.*?)(?:```|\Z)", re.DOTALL)  # an unclosed fence runs to the end
-_START = re.compile(r"\bSELECT\b|\bWITH\s+(?:RECURSIVE\s+)?[\w\"`\[\]]+\s*(?:\([^()]*\)\s*)?AS\s*(?:NOT\s+)?(?:MATERIALIZED\s+)?\(", re.IGNORECASE)
+_START = re.compile(  # SELECT, or WITH that opens a CTE ("with" alone is too common a word)
+    r"\bSELECT\b|\bWITH\s+(?:RECURSIVE\s+)?[\w\"`\[\]]+\s*(?:\([^()]*\)\s*)?AS\s*(?:NOT\s+)?(?:MATERIALIZED\s+)?\(",
+    re.IGNORECASE,
+)
 
 
 def extract_sql(answer: str) -> str | None:
@@ -87,15 +90,20 @@ def extract_sql(answer: str) -> str | None:
 
 
 def _json_sql(text: str) -> str | None:
-    start, end = text.find("{"), text.rfind("}")
-    if start < 0 or end < start:
-        return None
-    try:
-        value = json.loads(text[start:end + 1])
-    except ValueError:
-        return None
-    sql = value.get("sql") if isinstance(value, dict) else None
-    return _clean(sql) if isinstance(sql, str) else None
+    # raw_decode from each "{" in turn: the object may sit among prose with braces of its own
+    decoder = json.JSONDecoder()
+    start = text.find("{")
+    for _ in range(50):
+        if start < 0:
+            return None
+        try:
+            value, _end = decoder.raw_decode(text, start)
+        except ValueError:
+            value = None
+        if isinstance(value, dict) and isinstance(value.get("sql"), str):
+            return _clean(value["sql"])
+        start = text.find("{", start + 1)
+    return None
 
 
 def _prose_sql(text: str, *, fenced: bool = False) -> str | None:
@@ -446,7 +454,7 @@ def schema_text(
     *, schema: str | None = None,
 ) -> str:
     """The tables and views of ``db_url`` (its default schema, or ``schema``) as CREATE
-    statements with types, NOT NULL, primary and foreign keys. With ``max_tokens``, tables
+    statements with types, NOT NULL, primary and foreign keys and CHECK constraints. With ``max_tokens``, tables
     then columns are dropped from the end until it fits, and a comment says what is missing;
     ``token_counter`` defaults to about four characters a token."""
     count = token_counter or (lambda text: (len(text) + 3) // 4)
@@ -473,6 +481,10 @@ def _tables(engine: Engine, schema: str | None) -> list[dict[str, Any]]:
         columns = {**inspector.get_multi_columns(schema=schema, kind=ObjectKind.TABLE), **view_columns}
         primary = inspector.get_multi_pk_constraint(schema=schema)
         foreign = inspector.get_multi_foreign_keys(schema=schema)
+        try:  # CHECKs often list a column's values (status IN (...)), which a model needs to know
+            checks = inspector.get_multi_check_constraints(schema=schema)
+        except NotImplementedError:
+            checks = {}
     except DatabaseUnavailable:
         raise
     except Exception as exc:
@@ -493,6 +505,7 @@ def _tables(engine: Engine, schema: str | None) -> list[dict[str, Any]]:
             target = ".".join(map(_quoted, filter(None, (fk.get("referred_schema"), fk["referred_table"]))))
             constraints.append(f"FOREIGN KEY ({', '.join(map(_quoted, fk['constrained_columns']))}) "
                                f"REFERENCES {target} ({', '.join(map(_quoted, fk['referred_columns']))})")
+        constraints += [f"CHECK ({check['sqltext']})" for check in checks.get(key) or [] if check.get("sqltext")]
         kind = "VIEW" if key in view_columns else "TABLE"
         tables.append({"name": key[1], "header": f"CREATE {kind} {_quoted(key[1])} (", "lines": lines,
                        "constraints": constraints})

@@ -31,7 +31,14 @@ def create_app(settings: Settings | None = None) -> Celery:
         task_reject_on_worker_lost=True,
         task_acks_on_failure_or_timeout=True,
         worker_prefetch_multiplier=1,
-        broker_transport_options={"visibility_timeout": visibility},
+        broker_transport="tasks.transport:Transport",  # Redis, surviving non-Celery bodies
+        broker_transport_options={
+            "visibility_timeout": visibility,
+            # sweep for a dead worker's unacknowledged messages often enough that they come
+            # back soon after the visibility timeout, not minutes later
+            "unacked_restore_interval": max(1, min(10, visibility // 4)),
+            "unacked_restore_throttle": 1,
+        },
         result_backend_transport_options={"visibility_timeout": visibility},
         visibility_timeout=visibility,
         worker_cancel_long_running_tasks_on_connection_loss=True,

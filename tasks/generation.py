@@ -11,5 +11,6 @@ __all__ = ["generate"]
 
 
 @app.task(name="dq.generate", bind=True, acks_late=True, max_retries=None)
-def generate(self: Any, job_id: str, payload: dict[str, Any]) -> dict[str, Any]:
-    return run_task(self, job_id, payload)
+def generate(self: Any, *args: Any, **kwargs: Any) -> dict[str, Any]:
+    """(job_id, payload): the job's id and a TaskPayload as JSON."""
+    return run_task(self, args, kwargs)

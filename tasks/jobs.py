@@ -11,6 +11,7 @@ below the visibility timeout; a permanent one fails at once with the provider's 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import json
 import logging
@@ -19,6 +20,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
 
+from celery.exceptions import Reject
 from pydantic import ValidationError
 
 from datus.models.errors import ModelError
@@ -46,13 +48,27 @@ class JobCancelled(Exception):
     pass
 
 
-def run_task(task: Any, job_id: str, payload: Any) -> dict[str, Any]:
+def run_task(task: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
     """The body of every task: run the job's coroutine, turn ``RetryLater`` into a Celery
-    retry (a new message with the same task id; this one is then acknowledged)."""
+    retry (a new message with the same task id; this one is then acknowledged).
+
+    Tasks take ``(job_id, payload)``; any other shape (a message not sent by JobClient) is
+    dead-lettered here rather than failing inside Celery unrecorded."""
+    named = dict(kwargs)
+    values = list(args) + [named.pop(key) for key in ("job_id", "payload") if key in named]
+    if len(values) != 2 or named:
+        job_id = str(values[0]) if values else ""
+        reason = f"{task.name} takes (job_id, payload); got {len(args)} positional and {sorted(kwargs)} keyword"
+        run_coroutine(_dead_letter(get_context(), job_id, reason, None))
+        return {"job_id": job_id, "status": "rejected"}
+    job_id, payload = values
     retries = int(task.request.retries or 0)
     try:
         outcome = run_coroutine(execute(job_id, payload, retries=retries))
-    except (asyncio.CancelledError, KeyboardInterrupt, SystemExit):
+    except (asyncio.CancelledError, concurrent.futures.CancelledError):
+        # the worker is shutting down and cancelled the job: back to the queue at once
+        raise Reject("worker shutting down", requeue=True) from None
+    except (KeyboardInterrupt, SystemExit):
         raise
     except Exception as exc:
         # Redis or the job store failed around the job (not the model): the job is not lost,
@@ -122,8 +138,10 @@ async def _run(ctx: JobContext, job_id: str, request: JobRequest, attempt: int, 
             await _terminal(ctx, job_id, JobStatus.CANCELLED, ActionHistory.create_action(
                 ActionRole.WORKFLOW, "cancelled", "cancelled", None, None, ActionStatus.FAILED))
         return {"job_id": job_id, "status": JobStatus.CANCELLED.value}
-    except Exception as exc:
-        if _is_infrastructure(exc) and not runner.tools_ran:
+    except (asyncio.CancelledError, KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as exc:  # noqa: BLE001 - a job never ends without a recorded outcome
+        if isinstance(exc, Exception) and _is_infrastructure(exc) and not runner.tools_ran:
             raise  # run_task retries the job later; the model error path is for the model's own errors
         return await _failed(ctx, job_id, request, attempt, exc, runner.tools_ran)
     usage = sum(calls, Usage()) if calls else Usage()
@@ -141,7 +159,7 @@ async def _run(ctx: JobContext, job_id: str, request: JobRequest, attempt: int, 
     return {"job_id": job_id, "status": JobStatus.SUCCEEDED.value}
 
 
-async def _failed(ctx: JobContext, job_id: str, request: JobRequest, attempt: int, exc: Exception,
+async def _failed(ctx: JobContext, job_id: str, request: JobRequest, attempt: int, exc: BaseException,
                   tools_ran: bool) -> Any:
     error = job_error(exc)
     if not isinstance(exc, ModelError):

@@ -11,5 +11,6 @@ __all__ = ["tool_run"]
 
 
 @app.task(name="dq.tool_run", bind=True, acks_late=True, max_retries=None)
-def tool_run(self: Any, job_id: str, payload: dict[str, Any]) -> dict[str, Any]:
-    return run_task(self, job_id, payload)
+def tool_run(self: Any, *args: Any, **kwargs: Any) -> dict[str, Any]:
+    """(job_id, payload): the job's id and a TaskPayload as JSON."""
+    return run_task(self, args, kwargs)

@@ -30,6 +30,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse(sys.argv[1:] if argv is None else argv)
     os.environ.setdefault("REMAP_SIGTERM", "SIGQUIT")  # read by billiard at import: must precede celery
+    os.environ["CELERY_CUSTOM_WORKER_POOL"] = "workers.pool:RuntimeThreadPool"  # read at celery import
     from tasks.app import app
     from tasks.routing import queue_for
     from tasks.settings import get_settings
@@ -40,8 +41,11 @@ def main(argv: list[str] | None = None) -> int:
     queues = ",".join(queue_for(provider) for provider in providers)
     concurrency = args.concurrency or get_settings().worker_concurrency
     hostname = args.hostname or f"dq-{'-'.join(providers) if len(providers) < 3 else 'all'}-{os.getpid()}@{socket.gethostname()}"
+    pool = args.pool
+    if pool == "threads":  # our threads pool, which can cancel its jobs at shutdown
+        pool = "custom"
     app.worker_main([
-        "worker", "-Q", queues, "-P", args.pool, "-c", str(concurrency), "-l", args.loglevel,
+        "worker", "-Q", queues, "-P", pool, "-c", str(concurrency), "-l", args.loglevel,
         "-n", hostname, "--without-gossip", "--without-mingle",
     ])
     return 0

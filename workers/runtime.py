@@ -51,15 +51,20 @@ class WorkerRuntime:
             with self._lock:
                 self._futures.discard(future)
 
-    def stop(self, timeout_s: float = 5.0) -> None:
+    def cancel_all(self) -> int:
+        """Cancel every job running on the loop (shutdown): their tasks requeue them."""
+        with self._lock:
+            pending = list(self._futures)
+        for future in pending:
+            future.cancel()
+        return len(pending)
+
+    def stop(self, timeout_s: float = 2.0) -> None:
         loop = self.loop
         if loop is None:
             return
         execution.uninstall_runner()
-        with self._lock:
-            pending = list(self._futures)
-        for future in pending:  # running jobs stop now; their messages are requeued
-            future.cancel()
+        self.cancel_all()  # running jobs stop now; their messages are requeued
         try:
             asyncio.run_coroutine_threadsafe(get_context().aclose(), loop).result(timeout_s)
         except Exception as exc:  # shutting down: log and go on

@@ -429,50 +429,62 @@ def test_a_long_error_stays_one_line_in_a_log(stack: Stack) -> None:
 
 # -- Ctrl-C, resume, budget ---------------------------------------------------------------------
 
+EARLY_RETURN = (
+    "tasks/batch.py BatchRunner._loop (line 172) returns as soon as no job is in flight ('if not in_flight: "
+    "return') even when questions are left unsubmitted: a batch larger than --max-in-flight whose jobs in "
+    "flight all finish between two polls ends early, marked completed, exit 0 (here: after 1-2 of 10 items). "
+    "Fix: return only when 'not in_flight and (exhausted or self.budget_hit)', with the budget check moved "
+    "before the submit loop")
 
-def test_ctrl_c_records_what_finished_and_resume_runs_each_item_once(stack: Stack) -> None:
-    ids = [f"q{n:02d}" for n in (1, 2, 3, 4, 5, 6, 7, 8, 10, 12)]
-    source = stack.dir / "ctrl-c.jsonl"
-    tagged = write_questions(source, "ctrlc", ids)
-    rows = [json.loads(line) for line in source.read_text(encoding="utf-8").splitlines()]
-    source.write_text("".join(json.dumps({**row, "question": row["question"] + " slow=0.4s"}) + "\n"
-                              for row in rows), encoding="utf-8")
-    out = stack.dir / "ctrl-c-results.jsonl"
-    args = ["batch", str(source), "--model", MODEL, "--db", stack.shop_url, "--out", str(out),
-            "--max-in-flight", "2"]
+
+def slow_questions(path: Path, tag: str, ids: list[str], latency_s: Any) -> dict[str, str]:
+    """Like `write_questions`, each question asking the fake for ``latency_s(index)`` seconds."""
+    tagged = write_questions(path, tag, ids)
+    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+    path.write_text("".join(json.dumps({**row, "question": f"{row['question']} slow={latency_s(i):.2f}s"}) + "\n"
+                            for i, row in enumerate(rows)), encoding="utf-8")
+    return tagged
+
+
+def interrupt_after(stack: Stack, args: list[str], out: Path, finished: int) -> tuple[int, str, str]:
+    """Run ``dq *args``, press Ctrl-C once ``finished`` results are written: (code, stdout, stderr)."""
     proc = subprocess.Popen([*DQ, *args], env=stack.env, cwd=stack.dir, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     try:
-        wait_for(lambda: proc.poll() is not None or (out.exists() and len(out.read_text().splitlines()) >= 3),
-                 30, "three items finished")
-        assert proc.poll() is None, proc.communicate()
+        wait_for(lambda: proc.poll() is not None
+                 or (out.exists() and len(out.read_text(encoding="utf-8").splitlines()) >= finished),
+                 30, f"{finished} items finished")
+        assert proc.poll() is None, f"the batch ended before Ctrl-C: {proc.communicate()}"
         proc.send_signal(signal.SIGINT)
         stdout, stderr = proc.communicate(timeout=30)
     finally:
         if proc.poll() is None:
             proc.kill()
-    assert proc.returncode == 130, stdout + stderr
+            proc.wait()
+    return proc.returncode, stdout, stderr
+
+
+def assert_interrupted_then_resumed(stack: Stack, args: list[str], out: Path, ids: list[str],
+                                    tagged: dict[str, str]) -> None:
+    code, stdout, stderr = interrupt_after(stack, args, out, 3)
+    assert code == 130, stdout + stderr
     assert "Traceback" not in stderr
     batch_id = batch_id_of(stdout)
-    assert f"batch {batch_id}: interrupted" in stdout
+    assert f"batch {batch_id}: interrupted" in stdout  # the summary, printed on the way out
     finished = results(out)
-    ran = int(summary(stdout)["items run"])
-    assert 3 <= ran == len(finished) < len(ids)  # it stopped submitting, and recorded what finished
+    assert 3 <= int(summary(stdout)["items run"]) == len(finished) < len(ids)  # what finished is recorded
     assert "--resume" in stderr
     assert stack.store.get_batch(batch_id).status.value == "interrupted"
-    status = dq(stack, "status", batch_id)
-    assert f"model={MODEL}: {len(finished)}/{len(ids)} done" in status.stdout
+    assert f"model={MODEL}: {len(finished)}/{len(ids)} done" in dq(stack, "status", batch_id).stdout
 
-    resumed = dq(stack, "batch", *args, "--resume")
+    resumed = dq(stack, *args, "--resume")
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     assert summary(resumed.stdout)["items run"] == f"{len(ids) - len(finished)}  (+{len(finished)} done before)"
     items = results(out)  # the first run's lines and the resumed run's, each item once
     assert set(items) == set(ids)
     assert all(item["match"] is True for item in items.values())
-
     # no item ran twice: one request per question on the provider, one job per item in the store
-    per_question = {item_id: stack.requests_for(question) for item_id, question in tagged.items()}
-    assert per_question == dict.fromkeys(ids, 1)
+    assert {item_id: stack.requests_for(question) for item_id, question in tagged.items()} == dict.fromkeys(ids, 1)
     jobs = stack.store.list_jobs(batch_id=batch_id, limit=1000)
     assert sorted(job.item_id for job in jobs) == sorted(ids)
     assert {job.attempts for job in jobs} == {1}
@@ -480,6 +492,44 @@ def test_ctrl_c_records_what_finished_and_resume_runs_each_item_once(stack: Stac
     assert f"model={MODEL}: {len(ids)}/{len(ids)} done" in dq(stack, "status", batch_id).stdout
 
 
+CTRL_C_IDS = [f"q{n:02d}" for n in (1, 2, 3, 4, 5, 6, 7, 8, 10, 12)]
+
+
+def test_ctrl_c_with_jobs_in_flight_then_resume_runs_each_item_once(stack: Stack) -> None:
+    # all ten submitted at once, finishing 0.3 s apart: Ctrl-C leaves some running in the worker,
+    # and --resume collects them (same idempotency key, same job) instead of running them again
+    source = stack.dir / "ctrl-c-wide.jsonl"
+    tagged = slow_questions(source, "ctrlcwide", CTRL_C_IDS, lambda i: 0.2 + 0.3 * i)
+    out = stack.dir / "ctrl-c-wide-results.jsonl"
+    args = ["batch", str(source), "--model", MODEL, "--db", stack.shop_url, "--out", str(out)]
+    assert_interrupted_then_resumed(stack, args, out, CTRL_C_IDS, tagged)
+
+
+@pytest.mark.xfail(strict=True, reason=EARLY_RETURN)
+def test_ctrl_c_stops_submitting_then_resume_runs_each_item_once(stack: Stack) -> None:
+    source = stack.dir / "ctrl-c-narrow.jsonl"
+    tagged = slow_questions(source, "ctrlcnarrow", CTRL_C_IDS, lambda i: 0.4)
+    out = stack.dir / "ctrl-c-narrow-results.jsonl"
+    args = ["batch", str(source), "--model", MODEL, "--db", stack.shop_url, "--out", str(out),
+            "--max-in-flight", "2"]
+    assert_interrupted_then_resumed(stack, args, out, CTRL_C_IDS, tagged)
+
+
+@pytest.mark.xfail(strict=True, reason=EARLY_RETURN)
+def test_a_batch_larger_than_max_in_flight_runs_every_item(stack: Stack) -> None:
+    ids = ["q01", "q02", "q03", "q04", "q05", "q06"]
+    source = stack.dir / "narrow.jsonl"
+    write_questions(source, "narrow", ids)
+    out = stack.dir / "narrow-results.jsonl"
+    proc = dq(stack, "batch", str(source), "--model", MODEL, "--db", stack.shop_url, "--out", str(out),
+              "--max-in-flight", "2")
+    assert proc.returncode == 0, proc.stderr
+    assert set(results(out)) == set(ids)
+    assert summary(proc.stdout)["items run"] == "6"
+
+
+@pytest.mark.xfail(strict=True, reason=EARLY_RETURN + " (with --max-in-flight 1 the budget is never checked "
+                                                     "before the batch ends, 'completed', after one item)")
 def test_budget_stops_submitting_once_spent(stack: Stack) -> None:
     ids = [f"q{n:02d}" for n in range(1, 11)]
     source = stack.dir / "budget.jsonl"
@@ -488,8 +538,8 @@ def test_budget_stops_submitting_once_spent(stack: Stack) -> None:
               "--max-in-flight", "1")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     batch_id = batch_id_of(proc.stdout)
-    assert f"batch {batch_id}: budget_exceeded" in proc.stdout
     assert "budget $0.0001 spent" in proc.stderr
+    assert f"batch {batch_id}: budget_exceeded" in proc.stdout
     ran = int(summary(proc.stdout)["items run"])
     assert 1 <= ran < len(ids)
     assert float(summary(proc.stdout)["cost"].lstrip("$")) >= 0.0001

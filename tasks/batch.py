@@ -152,6 +152,10 @@ class BatchRunner:
         out = self.options.out.open("a", encoding="utf-8") if self.options.out else None
         try:
             while True:
+                if self.options.budget_usd is not None and self.stats.cost_usd >= self.options.budget_usd:
+                    if not self.budget_hit:
+                        self.view.note(f"budget ${self.options.budget_usd:.4f} spent: no more submissions")
+                    self.budget_hit = True
                 while (not exhausted and not self.interrupted and not self.budget_hit
                        and len(in_flight) < self.options.max_in_flight):
                     question = next(questions, None)
@@ -169,15 +173,11 @@ class BatchRunner:
                         self.view.note(f"interrupted: {len(in_flight)} job(s) left running; "
                                        "run again with --resume to collect them (they will not run twice)")
                     return
-                if not in_flight:
+                if not in_flight and (exhausted or self.budget_hit):
                     return
-                if not finished:
+                if in_flight and not finished:
                     time.sleep(self.options.poll_s)
                     self.view.idle(self.stats)
-                if self.options.budget_usd is not None and self.stats.cost_usd >= self.options.budget_usd:
-                    if not self.budget_hit:
-                        self.view.note(f"budget ${self.options.budget_usd:.4f} spent: no more submissions")
-                    self.budget_hit = True
         finally:
             if out is not None:
                 out.close()
@@ -204,9 +204,12 @@ class BatchRunner:
         if job.status is JobStatus.SUCCEEDED:
             score = score_item(answer, question.gold_sql, self.options.db_url, self.options.dialect,
                                self.options.timeout_s) if self.options.db_url else None
+            match = score.match if score else None
+            if match is None and score is not None and question.gold_sql and score.error_code != "gold_error":
+                match = False  # no SQL, invalid SQL or an error is a miss, not a question without gold
             record.update(
                 sql=score.sql if score else answer, valid=score.valid if score else None,
-                executed=score.executed if score else None, match=score.match if score else None,
+                executed=score.executed if score else None, match=match,
                 error=score.error if score else None, error_code=score.error_code if score else None,
                 rows_returned=score.rows_returned if score else None)
         else:

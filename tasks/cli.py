@@ -73,7 +73,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         info = client.store.get_batch(args.id)
         counts = ", ".join(f"{k} {v}" for k, v in batch.counts.items() if v)
         console.print(f"batch {args.id} [{info.status.value if info else '?'}] model={info.model if info else '?'}: "
-                      f"{batch.done}/{batch.total} done ({counts}), cost ${batch.cost_usd:.4f}")
+                      f"{batch.done}/{batch.total} done ({counts}), cost ${batch.cost_usd:.4f}", markup=False)
         return 0
     result = client.get(args.id)
     error = f"  {result.error.code}: {result.error.message}" if result.error else ""
@@ -105,20 +105,14 @@ def cmd_batch(args: argparse.Namespace) -> int:
 
 def _check_db(url: str) -> None:
     """A database that is not there is an error now, not 10,000 failed items later."""
-    import sqlalchemy
+    from tasks.scoring import DatabaseUnavailable, execute_sql
 
-    if url.startswith("sqlite"):
-        from pathlib import Path
-
-        path = sqlalchemy.engine.make_url(url).database
-        if not path or not Path(path).is_file():
-            raise FileNotFoundError(f"--db {url}: no SQLite file at {path!r}")
-    engine = sqlalchemy.create_engine(url)
     try:
-        with engine.connect():
-            pass
-    finally:
-        engine.dispose()
+        result = execute_sql(url, "SELECT 1", timeout_s=10)
+    except DatabaseUnavailable as exc:
+        raise DatabaseUnavailable(f"--db: {exc}") from None
+    if result.error:
+        raise DatabaseUnavailable(f"--db: {result.error.splitlines()[0]}")
 
 
 def cmd_cancel(args: argparse.Namespace) -> int:
@@ -129,9 +123,10 @@ def cmd_cancel(args: argparse.Namespace) -> int:
 def _print_stream(client: Any, job_id: str, after: int = 0) -> int:
     for step in client.stream(job_id, after_seq=after):
         if step.action_type == "assistant_delta":
-            console.print(step.messages, end="", style="cyan")
+            console.print(step.messages, end="", style="cyan", markup=False, highlight=False)
             continue
-        console.print(f"\n[bold]{step.role}[/bold] {step.action_type} [{step.status}] {(step.messages or '')[:200]}")
+        console.print(f"\n{step.role} {step.action_type} [{step.status}] {(step.messages or '')[:200]}",
+                      markup=False, highlight=False)
     console.print()
     return 0
 
@@ -201,7 +196,10 @@ def main(argv: list[str] | None = None) -> int:
 
         if os.environ.get("DQ_DEBUG"):
             raise
-        err.print(f"[red]error:[/red] {type(exc).__name__}: {exc}")
+        from rich.markup import escape
+
+        message = " ".join(f"{type(exc).__name__}: {exc}".split())  # one line, whatever the message
+        err.print("[red]error:[/red]", escape(message), soft_wrap=True)
         return 1
 
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import decimal
 import functools
-import importlib.util
 import json
 import math
 import os
@@ -24,23 +23,21 @@ import re
 import sqlite3
 import threading
 import time
-import urllib.parse
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Literal
 
 import sqlglot
 import sqlglot.errors
 from pydantic import BaseModel, ConfigDict
-from sqlalchemy import create_engine, inspect
+from sqlalchemy import inspect
 from sqlalchemy.engine import URL, Engine, make_url
 from sqlalchemy.engine.reflection import ObjectKind
-from sqlalchemy.pool import QueuePool
 from sqlglot import exp
 
 from datus.mcp_servers.sql_server import ReadOnlyViolation, check_read_only
+from datus.utils.sql import SQLiteFileNotFoundError, create_read_only_engine, with_driver
 
 __all__ = [
     "DatabaseUnavailable", "ErrorCode", "ExecResult", "ScoreResult", "compare_results", "dialect_of",
@@ -276,11 +273,7 @@ def _is_timeout(exc: BaseException, backend: str, deadline: float) -> bool:
 
 def _engine(db: str | URL) -> Engine:
     global _engines_pid
-    url = make_url(db)
-    # SQLAlchemy 2.1 maps a bare postgresql:// to psycopg 3; use psycopg2 when only it is installed.
-    if (url.drivername == "postgresql" and importlib.util.find_spec("psycopg") is None
-            and importlib.util.find_spec("psycopg2") is not None):
-        url = url.set(drivername="postgresql+psycopg2")
+    url = with_driver(db)
     key = url.render_as_string(hide_password=False)
     with _engines_lock:
         if _engines_pid != os.getpid():  # a forked child must not share its parent's connections
@@ -300,22 +293,12 @@ def _engine(db: str | URL) -> Engine:
 
 
 def _new_engine(url: URL) -> Engine:
-    if url.get_backend_name() != "sqlite":
-        return create_engine(url, pool_pre_ping=True)
-    if not url.database or url.database == ":memory:":
-        raise DatabaseUnavailable("an in-memory SQLite database is empty: give a file, e.g. sqlite:///path/to.db")
-    path = Path(url.database).expanduser().resolve()
-    if not path.is_file():
-        raise DatabaseUnavailable(f"the SQLite database {str(path)!r} does not exist")
-    uri = f"file:{urllib.parse.quote(str(path))}?mode=ro"
-
-    def connect() -> sqlite3.Connection:
-        connection = sqlite3.connect(uri, uri=True, check_same_thread=False)
-        connection.execute("PRAGMA query_only = ON")
-        connection.setlimit(sqlite3.SQLITE_LIMIT_ATTACHED, 0)  # mode=ro does not cover ATTACH
-        return connection
-
-    return create_engine("sqlite://", creator=connect, poolclass=QueuePool)
+    try:
+        return create_read_only_engine(url)
+    except SQLiteFileNotFoundError as exc:
+        raise DatabaseUnavailable(f"the SQLite database {exc.path!r} does not exist") from exc
+    except ValueError as exc:  # in-memory SQLite
+        raise DatabaseUnavailable("an in-memory SQLite database is empty: give a file, e.g. sqlite:///path/to.db") from exc
 
 
 def dispose_engines() -> None:

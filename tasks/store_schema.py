@@ -16,12 +16,9 @@ migration 2, freeze migration 1's table definitions inside ``_v1``.
 
 from __future__ import annotations
 
-import importlib.util
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from pathlib import Path
-from typing import Any
 
 from sqlalchemy import (
     JSON,
@@ -38,15 +35,16 @@ from sqlalchemy import (
     Table,
     Text,
     UniqueConstraint,
-    create_engine,
-    event,
     func,
     insert,
     select,
     text,
 )
-from sqlalchemy.engine import URL, make_url
+from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
+
+from datus.utils.sql import create_store_engine as _create_engine
+from datus.utils.sql import with_driver
 
 __all__ = [
     "MIGRATIONS",
@@ -190,49 +188,11 @@ def migrate(engine: Engine) -> int:
 def create_store_engine(url: str, busy_timeout_s: float = 30.0) -> Engine:
     """An engine for the store at ``url``, configured for many concurrent writers."""
     try:
-        parsed = _with_driver(make_url(url))
-        if parsed.get_backend_name() not in ("sqlite", "postgresql"):
+        if with_driver(url).get_backend_name() not in ("sqlite", "postgresql"):
             raise ValueError("the job store runs on SQLite or Postgres")  # it relies on ON CONFLICT
-        if parsed.get_backend_name() == "postgresql":
-            # READ COMMITTED whatever the server default: after ON CONFLICT waits for another
-            # writer, the next statement must see the row it committed
-            return create_engine(parsed, pool_pre_ping=True, isolation_level="READ COMMITTED")
-        if parsed.database in (None, "", ":memory:") or parsed.query.get("mode") == "memory":
-            raise ValueError("an in-memory SQLite database is not shared between connections; use a file")
-        Path(parsed.database).expanduser().parent.mkdir(parents=True, exist_ok=True)
-        engine = create_engine(parsed)
+        return _create_engine(url, busy_timeout_s=busy_timeout_s, write_option=WRITE_OPTION)
     except Exception as exc:  # ArgumentError, NoSuchModuleError, ImportError, OSError, ValueError
         raise StoreError(f"cannot use job store {_masked(url)!r}: {exc} (set DQ_DATABASE_URL)") from exc
-    _configure_sqlite(engine, busy_timeout_s)
-    return engine
-
-
-def _configure_sqlite(engine: Engine, busy_timeout_s: float) -> None:
-    @event.listens_for(engine, "connect")
-    def _on_connect(dbapi_connection: Any, _record: Any) -> None:
-        dbapi_connection.isolation_level = None  # we emit BEGIN ourselves (below)
-        cursor = dbapi_connection.cursor()
-        try:
-            # busy_timeout first, so that switching a fresh file to WAL waits instead of failing
-            cursor.execute(f"PRAGMA busy_timeout = {int(busy_timeout_s * 1000)}")
-            cursor.execute("PRAGMA journal_mode = WAL")
-            cursor.execute("PRAGMA synchronous = NORMAL")  # durable enough in WAL, much faster
-            cursor.execute("PRAGMA foreign_keys = ON")
-        finally:
-            cursor.close()
-
-    @event.listens_for(engine, "begin")
-    def _on_begin(conn: Connection) -> None:
-        # a writer takes the write lock up front (waiting under busy_timeout): a deferred one
-        # that read first could only fail with SQLITE_BUSY when another writer got in between
-        conn.exec_driver_sql("BEGIN IMMEDIATE" if conn.get_execution_options().get(WRITE_OPTION) else "BEGIN")
-
-
-def _with_driver(url: URL) -> URL:
-    # SQLAlchemy 2.1 reads a bare postgresql:// as psycopg 3; the postgres extra installs psycopg2
-    if url.drivername == "postgresql" and importlib.util.find_spec("psycopg") is None:
-        return url.set(drivername="postgresql+psycopg2")
-    return url
 
 
 def _masked(url: str) -> str:

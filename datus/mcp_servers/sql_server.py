@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import decimal
-import importlib.util
 import json
 import logging
 import math
@@ -25,20 +24,19 @@ import re
 import sqlite3
 import sys
 import time
-import urllib.parse
 from collections.abc import Iterator
 from contextlib import contextmanager
-from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 import sqlglot
 import sqlglot.errors
 from pydantic import Field
-from sqlalchemy import create_engine, inspect, text
+from sqlalchemy import inspect, text
 from sqlalchemy.engine import URL, Engine, make_url
 from sqlalchemy.exc import NoSuchTableError, SQLAlchemyError
-from sqlalchemy.pool import QueuePool
 from sqlglot import exp
+
+from datus.utils.sql import create_read_only_engine, with_driver
 
 if TYPE_CHECKING:
     from mcp.server.mcpserver import MCPServer
@@ -151,7 +149,7 @@ class ReadOnlyDatabase:
     def __init__(self, url: str | URL, *, max_rows: int = 200, timeout_s: float = 10.0) -> None:
         if max_rows < 1 or timeout_s <= 0:
             raise ValueError("max_rows must be at least 1 and timeout_s positive")
-        self.url = _driver_url(make_url(url))
+        self.url = with_driver(url)
         self.max_rows = max_rows
         self.timeout_s = timeout_s
         self.backend = self.url.get_backend_name()
@@ -263,36 +261,11 @@ class ReadOnlyDatabase:
             yield
 
 
-def _driver_url(url: URL) -> URL:
-    # SQLAlchemy 2.1 maps a bare postgresql:// to psycopg 3; use psycopg2 when only it is installed.
-    if (url.drivername == "postgresql" and importlib.util.find_spec("psycopg") is None
-            and importlib.util.find_spec("psycopg2") is not None):
-        return url.set(drivername="postgresql+psycopg2")
-    return url
-
-
 def _create_engine(url: URL) -> Engine:
-    if url.get_backend_name() != "sqlite":
-        if url.get_backend_name() != "postgresql":
-            logger.warning("%s: writes are refused by the SQL check only; connect as a read-only user",
-                           url.get_backend_name())
-        return create_engine(url, pool_pre_ping=True)
-    if not url.database or url.database == ":memory:":
-        raise ValueError("an in-memory SQLite database is always empty: pass a file, e.g. sqlite:///path/to.db")
-    path = Path(url.database).expanduser().resolve()
-    if not path.is_file():
-        raise FileNotFoundError(f"SQLite database {str(path)!r} does not exist")
-    uri = f"file:{urllib.parse.quote(str(path))}?mode=ro"
-
-    def connect() -> sqlite3.Connection:
-        connection = sqlite3.connect(uri, uri=True, check_same_thread=False)
-        connection.execute("PRAGMA query_only = ON")
-        # mode=ro does not cover ATTACH: it would open (even create) any other file.
-        connection.setlimit(sqlite3.SQLITE_LIMIT_ATTACHED, 0)
-        return connection
-
-    # Tool calls run on worker threads; a file database is safe to share across them.
-    return create_engine("sqlite://", creator=connect, poolclass=QueuePool)
+    if url.get_backend_name() not in ("sqlite", "postgresql"):
+        logger.warning("%s: writes are refused by the SQL check only; connect as a read-only user",
+                       url.get_backend_name())
+    return create_read_only_engine(url)
 
 
 def _type_name(column_type: Any) -> str:

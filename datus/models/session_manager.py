@@ -14,7 +14,6 @@ session therefore run one after another and each sees the last committed ``seq``
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import os
 import re
 import threading
@@ -27,10 +26,11 @@ from typing import Any
 
 import sqlalchemy as sa
 from pydantic import BaseModel, ConfigDict, Field
-from sqlalchemy.engine import URL, Connection, Engine, make_url
+from sqlalchemy.engine import Connection, Engine
 
 from datus.schemas.message import ChatMessage
 from datus.utils.exceptions import DatusException, ErrorCode
+from datus.utils.sql import create_store_engine, is_in_memory_sqlite, with_driver
 
 __all__ = [
     "SESSION_URL_ENV", "Session", "SessionInfo", "SessionManager", "SessionNotFoundError", "SessionStoreError",
@@ -146,23 +146,13 @@ class SessionManager:
     def __init__(self, url: str | None = None, *, busy_timeout: float = 30.0) -> None:
         raw = url or default_session_url()
         try:
-            parsed = _with_driver(make_url(raw))
-            backend = parsed.get_backend_name()
-            if backend == "sqlite":
-                if parsed.database in (None, "", ":memory:") or "mode=memory" in str(parsed):
-                    raise ValueError("in-memory SQLite is not shared between threads; use a file")
-                # sqlite3 would take "~" literally, so DQ_SESSION_URL=sqlite:///~/... is expanded here
-                parsed = parsed.set(database=str(Path(parsed.database).expanduser()))
-                Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
-            # READ COMMITTED whatever the server default: after waiting on the row lock, the
-            # next statement must see the seq the other writer committed
-            options: dict[str, Any] = {"isolation_level": "READ COMMITTED"} if backend == "postgresql" else {}
-            self._engine: Engine = sa.create_engine(parsed, pool_pre_ping=backend != "sqlite", **options)
+            parsed = with_driver(raw)
+            if is_in_memory_sqlite(parsed):
+                raise ValueError("in-memory SQLite is not shared between threads; use a file")
+            self._engine: Engine = create_store_engine(parsed, busy_timeout_s=busy_timeout, write_option=_WRITE)
         except (sa.exc.ArgumentError, sa.exc.NoSuchModuleError, ImportError, ValueError, OSError) as exc:
             hint = f"(pass another URL or set {SESSION_URL_ENV})"
             raise SessionStoreError(f"cannot use session store {_mask(raw)!r}: {exc} {hint}") from exc
-        if backend == "sqlite":
-            _configure_sqlite(self._engine, busy_timeout)
         self._write_engine = self._engine.execution_options(**{_WRITE: True})
         self._schema_lock = threading.Lock()
         self._ready = False
@@ -319,35 +309,6 @@ class SessionManager:
                 except sa.exc.DBAPIError as exc:
                     raise SessionStoreError(f"cannot open the session store {self.url}: {exc.orig}") from exc
             self._ready = True
-
-
-def _configure_sqlite(engine: Engine, busy_timeout: float) -> None:
-    @sa.event.listens_for(engine, "connect")
-    def _on_connect(dbapi_connection: Any, _record: Any) -> None:
-        # we emit BEGIN ourselves (below): the driver's own would start writers as DEFERRED
-        dbapi_connection.isolation_level = None
-        cursor = dbapi_connection.cursor()
-        try:
-            # busy_timeout first, so that switching to WAL also waits instead of failing
-            cursor.execute(f"PRAGMA busy_timeout = {int(busy_timeout * 1000)}")
-            cursor.execute("PRAGMA journal_mode = WAL")
-            cursor.execute("PRAGMA synchronous = NORMAL")  # durable enough in WAL, much faster
-            cursor.execute("PRAGMA foreign_keys = ON")
-        finally:
-            cursor.close()
-
-    @sa.event.listens_for(engine, "begin")
-    def _on_begin(conn: Connection) -> None:
-        # a writer takes the write lock up front (waiting under busy_timeout); a deferred one
-        # that read first could only fail with SQLITE_BUSY when another writer got in between
-        conn.exec_driver_sql("BEGIN IMMEDIATE" if conn.get_execution_options().get(_WRITE) else "BEGIN")
-
-
-def _with_driver(url: URL) -> URL:
-    # SQLAlchemy 2.1 reads a bare postgresql:// as psycopg 3; our extra installs psycopg2
-    if url.drivername == "postgresql" and importlib.util.find_spec("psycopg") is None:
-        return url.set(drivername="postgresql+psycopg2")
-    return url
 
 
 def _now() -> datetime:

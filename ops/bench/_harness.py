@@ -1,33 +1,28 @@
-"""Shared pieces of the job-system benchmarks: a fake provider server process, a worker
-process, a private Redis database and job store, and a client wired to them."""
+"""Shared pieces of the job-system benchmarks: a fake provider server process, a private Redis
+database and job store, and a client wired to them (the worker process is
+`tasks.services.worker_process`)."""
 
 from __future__ import annotations
 
 import contextlib
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import httpx
 
 from datus.configuration.agent_config import AgentConfig
 from tasks.app import create_app
 from tasks.client import JobClient
+from tasks.services import free_port
 from tasks.settings import Settings
 
 KEY = "sk-bench-not-a-real-key"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @contextlib.contextmanager
@@ -68,22 +63,6 @@ def job_system(fake_url: str, redis_url: str, database_url: str | None = None) -
     finally:
         client.redis.flushdb()
         client.close()
-
-
-@contextlib.contextmanager
-def worker_process(env: dict[str, str], concurrency: int, log: Path) -> Iterator[subprocess.Popen[bytes]]:
-    handle = log.open("wb")
-    proc = subprocess.Popen([sys.executable, "-m", "workers", "--provider", "openai", "-c", str(concurrency),
-                             "-l", "WARNING"], env=env, stdout=handle, stderr=subprocess.STDOUT)
-    try:
-        yield proc
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        handle.close()
 
 
 def wait_until_final(client: JobClient, total: int, timeout_s: float) -> float:

@@ -22,7 +22,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _harness import KEY, fake_server_process, job_system, peak_rss_mb, wait_until_final, worker_process  # noqa: E402
+from _harness import KEY, fake_server_process, job_system, peak_rss_mb, wait_until_final
+
+from tasks.services import worker_process
 
 
 async def direct(url: str, total: int, concurrency: int) -> float:
@@ -44,7 +46,7 @@ async def direct(url: str, total: int, concurrency: int) -> float:
 
 def through_jobs(url: str, redis_url: str, total: int, concurrency: int, log: Path) -> tuple[float, float, float]:
     with job_system(url, redis_url, os.environ.get("DQ_BENCH_DATABASE_URL")) as (client, env):
-        with worker_process(env, concurrency, log) as worker:
+        with worker_process(env, ["openai"], concurrency, log) as worker:
             # warm-up: the worker is ready when a job completes
             client.result(client.submit({"model": "bench", "prompt": "warm up", "stream": False}), timeout=60)
             client.store.count_by_status()

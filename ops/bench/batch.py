@@ -39,7 +39,9 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _harness import fake_server_process, job_system, worker_process  # noqa: E402
+from _harness import fake_server_process, job_system
+
+from tasks.services import worker_process
 
 ANSWER = "```sql\nSELECT COUNT(*) FROM customers\n```"
 TARGET_RATIO = 1.2
@@ -97,16 +99,32 @@ def wait_for_workers(client: Any, count: int, timeout_s: float = 60) -> None:
     raise TimeoutError(f"fewer than {count} workers answered a ping within {timeout_s:.0f}s")
 
 
-def run_dq(env: dict[str, str], source: Path, db_url: str, out: Path, in_flight: int) -> dict[str, Any]:
-    """``dq batch`` in a subprocess: wall time and its peak RSS (wait4's ru_maxrss, in KB)."""
+def wait_child(proc: subprocess.Popen[Any], workers: list[subprocess.Popen[bytes]]) -> Any:
+    """Wait for ``proc`` and return its rusage (``wait4``: this child's own peak RSS). If a
+    worker dies meanwhile the batch could only wait forever: stop it and say so."""
+    while True:
+        pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+        if pid:
+            proc.returncode = os.waitstatus_to_exitcode(status)
+            return usage
+        dead = [worker.pid for worker in workers if worker.poll() is not None]
+        if dead:
+            proc.kill()
+            proc.wait()
+            raise SystemExit(f"worker process(es) {dead} exited during the run (see worker-*.log): stopped")
+        time.sleep(0.1)
+
+
+def run_dq(env: dict[str, str], source: Path, db_url: str, out: Path, in_flight: int,
+           workers: list[subprocess.Popen[bytes]]) -> dict[str, Any]:
+    """``dq batch`` in a subprocess: wall time and its peak RSS (ru_maxrss, KB)."""
     command = [sys.executable, "-m", "tasks.cli", "batch", str(source), "--model", "bench", "--db", db_url,
                "--out", str(out), "--max-in-flight", str(in_flight)]
     log = out.with_suffix(".log")
     start = time.perf_counter()
     with log.open("w") as handle:
         proc = subprocess.Popen(command, env={**env, "COLUMNS": "120"}, stdout=handle, stderr=subprocess.STDOUT)
-        _, status, usage = os.wait4(proc.pid, 0)
-        proc.returncode = os.waitstatus_to_exitcode(status)
+        usage = wait_child(proc, workers)
     elapsed = time.perf_counter() - start
     text = log.read_text()
     if proc.returncode != 0:
@@ -116,13 +134,18 @@ def run_dq(env: dict[str, str], source: Path, db_url: str, out: Path, in_flight:
             "lines": sum(1 for _ in out.open())}
 
 
-def run_inprocess(env: dict[str, str], source: Path, db_url: str, out: Path, in_flight: int) -> dict[str, Any]:
+def run_inprocess(env: dict[str, str], source: Path, db_url: str, out: Path, in_flight: int,
+                  workers: list[subprocess.Popen[bytes]]) -> dict[str, Any]:
     """`BatchRunner` in a fresh interpreter under tracemalloc."""
-    proc = subprocess.run([sys.executable, "-c", _CHILD_CODE, str(source), db_url, str(out), str(in_flight)],
-                          env=env, capture_output=True, text=True)
+    log = out.with_suffix(".log")
+    with log.open("w") as handle:
+        proc = subprocess.Popen([sys.executable, "-c", _CHILD_CODE, str(source), db_url, str(out), str(in_flight)],
+                                env=env, stdout=handle, stderr=subprocess.STDOUT)
+        wait_child(proc, workers)
+    text = log.read_text()
     if proc.returncode != 0:
-        raise SystemExit(f"the in-process batch failed:\n{proc.stderr[-2000:]}")
-    result: dict[str, Any] = json.loads(proc.stdout.strip().splitlines()[-1])
+        raise SystemExit(f"the in-process batch failed:\n{text[-2000:]}")
+    result: dict[str, Any] = json.loads(text.strip().splitlines()[-1])
     result["lines"] = sum(1 for _ in out.open())
     return result
 
@@ -151,8 +174,9 @@ def main() -> int:
         # the standalone fake answers with an echo unless scripted: valid SQL, forever
         httpx.post(f"{fake_url}/_fake/script", json={"reply": {"text": ANSWER}, "times": None}).raise_for_status()
         client, env = stack.enter_context(job_system(fake_url, redis_url, os.environ.get("DQ_BENCH_DATABASE_URL")))
-        for n in range(args.workers):
-            stack.enter_context(worker_process(env, args.concurrency, workdir / f"worker-{n + 1}.log"))
+        workers = [stack.enter_context(worker_process(env, ["openai"], args.concurrency,
+                                                      workdir / f"worker-{n + 1}.log"))
+                   for n in range(args.workers)]
         wait_for_workers(client, args.workers)
         print(f"dq batch: {args.workers} worker processes (-c {args.concurrency}), fake latency "
               f"{args.latency_ms:g} ms, --max-in-flight {args.max_in_flight}, job store "
@@ -163,7 +187,7 @@ def main() -> int:
                 source, out = workdir / f"{tag}.jsonl", workdir / f"{tag}-results.jsonl"
                 write_questions(source, size, tag)
                 run = run_dq if mode == "rss" else run_inprocess
-                result = measured[(mode, size)] = run(env, source, db_url, out, args.max_in_flight)
+                result = measured[(mode, size)] = run(env, source, db_url, out, args.max_in_flight, workers)
                 if result["lines"] != size or result["failed"]:
                     print(f"  warning: {result['lines']} result lines for {size} items, {result['failed']} failed")
                 peak = (f"peak RSS {result['maxrss_kb'] / 1024:7.1f} MB" if mode == "rss"

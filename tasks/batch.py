@@ -94,6 +94,10 @@ class BatchRunner:
 
     def run(self, input_path: Path) -> tuple[str, BatchStats]:
         input_path = Path(input_path)
+        from tasks.client import resolve_provider
+
+        resolve_provider(self.options.model, self.client.agent_config)  # an unknown model fails before any row
+        next(iter_questions(input_path), None)  # so does a missing or empty input file
         batch_id = self.batch_id(input_path)
         store = self.client.store
         batch, created = store.create_batch(batch_id, model=self.options.model, prompt_hash=self.prompt_hash(),

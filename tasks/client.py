@@ -84,8 +84,10 @@ class JobClient:
             return job_id
         payload = TaskPayload(provider=provider, request=job).model_dump(mode="json")
         try:
+            # ignore_result: results live in the job store; without it every submit leaves the
+            # client subscribed to a Celery result channel (memory grows with the batch)
             self.app.send_task(TASK_NAMES[job.kind], args=(job_id, payload), task_id=job_id,
-                               queue=queue_for(provider))
+                               queue=queue_for(provider), ignore_result=True)
         except Exception as exc:  # the row must not stay queued forever
             from tasks.jobs import job_error
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import importlib
 import logging
+import os
 import threading
 import time
 import weakref
@@ -61,6 +62,11 @@ class LLMBaseModel(ABC):
         LLMProvider.FAKE: "FakeModel",
     }
 
+    # Where the key comes from when the config has none (first set variable wins); providers
+    # that need no key (the scripted fake) set REQUIRES_API_KEY = False.
+    API_KEY_ENVS: ClassVar[tuple[str, ...]] = ()
+    REQUIRES_API_KEY: ClassVar[bool] = True
+
     def __init__(self, model_config: ModelConfig, **kwargs: Any) -> None:
         model_config.require_env()
         self.model_config = model_config
@@ -77,6 +83,8 @@ class LLMBaseModel(ABC):
         self._clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Any] = weakref.WeakKeyDictionary()
         self._clients_lock = threading.Lock()
         self.agent_config: AgentConfig | None = None
+        if self.REQUIRES_API_KEY:
+            self._get_api_key()  # a missing key is an error now, not a 401 later
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(provider={self.provider!r}, model={self.model_name!r})"
@@ -113,6 +121,18 @@ class LLMBaseModel(ABC):
         return getattr(module, class_name)
 
     # ---- adapter hooks -------------------------------------------------------------------
+
+    def _get_api_key(self) -> str:
+        key = self.model_config.api_key or next(
+            (os.environ[name] for name in self.API_KEY_ENVS if os.environ.get(name)), None
+        )
+        if not key:
+            where = " or ".join(self.API_KEY_ENVS) or "api_key"
+            raise ModelConfigError(
+                f"{self.provider} needs an API key: set {where}, or api_key in the model's config",
+                provider=self.provider, model=self.model_name,
+            )
+        return key
 
     @abstractmethod
     def _create_client(self) -> Any:

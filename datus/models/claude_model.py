@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
@@ -67,20 +66,7 @@ _STATUS_OF_TYPE = {
 
 
 class ClaudeModel(LLMBaseModel):
-    def __init__(self, model_config: Any, **kwargs: Any) -> None:
-        super().__init__(model_config, **kwargs)
-        self._get_api_key()  # a missing key is an error now, not a 401 later
-
-    # ---- provider ------------------------------------------------------------------------
-
-    def _get_api_key(self) -> str:
-        key = self.model_config.api_key or os.environ.get(API_KEY_ENV)
-        if not key:
-            raise ModelConfigError(
-                f"{self.provider} needs an API key: set {API_KEY_ENV}, or api_key in the model's config",
-                provider=self.provider, model=self.model_name,
-            )
-        return key
+    API_KEY_ENVS = (API_KEY_ENV,)
 
     def _create_client(self) -> Any:
         import anthropic

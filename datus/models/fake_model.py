@@ -35,6 +35,7 @@ __all__ = ["FakeModel"]
 
 
 class FakeModel(LLMBaseModel):
+    REQUIRES_API_KEY = False
     def __init__(
         self,
         model_config: Any,

@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import os
 import re
 import sys
 from collections.abc import AsyncIterator
@@ -55,22 +54,6 @@ class GeminiModel(LLMBaseModel):
     # is v1.
     API_VERSION: ClassVar[str] = "v1beta"
 
-    def __init__(self, model_config: Any, **kwargs: Any) -> None:
-        super().__init__(model_config, **kwargs)
-        self._api_key()  # a missing key is an error now, not a 403 later
-
-    def _api_key(self) -> str:
-        key = self.model_config.api_key or next(
-            (os.environ[name] for name in self.API_KEY_ENVS if os.environ.get(name)), None
-        )
-        if not key:
-            raise ModelConfigError(
-                f"{self.provider} needs an API key: set {' or '.join(self.API_KEY_ENVS)}, "
-                "or api_key in the model's config",
-                provider=self.provider, model=self.model_name,
-            )
-        return key
-
     # ---- client --------------------------------------------------------------------------
 
     def _create_client(self) -> Any:
@@ -84,7 +67,7 @@ class GeminiModel(LLMBaseModel):
             timeout=int(self.model_config.timeout_s * 1000),  # milliseconds
             retry_options=types.HttpRetryOptions(attempts=1),
         )
-        return genai.Client(vertexai=False, api_key=self._api_key(), http_options=http_options)
+        return genai.Client(vertexai=False, api_key=self._get_api_key(), http_options=http_options)
 
     async def aclose(self) -> None:
         # Client.close() closes only the sync transport; the async one has its own aclose.

@@ -9,14 +9,12 @@ what a model family can do comes from its profile (``datus.models.profiles``).
 from __future__ import annotations
 
 import json
-import os
 from typing import Any, AsyncIterator, ClassVar
 
 from datus.models.base import LLMBaseModel
 from datus.models.errors import (
     ContentFilterError,
     InvalidResponseError,
-    ModelConfigError,
     ModelConnectionError,
     ModelError,
     ModelTimeoutError,
@@ -31,26 +29,9 @@ __all__ = ["OpenAICompatibleModel"]
 
 
 class OpenAICompatibleModel(LLMBaseModel):
-    API_KEY_ENVS: ClassVar[tuple[str, ...]] = ()
     DEFAULT_BASE_URL: ClassVar[str | None] = None
 
-    def __init__(self, model_config: Any, **kwargs: Any) -> None:
-        super().__init__(model_config, **kwargs)
-        self._get_api_key()  # a missing key is an error now, not a 401 later
-
-    # ---- provider hooks ------------------------------------------------------------------
-
-    def _get_api_key(self) -> str:
-        key = self.model_config.api_key or next(
-            (os.environ[name] for name in self.API_KEY_ENVS if os.environ.get(name)), None
-        )
-        if not key:
-            where = " or ".join(self.API_KEY_ENVS) or "api_key"
-            raise ModelConfigError(
-                f"{self.provider} needs an API key: set {where}, or api_key in the model's config",
-                provider=self.provider, model=self.model_name,
-            )
-        return key
+    # ---- provider hooks (``_get_api_key`` comes from LLMBaseModel) ------------------------
 
     def _get_base_url(self) -> str | None:
         return self.model_config.base_url or self.DEFAULT_BASE_URL

@@ -5,6 +5,7 @@ and closed by the worker runtime at shutdown."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import threading
 import weakref
@@ -60,12 +61,7 @@ class JobContext:
             if model is None:
                 model = LLMBaseModel.create_model(self.agent_config, name)
                 if not in_process_retries:
-                    model.retry_policy = type(model.retry_policy)(
-                        max_attempts=1,
-                        base_delay_s=model.retry_policy.base_delay_s,
-                        max_delay_s=model.retry_policy.max_delay_s,
-                        max_total_wait_s=model.retry_policy.max_total_wait_s,
-                    )
+                    model.retry_policy = dataclasses.replace(model.retry_policy, max_attempts=1)
                 self._models[key] = model
             return model
 

@@ -24,6 +24,7 @@ from celery.exceptions import Reject
 from pydantic import ValidationError
 
 from datus.models.errors import ModelError
+from datus.models.retry import RetryPolicy
 from datus.models.usage import Usage, track_usage
 from datus.schemas.action_history import ActionHistory, ActionRole, ActionStatus
 from datus.schemas.message import to_messages
@@ -165,8 +166,9 @@ async def _failed(ctx: JobContext, job_id: str, request: JobRequest, attempt: in
     if not isinstance(exc, ModelError):
         logger.exception("job %s failed with an internal error", job_id)
     elif exc.retryable and not tools_ran:
-        model = ctx.model(request.model, in_process_retries=True)
-        delay = model.retry_policy.delay_for(exc, attempt)
+        # the model's own policy decides; the job's model object tries each request once
+        policy = RetryPolicy.from_config(ctx.model(request.model, in_process_retries=False).model_config)
+        delay = policy.delay_for(exc, attempt)
         ceiling = min(ctx.settings.max_retry_countdown_s, ctx.settings.visibility_timeout_s * 0.5)
         if delay is not None and delay <= ceiling:
             await asyncio.to_thread(ctx.store.mark_retrying, job_id, attempt, error, delay)

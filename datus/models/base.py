@@ -74,12 +74,7 @@ class LLMBaseModel(ABC):
         self.provider = str(model_config.type)
         self.profile = find_profile(self.provider, self.model_name)
         self.pricing = model_config.pricing or find_pricing(self.provider, self.model_name)
-        self.retry_policy = RetryPolicy(
-            max_attempts=model_config.max_retries + 1,
-            base_delay_s=model_config.retry_base_delay_s,
-            max_delay_s=model_config.retry_max_delay_s,
-            max_total_wait_s=model_config.retry_max_wait_s,
-        )
+        self.retry_policy = RetryPolicy.from_config(model_config)
         self._clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Any] = weakref.WeakKeyDictionary()
         self._clients_lock = threading.Lock()
         self.agent_config: AgentConfig | None = None

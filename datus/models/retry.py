@@ -13,7 +13,7 @@ import asyncio
 import logging
 import random
 from dataclasses import dataclass
-from typing import Awaitable, Callable, TypeVar
+from typing import Any, Awaitable, Callable, TypeVar
 
 from datus.models.errors import ModelError
 
@@ -35,6 +35,16 @@ class RetryPolicy:
             raise ValueError("max_attempts must be at least 1")
         if self.base_delay_s < 0 or self.max_delay_s < 0 or self.max_total_wait_s < 0:
             raise ValueError("retry delays must not be negative")
+
+    @classmethod
+    def from_config(cls, config: Any) -> "RetryPolicy":
+        """The policy a model config asks for (``max_retries`` retries after the first try)."""
+        return cls(
+            max_attempts=config.max_retries + 1,
+            base_delay_s=config.retry_base_delay_s,
+            max_delay_s=config.retry_max_delay_s,
+            max_total_wait_s=config.retry_max_wait_s,
+        )
 
     def backoff(self, attempt: int, rand: Callable[[], float] = random.random) -> float:
         """Full jitter: uniform in [0, min(cap, base * 2**(attempt-1))]."""

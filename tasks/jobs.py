@@ -33,7 +33,7 @@ from tasks.context import JobContext, get_context
 from tasks.execution import run_coroutine
 from tasks.schemas import JobError, JobKind, JobRequest, JobStatus, TaskPayload
 
-__all__ = ["run_task", "execute", "RetryLater", "JobCancelled"]
+__all__ = ["run_task", "run_message", "dead_letter_message", "execute", "RetryLater", "JobCancelled"]
 
 logger = logging.getLogger("tasks.jobs")
 INFRA_RETRIES = 8
@@ -50,39 +50,49 @@ class JobCancelled(Exception):
 
 
 def run_task(task: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
-    """The body of every task: run the job's coroutine, turn ``RetryLater`` into a Celery
-    retry (a new message with the same task id; this one is then acknowledged).
+    """The body of every task under a thread or process pool: run the job's coroutine, turn
+    ``RetryLater`` into a Celery retry (a new message with the same task id; this one is then
+    acknowledged) and a cancelled job into a requeue. The worker's own pool
+    (`workers.pool`) awaits `run_message` on its event loop instead."""
+    try:
+        outcome = run_coroutine(run_message(args, kwargs, int(task.request.retries or 0)))
+    except (asyncio.CancelledError, concurrent.futures.CancelledError):
+        # the worker is shutting down and cancelled the job: back to the queue at once
+        raise Reject("worker shutting down", requeue=True) from None
+    if isinstance(outcome, RetryLater):
+        raise task.retry(countdown=outcome.countdown, max_retries=None)
+    return outcome
+
+
+async def run_message(args: tuple[Any, ...] | list[Any], kwargs: dict[str, Any], retries: int) -> Any:
+    """One delivery of a job message: the task's return value (a dict), or `RetryLater`.
 
     Tasks take ``(job_id, payload)``; any other shape (a message not sent by JobClient) is
-    dead-lettered here rather than failing inside Celery unrecorded."""
+    dead-lettered here rather than failing inside Celery unrecorded. Redis or the job store
+    failing around the job (not the model) gives `RetryLater` too: the job is not lost, and
+    the dead-letter threshold bounds how often. Cancellation (shutdown) propagates."""
     named = dict(kwargs)
     values = list(args) + [named.pop(key) for key in ("job_id", "payload") if key in named]
     if len(values) != 2 or named:
         job_id = str(values[0]) if values else ""
-        reason = f"{task.name} takes (job_id, payload); got {len(args)} positional and {sorted(kwargs)} keyword"
-        run_coroutine(_dead_letter(get_context(), job_id, reason, None))
+        reason = f"job tasks take (job_id, payload); got {len(args)} positional and {sorted(kwargs)} keyword"
+        await _dead_letter(get_context(), job_id, reason, None)
         return {"job_id": job_id, "status": "rejected"}
     job_id, payload = values
-    retries = int(task.request.retries or 0)
     try:
-        outcome = run_coroutine(execute(job_id, payload, retries=retries))
-    except (asyncio.CancelledError, concurrent.futures.CancelledError):
-        # the worker is shutting down and cancelled the job: back to the queue at once
-        raise Reject("worker shutting down", requeue=True) from None
-    except (KeyboardInterrupt, SystemExit):
-        raise
+        return await execute(job_id, payload, retries=retries)
     except Exception as exc:
-        # Redis or the job store failed around the job (not the model): the job is not lost,
-        # it is retried later; the dead-letter threshold bounds how often.
         if retries >= INFRA_RETRIES:
             raise
         countdown = min(60.0, 0.5 * 2 ** retries)
         logger.warning("job %s: infrastructure error %s: %s; retry in %.1fs", job_id, type(exc).__name__, exc,
                        countdown)
-        raise task.retry(countdown=countdown, max_retries=None) from exc
-    if isinstance(outcome, RetryLater):
-        raise task.retry(countdown=outcome.countdown, max_retries=None)
-    return outcome
+        return RetryLater(countdown, job_error(exc))
+
+
+async def dead_letter_message(task_id: str, reason: str) -> None:
+    """Record a message whose body cannot be read (the worker's pool decodes bodies itself)."""
+    await _dead_letter(get_context(), task_id, reason, None)
 
 
 def job_error(exc: BaseException) -> JobError:
@@ -102,7 +112,7 @@ async def execute(job_id: str, payload: Any, retries: int = 0, context: JobConte
     except ValidationError as exc:
         reason = f"invalid payload: {_first_error(exc)}"
         await _dead_letter(ctx, job_id, reason, payload)
-        await asyncio.to_thread(ctx.store.finish, job_id, JobStatus.FAILED,
+        await ctx.store.afinish(job_id, JobStatus.FAILED,
                                 error=JobError(code="invalid_payload", type="ValidationError", message=reason),
                                 attempts=retries + 1)
         return {"job_id": job_id, "status": "rejected"}
@@ -117,14 +127,14 @@ async def execute(job_id: str, payload: Any, retries: int = 0, context: JobConte
         reason = f"delivered {deliveries} times ({redeliveries} redeliveries without a result)"
         await _dead_letter(ctx, job_id, reason, None)
         error = JobError(code="dead_letter", type="DeadLetter", message=reason)
-        if await asyncio.to_thread(ctx.store.finish, job_id, JobStatus.DEAD, error=error, attempts=retries + 1):
+        if await ctx.store.afinish(job_id, JobStatus.DEAD, error=error, attempts=retries + 1):
             await _terminal(ctx, job_id, JobStatus.DEAD, _error_step(error))
         return {"job_id": job_id, "status": JobStatus.DEAD.value}
 
     attempt = retries + 1
-    claimed = await asyncio.to_thread(ctx.store.mark_running, job_id, attempt)
+    claimed = await ctx.store.amark_running(job_id, attempt)
     if claimed is None:  # already final (a redelivery after success) or cancelled while queued
-        current = await asyncio.to_thread(ctx.store.get, job_id)
+        current = await ctx.store.aget(job_id)
         return {"job_id": job_id, "status": current.status.value if current else "unknown"}
     return await _run(ctx, job_id, task_payload.request, attempt, bool(cancel_requested))
 
@@ -135,7 +145,7 @@ async def _run(ctx: JobContext, job_id: str, request: JobRequest, attempt: int, 
         with track_usage() as calls:
             output, sql_contexts = await runner.run()
     except JobCancelled:
-        if await asyncio.to_thread(ctx.store.finish, job_id, JobStatus.CANCELLED, attempts=attempt):
+        if await ctx.store.afinish(job_id, JobStatus.CANCELLED, attempts=attempt):
             await _terminal(ctx, job_id, JobStatus.CANCELLED, ActionHistory.create_action(
                 ActionRole.WORKFLOW, "cancelled", "cancelled", None, None, ActionStatus.FAILED))
         return {"job_id": job_id, "status": JobStatus.CANCELLED.value}
@@ -146,8 +156,8 @@ async def _run(ctx: JobContext, job_id: str, request: JobRequest, attempt: int, 
             raise  # run_task retries the job later; the model error path is for the model's own errors
         return await _failed(ctx, job_id, request, attempt, exc, runner.tools_ran)
     usage = sum(calls, Usage()) if calls else Usage()
-    won = await asyncio.to_thread(
-        ctx.store.finish, job_id, JobStatus.SUCCEEDED, output=output, sql_contexts=sql_contexts,
+    won = await ctx.store.afinish(
+        job_id, JobStatus.SUCCEEDED, output=output, sql_contexts=sql_contexts,
         usage=usage.model_dump(), cost_usd=usage.cost_usd, attempts=attempt,
     )
     if won:
@@ -171,13 +181,13 @@ async def _failed(ctx: JobContext, job_id: str, request: JobRequest, attempt: in
         delay = policy.delay_for(exc, attempt)
         ceiling = min(ctx.settings.max_retry_countdown_s, ctx.settings.visibility_timeout_s * 0.5)
         if delay is not None and delay <= ceiling:
-            await asyncio.to_thread(ctx.store.mark_retrying, job_id, attempt, error, delay)
+            await ctx.store.amark_retrying(job_id, attempt, error, delay)
             await ctx.publisher.publish(job_id, ActionHistory.create_action(
                 ActionRole.WORKFLOW, "retry", f"{error.type}: retrying in {delay:.2f}s", None,
                 {"error": error.model_dump(), "countdown_s": delay, "attempt": attempt}, ActionStatus.PROCESSING))
             logger.info("job %s attempt %d: %s; retry in %.2fs", job_id, attempt, error.type, delay)
             return RetryLater(delay, error)
-    if await asyncio.to_thread(ctx.store.finish, job_id, JobStatus.FAILED, error=error, attempts=attempt):
+    if await ctx.store.afinish(job_id, JobStatus.FAILED, error=error, attempts=attempt):
         await _terminal(ctx, job_id, JobStatus.FAILED, _error_step(error))
     return {"job_id": job_id, "status": JobStatus.FAILED.value}
 

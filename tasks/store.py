@@ -19,31 +19,40 @@ carry no secret by construction. Timestamps are timezone-aware UTC.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import threading
 from collections.abc import Collection, Iterable, Iterator, Mapping
 from contextlib import contextmanager
-from datetime import UTC, datetime, timedelta
+from datetime import datetime
 from enum import Enum
 from itertools import islice
 from typing import Any
 
 from pydantic import BaseModel
 from pydantic_core import to_jsonable_python
-from sqlalchemy import Connection, Engine, case, func, select, update
+from sqlalchemy import Connection, Engine, func, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Row
 from sqlalchemy.exc import DBAPIError
 
-from tasks.schemas import FINAL_STATUSES, JobError, JobRequest, JobResult, JobStatus
+from tasks import job_writes
+from tasks.group_commit import GroupCommit
+from tasks.job_rows import FINAL as _FINAL
+from tasks.job_rows import OPEN as _OPEN
+from tasks.job_rows import RESULT_COLUMNS as _RESULT_COLUMNS
+from tasks.job_rows import StoredJob
+from tasks.job_rows import now as _now
+from tasks.job_rows import to_job as _job
+from tasks.job_rows import utc as _utc
+from tasks.schemas import FINAL_STATUSES, JobError, JobRequest, JobStatus
 from tasks.settings import get_settings
 from tasks.store_schema import WRITE_OPTION, StoreError, batch_items, batches, create_store_engine, jobs, migrate
 
+logger = logging.getLogger("tasks.store")
+
 __all__ = ["BatchInfo", "BatchItem", "BatchStatus", "BatchSummary", "JobStore", "StoreError", "StoredJob"]
 
-_FINAL = [s.value for s in FINAL_STATUSES]
-_STARTABLE = [JobStatus.QUEUED.value, JobStatus.RETRYING.value, JobStatus.RUNNING.value]
-_OPEN = _STARTABLE  # not final: the statuses a job may still leave
 _CHUNK = 1000
 
 
@@ -53,14 +62,6 @@ class BatchStatus(str, Enum):
     INTERRUPTED = "interrupted"  # Ctrl-C: stopped submitting, what finished is recorded
     BUDGET_EXCEEDED = "budget_exceeded"
     FAILED = "failed"
-
-
-class StoredJob(JobResult):
-    """A `JobResult` plus the store's bookkeeping the worker needs."""
-
-    deliveries: int = 0  # how many times the current attempt was started (redeliveries + 1)
-    retry_at: datetime | None = None
-    updated_at: datetime | None = None
 
 
 class BatchInfo(BaseModel):
@@ -112,6 +113,7 @@ class JobStore:
         self._lock = threading.Lock()
         self._version: int | None = None
         self._pid = os.getpid()
+        self._group = GroupCommit(self._write_group)  # the async status writes (worker)
 
     @property
     def url(self) -> str:
@@ -182,26 +184,12 @@ class JobStore:
         """Start ``attempt`` (1-based) of the job: the job, or None when it must not run — it is
         unknown, final (cancelled included), or this is a stale message of an older attempt.
         A redelivery of the running attempt is allowed and counted in ``deliveries``."""
-        now = _now()
-        same = (jobs.c.attempts == attempt) & (jobs.c.status == JobStatus.RUNNING.value)
-        with self._begin(write=True) as conn:
-            won = conn.execute(
-                update(jobs)
-                .where(jobs.c.job_id == job_id, jobs.c.status.in_(_STARTABLE), jobs.c.attempts <= attempt)
-                .values(status=JobStatus.RUNNING.value, attempts=attempt, retry_at=None, updated_at=now,
-                        started_at=func.coalesce(jobs.c.started_at, now),
-                        deliveries=case((same, jobs.c.deliveries + 1), else_=1))
-            ).rowcount == 1
-            row = conn.execute(select(*_RESULT_COLUMNS).where(jobs.c.job_id == job_id)).first() if won else None
-        return None if row is None else _job(row)
+        return self._write([job_writes.running(job_id, attempt)])[0]
 
     def mark_retrying(self, job_id: str, attempt: int, error: JobError, countdown_s: float) -> bool:
         """Record a retryable failure of ``attempt``: the next one is due in ``countdown_s``.
         False when the job is already final (e.g. cancelled meanwhile): do not retry it."""
-        now = _now()
-        return self._update(
-            job_id, _OPEN, status=JobStatus.RETRYING.value, attempts=attempt, error=error.model_dump(mode="json"),
-            retry_at=now + timedelta(seconds=max(0.0, countdown_s)), updated_at=now)
+        return self._write([job_writes.retrying(job_id, attempt, error, countdown_s)])[0]
 
     def finish(self, job_id: str, status: JobStatus | str, *, output: Any = None, sql_contexts: Any = None,
                usage: Any = None, cost_usd: float = 0.0, error: JobError | None = None,
@@ -209,19 +197,8 @@ class JobStore:
         """Write the job's one final result; True if this call did, False if the job was
         already final (another delivery won, or it was cancelled). ``attempts=None`` keeps
         the stored count."""
-        status = JobStatus(status)
-        if status not in FINAL_STATUSES:
-            raise ValueError(f"finish takes a final status ({', '.join(sorted(_FINAL))}), not {status.value!r}")
-        now = _now()
-        values: dict[str, Any] = {
-            "status": status.value, "output": to_jsonable_python(output),
-            "sql_contexts": to_jsonable_python(sql_contexts), "usage": to_jsonable_python(usage),
-            "cost_usd": float(cost_usd),
-            "error": None if error is None else error.model_dump(mode="json"),
-            "retry_at": None, "finished_at": now, "updated_at": now}
-        if attempts is not None:
-            values["attempts"] = attempts
-        return self._update(job_id, _OPEN, **values)
+        return self._write([job_writes.finish(job_id, status, output=output, sql_contexts=sql_contexts, usage=usage,
+                                              cost_usd=cost_usd, error=error, attempts=attempts)])[0]
 
     def cancel(self, job_id: str) -> JobStatus | None:
         """Cancel a job. Queued or retrying: cancelled at once (it never runs again). Running:
@@ -263,14 +240,15 @@ class JobStore:
     async def aget_request(self, job_id: str) -> JobRequest | None:
         return await asyncio.to_thread(self.get_request, job_id)
 
+    # a worker's status writes: those of one turn of its event loop share a transaction
     async def amark_running(self, job_id: str, attempt: int) -> StoredJob | None:
-        return await asyncio.to_thread(self.mark_running, job_id, attempt)
+        return await self._group.submit(job_writes.running(job_id, attempt))
 
     async def amark_retrying(self, job_id: str, attempt: int, error: JobError, countdown_s: float) -> bool:
-        return await asyncio.to_thread(self.mark_retrying, job_id, attempt, error, countdown_s)
+        return await self._group.submit(job_writes.retrying(job_id, attempt, error, countdown_s))
 
     async def afinish(self, job_id: str, status: JobStatus | str, **result: Any) -> bool:
-        return await asyncio.to_thread(lambda: self.finish(job_id, status, **result))
+        return await self._group.submit(job_writes.finish(job_id, status, **result))
 
     async def acancel(self, job_id: str) -> JobStatus | None:
         return await asyncio.to_thread(self.cancel, job_id)
@@ -395,10 +373,27 @@ class JobStore:
             self._lock = threading.Lock()
             self._pid = os.getpid()
 
-    def _update(self, job_id: str, from_statuses: list[str], **values: Any) -> bool:
+    def _write(self, writes: list[job_writes.JobWrite]) -> list[Any]:
         with self._begin(write=True) as conn:
-            return conn.execute(update(jobs).where(jobs.c.job_id == job_id, jobs.c.status.in_(from_statuses))
-                                .values(**values)).rowcount == 1
+            return job_writes.apply(conn, writes)
+
+    def _write_group(self, writes: list[job_writes.JobWrite]) -> list[Any]:
+        """The writer thread's transaction. If it fails, each write is tried alone, so a write
+        that cannot be made fails only its own caller."""
+        try:
+            return self._write(writes)
+        except Exception as exc:
+            if len(writes) == 1:
+                raise
+            logger.warning("a group of %d job writes failed (%s: %s); making them one by one",
+                           len(writes), type(exc).__name__, exc)
+        results: list[Any] = []
+        for write in writes:
+            try:
+                results.append(self._write([write])[0])
+            except Exception as exc:  # noqa: BLE001 - handed to that write's caller
+                results.append(exc)
+        return results
 
     def _lock_batch(self, conn: Connection, batch_id: str) -> int:
         """Lock the batch row (Postgres; SQLite holds the write lock already) and return its
@@ -410,33 +405,8 @@ class JobStore:
         return total
 
 
-_RESULT_COLUMNS = [c for c in jobs.c if c.name not in ("request", "idempotency_key")]  # the prompt can be large
-
-
-def _job(row: Row[Any]) -> StoredJob:
-    m = row._mapping
-    return StoredJob(
-        job_id=m["job_id"], status=JobStatus(m["status"]), kind=m["kind"], model=m["model"], provider=m["provider"],
-        output=m["output"], sql_contexts=m["sql_contexts"] or [], usage=m["usage"], cost_usd=m["cost_usd"] or 0.0,
-        error=None if m["error"] is None else JobError.model_validate(m["error"]), attempts=m["attempts"],
-        batch_id=m["batch_id"], item_id=m["item_id"], deliveries=m["deliveries"],
-        created_at=_utc(m["created_at"]), started_at=_utc(m["started_at"]), finished_at=_utc(m["finished_at"]),
-        retry_at=_utc(m["retry_at"]), updated_at=_utc(m["updated_at"]),
-    )
-
-
 def _batch(row: Row[Any]) -> BatchInfo:
     m = dict(row._mapping)
     return BatchInfo.model_validate(m | {"created_at": _utc(m["created_at"]), "finished_at": _utc(m["finished_at"]),
                                          "metadata": m["metadata"] or {}})
 
-
-def _now() -> datetime:
-    return datetime.now(UTC)
-
-
-def _utc(value: datetime | None) -> datetime | None:
-    # SQLite hands back the naive UTC we stored; Postgres an aware time in the session's zone
-    if value is None:
-        return None
-    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)

@@ -40,16 +40,22 @@ class WorkerRuntime:
         execution.install_runner(self.run)
         logger.info("worker runtime started: one event loop for this process")
 
-    def run(self, coro: Coroutine[Any, Any, Any]) -> Any:
+    def submit(self, coro: Coroutine[Any, Any, Any]) -> Future[Any]:
+        """Start ``coro`` on the loop; `cancel_all` cancels it until it is done."""
         assert self.loop is not None, "the worker runtime is not started"
         future = asyncio.run_coroutine_threadsafe(coro, self.loop)
         with self._lock:
             self._futures.add(future)
-        try:
-            return future.result()
-        finally:
-            with self._lock:
-                self._futures.discard(future)
+        future.add_done_callback(self._forget)
+        return future
+
+    def run(self, coro: Coroutine[Any, Any, Any]) -> Any:
+        """Run ``coro`` on the loop and wait for its result (a task under a thread pool)."""
+        return self.submit(coro).result()
+
+    def _forget(self, future: Future[Any]) -> None:
+        with self._lock:
+            self._futures.discard(future)
 
     def cancel_all(self) -> int:
         """Cancel every job running on the loop (shutdown): their tasks requeue them."""

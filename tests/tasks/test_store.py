@@ -292,6 +292,53 @@ async def test_async_twins(store: JobStore) -> None:
     assert await store.acancel(job_id) is JobStatus.SUCCEEDED
 
 
+async def test_writes_of_one_loop_turn_share_one_transaction(store: JobStore) -> None:
+    ids = [_new_job(store) for _ in range(40)]
+    transactions: list[int] = []
+    apply = store._group._apply
+    store._group._apply = lambda writes: transactions.append(len(writes)) or apply(writes)
+    started = await asyncio.gather(*(store.amark_running(job_id, 1) for job_id in ids))
+    assert [job.job_id for job in started] == ids and all(j.status is JobStatus.RUNNING for j in started)
+    wins = await asyncio.gather(*(store.afinish(job_id, JobStatus.SUCCEEDED, output=i, attempts=1)
+                                  for i, job_id in enumerate(ids)))
+    assert all(wins) and transactions == [40, 40]  # two transactions for eighty writes
+    assert [store.get(job_id).output for job_id in ids] == list(range(40))
+
+
+async def test_a_group_keeps_the_order_of_its_writes(store: JobStore) -> None:
+    job_id, other = _new_job(store), _new_job(store)
+    store.cancel(other)
+    results = await asyncio.gather(
+        store.amark_running(job_id, 1), store.amark_retrying(job_id, 1, _error(), 5.0),
+        store.amark_running(job_id, 2), store.afinish(job_id, JobStatus.SUCCEEDED, output="a", attempts=2),
+        store.afinish(job_id, JobStatus.FAILED, error=_error("x"), attempts=2), store.amark_running(other, 1),
+        store.afinish(other, JobStatus.SUCCEEDED, attempts=1))
+    first, retrying, second, won, lost, cancelled_start, cancelled_finish = results
+    assert (first.attempts, retrying, second.attempts, won, lost) == (1, True, 2, True, False)
+    assert (cancelled_start, cancelled_finish) == (None, False)
+    job = store.get(job_id)
+    assert (job.status, job.output, job.attempts, job.error) == (JobStatus.SUCCEEDED, "a", 2, None)
+    assert store.get(other).status is JobStatus.CANCELLED
+
+
+async def test_a_write_that_fails_fails_only_its_caller(store: JobStore, monkeypatch: pytest.MonkeyPatch) -> None:
+    from tasks import job_writes
+
+    job_id, poison = _new_job(store), _new_job(store)
+    apply = job_writes.apply
+
+    def failing(conn: object, writes: list[job_writes.JobWrite]) -> list[object]:
+        if any(write.job_id == poison for write in writes):
+            raise ValueError("cannot write this one")
+        return apply(conn, writes)
+
+    monkeypatch.setattr(job_writes, "apply", failing)
+    error, started = await asyncio.gather(store.amark_running(poison, 1), store.amark_running(job_id, 1),
+                                          return_exceptions=True)
+    assert isinstance(error, ValueError) and started.status is JobStatus.RUNNING
+    assert store.get(poison).status is JobStatus.QUEUED
+
+
 def test_no_secret_is_stored(store: JobStore, store_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
     # the key the model config would use: present in the environment of the submitting process
     monkeypatch.setenv("OPENAI_API_KEY", FAKE_KEY)

@@ -1,0 +1,48 @@
+"""A job row as the store hands it back (`StoredJob`), and the status groups its queries use."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy.engine import Row
+
+from tasks.schemas import FINAL_STATUSES, JobError, JobResult, JobStatus
+from tasks.store_schema import jobs
+
+__all__ = ["FINAL", "OPEN", "RESULT_COLUMNS", "StoredJob", "now", "to_job", "utc"]
+
+FINAL = [s.value for s in FINAL_STATUSES]
+OPEN = [JobStatus.QUEUED.value, JobStatus.RETRYING.value, JobStatus.RUNNING.value]  # may still change
+RESULT_COLUMNS = [c for c in jobs.c if c.name not in ("request", "idempotency_key")]  # the prompt can be large
+
+
+class StoredJob(JobResult):
+    """A `JobResult` plus the store's bookkeeping the worker needs."""
+
+    deliveries: int = 0  # how many times the current attempt was started (redeliveries + 1)
+    retry_at: datetime | None = None
+    updated_at: datetime | None = None
+
+
+def to_job(row: Row[Any]) -> StoredJob:
+    m = row._mapping
+    return StoredJob(
+        job_id=m["job_id"], status=JobStatus(m["status"]), kind=m["kind"], model=m["model"], provider=m["provider"],
+        output=m["output"], sql_contexts=m["sql_contexts"] or [], usage=m["usage"], cost_usd=m["cost_usd"] or 0.0,
+        error=None if m["error"] is None else JobError.model_validate(m["error"]), attempts=m["attempts"],
+        batch_id=m["batch_id"], item_id=m["item_id"], deliveries=m["deliveries"],
+        created_at=utc(m["created_at"]), started_at=utc(m["started_at"]), finished_at=utc(m["finished_at"]),
+        retry_at=utc(m["retry_at"]), updated_at=utc(m["updated_at"]),
+    )
+
+
+def now() -> datetime:
+    return datetime.now(UTC)
+
+
+def utc(value: datetime | None) -> datetime | None:
+    # SQLite hands back the naive UTC we stored; Postgres an aware time in the session's zone
+    if value is None:
+        return None
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)

@@ -99,6 +99,14 @@ class JobContext:
     def publisher(self) -> Any:
         return self._loop_state()["publisher"]
 
+    def script(self, source: str) -> Any:
+        """A Lua script on the running loop's Redis client (EVALSHA, loaded once)."""
+        state = self._loop_state()
+        script = state.get(source)
+        if script is None:
+            script = state[source] = state["redis"].register_script(source)
+        return script
+
     async def aclose(self) -> None:
         """Close what belongs to the running loop: SDK clients and the Redis client."""
         for model in self.models():

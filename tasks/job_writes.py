@@ -19,7 +19,7 @@ from datetime import datetime, timedelta
 from typing import Any, Literal
 
 from pydantic_core import to_jsonable_python
-from sqlalchemy import Connection, bindparam, case, func, select, update
+from sqlalchemy import Connection, Integer, bindparam, case, func, select, update
 
 from tasks.job_rows import FINAL, OPEN, RESULT_COLUMNS, StoredJob, now, to_job
 from tasks.schemas import FINAL_STATUSES, JobError, JobStatus
@@ -84,27 +84,35 @@ def _runs(writes: Sequence[JobWrite]) -> list[list[JobWrite]]:
     return runs
 
 
+# built once: SQLAlchemy then reuses their compiled form without recomputing cache keys
+_ATTEMPT = bindparam("attempt", type_=Integer)
+_AT = bindparam("at", type_=jobs.c.updated_at.type)
+_START = (
+    update(jobs)
+    .where(jobs.c.job_id.in_(bindparam("ids", expanding=True)), jobs.c.status.in_(OPEN), jobs.c.attempts <= _ATTEMPT)
+    .values(status=JobStatus.RUNNING.value, attempts=_ATTEMPT, retry_at=None, updated_at=_AT,
+            started_at=func.coalesce(jobs.c.started_at, _AT),
+            deliveries=case(((jobs.c.attempts == _ATTEMPT) & (jobs.c.status == JobStatus.RUNNING.value),
+                             jobs.c.deliveries + 1), else_=1))
+    .returning(*RESULT_COLUMNS)
+)
+_STILL_OPEN = (select(jobs.c.job_id)  # locked until commit (Postgres; SQLite holds the write lock)
+               .where(jobs.c.job_id.in_(bindparam("ids", expanding=True)), jobs.c.status.in_(OPEN)).with_for_update())
+_SET_BY_ID = update(jobs).where(jobs.c.job_id == bindparam("b_job_id"))  # SET: the parameters' columns
+
+
 def _start(conn: Connection, run: list[JobWrite], at: datetime) -> list[StoredJob | None]:
     started: dict[str, StoredJob] = {}
     for attempt in sorted({w.attempt for w in run if w.attempt is not None}):
         ids = [w.job_id for w in run if w.attempt == attempt]
-        same = (jobs.c.attempts == attempt) & (jobs.c.status == JobStatus.RUNNING.value)
-        rows = conn.execute(
-            update(jobs)
-            .where(jobs.c.job_id.in_(ids), jobs.c.status.in_(OPEN), jobs.c.attempts <= attempt)
-            .values(status=JobStatus.RUNNING.value, attempts=attempt, retry_at=None, updated_at=at,
-                    started_at=func.coalesce(jobs.c.started_at, at),
-                    deliveries=case((same, jobs.c.deliveries + 1), else_=1))
-            .returning(*RESULT_COLUMNS)
-        ).all()
+        rows = conn.execute(_START, {"ids": ids, "attempt": attempt, "at": at}).all()
         started.update((row.job_id, to_job(row)) for row in rows)
     return [started.get(w.job_id) for w in run]
 
 
 def _update_open(conn: Connection, run: list[JobWrite], at: datetime) -> list[bool]:
     ids = [w.job_id for w in run]
-    still_open = set(conn.execute(  # locked until commit (Postgres; SQLite holds the write lock)
-        select(jobs.c.job_id).where(jobs.c.job_id.in_(ids), jobs.c.status.in_(OPEN)).with_for_update()).scalars())
+    still_open = set(conn.execute(_STILL_OPEN, {"ids": ids}).scalars())
     by_columns: dict[tuple[str, ...], list[dict[str, Any]]] = {}
     for write in run:
         if write.job_id not in still_open:
@@ -112,7 +120,7 @@ def _update_open(conn: Connection, run: list[JobWrite], at: datetime) -> list[bo
         row = {"b_job_id": write.job_id, **_values(write, at)}
         by_columns.setdefault(tuple(sorted(row)), []).append(row)
     for rows in by_columns.values():  # only rows locked open above: no status condition needed
-        conn.execute(update(jobs).where(jobs.c.job_id == bindparam("b_job_id")), rows)
+        conn.execute(_SET_BY_ID, rows)
     return [w.job_id in still_open for w in run]
 
 

@@ -37,6 +37,12 @@ __all__ = ["run_task", "run_message", "dead_letter_message", "execute", "RetryLa
 
 logger = logging.getLogger("tasks.jobs")
 INFRA_RETRIES = 8
+# a delivery starts: count it (expiring with the job's events) and read the cancel flag, in one call
+_JOB_START_LUA = """
+local deliveries = redis.call('INCR', KEYS[1])
+redis.call('EXPIRE', KEYS[1], ARGV[1])
+return {deliveries, redis.call('EXISTS', KEYS[2])}
+"""
 
 
 @dataclass(frozen=True)
@@ -117,11 +123,8 @@ async def execute(job_id: str, payload: Any, retries: int = 0, context: JobConte
                                 attempts=retries + 1)
         return {"job_id": job_id, "status": "rejected"}
 
-    async with ctx.aredis.pipeline(transaction=False) as pipe:  # one round trip
-        pipe.incr(keys.job_deliveries(job_id))
-        pipe.expire(keys.job_deliveries(job_id), ctx.settings.event_ttl_s)
-        pipe.exists(keys.job_cancel(job_id))
-        deliveries, _, cancel_requested = await pipe.execute()
+    deliveries, cancel_requested = await ctx.script(_JOB_START_LUA)(
+        keys=[keys.job_deliveries(job_id), keys.job_cancel(job_id)], args=[ctx.settings.event_ttl_s])
     redeliveries = deliveries - 1 - retries
     if redeliveries >= ctx.settings.dead_letter_threshold:
         reason = f"delivered {deliveries} times ({redeliveries} redeliveries without a result)"

@@ -81,6 +81,8 @@ class ModelConfig(BaseModel):
     trace_dir: str | None = Field(default=None, description="default ~/.datus/traces")
     context_length: int | None = Field(default=None, gt=0, description="override the known window")
     prompt_cache: Literal["auto", "off"] = "auto"
+    http_client: Literal["aiohttp", "httpx"] = Field(
+        default="aiohttp", description="the async SDK client's HTTP stack (OpenAI-compatible and Claude)")
     pricing: Pricing | None = None
     missing_env: tuple[str, ...] = Field(default=(), exclude=True, repr=False)
 

@@ -8,6 +8,8 @@ calling thread already runs an event loop (a notebook, an async framework).
 from __future__ import annotations
 
 import asyncio
+import atexit
+import contextlib
 import threading
 from typing import Awaitable, TypeVar
 
@@ -27,7 +29,17 @@ def _portal_loop() -> asyncio.AbstractEventLoop:
             thread = threading.Thread(target=loop.run_forever, name="datus-sync-portal", daemon=True)
             thread.start()
             _loop = loop
+            atexit.register(_close, loop)
         return _loop
+
+
+def _close(loop: asyncio.AbstractEventLoop) -> None:
+    """At exit: close the HTTP clients the portal's calls opened."""
+    from datus.models.http_clients import aclose_loop_clients
+
+    if loop.is_running():
+        with contextlib.suppress(Exception):  # exiting: nothing to report to
+            asyncio.run_coroutine_threadsafe(aclose_loop_clients(), loop).result(2)
 
 
 def run_sync(awaitable: Awaitable[T]) -> T:

@@ -71,11 +71,14 @@ class ClaudeModel(LLMBaseModel):
     def _create_client(self) -> Any:
         import anthropic
 
+        from datus.models.http_clients import async_http_client
+
         return anthropic.AsyncAnthropic(
             api_key=self._get_api_key(),
             base_url=self.model_config.base_url,
             max_retries=0,  # the retry policy owns retries
             timeout=self.model_config.timeout_s,
+            http_client=async_http_client(anthropic, self.model_config.http_client),
         )
 
     # ---- requests ------------------------------------------------------------------------
@@ -226,6 +229,10 @@ class ClaudeModel(LLMBaseModel):
                 codes.append("context_length_exceeded")
             return error_from_status(status, message, codes=tuple(codes), headers=exc.response.headers, **where)
         if isinstance(exc, anthropic.APITimeoutError):
+            from datus.models.http_clients import connect_failure
+
+            if (failure := connect_failure(exc)) is not None:
+                return ModelConnectionError(f"connection failed: {failure}", **where)
             return ModelTimeoutError(f"request timed out: {exc}", **where)
         if isinstance(exc, anthropic.APIConnectionError):
             return ModelConnectionError(f"connection failed: {exc.__cause__ or exc}", **where)

@@ -46,11 +46,14 @@ class OpenAICompatibleModel(LLMBaseModel):
     def _create_client(self) -> Any:
         import openai
 
+        from datus.models.http_clients import async_http_client
+
         return openai.AsyncOpenAI(
             api_key=self._get_api_key(),
             base_url=self._get_base_url(),
             max_retries=0,
             timeout=self.model_config.timeout_s,
+            http_client=async_http_client(openai, self.model_config.http_client),
         )
 
     def _params(self, request: ModelRequest) -> dict[str, Any]:
@@ -208,6 +211,10 @@ class OpenAICompatibleModel(LLMBaseModel):
             return error_from_status(exc.status_code, str(message), codes=tuple(map(_str_or_none, codes)),
                                      headers=exc.response.headers, **where)
         if isinstance(exc, openai.APITimeoutError):
+            from datus.models.http_clients import connect_failure
+
+            if (failure := connect_failure(exc)) is not None:
+                return ModelConnectionError(f"connection failed: {failure}", **where)
             return ModelTimeoutError(f"request timed out: {exc}", **where)
         if isinstance(exc, openai.APIConnectionError):
             return ModelConnectionError(f"connection failed: {exc.__cause__ or exc}", **where)

@@ -86,8 +86,12 @@ class JobClient:
         try:
             # ignore_result: results live in the job store; without it every submit leaves the
             # client subscribed to a Celery result channel (memory grows with the batch)
+            # argsrepr/kwargsrepr: what Celery shows of the arguments (task events, Flower). Left
+            # to Celery it is a repr of the whole request — prompt included — in every message
+            # header, computed per submit (a third of its CPU)
             self.app.send_task(TASK_NAMES[job.kind], args=(job_id, payload), task_id=job_id,
-                               queue=queue_for(provider), ignore_result=True)
+                               queue=queue_for(provider), ignore_result=True,
+                               argsrepr=f"({job_id!r}, <{job.kind.value} request for {job.model}>)", kwargsrepr="{}")
         except Exception as exc:  # the row must not stay queued forever
             from tasks.jobs import job_error
 

@@ -109,6 +109,7 @@ class JobStore:
         self._engine: Engine = create_store_engine(url or get_settings().database_url, busy_timeout_s)
         backend = self._engine.dialect.name
         self._insert = postgresql.insert if backend == "postgresql" else sqlite.insert
+        self._insert_job = self._insert(jobs).on_conflict_do_nothing()  # built once; values per call
         self._writer = self._engine.execution_options(**{WRITE_OPTION: True})
         self._lock = threading.Lock()
         self._version: int | None = None
@@ -151,7 +152,7 @@ class JobStore:
         with self._begin(write=True) as conn:
             # ON CONFLICT DO NOTHING: a concurrent insert with the same key waits for the first
             # to commit, then inserts nothing (no exception, no aborted transaction)
-            if conn.execute(self._insert(jobs).values(**row).on_conflict_do_nothing()).rowcount == 1:
+            if conn.execute(self._insert_job, row).rowcount == 1:
                 return job_id, True
             if request.idempotency_key is not None:
                 existing = conn.execute(

@@ -53,13 +53,13 @@ class RuntimeThreadPool(TaskPool):
 
     def on_apply(self, target: Callable[..., Any], args: tuple[Any, ...] | None = None,
                  kwargs: dict[str, Any] | None = None, callback: Callable[..., Any] | None = None,
-                 accept_callback: Callable[..., Any] | None = None, **options: Any) -> ApplyResult:
+                 accept_callback: Callable[..., Any] | None = None, **options: Any) -> ApplyResult | None:
         if not args or len(args) < 6 or args[0] not in JOB_TASKS or callback is None:
             return super().on_apply(target, args, kwargs, callback, accept_callback, **options)
         task_name, task_id, request, body, content_type, content_encoding = args[:6]
-        future = runtime.submit(self._run(self.app.tasks[task_name], task_id, request, body, content_type,
-                                          content_encoding, callback, accept_callback))
-        return ApplyResult(future)
+        runtime.spawn(self._run(self.app.tasks[task_name], task_id, request, body, content_type, content_encoding,
+                                callback, accept_callback))
+        return None  # the job reports through the callbacks; nothing waits on a result
 
     def terminate_job(self, pid: Any, signal: Any = None) -> None:
         runtime.cancel_all()

@@ -28,6 +28,7 @@ class WorkerRuntime:
         self.loop: asyncio.AbstractEventLoop | None = None
         self.thread: threading.Thread | None = None
         self._futures: set[Future[Any]] = set()
+        self._tasks: set[asyncio.Task[Any]] = set()  # touched on the loop's thread only
         self._lock = threading.Lock()
 
     def start(self) -> None:
@@ -49,6 +50,17 @@ class WorkerRuntime:
         future.add_done_callback(self._forget)
         return future
 
+    def spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
+        """Start ``coro`` on the loop without waiting for it (the worker's pool: ``coro``
+        reports its own outcome). Cheaper than `submit`: no future to wait on."""
+        assert self.loop is not None, "the worker runtime is not started"
+        self.loop.call_soon_threadsafe(self._spawn, coro)
+
+    def _spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
     def run(self, coro: Coroutine[Any, Any, Any]) -> Any:
         """Run ``coro`` on the loop and wait for its result (a task under a thread pool)."""
         return self.submit(coro).result()
@@ -63,7 +75,22 @@ class WorkerRuntime:
             pending = list(self._futures)
         for future in pending:
             future.cancel()
-        return len(pending)
+        loop = self.loop
+        spawned = len(self._tasks)
+        if loop is not None and not loop.is_closed():
+            loop.call_soon_threadsafe(self._cancel_spawned)
+        return len(pending) + spawned
+
+    async def _wind_down(self, timeout_s: float) -> None:
+        """Let the cancelled jobs report (their messages go back to the queue), then close
+        the clients."""
+        if self._tasks:
+            await asyncio.wait(list(self._tasks), timeout=timeout_s)
+        await get_context().aclose()
+
+    def _cancel_spawned(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
 
     def stop(self, timeout_s: float = 2.0) -> None:
         loop = self.loop
@@ -72,7 +99,7 @@ class WorkerRuntime:
         execution.uninstall_runner()
         self.cancel_all()  # running jobs stop now; their messages are requeued
         try:
-            asyncio.run_coroutine_threadsafe(get_context().aclose(), loop).result(timeout_s)
+            asyncio.run_coroutine_threadsafe(self._wind_down(timeout_s), loop).result(timeout_s * 2)
         except Exception as exc:  # shutting down: log and go on
             logger.warning("closing clients at shutdown failed: %s", exc)
         loop.call_soon_threadsafe(loop.stop)

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Any, AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterable, Iterator
+from typing import Any
 
 from datus.configuration.agent_config import AgentConfig
 from datus.schemas.action_history import ActionHistory, ActionRole, ActionStatus
@@ -80,24 +81,41 @@ class JobClient:
         """Queue a job; returns its id. The same idempotency key returns the same job."""
         job, provider = self.validate(request)
         job_id, created = self.store.create_job(job_id or uuid.uuid4().hex, job, provider)
-        if not created:
-            return job_id
-        payload = TaskPayload(provider=provider, request=job).model_dump(mode="json")
+        if created:
+            self._send([(job_id, job, provider)])
+        return job_id
+
+    def submit_many(self, requests: Iterable[JobRequest | dict[str, Any]]) -> list[str]:
+        """Queue many jobs at once: every request is checked first (nothing is queued if one is
+        invalid), the rows go in one transaction and the messages through one producer. The
+        job ids, in order; an idempotency key already used returns that job's id."""
+        checked = [self.validate(request) for request in requests]
+        made = self.store.create_jobs([(uuid.uuid4().hex, job, provider) for job, provider in checked])
+        self._send([(job_id, job, provider) for (job_id, created), (job, provider) in zip(made, checked) if created])
+        return [job_id for job_id, _ in made]
+
+    def _send(self, jobs: list[tuple[str, JobRequest, str]]) -> None:
+        sent = 0
         try:
-            # ignore_result: results live in the job store; without it every submit leaves the
-            # client subscribed to a Celery result channel (memory grows with the batch)
-            # argsrepr/kwargsrepr: what Celery shows of the arguments (task events, Flower). Left
-            # to Celery it is a repr of the whole request — prompt included — in every message
-            # header, computed per submit (a third of its CPU)
-            self.app.send_task(TASK_NAMES[job.kind], args=(job_id, payload), task_id=job_id,
-                               queue=queue_for(provider), ignore_result=True,
-                               argsrepr=f"({job_id!r}, <{job.kind.value} request for {job.model}>)", kwargsrepr="{}")
-        except Exception as exc:  # the row must not stay queued forever
+            with self.app.producer_or_acquire() as producer:
+                for job_id, job, provider in jobs:
+                    payload = TaskPayload(provider=provider, request=job).model_dump(mode="json")
+                    # ignore_result: results live in the job store; without it every submit leaves
+                    # the client subscribed to a Celery result channel (memory grows with the batch).
+                    # argsrepr/kwargsrepr: what Celery shows of the arguments (task events, Flower).
+                    # Left to Celery it is a repr of the whole request — prompt included — in every
+                    # message header, computed per submit (a third of its CPU).
+                    self.app.send_task(TASK_NAMES[job.kind], args=(job_id, payload), task_id=job_id,
+                                       queue=queue_for(provider), ignore_result=True, producer=producer,
+                                       argsrepr=f"({job_id!r}, <{job.kind.value} request for {job.model}>)",
+                                       kwargsrepr="{}")
+                    sent += 1
+        except Exception as exc:  # the rows not sent must not stay queued forever
             from tasks.jobs import job_error
 
-            self.store.finish(job_id, JobStatus.FAILED, error=job_error(exc), attempts=0)
+            for job_id, _, _ in jobs[sent:]:
+                self.store.finish(job_id, JobStatus.FAILED, error=job_error(exc), attempts=0)
             raise
-        return job_id
 
     # ---- reading -------------------------------------------------------------------------
 

@@ -161,6 +161,31 @@ class JobStore:
                     return existing, False
             return job_id, False  # the job id itself was taken: the same submission again
 
+    def create_jobs(self, new: list[tuple[str, JobRequest, str]]) -> list[tuple[str, bool]]:
+        """`create_job` for many ``(job_id, request, provider)`` in one transaction (fresh job
+        ids): ``(job_id, created)`` each, in order. An idempotency key already stored — or
+        repeated within ``new`` — gives the first job's id with ``created=False``."""
+        now = _now()
+        rows = [{"job_id": job_id, "idempotency_key": request.idempotency_key, "kind": request.kind.value,
+                 "model": request.model, "provider": provider, "status": JobStatus.QUEUED.value,
+                 "request": request.model_dump(mode="json"), "cost_usd": 0.0, "attempts": 0, "deliveries": 0,
+                 "batch_id": request.batch_id, "item_id": request.item_id, "created_at": now, "updated_at": now}
+                for job_id, request, provider in new]
+        with self._begin(write=True) as conn:
+            for start in range(0, len(rows), _CHUNK):
+                conn.execute(self._insert_job, rows[start:start + _CHUNK])
+            keys = list({row["idempotency_key"] for row in rows if row["idempotency_key"] is not None})
+            owner: dict[str, str] = {}
+            for start in range(0, len(keys), _CHUNK):
+                owner.update((key, job_id) for key, job_id in conn.execute(select(
+                    jobs.c.idempotency_key, jobs.c.job_id).where(jobs.c.idempotency_key.in_(keys[start:start + _CHUNK]))))
+        out = []
+        for row in rows:
+            key = row["idempotency_key"]
+            job_id = row["job_id"] if key is None else owner[key]
+            out.append((job_id, job_id == row["job_id"]))
+        return out
+
     def get(self, job_id: str) -> StoredJob | None:
         with self._begin() as conn:
             row = conn.execute(select(*_RESULT_COLUMNS).where(jobs.c.job_id == job_id)).first()

@@ -26,7 +26,6 @@ import statistics
 import sys
 import tempfile
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -63,9 +62,11 @@ def through_jobs(url: str, redis_url: str, total: int, concurrency: int, log: Pa
             client.result(client.submit({"model": "bench", "prompt": "warm up", "stream": False}), timeout=60)
             client.store.count_by_status()
             start = time.perf_counter()
-            with ThreadPoolExecutor(8) as pool:  # submission is part of the measured wall time
-                list(pool.map(lambda i: client.submit({"model": "bench", "prompt": f"q{i}", "stream": False}),
-                              range(total)))
+            # submission is part of the measured wall time: one submit_many per 100 jobs, so the
+            # first jobs run while the rest are being queued
+            for start_at in range(0, total, 100):
+                client.submit_many([{"model": "bench", "prompt": f"q{i}", "stream": False}
+                                    for i in range(start_at, min(total, start_at + 100))])
             submitted = time.perf_counter() - start
             wait_until_final(client, total + 1, timeout_s=600)
             elapsed = time.perf_counter() - start

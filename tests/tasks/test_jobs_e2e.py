@@ -227,6 +227,22 @@ def test_the_same_idempotency_key_returns_the_same_job_and_one_row(worker: Start
     assert client.result(first).attempts == 1
 
 
+def test_submit_many_queues_all_or_nothing_and_keeps_idempotency(worker: StartWorker, client: JobClient,
+                                                                    fake: FakeProviderServer) -> None:
+    earlier = client.submit({"model": "openai", "prompt": "many: already asked", "idempotency_key": "k-0"})
+    with pytest.raises(InvalidJob, match="acme"):  # one bad request: nothing is queued
+        client.submit_many([{"model": "openai", "prompt": "many: fine"}, {"model": "acme:large", "prompt": "x"}])
+    assert sum(client.store.count_by_status().values()) == 1
+    requests = [{"model": "openai", "prompt": f"many: question {i}", "idempotency_key": f"k-{i % 20}"}
+                for i in range(25)] + [{"model": "claude", "prompt": "many: no key"}]
+    ids = client.submit_many(requests)
+    assert ids[0] == earlier and ids[20:25] == ids[0:5] and len(set(ids)) == 21
+    worker("openai", "claude")
+    assert {client.result(job_id, timeout=60).status for job_id in ids} == {JobStatus.SUCCEEDED}
+    assert len(generations(fake, "many:")) == 21  # each job ran once, duplicates and all
+    assert client.store.count_by_status()["succeeded"] == 21
+
+
 def test_cancel_a_queued_job_never_runs(worker: StartWorker, client: JobClient, fake: FakeProviderServer) -> None:
     queued = client.submit({"model": "openai", "prompt": "cancelled-before-it-ran"})
     assert client.cancel(queued) is JobStatus.CANCELLED  # no worker yet: it is still queued

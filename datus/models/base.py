@@ -77,6 +77,8 @@ class LLMBaseModel(ABC):
         self.retry_policy = RetryPolicy.from_config(model_config)
         self._clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Any] = weakref.WeakKeyDictionary()
         self._clients_lock = threading.Lock()
+        # a model dropped while its loop lives on (the sync portal's): close its clients there
+        weakref.finalize(self, _close_clients_soon, self._clients)
         self.agent_config: AgentConfig | None = None
         if self.REQUIRES_API_KEY:
             self._get_api_key()  # a missing key is an error now, not a 401 later
@@ -442,3 +444,20 @@ class LLMBaseModel(ABC):
 
     def delete_session(self, session_id: str) -> None:
         self.session_manager.delete_session(session_id)
+
+
+def _close_clients_soon(clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Any]) -> None:
+    for loop, client in list(clients.items()):
+        close = getattr(client, "close", None) or getattr(client, "aclose", None)
+        if close is None or loop.is_closed() or not loop.is_running():
+            continue
+
+        async def closing(close: Any = close) -> None:
+            result = close()
+            if asyncio.iscoroutine(result):
+                await result
+
+        try:
+            loop.call_soon_threadsafe(loop.create_task, closing())
+        except RuntimeError:  # the loop closed meanwhile
+            pass

@@ -57,6 +57,8 @@ class GeminiModel(LLMBaseModel):
     # ---- client --------------------------------------------------------------------------
 
     def _create_client(self) -> Any:
+        from datus.models.http_clients import gemini_async_client_args
+
         # The Client itself is cached, not `client.aio`: the async client dies with it.
         from google import genai
         from google.genai import types
@@ -66,6 +68,7 @@ class GeminiModel(LLMBaseModel):
             api_version=self.API_VERSION,
             timeout=int(self.model_config.timeout_s * 1000),  # milliseconds
             retry_options=types.HttpRetryOptions(attempts=1),
+            async_client_args=gemini_async_client_args(self.model_config.http_client),
         )
         return genai.Client(vertexai=False, api_key=self._get_api_key(), http_options=http_options)
 

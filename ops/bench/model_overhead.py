@@ -71,7 +71,11 @@ class Baseline:
 async def _openai_raw(server: FakeProviderServer, model: str) -> AsyncIterator[Call]:
     import openai
 
-    client = openai.AsyncOpenAI(api_key=KEY, base_url=server.openai_base_url, max_retries=0, timeout=120.0)
+    from datus.models.http_clients import async_http_client
+
+    # the HTTP stack the adapter uses (ModelConfig.http_client's default), so only our layer differs
+    client = openai.AsyncOpenAI(api_key=KEY, base_url=server.openai_base_url, max_retries=0, timeout=120.0,
+                                http_client=async_http_client(openai, "aiohttp"))
     messages = [{"role": "user", "content": PROMPT}]
 
     async def call() -> Any:
@@ -90,7 +94,10 @@ async def _claude_raw(server: FakeProviderServer, model: str) -> AsyncIterator[C
 
     from datus.models.claude_model import DEFAULT_MAX_TOKENS
 
-    client = anthropic.AsyncAnthropic(api_key=KEY, base_url=server.url, max_retries=0, timeout=120.0)
+    from datus.models.http_clients import async_http_client
+
+    client = anthropic.AsyncAnthropic(api_key=KEY, base_url=server.url, max_retries=0, timeout=120.0,
+                                      http_client=async_http_client(anthropic, "aiohttp"))
     messages = [{"role": "user", "content": PROMPT}]
 
     async def call() -> Any:
@@ -108,6 +115,7 @@ async def _gemini_raw(server: FakeProviderServer, model: str) -> AsyncIterator[C
     from google import genai
     from google.genai import types
 
+    # google-genai on aiohttp (installed with this package), as the adapter's default
     client = genai.Client(api_key=KEY, http_options=types.HttpOptions(  # kept alive: aio dies with it
         base_url=server.url, api_version="v1beta", timeout=120_000,
         retry_options=types.HttpRetryOptions(attempts=1)))

@@ -1,0 +1,60 @@
+"""The HTTP stack under the async SDK clients (``ModelConfig.http_client``)."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+
+from datus.configuration.agent_config import AgentConfig
+from datus.models.base import LLMBaseModel
+from datus.models.errors import ModelConnectionError
+from datus.models.http_clients import connect_failure
+from datus.testing.fake_server import FakeProviderServer
+
+
+def _model(base_url: str, **settings: Any) -> LLMBaseModel:
+    config = AgentConfig.model_validate({"models": {"m": {
+        "type": "openai", "model": "gpt-4o-mini", "api_key": "sk-test", "base_url": base_url, **settings}}})
+    return LLMBaseModel.create_model(config, "m")
+
+
+@pytest.mark.parametrize(("stack", "aiohttp"), [(None, True), ("aiohttp", True), ("httpx", False)])
+def test_the_configured_stack_carries_the_calls(fake_server: FakeProviderServer, stack: str | None,
+                                                aiohttp: bool) -> None:
+    model = _model(fake_server.openai_base_url, **({} if stack is None else {"http_client": stack}))
+
+    async def run() -> tuple[str, Any]:
+        text = await model.agenerate("hello")
+        return text, model._client()._client
+
+    text, http = asyncio.run(run())
+    assert text and ("Aio" in type(http).__name__) is aiohttp
+    if aiohttp:  # asyncio.run closed it before closing its loop: no "Unclosed client session"
+        assert http.is_closed
+
+
+def test_a_refused_connection_is_a_connection_error_not_a_timeout() -> None:
+    model = _model(f"http://127.0.0.1:{_closed_port()}/v1", max_retries=0)
+    with pytest.raises(ModelConnectionError):
+        model.generate("hello")
+
+
+def test_connect_failure_finds_the_refusal_behind_a_timeout() -> None:
+    try:
+        try:
+            raise ConnectionRefusedError(111, "Connection refused")
+        except ConnectionRefusedError as refused:
+            raise TimeoutError("connect timed out") from refused
+    except TimeoutError as reported:
+        assert isinstance(connect_failure(reported), ConnectionRefusedError)
+    assert connect_failure(TimeoutError("read timed out")) is None
+
+
+def _closed_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]

@@ -18,6 +18,7 @@ import json
 import signal
 import time
 from dataclasses import dataclass, field
+from itertools import islice
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -29,6 +30,8 @@ from tasks.scoring import schema_text, score_item
 from tasks.store import BatchStatus, StoredJob
 
 __all__ = ["BatchOptions", "BatchRunner", "DEFAULT_TEMPLATE"]
+
+SUBMIT_CHUNK = 100  # questions submitted together (one transaction, one producer)
 
 DEFAULT_TEMPLATE = """You are an expert {dialect} SQL writer.
 Write one SQL query that answers the question, for this database:
@@ -162,12 +165,11 @@ class BatchRunner:
                     self.budget_hit = True
                 while (not exhausted and not self.interrupted and not self.budget_hit
                        and len(in_flight) < self.options.max_in_flight):
-                    question = next(questions, None)
-                    if question is None:
-                        exhausted = True
-                        break
-                    job_id = self._submit(batch_id, question)
-                    in_flight[job_id] = question
+                    room = min(SUBMIT_CHUNK, self.options.max_in_flight - len(in_flight))
+                    chunk = list(islice(questions, room))
+                    exhausted = len(chunk) < room
+                    if chunk:
+                        in_flight.update(zip(self._submit(batch_id, chunk), chunk))
                 finished = self.client.store.final_jobs(in_flight)
                 for job in finished:
                     question = in_flight.pop(job.job_id)
@@ -187,18 +189,22 @@ class BatchRunner:
             if out is not None:
                 out.close()
 
-    def _submit(self, batch_id: str, question: Question) -> str:
-        text = self.template.format(dialect=self.options.dialect, schema=self.schema, question=question.question,
-                                    evidence=f"Hint: {question.evidence}" if question.evidence else "")
-        request: dict[str, Any] = {
-            "model": self.options.model, "prompt": text, "stream": False,
-            "batch_id": batch_id, "item_id": question.id, "idempotency_key": f"{batch_id}:{question.id}",
-        }
-        if self.options.mode == "tool_run":
-            request.update(kind="tool_run", mcp_servers=self.options.tools)
-        job_id = self.client.submit(request)
-        self.client.store.set_item_result(batch_id, question.id, JobStatus.RUNNING, job_id=job_id)
-        return job_id
+    def _submit(self, batch_id: str, questions: list[Question]) -> list[str]:
+        """Submit a chunk of questions (one transaction, one producer); their job ids."""
+        requests: list[dict[str, Any]] = []
+        for question in questions:
+            text = self.template.format(dialect=self.options.dialect, schema=self.schema, question=question.question,
+                                        evidence=f"Hint: {question.evidence}" if question.evidence else "")
+            request: dict[str, Any] = {
+                "model": self.options.model, "prompt": text, "stream": False,
+                "batch_id": batch_id, "item_id": question.id, "idempotency_key": f"{batch_id}:{question.id}",
+            }
+            if self.options.mode == "tool_run":
+                request.update(kind="tool_run", mcp_servers=self.options.tools)
+            requests.append(request)
+        job_ids = self.client.submit_many(requests)
+        self.client.store.mark_items_submitted(batch_id, [(q.id, job_id) for q, job_id in zip(questions, job_ids)])
+        return job_ids
 
     def _record(self, batch_id: str, question: Question, job: StoredJob, out: Any) -> None:
         answer = job.output if isinstance(job.output, str) else json.dumps(job.output or "")

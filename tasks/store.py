@@ -31,7 +31,7 @@ from typing import Any
 
 from pydantic import BaseModel
 from pydantic_core import to_jsonable_python
-from sqlalchemy import Connection, Engine, func, select, update
+from sqlalchemy import Connection, Engine, bindparam, func, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Row
 from sqlalchemy.exc import DBAPIError
@@ -110,6 +110,9 @@ class JobStore:
         backend = self._engine.dialect.name
         self._insert = postgresql.insert if backend == "postgresql" else sqlite.insert
         self._insert_job = self._insert(jobs).on_conflict_do_nothing()  # built once; values per call
+        self._submit_items = update(batch_items).where(  # SET: the parameters' columns
+            batch_items.c.batch_id == bindparam("b_batch_id"), batch_items.c.item_id == bindparam("b_item_id"),
+            or_(*(batch_items.c.status == status for status in _OPEN)))  # not IN: executemany takes no lists
         self._writer = self._engine.execution_options(**{WRITE_OPTION: True})
         self._lock = threading.Lock()
         self._version: int | None = None
@@ -345,6 +348,16 @@ class JobStore:
             return conn.execute(update(batch_items).where(
                 batch_items.c.batch_id == batch_id, batch_items.c.item_id == item_id,
                 batch_items.c.status.in_(_OPEN)).values(**values)).rowcount == 1
+
+    def mark_items_submitted(self, batch_id: str, submitted: list[tuple[str, str]]) -> None:
+        """``set_item_result(..., RUNNING, job_id=...)`` for many ``(item_id, job_id)`` at once
+        (items already final are left as they are)."""
+        if not submitted:
+            return
+        rows = [{"b_batch_id": batch_id, "b_item_id": item_id, "job_id": job_id,
+                 "status": JobStatus.RUNNING.value, "result": None, "cost_usd": 0.0} for item_id, job_id in submitted]
+        with self._begin(write=True) as conn:
+            conn.execute(self._submit_items, rows)
 
     def items(self, batch_id: str, status: JobStatus | str | Collection[JobStatus | str] | None = None,
               *, chunk_size: int = _CHUNK) -> Iterator[BatchItem]:

@@ -457,10 +457,15 @@ def test_item_results_summary_and_resume(store: JobStore) -> None:
         "job-0", {"sql": "SELECT 1", "match": True}, 0.25, True)
     pending = [item.item_id for item in store.items(batch_id, status=["queued", JobStatus.RUNNING], chunk_size=2)]
     assert pending == ["3", "4", "5"]
+    store.mark_items_submitted(batch_id, [("0", "job-x"), ("4", "job-4"), ("5", "job-5")])  # "0" is final
+    items = {item.item_id: item for item in store.items(batch_id)}
+    assert (items["0"].job_id, items["0"].status) == ("job-0", JobStatus.SUCCEEDED)
+    assert [(items[i].job_id, items[i].status) for i in "45"] == [("job-4", "running"), ("job-5", "running")]
+    assert next(store.items(other)).job_id is None  # the same item id in another batch: untouched
 
     summary = store.batch_summary(batch_id)
     assert (summary.total, summary.done, summary.cost_usd) == (6, 3, pytest.approx(0.75))
-    assert summary.counts == {"queued": 2, "running": 1, "retrying": 0, "succeeded": 1, "failed": 1,
+    assert summary.counts == {"queued": 0, "running": 3, "retrying": 0, "succeeded": 1, "failed": 1,
                               "cancelled": 1, "dead": 0}
     assert store.batch_summary(other).total == 1 and store.final_item_ids(other) == set()
 

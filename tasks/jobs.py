@@ -33,7 +33,8 @@ from tasks.context import JobContext, get_context
 from tasks.execution import run_coroutine
 from tasks.schemas import JobError, JobKind, JobRequest, JobStatus, TaskPayload
 
-__all__ = ["run_task", "run_message", "dead_letter_message", "execute", "RetryLater", "JobCancelled"]
+__all__ = ["run_task", "run_message", "dead_letter_message", "execute", "shown_arguments", "RetryLater",
+           "JobCancelled"]
 
 logger = logging.getLogger("tasks.jobs")
 INFRA_RETRIES = 8
@@ -66,8 +67,15 @@ def run_task(task: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[s
         # the worker is shutting down and cancelled the job: back to the queue at once
         raise Reject("worker shutting down", requeue=True) from None
     if isinstance(outcome, RetryLater):
-        raise task.retry(countdown=outcome.countdown, max_retries=None)
+        raise task.retry(countdown=outcome.countdown, max_retries=None,
+                         **shown_arguments(vars(task.request)))
     return outcome
+
+
+def shown_arguments(request: dict[str, Any]) -> dict[str, Any]:
+    """A retry keeps the label JobClient gave the arguments (task events, Flower); left to
+    Celery, the retry message would carry a repr of the whole request, prompt included."""
+    return {"argsrepr": request.get("argsrepr") or "(job)", "kwargsrepr": request.get("kwargsrepr") or "{}"}
 
 
 async def run_message(args: tuple[Any, ...] | list[Any], kwargs: dict[str, Any], retries: int) -> Any:

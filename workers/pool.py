@@ -36,7 +36,7 @@ from celery.concurrency.thread import ApplyResult, TaskPool
 from celery.exceptions import Reject, Retry
 from kombu.serialization import loads, prepare_accept_content
 
-from tasks.jobs import RetryLater, dead_letter_message, run_message
+from tasks.jobs import RetryLater, dead_letter_message, run_message, shown_arguments
 from workers.runtime import runtime
 
 __all__ = ["JOB_TASKS", "RuntimeThreadPool"]
@@ -103,8 +103,8 @@ class RuntimeThreadPool(TaskPool):
         delivery goes back to the queue instead: the job is never dropped."""
         context = Context(request, args=args, kwargs=kwargs, called_directly=False)
         try:
-            task.signature_from_request(context, args, kwargs, countdown=countdown,
-                                        retries=retries + 1).apply_async()
+            task.signature_from_request(context, args, kwargs, countdown=countdown, retries=retries + 1,
+                                        **shown_arguments(request)).apply_async()
         except Exception as exc:  # noqa: BLE001 - the broker failed: requeue this delivery
             logger.warning("could not publish the retry of %s[%s] (%s); requeueing it", task.name,
                            request.get("id"), exc)

@@ -11,6 +11,7 @@ import threading
 import time
 from collections import defaultdict
 from itertools import pairwise
+from typing import Any
 
 import pytest
 
@@ -251,3 +252,38 @@ def test_raw_non_json_on_a_queue_list_is_rejected_and_the_worker_keeps_running(
     assert running.alive(), running.log()[-1500:]
     assert client.status(after) is JobStatus.SUCCEEDED
     assert len(client.redis.lrange(keys.DEAD_LETTER, 0, -1)) == 2  # both recorded with their reason
+
+
+# -- task events (what Flower shows) ---------------------------------------------------------------
+
+
+def test_task_events_reach_flower_through_the_workers_own_pool(worker: StartWorker, client: JobClient,
+                                                                fake: FakeProviderServer) -> None:
+    """With DQ_TASK_EVENTS=1 a job run on the event-loop pool sends the events a threads pool
+    would: received, started, retried (a 429), succeeded — and never the request text."""
+    fake.script.fallback = RateLimitStorm(faults=1, retry_after_s=0.2)
+    seen: list[dict[str, Any]] = []
+    done = threading.Event()
+    job_ids: list[str] = []
+
+    def on_event(event: dict[str, Any]) -> None:
+        seen.append(event)
+        if event.get("type") == "task-succeeded" and event.get("uuid") in job_ids:
+            done.set()
+
+    with client.app.connection_for_read() as connection:
+        receiver = client.app.events.Receiver(connection, handlers={"*": on_event})
+        listening = threading.Thread(target=lambda: receiver.capture(limit=None, timeout=None, wakeup=False),
+                                     daemon=True)
+        listening.start()
+        worker("openai", env={"DQ_TASK_EVENTS": "1"})
+        time.sleep(0.5)  # the receiver is subscribed before the job is sent
+        job_ids.append(client.submit({"model": "openai", "prompt": "events: a secret question"}))
+        assert client.result(job_ids[0], timeout=30).status is JobStatus.SUCCEEDED
+        assert done.wait(10), sorted({e.get("type") for e in seen})
+        receiver.should_stop = True
+    mine = [event["type"] for event in seen if event.get("uuid") == job_ids[0]]
+    assert mine.count("task-received") == 2 and mine.count("task-started") == 2  # the first try and the retry
+    assert mine.count("task-retried") == 1 and mine.count("task-succeeded") == 1
+    leaks = [(e["type"], k) for e in seen for k, v in e.items() if "a secret question" in json.dumps(v, default=str)]
+    assert leaks == []  # argsrepr is a label, not the request

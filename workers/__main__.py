@@ -1,9 +1,10 @@
 """``python -m workers --provider openai [--provider claude] [--concurrency N]``: a Celery
 worker pinned to the providers' queues.
 
-The default pool is threads: the pool's threads only wait while the process's one event loop
-keeps every call in flight. SIGTERM is a soft shutdown: running jobs get a short grace period,
-then their unacknowledged messages are requeued at once (REMAP_SIGTERM=SIGQUIT).
+The default pool (``threads``) is ours, `workers.pool`: job tasks run as coroutines on the
+process's one event loop, which keeps every call in flight; any other task runs in a thread.
+SIGTERM is a soft shutdown: running jobs get a short grace period, then their unacknowledged
+messages are requeued at once (REMAP_SIGTERM=SIGQUIT).
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     concurrency = args.concurrency or get_settings().worker_concurrency
     hostname = args.hostname or f"dq-{'-'.join(providers) if len(providers) < 3 else 'all'}-{os.getpid()}@{socket.gethostname()}"
     pool = args.pool
-    if pool == "threads":  # our threads pool, which can cancel its jobs at shutdown
+    if pool == "threads":  # ours: job tasks on the event loop, others in threads; cancellable at shutdown
         pool = "custom"
     app.worker_main([
         "worker", "-Q", queues, "-P", pool, "-c", str(concurrency), "-l", args.loglevel,

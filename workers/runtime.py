@@ -1,10 +1,10 @@
 """The worker process runtime: one long-lived asyncio loop per process and its SDK clients.
 
-Created after fork (or at worker start for the threads pool, which does not fork) and
-installed into ``tasks.execution``: every task of the process hands its coroutine to this
-loop, so one process keeps hundreds of model calls in flight while Celery's pool threads
-only wait. At shutdown the loop's clients are closed and running jobs are cancelled (their
-unacknowledged messages go back to the queue).
+Created after fork (prefork) or at worker start (our pool, which does not fork). The worker's
+pool spawns each job's coroutine here (`spawn`); under prefork or solo a task blocks on it
+through ``tasks.execution`` (`run`). Either way one process keeps hundreds of model calls in
+flight. At shutdown running jobs are cancelled (their unacknowledged messages go back to the
+queue), allowed to report, and the loop's clients are closed.
 """
 
 from __future__ import annotations

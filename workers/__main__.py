@@ -10,6 +10,7 @@ messages are requeued at once (REMAP_SIGTERM=SIGQUIT).
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import socket
 import sys
@@ -38,6 +39,11 @@ def main(argv: list[str] | None = None) -> int:
     from workers import signals
 
     signals.connect()
+    # A worker allocates fast (SDK responses, events, rows) and keeps little: the modules loaded
+    # so far go to the permanent generation, and the young generation is collected every 20,000
+    # allocations instead of 700 (measured: 3.16 -> 2.97 ms of CPU per job, two pairs of runs).
+    gc.freeze()
+    gc.set_threshold(20_000, 50, 50)
     providers = args.provider or [p.value for p in LLMProvider]
     queues = ",".join(queue_for(provider) for provider in providers)
     concurrency = args.concurrency or get_settings().worker_concurrency

@@ -104,7 +104,7 @@ class JobClient:
                     # the client subscribed to a Celery result channel (memory grows with the batch).
                     # argsrepr/kwargsrepr: what Celery shows of the arguments (task events, Flower).
                     # Left to Celery it is a repr of the whole request — prompt included — in every
-                    # message header, computed per submit (a third of its CPU).
+                    # message header, computed on each submit.
                     self.app.send_task(TASK_NAMES[job.kind], args=(job_id, payload), task_id=job_id,
                                        queue=queue_for(provider), ignore_result=True, producer=producer,
                                        argsrepr=f"({job_id!r}, <{job.kind.value} request for {job.model}>)",

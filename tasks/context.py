@@ -102,10 +102,10 @@ class JobContext:
     def script(self, source: str) -> Any:
         """A Lua script on the running loop's Redis client (EVALSHA, loaded once)."""
         state = self._loop_state()
-        script = state.get(source)
-        if script is None:
-            script = state[source] = state["redis"].register_script(source)
-        return script
+        scripts = state.setdefault("scripts", {})
+        if source not in scripts:
+            scripts[source] = state["redis"].register_script(source)
+        return scripts[source]
 
     async def aclose(self) -> None:
         """Close what belongs to the running loop: SDK clients and the Redis client."""

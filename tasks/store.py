@@ -145,13 +145,7 @@ class JobStore:
         with ``created=False`` — also when two processes race with the same key."""
         if not isinstance(request, JobRequest):
             request = JobRequest.model_validate(request)
-        now = _now()
-        row = {
-            "job_id": job_id, "idempotency_key": request.idempotency_key, "kind": request.kind.value,
-            "model": request.model, "provider": provider, "status": JobStatus.QUEUED.value,
-            "request": request.model_dump(mode="json"), "cost_usd": 0.0, "attempts": 0, "deliveries": 0,
-            "batch_id": request.batch_id, "item_id": request.item_id, "created_at": now, "updated_at": now,
-        }
+        row = _job_row(job_id, request, provider, _now())
         with self._begin(write=True) as conn:
             # ON CONFLICT DO NOTHING: a concurrent insert with the same key waits for the first
             # to commit, then inserts nothing (no exception, no aborted transaction)
@@ -169,11 +163,7 @@ class JobStore:
         ids): ``(job_id, created)`` each, in order. An idempotency key already stored — or
         repeated within ``new`` — gives the first job's id with ``created=False``."""
         now = _now()
-        rows = [{"job_id": job_id, "idempotency_key": request.idempotency_key, "kind": request.kind.value,
-                 "model": request.model, "provider": provider, "status": JobStatus.QUEUED.value,
-                 "request": request.model_dump(mode="json"), "cost_usd": 0.0, "attempts": 0, "deliveries": 0,
-                 "batch_id": request.batch_id, "item_id": request.item_id, "created_at": now, "updated_at": now}
-                for job_id, request, provider in new]
+        rows = [_job_row(job_id, request, provider, now) for job_id, request, provider in new]
         with self._begin(write=True) as conn:
             for start in range(0, len(rows), _CHUNK):
                 conn.execute(self._insert_job, rows[start:start + _CHUNK])
@@ -417,7 +407,7 @@ class JobStore:
             return job_writes.apply(conn, writes)
 
     def _write_group(self, writes: list[job_writes.JobWrite]) -> list[Any]:
-        """The writer thread's transaction. If it fails, each write is tried alone, so a write
+        """The group commit's transaction. If it fails, each write is tried alone, so a write
         that cannot be made fails only its own caller."""
         try:
             return self._write(writes)
@@ -442,6 +432,14 @@ class JobStore:
         if total is None:
             raise KeyError(f"no batch {batch_id!r}: create_batch first")
         return total
+
+
+def _job_row(job_id: str, request: JobRequest, provider: str, now: datetime) -> dict[str, Any]:
+    """A queued job's row."""
+    return {"job_id": job_id, "idempotency_key": request.idempotency_key, "kind": request.kind.value,
+            "model": request.model, "provider": provider, "status": JobStatus.QUEUED.value,
+            "request": request.model_dump(mode="json"), "cost_usd": 0.0, "attempts": 0, "deliveries": 0,
+            "batch_id": request.batch_id, "item_id": request.item_id, "created_at": now, "updated_at": now}
 
 
 def _batch(row: Row[Any]) -> BatchInfo:

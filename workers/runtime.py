@@ -41,18 +41,9 @@ class WorkerRuntime:
         execution.install_runner(self.run)
         logger.info("worker runtime started: one event loop for this process")
 
-    def submit(self, coro: Coroutine[Any, Any, Any]) -> Future[Any]:
-        """Start ``coro`` on the loop; `cancel_all` cancels it until it is done."""
-        assert self.loop is not None, "the worker runtime is not started"
-        future = asyncio.run_coroutine_threadsafe(coro, self.loop)
-        with self._lock:
-            self._futures.add(future)
-        future.add_done_callback(self._forget)
-        return future
-
     def spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
         """Start ``coro`` on the loop without waiting for it (the worker's pool: ``coro``
-        reports its own outcome). Cheaper than `submit`: no future to wait on."""
+        reports its own outcome). Cheaper than `run`: no future to wait on."""
         assert self.loop is not None, "the worker runtime is not started"
         self.loop.call_soon_threadsafe(self._spawn, coro)
 
@@ -62,24 +53,27 @@ class WorkerRuntime:
         task.add_done_callback(self._tasks.discard)
 
     def run(self, coro: Coroutine[Any, Any, Any]) -> Any:
-        """Run ``coro`` on the loop and wait for its result (a task under a thread pool)."""
-        return self.submit(coro).result()
-
-    def _forget(self, future: Future[Any]) -> None:
+        """Run ``coro`` on the loop and wait for its result (a task under a thread or process
+        pool); `cancel_all` cancels it until it is done."""
+        assert self.loop is not None, "the worker runtime is not started"
+        future = asyncio.run_coroutine_threadsafe(coro, self.loop)
         with self._lock:
-            self._futures.discard(future)
+            self._futures.add(future)
+        try:
+            return future.result()
+        finally:
+            with self._lock:
+                self._futures.discard(future)
 
-    def cancel_all(self) -> int:
+    def cancel_all(self) -> None:
         """Cancel every job running on the loop (shutdown): their tasks requeue them."""
         with self._lock:
             pending = list(self._futures)
         for future in pending:
             future.cancel()
         loop = self.loop
-        spawned = len(self._tasks)
         if loop is not None and not loop.is_closed():
             loop.call_soon_threadsafe(self._cancel_spawned)
-        return len(pending) + spawned
 
     async def _wind_down(self, timeout_s: float) -> None:
         """Let the cancelled jobs report (their messages go back to the queue), then close

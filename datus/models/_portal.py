@@ -34,8 +34,8 @@ def _portal_loop() -> asyncio.AbstractEventLoop:
 
 
 def _close(loop: asyncio.AbstractEventLoop) -> None:
-    """At exit: close the HTTP clients the portal's calls opened."""
-    from datus.models.http_clients import aclose_loop_clients
+    """At exit: close the SDK clients the portal's calls opened."""
+    from datus.models._clients import aclose_loop_clients
 
     if loop.is_running():
         with contextlib.suppress(Exception):  # exiting: nothing to report to

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any, AsyncIterator, ClassVar
 
 from pydantic import ValidationError
 
+from datus.models import _clients
 from datus.models._portal import run_sync
 from datus.models.errors import (
     InvalidResponseError,
@@ -78,7 +79,7 @@ class LLMBaseModel(ABC):
         self._clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Any] = weakref.WeakKeyDictionary()
         self._clients_lock = threading.Lock()
         # a model dropped while its loop lives on (the sync portal's): close its clients there
-        weakref.finalize(self, _close_clients_soon, self._clients)
+        weakref.finalize(self, _clients.close_soon, self._clients, type(self)._close_client)
         self.agent_config: AgentConfig | None = None
         if self.REQUIRES_API_KEY:
             self._get_api_key()  # a missing key is an error now, not a 401 later
@@ -163,17 +164,23 @@ class LLMBaseModel(ABC):
             client = self._clients.get(loop)
             if client is None:
                 client = self._clients[loop] = self._create_client()
+                if client is not None:
+                    _clients.register(client, type(self)._close_client)
             return client
+
+    @staticmethod
+    async def _close_client(client: Any) -> None:
+        """Close one SDK client (providers whose client closes differently override this)."""
+        result = client.close()
+        if asyncio.iscoroutine(result):
+            await result
 
     async def aclose(self) -> None:
         """Close the SDK client of the running loop (the worker runtime calls this)."""
         with self._clients_lock:
             client = self._clients.pop(asyncio.get_running_loop(), None)
-        close = getattr(client, "close", None) or getattr(client, "aclose", None)
-        if close is not None:
-            result = close()
-            if asyncio.iscoroutine(result):
-                await result
+        if client is not None:
+            await _clients.close(client, type(self)._close_client)
 
     # ---- requests ------------------------------------------------------------------------
 
@@ -445,19 +452,3 @@ class LLMBaseModel(ABC):
     def delete_session(self, session_id: str) -> None:
         self.session_manager.delete_session(session_id)
 
-
-def _close_clients_soon(clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Any]) -> None:
-    for loop, client in list(clients.items()):
-        close = getattr(client, "close", None) or getattr(client, "aclose", None)
-        if close is None or loop.is_closed() or not loop.is_running():
-            continue
-
-        async def closing(close: Any = close) -> None:
-            result = close()
-            if asyncio.iscoroutine(result):
-                await result
-
-        try:
-            loop.call_soon_threadsafe(loop.create_task, closing())
-        except RuntimeError:  # the loop closed meanwhile
-            pass

@@ -57,11 +57,11 @@ class GeminiModel(LLMBaseModel):
     # ---- client --------------------------------------------------------------------------
 
     def _create_client(self) -> Any:
-        from datus.models.http_clients import gemini_async_client_args
-
         # The Client itself is cached, not `client.aio`: the async client dies with it.
         from google import genai
         from google.genai import types
+
+        from datus.models.http_clients import gemini_async_client_args
 
         http_options = types.HttpOptions(
             base_url=self.model_config.base_url,
@@ -72,13 +72,11 @@ class GeminiModel(LLMBaseModel):
         )
         return genai.Client(vertexai=False, api_key=self._get_api_key(), http_options=http_options)
 
-    async def aclose(self) -> None:
+    @staticmethod
+    async def _close_client(client: Any) -> None:
         # Client.close() closes only the sync transport; the async one has its own aclose.
-        with self._clients_lock:
-            client = self._clients.pop(asyncio.get_running_loop(), None)
-        if client is not None:
-            await client.aio.aclose()
-            client.close()
+        await client.aio.aclose()
+        client.close()
 
     # ---- calls ---------------------------------------------------------------------------
 

@@ -11,42 +11,22 @@ transport instead (`gemini_async_client_args`).
 
 from __future__ import annotations
 
-import asyncio
-import weakref
 from types import ModuleType
 from typing import Any
 
-__all__ = ["aclose_loop_clients", "async_http_client", "connect_failure", "gemini_async_client_args"]
-
-# the aiohttp-backed clients made on each loop, closed before the loop ends (aiohttp complains
-# about a session garbage-collected open): by asyncio.run's shutdown of async generators, by
-# the sync portal at exit, by the worker runtime at shutdown
-_made: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, weakref.WeakSet[Any]] = weakref.WeakKeyDictionary()
-_closers: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Any] = weakref.WeakKeyDictionary()
+__all__ = ["async_http_client", "connect_failure", "gemini_async_client_args"]
 
 
 def async_http_client(sdk: ModuleType, stack: str) -> Any:
-    """The ``http_client`` argument for ``sdk``'s async client, made on the running loop: None
-    keeps the SDK default."""
+    """The ``http_client`` argument for ``sdk``'s async client: None keeps the SDK default. The
+    SDK client closes it (and `datus.models._clients` closes the SDK client before its loop
+    ends)."""
     if stack == "httpx":
         return None
     try:
-        client = sdk.DefaultAioHttpClient()
+        return sdk.DefaultAioHttpClient()
     except (AttributeError, RuntimeError):  # an SDK without the aiohttp extra: its default stack
         return None
-    loop = asyncio.get_running_loop()
-    _made.setdefault(loop, weakref.WeakSet()).add(client)
-    if loop not in _closers:  # asyncio.run closes async generators before it closes the loop
-        closer = _closers[loop] = _close_at_loop_end()
-        loop.create_task(closer.__anext__())
-    return client
-
-
-async def _close_at_loop_end() -> Any:
-    try:
-        yield
-    finally:
-        await aclose_loop_clients()
 
 
 def gemini_async_client_args(stack: str) -> dict[str, Any] | None:
@@ -57,14 +37,6 @@ def gemini_async_client_args(stack: str) -> dict[str, Any] | None:
     import httpx
 
     return {"transport": httpx.AsyncHTTPTransport()}
-
-
-async def aclose_loop_clients() -> None:
-    """Close the HTTP clients made on the running loop that are still open (the sync portal
-    calls this at exit; the worker closes its models' clients itself)."""
-    for client in list(_made.pop(asyncio.get_running_loop(), ())):
-        if not client.is_closed:
-            await client.aclose()
 
 
 def connect_failure(exc: BaseException) -> BaseException | None:

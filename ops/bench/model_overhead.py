@@ -93,7 +93,6 @@ async def _claude_raw(server: FakeProviderServer, model: str) -> AsyncIterator[C
     import anthropic
 
     from datus.models.claude_model import DEFAULT_MAX_TOKENS
-
     from datus.models.http_clients import async_http_client
 
     client = anthropic.AsyncAnthropic(api_key=KEY, base_url=server.url, max_retries=0, timeout=120.0,

@@ -1,6 +1,6 @@
 """Shared pieces of the job-system benchmarks: a fake provider server process, a private Redis
 database and job store, and a client wired to them (the worker process is
-`tasks.services.worker_process`)."""
+`tasks.cli.services.worker_process`)."""
 
 from __future__ import annotations
 
@@ -18,8 +18,8 @@ import httpx
 
 from datus.configuration.agent_config import AgentConfig
 from tasks.app import create_app
+from tasks.cli.services import free_port
 from tasks.client import JobClient
-from tasks.services import free_port
 from tasks.settings import Settings
 
 KEY = "sk-bench-not-a-real-key"

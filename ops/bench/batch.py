@@ -41,17 +41,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _harness import fake_server_process, job_system
 
-from tasks.services import worker_process
+from tasks.cli.services import worker_process
 
 ANSWER = "```sql\nSELECT COUNT(*) FROM customers\n```"
 TARGET_RATIO = 1.2
 _CHILD_CODE = """
 import json, resource, sys, time, tracemalloc
 from pathlib import Path
-from tasks.batch import BatchOptions, BatchRunner
-from tasks.batch_report import ProgressView
+from tasks.batch.runner import BatchOptions, BatchRunner
+from tasks.batch.report import ProgressView
 from tasks.client import JobClient
-import tasks.scoring, sqlglot, sqlalchemy  # imported before the measurement starts
+import tasks.batch.scoring, sqlglot, sqlalchemy  # imported before the measurement starts
 
 source, db, out, in_flight = sys.argv[1], sys.argv[2], Path(sys.argv[3]), int(sys.argv[4])
 client = JobClient()
@@ -69,7 +69,7 @@ print(json.dumps({"batch_id": batch_id, "items": stats.items, "failed": stats.fa
 
 
 def write_questions(path: Path, count: int, tag: str) -> None:
-    from tasks.sample import sample_questions_path
+    from tasks.batch.sample import sample_questions_path
 
     rows = [json.loads(line) for line in sample_questions_path().read_text(encoding="utf-8").splitlines()
             if line.strip()]
@@ -85,7 +85,7 @@ def redis_database(workdir: Path) -> Iterator[str]:
     if url := os.environ.get("DQ_BENCH_REDIS_URL"):
         yield url
         return
-    from tasks.services import local_redis
+    from tasks.cli.services import local_redis
 
     with local_redis(workdir) as url:
         yield url
@@ -161,7 +161,7 @@ def main() -> int:
     parser.add_argument("--measure", choices=["both", "rss", "tracemalloc"], default="both")
     args = parser.parse_args()
 
-    from tasks.sample import build_sample_db
+    from tasks.batch.sample import build_sample_db
 
     workdir = Path(tempfile.mkdtemp(prefix="dq-bench-batch-"))
     db_url = build_sample_db(workdir / "shop.db")

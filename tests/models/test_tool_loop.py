@@ -10,7 +10,8 @@ from datus.configuration.agent_config import ModelConfig
 from datus.models.errors import MaxTurnsExceededError, RateLimitError
 from datus.models.fake_model import FakeModel
 from datus.schemas.action_history import ActionHistoryManager
-from datus.testing.script import Fault, Reply, ScriptedToolCall as Call
+from datus.testing.script import Fault, Reply
+from datus.testing.script import ScriptedToolCall as Call
 
 RAN: list[tuple[int, int]] = []
 

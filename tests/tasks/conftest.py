@@ -41,8 +41,8 @@ from sqlalchemy.engine import make_url
 
 from datus.configuration.agent_config import AgentConfig
 from datus.testing.fake_server import FakeProviderServer, RecordedRequest
+from tasks.cli.services import local_redis
 from tasks.schemas import JobEvent
-from tasks.services import local_redis
 
 KNOWN_KEY = "sk-dq-test-SECRET-0123456789"  # the only key the fake accepts; must never be stored or logged
 REJECTED_KEY = "sk-dq-test-REJECTED-9876543210"  # configured for `openai-badkey`: the fake answers 401

@@ -29,9 +29,9 @@ import yaml
 
 from datus.testing.fake_server import FakeProviderServer
 from datus.testing.script import Reply, ScriptedRequest
-from tasks.demo import SampleModel
-from tasks.sample import build_sample_db, sample_questions_path
-from tasks.services import local_redis
+from tasks.batch.sample import build_sample_db, sample_questions_path
+from tasks.cli.demo import SampleModel
+from tasks.cli.services import local_redis
 from tasks.store import JobStore
 from tests.tasks.conftest import Worker, wait_for
 
@@ -40,7 +40,7 @@ MODEL = "demo"
 _BIN = Path(sys.executable).with_name("dq")
 DQ = [str(_BIN)] if _BIN.is_file() else [sys.executable, "-m", "tasks.cli"]
 
-# what the sample's scripted answers are (tasks/sample/__init__.py): q09 does not parse, q11,
+# what the sample's scripted answers are (tasks/batch/sample/__init__.py): q09 does not parse, q11,
 # q16 and q17 run but answer something else; the other sixteen are right
 SAMPLE_WRONG = {"q11", "q16", "q17"}
 SAMPLE_UNPARSEABLE = {"q09"}

@@ -1,4 +1,4 @@
-"""Reading batch questions (tasks/batch_input.py): JSONL and CSV, bad rows with their line
+"""Reading batch questions (tasks/batch/input.py): JSONL and CSV, bad rows with their line
 numbers, whole-file errors, and reading one row at a time."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tasks.batch_input import BadRow, BatchInputError, Question, iter_questions, read_questions
+from tasks.batch.input import BadRow, BatchInputError, Question, iter_questions, read_questions
 
 
 def write(path: Path, text: str, *, encoding: str = "utf-8") -> Path:

@@ -21,9 +21,9 @@ import redis.asyncio
 
 from datus.schemas.action_history import ActionHistory, ActionRole
 from tasks import keys
+from tasks.cli.services import local_redis
 from tasks.events import AsyncEventPublisher, EventPublisher, afollow, aread_events, follow, read_events
 from tasks.schemas import JobEvent, JobStatus
-from tasks.services import local_redis
 
 TTL = 300
 

@@ -1,4 +1,4 @@
-"""The bundled sample (tasks/sample): the shop database builds, every gold query runs on it,
+"""The bundled sample (tasks/batch/sample): the shop database builds, every gold query runs on it,
 and the scripted answers score as the demo expects (80%)."""
 
 from __future__ import annotations
@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from tasks import scoring
-from tasks.batch_input import Question, read_questions
-from tasks.sample import build_sample_db, sample_answers, sample_questions_path, sample_sql_path
-from tasks.scoring import execute_sql, score_item, validate_sql
+from tasks.batch import scoring
+from tasks.batch.input import Question, read_questions
+from tasks.batch.sample import build_sample_db, sample_answers, sample_questions_path, sample_sql_path
+from tasks.batch.scoring import execute_sql, score_item, validate_sql
 
 # What the scripted model gets wrong, on purpose; every other answer matches.
 EXPECTED_FAILURES = {"q09": "invalid_sql", "q11": "mismatch", "q16": "mismatch", "q17": "mismatch"}

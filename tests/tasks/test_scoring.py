@@ -1,4 +1,4 @@
-"""Checking and scoring generated SQL (tasks/scoring.py) against real SQLite files, and
+"""Checking and scoring generated SQL (tasks/batch/scoring.py) against real SQLite files, and
 against Postgres when ``DQ_TEST_POSTGRES_URL`` is set."""
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 from sqlalchemy import create_engine, text
 
-from tasks import scoring
-from tasks.scoring import (
+from tasks.batch import scoring
+from tasks.batch.scoring import (
     DatabaseUnavailable,
     compare_results,
     dialect_of,

@@ -25,7 +25,7 @@ from sqlalchemy.engine import URL, make_url
 
 from tasks.schemas import JobError, JobRequest, JobStatus
 from tasks.store import BatchItem, BatchStatus, JobStore, StoreError
-from tasks.store_schema import SCHEMA_VERSION, SchemaTooNewError, batches, jobs, schema_version
+from tasks.store.schema import SCHEMA_VERSION, SchemaTooNewError, batches, jobs, schema_version
 
 REPO = Path(__file__).resolve().parents[2]
 PG_URL = os.environ.get("DQ_TEST_POSTGRES_URL")
@@ -322,7 +322,7 @@ async def test_a_group_keeps_the_order_of_its_writes(store: JobStore) -> None:
 
 
 async def test_a_write_that_fails_fails_only_its_caller(store: JobStore, monkeypatch: pytest.MonkeyPatch) -> None:
-    from tasks import job_writes
+    from tasks.store import writes as job_writes
 
     job_id, poison = _new_job(store), _new_job(store)
     apply = job_writes.apply

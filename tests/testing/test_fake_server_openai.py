@@ -10,8 +10,8 @@ import signal
 import subprocess
 import sys
 import time
-from email.utils import formatdate
 from collections.abc import Iterator
+from email.utils import formatdate
 from typing import Any
 
 import httpx

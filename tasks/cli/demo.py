@@ -26,8 +26,8 @@ from rich.console import Console
 
 from datus.testing.fake_server import FakeProviderServer
 from datus.testing.script import Reply, ScriptedRequest, ScriptedToolCall
-from tasks.sample import build_sample_db, sample_answers, sample_questions_path
-from tasks.services import local_redis, worker_process
+from tasks.batch.sample import build_sample_db, sample_answers, sample_questions_path
+from tasks.cli.services import local_redis, worker_process
 
 __all__ = ["run_demo", "SampleModel"]
 
@@ -102,7 +102,7 @@ def _config(workdir: Path, db_url: str, fake_url: str | None, model: str | None)
 def run_demo(console: Console | None = None, model: str | None = None, quick: bool = False) -> int:
     console = console or Console()
     if quick:
-        from tasks.demo_tour import run_tour
+        from tasks.cli.demo_tour import run_tour
 
         return run_tour(console)
     workdir = Path(tempfile.mkdtemp(prefix="dq-demo-"))
@@ -151,8 +151,8 @@ def _provider(client: Any, model: str) -> str:
 
 
 def _run_batches(console: Console, client: Any, model: str, db_url: str, workdir: Path) -> None:
-    from tasks.batch import BatchOptions, BatchRunner
-    from tasks.batch_report import ProgressView
+    from tasks.batch.report import ProgressView
+    from tasks.batch.runner import BatchOptions, BatchRunner
 
     for mode in ("generate", "tool_run"):
         console.rule(f"sample batch, mode {mode}")

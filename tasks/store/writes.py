@@ -21,9 +21,9 @@ from typing import Any, Literal
 from pydantic_core import to_jsonable_python
 from sqlalchemy import Connection, Integer, bindparam, case, func, select, update
 
-from tasks.job_rows import FINAL, OPEN, RESULT_COLUMNS, StoredJob, now, to_job
 from tasks.schemas import FINAL_STATUSES, JobError, JobStatus
-from tasks.store_schema import jobs
+from tasks.store.rows import FINAL, OPEN, RESULT_COLUMNS, StoredJob, now, to_job
+from tasks.store.schema import jobs
 
 __all__ = ["JobWrite", "apply", "finish", "retrying", "running"]
 

@@ -8,7 +8,7 @@ from typing import Any
 from sqlalchemy.engine import Row
 
 from tasks.schemas import FINAL_STATUSES, JobError, JobResult, JobStatus
-from tasks.store_schema import jobs
+from tasks.store.schema import jobs
 
 __all__ = ["FINAL", "OPEN", "RESULT_COLUMNS", "StoredJob", "now", "to_job", "utc"]
 

@@ -5,7 +5,7 @@ A worker keeps hundreds of jobs in flight; each writes its row twice (start and 
 one by one those writes cost more CPU than the model call they record: a transaction each,
 SQLAlchemy's per-statement work and, when sent to a thread, a GIL hand-off there and back for
 every write. Here a write is queued and awaited; at the end of the loop's turn everything queued
-is applied in one transaction with one statement per kind of write (`tasks.job_writes`). Under
+is applied in one transaction with one statement per kind of write (`tasks.store.writes`). Under
 load batches grow by themselves; a lone write goes at once (there is no timer to wait for).
 
 The transaction runs on the loop's own thread. Measured running 2,000 jobs' ``execute`` on one
@@ -28,7 +28,7 @@ from typing import Any, Generic, TypeVar
 
 __all__ = ["GroupCommit"]
 
-logger = logging.getLogger("tasks.group_commit")
+logger = logging.getLogger("tasks.store.group_commit")
 Op = TypeVar("Op")
 # apply(ops) -> one result per op, in order: a value, or the exception that op raised
 Apply = Callable[[Sequence[Op]], list[Any]]

@@ -22,11 +22,11 @@ from itertools import islice
 from pathlib import Path
 from typing import Any, Iterator
 
-from tasks.batch_input import Question, iter_questions
-from tasks.batch_report import BatchStats, ProgressView
+from tasks.batch.input import Question, iter_questions
+from tasks.batch.report import BatchStats, ProgressView
+from tasks.batch.scoring import schema_text, score_item
 from tasks.client import JobClient
 from tasks.schemas import JobStatus
-from tasks.scoring import schema_text, score_item
 from tasks.store import BatchStatus, StoredJob
 
 __all__ = ["BatchOptions", "BatchRunner", "DEFAULT_TEMPLATE"]

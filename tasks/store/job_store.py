@@ -36,18 +36,18 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Row
 from sqlalchemy.exc import DBAPIError
 
-from tasks import job_writes
-from tasks.group_commit import GroupCommit
-from tasks.job_rows import FINAL as _FINAL
-from tasks.job_rows import OPEN as _OPEN
-from tasks.job_rows import RESULT_COLUMNS as _RESULT_COLUMNS
-from tasks.job_rows import StoredJob
-from tasks.job_rows import now as _now
-from tasks.job_rows import to_job as _job
-from tasks.job_rows import utc as _utc
 from tasks.schemas import FINAL_STATUSES, JobError, JobRequest, JobStatus
 from tasks.settings import get_settings
-from tasks.store_schema import WRITE_OPTION, StoreError, batch_items, batches, create_store_engine, jobs, migrate
+from tasks.store import writes as job_writes
+from tasks.store.group_commit import GroupCommit
+from tasks.store.rows import FINAL as _FINAL
+from tasks.store.rows import OPEN as _OPEN
+from tasks.store.rows import RESULT_COLUMNS as _RESULT_COLUMNS
+from tasks.store.rows import StoredJob
+from tasks.store.rows import now as _now
+from tasks.store.rows import to_job as _job
+from tasks.store.rows import utc as _utc
+from tasks.store.schema import WRITE_OPTION, StoreError, batch_items, batches, create_store_engine, jobs, migrate
 
 logger = logging.getLogger("tasks.store")
 

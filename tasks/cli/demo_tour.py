@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 from typing import Any
+
 from pydantic import BaseModel
 from rich.console import Console
 from rich.table import Table

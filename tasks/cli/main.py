@@ -22,7 +22,7 @@ def _client() -> Any:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from tasks.demo import run_demo
+    from tasks.cli.demo import run_demo
 
     return run_demo(console, model=args.model, quick=args.quick)
 
@@ -85,8 +85,8 @@ def cmd_status(args: argparse.Namespace) -> int:
 def cmd_batch(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from tasks.batch import BatchOptions, BatchRunner
-    from tasks.batch_report import ProgressView
+    from tasks.batch.report import ProgressView
+    from tasks.batch.runner import BatchOptions, BatchRunner
 
     template = Path(args.prompt_template).read_text(encoding="utf-8") if args.prompt_template else None
     options = BatchOptions(
@@ -105,7 +105,7 @@ def cmd_batch(args: argparse.Namespace) -> int:
 
 def _check_db(url: str) -> None:
     """A database that is not there is an error now, not 10,000 failed items later."""
-    from tasks.scoring import DatabaseUnavailable, execute_sql
+    from tasks.batch.scoring import DatabaseUnavailable, execute_sql
 
     try:
         result = execute_sql(url, "SELECT 1", timeout_s=10)

@@ -20,13 +20,27 @@ from tasks.routing import queue_for
 from tasks.schemas import JobKind, JobRequest, JobResult, JobStatus, TaskPayload
 from tasks.settings import Settings, get_settings
 
-__all__ = ["JobClient", "InvalidJob", "resolve_provider"]
+__all__ = ["InvalidJob", "JobClient", "JobNotFound", "resolve_provider"]
 
 TASK_NAMES = {JobKind.GENERATE: "dq.generate", JobKind.JSON: "dq.generate", JobKind.TOOL_RUN: "dq.tool_run"}
 
 
 class InvalidJob(ValueError):
     """The request cannot run; the message says what to fix."""
+
+
+class JobNotFound(KeyError):
+    """No job with this id in the job store."""
+
+    def __init__(self, job_id: str, what: str = "job") -> None:
+        super().__init__(job_id)
+        self.job_id, self.what = job_id, what
+
+    def __str__(self) -> str:  # KeyError would show the repr of its argument
+        return f"no {self.what} {self.job_id!r}"
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.job_id, self.what))
 
 
 def resolve_provider(model: str, agent_config: AgentConfig) -> str:
@@ -122,7 +136,7 @@ class JobClient:
     def get(self, job_id: str) -> JobResult:
         result = self.store.get(job_id)
         if result is None:
-            raise KeyError(f"no job {job_id!r}")
+            raise JobNotFound(job_id)
         return result
 
     def status(self, job_id: str) -> JobStatus:
@@ -183,7 +197,7 @@ class JobClient:
         """A queued job never runs; a running one stops at its next step."""
         status = self.store.cancel(job_id)
         if status is None:
-            raise KeyError(f"no job {job_id!r}")
+            raise JobNotFound(job_id)
         if status is JobStatus.CANCELLED:
             self.app.control.revoke(job_id)
             from tasks.events import EventPublisher

@@ -31,7 +31,7 @@ from datus.schemas.message import to_messages
 from tasks import keys
 from tasks.context import JobContext, get_context
 from tasks.execution import run_coroutine
-from tasks.schemas import JobError, JobKind, JobRequest, JobStatus, TaskPayload
+from tasks.schemas import DATABASE_SERVER, JobError, JobKind, JobRequest, JobStatus, TaskPayload
 
 __all__ = ["run_task", "run_message", "dead_letter_message", "execute", "shown_arguments", "RetryLater",
            "JobCancelled"]
@@ -263,7 +263,7 @@ class _JobRunner:
         request = self.request
         model = self.ctx.model(request.model, in_process_retries=True)
         steps = model.generate_with_tools_stream(
-            prompt, mcp_servers=request.mcp_servers or None, instruction=request.instruction,
+            prompt, mcp_servers=_servers(request, self.ctx.agent_config), instruction=request.instruction,
             output_type=request.output_schema or str, max_turns=request.max_turns,
             session=request.session_id, db_type=request.db_type, **options)
         # aclosing: a cancelled or failed job closes the run (and its MCP servers) in this task
@@ -285,6 +285,18 @@ class _JobRunner:
                 continue  # the exception that follows is recorded and published by the caller
             await self.publish(step)
         raise RuntimeError("the tool run ended without a final answer")
+
+
+def _servers(request: JobRequest, agent_config: Any) -> dict[str, Any] | None:
+    """The tool run's MCP servers: those it names from agent.mcp_servers, and the shipped SQL
+    server opened on ``request.database``."""
+    from datus.mcp_servers.sql_server import stdio_config
+    from datus.models.mcp_utils import resolve_mcp_servers
+
+    servers: dict[str, Any] = dict(resolve_mcp_servers(request.mcp_servers, agent_config)) if request.mcp_servers else {}
+    if request.database:
+        servers[DATABASE_SERVER] = stdio_config(request.database)
+    return servers or None
 
 
 async def _terminal(ctx: JobContext, job_id: str, status: JobStatus, step: ActionHistory) -> None:

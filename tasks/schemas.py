@@ -18,6 +18,7 @@ from datus.models.generation import CallOptions
 
 __all__ = [
     "SCHEMA_VERSION",
+    "DATABASE_SERVER",
     "JobKind",
     "JobStatus",
     "JobOptions",
@@ -30,6 +31,7 @@ __all__ = [
 ]
 
 SCHEMA_VERSION = 1
+DATABASE_SERVER = "sql"  # the name a tool run sees for the shipped SQL server opened on `JobRequest.database`
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$")
 _SECRETISH = re.compile(r"(api[_-]?key|secret|token|password|passwd|authorization|credential)", re.IGNORECASE)
 
@@ -71,6 +73,10 @@ class JobRequest(BaseModel):
     instruction: str = ""
     options: JobOptions = Field(default_factory=JobOptions)
     mcp_servers: list[str] = Field(default_factory=list, description="names from agent.mcp_servers")
+    database: str | None = Field(
+        default=None, max_length=2000,
+        description="tool runs: a SQLAlchemy URL the worker opens with the shipped read-only SQL tools "
+                    "(server 'sql'); no password in it — configure a server in agent.yml for that")
     output_schema: dict[str, Any] | None = Field(default=None, description="JSON schema of the answer")
     max_turns: int = Field(default=10, ge=1, le=100)
     session_id: str | None = None
@@ -89,6 +95,25 @@ class JobRequest(BaseModel):
                 raise ValueError(f"mcp_servers holds names from agent.mcp_servers, not commands: {name!r}")
         return names
 
+    @field_validator("database")
+    @classmethod
+    def _database_url(cls, url: str | None) -> str | None:
+        if url is None:
+            return None
+        from sqlalchemy.engine import make_url
+        from sqlalchemy.exc import ArgumentError
+
+        try:
+            parsed = make_url(url)
+        except ArgumentError:
+            raise ValueError(f"database is not a SQLAlchemy URL: {url[:80]!r}") from None
+        if parsed.password:
+            raise ValueError("database URL carries a password, which would travel in every task message: "
+                             "configure an MCP server for it in agent.mcp_servers (password as ${VAR}) and "
+                             "name it in mcp_servers / --tools, or let the workers' libpq find it (PGPASSWORD, "
+                             "~/.pgpass)")
+        return url
+
     @field_validator("metadata")
     @classmethod
     def _no_secrets(cls, metadata: dict[str, Any]) -> dict[str, Any]:
@@ -105,8 +130,11 @@ class JobRequest(BaseModel):
             raise ValueError("give exactly one of prompt or messages")
         if self.prompt is not None and not self.prompt.strip():
             raise ValueError("prompt is empty")
-        if self.mcp_servers and self.kind is not JobKind.TOOL_RUN:
-            raise ValueError("mcp_servers only apply to kind 'tool_run'")
+        if (self.mcp_servers or self.database) and self.kind is not JobKind.TOOL_RUN:
+            raise ValueError("mcp_servers and database only apply to kind 'tool_run'")
+        if self.database and DATABASE_SERVER in self.mcp_servers:
+            raise ValueError(f"mcp_servers names {DATABASE_SERVER!r}, the name of the server for 'database'; "
+                             "give one or the other")
         if self.output_schema is not None and self.kind is JobKind.GENERATE:
             raise ValueError("output_schema applies to kind 'json' or 'tool_run'")
         return self

@@ -1,5 +1,5 @@
-"""``python -m workers --provider openai [--provider claude] [--concurrency N]``: a Celery
-worker pinned to the providers' queues.
+"""``dq worker --provider openai [--provider claude] [--concurrency N]`` (the same as
+``python -m workers ...``): a Celery worker pinned to the providers' queues.
 
 The default pool (``threads``) is ours, `workers.pool`: job tasks run as coroutines on the
 process's one event loop, which keeps every call in flight; any other task runs in a thread.
@@ -19,14 +19,25 @@ from datus.utils.constants import LLMProvider
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="dq worker", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="dq worker", description="A Celery worker for datus-queue jobs, pinned to the queues of the providers "
+                                      "it serves (llm.<provider>). Models and MCP servers come from DQ_CONFIG; "
+                                      "Redis and the job store from DQ_REDIS_URL and DQ_DATABASE_URL.")
     parser.add_argument("--provider", "-p", action="append", choices=[p.value for p in LLMProvider],
                         help="serve this provider's queue (repeatable; default: all)")
-    parser.add_argument("--concurrency", "-c", type=int, default=None, help="jobs in flight (default DQ_WORKER_CONCURRENCY)")
-    parser.add_argument("--pool", default="threads", choices=["threads", "prefork", "solo"])
-    parser.add_argument("--loglevel", "-l", default="INFO")
-    parser.add_argument("--hostname", "-n", default=None)
-    return parser.parse_args(argv)
+    parser.add_argument("--concurrency", "-c", type=int, default=None,
+                        help="jobs in flight in this process (default DQ_WORKER_CONCURRENCY, 200)")
+    parser.add_argument("--pool", default="threads", choices=["threads", "prefork", "solo"],
+                        help="threads (default): job tasks run on the process's event loop; prefork/solo: "
+                             "Celery's own pools")
+    parser.add_argument("--loglevel", "-l", default="INFO", help="DEBUG, INFO, WARNING, ERROR")
+    parser.add_argument("--hostname", "-n", default=None, help="the node name (default dq-<providers>-<pid>@host)")
+    parser.add_argument("--events", "-E", action="store_true",
+                        help="send Celery task events (Flower; same as DQ_TASK_EVENTS=1)")
+    args = parser.parse_args(argv)
+    if args.concurrency is not None and args.concurrency < 1:
+        parser.error("--concurrency must be at least 1")
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -53,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
         pool = "custom"
     app.worker_main([
         "worker", "-Q", queues, "-P", pool, "-c", str(concurrency), "-l", args.loglevel,
-        "-n", hostname, "--without-gossip", "--without-mingle",
+        "-n", hostname, "--without-gossip", "--without-mingle", *(["-E"] if args.events else []),
     ])
     return 0
 

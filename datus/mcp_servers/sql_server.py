@@ -41,7 +41,7 @@ from datus.utils.sql import create_read_only_engine, with_driver
 if TYPE_CHECKING:
     from mcp.server.mcpserver import MCPServer
 
-__all__ = ["ReadOnlyDatabase", "ReadOnlyViolation", "build_server", "check_read_only", "main"]
+__all__ = ["ReadOnlyDatabase", "ReadOnlyViolation", "build_server", "check_read_only", "main", "stdio_config"]
 
 logger = logging.getLogger(__name__)
 
@@ -358,6 +358,12 @@ def build_server(db: ReadOnlyDatabase) -> MCPServer:
             raise ToolError(f"query failed: {_error_text(exc)}") from exc
 
     return server
+
+
+def stdio_config(url: str) -> dict[str, Any]:
+    """The ``agent.mcp_servers`` entry that runs this server on ``url`` over stdio, with the
+    interpreter running now (so it finds this package)."""
+    return {"command": sys.executable, "args": ["-m", "datus.mcp_servers.sql_server", "--url", url]}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -17,7 +17,7 @@ import hashlib
 import json
 import signal
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
 from typing import Any, Iterator
@@ -55,7 +55,7 @@ class BatchOptions:
     db_url: str | None = None
     dialect: str = "sqlite"
     mode: str = "generate"  # generate | tool_run
-    tools: list[str] = field(default_factory=lambda: ["sql"])
+    tools: list[str] | None = None  # tool_run: MCP servers from agent.yml; None: the SQL tools on db_url
     out: Path | None = None
     resume: bool = False
     budget_usd: float | None = None
@@ -70,6 +70,9 @@ class BatchRunner:
     def __init__(self, client: JobClient, options: BatchOptions, view: ProgressView | None = None) -> None:
         if options.mode not in ("generate", "tool_run"):
             raise ValueError(f"--mode must be generate or tool_run, not {options.mode!r}")
+        if options.mode == "tool_run" and not options.tools and not options.db_url:
+            raise ValueError("--mode tool_run needs --db (the workers open it with the shipped read-only SQL "
+                             "tools) or --tools NAME (an MCP server from agent.mcp_servers)")
         self.client, self.options = client, options
         self.view = view or ProgressView()
         self.template = options.prompt_template or (TOOL_TEMPLATE if options.mode == "tool_run" else DEFAULT_TEMPLATE)
@@ -82,7 +85,7 @@ class BatchRunner:
 
     def prompt_hash(self) -> str:
         material = json.dumps([self.options.model, self.options.mode, self.template, self.options.dialect,
-                               self.options.tools if self.options.mode == "tool_run" else []])
+                               (self.options.tools or ["--db"]) if self.options.mode == "tool_run" else []])
         return hashlib.sha256(material.encode()).hexdigest()[:16]
 
     def batch_id(self, input_path: Path) -> str:
@@ -199,8 +202,10 @@ class BatchRunner:
                 "model": self.options.model, "prompt": text, "stream": False,
                 "batch_id": batch_id, "item_id": question.id, "idempotency_key": f"{batch_id}:{question.id}",
             }
-            if self.options.mode == "tool_run":
+            if self.options.mode == "tool_run" and self.options.tools:
                 request.update(kind="tool_run", mcp_servers=self.options.tools)
+            elif self.options.mode == "tool_run":
+                request.update(kind="tool_run", database=self.options.db_url)
             requests.append(request)
         job_ids = self.client.submit_many(requests)
         self.client.store.mark_items_submitted(batch_id, [(q.id, job_id) for q, job_id in zip(questions, job_ids)])

@@ -16,7 +16,6 @@ import contextlib
 import json
 import os
 import re
-import sys
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator
@@ -80,10 +79,9 @@ def _redis(workdir: Path, console: Console) -> Iterator[str]:
         yield url
 
 
-def _config(workdir: Path, db_url: str, fake_url: str | None, model: str | None) -> tuple[Path, str]:
-    """The demo's agent.yml: the sample SQL MCP server, and either the fake-backed model or
-    the user's own config (DQ_CONFIG) for a real provider."""
-    sql_server = {"command": sys.executable, "args": ["-m", "datus.mcp_servers.sql_server", "--url", db_url]}
+def _config(workdir: Path, fake_url: str | None, model: str | None) -> tuple[Path, str]:
+    """The demo's agent.yml: the fake-backed model, or the user's own config (DQ_CONFIG) for
+    a real provider. Tool runs open the sample database with the shipped SQL tools."""
     if fake_url is not None:
         agent: dict[str, Any] = {"target": "demo", "models": {"demo": {
             "type": "openai", "model": "gpt-4o-mini", "api_key": DEMO_KEY, "base_url": f"{fake_url}/v1"}}}
@@ -92,7 +90,6 @@ def _config(workdir: Path, db_url: str, fake_url: str | None, model: str | None)
         source = os.environ.get("DQ_CONFIG") or "conf/agent.yml"
         loaded = yaml.safe_load(Path(source).read_text(encoding="utf-8")) or {}
         agent = dict(loaded.get("agent", loaded))
-    agent.setdefault("mcp_servers", {})["sql"] = sql_server
     path = workdir / "agent.yml"
     path.write_text(yaml.safe_dump({"agent": agent}, sort_keys=False), encoding="utf-8")
     assert model is not None
@@ -115,7 +112,7 @@ def run_demo(console: Console | None = None, model: str | None = None, quick: bo
             fake_url = server.url
             console.print(f"[dim]fake OpenAI-compatible provider at {fake_url} (scripted answers; "
                           "the worker talks to it through the official SDK)[/dim]")
-        config_path, model_name = _config(workdir, db_url, fake_url, model)
+        config_path, model_name = _config(workdir, fake_url, model)
         redis_url = stack.enter_context(_redis(workdir, console))
         env = {"DQ_CONFIG": str(config_path), "DQ_REDIS_URL": redis_url,
                "DQ_DATABASE_URL": f"sqlite:///{workdir / 'jobs.db'}"}
@@ -128,7 +125,7 @@ def run_demo(console: Console | None = None, model: str | None = None, quick: bo
         stack.enter_context(worker_process(env, [provider], 50, workdir / "worker.log"))
         console.print(f"[dim]worker for llm.{provider} started (log: {workdir / 'worker.log'})[/dim]\n")
         _run_batches(console, client, model_name, db_url, workdir)
-        _stream_one(console, client, model_name)
+        _stream_one(console, client, model_name, db_url)
         client.close()
     console.print(f"\n[dim]stopped everything; files are in {workdir}[/dim]")
     return 0
@@ -163,13 +160,13 @@ def _run_batches(console: Console, client: Any, model: str, db_url: str, workdir
         console.print(f"[dim]results: {options.out}[/dim]\n")
 
 
-def _stream_one(console: Console, client: Any, model: str) -> None:
+def _stream_one(console: Console, client: Any, model: str, db_url: str) -> None:
     console.rule("one tool-run job, step by step")
     questions = [json.loads(line) for line in sample_questions_path().read_text(encoding="utf-8").splitlines()
                  if line.strip()]
     question = next((q["question"] for q in questions if "JOIN" in q.get("gold_sql", "").upper()),
                     questions[0]["question"])
-    job_id = client.submit({"model": model, "kind": "tool_run", "mcp_servers": ["sql"], "prompt": question,
+    job_id = client.submit({"model": model, "kind": "tool_run", "database": db_url, "prompt": question,
                             "instruction": "Answer with SQL; use the tools to look at the data first."})
     console.print(f"job {job_id}: {question}")
     for step in client.stream(job_id, timeout=60):

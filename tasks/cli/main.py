@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
-from typing import Any
+from typing import Any, NoReturn
 
 from rich.console import Console
 
@@ -27,10 +28,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(console, model=args.model, quick=args.quick)
 
 
-def cmd_worker(args: argparse.Namespace) -> int:
-    from workers.__main__ import main as worker_main
-
-    return worker_main(args.rest)
+def run_worker(argv: list[str]) -> NoReturn:
+    """``dq worker ARGS``: this process becomes ``python -m workers ARGS`` (same pid, so
+    supervisors' signals reach the worker itself). ``tasks`` never imports ``workers``."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execv(sys.executable, [sys.executable, "-m", "workers", *argv])
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
@@ -75,7 +78,12 @@ def cmd_status(args: argparse.Namespace) -> int:
         console.print(f"batch {args.id} [{info.status.value if info else '?'}] model={info.model if info else '?'}: "
                       f"{batch.done}/{batch.total} done ({counts}), cost ${batch.cost_usd:.4f}", markup=False)
         return 0
-    result = client.get(args.id)
+    from tasks.client import JobNotFound
+
+    try:
+        result = client.get(args.id)
+    except JobNotFound:
+        raise JobNotFound(args.id, "job or batch") from None
     error = f"  {result.error.code}: {result.error.message}" if result.error else ""
     console.print(f"{result.job_id}  {result.status.value}  attempts={result.attempts}  "
                   f"cost=${result.cost_usd:.6f}{error}")
@@ -90,7 +98,7 @@ def cmd_batch(args: argparse.Namespace) -> int:
 
     template = Path(args.prompt_template).read_text(encoding="utf-8") if args.prompt_template else None
     options = BatchOptions(
-        model=args.model, db_url=args.db, dialect=args.dialect, mode=args.mode, tools=args.tools or ["sql"],
+        model=args.model, db_url=args.db, dialect=args.dialect, mode=args.mode, tools=args.tools,
         out=Path(args.out) if args.out else None, resume=args.resume, budget_usd=args.budget_usd,
         prompt_template=template, max_in_flight=args.max_in_flight)
     if args.db:
@@ -115,6 +123,14 @@ def _check_db(url: str) -> None:
         raise DatabaseUnavailable(f"--db: {result.error.splitlines()[0]}")
 
 
+def cmd_sample(args: argparse.Namespace) -> int:
+    from tasks.batch.sample import write_sample
+
+    for path in write_sample(args.directory, overwrite=args.force):
+        console.print(str(path), markup=False, highlight=False)
+    return 0
+
+
 def cmd_cancel(args: argparse.Namespace) -> int:
     console.print(_client().cancel(args.job_id).value)
     return 0
@@ -133,15 +149,15 @@ def _print_stream(client: Any, job_id: str, after: int = 0) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dq", description="datus-queue: LLM jobs on Celery and Redis")
+    parser.add_argument("--version", action="version", version=f"dq (datus-queue) {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="the sample batch end to end on this machine, no API keys needed")
     demo.add_argument("--model", default=None, help="a real model from DQ_CONFIG instead of the scripted fake")
     demo.add_argument("--quick", action="store_true", help="only the in-process tour of the model layer")
     demo.set_defaults(func=cmd_demo)
-    worker = sub.add_parser("worker", help="start a worker pinned to providers (see: dq worker --help)",
-                            add_help=False)
-    worker.add_argument("rest", nargs=argparse.REMAINDER)
-    worker.set_defaults(func=cmd_worker)
+    # listed for `dq --help`; `main` hands `dq worker ...` to the worker before parsing
+    sub.add_parser("worker", help="start a worker pinned to providers' queues (dq worker --help lists its options)",
+                   add_help=False)
     submit = sub.add_parser("submit", help="submit a job")
     submit.add_argument("prompt", nargs="?", default=None)
     submit.add_argument("--messages", help="a JSON file with a list of chat messages")
@@ -171,17 +187,35 @@ def build_parser() -> argparse.ArgumentParser:
     batch.add_argument("--db", help="SQLAlchemy URL of the database (schema, execution, scoring)")
     batch.add_argument("--dialect", default="sqlite")
     batch.add_argument("--mode", choices=["generate", "tool_run"], default="generate")
-    batch.add_argument("--tools", action="append", help="MCP server name(s) for tool_run mode (default: sql)")
+    batch.add_argument("--tools", action="append", help="MCP server name(s) from agent.yml for tool_run mode (default: the shipped read-only "
+                            "SQL tools on --db)")
     batch.add_argument("--out", help="write one JSON line per item here")
     batch.add_argument("--resume", action="store_true", help="continue this batch; finished items are skipped")
     batch.add_argument("--budget-usd", type=float, default=None, help="stop submitting once this much is spent")
     batch.add_argument("--prompt-template", help="a file with {question} {schema} {evidence} {dialect}")
     batch.add_argument("--max-in-flight", type=int, default=200)
     batch.set_defaults(func=cmd_batch)
+    sample = sub.add_parser("sample", help="write the bundled sample here: warehouse.db, questions.jsonl, "
+                                           "questions.csv")
+    sample.add_argument("directory", nargs="?", default=".")
+    sample.add_argument("--force", action="store_true", help="replace files of those names")
+    sample.set_defaults(func=cmd_sample)
     return parser
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("datus-queue")
+    except PackageNotFoundError:
+        return "unknown (not installed)"
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["worker"]:
+        run_worker(argv[1:])
     args = build_parser().parse_args(argv)
     if args.command == "submit" and args.prompt is None and not args.messages:
         err.print("dq submit: give a prompt or --messages FILE")
@@ -192,15 +226,25 @@ def main(argv: list[str] | None = None) -> int:
         err.print("interrupted")
         return 130
     except Exception as exc:  # one readable line; DQ_DEBUG=1 shows the traceback
-        import os
-
         if os.environ.get("DQ_DEBUG"):
             raise
         from rich.markup import escape
 
-        message = " ".join(f"{type(exc).__name__}: {exc}".split())  # one line, whatever the message
-        err.print("[red]error:[/red]", escape(message), soft_wrap=True)
+        text = str(exc) if isinstance(exc, _user_errors()) else f"{type(exc).__name__}: {exc}"
+        err.print("[red]error:[/red]", escape(" ".join(text.split())), soft_wrap=True)  # one line, whatever it says
         return 1
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """Errors whose message alone says what to fix: shown without their class name."""
+    from datus.configuration.agent_config import ConfigError
+    from tasks.batch.input import BatchInputError
+    from tasks.batch.scoring import DatabaseUnavailable
+    from tasks.client import InvalidJob, JobNotFound
+    from tasks.store import StoreError
+
+    return (ConfigError, BatchInputError, DatabaseUnavailable, InvalidJob, JobNotFound, StoreError, TimeoutError,
+            FileNotFoundError, FileExistsError)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,14 @@ import time
 from pathlib import Path
 from typing import Iterator
 
-__all__ = ["free_port", "redis_server_binary", "local_redis", "worker_process"]
+__all__ = ["dq_command", "free_port", "local_redis", "redis_server_binary", "worker_process"]
+
+
+def dq_command() -> list[str]:
+    """The ``dq`` console script of this interpreter's environment (how users start things),
+    else ``python -m tasks.cli``."""
+    script = Path(sys.executable).with_name("dq")
+    return [str(script)] if script.is_file() else [sys.executable, "-m", "tasks.cli"]
 
 
 def free_port() -> int:
@@ -69,8 +76,8 @@ def local_redis(workdir: Path) -> Iterator[str]:
 @contextlib.contextmanager
 def worker_process(env: dict[str, str], providers: list[str], concurrency: int, log_path: Path,
                    loglevel: str = "WARNING") -> Iterator[subprocess.Popen[bytes]]:
-    """``python -m workers`` for ``providers``; SIGTERM (soft shutdown) at the end."""
-    args = [sys.executable, "-m", "workers", "-c", str(concurrency), "-l", loglevel]
+    """``dq worker`` for ``providers``; SIGTERM (soft shutdown) at the end."""
+    args = [*dq_command(), "worker", "-c", str(concurrency), "-l", loglevel]
     for provider in providers:
         args += ["--provider", provider]
     with log_path.open("wb") as log:

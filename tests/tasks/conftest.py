@@ -7,7 +7,7 @@
 - a job store: a SQLite file per test, or a Postgres schema of its own per test when a test
   asks for ``job_db_url`` ``"postgres"`` and ``DQ_TEST_POSTGRES_URL`` is set;
 - an agent.yml per test naming every provider the fake speaks, with `KNOWN_KEY`;
-- ``worker``: starts ``python -m workers --provider X -c N`` subprocesses on all of the above,
+- ``worker``: starts ``dq worker --provider X -c N`` subprocesses (the console script) on all of the above,
   each logging to a file, and stops them at teardown;
 - ``client``: a `JobClient` on the same Redis, store and agent.yml.
 
@@ -41,7 +41,7 @@ from sqlalchemy.engine import make_url
 
 from datus.configuration.agent_config import AgentConfig
 from datus.testing.fake_server import FakeProviderServer, RecordedRequest
-from tasks.cli.services import local_redis
+from tasks.cli.services import dq_command, local_redis
 from tasks.schemas import JobEvent
 
 KNOWN_KEY = "sk-dq-test-SECRET-0123456789"  # the only key the fake accepts; must never be stored or logged
@@ -246,7 +246,7 @@ def job_env(tmp_path: Path, dq_redis_url: str, job_db_url: str, fake: FakeProvid
 
 @dataclass
 class Worker:
-    """One ``python -m workers`` subprocess, in a process group of its own (its MCP servers
+    """One ``dq worker`` subprocess, in a process group of its own (its MCP servers
     are its children), logging to ``log_path``."""
 
     proc: subprocess.Popen[bytes]
@@ -321,7 +321,7 @@ def worker(job_env: JobEnv) -> Iterator[StartWorker]:
             environment["DQ_VISIBILITY_TIMEOUT_S"] = str(visibility_timeout_s)
         environment.update(env or {})
         log_path = job_env.dir / f"worker-{len(started) + 1}-{'-'.join(providers)}.log"
-        command = [sys.executable, "-m", "workers", "-c", str(concurrency), "-l", loglevel]
+        command = [*dq_command(), "worker", "-c", str(concurrency), "-l", loglevel]  # as users start it
         for provider in providers:
             command += ["--provider", provider]
         with open(log_path, "wb") as log:

@@ -2,7 +2,7 @@
 
 One stack for the module: a private ``redis-server``, the fake OpenAI-compatible provider in
 this process (answering the bundled sample questions with `SampleModel`, as ``dq demo`` does),
-one ``python -m workers`` subprocess, a SQLite job store and the sample shop database. Every
+one ``dq worker`` subprocess, a SQLite job store and the sample shop database. Every
 ``dq`` call is a fresh process that finds them through ``DQ_CONFIG`` / ``DQ_REDIS_URL`` /
 ``DQ_DATABASE_URL``. Tests keep out of each other's way by tagging their questions (the batch
 id comes from the input file, and the fake's requests can be counted per tag).
@@ -31,14 +31,13 @@ from datus.testing.fake_server import FakeProviderServer
 from datus.testing.script import Reply, ScriptedRequest
 from tasks.batch.sample import build_sample_db, sample_questions_path
 from tasks.cli.demo import SampleModel
-from tasks.cli.services import local_redis
+from tasks.cli.services import dq_command, local_redis
 from tasks.store import JobStore
 from tests.tasks.conftest import Worker, wait_for
 
 KEY = "sk-dq-batch-cli-not-a-real-key"
 MODEL = "demo"
-_BIN = Path(sys.executable).with_name("dq")
-DQ = [str(_BIN)] if _BIN.is_file() else [sys.executable, "-m", "tasks.cli"]
+DQ = dq_command()
 
 # what the sample's scripted answers are (tasks/batch/sample/__init__.py): q09 does not parse, q11,
 # q16 and q17 run but answer something else; the other sixteen are right
@@ -106,7 +105,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
                    PYTHONUNBUFFERED="1", COLUMNS="250")
         log = workdir / "worker.log"
         with log.open("wb") as handle:
-            proc = subprocess.Popen([sys.executable, "-m", "workers", "--provider", "openai", "-c", "20", "-l", "INFO"],
+            proc = subprocess.Popen([*DQ, "worker", "--provider", "openai", "-c", "20", "-l", "INFO"],
                                     env=env, stdout=handle, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                     cwd=workdir, start_new_session=True)
         worker = Worker(proc, log, ("openai",))

@@ -11,13 +11,15 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import os
+import shutil
 import sqlite3
 from pathlib import Path
 from typing import Any
 
-__all__ = ["build_sample_db", "sample_answers", "sample_questions_path", "sample_sql_path"]
+__all__ = ["build_sample_db", "sample_answers", "sample_questions_path", "sample_sql_path", "write_sample"]
 
 _HERE = Path(__file__).resolve().parent
 
@@ -58,3 +60,23 @@ def build_sample_db(path: str | os.PathLike[str]) -> str:
     finally:
         partial.unlink(missing_ok=True)
     return f"sqlite:///{target}"
+
+
+def write_sample(directory: str | os.PathLike[str], *, overwrite: bool = False) -> list[Path]:
+    """Write the sample into ``directory``, as a user's own files would be: ``warehouse.db``
+    (the shop), ``questions.jsonl`` and the same questions as ``questions.csv``. Existing files
+    are kept unless ``overwrite``; returns the paths written."""
+    target = Path(directory).expanduser()
+    target.mkdir(parents=True, exist_ok=True)
+    names = ("warehouse.db", "questions.jsonl", "questions.csv")
+    taken = [name for name in names if (target / name).exists()]
+    if taken and not overwrite:
+        raise FileExistsError(f"{target}: {', '.join(taken)} already there; remove them or pass --force")
+    build_sample_db(target / "warehouse.db")
+    shutil.copyfile(sample_questions_path(), target / "questions.jsonl")
+    rows = [json.loads(line) for line in sample_questions_path().read_text(encoding="utf-8").splitlines() if line.strip()]
+    with (target / "questions.csv").open("w", encoding="utf-8", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=["id", "question", "gold_sql"])
+        writer.writeheader()
+        writer.writerows({key: row.get(key, "") for key in ("id", "question", "gold_sql")} for row in rows)
+    return [target / name for name in names]

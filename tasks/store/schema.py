@@ -10,8 +10,9 @@ lock keyed on the current schema; SQLite: ``BEGIN IMMEDIATE``, the database writ
 exactly one of them creates the tables and the others find them made.
 
 The `Table` objects below describe the latest schema and are what the store queries. A
-migration that changes a table must therefore not rely on them for older steps: before adding
-migration 2, freeze migration 1's table definitions inside ``_v1``.
+migration that changes a table must therefore not rely on them for older steps: ``_v1`` holds
+its own frozen copy of the first schema. A later migration adds to the live tables and
+brings an existing database there with ``add_columns`` (or creates a new table).
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ __all__ = [
     "MIGRATIONS",
     "SCHEMA_VERSION",
     "WRITE_OPTION",
+    "add_columns",
     "Migration",
     "SchemaTooNewError",
     "StoreError",
@@ -151,8 +153,73 @@ class Migration:
 
 
 def _v1(conn: Connection) -> None:
-    for table in (jobs, batches, batch_items):
-        table.create(conn, checkfirst=True)
+    """The first schema, frozen: the tables as they were when migration 1 was written (later
+    migrations change the live `Table` objects above, never this)."""
+    frozen = MetaData()
+    Table(
+        "jobs", frozen,
+        Column("job_id", String(255), primary_key=True),
+        Column("idempotency_key", String(255), nullable=True, unique=True),
+        Column("kind", String(16), nullable=False),
+        Column("model", String(255), nullable=False),
+        Column("provider", String(64), nullable=False),
+        Column("status", String(16), nullable=False),
+        Column("request", _Json, nullable=False),
+        Column("output", _Json),
+        Column("sql_contexts", _Json),
+        Column("usage", _Json),
+        Column("cost_usd", Float, nullable=False, default=0.0),
+        Column("error", _Json),
+        Column("attempts", Integer, nullable=False, default=0),
+        Column("deliveries", Integer, nullable=False, default=0),
+        Column("retry_at", _Time),
+        Column("batch_id", String(255)),
+        Column("item_id", String(255)),
+        Column("created_at", _Time, nullable=False),
+        Column("started_at", _Time),
+        Column("finished_at", _Time),
+        Column("updated_at", _Time, nullable=False),
+        Index("ix_jobs_batch_id", "batch_id"),
+        Index("ix_jobs_status", "status"),
+        Index("ix_jobs_created_at", "created_at"),
+    )
+    Table(
+        "batches", frozen,
+        Column("batch_id", String(255), primary_key=True),
+        Column("name", String(255)),
+        Column("model", String(255), nullable=False),
+        Column("prompt_hash", String(128), nullable=False),
+        Column("mode", String(16), nullable=False),
+        Column("status", String(32), nullable=False),
+        Column("total", Integer, nullable=False, default=0),
+        Column("created_at", _Time, nullable=False),
+        Column("finished_at", _Time),
+        Column("metadata", _Json),
+    )
+    Table(
+        "batch_items", frozen,
+        Column("seq", Integer, primary_key=True, autoincrement=True),
+        Column("batch_id", String(255), ForeignKey("batches.batch_id", ondelete="CASCADE"), nullable=False),
+        Column("item_id", String(255), nullable=False),
+        Column("job_id", String(255)),
+        Column("status", String(16), nullable=False),
+        Column("question", Text, nullable=False),
+        Column("result", _Json),
+        Column("cost_usd", Float, nullable=False, default=0.0),
+        UniqueConstraint("batch_id", "item_id", name="uq_batch_items_batch_item"),
+        Index("ix_batch_items_batch_seq", "batch_id", "seq"),
+    )
+    frozen.create_all(conn, checkfirst=True)
+
+
+def add_columns(conn: Connection, table: Table, *names: str) -> None:
+    """``ALTER TABLE … ADD COLUMN`` for columns of the live ``table`` (a migration's step):
+    nullable or with a server default, as ADD COLUMN requires on a table with rows."""
+    for name in names:
+        column = table.c[name]
+        ddl = column.type.compile(dialect=conn.dialect)
+        default = f" DEFAULT {column.server_default.arg}" if column.server_default is not None else ""
+        conn.execute(text(f'ALTER TABLE {table.name} ADD COLUMN {name} {ddl}{default}'))
 
 
 MIGRATIONS: tuple[Migration, ...] = (

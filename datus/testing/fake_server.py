@@ -16,7 +16,13 @@ Other processes (Celery workers, the demo) drive it over HTTP:
     POST /_fake/reset     empty the script, forget requests, restore the initial latency
     GET  /_fake/requests  {"requests": [{"method", "path", "headers", "body", "protocol"}]}
     POST /_fake/latency   {"latency_s": 0.2} or {"latency_ms": 200}
-    GET  /_fake/health    {"status": "ok", ...}
+    GET  /_fake/health    {"status": "ok", "in_flight", "max_in_flight", ...}
+
+So that tests can check concurrency by what happened rather than by how long it took, the
+server counts the generation requests it is handling (`in_flight`: received and not answered
+yet; `max_in_flight`: the peak since the last `clear_requests()` or `reset()`), and `hold()`
+keeps every request that arrives afterwards waiting, recorded and in flight, until
+`release()`: "200 calls were in flight at once" becomes `in_flight == 200` while held.
 
 Faults that carry no answer of their own (hang, malformed_json, cut_stream) send what the
 fallback handler would have answered: after the hang, or up to the break.
@@ -92,6 +98,9 @@ class FakeProviderServer:
         self._initial_latency_s = latency_s
         self._requests: list[RecordedRequest] = []
         self._lock = threading.Lock()
+        self._in_flight = 0
+        self._max_in_flight = 0
+        self._gate: asyncio.Event | None = None  # while held: requests wait until release() sets it
         self._server: uvicorn.Server | None = None
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -159,6 +168,7 @@ class FakeProviderServer:
         thread, server, loop, closing = self._thread, self._server, self._loop, self._closing
         if thread is None or server is None:
             return
+        self.release()
         if loop is not None and closing is not None and not loop.is_closed():
             loop.call_soon_threadsafe(closing.set)  # wakes hangs and latency sleeps
         server.should_exit = True
@@ -188,11 +198,42 @@ class FakeProviderServer:
             return list(self._requests)
 
     def clear_requests(self) -> None:
+        """Forget the recorded requests; the peak starts again from those in flight now."""
         with self._lock:
             self._requests.clear()
+            self._max_in_flight = self._in_flight
+
+    @property
+    def in_flight(self) -> int:
+        """Generation requests received and not answered yet (held ones included)."""
+        with self._lock:
+            return self._in_flight
+
+    @property
+    def max_in_flight(self) -> int:
+        """The most requests in flight at once since the last `clear_requests()` or `reset()`."""
+        with self._lock:
+            return self._max_in_flight
+
+    def hold(self) -> None:
+        """Keep every request that arrives from now on waiting (recorded, in flight) until
+        `release()`, `reset()` or `stop()`."""
+        with self._lock:
+            if self._gate is None:
+                self._gate = asyncio.Event()
+
+    def release(self) -> None:
+        """Let the held requests go on, and stop holding new ones."""
+        with self._lock:
+            gate, self._gate = self._gate, None
+        loop = self._loop
+        if gate is not None and loop is not None and not loop.is_closed():
+            loop.call_soon_threadsafe(gate.set)
 
     def reset(self) -> None:
-        """Back to how it started: empty script, echo fallback, no requests, first latency."""
+        """Back to how it started: empty script, echo fallback, no requests, first latency,
+        nothing held."""
+        self.release()
         self.script.reset(fallback=echo_handler)
         self.clear_requests()
         self.latency_s = self._initial_latency_s
@@ -228,6 +269,18 @@ class FakeProviderServer:
         record = RecordedRequest(request.method, request.url.path, dict(request.headers), body, protocol.name)
         with self._lock:
             self._requests.append(record)
+            self._in_flight += 1
+            self._max_in_flight = max(self._max_in_flight, self._in_flight)
+            gate = self._gate
+        try:
+            if gate is not None:
+                await gate.wait()
+            return await self._answer(protocol, request, body, valid)
+        finally:
+            with self._lock:
+                self._in_flight -= 1
+
+    async def _answer(self, protocol: WireProtocol, request: Request, body: Any, valid: bool) -> Response:
         denied = protocol.authenticate(request, self.api_key)
         if denied is not None:
             return denied
@@ -315,6 +368,8 @@ class FakeProviderServer:
                 "latency_s": self.latency_s,
                 "pending": self.script.pending(),
                 "requests": len(self._requests),
+                "in_flight": self.in_flight,
+                "max_in_flight": self.max_in_flight,
             }
         )
 

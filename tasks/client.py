@@ -11,6 +11,8 @@ import uuid
 from collections.abc import AsyncIterator, Iterable, Iterator
 from typing import Any
 
+from pydantic import ValidationError
+
 from datus.configuration.agent_config import AgentConfig
 from datus.schemas.action_history import ActionHistory, ActionRole, ActionStatus
 from datus.utils.constants import LLMProvider
@@ -82,8 +84,10 @@ class JobClient:
     def validate(self, request: JobRequest | dict[str, Any]) -> tuple[JobRequest, str]:
         try:
             job = request if isinstance(request, JobRequest) else JobRequest.model_validate(request)
-        except Exception as exc:
-            raise InvalidJob(f"invalid job request: {exc}") from None
+        except ValidationError as exc:  # the fields and what is wrong, never the values (a URL can hold a secret)
+            problems = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'request'}: "
+                                 f"{e['msg'].removeprefix('Value error, ')}" for e in exc.errors())
+            raise InvalidJob(f"invalid job request: {problems}") from None
         provider = resolve_provider(job.model, self.agent_config)
         unknown = [name for name in job.mcp_servers if name not in self.agent_config.mcp_servers]
         if unknown:

@@ -25,7 +25,7 @@ from typing import Any, Iterator
 from tasks.batch.input import Question, iter_questions
 from tasks.batch.report import BatchStats, ProgressView
 from tasks.batch.scoring import schema_text, score_item
-from tasks.client import JobClient
+from tasks.client import InvalidJob, JobClient
 from tasks.schemas import JobStatus
 from tasks.store import BatchStatus, StoredJob
 
@@ -71,7 +71,7 @@ class BatchRunner:
         if options.mode not in ("generate", "tool_run"):
             raise ValueError(f"--mode must be generate or tool_run, not {options.mode!r}")
         if options.mode == "tool_run" and not options.tools and not options.db_url:
-            raise ValueError("--mode tool_run needs --db (the workers open it with the shipped read-only SQL "
+            raise InvalidJob("--mode tool_run needs --db (the workers open it with the shipped read-only SQL "
                              "tools) or --tools NAME (an MCP server from agent.mcp_servers)")
         self.client, self.options = client, options
         self.view = view or ProgressView()
@@ -98,11 +98,17 @@ class BatchRunner:
 
     # ---- the run -------------------------------------------------------------------------
 
-    def run(self, input_path: Path) -> tuple[str, BatchStats]:
-        input_path = Path(input_path)
+    def check(self) -> None:
+        """What would fail every item fails now, before any row: an unknown model, an unknown
+        --tools name, a --db that may not travel in a job (a password in it)."""
         from tasks.client import resolve_provider
 
-        resolve_provider(self.options.model, self.client.agent_config)  # an unknown model fails before any row
+        resolve_provider(self.options.model, self.client.agent_config)
+        self.client.validate(self._request("(check)", None, "(check)"))
+
+    def run(self, input_path: Path) -> tuple[str, BatchStats]:
+        input_path = Path(input_path)
+        self.check()
         next(iter_questions(input_path), None)  # so does a missing or empty input file
         batch_id = self.batch_id(input_path)
         store = self.client.store
@@ -198,18 +204,20 @@ class BatchRunner:
         for question in questions:
             text = self.template.format(dialect=self.options.dialect, schema=self.schema, question=question.question,
                                         evidence=f"Hint: {question.evidence}" if question.evidence else "")
-            request: dict[str, Any] = {
-                "model": self.options.model, "prompt": text, "stream": False,
-                "batch_id": batch_id, "item_id": question.id, "idempotency_key": f"{batch_id}:{question.id}",
-            }
-            if self.options.mode == "tool_run" and self.options.tools:
-                request.update(kind="tool_run", mcp_servers=self.options.tools)
-            elif self.options.mode == "tool_run":
-                request.update(kind="tool_run", database=self.options.db_url)
-            requests.append(request)
+            requests.append(self._request(text, batch_id, question.id))
         job_ids = self.client.submit_many(requests)
         self.client.store.mark_items_submitted(batch_id, [(q.id, job_id) for q, job_id in zip(questions, job_ids)])
         return job_ids
+
+    def _request(self, prompt: str, batch_id: str | None, item_id: str) -> dict[str, Any]:
+        request: dict[str, Any] = {"model": self.options.model, "prompt": prompt, "stream": False}
+        if batch_id is not None:
+            request.update(batch_id=batch_id, item_id=item_id, idempotency_key=f"{batch_id}:{item_id}")
+        if self.options.mode == "tool_run" and self.options.tools:
+            request.update(kind="tool_run", mcp_servers=self.options.tools)
+        elif self.options.mode == "tool_run":
+            request.update(kind="tool_run", database=self.options.db_url)
+        return request
 
     def _record(self, batch_id: str, question: Question, job: StoredJob, out: Any) -> None:
         answer = job.output if isinstance(job.output, str) else json.dumps(job.output or "")

@@ -101,9 +101,10 @@ def cmd_batch(args: argparse.Namespace) -> int:
         model=args.model, db_url=args.db, dialect=args.dialect, mode=args.mode, tools=args.tools,
         out=Path(args.out) if args.out else None, resume=args.resume, budget_usd=args.budget_usd,
         prompt_template=template, max_in_flight=args.max_in_flight)
+    runner = BatchRunner(_client(), options, ProgressView())
+    runner.check()
     if args.db:
         _check_db(args.db)
-    runner = BatchRunner(_client(), options, ProgressView())
     batch_id, stats = runner.run(Path(args.input))
     console.print(stats.summary_table(batch_id))
     if args.out:

@@ -291,7 +291,7 @@ def _servers(request: JobRequest, agent_config: Any) -> dict[str, Any] | None:
     """The tool run's MCP servers: those it names from agent.mcp_servers, and the shipped SQL
     server opened on ``request.database``."""
     from datus.mcp_servers.sql_server import stdio_config
-    from datus.models.mcp_utils import resolve_mcp_servers
+    from datus.models.mcp.servers import resolve_mcp_servers
 
     servers: dict[str, Any] = dict(resolve_mcp_servers(request.mcp_servers, agent_config)) if request.mcp_servers else {}
     if request.database:

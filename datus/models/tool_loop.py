@@ -172,7 +172,9 @@ class ToolRun:
                     request = ModelRequest(self.messages, self.options, None, specs)
                     generation = None
                     if self.stream:
-                        answer_id = self._id(f"t{turn}a")
+                        # not a stable id: an answer cut off by a stop is never finished, and a
+                        # resumed run streams its new answer under a new id
+                        answer_id = str(uuid.uuid4())
                         async for item in self.model._stream_call(request):
                             if isinstance(item, StreamDelta):
                                 yield _delta_step(answer_id, item)

@@ -5,7 +5,7 @@
 Tools: ``echo``, ``pid`` (to kill it from a test), ``add_tool`` (adds a tool, and announces
 the change unless ``notify=False``), ``announce`` (announces a change), ``fail`` (a tool
 error), ``structured`` (structured content), ``exit_now`` (dies in the middle of a call),
-``record`` (appends ``call <tag> <pid>`` to the ``--record`` file, then holds ``hold_s``; the
+``record`` (appends ``call <tag> <pid>`` to the ``--record`` file; its first call of a tag holds ``hold_s``; the
 server appends ``start <pid>`` there when it starts: a test counts calls and processes).
 Change notices go out on both MCP eras: to ``subscriptions/listen`` streams (2026-07-28)
 and as a plain ``notifications/tools/list_changed`` on handshake-era connections.
@@ -83,9 +83,11 @@ def structured(n: int) -> dict[str, int]:
 
 @server.tool()
 async def record(tag: str, hold_s: float = 0.0) -> str:
-    """Record a call with this tag (a side effect a test can count), then wait hold_s seconds."""
+    """Record a call with this tag (a side effect a test can count); the first call of a tag
+    then waits hold_s seconds (a call made again answers at once)."""
+    again = bool(RECORD) and os.path.exists(RECORD[0]) and f"call {tag} " in open(RECORD[0], encoding="utf-8").read()
     _append(f"call {tag} {os.getpid()}")
-    if hold_s:
+    if hold_s and not again:
         await asyncio.sleep(hold_s)
     return f"recorded {tag}"
 

@@ -17,7 +17,7 @@ its requests, so one session carries many at once). The tool list is cached per 
 dropped when the server sends ``notifications/tools/list_changed`` (`MCPConnection`).
 
 A session unused for ``idle_timeout_s`` is closed; an idle one is pinged every
-``health_interval_s`` and closed if the ping fails. A session whose server died (a lost
+``health_interval_s`` (a ``tools/list``: the newest MCP revision has no ping) and closed if that fails. A session whose server died (a lost
 connection during a request, or a failed ping) is dropped; the next request starts a new one,
 after a back-off that doubles with each consecutive loss. The request that saw the loss gets
 `MCPConnectionLostError` — a durable tool run turns that into a retry that resumes.
@@ -202,9 +202,10 @@ class PooledServer:
                 session.stop.set()
             elif idle >= self.pool.health_interval_s:
                 try:
-                    with anyio.fail_after(self.pool.ping_timeout_s):
-                        await session.connection._live().send_ping()  # type: ignore[union-attr]
-                    session.last_used = time.monotonic() - idle  # a ping is not use: the idle clock runs on
+                    # tools/list, not ping: the 2026-07-28 revision removed ping, every revision lists tools
+                    with anyio.fail_after(self.pool.health_timeout_s):
+                        await session.connection._fetch_tools()  # type: ignore[union-attr]
+                    session.last_used = time.monotonic() - idle  # a health check is not use: the idle clock runs on
                 except Exception as exc:  # noqa: BLE001 - a failed ping is a dead server
                     self._lost(session, f"the health check failed ({type(exc).__name__})")
 
@@ -220,11 +221,11 @@ class MCPPool:
     """Servers kept running across runs, per name and config, on the loop that uses it."""
 
     def __init__(self, *, connect_timeout_s: float = 30.0, connect_retries: int = 2, health_interval_s: float = 30.0,
-                 ping_timeout_s: float = 5.0, max_backoff_s: float = 30.0, close_timeout_s: float = 5.0) -> None:
+                 health_timeout_s: float = 5.0, max_backoff_s: float = 30.0, close_timeout_s: float = 5.0) -> None:
         self.connect_timeout_s = connect_timeout_s
         self.connect_retries = connect_retries
         self.health_interval_s = health_interval_s
-        self.ping_timeout_s = ping_timeout_s
+        self.health_timeout_s = health_timeout_s
         self.max_backoff_s = max_backoff_s
         self.close_timeout_s = close_timeout_s
         self.servers: dict[tuple[str, str], PooledServer] = {}

@@ -53,8 +53,8 @@ class JobContext:
 
     def model(self, name: str, in_process_retries: bool) -> LLMBaseModel:
         """One model object per (name, retry mode) per process. Jobs retried by Celery use a
-        model that tries each request once; tool runs retry each request in-process, so a
-        tool that already ran never runs again."""
+        model that tries each request once; tool runs first retry each request in-process
+        (a job retry then resumes from the run's checkpoints)."""
         key = (name, in_process_retries)
         with self._lock:
             model = self._models.get(key)

@@ -6,5 +6,5 @@ keeps ``from datus.models.mcp_utils import ...`` working for code written agains
 
 from __future__ import annotations
 
-from datus.models.mcp.servers import *  # noqa: F403
+from datus.models.mcp.servers import *
 from datus.models.mcp.servers import __all__  # noqa: F401

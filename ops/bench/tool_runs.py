@@ -102,7 +102,7 @@ def run_batch(env: dict[str, str], source: Path, db_url: str, mode: str, out: Pa
     command = [sys.executable, "-m", "tasks.cli", "batch", str(source), "--model", "bench", "--db", db_url,
                "--mode", mode, "--out", str(out), "--max-in-flight", str(in_flight)]
     start = time.perf_counter()
-    done = subprocess.run(command, env={**env, "COLUMNS": "120"}, capture_output=True, text=True, timeout=600)
+    done = subprocess.run(command, env={**env, "COLUMNS": "120"}, capture_output=True, text=True, timeout=600, check=False)
     elapsed = time.perf_counter() - start
     if done.returncode != 0:
         raise SystemExit(f"dq batch --mode {mode} exited with {done.returncode}:\n{done.stdout[-2000:]}{done.stderr[-2000:]}")

@@ -579,3 +579,23 @@ def test_conditional_updates_leave_final_rows_alone(store: JobStore) -> None:
     assert store.finish(job_id, JobStatus.SUCCEEDED, output="late") is False
     assert store.mark_running(job_id, 1) is None
     assert store.cancel(job_id) is JobStatus.FAILED
+
+
+# -- tool-run checkpoints ---------------------------------------------------------------------
+
+
+async def test_checkpoints_are_kept_in_order_once_per_place(store: JobStore) -> None:
+    import sqlalchemy.exc
+
+    job_id, _ = store.create_job("job-cp", JobRequest(model="openai", kind="tool_run", prompt="x"), "openai")
+    steps = [{"kind": "turn", "turn": 1, "message": {"role": "assistant", "content": "a"}},
+             {"kind": "tool", "turn": 1, "call": 0, "message": {"role": "tool", "content": "b"}}]
+    # one loop turn: both go in the group commit's one transaction, with a status write
+    results = await asyncio.gather(store.acheckpoint(job_id, 1, 0, "turn", steps[0]),
+                                   store.amark_running(job_id, 1),
+                                   store.acheckpoint(job_id, 1, 1, "tool", steps[1]))
+    assert results[0] is True and results[2] is True and results[1] is not None
+    assert store.checkpoints(job_id) == steps == await store.acheckpoints(job_id)
+    with pytest.raises(sqlalchemy.exc.IntegrityError):  # another delivery recorded that place first
+        await store.acheckpoint(job_id, 1, 1, "tool", steps[1])
+    assert store.checkpoints(job_id) == steps and store.checkpoints("job-other") == []

@@ -11,7 +11,7 @@
 
 from __future__ import annotations
 
-from datus.models.mcp.servers import *  # noqa: F403
+from datus.models.mcp.servers import *
 from datus.models.mcp.servers import __all__ as _server_names
 
 __all__ = list(_server_names)

@@ -127,6 +127,7 @@ def test_a_worker_stopped_after_the_tool_resumes_without_running_it_again(
         assert result.sql_contexts == reference.sql_contexts
 
 
+@pytest.mark.parametrize("job_db_url", ["sqlite", "postgres"], indirect=True)
 def test_a_rate_limit_after_the_tool_is_a_job_retry_that_resumes(
         record_file: Path, worker: StartWorker, client: JobClient, fake: FakeProviderServer) -> None:
     # the model config allows 4 in-process retries: five 429s outlast them

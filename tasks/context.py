@@ -1,5 +1,5 @@
 """What a process needs to run jobs: settings, agent config, the job store, Redis clients,
-the event publisher and the model objects — created lazily, once per process (after fork),
+the event publisher, the MCP server pool and the model objects — created lazily, once per process (after fork),
 and closed by the worker runtime at shutdown."""
 
 from __future__ import annotations
@@ -53,8 +53,8 @@ class JobContext:
 
     def model(self, name: str, in_process_retries: bool) -> LLMBaseModel:
         """One model object per (name, retry mode) per process. Jobs retried by Celery use a
-        model that tries each request once; tool runs retry each request in-process, so a
-        tool that already ran never runs again."""
+        model that tries each request once; tool runs first retry each request in-process
+        (a job retry then resumes from the run's checkpoints)."""
         key = (name, in_process_retries)
         with self._lock:
             model = self._models.get(key)
@@ -99,6 +99,17 @@ class JobContext:
     def publisher(self) -> Any:
         return self._loop_state()["publisher"]
 
+    @property
+    def mcp_pool(self) -> Any:
+        """The running loop's MCP servers, kept across tool runs (`datus.models.mcp.pool`)."""
+        state = self._loop_state()
+        pool = state.get("mcp_pool")
+        if pool is None:
+            from datus.models.mcp.pool import MCPPool
+
+            pool = state["mcp_pool"] = MCPPool()
+        return pool
+
     def script(self, source: str) -> Any:
         """A Lua script on the running loop's Redis client (EVALSHA, loaded once)."""
         state = self._loop_state()
@@ -108,12 +119,15 @@ class JobContext:
         return scripts[source]
 
     async def aclose(self) -> None:
-        """Close what belongs to the running loop: SDK clients and the Redis client."""
+        """Close what belongs to the running loop: SDK clients, MCP servers (their processes
+        exit) and the Redis client."""
         for model in self.models():
             await model.aclose()
         with self._lock:
             state = self._per_loop.pop(asyncio.get_running_loop(), None)
         if state is not None:
+            if state.get("mcp_pool") is not None:
+                await state["mcp_pool"].aclose()
             await state["redis"].aclose()
 
 

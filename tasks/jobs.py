@@ -6,6 +6,12 @@ call); run the model, publishing every step; write the result to the store *befo
 returns (the message is acknowledged after that); publish the terminal event. A retryable
 error asks Celery for a retry with countdown = max(Retry-After, full-jitter backoff), kept
 below the visibility timeout; a permanent one fails at once with the provider's message.
+
+Tool runs are durable (`tasks.checkpoints`): every completed step is checkpointed before the
+next one, and any new delivery of the job resumes from the checkpoints, publishing only the
+steps no earlier delivery published. So a retryable error in any turn (one that outlasts the
+model's in-process retries, or a tool server that died) is a job retry that resumes, and Redis
+or the store failing mid-run is an infrastructure retry that resumes too.
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ from datus.models.usage import Usage, track_usage
 from datus.schemas.action_history import ActionHistory, ActionRole, ActionStatus
 from datus.schemas.message import to_messages
 from tasks import keys
+from tasks.checkpoints import RunSuperseded, StoreJournal
 from tasks.context import JobContext, get_context
 from tasks.execution import run_coroutine
 from tasks.schemas import DATABASE_SERVER, JobError, JobKind, JobRequest, JobStatus, TaskPayload
@@ -147,14 +154,20 @@ async def execute(job_id: str, payload: Any, retries: int = 0, context: JobConte
     if claimed is None:  # already final (a redelivery after success) or cancelled while queued
         current = await ctx.store.aget(job_id)
         return {"job_id": job_id, "status": current.status.value if current else "unknown"}
-    return await _run(ctx, job_id, task_payload.request, attempt, bool(cancel_requested))
+    # any start but the very first may find steps of an earlier delivery to resume from
+    resuming = attempt > 1 or claimed.deliveries > 1
+    return await _run(ctx, job_id, task_payload.request, attempt, bool(cancel_requested), resuming)
 
 
-async def _run(ctx: JobContext, job_id: str, request: JobRequest, attempt: int, cancel_requested: bool) -> Any:
-    runner = _JobRunner(ctx, job_id, request, cancel_requested)
+async def _run(ctx: JobContext, job_id: str, request: JobRequest, attempt: int, cancel_requested: bool,
+               resuming: bool = False) -> Any:
+    runner = _JobRunner(ctx, job_id, request, cancel_requested, attempt, resuming)
     try:
         with track_usage() as calls:
             output, sql_contexts = await runner.run()
+    except RunSuperseded as exc:  # another delivery of this job is running it: leave it that one
+        logger.warning("%s; this delivery stops", exc)
+        return {"job_id": job_id, "status": "superseded"}
     except JobCancelled:
         if await ctx.store.afinish(job_id, JobStatus.CANCELLED, attempts=attempt):
             await _terminal(ctx, job_id, JobStatus.CANCELLED, ActionHistory.create_action(
@@ -163,10 +176,11 @@ async def _run(ctx: JobContext, job_id: str, request: JobRequest, attempt: int, 
     except (asyncio.CancelledError, KeyboardInterrupt, SystemExit):
         raise
     except BaseException as exc:  # noqa: BLE001 - a job never ends without a recorded outcome
-        if isinstance(exc, Exception) and _is_infrastructure(exc) and not runner.tools_ran:
-            raise  # run_task retries the job later; the model error path is for the model's own errors
-        return await _failed(ctx, job_id, request, attempt, exc, runner.tools_ran)
-    usage = sum(calls, Usage()) if calls else Usage()
+        if isinstance(exc, Exception) and _is_infrastructure(exc):
+            raise  # run_task retries the job later (a tool run resumes); the model error path is for the model
+        return await _failed(ctx, job_id, request, attempt, exc)
+    # a resumed tool run's usage covers the turns it replayed, which made no call this time
+    usage = runner.usage or (sum(calls, Usage()) if calls else Usage())
     won = await ctx.store.afinish(
         job_id, JobStatus.SUCCEEDED, output=output, sql_contexts=sql_contexts,
         usage=usage.model_dump(), cost_usd=usage.cost_usd, attempts=attempt,
@@ -181,13 +195,12 @@ async def _run(ctx: JobContext, job_id: str, request: JobRequest, attempt: int, 
     return {"job_id": job_id, "status": JobStatus.SUCCEEDED.value}
 
 
-async def _failed(ctx: JobContext, job_id: str, request: JobRequest, attempt: int, exc: BaseException,
-                  tools_ran: bool) -> Any:
+async def _failed(ctx: JobContext, job_id: str, request: JobRequest, attempt: int, exc: BaseException) -> Any:
     error = job_error(exc)
     if not isinstance(exc, ModelError):
         logger.exception("job %s failed with an internal error", job_id)
-    elif exc.retryable and not tools_ran:
-        # the model's own policy decides; the job's model object tries each request once
+    elif exc.retryable:
+        # the model's own policy decides (a tool run resumes from its checkpoints: no tool runs twice)
         policy = RetryPolicy.from_config(ctx.model(request.model, in_process_retries=False).model_config)
         delay = policy.delay_for(exc, attempt)
         ceiling = min(ctx.settings.max_retry_countdown_s, ctx.settings.visibility_timeout_s * 0.5)
@@ -206,15 +219,19 @@ async def _failed(ctx: JobContext, job_id: str, request: JobRequest, attempt: in
 class _JobRunner:
     """Runs one request on the model layer, publishing each step."""
 
-    def __init__(self, ctx: JobContext, job_id: str, request: JobRequest, cancel_requested: bool) -> None:
+    def __init__(self, ctx: JobContext, job_id: str, request: JobRequest, cancel_requested: bool, attempt: int = 1,
+                 resuming: bool = False) -> None:
         self.ctx, self.job_id, self.request = ctx, job_id, request
         self.final_step: ActionHistory | None = None
-        self.tools_ran = False
+        self.usage: Usage | None = None  # a tool run's, summed over all its turns
         self.cancel_requested = cancel_requested  # read when the job started
+        self.journal = StoreJournal(ctx, job_id, attempt, resuming) if request.kind is JobKind.TOOL_RUN else None
+        self.attempt = attempt
         self._last_cancel_check = time.monotonic()
 
     async def publish(self, step: ActionHistory) -> None:
-        await self.ctx.publisher.publish(self.job_id, step)
+        if self.journal is None or not self.journal.seen(step):  # an earlier delivery published it: once is enough
+            await self.ctx.publisher.publish(self.job_id, step)
         await self.check_cancelled()
 
     async def check_cancelled(self, force: bool = False) -> None:
@@ -265,21 +282,29 @@ class _JobRunner:
         steps = model.generate_with_tools_stream(
             prompt, mcp_servers=_servers(request, self.ctx.agent_config), instruction=request.instruction,
             output_type=request.output_schema or str, max_turns=request.max_turns,
-            session=request.session_id, db_type=request.db_type, **options)
+            session=request.session_id, db_type=request.db_type, journal=self.journal, mcp_pool=self.ctx.mcp_pool,
+            **options)
         # aclosing: a cancelled or failed job closes the run (and its MCP servers) in this task
         async with contextlib.aclosing(steps):
             return await self._follow_tool_run(steps)
 
     async def _follow_tool_run(self, steps: Any) -> tuple[Any, list[dict[str, Any]]]:
         request = self.request
+        announced = False
         async for step in steps:
+            if not announced and self.journal is not None and self.journal.replayed_steps:
+                announced = True  # tell readers why the run goes on from the middle
+                await self.ctx.publisher.publish(self.job_id, ActionHistory.create_action(
+                    ActionRole.WORKFLOW, "resumed", f"resumed after {self.journal.replayed_steps} recorded step(s)",
+                    None, {"attempt": self.attempt, "steps_recorded": self.journal.replayed_steps},
+                    ActionStatus.SUCCESS))
             if step.action_type == "assistant_delta" and not request.stream:
                 continue
-            if step.role == ActionRole.TOOL.value and step.status != ActionStatus.PROCESSING.value:
-                self.tools_ran = True
             if step.action_type == "final_response":
                 self.final_step = step  # published as the terminal event, after the store write
                 output = step.output or {}
+                if output.get("usage"):
+                    self.usage = Usage.model_validate(output["usage"])
                 return output.get("content"), output.get("sql_contexts", [])
             if step.action_type == "error":
                 continue  # the exception that follows is recorded and published by the caller

@@ -47,7 +47,16 @@ from tasks.store.rows import StoredJob
 from tasks.store.rows import now as _now
 from tasks.store.rows import to_job as _job
 from tasks.store.rows import utc as _utc
-from tasks.store.schema import WRITE_OPTION, StoreError, batch_items, batches, create_store_engine, jobs, migrate
+from tasks.store.schema import (
+    WRITE_OPTION,
+    StoreError,
+    batch_items,
+    batches,
+    create_store_engine,
+    job_checkpoints,
+    jobs,
+    migrate,
+)
 
 logger = logging.getLogger("tasks.store")
 
@@ -271,6 +280,22 @@ class JobStore:
 
     async def acancel(self, job_id: str) -> JobStatus | None:
         return await asyncio.to_thread(self.cancel, job_id)
+
+    # -- tool-run checkpoints ----------------------------------------------------------
+
+    def checkpoints(self, job_id: str) -> list[dict[str, Any]]:
+        """The job's recorded tool-run steps (`RunStep` JSON), in order."""
+        with self._begin() as conn:
+            return list(conn.execute(select(job_checkpoints.c.step).where(job_checkpoints.c.job_id == job_id)
+                                     .order_by(job_checkpoints.c.position)).scalars())
+
+    async def acheckpoints(self, job_id: str) -> list[dict[str, Any]]:
+        return await asyncio.to_thread(self.checkpoints, job_id)
+
+    async def acheckpoint(self, job_id: str, attempt: int, position: int, kind: str, step: dict[str, Any]) -> bool:
+        """Record step ``position`` of the job's tool run (with the loop's other writes);
+        raises IntegrityError when that place is taken (another delivery recorded it)."""
+        return await self._group.submit(job_writes.checkpoint(job_id, attempt, position, kind, step))
 
     # -- batches -----------------------------------------------------------------------
 

@@ -32,6 +32,7 @@ from sqlalchemy import (
     Index,
     Integer,
     MetaData,
+    PrimaryKeyConstraint,
     String,
     Table,
     Text,
@@ -57,6 +58,7 @@ __all__ = [
     "StoreError",
     "batch_items",
     "batches",
+    "job_checkpoints",
     "create_store_engine",
     "jobs",
     "metadata",
@@ -127,6 +129,20 @@ batch_items = Table(
     Column("cost_usd", Float, nullable=False, default=0.0),
     UniqueConstraint("batch_id", "item_id", name="uq_batch_items_batch_item"),
     Index("ix_batch_items_batch_seq", "batch_id", "seq"),
+)
+
+job_checkpoints = Table(
+    # the completed steps of a tool run (datus.models.run_journal.RunStep as JSON), in order:
+    # what a new delivery of the job resumes from
+    "job_checkpoints", metadata,
+    Column("job_id", String(255), nullable=False),
+    Column("position", Integer, nullable=False, autoincrement=False),  # 0-based, the step's place in the run
+    Column("kind", String(16), nullable=False),  # turn | tool
+    Column("attempt", Integer, nullable=False),  # the attempt that recorded it
+    Column("step", _Json, nullable=False),
+    Column("created_at", _Time, nullable=False),
+    # two deliveries of one job recording the same step: the second insert fails, not interleaves
+    PrimaryKeyConstraint("job_id", "position", name="pk_job_checkpoints"),
 )
 
 schema_version = Table(
@@ -212,6 +228,22 @@ def _v1(conn: Connection) -> None:
     frozen.create_all(conn, checkfirst=True)
 
 
+def _v4(conn: Connection) -> None:
+    """Checkpoints of tool runs (frozen as written, like ``_v1``)."""
+    frozen = MetaData()
+    Table(
+        "job_checkpoints", frozen,
+        Column("job_id", String(255), nullable=False),
+        Column("position", Integer, nullable=False, autoincrement=False),
+        Column("kind", String(16), nullable=False),
+        Column("attempt", Integer, nullable=False),
+        Column("step", _Json, nullable=False),
+        Column("created_at", _Time, nullable=False),
+        PrimaryKeyConstraint("job_id", "position", name="pk_job_checkpoints"),
+    )
+    frozen.create_all(conn, checkfirst=True)
+
+
 def add_columns(conn: Connection, table: Table, *names: str) -> None:
     """``ALTER TABLE … ADD COLUMN`` for columns of the live ``table`` (a migration's step):
     nullable or with a server default, as ADD COLUMN requires on a table with rows."""
@@ -224,8 +256,10 @@ def add_columns(conn: Connection, table: Table, *names: str) -> None:
 
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "jobs, batches, batch_items", _v1),
+    # 2 and 3 belong to other work in progress; numbers need not be contiguous
+    Migration(4, "job_checkpoints: the steps of tool runs, to resume from", _v4),
 )
-SCHEMA_VERSION = MIGRATIONS[-1].version
+SCHEMA_VERSION = max(migration.version for migration in MIGRATIONS)
 
 
 def migrate(engine: Engine) -> int:
@@ -243,7 +277,7 @@ def migrate(engine: Engine) -> int:
             raise SchemaTooNewError(
                 f"the job store is at schema version {newest}, newer than this datus-queue knows "
                 f"({SCHEMA_VERSION}); upgrade datus-queue")
-        for migration in MIGRATIONS:
+        for migration in sorted(MIGRATIONS, key=lambda m: m.version):
             if migration.version not in applied:
                 migration.apply(conn)
                 conn.execute(insert(schema_version).values(

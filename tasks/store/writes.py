@@ -1,14 +1,16 @@
-"""A job's status writes — start an attempt, schedule a retry, finish — applied set-wise.
+"""A job's writes — start an attempt, schedule a retry, finish, checkpoint a tool run's step —
+applied set-wise.
 
 `apply` takes writes in the order they were asked for and applies them on one connection
 with one statement per run of writes of the same kind (a run ends where a job repeats, so a
 later write always sees the earlier ones): ``UPDATE ... WHERE job_id IN (...) RETURNING`` to
-start attempts, and for retries and results a locked ``SELECT`` of the rows still open followed
-by one executemany ``UPDATE``. Measured here: about 0.04 ms of CPU per write against 0.3–0.8 ms
+start attempts, for retries and results a locked ``SELECT`` of the rows still open followed
+by one executemany ``UPDATE``, and for checkpoints one executemany ``INSERT``. Measured here: about 0.04 ms of CPU per write against 0.3–0.8 ms
 for a statement of its own (SQLite and Postgres, batches of 100).
 
 Every write is conditional, as in the store's docstring: a final job never changes, a start
-never goes back to an older attempt, and exactly one ``finish`` per job wins.
+never goes back to an older attempt, and exactly one ``finish`` per job wins. A checkpoint is
+an insert keyed on (job, position): a second one for the same place fails (IntegrityError).
 """
 
 from __future__ import annotations
@@ -19,15 +21,15 @@ from datetime import datetime, timedelta
 from typing import Any, Literal
 
 from pydantic_core import to_jsonable_python
-from sqlalchemy import Connection, Integer, bindparam, case, func, select, update
+from sqlalchemy import Connection, Integer, bindparam, case, func, insert, select, update
 
 from tasks.schemas import FINAL_STATUSES, JobError, JobStatus
 from tasks.store.rows import FINAL, OPEN, RESULT_COLUMNS, StoredJob, now, to_job
-from tasks.store.schema import jobs
+from tasks.store.schema import job_checkpoints, jobs
 
-__all__ = ["JobWrite", "apply", "finish", "retrying", "running"]
+__all__ = ["JobWrite", "apply", "checkpoint", "finish", "retrying", "running"]
 
-Kind = Literal["running", "retrying", "finish"]
+Kind = Literal["running", "retrying", "finish", "checkpoint"]
 
 
 @dataclass(frozen=True)
@@ -63,12 +65,23 @@ def finish(job_id: str, status: JobStatus | str, *, output: Any = None, sql_cont
         "error": None if error is None else error.model_dump(mode="json")})
 
 
+def checkpoint(job_id: str, attempt: int, position: int, kind: str, step: dict[str, Any]) -> JobWrite:
+    """Record step ``position`` (0-based) of a tool run; True once stored."""
+    return JobWrite("checkpoint", job_id, attempt, {"position": position, "kind": kind, "step": step})
+
+
 def apply(conn: Connection, writes: Sequence[JobWrite]) -> list[Any]:
     """Apply ``writes`` in order on ``conn`` (inside the caller's transaction); one result each."""
     at = now()
     results: list[Any] = []
     for run in _runs(writes):
-        results.extend(_start(conn, run, at) if run[0].kind == "running" else _update_open(conn, run, at))
+        kind = run[0].kind
+        if kind == "running":
+            results.extend(_start(conn, run, at))
+        elif kind == "checkpoint":
+            results.extend(_insert_checkpoints(conn, run, at))
+        else:
+            results.extend(_update_open(conn, run, at))
     return results
 
 
@@ -108,6 +121,15 @@ def _start(conn: Connection, run: list[JobWrite], at: datetime) -> list[StoredJo
         rows = conn.execute(_START, {"ids": ids, "attempt": attempt, "at": at}).all()
         started.update((row.job_id, to_job(row)) for row in rows)
     return [started.get(w.job_id) for w in run]
+
+
+_INSERT_CHECKPOINT = insert(job_checkpoints)
+
+
+def _insert_checkpoints(conn: Connection, run: list[JobWrite], at: datetime) -> list[bool]:
+    conn.execute(_INSERT_CHECKPOINT, [{"job_id": w.job_id, "attempt": w.attempt, "created_at": at, **w.values}
+                                      for w in run])
+    return [True] * len(run)
 
 
 def _update_open(conn: Connection, run: list[JobWrite], at: datetime) -> list[bool]:

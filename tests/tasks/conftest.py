@@ -68,9 +68,9 @@ def claude_skip_reason() -> str | None:
 def tool_run_skip_reason() -> str | None:
     """Why a tool run cannot run yet, or None: it needs the shipped SQL MCP server and the
     model layer's MCP tool bridge, both being written by other engineers."""
-    for module in ("datus.mcp_servers.sql_server", "datus.models.mcp_tools"):
+    for module in ("datus.mcp_servers.sql_server", "datus.models.mcp.tools"):
         if importlib.util.find_spec(module) is None:
-            return f"{module} does not exist yet (datus/models/tool_runs.py imports datus.models.mcp_tools)"
+            return f"{module} does not exist yet (datus/models/tool_runs.py imports datus.models.mcp.tools)"
     return None
 
 

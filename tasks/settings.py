@@ -44,7 +44,7 @@ class Settings(BaseSettings):
     job_retention_days: float = Field(default=30.0, gt=0, description="finished job rows older than this are pruned")
     prune_interval_s: float = Field(default=3600.0, gt=0, description="how often old rows and keys are pruned")
     beat_lock_timeout_s: float = Field(
-        default=30.0, gt=0, description="a dq beat that stops renewing its lock hands over after this long")
+        default=30.0, ge=1, description="a dq beat that stops renewing its lock hands over after this long")
     schedule_dir: str = Field(default_factory=_default_schedule_dir,
                               description="where scheduled batches write their results and logs")
 

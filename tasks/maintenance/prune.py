@@ -58,7 +58,7 @@ def expire_stray_keys(redis: Any, ttl_s: int, chunk: int = CHUNK) -> int:
             if strays:
                 with redis.pipeline(transaction=False) as pipe:
                     for name in strays:
-                        pipe.expire(name, ttl_s, nx=True)
+                        pipe.expire(name, ttl_s)
                     fixed += sum(bool(done) for done in pipe.execute())
         if int(cursor) == 0:
             return fixed

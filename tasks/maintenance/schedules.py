@@ -22,6 +22,7 @@ in one of the worker's threads.
 from __future__ import annotations
 
 import logging
+import os
 import subprocess
 import sys
 from datetime import UTC, datetime, timedelta
@@ -173,9 +174,12 @@ def run_schedule(store: Any, settings: Any, agent_config: AgentConfig, name: str
         logger.info("schedule %s: slot %s has run already (or is running); not run again", name, label)
         return None
     logger.info("schedule %s: running batch %s for slot %s; log %s", name, batch_id, label, log)
+    # the batch uses this worker's Redis, store and agent.yml, whatever the environment says
+    env = {**os.environ, "DQ_REDIS_URL": settings.redis_url, "DQ_DATABASE_URL": settings.database_url,
+           **({"DQ_CONFIG": settings.config} if settings.config else {})}
     with log.open("ab") as out:
         code = subprocess.call(schedule.command(label, results), stdout=out, stderr=subprocess.STDOUT,
-                               stdin=subprocess.DEVNULL)
+                               stdin=subprocess.DEVNULL, env=env)
     status = "completed" if code == 0 else "interrupted" if code == 130 else "failed"
     store.finish_schedule_run(name, slot, status, code)
     (logger.info if code == 0 else logger.error)("schedule %s: slot %s %s (exit %d); results %s", name, label,

@@ -12,6 +12,9 @@ next slot comes; for a batch, its slot is claimed in the store, `tasks.maintenan
 - a scheduled batch's message carries its slot, the cron time it fired for, so every delivery
   of that message — a redelivery, a duplicate — names the same slot, and the store's claim on
   it runs the batch once;
+- a schedule new to Redis fires first at its next slot (redbeat would fire a new entry at once,
+  which for a nightly batch added at noon means a run at noon); a slot missed while no beat
+  ran still fires once, when a beat is back;
 - it outlives a Redis restart. redbeat lets a failed command end beat; here the beat waits for
   Redis and goes on, and one that finds its lock gone (it expired while Redis was away, or
   this process stalled past the lock timeout and the standby took over) sends nothing until
@@ -46,6 +49,15 @@ class Scheduler(RedBeatScheduler):
         # made before beat_init, whose redbeat handler then blocks until the lock is ours
         logger.info("dq beat: taking the scheduler lock %s (while another dq beat holds it, this one waits as a "
                     "hot standby)", self.lock_key)
+
+    def setup_schedule(self) -> None:
+        super().setup_schedule()
+        for name, definition in self.app.redbeat_conf.schedule.items():
+            if definition.get("task") != RUN_SCHEDULE:
+                continue
+            entry = self.Entry.from_key(self.Entry.generate_key(self.app, name), app=self.app)
+            if entry.last_run_at is None:
+                entry.reschedule(self.app.now())
 
     def tick(self, *args: Any, **kwargs: Any) -> float:
         try:

@@ -176,7 +176,7 @@ def run_schedule(store: Any, settings: Any, agent_config: AgentConfig, name: str
     logger.info("schedule %s: running batch %s for slot %s; log %s", name, batch_id, label, log)
     # the batch uses this worker's Redis, store and agent.yml, whatever the environment says
     env = {**os.environ, "DQ_REDIS_URL": settings.redis_url, "DQ_DATABASE_URL": settings.database_url,
-           **({"DQ_CONFIG": settings.config} if settings.config else {})}
+           **({"DQ_CONFIG": settings.config} if settings.config else {}), "COLUMNS": "160"}  # a log, not a tty
     with log.open("ab") as out:
         code = subprocess.call(schedule.command(label, results), stdout=out, stderr=subprocess.STDOUT,
                                stdin=subprocess.DEVNULL, env=env)

@@ -29,31 +29,38 @@ from tasks.routing import queue_for
 __all__ = ["PAGE", "live_job_ids", "queue_lists"]
 
 PAGE = 500
-# A message's JSON has its headers' "id" (the task id = the job id) as the first `"id":` key:
-# the body before it is base64, and "correlation_id", "root_id" … do not match `"id"`.
-_LIST_LUA = """
+# A message's JSON (kombu writes it with json.dumps: `"key": "value"`) has its headers' "id"
+# (the task id = the job id) as the first `"id": "`: the body before it is base64, and
+# "correlation_id", "root_id" … do not match. Plain string.find: no pattern matching over the body.
+_FIELD_LUA = """
+local function field(message, name)
+  local _, stop = string.find(message, '"' .. name .. '": "', 1, true)
+  if not stop then return nil end
+  local close = string.find(message, '"', stop + 1, true)
+  return close and string.sub(message, stop + 1, close - 1)
+end
 local wanted = {}
 for i = 3, #ARGV do wanted[ARGV[i]] = true end
+"""
+_LIST_LUA = _FIELD_LUA + """
 local items = redis.call('LRANGE', KEYS[1], ARGV[1], ARGV[2])
 local found = {}
 for _, message in ipairs(items) do
-  local id = string.match(message, '"id": ?"([^"]+)"')
+  local id = field(message, 'id')
   if id and wanted[id] then found[#found + 1] = id end
 end
 return {#items, found}
 """
-_UNACKED_LUA = """
-local wanted = {}
-for i = 3, #ARGV do wanted[ARGV[i]] = true end
+_UNACKED_LUA = _FIELD_LUA + """
 local page = redis.call('HSCAN', KEYS[1], ARGV[1], 'COUNT', ARGV[2])
 local entries = page[2]
 local found = {}
 for i = 1, #entries, 2 do
   local message = entries[i + 1]
-  local id = string.match(message, '"id": ?"([^"]+)"')
+  local id = field(message, 'id')
   if id and wanted[id] then
     found[#found + 1] = id
-    found[#found + 1] = string.match(message, '"eta": ?"([^"]+)"') or ''
+    found[#found + 1] = field(message, 'eta') or ''
     found[#found + 1] = redis.call('ZSCORE', KEYS[2], entries[i]) or ''
   end
 end

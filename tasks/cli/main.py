@@ -78,6 +78,10 @@ def cmd_status(args: argparse.Namespace) -> int:
     if args.id is None:
         counts = {k: v for k, v in client.store.count_by_status().items() if v}
         console.print("jobs: " + (", ".join(f"{k} {v}" for k, v in counts.items()) or "none"))
+        console.print(_sweeper_line(client), markup=False, highlight=False, soft_wrap=True)
+        dead = len(client.store.dead_letters())
+        if dead:
+            console.print(f"dead letters: {dead} (dq dead list)", markup=False, highlight=False)
         return 0
     batch = client.store.batch_summary(args.id)
     if batch is not None:
@@ -98,6 +102,21 @@ def cmd_status(args: argparse.Namespace) -> int:
     console.print(f"{result.job_id}  {result.status.value}  attempts={result.attempts}  "
                   f"cost=${result.cost_usd:.6f}{extra}{error}", markup=False, highlight=False)
     return 0
+
+
+def _sweeper_line(client: Any) -> str:
+    """When the sweeper last ran and what it did (its runs are counted in Redis)."""
+    from datetime import UTC, datetime
+
+    from tasks import keys
+
+    record = {k.decode(): v.decode() for k, v in client.redis.hgetall(keys.maintenance("sweep")).items()}
+    if not record:
+        return "sweeper: has not run (is dq beat running? it sends the sweeps; the workers run them)"
+    ago = (datetime.now(UTC) - datetime.fromisoformat(record["last_at"])).total_seconds()
+    last = json.loads(record.get("last") or "{}")
+    return (f"sweeper: last ran {ago:.0f}s ago ({len(last.get('resent', []))} re-sent, "
+            f"{len(last.get('dead', []))} dead of {last.get('overdue', 0)} overdue); {record.get('runs', 0)} runs")
 
 
 def cmd_batch(args: argparse.Namespace) -> int:

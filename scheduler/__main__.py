@@ -23,15 +23,23 @@ def parse(argv: list[str]) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse(sys.argv[1:] if argv is None else argv)
+    from pydantic import ValidationError
+
     from datus.configuration.agent_config import ConfigError
-    from scheduler.beat import configure
-    from tasks.app import app
-    from tasks.context import load_agent_config
     from tasks.settings import get_settings
 
-    settings = get_settings()
     try:
+        settings = get_settings()
+        from scheduler.beat import configure
+        from tasks.app import app
+        from tasks.context import load_agent_config
+
         configure(app, settings, load_agent_config(settings))
+    except ValidationError as exc:  # a DQ_ setting out of bounds
+        error = exc.errors()[0]
+        name = "DQ_" + "_".join(str(part) for part in error["loc"]).upper()
+        print(f"error: {name}={error.get('input')!r}: {error['msg']}", file=sys.stderr)
+        return 1
     except ConfigError as exc:
         print(f"error: {' '.join(str(exc).split())}", file=sys.stderr)
         return 1

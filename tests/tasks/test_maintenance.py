@@ -7,9 +7,12 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import subprocess
 import time
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +21,7 @@ from sqlalchemy import event, update
 
 from datus.configuration.agent_config import AgentConfig, ConfigError
 from tasks import keys
+from tasks.cli.services import dq_command
 from tasks.client import InvalidJob, JobClient
 from tasks.events import read_events
 from tasks.leases import LeaseKeeper
@@ -241,7 +245,7 @@ def test_pruning_keeps_the_young_removes_the_old_a_chunk_per_transaction(job_env
     deletes = [rows for what, rows in order if what == "delete"]
     assert deletes == [10, 10, 5]  # at most a chunk per statement…
     starts = [i for i, (what, _) in enumerate(order) if what == "delete"]
-    assert all(any(what == "commit" for what, _ in order[a:b]) for a, b in zip(starts, starts[1:]))  # …each committed
+    assert all(any(what == "commit" for what, _ in order[a:b]) for a, b in pairwise(starts))  # …each committed
     assert all(store.get(job_id) is None for job_id in ids["old"])
     assert all(store.get(job_id) is not None for job_id in ids["young"] + ids["open"])  # young, or not finished
     assert [letter.dead_id for letter in store.dead_letters()] == ["m-young"]
@@ -354,3 +358,19 @@ def test_purge_by_age_and_by_id(client: JobClient) -> None:
     assert parse_age("30m") == timedelta(minutes=30) and parse_age("2w") == timedelta(days=14)
     with pytest.raises(ValueError, match="give a number and a unit"):
         parse_age("7 days")
+
+
+def test_bad_scheduler_input_is_one_line_naming_what_to_fix(tmp_path: Path) -> None:
+    config = tmp_path / "agent.yml"
+    config.write_text('agent:\n  schedules:\n    nightly: {cron: "0 2 * *", input: q.jsonl, model: deepseek}\n')
+    env = {key: value for key, value in os.environ.items() if not key.startswith("DQ_")} | {"DQ_CONFIG": str(config)}
+    for argv, extra, code, line in [
+        (["beat"], {}, 1, "error: agent.schedules.nightly: cron: '0 2 * *' is not a cron expression"),
+        (["beat"], {"DQ_BEAT_LOCK_TIMEOUT_S": "0.5"}, 1, "error: DQ_BEAT_LOCK_TIMEOUT_S='0.5': Input should be"),
+        (["dead", "purge"], {}, 2, "dq dead purge: give --older-than AGE (e.g. 7d) or the ids to delete"),
+        (["dead", "purge", "--older-than", "soon"], {}, 2, "give a number and a unit, e.g. 30m, 12h, 7d, 2w"),
+    ]:
+        done = subprocess.run([*dq_command(), *argv], env=env | extra, cwd=tmp_path, capture_output=True, text=True,
+                              timeout=60, check=False)
+        assert done.returncode == code and line in done.stderr, (argv, done.stderr)
+        assert "Traceback" not in done.stderr

@@ -54,6 +54,42 @@ def test_a_job_whose_message_was_deleted_completes_sent_again_once(worker: Start
         running.log())
 
 
+def test_a_message_that_turns_up_after_its_resend_makes_no_second_call(
+        worker: StartWorker, beat: StartBeat, client: JobClient, fake: FakeProviderServer,
+        dq_redis: redis.Redis) -> None:
+    fake.script.add(Reply(text="answered once", latency_s=4.0), match="late-message")
+    job_id = client.submit({"model": "openai", "prompt": "late-message", "stream": False})
+    assert dq_redis.rpoplpush("llm.openai", "elsewhere")  # the message is somewhere the sweeper does not see
+    running = worker("openai", env=SHORT_SCHEDULER)
+    beat()
+    wait_for(lambda: generations(fake, "late-message"), 60, "the re-sent message to start the job")
+    assert dq_redis.rpoplpush("elsewhere", "llm.openai")  # the first message turns up while the job runs
+    wait_for(lambda: "is running elsewhere" in running.log(), 30, "the late message to be delivered")
+    result = client.result(job_id, timeout=60)
+    assert result.status is JobStatus.SUCCEEDED and result.output == "answered once"
+    assert len(generations(fake, "late-message")) == 1  # the late duplicate made no call
+    assert client.store.get(job_id).resends == 1
+    assert f"job {job_id}: attempt 1 is running elsewhere" in running.log()
+
+
+def test_a_job_whose_worker_died_is_sent_again_once_its_lease_passes(
+        worker: StartWorker, beat: StartBeat, client: JobClient, fake: FakeProviderServer) -> None:
+    fake.script.add(Reply(text="never seen", latency_s=60), match="orphan-job")  # the call in flight at the kill
+    first = worker("openai", env=SHORT_SCHEDULER)  # the visibility timeout stays an hour
+    beat()
+    job_id = client.submit({"model": "openai", "prompt": "orphan-job", "stream": False})
+    wait_for(lambda: generations(fake, "orphan-job"), 30, "the call to be in flight")
+    first.kill()
+    second = worker("openai", env=SHORT_SCHEDULER)
+    result = client.result(job_id, timeout=60)
+    assert result.status is JobStatus.SUCCEEDED and result.output == "echo: orphan-job"
+    row = client.store.get(job_id)
+    assert (row.resends, row.attempts, row.deliveries) == (1, 1, 2)  # the same attempt, taken over once
+    assert len(generations(fake, "orphan-job")) == 2
+    assert f"sweeper: job {job_id} was running and its worker stopped renewing the lease" in second.log() + (
+        first.log())
+
+
 # -- Redis restarted mid-run -----------------------------------------------------------------------
 
 

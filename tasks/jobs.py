@@ -3,8 +3,9 @@
 A job's life on the worker (see ARCHITECTURE.md): validate the payload; count the delivery;
 claim the row under a lease (a job that is already final, or running under another delivery's
 lease, makes no second model call); too many redeliveries → dead letter; run the model while
-the process renews the lease (`tasks.leases`), publishing every step; write the result to the store *before* the task
-returns (the message is acknowledged after that); publish the terminal event. A retryable
+the process renews the lease (`tasks.leases`), publishing every step; write the result to the
+store *before* the task returns (the message is acknowledged after that); publish the terminal
+event. A retryable
 error asks Celery for a retry with countdown = max(Retry-After, full-jitter backoff), kept
 below the visibility timeout; a permanent one fails at once with the provider's message.
 """

@@ -34,10 +34,6 @@ class LeaseKeeper:
         self._renewers: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Task[None]] = (
             weakref.WeakKeyDictionary())
 
-    def held(self) -> set[str]:
-        """The jobs this loop holds."""
-        return set(self._held.get(asyncio.get_running_loop(), ()))
-
     @asynccontextmanager
     async def hold(self, job_id: str) -> AsyncIterator[None]:
         """Keep ``job_id``'s lease renewed while the block runs (it was set when the job started)."""

@@ -13,8 +13,8 @@ next slot comes; for a batch, its slot is claimed in the store, `tasks.maintenan
   of that message — a redelivery, a duplicate — names the same slot, and the store's claim on
   it runs the batch once;
 - a schedule new to Redis fires first at its next slot (redbeat would fire a new entry at once,
-  which for a nightly batch added at noon means a run at noon); a slot missed while no beat
-  ran still fires once, when a beat is back;
+  which for a nightly batch added at noon means a run at noon); of the slots missed while no
+  beat ran, the latest still fires once, when a beat is back;
 - it outlives a Redis restart. redbeat lets a failed command end beat; here the beat waits for
   Redis and goes on, and one that finds its lock gone (it expired while Redis was away, or
   this process stalled past the lock timeout and the standby took over) sends nothing until

@@ -135,7 +135,8 @@ def aof_redis(tmp_path: Path) -> Iterator[AofRedis]:
 @pytest.mark.slow
 @pytest.mark.timeout(240)
 def test_redis_restarted_mid_run_every_job_succeeds_without_waiting_for_the_visibility_timeout(
-        job_env: JobEnv, worker: StartWorker, beat: StartBeat, fake: FakeProviderServer, aof_redis: AofRedis) -> None:
+        aof_redis: AofRedis, job_env: JobEnv, worker: StartWorker, beat: StartBeat, fake: FakeProviderServer) -> None:
+    # (aof_redis first: it is torn down last, after the worker and the beat that use it)
     from tasks.app import create_app
 
     env = {**SHORT_SCHEDULER, "DQ_REDIS_URL": aof_redis.url}  # the visibility timeout stays an hour

@@ -22,7 +22,7 @@ from tasks.routing import queue_for
 from tasks.schemas import JobKind, JobRequest, JobResult, JobStatus, TaskPayload
 from tasks.settings import Settings, get_settings
 
-__all__ = ["InvalidJob", "JobClient", "JobNotFound", "resolve_provider"]
+__all__ = ["InvalidJob", "JobClient", "JobNotFound", "publish_job", "resolve_provider"]
 
 TASK_NAMES = {JobKind.GENERATE: "dq.generate", JobKind.JSON: "dq.generate", JobKind.TOOL_RUN: "dq.tool_run"}
 
@@ -58,6 +58,21 @@ def resolve_provider(model: str, agent_config: AgentConfig) -> str:
     if provider not in {p.value for p in LLMProvider} or not name:
         raise InvalidJob(f"unknown provider {provider!r} in {model!r}; known providers: {known}")
     return provider
+
+
+def publish_job(app: Any, producer: Any, job_id: str, request: JobRequest, provider: str, retries: int = 0) -> None:
+    """Send a job's message: the job's task, ``task_id = job_id``, on its provider's queue. The
+    one way a job is sent — by `JobClient`, by the sweeper, by a replay (``retries`` tells the
+    worker which attempt it is)."""
+    payload = TaskPayload(provider=provider, request=request).model_dump(mode="json")
+    # ignore_result: results live in the job store; without it every submit leaves the client
+    # subscribed to a Celery result channel (memory grows with the batch).
+    # argsrepr/kwargsrepr: what Celery shows of the arguments (task events, Flower). Left to
+    # Celery it is a repr of the whole request — prompt included — in every message header,
+    # computed on each submit.
+    app.send_task(TASK_NAMES[request.kind], args=(job_id, payload), task_id=job_id, queue=queue_for(provider),
+                  ignore_result=True, producer=producer, retries=retries,
+                  argsrepr=f"({job_id!r}, <{request.kind.value} request for {request.model}>)", kwargsrepr="{}")
 
 
 class JobClient:
@@ -117,16 +132,7 @@ class JobClient:
         try:
             with self.app.producer_or_acquire() as producer:
                 for job_id, job, provider in jobs:
-                    payload = TaskPayload(provider=provider, request=job).model_dump(mode="json")
-                    # ignore_result: results live in the job store; without it every submit leaves
-                    # the client subscribed to a Celery result channel (memory grows with the batch).
-                    # argsrepr/kwargsrepr: what Celery shows of the arguments (task events, Flower).
-                    # Left to Celery it is a repr of the whole request — prompt included — in every
-                    # message header, computed on each submit.
-                    self.app.send_task(TASK_NAMES[job.kind], args=(job_id, payload), task_id=job_id,
-                                       queue=queue_for(provider), ignore_result=True, producer=producer,
-                                       argsrepr=f"({job_id!r}, <{job.kind.value} request for {job.model}>)",
-                                       kwargsrepr="{}")
+                    publish_job(self.app, producer, job_id, job, provider)
                     sent += 1
         except Exception as exc:  # the rows not sent must not stay queued forever
             from tasks.jobs import job_error

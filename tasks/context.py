@@ -1,6 +1,6 @@
-"""What a process needs to run jobs: settings, agent config, the job store, Redis clients,
-the event publisher, the MCP server pool and the model objects — created lazily, once per process (after fork),
-and closed by the worker runtime at shutdown."""
+"""What a process needs to run jobs: settings, agent config, the job store, the leases of its
+running jobs, Redis clients, the event publisher, the MCP server pool and the model objects —
+created lazily, once per process (after fork), and closed by the worker runtime at shutdown."""
 
 from __future__ import annotations
 
@@ -37,6 +37,8 @@ class JobContext:
         self.pid = os.getpid()
         self._lock = threading.Lock()
         self._store: Any = None
+        self._leases: Any = None
+        self._redis: Any = None
         self._models: dict[tuple[str, bool], LLMBaseModel] = {}
         self._per_loop: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[str, Any]] = (
             weakref.WeakKeyDictionary()
@@ -45,11 +47,34 @@ class JobContext:
     @property
     def store(self) -> Any:
         with self._lock:
-            if self._store is None:
-                from tasks.store import JobStore
+            return self._open_store()
 
-                self._store = JobStore(self.settings.database_url)
-            return self._store
+    @property
+    def leases(self) -> Any:
+        """The `LeaseKeeper` of this process's running jobs."""
+        with self._lock:
+            if self._leases is None:
+                from tasks.leases import LeaseKeeper
+
+                self._leases = LeaseKeeper(self._open_store(), self.settings.queued_lease_s)
+            return self._leases
+
+    def _open_store(self) -> Any:  # with self._lock held
+        if self._store is None:
+            from tasks.store import JobStore
+
+            self._store = JobStore(self.settings.database_url)
+        return self._store
+
+    @property
+    def redis(self) -> Any:
+        """A synchronous Redis client (thread-safe; the maintenance tasks run in threads)."""
+        with self._lock:
+            if self._redis is None:
+                import redis
+
+                self._redis = redis.Redis.from_url(self.settings.redis_url)
+            return self._redis
 
     def model(self, name: str, in_process_retries: bool) -> LLMBaseModel:
         """One model object per (name, retry mode) per process. Jobs retried by Celery use a

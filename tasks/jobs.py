@@ -1,9 +1,11 @@
 """Running one job: the plain functions behind the thin Celery tasks.
 
-A job's life on the worker (see ARCHITECTURE.md): validate the payload; count the delivery
-(too many → dead letter); claim the row (a job that is already final makes no second model
-call); run the model, publishing every step; write the result to the store *before* the task
-returns (the message is acknowledged after that); publish the terminal event. A retryable
+A job's life on the worker (see ARCHITECTURE.md): validate the payload; count the delivery;
+claim the row under a lease (a job that is already final, or running under another delivery's
+lease, makes no second model call); too many redeliveries → dead letter; run the model while
+the process renews the lease (`tasks.leases`), publishing every step; write the result to the
+store *before* the task returns (the message is acknowledged after that); publish the terminal
+event. A retryable
 error asks Celery for a retry with countdown = max(Retry-After, full-jitter backoff), kept
 below the visibility timeout; a permanent one fails at once with the provider's message.
 
@@ -23,7 +25,6 @@ import json
 import logging
 import time
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from typing import Any
 
 from celery.exceptions import Reject
@@ -140,23 +141,27 @@ async def execute(job_id: str, payload: Any, retries: int = 0, context: JobConte
 
     deliveries, cancel_requested = await ctx.script(_JOB_START_LUA)(
         keys=[keys.job_deliveries(job_id), keys.job_cancel(job_id)], args=[ctx.settings.event_ttl_s])
+    attempt = retries + 1
+    claimed = await ctx.store.amark_running(job_id, attempt, ctx.settings.queued_lease_s)
+    if claimed is None:  # already final (a redelivery after success), cancelled while queued, or
+        current = await ctx.store.aget(job_id)  # running under another delivery's lease: no second call
+        if current is not None and current.status is JobStatus.RUNNING:
+            logger.info("job %s: attempt %d is running elsewhere (lease until %s); this delivery is dropped",
+                        job_id, current.attempts, current.lease_until)
+        return {"job_id": job_id, "status": current.status.value if current else "unknown"}
     redeliveries = deliveries - 1 - retries
     if redeliveries >= ctx.settings.dead_letter_threshold:
         reason = f"delivered {deliveries} times ({redeliveries} redeliveries without a result)"
         await _dead_letter(ctx, job_id, reason, None)
         error = JobError(code="dead_letter", type="DeadLetter", message=reason)
-        if await ctx.store.afinish(job_id, JobStatus.DEAD, error=error, attempts=retries + 1):
+        if await ctx.store.afinish(job_id, JobStatus.DEAD, error=error, attempts=attempt):
             await _terminal(ctx, job_id, JobStatus.DEAD, _error_step(error))
         return {"job_id": job_id, "status": JobStatus.DEAD.value}
-
-    attempt = retries + 1
-    claimed = await ctx.store.amark_running(job_id, attempt)
-    if claimed is None:  # already final (a redelivery after success) or cancelled while queued
-        current = await ctx.store.aget(job_id)
-        return {"job_id": job_id, "status": current.status.value if current else "unknown"}
-    # any start but the very first may find steps of an earlier delivery to resume from
+    # any start but the very first may find steps of an earlier delivery to resume from (a
+    # re-send by the sweeper counts as a delivery of the same attempt)
     resuming = attempt > 1 or claimed.deliveries > 1
-    return await _run(ctx, job_id, task_payload.request, attempt, bool(cancel_requested), resuming)
+    async with ctx.leases.hold(job_id):
+        return await _run(ctx, job_id, task_payload.request, attempt, bool(cancel_requested), resuming)
 
 
 async def _run(ctx: JobContext, job_id: str, request: JobRequest, attempt: int, cancel_requested: bool,
@@ -334,10 +339,14 @@ def _error_step(error: JobError) -> ActionHistory:
 
 
 async def _dead_letter(ctx: JobContext, job_id: str, reason: str, payload: Any) -> None:
-    record = {"job_id": job_id, "reason": reason, "at": datetime.now(timezone.utc).isoformat(),
-              "payload_type": type(payload).__name__}
-    await ctx.aredis.rpush(keys.DEAD_LETTER, json.dumps(record))
-    logger.warning("job %s dead-lettered: %s", job_id, reason)
+    """Record a dead letter in the store: the reason only — never the payload, which may be
+    anything (the job row already holds what a job asked for)."""
+    from tasks.store.dead_letters import message_id
+
+    if payload is not None and not isinstance(payload, dict):
+        reason = f"{reason} (payload was a {type(payload).__name__})"
+    await asyncio.to_thread(ctx.store.record_dead_letter, job_id or message_id(), reason, job_id=job_id or None)
+    logger.warning("job %s dead-lettered: %s", job_id or "(no id)", reason)
 
 
 def _is_infrastructure(exc: BaseException) -> bool:

@@ -29,7 +29,7 @@ from tasks.client import InvalidJob, JobClient
 from tasks.schemas import JobStatus
 from tasks.store import BatchStatus, StoredJob
 
-__all__ = ["BatchOptions", "BatchRunner", "DEFAULT_TEMPLATE"]
+__all__ = ["BatchOptions", "BatchRunner", "DEFAULT_TEMPLATE", "batch_id_for"]
 
 SUBMIT_CHUNK = 100  # questions submitted together (one transaction, one producer)
 
@@ -64,6 +64,29 @@ class BatchOptions:
     timeout_s: float = 10.0
     poll_s: float = 0.2
     name: str | None = None
+    run_id: str | None = None  # makes this run a batch of its own (a scheduled slot); the same id resumes it
+
+
+def template_for(options: BatchOptions) -> str:
+    return options.prompt_template or (TOOL_TEMPLATE if options.mode == "tool_run" else DEFAULT_TEMPLATE)
+
+
+def prompt_hash(options: BatchOptions) -> str:
+    material = json.dumps([options.model, options.mode, template_for(options), options.dialect,
+                           (options.tools or ["--db"]) if options.mode == "tool_run" else []])
+    return hashlib.sha256(material.encode()).hexdigest()[:16]
+
+
+def batch_id_for(options: BatchOptions, input_path: Path) -> str:
+    """The batch of this input, model and prompt (and run id): the same command finds it again."""
+    digest = hashlib.sha256()
+    with Path(input_path).open("rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    digest.update(prompt_hash(options).encode())
+    if options.run_id:
+        digest.update(b"\0run:" + options.run_id.encode())
+    return f"b-{digest.hexdigest()[:16]}"
 
 
 class BatchRunner:
@@ -75,7 +98,7 @@ class BatchRunner:
                              "tools) or --tools NAME (an MCP server from agent.mcp_servers)")
         self.client, self.options = client, options
         self.view = view or ProgressView()
-        self.template = options.prompt_template or (TOOL_TEMPLATE if options.mode == "tool_run" else DEFAULT_TEMPLATE)
+        self.template = template_for(options)
         self.schema = ""
         self.stats = BatchStats()
         self.interrupted = False
@@ -84,17 +107,10 @@ class BatchRunner:
     # ---- identity ------------------------------------------------------------------------
 
     def prompt_hash(self) -> str:
-        material = json.dumps([self.options.model, self.options.mode, self.template, self.options.dialect,
-                               (self.options.tools or ["--db"]) if self.options.mode == "tool_run" else []])
-        return hashlib.sha256(material.encode()).hexdigest()[:16]
+        return prompt_hash(self.options)
 
     def batch_id(self, input_path: Path) -> str:
-        digest = hashlib.sha256()
-        with input_path.open("rb") as handle:
-            for chunk in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(chunk)
-        digest.update(self.prompt_hash().encode())
-        return f"b-{digest.hexdigest()[:16]}"
+        return batch_id_for(self.options, input_path)
 
     # ---- the run -------------------------------------------------------------------------
 
@@ -113,7 +129,8 @@ class BatchRunner:
         batch_id = self.batch_id(input_path)
         store = self.client.store
         batch, created = store.create_batch(batch_id, model=self.options.model, prompt_hash=self.prompt_hash(),
-                                            mode=self.options.mode, name=self.options.name or input_path.name,
+                                            mode=self.options.mode,
+                                            name=self.options.name or self.options.run_id or input_path.name,
                                             metadata={"input": str(input_path), "dialect": self.options.dialect})
         if not created:
             if not self.options.resume and store.final_item_ids(batch_id):

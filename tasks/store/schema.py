@@ -60,9 +60,11 @@ __all__ = [
     "batches",
     "job_checkpoints",
     "create_store_engine",
+    "dead_letters",
     "jobs",
     "metadata",
     "migrate",
+    "schedule_runs",
     "schema_version",
 ]
 
@@ -97,9 +99,16 @@ jobs = Table(
     Column("started_at", _Time),  # the first start: queue time is honest even after retries
     Column("finished_at", _Time),
     Column("updated_at", _Time, nullable=False),
+    # migration 3: the sweeper's bookkeeping
+    Column("lease_until", _Time),  # running: the worker renews it; past it the job counts as abandoned
+    Column("resends", Integer, nullable=False, default=0, server_default=text("0")),  # by the sweeper
+    Column("replays", Integer, nullable=False, default=0, server_default=text("0")),  # dq dead replay
+    Column("replayed_at", _Time),
     Index("ix_jobs_batch_id", "batch_id"),
     Index("ix_jobs_status", "status"),
     Index("ix_jobs_created_at", "created_at"),
+    Index("ix_jobs_status_updated_at", "status", "updated_at"),  # the sweeper's scan of open jobs
+    Index("ix_jobs_finished_at", "finished_at"),  # pruning
 )
 
 batches = Table(
@@ -143,6 +152,33 @@ job_checkpoints = Table(
     Column("created_at", _Time, nullable=False),
     # two deliveries of one job recording the same step: the second insert fails, not interleaves
     PrimaryKeyConstraint("job_id", "position", name="pk_job_checkpoints"),
+)
+
+dead_letters = Table(
+    "dead_letters", metadata,
+    # the job id for a job (or for a message that named one); "m-..." for a message with no id
+    Column("dead_id", String(255), primary_key=True),
+    Column("job_id", String(255)),
+    Column("reason", Text, nullable=False),
+    Column("queue", String(255)),
+    Column("times", Integer, nullable=False, default=1),  # how often this id was dead-lettered
+    Column("first_at", _Time, nullable=False),
+    Column("at", _Time, nullable=False),
+    Index("ix_dead_letters_at", "at"),
+)
+
+schedule_runs = Table(
+    "schedule_runs", metadata,
+    # one row per (schedule, slot): the insert is the claim that makes a slot run once
+    Column("schedule", String(255), primary_key=True),
+    Column("slot", _Time, primary_key=True),
+    Column("batch_id", String(255)),
+    Column("status", String(16), nullable=False),  # running, completed, failed
+    Column("exit_code", Integer),
+    Column("results", Text),  # the results file (JSON lines) and the log, on the worker's disk
+    Column("log", Text),
+    Column("started_at", _Time, nullable=False),
+    Column("finished_at", _Time),
 )
 
 schema_version = Table(
@@ -254,9 +290,45 @@ def add_columns(conn: Connection, table: Table, *names: str) -> None:
         conn.execute(text(f'ALTER TABLE {table.name} ADD COLUMN {name} {ddl}{default}'))
 
 
+def _v3(conn: Connection) -> None:
+    """The scheduler's columns and tables: job leases, re-send and replay counts, dead letters
+    in the store, and the claims that run each scheduled batch slot once. New tables are frozen
+    here, as in ``_v1``."""
+    add_columns(conn, jobs, "lease_until", "resends", "replays", "replayed_at")
+    for index in jobs.indexes:
+        if index.name in ("ix_jobs_status_updated_at", "ix_jobs_finished_at"):
+            index.create(conn, checkfirst=True)
+    frozen = MetaData()
+    Table(
+        "dead_letters", frozen,
+        Column("dead_id", String(255), primary_key=True),
+        Column("job_id", String(255)),
+        Column("reason", Text, nullable=False),
+        Column("queue", String(255)),
+        Column("times", Integer, nullable=False, default=1),
+        Column("first_at", _Time, nullable=False),
+        Column("at", _Time, nullable=False),
+        Index("ix_dead_letters_at", "at"),
+    )
+    Table(
+        "schedule_runs", frozen,
+        Column("schedule", String(255), primary_key=True),
+        Column("slot", _Time, primary_key=True),
+        Column("batch_id", String(255)),
+        Column("status", String(16), nullable=False),
+        Column("exit_code", Integer),
+        Column("results", Text),
+        Column("log", Text),
+        Column("started_at", _Time, nullable=False),
+        Column("finished_at", _Time),
+    )
+    frozen.create_all(conn, checkfirst=True)
+
+
+# numbers are the issues' order of work, so one may be missing in a branch (2: rate limits)
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "jobs, batches, batch_items", _v1),
-    # 2 and 3 belong to other work in progress; numbers need not be contiguous
+    Migration(3, "job leases, re-sends and replays; dead_letters; schedule_runs", _v3),
     Migration(4, "job_checkpoints: the steps of tool runs, to resume from", _v4),
 )
 SCHEMA_VERSION = max(migration.version for migration in MIGRATIONS)

@@ -54,16 +54,20 @@ def test_registered_task_names_are_the_wire_contract() -> None:
 
     for module in TASK_MODULES:  # what a worker imports
         importlib.import_module(module)
+    from tasks.routing import MAINTENANCE_TASKS
+
     ours = {name for name in app.tasks if not name.startswith("celery.")}
-    assert ours == {"dq.generate", "dq.tool_run"}
-    assert set(TASK_NAMES.values()) == ours  # the client sends only names a worker knows
+    assert ours == {"dq.generate", "dq.tool_run", "dq.sweep", "dq.prune", "dq.run_schedule"}
+    # the client and dq beat send only names a worker knows
+    assert set(TASK_NAMES.values()) | MAINTENANCE_TASKS == ours
 
 
 def _generate_json_and_stream(provider: str, worker: StartWorker, client: JobClient,
                               fake: FakeProviderServer) -> None:
     running = worker(provider)
     banner = running.log().split("[tasks]", 1)[1].split("\n\n", 1)[0]
-    assert {line.strip(" .") for line in banner.strip().splitlines()} == {"dq.generate", "dq.tool_run"}
+    assert {line.strip(" .") for line in banner.strip().splitlines()} == {
+        "dq.generate", "dq.tool_run", "dq.sweep", "dq.prune", "dq.run_schedule"}
 
     fake.script.add(Reply(text="SELECT count(*) FROM orders", input_tokens=20, output_tokens=8),
                     match=f"gen-{provider}")

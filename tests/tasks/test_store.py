@@ -174,7 +174,7 @@ def test_a_final_job_never_runs_again(store: JobStore) -> None:
 
 def test_redelivery_and_stale_attempts(store: JobStore) -> None:
     job_id = _new_job(store)
-    first = store.mark_running(job_id, 1)
+    first = store.mark_running(job_id, 1, lease_s=0)  # a lease that has passed at once: its worker is gone
     assert (first.status, first.attempts, first.deliveries) == (JobStatus.RUNNING, 1, 1)
     again = store.mark_running(job_id, 1)  # the worker died; the same message came back
     assert (again.attempts, again.deliveries) == (1, 2)
@@ -290,8 +290,8 @@ def test_counts_and_listing(store: JobStore) -> None:
 async def test_async_twins(store: JobStore) -> None:
     job_id = _new_job(store)
     assert (await store.aget_request(job_id)).prompt == "How many orders?"
-    results = await asyncio.gather(store.amark_running(job_id, 1), store.amark_running(job_id, 1))
-    assert sorted(r.deliveries for r in results) == [1, 2]
+    first, duplicate = await asyncio.gather(store.amark_running(job_id, 1), store.amark_running(job_id, 1))
+    assert first.deliveries == 1 and duplicate is None  # the first holds its lease: no second start
     assert await store.amark_retrying(job_id, 1, _error(), 0.1)
     await store.amark_running(job_id, 2)
     wins = await asyncio.gather(*(store.afinish(job_id, JobStatus.SUCCEEDED, output=n, attempts=2) for n in range(4)))

@@ -26,7 +26,7 @@ from datus.testing.script import Fault, Reply, ScriptedToolCall
 from tasks.client import JobClient
 from tasks.events import read_events
 from tasks.schemas import JobStatus
-from tests.tasks.conftest import JobEnv, StartWorker, generations, recorded_events, wait_for
+from tests.tasks.conftest import SHORT_SCHEDULER, JobEnv, StartBeat, StartWorker, generations, recorded_events, wait_for
 
 FAKES = Path(__file__).resolve().parents[1] / "fakes"
 pytestmark = pytest.mark.slow
@@ -89,11 +89,18 @@ def assert_steps_once(client: JobClient, job_id: str, workflow: list[str]) -> No
     assert [step["action_type"] for step in steps if step["role"] == "workflow"] == workflow
 
 
-@pytest.mark.parametrize("stop", ["sigkill", "sigterm"])
+@pytest.mark.parametrize("stop", ["sigkill", "sigkill-sweeper", "sigterm"])
 def test_a_worker_stopped_after_the_tool_resumes_without_running_it_again(
-        record_file: Path, stop: str, worker: StartWorker, client: JobClient, fake: FakeProviderServer) -> None:
-    visibility_s = 4
-    first = worker("openai", visibility_timeout_s=visibility_s)
+        record_file: Path, stop: str, worker: StartWorker, beat: StartBeat, client: JobClient,
+        fake: FakeProviderServer) -> None:
+    # sigkill: Redis hands the message out again after the visibility timeout, and the dead
+    # worker's lease (2 s) has passed by then; sigkill-sweeper: the visibility timeout stays an
+    # hour and the sweeper of `dq beat` sends the job again once the lease passed
+    visibility_s = 3600 if stop == "sigkill-sweeper" else 4
+    env = dict(SHORT_SCHEDULER)
+    first = worker("openai", visibility_timeout_s=visibility_s, env=env)
+    if stop == "sigkill-sweeper":
+        beat()
     script_run(fake, f"{stop}-r", [])  # a run nothing stops, to compare with (same lengths: same token counts)
     reference = client.result(submit(client, f"{stop}-r"), timeout=30)
     tags = [f"{stop}-{i}" for i in range(3)]
@@ -106,10 +113,12 @@ def test_a_worker_stopped_after_the_tool_resumes_without_running_it_again(
     if stop == "sigkill":
         first.kill()
         time.sleep(max(0.0, delivered + visibility_s + 0.5 - time.monotonic()))  # Redis hands it out again then
+    elif stop == "sigkill-sweeper":
+        first.kill()
     else:
         first.terminate()  # soft shutdown: the jobs are requeued at once
         assert first.wait_exit(30) is not None
-    second = worker("openai", visibility_timeout_s=visibility_s)
+    second = worker("openai", visibility_timeout_s=visibility_s, env=env)
     results = {tag: client.result(job_id, timeout=40) for tag, job_id in jobs.items()}
 
     assert reference.status is JobStatus.SUCCEEDED

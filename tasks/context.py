@@ -135,6 +135,12 @@ class JobContext:
             pool = state["mcp_pool"] = MCPPool()
         return pool
 
+    def mcp_pools(self) -> list[Any]:
+        """The MCP pools of every loop of this process (for metrics: any thread may ask)."""
+        with self._lock:
+            states = list(self._per_loop.values())
+        return [state["mcp_pool"] for state in states if state.get("mcp_pool") is not None]
+
     def script(self, source: str) -> Any:
         """A Lua script on the running loop's Redis client (EVALSHA, loaded once)."""
         state = self._loop_state()

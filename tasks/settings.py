@@ -45,6 +45,9 @@ class Settings(BaseSettings):
     prune_interval_s: float = Field(default=3600.0, gt=0, description="how often old rows and keys are pruned")
     beat_lock_timeout_s: float = Field(
         default=30.0, ge=1, description="a dq beat that stops renewing its lock hands over after this long")
+    metrics_port: int | None = Field(default=None, ge=1, le=65535,
+                                     description="a worker serves Prometheus /metrics on this port (dq worker --metrics-port)")
+    metrics_addr: str = Field(default="0.0.0.0", description="the address a worker's /metrics listens on")
     schedule_dir: str = Field(default_factory=_default_schedule_dir,
                               description="where scheduled batches write their results and logs")
 

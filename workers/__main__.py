@@ -36,9 +36,15 @@ def parse(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--hostname", "-n", default=None, help="the node name (default dq-<providers>-<pid>@host)")
     parser.add_argument("--events", "-E", action="store_true",
                         help="send Celery task events (Flower; same as DQ_TASK_EVENTS=1)")
+    parser.add_argument("--metrics-port", type=int, default=None,
+                        help="serve Prometheus /metrics on this port (default DQ_METRICS_PORT; none: off)")
     args = parser.parse_args(argv)
     if args.concurrency is not None and args.concurrency < 1:
         parser.error("--concurrency must be at least 1")
+    if args.metrics_port is not None and not 0 < args.metrics_port < 65536:
+        parser.error("--metrics-port must be a port number (1-65535)")
+    if args.metrics_port is not None and args.pool == "prefork":
+        parser.error("--metrics-port needs the default pool: prefork children would each count apart")
     return args
 
 
@@ -46,6 +52,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse(sys.argv[1:] if argv is None else argv)
     os.environ.setdefault("REMAP_SIGTERM", "SIGQUIT")  # read by billiard at import: must precede celery
     os.environ["CELERY_CUSTOM_WORKER_POOL"] = "workers.pool:RuntimeThreadPool"  # read at celery import
+    if args.metrics_port is not None:
+        os.environ["DQ_METRICS_PORT"] = str(args.metrics_port)  # read by workers.signals at worker start
     from tasks.app import app
     from tasks.routing import MAINTENANCE_QUEUE, queue_for
     from tasks.settings import get_settings

@@ -21,6 +21,20 @@ def _start(**_: Any) -> None:
     runtime.start()
 
 
+def _serve_metrics() -> None:
+    """``/metrics`` of this process, when DQ_METRICS_PORT (or --metrics-port) asks for it."""
+    from tasks.settings import get_settings
+
+    settings = get_settings()
+    if settings.metrics_port is None:
+        return
+    from tasks.context import get_context
+    from tasks.observability import metrics
+
+    metrics.watch_mcp_pools(get_context().mcp_pools)
+    metrics.serve(settings.metrics_port, settings.metrics_addr)
+
+
 def _quiet_http_logs() -> None:
     # one INFO line per HTTP request drowns the worker's own log at hundreds of calls a second
     for name in ("httpx", "httpx2", "httpcore", "httpcore2", "openai", "anthropic", "google_genai"):
@@ -54,3 +68,4 @@ def _start_unless_prefork(sender: Any = None, **_: Any) -> None:
     name = getattr(pool, "__module__", str(pool))
     if "prefork" not in name:
         _start()
+    _serve_metrics()  # the main process (prefork is refused with a metrics port)

@@ -153,6 +153,13 @@ def _check_db(url: str) -> None:
         raise DatabaseUnavailable(f"--db: {result.error.splitlines()[0]}")
 
 
+def cmd_metrics(args: argparse.Namespace) -> int:
+    from tasks.observability.exporter import serve_fleet_metrics
+
+    serve_fleet_metrics(args.port, args.addr)
+    return 0
+
+
 def cmd_sample(args: argparse.Namespace) -> int:
     from tasks.batch.sample import write_sample
 
@@ -312,6 +319,11 @@ def build_parser() -> argparse.ArgumentParser:
     dead_purge.add_argument("--older-than", type=_age, default=None, metavar="AGE",
                             help="records last seen longer ago than AGE: 30m, 12h, 7d, 2w")
     dead_purge.set_defaults(func=cmd_dead_purge)
+    metrics = sub.add_parser("metrics", help="serve the fleet's gauges for Prometheus: queue depths, dead letters, "
+                                             "jobs by status (each worker serves its own on --metrics-port)")
+    metrics.add_argument("--port", type=int, default=9110)
+    metrics.add_argument("--addr", default="0.0.0.0", help="the address to listen on")
+    metrics.set_defaults(func=cmd_metrics)
     sample = sub.add_parser("sample", help="write the bundled sample here: warehouse.db, questions.jsonl, "
                                            "questions.csv")
     sample.add_argument("directory", nargs="?", default=".")

@@ -18,13 +18,14 @@ from datetime import datetime
 from typing import Any
 
 from pydantic import BaseModel
-from sqlalchemy import Connection, delete, exists, literal, select, union_all, update
+from sqlalchemy import Connection, delete, exists, func, literal, select, union_all, update
 
 from tasks.schemas import JobStatus
 from tasks.store.rows import utc
 from tasks.store.schema import dead_letters, jobs
 
-__all__ = ["REPLAYABLE", "DeadLetter", "get", "listing", "message_id", "purge", "record", "remove", "reset_for_replay"]
+__all__ = ["REPLAYABLE", "DeadLetter", "count", "get", "listing", "message_id", "purge", "record", "remove",
+           "reset_for_replay"]
 
 REPLAYABLE = (JobStatus.DEAD.value, JobStatus.FAILED.value)
 
@@ -94,6 +95,10 @@ def listing(conn: Connection, limit: int | None = None) -> list[DeadLetter]:
     if limit is not None:
         statement = statement.limit(limit)
     return [_letter(row) for row in conn.execute(statement)]
+
+
+def count(conn: Connection) -> int:
+    return int(conn.execute(select(func.count()).select_from(dead_letters)).scalar_one())
 
 
 def get(conn: Connection, dead_id: str) -> DeadLetter | None:

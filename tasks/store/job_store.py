@@ -346,6 +346,10 @@ class JobStore:
         with self._begin() as conn:
             return dead_store.listing(conn, limit)
 
+    def count_dead_letters(self) -> int:
+        with self._begin() as conn:
+            return dead_store.count(conn)
+
     def dead_letter(self, dead_id: str) -> DeadLetter | None:
         with self._begin() as conn:
             return dead_store.get(conn, dead_id)

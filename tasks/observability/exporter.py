@@ -30,6 +30,8 @@ _SEP = "\x06\x16"  # kombu's separator between a queue's name and a priority ste
 
 
 class FleetCollector(Collector):
+    NAMES = ("dq_queue_messages", "dq_messages_unacked", "dq_dead_letters", "dq_store_jobs")
+
     def __init__(self, redis_client: Any, store: Any, transport_options: dict[str, Any] | None = None) -> None:
         self.redis, self.store = redis_client, store
         options = transport_options or {}

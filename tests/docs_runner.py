@@ -203,6 +203,19 @@ class Run:
                 os.killpg(started.proc.pid, signal.SIGKILL)  # leftovers (MCP servers)
         return codes
 
+    def run_all(self, blocks: list[Block]) -> dict[str, int | None]:
+        """Every block in order, then every long-running command stopped; asserts each one
+        stopped cleanly and returns their exit codes."""
+        try:
+            for block in blocks:
+                self.block(block)
+        finally:
+            exits = self.stop()
+        for argv, code in exits.items():
+            probe = next(p for p in READY_PROBES if p.matches(shlex.split(argv)))
+            assert code in probe.clean_exits, f"`{argv}` did not stop cleanly on SIGTERM (exit {code})"
+        return exits
+
     def output_of(self, *prefix: str) -> list[str]:
         return [out for argv, out in self.outputs if tuple(argv[:len(prefix)]) == prefix]
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import re
-import shlex
 import shutil
 import subprocess
 import textwrap
@@ -31,7 +30,7 @@ import pytest
 from datus.testing.fake_server import FakeProviderServer
 from tasks.cli.services import local_redis
 from tests.docs_runner import (
-    KEY, PROVIDER_KEYS, READY_PROBES, ROOT, Block, ReadmeModel, Run, readme_blocks, user_env,
+    KEY, PROVIDER_KEYS, ROOT, Block, ReadmeModel, Run, readme_blocks, user_env,
 )
 
 README = ROOT / "README.md"
@@ -61,14 +60,7 @@ def test_every_readme_block_runs_as_written(user_dir: Path, fake: FakeProviderSe
     with local_redis(user_dir) as redis_url:
         run = Run(user_dir, user_env(user_dir / "home", fake), deployment={
             "DQ_REDIS_URL": redis_url, "DQ_DATABASE_URL": f"sqlite:///{user_dir / 'jobs.db'}"})
-        try:
-            for block in blocks:
-                run.block(block)
-        finally:
-            exits = run.stop()
-    for argv, code in exits.items():
-        probe = next(p for p in READY_PROBES if p.matches(shlex.split(argv)))
-        assert code in probe.clean_exits, f"`{argv}` did not stop cleanly on SIGTERM (exit {code})"
+        exits = run.run_all(blocks)
 
     # what the commands said, beyond exiting 0
     assert any("dq worker" in argv for argv in exits), "the README starts a worker"

@@ -5,7 +5,6 @@ file is validated by tests/test_deployment.py)."""
 
 from __future__ import annotations
 
-import shlex
 import shutil
 import socket
 from pathlib import Path
@@ -16,7 +15,7 @@ from datus.testing.fake_server import FakeProviderServer
 from tasks.cli.services import local_redis
 from tasks.schemas import JobError, JobRequest, JobStatus
 from tasks.store import JobStore
-from tests.docs_runner import KEY, NOT_RUN, READY_PROBES, ROOT, ReadmeModel, Run, readme_blocks, user_env
+from tests.docs_runner import KEY, NOT_RUN, ROOT, ReadmeModel, Run, readme_blocks, user_env
 
 RUNBOOK = ROOT / "ops" / "runbook.md"
 
@@ -44,14 +43,7 @@ def test_every_runbook_command_works(tmp_path: Path) -> None:
         run = Run(tmp_path, env, deployment={}, where="ops/runbook.md",
                   placeholders={"HOST": socket.gethostname(), "DEAD_ID": job_id},
                   not_run={**NOT_RUN, ("docker", "compose"): "needs a Docker engine"})
-        try:
-            for block in blocks:
-                run.block(block)
-        finally:
-            exits = run.stop()
-    for argv, code in exits.items():
-        probe = next(p for p in READY_PROBES if p.matches(shlex.split(argv)))
-        assert code in probe.clean_exits, f"`{argv}` did not stop cleanly on SIGTERM (exit {code})"
+        run.run_all(blocks)
 
     assert any("pong" in out for out in run.output_of("celery", "-A", "tasks.app", "inspect", "ping"))
     assert any("llm.openai" in out for out in run.output_of("celery", "-A", "tasks.app", "inspect", "active_queues"))

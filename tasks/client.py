@@ -1,7 +1,9 @@
 """`JobClient`: submit jobs, wait for results, stream their steps, cancel them.
 
 Everything is validated before anything is sent: an unknown model, provider or MCP server
-name is an error that says what to fix, and nothing is queued.
+name, or a model the operator does not allow (``agent.allowed_models``), is an error that says
+what to fix, and nothing is queued. Batch jobs (``batch_id``) go out at a lower broker
+priority (``DQ_BATCH_PRIORITY``), so an interactive job is not queued behind a batch.
 """
 
 from __future__ import annotations
@@ -85,6 +87,10 @@ class JobClient:
         except Exception as exc:
             raise InvalidJob(f"invalid job request: {exc}") from None
         provider = resolve_provider(job.model, self.agent_config)
+        if not self.agent_config.is_model_allowed(job.model):
+            allowed = ", ".join(self.agent_config.allowed_model_patterns()) or "(none)"
+            raise InvalidJob(f"model {job.model!r} is not allowed: agent.allowed_models allows {allowed} "
+                             "(provider:model names only where an operator lists them)")
         unknown = [name for name in job.mcp_servers if name not in self.agent_config.mcp_servers]
         if unknown:
             configured = ", ".join(sorted(self.agent_config.mcp_servers)) or "(none)"
@@ -110,6 +116,7 @@ class JobClient:
 
     def _send(self, jobs: list[tuple[str, JobRequest, str]]) -> None:
         sent = 0
+        batch_priority = self.settings.batch_priority
         try:
             with self.app.producer_or_acquire() as producer:
                 for job_id, job, provider in jobs:
@@ -119,8 +126,10 @@ class JobClient:
                     # argsrepr/kwargsrepr: what Celery shows of the arguments (task events, Flower).
                     # Left to Celery it is a repr of the whole request — prompt included — in every
                     # message header, computed on each submit.
+                    # priority: 0 is the highest on the Redis transport (its own list, popped first)
                     self.app.send_task(TASK_NAMES[job.kind], args=(job_id, payload), task_id=job_id,
                                        queue=queue_for(provider), ignore_result=True, producer=producer,
+                                       priority=batch_priority if job.batch_id is not None else 0,
                                        argsrepr=f"({job_id!r}, <{job.kind.value} request for {job.model}>)",
                                        kwargsrepr="{}")
                     sent += 1

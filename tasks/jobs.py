@@ -4,8 +4,15 @@ A job's life on the worker (see ARCHITECTURE.md): validate the payload; count th
 (too many → dead letter); claim the row (a job that is already final makes no second model
 call); run the model, publishing every step; write the result to the store *before* the task
 returns (the message is acknowledged after that); publish the terminal event. A retryable
-error asks Celery for a retry with countdown = max(Retry-After, full-jitter backoff), kept
-below the visibility timeout; a permanent one fails at once with the provider's message.
+error asks Celery for a retry with countdown = max(Retry-After, full-jitter backoff); a
+permanent one fails at once with the provider's message.
+
+Provider limits (``tasks.ratelimit``): a wait the limiter hands back (`Deferred`) is a Celery
+retry too. Rate-limit and overload answers, and cooldowns, are retried until the job's time
+budget (``DQ_RATE_LIMIT_MAX_WAIT_S`` from the first one, or the job's ``deadline``) and are not
+counted against the model's ``max_retries``; other retryable errors keep that attempt budget.
+A countdown longer than the visibility margin is capped to it (the job comes back and waits
+again), never a reason to fail.
 """
 
 from __future__ import annotations
@@ -17,21 +24,26 @@ import json
 import logging
 import time
 from dataclasses import dataclass
-from datetime import datetime, timezone
-from typing import Any
+from datetime import datetime, timedelta, timezone
+from typing import TYPE_CHECKING, Any
 
 from celery.exceptions import Reject
 from pydantic import ValidationError
 
 from datus.models.errors import ModelError
-from datus.models.retry import RetryPolicy
+from datus.models.retry import RetryPolicy, is_rate_limited
 from datus.models.usage import Usage, track_usage
 from datus.schemas.action_history import ActionHistory, ActionRole, ActionStatus
 from datus.schemas.message import to_messages
 from tasks import keys
 from tasks.context import JobContext, get_context
 from tasks.execution import run_coroutine
+from tasks.ratelimit import DeadlineExceeded, Deferred, JobWait, RateLimitWaitExceeded, current_job
 from tasks.schemas import DATABASE_SERVER, JobError, JobKind, JobRequest, JobStatus, TaskPayload
+from tasks.settings import Settings
+
+if TYPE_CHECKING:
+    from tasks.store import StoredJob
 
 __all__ = ["run_task", "run_message", "dead_letter_message", "execute", "shown_arguments", "RetryLater",
            "JobCancelled"]
@@ -109,11 +121,21 @@ async def dead_letter_message(task_id: str, reason: str) -> None:
     await _dead_letter(get_context(), task_id, reason, None)
 
 
+_CODES = {RateLimitWaitExceeded: "rate_limit_wait_exceeded", DeadlineExceeded: "deadline_exceeded"}
+
+
 def job_error(exc: BaseException) -> JobError:
     if isinstance(exc, ModelError):
         return JobError(code=exc.code.value, type=type(exc).__name__, message=exc.message,
                         provider=exc.provider, status_code=exc.status_code, retryable=exc.retryable)
-    return JobError(code="internal_error", type=type(exc).__name__, message=str(exc) or type(exc).__name__)
+    code = _CODES.get(type(exc), "internal_error")
+    return JobError(code=code, type=type(exc).__name__, message=str(exc) or type(exc).__name__)
+
+
+def retry_ceiling(settings: Settings) -> float:
+    """The longest countdown a retry may have: a message held for its countdown longer than
+    the visibility timeout would be handed to a second worker."""
+    return min(settings.max_retry_countdown_s, settings.visibility_timeout_s * 0.5)
 
 
 async def execute(job_id: str, payload: Any, retries: int = 0, context: JobContext | None = None) -> Any:
@@ -147,11 +169,33 @@ async def execute(job_id: str, payload: Any, retries: int = 0, context: JobConte
     if claimed is None:  # already final (a redelivery after success) or cancelled while queued
         current = await ctx.store.aget(job_id)
         return {"job_id": job_id, "status": current.status.value if current else "unknown"}
-    return await _run(ctx, job_id, task_payload.request, attempt, bool(cancel_requested))
+    request = task_payload.request
+    if not ctx.agent_config.is_model_allowed(request.model):  # sent around a client, or a config changed
+        allowed = ", ".join(ctx.agent_config.allowed_model_patterns()) or "(none)"
+        error = JobError(code="model_not_allowed", type="ModelNotAllowed",
+                         message=f"model {request.model!r} is not allowed on this worker (agent.allowed_models: "
+                                 f"{allowed})")
+        if await ctx.store.afinish(job_id, JobStatus.FAILED, error=error, attempts=attempt):
+            await _terminal(ctx, job_id, JobStatus.FAILED, _error_step(error))
+        return {"job_id": job_id, "status": JobStatus.FAILED.value}
+    return await _run(ctx, job_id, request, claimed, attempt, bool(cancel_requested))
 
 
-async def _run(ctx: JobContext, job_id: str, request: JobRequest, attempt: int, cancel_requested: bool) -> Any:
-    runner = _JobRunner(ctx, job_id, request, cancel_requested)
+def _job_wait(ctx: JobContext, job_id: str, request: JobRequest, stored: StoredJob) -> JobWait:
+    """What the job's requests tell the limiter: its lane, its ticket, its time budget."""
+    settings = ctx.settings
+    deadline = request.deadline.timestamp() if request.deadline is not None else None
+    since = stored.rate_limited_since.timestamp() if stored.rate_limited_since else time.time()
+    budget_end = deadline if deadline is not None else since + settings.rate_limit_max_wait_s
+    lane = 1 if request.batch_id is not None and settings.batch_priority > 0 else 0
+    return JobWait(job_id, lane=lane, ticket_us=stored.rate_ticket or 0, budget_end=budget_end, deadline=deadline)
+
+
+async def _run(ctx: JobContext, job_id: str, request: JobRequest, stored: StoredJob, attempt: int,
+               cancel_requested: bool) -> Any:
+    wait = _job_wait(ctx, job_id, request, stored)
+    runner = _JobRunner(ctx, job_id, request, cancel_requested, wait)
+    token = current_job.set(wait)
     try:
         with track_usage() as calls:
             output, sql_contexts = await runner.run()
@@ -160,12 +204,16 @@ async def _run(ctx: JobContext, job_id: str, request: JobRequest, attempt: int, 
             await _terminal(ctx, job_id, JobStatus.CANCELLED, ActionHistory.create_action(
                 ActionRole.WORKFLOW, "cancelled", "cancelled", None, None, ActionStatus.FAILED))
         return {"job_id": job_id, "status": JobStatus.CANCELLED.value}
+    except Deferred as deferred:
+        return await _deferred(ctx, job_id, stored, attempt, deferred)
     except (asyncio.CancelledError, KeyboardInterrupt, SystemExit):
         raise
     except BaseException as exc:  # noqa: BLE001 - a job never ends without a recorded outcome
         if isinstance(exc, Exception) and _is_infrastructure(exc) and not runner.tools_ran:
             raise  # run_task retries the job later; the model error path is for the model's own errors
-        return await _failed(ctx, job_id, request, attempt, exc, runner.tools_ran)
+        return await _failed(ctx, job_id, request, stored, attempt, exc, runner.tools_ran)
+    finally:
+        current_job.reset(token)
     usage = sum(calls, Usage()) if calls else Usage()
     won = await ctx.store.afinish(
         job_id, JobStatus.SUCCEEDED, output=output, sql_contexts=sql_contexts,
@@ -181,33 +229,82 @@ async def _run(ctx: JobContext, job_id: str, request: JobRequest, attempt: int, 
     return {"job_id": job_id, "status": JobStatus.SUCCEEDED.value}
 
 
-async def _failed(ctx: JobContext, job_id: str, request: JobRequest, attempt: int, exc: BaseException,
-                  tools_ran: bool) -> Any:
+async def _deferred(ctx: JobContext, job_id: str, stored: StoredJob, attempt: int, deferred: Deferred) -> Any:
+    """The limiter handed the job back: a retry after its wait (capped to the visibility
+    margin: a longer wait comes back and waits again, keeping its ticket)."""
+    countdown = min(deferred.wait_s, retry_ceiling(ctx.settings))
+    since = stored.rate_limited_since or (datetime.now(timezone.utc) if deferred.rate_limited else None)
+    error = JobError(code="rate_limit_wait", type="RateLimitWait", message=str(deferred), provider=stored.provider,
+                     retryable=True)
+    if not await ctx.store.amark_retrying(job_id, attempt, error, countdown,
+                                          rate_limit_retries=stored.rate_limit_retries + 1, rate_limited_since=since,
+                                          rate_ticket=deferred.ticket_us or None):
+        return {"job_id": job_id, "status": "final"}  # cancelled meanwhile: do not come back
+    await ctx.publisher.publish(job_id, ActionHistory.create_action(
+        ActionRole.WORKFLOW, "rate_limit_wait", f"{deferred}: back in {countdown:.2f}s", None,
+        {"countdown_s": countdown, "wait_s": deferred.wait_s, "attempt": attempt, "rate_limited": deferred.rate_limited},
+        ActionStatus.PROCESSING))
+    logger.info("job %s attempt %d: %s; back in %.2fs", job_id, attempt, deferred, countdown)
+    return RetryLater(countdown, error)
+
+
+async def _failed(ctx: JobContext, job_id: str, request: JobRequest, stored: StoredJob, attempt: int,
+                  exc: BaseException, tools_ran: bool) -> Any:
     error = job_error(exc)
-    if not isinstance(exc, ModelError):
+    if not isinstance(exc, (ModelError, RateLimitWaitExceeded, DeadlineExceeded)):
         logger.exception("job %s failed with an internal error", job_id)
-    elif exc.retryable and not tools_ran:
-        # the model's own policy decides; the job's model object tries each request once
-        policy = RetryPolicy.from_config(ctx.model(request.model, in_process_retries=False).model_config)
-        delay = policy.delay_for(exc, attempt)
-        ceiling = min(ctx.settings.max_retry_countdown_s, ctx.settings.visibility_timeout_s * 0.5)
-        if delay is not None and delay <= ceiling:
-            await ctx.store.amark_retrying(job_id, attempt, error, delay)
+    elif isinstance(exc, ModelError) and exc.retryable and not tools_ran:
+        retry = _retry_countdown(ctx, request, stored, attempt, exc)
+        if isinstance(retry, str):
+            error = error.model_copy(update={"message": f"{error.message} ({retry})"})
+        else:
+            countdown, rate_limit = retry
+            await ctx.store.amark_retrying(job_id, attempt, error, countdown, **rate_limit)
             await ctx.publisher.publish(job_id, ActionHistory.create_action(
-                ActionRole.WORKFLOW, "retry", f"{error.type}: retrying in {delay:.2f}s", None,
-                {"error": error.model_dump(), "countdown_s": delay, "attempt": attempt}, ActionStatus.PROCESSING))
-            logger.info("job %s attempt %d: %s; retry in %.2fs", job_id, attempt, error.type, delay)
-            return RetryLater(delay, error)
+                ActionRole.WORKFLOW, "retry", f"{error.type}: retrying in {countdown:.2f}s", None,
+                {"error": error.model_dump(), "countdown_s": countdown, "attempt": attempt,
+                 "rate_limited": bool(rate_limit)}, ActionStatus.PROCESSING))
+            logger.info("job %s attempt %d: %s; retry in %.2fs", job_id, attempt, error.type, countdown)
+            return RetryLater(countdown, error)
     if await ctx.store.afinish(job_id, JobStatus.FAILED, error=error, attempts=attempt):
         await _terminal(ctx, job_id, JobStatus.FAILED, _error_step(error))
     return {"job_id": job_id, "status": JobStatus.FAILED.value}
 
 
+def _retry_countdown(ctx: JobContext, request: JobRequest, stored: StoredJob, attempt: int,
+                     exc: ModelError) -> tuple[float, dict[str, Any]] | str:
+    """The retry of a retryable model error: ``(countdown, rate-limit bookkeeping)``, or why
+    not. The model's own policy decides the delay (the job's model object tries each request
+    once). Rate-limit and overload answers spend the job's time budget, not its attempts;
+    other errors spend attempts. The countdown is capped to the visibility margin."""
+    policy = RetryPolicy.from_config(ctx.model(request.model, in_process_retries=False).model_config)
+    settings = ctx.settings
+    if is_rate_limited(exc):
+        times = stored.rate_limit_retries + 1
+        delay = max(exc.retry_after or 0.0, policy.backoff(times))
+        now = datetime.now(timezone.utc)
+        since = stored.rate_limited_since or now
+        if request.deadline is not None:
+            end, budget = request.deadline, "the job's deadline"
+        else:
+            end = since + timedelta(seconds=settings.rate_limit_max_wait_s)
+            budget = f"DQ_RATE_LIMIT_MAX_WAIT_S={settings.rate_limit_max_wait_s:g}"
+        if now + timedelta(seconds=delay) > end:
+            return f"gave up: rate limited since {since.isoformat(timespec='seconds')}, past {budget}"
+        return min(delay, retry_ceiling(settings)), {"rate_limit_retries": times, "rate_limited_since": since}
+    delay = policy.delay_for(exc, attempt - stored.rate_limit_retries)  # the attempts that count
+    if delay is None:
+        return f"gave up after {attempt - stored.rate_limit_retries} attempts (max_retries)"
+    return min(delay, retry_ceiling(settings)), {}
+
+
 class _JobRunner:
     """Runs one request on the model layer, publishing each step."""
 
-    def __init__(self, ctx: JobContext, job_id: str, request: JobRequest, cancel_requested: bool) -> None:
+    def __init__(self, ctx: JobContext, job_id: str, request: JobRequest, cancel_requested: bool,
+                 wait: JobWait) -> None:
         self.ctx, self.job_id, self.request = ctx, job_id, request
+        self.wait = wait
         self.final_step: ActionHistory | None = None
         self.tools_ran = False
         self.cancel_requested = cancel_requested  # read when the job started
@@ -277,6 +374,7 @@ class _JobRunner:
                 continue
             if step.role == ActionRole.TOOL.value and step.status != ActionStatus.PROCESSING.value:
                 self.tools_ran = True
+                self.wait.can_defer = False  # from now on a limiter wait happens here: the tools must not rerun
             if step.action_type == "final_response":
                 self.final_step = step  # published as the terminal event, after the store write
                 output = step.output or {}

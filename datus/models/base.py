@@ -303,7 +303,8 @@ class LLMBaseModel(ABC):
                 await self._after_request(limiter, permit, outcome)
 
         try:
-            generation, attempts = await self.retry_policy.run(once, describe=f"{self.provider}/{self.model_name}")
+            generation, attempts = await self.retry_policy.run(
+                once, wait=limiter.wait if limiter is not None else None, describe=f"{self.provider}/{self.model_name}")
         except ModelError as exc:
             self._trace(request, None, exc, started)
             raise
@@ -454,7 +455,7 @@ class LLMBaseModel(ABC):
                     if error is exc:
                         raise
                     raise error from exc
-                await asyncio.sleep(delay)
+                await (limiter.wait(delay, error) if limiter is not None else asyncio.sleep(delay))
             finally:
                 if limiter is not None and unreported is not None:  # closed early, or cancelled
                     await self._after_request(limiter, permit, unreported)

@@ -7,13 +7,15 @@ run::
     permit = await limiter.before(planned)      # may wait; may raise
     ... the request ...
     await limiter.after(permit, outcome)        # usage, the provider's budget headers, or the error
+    await limiter.wait(delay, error)            # instead of sleeping, when the retry policy retries
 
 ``before`` gets a `PlannedRequest`: the estimated input tokens (counted offline, on demand)
 and the output tokens the request may use (``max_tokens``). Whatever it raises reaches the
 caller unchanged: a `ModelError` is treated as the request's own error (a permanent one is not
 retried), any other exception passes through the retry policy untouched. ``after`` always
 runs once ``before`` returned, also when the request failed or was cancelled; an exception
-in it is logged, never allowed to lose an answer.
+in it is logged, never allowed to lose an answer. ``wait`` waits out the retry policy's delay
+before the next attempt; like ``before`` it may raise instead (to hand a long wait elsewhere).
 
 The model layer ships no limiter and knows nothing of where budgets live: the job system
 installs one that shares them across its workers in Redis (``tasks.ratelimit``).
@@ -67,3 +69,6 @@ class RequestLimiter(Protocol):
 
     async def after(self, permit: Any, outcome: RequestOutcome) -> None:
         """The request ended: give back or charge what it used."""
+
+    async def wait(self, seconds: float, error: ModelError) -> None:
+        """Wait ``seconds`` before the request is tried again after ``error``."""

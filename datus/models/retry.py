@@ -93,10 +93,12 @@ class RetryPolicy:
         call: Callable[[], Awaitable[T]],
         *,
         sleep: Callable[[float], Awaitable[object]] = asyncio.sleep,
+        wait: Callable[[float, ModelError], Awaitable[object]] | None = None,
         describe: str = "model request",
     ) -> tuple[T, int]:
         """Await ``call()`` until it succeeds or the policy gives up; returns
-        ``(result, attempts)``. The last error is raised with ``details["attempts"]`` set."""
+        ``(result, attempts)``. The last error is raised with ``details["attempts"]`` set.
+        ``wait(delay, error)``, when given, waits between attempts instead of ``sleep``."""
         retries = Retries(self)
         while True:
             retries.attempts += 1
@@ -110,7 +112,7 @@ class RetryPolicy:
                     "%s failed (%s, attempt %d/%d); retrying in %.2fs",
                     describe, type(exc).__name__, retries.attempts, self.max_attempts, delay,
                 )
-                await sleep(delay)
+                await (wait(delay, exc) if wait is not None else sleep(delay))
 
 
 def is_rate_limited(error: BaseException) -> bool:

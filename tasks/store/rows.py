@@ -23,6 +23,9 @@ class StoredJob(JobResult):
     deliveries: int = 0  # how many times the current attempt was started (redeliveries + 1)
     retry_at: datetime | None = None
     updated_at: datetime | None = None
+    rate_limit_retries: int = 0  # of the attempts, those that waited for a provider's limits
+    rate_limited_since: datetime | None = None
+    rate_ticket: int | None = None
 
 
 def to_job(row: Row[Any]) -> StoredJob:
@@ -34,6 +37,8 @@ def to_job(row: Row[Any]) -> StoredJob:
         batch_id=m["batch_id"], item_id=m["item_id"], deliveries=m["deliveries"],
         created_at=utc(m["created_at"]), started_at=utc(m["started_at"]), finished_at=utc(m["finished_at"]),
         retry_at=utc(m["retry_at"]), updated_at=utc(m["updated_at"]),
+        rate_limit_retries=m["rate_limit_retries"] or 0, rate_limited_since=utc(m["rate_limited_since"]),
+        rate_ticket=m["rate_ticket"],
     )
 
 

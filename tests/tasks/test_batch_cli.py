@@ -94,6 +94,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
                                "base_url": fake.openai_base_url, "timeout_s": 30, "max_retries": 1}},
             "mcp_servers": {"sql": {"command": sys.executable,
                                     "args": ["-m", "datus.mcp_servers.sql_server", "--url", shop_url]}},
+            "allowed_models": [MODEL, "deepseek:*"],  # a provider:model only where the operator lists it
         }}
         config = workdir / "agent.yml"
         config.write_text(yaml.safe_dump(agent, sort_keys=False), encoding="utf-8")

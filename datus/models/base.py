@@ -527,8 +527,17 @@ class LLMBaseModel(ABC):
     def create_session(self, session_id: str | None = None) -> Any:
         return self.session_manager.create_session(session_id)
 
-    def list_sessions(self) -> list[Any]:
+    def list_sessions(self) -> list[str]:
+        """The session ids, the most recently updated first."""
         return self.session_manager.list_sessions()
+
+    def session_exists(self, session_id: str) -> bool:
+        return self.session_manager.session_exists(session_id)
+
+    def get_session_info(self, session_id: str) -> dict[str, Any]:
+        """``{"exists": False, "session_id": ...}``, or ``{"exists": True, "message_count": ...,
+        "created_at": ..., "updated_at": ..., ...}`` as upstream Datus."""
+        return self.session_manager.get_session_info(session_id)
 
     def clear_session(self, session_id: str) -> None:
         self.session_manager.clear_session(session_id)

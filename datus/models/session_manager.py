@@ -125,7 +125,10 @@ class Session:
         self._manager.clear_session(self.session_id)
 
     def info(self) -> SessionInfo:
-        return self._manager.session_info(self.session_id)
+        info = self._manager._info(self.session_id)
+        if info is None:
+            raise SessionNotFoundError(self.session_id)
+        return info
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, Session) and (other._manager, other.session_id) == (self._manager, self.session_id)
@@ -138,7 +141,8 @@ class Session:
 
 
 class SessionManager:
-    """Creates, finds, lists, clears and deletes sessions in one SQLAlchemy database.
+    """Creates, finds, lists, clears and deletes sessions in one SQLAlchemy database, with
+    upstream Datus's interface (`list_sessions` gives ids, `get_session_info` a dict).
 
     Thread-safe; one manager may serve many concurrent calls. Tables are created on first use.
     """
@@ -180,9 +184,7 @@ class SessionManager:
         return Session(self, session_id)
 
     def get(self, session_id: str) -> Session | None:
-        with self._transaction() as conn:
-            found = conn.execute(sa.select(sessions_table.c.id).where(sessions_table.c.id == session_id)).first()
-        return Session(self, session_id) if found else None
+        return Session(self, session_id) if self.session_exists(session_id) else None
 
     get_session = get
 
@@ -198,17 +200,25 @@ class SessionManager:
             conn.execute(sa.delete(messages_table).where(messages_table.c.session_id == session_id))
             conn.execute(sa.delete(sessions_table).where(sessions_table.c.id == session_id))
 
-    def list_sessions(self) -> list[SessionInfo]:
-        """Every session, the most recently updated first."""
+    def session_exists(self, session_id: str) -> bool:
+        query = sa.select(sessions_table.c.id).where(sessions_table.c.id == session_id)
         with self._transaction() as conn:
-            return self._infos(conn, None)
+            return conn.execute(query).first() is not None
 
-    def session_info(self, session_id: str) -> SessionInfo:
+    def list_sessions(self) -> list[str]:
+        """The ids of every session, the most recently updated first (as upstream Datus:
+        ``"user_123" in manager.list_sessions()``)."""
+        s = sessions_table
         with self._transaction() as conn:
-            infos = self._infos(conn, session_id)
-        if not infos:
-            raise SessionNotFoundError(session_id)
-        return infos[0]
+            return list(conn.execute(sa.select(s.c.id).order_by(s.c.updated_at.desc(), s.c.id)).scalars())
+
+    def get_session_info(self, session_id: str) -> dict[str, Any]:
+        """Upstream Datus's dict: ``{"exists": False, "session_id": ...}`` for an unknown id, else
+        ``{"exists": True}`` and the `SessionInfo` fields (``Session.info()`` gives the model)."""
+        info = self._info(session_id)
+        if info is None:
+            return {"exists": False, "session_id": session_id}
+        return {"exists": True, **info.model_dump()}
 
     def _messages(self, session_id: str, limit: int | None) -> list[ChatMessage]:
         if limit is not None and limit < 0:
@@ -258,33 +268,30 @@ class SessionManager:
             raise SessionNotFoundError(session_id)
         return now
 
-    def _infos(self, conn: Connection, session_id: str | None) -> list[SessionInfo]:
+    def _info(self, session_id: str) -> SessionInfo | None:
         s, m = sessions_table, messages_table
-        totals = sa.select(
-            m.c.session_id, sa.func.count().label("n"), sa.func.sum(m.c.token_count).label("tokens")
-        ).group_by(m.c.session_id)
-        query = sa.select(s)
-        if session_id is not None:
-            totals = totals.where(m.c.session_id == session_id)
-            query = query.where(s.c.id == session_id)
-        totals = totals.subquery()
+        totals = (
+            sa.select(m.c.session_id, sa.func.count().label("n"), sa.func.sum(m.c.token_count).label("tokens"))
+            .where(m.c.session_id == session_id).group_by(m.c.session_id).subquery()
+        )
         last_user = (
             sa.select(m.c.message).where(m.c.session_id == s.c.id, m.c.role == "user")
             .order_by(m.c.seq.desc()).limit(1).correlate(s).scalar_subquery()
         )
         query = (
-            query.add_columns(totals.c.n, totals.c.tokens, last_user.label("last_user"))
+            sa.select(s).where(s.c.id == session_id)
+            .add_columns(totals.c.n, totals.c.tokens, last_user.label("last_user"))
             .outerjoin(totals, totals.c.session_id == s.c.id)
-            .order_by(s.c.updated_at.desc(), s.c.id)
         )
-        return [
-            SessionInfo(
-                session_id=row.id, created_at=_utc(row.created_at), updated_at=_utc(row.updated_at),
-                message_count=row.n or 0, total_tokens=row.tokens or 0, metadata=row._mapping["metadata"] or {},
-                last_user_message=None if row.last_user is None else row.last_user.get("content", ""),
-            )
-            for row in conn.execute(query)
-        ]
+        with self._transaction() as conn:
+            row = conn.execute(query).first()
+        if row is None:
+            return None
+        return SessionInfo(
+            session_id=row.id, created_at=_utc(row.created_at), updated_at=_utc(row.updated_at),
+            message_count=row.n or 0, total_tokens=row.tokens or 0, metadata=row._mapping["metadata"] or {},
+            last_user_message=None if row.last_user is None else row.last_user.get("content", ""),
+        )
 
     def _ensure_schema(self) -> None:
         if self._pid != os.getpid():

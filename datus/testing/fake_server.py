@@ -23,7 +23,13 @@ Other processes (Celery workers, the demo) drive it over HTTP:
                           remove the limits
     GET  /_fake/requests  {"requests": [{"method", "path", "headers", "body", "protocol", "at"}]}
     POST /_fake/latency   {"latency_s": 0.2} or {"latency_ms": 200}
-    GET  /_fake/health    {"status": "ok", ...}
+    GET  /_fake/health    {"status": "ok", "in_flight", "max_in_flight", ...}
+
+So that tests can check concurrency by what happened rather than by how long it took, the
+server counts the generation requests it is handling (`in_flight`: received and not answered
+yet; `max_in_flight`: the peak since the last `clear_requests()` or `reset()`), and `hold()`
+keeps every request that arrives afterwards waiting, recorded and in flight, until
+`release()`: "200 calls were in flight at once" becomes `in_flight == 200` while held.
 
 While limits are set, a request over them is answered 429 with Retry-After before the
 script is asked, and every answer carries the provider's rate-limit headers.
@@ -104,6 +110,9 @@ class FakeProviderServer:
         self._initial_latency_s = latency_s
         self._requests: list[RecordedRequest] = []
         self._lock = threading.Lock()
+        self._in_flight = 0
+        self._max_in_flight = 0
+        self._gate: asyncio.Event | None = None  # while held: requests wait until release() sets it
         self.enforcer: LimitEnforcer | None = None  # the provider limits in force (set_limits)
         self._server: uvicorn.Server | None = None
         self._thread: threading.Thread | None = None
@@ -172,6 +181,7 @@ class FakeProviderServer:
         thread, server, loop, closing = self._thread, self._server, self._loop, self._closing
         if thread is None or server is None:
             return
+        self.release()
         if loop is not None and closing is not None and not loop.is_closed():
             loop.call_soon_threadsafe(closing.set)  # wakes hangs and latency sleeps
         server.should_exit = True
@@ -201,8 +211,37 @@ class FakeProviderServer:
             return list(self._requests)
 
     def clear_requests(self) -> None:
+        """Forget the recorded requests; the peak starts again from those in flight now."""
         with self._lock:
             self._requests.clear()
+            self._max_in_flight = self._in_flight
+
+    @property
+    def in_flight(self) -> int:
+        """Generation requests received and not answered yet (held ones included)."""
+        with self._lock:
+            return self._in_flight
+
+    @property
+    def max_in_flight(self) -> int:
+        """The most requests in flight at once since the last `clear_requests()` or `reset()`."""
+        with self._lock:
+            return self._max_in_flight
+
+    def hold(self) -> None:
+        """Keep every request that arrives from now on waiting (recorded, in flight) until
+        `release()`, `reset()` or `stop()`."""
+        with self._lock:
+            if self._gate is None:
+                self._gate = asyncio.Event()
+
+    def release(self) -> None:
+        """Let the held requests go on, and stop holding new ones."""
+        with self._lock:
+            gate, self._gate = self._gate, None
+        loop = self._loop
+        if gate is not None and loop is not None and not loop.is_closed():
+            loop.call_soon_threadsafe(gate.set)
 
     def set_limits(self, limits: ProviderLimits | None) -> None:
         """Enforce ``limits`` from now on (fresh buckets, counts from zero); None removes them."""
@@ -210,7 +249,8 @@ class FakeProviderServer:
 
     def reset(self) -> None:
         """Back to how it started: empty script, echo fallback, no requests, first latency,
-        no limits."""
+        nothing held, no limits."""
+        self.release()
         self.script.reset(fallback=echo_handler)
         self.clear_requests()
         self.latency_s = self._initial_latency_s
@@ -249,6 +289,18 @@ class FakeProviderServer:
                                  time.time())
         with self._lock:
             self._requests.append(record)
+            self._in_flight += 1
+            self._max_in_flight = max(self._max_in_flight, self._in_flight)
+            gate = self._gate
+        try:
+            if gate is not None:
+                await gate.wait()
+            return await self._answer(protocol, request, body, valid)
+        finally:
+            with self._lock:
+                self._in_flight -= 1
+
+    async def _answer(self, protocol: WireProtocol, request: Request, body: Any, valid: bool) -> Response:
         denied = protocol.authenticate(request, self.api_key)
         if denied is not None:
             return denied
@@ -358,6 +410,8 @@ class FakeProviderServer:
                 "latency_s": self.latency_s,
                 "pending": self.script.pending(),
                 "requests": len(self._requests),
+                "in_flight": self.in_flight,
+                "max_in_flight": self.max_in_flight,
             }
         )
 

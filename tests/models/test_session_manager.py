@@ -21,12 +21,15 @@ import pytest
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import URL, make_url
 
+from datus.models.base import LLMBaseModel
 from datus.models.session_manager import (
     SESSION_URL_ENV,
     Session,
+    SessionInfo,
     SessionManager,
     SessionNotFoundError,
     SessionStoreError,
+    shared_session_manager,
 )
 from datus.schemas.message import ChatMessage, ToolCall
 from datus.utils.exceptions import DatusException, ErrorCode
@@ -106,19 +109,19 @@ def test_create_get_list_clear_delete(manager: SessionManager) -> None:
 
     first.add_messages([_user("hello"), ChatMessage(role="assistant", content="hi")])
     second.add_messages([_user("later")])
-    listed = manager.list_sessions()
-    assert [info.session_id for info in listed] == [second.session_id, "first"]  # most recent first
-    assert listed[1].metadata == {"user": "ann"}
+    assert manager.list_sessions() == [second.session_id, "first"]  # the ids, most recently updated first
+    assert "first" in manager.list_sessions() and "nope" not in manager.list_sessions()
+    assert manager.get_session_info("first")["metadata"] == {"user": "ann"}
 
     manager.clear_session("first")
-    assert first.get_messages() == [] and manager.session_info("first").message_count == 0
+    assert first.get_messages() == [] and manager.get_session_info("first")["message_count"] == 0
     assert manager.get("first") is not None  # cleared, not deleted
     first.add_messages([_user("again")])
     assert [m.content for m in first.get_messages()] == ["again"]
 
     manager.delete_session("first")
     assert manager.get("first") is None
-    assert [info.session_id for info in manager.list_sessions()] == [second.session_id]
+    assert manager.list_sessions() == [second.session_id]
     second.clear()
     assert second.info().message_count == 0
 
@@ -128,7 +131,7 @@ def test_create_is_idempotent(manager: SessionManager) -> None:
     again = manager.create_session("s", metadata={"v": 2})
     assert again.get_messages() == [_user("kept")]
     assert again.info().metadata == {"v": 1}
-    assert len(manager.list_sessions()) == 1
+    assert manager.list_sessions() == ["s"]
 
 
 def test_session_info(manager: SessionManager) -> None:
@@ -139,11 +142,50 @@ def test_session_info(manager: SessionManager) -> None:
     session.add_messages([_user("first question"), ChatMessage(role="assistant", content="a1")], [12, 30])
     session.add_messages([_user("second question"), ChatMessage(role="assistant", content="a2")], [15, 40])
     session.add_messages([ChatMessage(role="tool", content="r", tool_call_id="c")])  # no counts: 0
-    info = manager.session_info("s")
-    assert info.message_count == 5 and info.total_tokens == 97
+    info = session.info()
+    assert isinstance(info, SessionInfo) and info.message_count == 5 and info.total_tokens == 97
     assert info.last_user_message == "second question"
     assert info.created_at == empty.created_at and info.updated_at > empty.updated_at
     assert info.created_at.tzinfo is not None and info.updated_at.tzinfo is not None
+    # upstream Datus's dict: "exists" and the same fields
+    assert manager.get_session_info("s") == {"exists": True, **info.model_dump()}
+    assert set(manager.get_session_info("s")) == {"exists", "session_id", "created_at", "updated_at",
+                                                  "message_count", "total_tokens", "last_user_message", "metadata"}
+
+
+def test_session_exists_and_info_of_an_unknown_id(manager: SessionManager) -> None:
+    assert manager.session_exists("s") is False
+    assert manager.get_session_info("s") == {"exists": False, "session_id": "s"}
+    manager.create_session("s", metadata={"user": "ann"})
+    assert manager.session_exists("s") is True
+    info = manager.get_session_info("s")
+    assert (info["exists"], info["session_id"], info["message_count"], info["metadata"]) == (
+        True, "s", 0, {"user": "ann"})
+    manager.delete_session("s")
+    assert manager.session_exists("s") is False and manager.get_session_info("s")["exists"] is False
+    assert manager.list_sessions() == []
+
+
+def test_through_a_model_as_datus_users_call_it(store_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(SESSION_URL_ENV, store_url)
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-test-not-used")  # no request is made
+    model = LLMBaseModel.create_model(None, "openai:gpt-4o-mini")
+    try:
+        assert "user_123" not in model.list_sessions() and not model.session_exists("user_123")
+        assert model.get_session_info("user_123") == {"exists": False, "session_id": "user_123"}
+        model.create_session("user_123").add_messages([_user("hello"), ChatMessage(role="assistant", content="hi")])
+        model.create_session("user_456")
+        assert "user_123" in model.list_sessions() and model.session_exists("user_123")
+        assert model.list_sessions() == ["user_456", "user_123"]  # most recently updated first
+        info = model.get_session_info("user_123")
+        assert info["exists"] is True and info["session_id"] == "user_123" and info["message_count"] == 2
+        assert info["last_user_message"] == "hello" and info["created_at"] <= info["updated_at"]
+        model.clear_session("user_123")
+        assert model.get_session_info("user_123")["message_count"] == 0
+        model.delete_session("user_123")
+        assert model.list_sessions() == ["user_456"] and not model.session_exists("user_123")
+    finally:
+        shared_session_manager(store_url).close()  # before the Postgres schema is dropped
 
 
 def test_messages_round_trip_across_managers(open_manager: Callable[[], SessionManager]) -> None:
@@ -181,7 +223,7 @@ def test_unknown_session_is_a_clear_error(manager: SessionManager) -> None:
     manager.delete_session("ghost")
     calls = [
         lambda: manager.clear_session("ghost"), lambda: manager.delete_session("ghost"),
-        lambda: manager.session_info("ghost"), ghost.get_messages, lambda: ghost.add_messages([_user("x")]),
+        ghost.info, ghost.get_messages, lambda: ghost.add_messages([_user("x")]),
     ]
     for call in calls:
         with pytest.raises(SessionNotFoundError) as caught:
@@ -222,7 +264,7 @@ def test_concurrent_threads_lose_nothing(open_manager: Callable[[], SessionManag
     assert len(contents) == 400 and len(set(contents)) == 400
     for worker in range(8):  # each thread's appends appear in the order it made them
         assert [c for c in contents if c.startswith(f"{worker}:")] == [f"{worker}:{i}" for i in range(50)]
-    assert manager.session_info("s").total_tokens == 400
+    assert manager.get_session_info("s")["total_tokens"] == 400
 
 
 APPENDER = """
@@ -273,7 +315,7 @@ def test_another_process_clears_and_deletes(manager: SessionManager, store_url: 
     with pytest.raises(SessionNotFoundError):
         gone.add_messages([_user("too late")])
     manager.delete_session("theirs")  # and this process deletes what the other created
-    assert sorted(info.session_id for info in manager.list_sessions()) == ["kept"]
+    assert manager.list_sessions() == ["kept"]
 
 
 async def test_async_twins_do_not_block_the_loop(manager: SessionManager, store_url: str) -> None:
@@ -292,8 +334,11 @@ async def test_async_twins_do_not_block_the_loop(manager: SessionManager, store_
 
     ticker = asyncio.create_task(tick())
     append = asyncio.create_task(session.aadd_messages([_user("hi")], [3]))
-    await asyncio.sleep(0.3)
-    assert not append.done() and ticks >= 10  # waiting on the lock, and the loop still runs
+    await asyncio.sleep(0)  # the append starts
+    seen = ticks
+    while ticks < seen + 10:  # a blocking append would stop the ticker until the lock went
+        await asyncio.sleep(0.01)
+    assert not append.done()  # still waiting on the lock, while the loop runs on
     conn.commit()
     conn.close()
     holder.dispose()

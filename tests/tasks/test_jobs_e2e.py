@@ -153,10 +153,9 @@ def test_tool_run_against_the_sql_mcp_server_on_each_providers_queue(
     wait_for(lambda: len(generations(fake)) >= 3 * len(providers), 30, "every run's three turns")
 
     problems: dict[str, Any] = {}
-    deadline = time.monotonic() + 6  # the runs finish side by side: one wait for all of them
     for provider, job_id in jobs.items():
         try:
-            result = client.result(job_id, timeout=max(0.1, deadline - time.monotonic()))
+            result = client.result(job_id, timeout=60)
             assert result.status is JobStatus.SUCCEEDED, result.error
             assert result.output == f"There are 5 orders ({provider})."
             assert [context["sql_query"] for context in result.sql_contexts] == [query]

@@ -68,6 +68,11 @@ def ask(api: openai.OpenAI, text: str) -> str | None:
     return api.chat.completions.create(model="gpt-4o", messages=messages).choices[0].message.content
 
 
+async def ask_async(api: openai.AsyncOpenAI, text: str) -> str | None:
+    messages = [{"role": "user", "content": text}]
+    return (await api.chat.completions.create(model="gpt-4o", messages=messages)).choices[0].message.content
+
+
 # -- answers --------------------------------------------------------------------------------
 
 
@@ -240,11 +245,11 @@ def test_quota_error_type_is_insufficient_quota(fake_server: FakeProviderServer,
 
 
 def test_hang_times_out_the_client(fake_server: FakeProviderServer) -> None:
-    fake_server.script.add(Fault("hang", seconds=5))
-    started = time.monotonic()
+    # a hang that answered at once, or shorter than the client's timeout, would return the echo
+    fake_server.script.add(Fault("hang", seconds=30))
     with client(fake_server, timeout=0.3) as impatient, pytest.raises(openai.APITimeoutError):
         impatient.chat.completions.create(model="gpt-4o", messages=USER)
-    assert time.monotonic() - started < 2
+    assert len(fake_server.requests) == 1
 
 
 def test_short_hang_then_answers(fake_server: FakeProviderServer, api: openai.OpenAI) -> None:
@@ -350,10 +355,12 @@ def test_latency_applies_and_changes_at_runtime(fake_server: FakeProviderServer,
     started = time.monotonic()
     ask(api, "slow")
     assert time.monotonic() - started >= 0.3
-    fake_server.latency_s = 0.0
-    started = time.monotonic()
-    ask(api, "fast")
-    assert time.monotonic() - started < 0.25
+    fake_server.latency_s = 600.0  # far past the impatient client's timeout
+    with client(fake_server, timeout=0.5) as impatient, pytest.raises(openai.APITimeoutError):
+        ask(impatient, "stuck")
+    fake_server.latency_s = 0.0  # if this were not read per request, "fast" would wait 600 s too
+    with client(fake_server, timeout=60) as patient:
+        assert ask(patient, "fast") == "echo: fast"
 
 
 # -- other processes --------------------------------------------------------------------------
@@ -421,21 +428,52 @@ def test_standalone_module_serves_until_sigterm() -> None:
                 process.kill()
 
 
+async def wait_in_flight(server: FakeProviderServer, count: int, timeout_s: float = 60) -> None:
+    """Until ``count`` requests are in flight; the deadline only keeps a broken server from hanging the run."""
+    deadline = time.monotonic() + timeout_s
+    while server.in_flight < count:
+        assert time.monotonic() < deadline, f"{server.in_flight} of {count} requests in flight"
+        await asyncio.sleep(0.02)
+
+
 @pytest.mark.asyncio
 async def test_two_hundred_concurrent_slow_requests(fake_server: FakeProviderServer) -> None:
-    fake_server.latency_s = 0.2
-    async with aclient(fake_server) as api:
+    fake_server.script.add(Fault("hang", seconds=600), match="slow")
+    async with aclient(fake_server, timeout=120) as api:
+        slow = asyncio.create_task(ask_async(api, "slow"))
+        await wait_in_flight(fake_server, 1)
+        fake_server.hold()  # nothing more is answered until all 200 are in: a serialising server would stall
 
         async def one(i: int) -> str | None:
-            messages = [{"role": "user", "content": f"q{i}"}]
-            result = await api.chat.completions.create(model="gpt-4o", messages=messages)
-            return result.choices[0].message.content
+            return await ask_async(api, f"q{i}")
 
-        started = time.monotonic()
-        answers = await asyncio.gather(*(one(i) for i in range(200)))
-        elapsed = time.monotonic() - started
+        calls = asyncio.gather(*(one(i) for i in range(200)))
+        await wait_in_flight(fake_server, 201)
+        assert fake_server.max_in_flight == 201 and len(fake_server.requests) == 201
+        fake_server.release()
+        answers = await calls
+        # all answered while the slow one still sleeps: a sleeping request blocks no other
+        assert fake_server.in_flight == 1 and not slow.done()
+        slow.cancel()
     assert answers == [f"echo: q{i}" for i in range(200)]
-    assert elapsed < 1.5, elapsed
+
+
+@pytest.mark.asyncio
+async def test_in_flight_counts_held_requests_and_reset_lets_them_go(fake_server: FakeProviderServer) -> None:
+    assert (fake_server.in_flight, fake_server.max_in_flight) == (0, 0)
+    async with aclient(fake_server, timeout=120) as api:
+        fake_server.hold()
+        held = asyncio.gather(ask_async(api, "a"), ask_async(api, "b"))
+        await wait_in_flight(fake_server, 2)
+        health = httpx.get(fake_server.url + "/_fake/health").json()  # what other processes see
+        assert (health["in_flight"], health["max_in_flight"]) == (2, 2)
+        fake_server.reset()  # also lets the held requests go on
+        assert await held == ["echo: a", "echo: b"]
+        assert fake_server.in_flight == 0
+        fake_server.clear_requests()
+        assert fake_server.max_in_flight == 0
+        assert await ask_async(api, "after") == "echo: after"  # no longer held
+        assert fake_server.max_in_flight == 1
 
 
 def test_session_server_serves_after_reset(fake_server_session: FakeProviderServer) -> None:

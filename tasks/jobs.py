@@ -164,8 +164,8 @@ async def execute(job_id: str, payload: Any, retries: int = 0, context: JobConte
             await _terminal(ctx, job_id, JobStatus.DEAD, _error_step(error))
         return {"job_id": job_id, "status": JobStatus.DEAD.value}
 
-    attempt = retries + 1
-    claimed = await ctx.store.amark_running(job_id, attempt)
+    run_no = retries + 1  # the store's guard against stale messages; limiter waits count here, not as attempts
+    claimed = await ctx.store.amark_running(job_id, run_no)
     if claimed is None:  # already final (a redelivery after success) or cancelled while queued
         current = await ctx.store.aget(job_id)
         return {"job_id": job_id, "status": current.status.value if current else "unknown"}
@@ -175,10 +175,10 @@ async def execute(job_id: str, payload: Any, retries: int = 0, context: JobConte
         error = JobError(code="model_not_allowed", type="ModelNotAllowed",
                          message=f"model {request.model!r} is not allowed on this worker (agent.allowed_models: "
                                  f"{allowed})")
-        if await ctx.store.afinish(job_id, JobStatus.FAILED, error=error, attempts=attempt):
+        if await ctx.store.afinish(job_id, JobStatus.FAILED, error=error, attempts=run_no):
             await _terminal(ctx, job_id, JobStatus.FAILED, _error_step(error))
         return {"job_id": job_id, "status": JobStatus.FAILED.value}
-    return await _run(ctx, job_id, request, claimed, attempt, bool(cancel_requested))
+    return await _run(ctx, job_id, request, claimed, run_no, bool(cancel_requested))
 
 
 def _job_wait(ctx: JobContext, job_id: str, request: JobRequest, stored: StoredJob) -> JobWait:
@@ -191,8 +191,10 @@ def _job_wait(ctx: JobContext, job_id: str, request: JobRequest, stored: StoredJ
     return JobWait(job_id, lane=lane, ticket_us=stored.rate_ticket or 0, budget_end=budget_end, deadline=deadline)
 
 
-async def _run(ctx: JobContext, job_id: str, request: JobRequest, stored: StoredJob, attempt: int,
+async def _run(ctx: JobContext, job_id: str, request: JobRequest, stored: StoredJob, run_no: int,
                cancel_requested: bool) -> Any:
+    """Run the claimed job; ``stored.attempts`` is its attempt (runs that were not limiter
+    waits), ``run_no`` what the store writes."""
     wait = _job_wait(ctx, job_id, request, stored)
     runner = _JobRunner(ctx, job_id, request, cancel_requested, wait)
     token = current_job.set(wait)
@@ -200,24 +202,24 @@ async def _run(ctx: JobContext, job_id: str, request: JobRequest, stored: Stored
         with track_usage() as calls:
             output, sql_contexts = await runner.run()
     except JobCancelled:
-        if await ctx.store.afinish(job_id, JobStatus.CANCELLED, attempts=attempt):
+        if await ctx.store.afinish(job_id, JobStatus.CANCELLED, attempts=run_no):
             await _terminal(ctx, job_id, JobStatus.CANCELLED, ActionHistory.create_action(
                 ActionRole.WORKFLOW, "cancelled", "cancelled", None, None, ActionStatus.FAILED))
         return {"job_id": job_id, "status": JobStatus.CANCELLED.value}
     except Deferred as deferred:
-        return await _deferred(ctx, job_id, stored, attempt, deferred)
+        return await _deferred(ctx, job_id, stored, run_no, deferred)
     except (asyncio.CancelledError, KeyboardInterrupt, SystemExit):
         raise
     except BaseException as exc:  # noqa: BLE001 - a job never ends without a recorded outcome
         if isinstance(exc, Exception) and _is_infrastructure(exc) and not runner.tools_ran:
             raise  # run_task retries the job later; the model error path is for the model's own errors
-        return await _failed(ctx, job_id, request, stored, attempt, exc, runner.tools_ran)
+        return await _failed(ctx, job_id, request, stored, run_no, exc, runner.tools_ran)
     finally:
         current_job.reset(token)
     usage = sum(calls, Usage()) if calls else Usage()
     won = await ctx.store.afinish(
         job_id, JobStatus.SUCCEEDED, output=output, sql_contexts=sql_contexts,
-        usage=usage.model_dump(), cost_usd=usage.cost_usd, attempts=attempt,
+        usage=usage.model_dump(), cost_usd=usage.cost_usd, attempts=run_no,
     )
     if won:
         final = runner.final_step or ActionHistory.create_action(
@@ -229,15 +231,17 @@ async def _run(ctx: JobContext, job_id: str, request: JobRequest, stored: Stored
     return {"job_id": job_id, "status": JobStatus.SUCCEEDED.value}
 
 
-async def _deferred(ctx: JobContext, job_id: str, stored: StoredJob, attempt: int, deferred: Deferred) -> Any:
+async def _deferred(ctx: JobContext, job_id: str, stored: StoredJob, run_no: int, deferred: Deferred) -> Any:
     """The limiter handed the job back: a retry after its wait (capped to the visibility
-    margin: a longer wait comes back and waits again, keeping its ticket)."""
+    margin: a longer wait comes back and waits again, keeping its ticket). It made no
+    request, so it is not an attempt."""
+    attempt = stored.attempts
     countdown = min(deferred.wait_s, retry_ceiling(ctx.settings))
     since = stored.rate_limited_since or (datetime.now(timezone.utc) if deferred.rate_limited else None)
     error = JobError(code="rate_limit_wait", type="RateLimitWait", message=str(deferred), provider=stored.provider,
                      retryable=True)
-    if not await ctx.store.amark_retrying(job_id, attempt, error, countdown,
-                                          rate_limit_retries=stored.rate_limit_retries + 1, rate_limited_since=since,
+    if not await ctx.store.amark_retrying(job_id, run_no, error, countdown, rate_limit_retries=stored.rate_limit_retries,
+                                          rate_limit_waits=stored.rate_limit_waits + 1, rate_limited_since=since,
                                           rate_ticket=deferred.ticket_us or None):
         return {"job_id": job_id, "status": "final"}  # cancelled meanwhile: do not come back
     await ctx.publisher.publish(job_id, ActionHistory.create_action(
@@ -248,30 +252,31 @@ async def _deferred(ctx: JobContext, job_id: str, stored: StoredJob, attempt: in
     return RetryLater(countdown, error)
 
 
-async def _failed(ctx: JobContext, job_id: str, request: JobRequest, stored: StoredJob, attempt: int,
+async def _failed(ctx: JobContext, job_id: str, request: JobRequest, stored: StoredJob, run_no: int,
                   exc: BaseException, tools_ran: bool) -> Any:
     error = job_error(exc)
+    attempt = stored.attempts
     if not isinstance(exc, (ModelError, RateLimitWaitExceeded, DeadlineExceeded)):
         logger.exception("job %s failed with an internal error", job_id)
     elif isinstance(exc, ModelError) and exc.retryable and not tools_ran:
-        retry = _retry_countdown(ctx, request, stored, attempt, exc)
+        retry = _retry_countdown(ctx, request, stored, exc)
         if isinstance(retry, str):
             error = error.model_copy(update={"message": f"{error.message} ({retry})"})
         else:
             countdown, rate_limit = retry
-            await ctx.store.amark_retrying(job_id, attempt, error, countdown, **rate_limit)
+            await ctx.store.amark_retrying(job_id, run_no, error, countdown, **rate_limit)
             await ctx.publisher.publish(job_id, ActionHistory.create_action(
                 ActionRole.WORKFLOW, "retry", f"{error.type}: retrying in {countdown:.2f}s", None,
                 {"error": error.model_dump(), "countdown_s": countdown, "attempt": attempt,
                  "rate_limited": bool(rate_limit)}, ActionStatus.PROCESSING))
             logger.info("job %s attempt %d: %s; retry in %.2fs", job_id, attempt, error.type, countdown)
             return RetryLater(countdown, error)
-    if await ctx.store.afinish(job_id, JobStatus.FAILED, error=error, attempts=attempt):
+    if await ctx.store.afinish(job_id, JobStatus.FAILED, error=error, attempts=run_no):
         await _terminal(ctx, job_id, JobStatus.FAILED, _error_step(error))
     return {"job_id": job_id, "status": JobStatus.FAILED.value}
 
 
-def _retry_countdown(ctx: JobContext, request: JobRequest, stored: StoredJob, attempt: int,
+def _retry_countdown(ctx: JobContext, request: JobRequest, stored: StoredJob,
                      exc: ModelError) -> tuple[float, dict[str, Any]] | str:
     """The retry of a retryable model error: ``(countdown, rate-limit bookkeeping)``, or why
     not. The model's own policy decides the delay (the job's model object tries each request
@@ -291,10 +296,12 @@ def _retry_countdown(ctx: JobContext, request: JobRequest, stored: StoredJob, at
             budget = f"DQ_RATE_LIMIT_MAX_WAIT_S={settings.rate_limit_max_wait_s:g}"
         if now + timedelta(seconds=delay) > end:
             return f"gave up: rate limited since {since.isoformat(timespec='seconds')}, past {budget}"
-        return min(delay, retry_ceiling(settings)), {"rate_limit_retries": times, "rate_limited_since": since}
-    delay = policy.delay_for(exc, attempt - stored.rate_limit_retries)  # the attempts that count
+        return min(delay, retry_ceiling(settings)), {"rate_limit_retries": times, "rate_limit_waits": stored.rate_limit_waits,
+                                                     "rate_limited_since": since}
+    counted = stored.attempts - stored.rate_limit_retries  # the attempts that spend max_retries
+    delay = policy.delay_for(exc, counted)
     if delay is None:
-        return f"gave up after {attempt - stored.rate_limit_retries} attempts (max_retries)"
+        return f"gave up after {counted} attempts (max_retries)"
     return min(delay, retry_ceiling(settings)), {}
 
 

@@ -188,7 +188,7 @@ class ModelLimiter:
                 await state.wait_for_slot(self.keys[1], lane, min(wait, _SLOT_POLL_S) if wait > 0 else _SLOT_POLL_S)
             elif code == COOLDOWN:
                 paid, ticket = False, 0  # a booking made before the cooldown is forfeit
-                await self._wait(job, wait * (1 + random.random() * 0.1), 0, True, f"{self.name}'s cooldown")
+                await self._wait(job, wait, 0, True, f"{self.name}'s cooldown", jitter=0.1)
             elif code == TICKET:
                 ticket = int(ticket_us)
                 await self._wait(job, wait, ticket, False, f"{self.name}'s rate limit")
@@ -205,9 +205,12 @@ class ModelLimiter:
         else:
             await asyncio.sleep(seconds)
 
-    async def _wait(self, job: JobWait | None, wait: float, ticket: int, rate_limited: bool, what: str) -> None:
+    async def _wait(self, job: JobWait | None, wait: float, ticket: int, rate_limited: bool, what: str,
+                    jitter: float = 0.0) -> None:
+        """Wait here, or hand the job back (`Deferred`). ``jitter``: up to that share is added
+        to a wait here, so the waiters of one cooldown do not all go at its last microsecond."""
         if wait <= self.owner.short_wait_s:
-            await self._sleep(job, wait)
+            await self._sleep(job, wait * (1 + random.random() * jitter))
             return
         now = time.time()
         if job is not None:
@@ -217,8 +220,8 @@ class ModelLimiter:
                 raise RateLimitWaitExceeded(f"still waiting for {what} when the job's rate-limit budget "
                                             "(DQ_RATE_LIMIT_MAX_WAIT_S) ran out")
             if job.can_defer:
-                raise Deferred(wait, ticket, rate_limited, what)
-        await self._sleep(job, wait)  # not a job, or one that may not leave: wait here
+                raise Deferred(wait * (1 + random.random() * jitter), ticket, rate_limited, what)
+        await self._sleep(job, wait * (1 + random.random() * jitter))  # not a job, or one that may not leave
 
     @staticmethod
     async def _sleep(job: JobWait | None, seconds: float) -> None:

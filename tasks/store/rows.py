@@ -23,7 +23,8 @@ class StoredJob(JobResult):
     deliveries: int = 0  # how many times the current attempt was started (redeliveries + 1)
     retry_at: datetime | None = None
     updated_at: datetime | None = None
-    rate_limit_retries: int = 0  # of the attempts, those that waited for a provider's limits
+    rate_limit_retries: int = 0  # attempts retried after a rate-limit answer (not counted against max_retries)
+    rate_limit_waits: int = 0  # runs that only waited for the limiter (not attempts: no request was made)
     rate_limited_since: datetime | None = None
     rate_ticket: int | None = None
 
@@ -33,11 +34,13 @@ def to_job(row: Row[Any]) -> StoredJob:
     return StoredJob(
         job_id=m["job_id"], status=JobStatus(m["status"]), kind=m["kind"], model=m["model"], provider=m["provider"],
         output=m["output"], sql_contexts=m["sql_contexts"] or [], usage=m["usage"], cost_usd=m["cost_usd"] or 0.0,
-        error=None if m["error"] is None else JobError.model_validate(m["error"]), attempts=m["attempts"],
+        error=None if m["error"] is None else JobError.model_validate(m["error"]),
+        attempts=m["attempts"] - (m["rate_limit_waits"] or 0),  # the stored count includes the limiter's waits
         batch_id=m["batch_id"], item_id=m["item_id"], deliveries=m["deliveries"],
         created_at=utc(m["created_at"]), started_at=utc(m["started_at"]), finished_at=utc(m["finished_at"]),
         retry_at=utc(m["retry_at"]), updated_at=utc(m["updated_at"]),
-        rate_limit_retries=m["rate_limit_retries"] or 0, rate_limited_since=utc(m["rate_limited_since"]),
+        rate_limit_retries=m["rate_limit_retries"] or 0, rate_limit_waits=m["rate_limit_waits"] or 0,
+        rate_limited_since=utc(m["rate_limited_since"]),
         rate_ticket=m["rate_ticket"],
     )
 

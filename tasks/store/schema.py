@@ -96,8 +96,10 @@ jobs = Table(
     Column("started_at", _Time),  # the first start: queue time is honest even after retries
     Column("finished_at", _Time),
     Column("updated_at", _Time, nullable=False),
-    # migration 2 (provider limits): retries that waited for a rate limit, not counted as attempts
+    # migration 2 (provider limits): retries after rate-limit answers (they spend a time budget,
+    # not max_retries), and retries that only waited for the limiter (no request: not attempts)
     Column("rate_limit_retries", Integer, server_default=text("0")),
+    Column("rate_limit_waits", Integer, server_default=text("0")),
     Column("rate_limited_since", _Time),  # the first rate-limit answer or cooldown: the wait budget's start
     Column("rate_ticket", BigInteger),  # the job's place in its limiter's line (µs of Redis time)
     Index("ix_jobs_batch_id", "batch_id"),
@@ -228,12 +230,12 @@ def add_columns(conn: Connection, table: Table, *names: str) -> None:
 
 
 def _v2(conn: Connection) -> None:
-    add_columns(conn, jobs, "rate_limit_retries", "rate_limited_since", "rate_ticket")
+    add_columns(conn, jobs, "rate_limit_retries", "rate_limit_waits", "rate_limited_since", "rate_ticket")
 
 
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "jobs, batches, batch_items", _v1),
-    Migration(2, "jobs: rate-limit retries, since, ticket", _v2),
+    Migration(2, "jobs: rate-limit retries and waits, since when, ticket", _v2),
 )
 SCHEMA_VERSION = MIGRATIONS[-1].version
 

@@ -9,7 +9,8 @@ two keys have two budgets, every worker using one key shares one. The state live
 of one loop turn share a pipeline, ``tasks.redis_batch``).
 
 Before a request (`ModelLimiter.before`): reserve one request, the prompt's tokens (counted
-offline) and ``max_tokens`` of output, and a concurrency slot. The answer is go, or a wait:
+offline, scaled by what the provider has been counting for this model) and ``max_tokens`` of
+output, and a concurrency slot. The answer is go, or a wait:
 
 - up to ``DQ_RATE_LIMIT_SHORT_WAIT_S`` (1 s): awaited here, on the event loop;
 - longer: the job is handed back (`Deferred`): it goes back to the queue as a Celery retry
@@ -37,6 +38,7 @@ import asyncio
 import contextvars
 import itertools
 import logging
+import math
 import os
 import random
 import socket
@@ -142,8 +144,9 @@ class RedisLimiter:
 @dataclass
 class _Permit:
     slot: str  # '' when the model has no max_concurrency
-    input_tokens: int
-    output_tokens: int
+    input_tokens: int  # reserved
+    output_tokens: int  # reserved
+    counted_input: int = 0  # the offline count the input reservation was scaled from
 
 
 class ModelLimiter:
@@ -157,6 +160,8 @@ class ModelLimiter:
         self._numbers = [limits.requests_per_minute or 0, limits.input_tokens_per_minute or 0,
                          limits.output_tokens_per_minute or 0]
         self._rate_limited_in_a_row = 0  # this process's 429s on this key since its last answer
+        # what the provider counts for a prompt, over what was counted offline (learnt from usage)
+        self._input_scale = 1.0
 
     # -- before ---------------------------------------------------------------------------
 
@@ -164,7 +169,8 @@ class ModelLimiter:
         limits, owner = self.limits, self.owner
         state = owner.loop_state()
         job = current_job.get()
-        n_in = request.input_tokens() if limits.input_tokens_per_minute else 0
+        counted = request.input_tokens() if limits.input_tokens_per_minute else 0
+        n_in = math.ceil(counted * self._input_scale)
         n_out = (request.max_output_tokens or DEFAULT_OUTPUT_RESERVE) if limits.output_tokens_per_minute else 0
         slot = owner.next_slot_id() if limits.max_concurrency else ""
         lane = job.lane if job is not None else 0
@@ -181,7 +187,7 @@ class ModelLimiter:
                 if wait <= 0:
                     if slot:
                         state.held(self.keys[1], slot)
-                    return _Permit(slot, n_in, n_out)
+                    return _Permit(slot, n_in, n_out, counted)
                 paid, ticket = True, 0  # booked: wait for its time, then the cooldown check and a slot
                 await self._sleep(job, wait)
             elif code == NO_SLOT:
@@ -255,6 +261,9 @@ class ModelLimiter:
         if outcome.usage is not None:
             if self.limits.input_tokens_per_minute:
                 d_in = outcome.usage.input_tokens - permit.input_tokens
+                if permit.counted_input > 0 and outcome.usage.input_tokens > 0:
+                    observed = outcome.usage.input_tokens / permit.counted_input
+                    self._input_scale = min(4.0, max(0.5, 0.8 * self._input_scale + 0.2 * observed))
             if self.limits.output_tokens_per_minute:
                 d_out = outcome.usage.output_tokens - permit.output_tokens
             self._rate_limited_in_a_row = 0

@@ -12,13 +12,14 @@ Before a request (`ModelLimiter.before`): reserve one request, the prompt's toke
 offline, scaled by what the provider has been counting for this model) and ``max_tokens`` of
 output, and a concurrency slot. The answer is go, or a wait:
 
-- up to ``DQ_RATE_LIMIT_SHORT_WAIT_S`` (1 s): awaited here, on the event loop;
+- up to ``DQ_RATE_LIMIT_SHORT_WAIT_S`` (1 s): awaited here, on the event loop (but a delivery
+  waits here at most five of those in all, so it never outlives the visibility timeout);
 - longer: the job is handed back (`Deferred`): it goes back to the queue as a Celery retry
   with that countdown, holding a ticket — its place in its lane's waiting line — so it comes
   back when its turn is due, not to spin. A tool run whose tools already ran is never handed
   back (that would run them again): it waits here instead, within its time budget;
 - a concurrency slot is waited for here (it frees within a call), woken by this process's
-  releases or by the first lease that runs out elsewhere;
+  releases or by the first lease that runs out elsewhere, within the same allowance;
 - a request larger than the whole per-minute budget fails at once (`RequestTooLargeError`).
 
 After it (`ModelLimiter.after`): give back or charge the difference between the reserved and
@@ -121,6 +122,7 @@ class RedisLimiter:
         self.context = context
         settings = context.settings
         self.short_wait_s = settings.rate_limit_short_wait_s
+        self.in_process_s = 5 * settings.rate_limit_short_wait_s  # a delivery's waits here, in all
         self.burst_us = settings.rate_limit_burst_s * 1e6
         self.lease_s = settings.rate_limit_slot_lease_s
         self._per_loop: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _LoopState] = weakref.WeakKeyDictionary()
@@ -191,7 +193,12 @@ class ModelLimiter:
                 paid, ticket = True, 0  # booked: wait for its time, then the cooldown check and a slot
                 await self._sleep(job, wait)
             elif code == NO_SLOT:
+                if job is not None and job.can_defer and job.waited_s > owner.in_process_s:
+                    raise Deferred(owner.short_wait_s * (1 + random.random()), 0, False, f"a slot of {self.name}")
+                started = time.monotonic()
                 await state.wait_for_slot(self.keys[1], lane, min(wait, _SLOT_POLL_S) if wait > 0 else _SLOT_POLL_S)
+                if job is not None:
+                    job.waited_s += time.monotonic() - started
             elif code == COOLDOWN:
                 paid, ticket = False, 0  # a booking made before the cooldown is forfeit
                 await self._wait(job, wait, 0, True, f"{self.name}'s cooldown", jitter=0.1)
@@ -215,7 +222,8 @@ class ModelLimiter:
                     jitter: float = 0.0) -> None:
         """Wait here, or hand the job back (`Deferred`). ``jitter``: up to that share is added
         to a wait here, so the waiters of one cooldown do not all go at its last microsecond."""
-        if wait <= self.owner.short_wait_s:
+        here = job is None or not job.can_defer or job.waited_s + wait <= self.owner.in_process_s
+        if wait <= self.owner.short_wait_s and here:
             await self._sleep(job, wait * (1 + random.random() * jitter))
             return
         now = time.time()

@@ -39,7 +39,8 @@ MODEL = "gpt-4o-mini"
 @pytest.fixture
 def configure(job_env: JobEnv) -> Iterator[Configure]:
     """``configure(models={"openai": {"rate_limits": {...}}}, allowed_models=[...])`` rewrites the
-    test's agent.yml (before its workers start) and returns a client on it."""
+    test's agent.yml (before its workers start) and returns a client on it. A new model name
+    starts as a copy of ``openai`` unless its fields give a ``type``."""
     from tasks.app import create_app
 
     made: list[tuple[JobClient, Any]] = []
@@ -47,7 +48,8 @@ def configure(job_env: JobEnv) -> Iterator[Configure]:
     def apply(models: dict[str, dict[str, Any]] | None = None, **agent: Any) -> JobClient:
         config = yaml.safe_load(job_env.agent_yml.read_text(encoding="utf-8"))
         for name, fields in (models or {}).items():
-            config["agent"]["models"].setdefault(name, dict(config["agent"]["models"]["openai"])).update(fields)
+            base = {} if "type" in fields else dict(config["agent"]["models"]["openai"])
+            config["agent"]["models"].setdefault(name, base).update(fields)
         config["agent"].update(agent)
         job_env.agent_yml.write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
         settings = job_env.settings()

@@ -15,7 +15,7 @@ from tasks.settings import Settings, get_settings
 
 __all__ = ["create_app", "app", "TASK_MODULES"]
 
-TASK_MODULES = ("tasks.generation", "tasks.tool_run")
+TASK_MODULES = ("tasks.generation", "tasks.tool_run", "tasks.maintenance.tasks")
 
 
 def create_app(settings: Settings | None = None) -> Celery:

@@ -13,6 +13,8 @@ import uuid
 from collections.abc import AsyncIterator, Iterable, Iterator
 from typing import Any
 
+from pydantic import ValidationError
+
 from datus.configuration.agent_config import AgentConfig
 from datus.schemas.action_history import ActionHistory, ActionRole, ActionStatus
 from datus.utils.constants import LLMProvider
@@ -22,7 +24,7 @@ from tasks.routing import queue_for
 from tasks.schemas import JobKind, JobRequest, JobResult, JobStatus, TaskPayload
 from tasks.settings import Settings, get_settings
 
-__all__ = ["InvalidJob", "JobClient", "JobNotFound", "resolve_provider"]
+__all__ = ["InvalidJob", "JobClient", "JobNotFound", "publish_job", "resolve_provider"]
 
 TASK_NAMES = {JobKind.GENERATE: "dq.generate", JobKind.JSON: "dq.generate", JobKind.TOOL_RUN: "dq.tool_run"}
 
@@ -60,6 +62,27 @@ def resolve_provider(model: str, agent_config: AgentConfig) -> str:
     return provider
 
 
+def publish_job(app: Any, producer: Any, job_id: str, request: JobRequest, provider: str, retries: int = 0,
+                batch_priority: int | None = None) -> None:
+    """Send a job's message: the job's task, ``task_id = job_id``, on its provider's queue. The
+    one way a job is sent — by `JobClient`, by the sweeper, by a replay (``retries`` tells the
+    worker which attempt it is). A batch job (``batch_id``) goes at ``batch_priority``
+    (default ``DQ_BATCH_PRIORITY``): 0 is the highest on the Redis transport, whose list for
+    it is popped first, so interactive jobs are never queued behind a batch."""
+    if batch_priority is None:
+        batch_priority = get_settings().batch_priority
+    priority = batch_priority if request.batch_id is not None else 0
+    payload = TaskPayload(provider=provider, request=request).model_dump(mode="json")
+    # ignore_result: results live in the job store; without it every submit leaves the client
+    # subscribed to a Celery result channel (memory grows with the batch).
+    # argsrepr/kwargsrepr: what Celery shows of the arguments (task events, Flower). Left to
+    # Celery it is a repr of the whole request — prompt included — in every message header,
+    # computed on each submit.
+    app.send_task(TASK_NAMES[request.kind], args=(job_id, payload), task_id=job_id, queue=queue_for(provider),
+                  ignore_result=True, producer=producer, retries=retries, priority=priority,
+                  argsrepr=f"({job_id!r}, <{request.kind.value} request for {request.model}>)", kwargsrepr="{}")
+
+
 class JobClient:
     def __init__(self, settings: Settings | None = None, agent_config: AgentConfig | None = None,
                  app: Any = None, store: Any = None) -> None:
@@ -84,8 +107,10 @@ class JobClient:
     def validate(self, request: JobRequest | dict[str, Any]) -> tuple[JobRequest, str]:
         try:
             job = request if isinstance(request, JobRequest) else JobRequest.model_validate(request)
-        except Exception as exc:
-            raise InvalidJob(f"invalid job request: {exc}") from None
+        except ValidationError as exc:  # the fields and what is wrong, never the values (a URL can hold a secret)
+            problems = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'request'}: "
+                                 f"{e['msg'].removeprefix('Value error, ')}" for e in exc.errors())
+            raise InvalidJob(f"invalid job request: {problems}") from None
         provider = resolve_provider(job.model, self.agent_config)
         if not self.agent_config.is_model_allowed(job.model):
             allowed = ", ".join(self.agent_config.allowed_model_patterns()) or "(none)"
@@ -120,18 +145,7 @@ class JobClient:
         try:
             with self.app.producer_or_acquire() as producer:
                 for job_id, job, provider in jobs:
-                    payload = TaskPayload(provider=provider, request=job).model_dump(mode="json")
-                    # ignore_result: results live in the job store; without it every submit leaves
-                    # the client subscribed to a Celery result channel (memory grows with the batch).
-                    # argsrepr/kwargsrepr: what Celery shows of the arguments (task events, Flower).
-                    # Left to Celery it is a repr of the whole request — prompt included — in every
-                    # message header, computed on each submit.
-                    # priority: 0 is the highest on the Redis transport (its own list, popped first)
-                    self.app.send_task(TASK_NAMES[job.kind], args=(job_id, payload), task_id=job_id,
-                                       queue=queue_for(provider), ignore_result=True, producer=producer,
-                                       priority=batch_priority if job.batch_id is not None else 0,
-                                       argsrepr=f"({job_id!r}, <{job.kind.value} request for {job.model}>)",
-                                       kwargsrepr="{}")
+                    publish_job(self.app, producer, job_id, job, provider, batch_priority=batch_priority)
                     sent += 1
         except Exception as exc:  # the rows not sent must not stay queued forever
             from tasks.jobs import job_error

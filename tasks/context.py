@@ -1,6 +1,7 @@
-"""What a process needs to run jobs: settings, agent config, the job store, Redis clients,
-the event publisher, the provider-limit limiter and the model objects — created lazily, once
-per process (after fork), and closed by the worker runtime at shutdown."""
+"""What a process needs to run jobs: settings, agent config, the job store, the leases of its
+running jobs, Redis clients, the event publisher, the provider-limit limiter, the MCP server
+pool and the model objects — created lazily, once per process (after fork), and closed by the
+worker runtime at shutdown."""
 
 from __future__ import annotations
 
@@ -38,6 +39,8 @@ class JobContext:
         self.pid = os.getpid()
         self._lock = threading.Lock()
         self._store: Any = None
+        self._leases: Any = None
+        self._redis: Any = None
         self._limiter: Any = None
         # LRU, bounded: every distinct model name a job names would otherwise stay for good
         self._models: OrderedDict[tuple[str, bool], LLMBaseModel] = OrderedDict()
@@ -48,11 +51,34 @@ class JobContext:
     @property
     def store(self) -> Any:
         with self._lock:
-            if self._store is None:
-                from tasks.store import JobStore
+            return self._open_store()
 
-                self._store = JobStore(self.settings.database_url)
-            return self._store
+    @property
+    def leases(self) -> Any:
+        """The `LeaseKeeper` of this process's running jobs."""
+        with self._lock:
+            if self._leases is None:
+                from tasks.leases import LeaseKeeper
+
+                self._leases = LeaseKeeper(self._open_store(), self.settings.queued_lease_s)
+            return self._leases
+
+    def _open_store(self) -> Any:  # with self._lock held
+        if self._store is None:
+            from tasks.store import JobStore
+
+            self._store = JobStore(self.settings.database_url)
+        return self._store
+
+    @property
+    def redis(self) -> Any:
+        """A synchronous Redis client (thread-safe; the maintenance tasks run in threads)."""
+        with self._lock:
+            if self._redis is None:
+                import redis
+
+                self._redis = redis.Redis.from_url(self.settings.redis_url)
+            return self._redis
 
     @property
     def limiter(self) -> Any:
@@ -68,9 +94,10 @@ class JobContext:
         """One model object per (name, retry mode) per process, at most
         ``DQ_MODEL_CACHE_SIZE`` of them (least recently used go first; a model dropped from
         here closes its clients on its loop once the last job using it lets go). Jobs retried
-        by Celery use a model that tries each request once; tool runs retry each request
-        in-process, so a tool that already ran never runs again — rate-limit answers there
-        spend a time budget, not attempts. Every model's requests go through the limiter."""
+        by Celery use a model that tries each request once; tool runs first retry each request
+        in-process (a job retry then resumes from the run's checkpoints), their rate-limit
+        answers spending a time budget, not attempts. Every model's requests go through the
+        limiter."""
         key = (name, in_process_retries)
         with self._lock:
             model = self._models.get(key)
@@ -126,6 +153,17 @@ class JobContext:
     def publisher(self) -> Any:
         return self._loop_state()["publisher"]
 
+    @property
+    def mcp_pool(self) -> Any:
+        """The running loop's MCP servers, kept across tool runs (`datus.models.mcp.pool`)."""
+        state = self._loop_state()
+        pool = state.get("mcp_pool")
+        if pool is None:
+            from datus.models.mcp.pool import MCPPool
+
+            pool = state["mcp_pool"] = MCPPool()
+        return pool
+
     def script(self, source: str) -> Any:
         """A Lua script on the running loop's Redis client (EVALSHA, loaded once)."""
         state = self._loop_state()
@@ -135,12 +173,15 @@ class JobContext:
         return scripts[source]
 
     async def aclose(self) -> None:
-        """Close what belongs to the running loop: SDK clients and the Redis client."""
+        """Close what belongs to the running loop: SDK clients, MCP servers (their processes
+        exit) and the Redis client."""
         for model in self.models():
             await model.aclose()
         with self._lock:
             state = self._per_loop.pop(asyncio.get_running_loop(), None)
         if state is not None:
+            if state.get("mcp_pool") is not None:
+                await state["mcp_pool"].aclose()
             await state["redis"].aclose()
 
 

@@ -1,18 +1,28 @@
 """Running one job: the plain functions behind the thin Celery tasks.
 
-A job's life on the worker (see ARCHITECTURE.md): validate the payload; count the delivery
-(too many → dead letter); claim the row (a job that is already final makes no second model
-call); run the model, publishing every step; write the result to the store *before* the task
-returns (the message is acknowledged after that); publish the terminal event. A retryable
-error asks Celery for a retry with countdown = max(Retry-After, full-jitter backoff); a
-permanent one fails at once with the provider's message.
+A job's life on the worker (see ARCHITECTURE.md): validate the payload; count the delivery;
+claim the row under a lease (a job that is already final, or running under another delivery's
+lease, makes no second model call); too many redeliveries → dead letter; run the model while
+the process renews the lease (`tasks.leases`), publishing every step; write the result to the
+store *before* the task returns (the message is acknowledged after that); publish the terminal
+event. A retryable error asks Celery for a retry with countdown = max(Retry-After,
+full-jitter backoff); a permanent one fails at once with the provider's message.
 
 Provider limits (``tasks.ratelimit``): a wait the limiter hands back (`Deferred`) is a Celery
-retry too. Rate-limit and overload answers, and cooldowns, are retried until the job's time
-budget (``DQ_RATE_LIMIT_MAX_WAIT_S`` from the first one, or the job's ``deadline``) and are not
-counted against the model's ``max_retries``; other retryable errors keep that attempt budget.
-A countdown longer than the visibility margin is capped to it (the job comes back and waits
-again), never a reason to fail.
+retry too (a tool run resumes from its checkpoints, so that is safe for them as well).
+Rate-limit and overload answers, and cooldowns, are retried until the job's time budget
+(``DQ_RATE_LIMIT_MAX_WAIT_S`` from the first one, or the job's ``deadline``) and are not counted
+against the model's ``max_retries``; other retryable errors keep that attempt budget. A
+countdown longer than the visibility margin is capped to it (the job comes back and waits
+again), never a reason to fail. Runs that only waited for the limiter are not attempts:
+the store's run number (``retries + 1``, the stale-message guard) counts them, ``attempts``
+as read does not.
+
+Tool runs are durable (`tasks.checkpoints`): every completed step is checkpointed before the
+next one, and any new delivery of the job resumes from the checkpoints, publishing only the
+steps no earlier delivery published. So a retryable error in any turn (one that outlasts the
+model's in-process retries, or a tool server that died) is a job retry that resumes, and Redis
+or the store failing mid-run is an infrastructure retry that resumes too.
 """
 
 from __future__ import annotations
@@ -36,6 +46,7 @@ from datus.models.usage import Usage, track_usage
 from datus.schemas.action_history import ActionHistory, ActionRole, ActionStatus
 from datus.schemas.message import to_messages
 from tasks import keys
+from tasks.checkpoints import RunSuperseded, StoreJournal
 from tasks.context import JobContext, get_context
 from tasks.execution import run_coroutine
 from tasks.ratelimit import DeadlineExceeded, Deferred, JobWait, RateLimitWaitExceeded, current_job
@@ -155,20 +166,22 @@ async def execute(job_id: str, payload: Any, retries: int = 0, context: JobConte
 
     deliveries, cancel_requested = await ctx.script(_JOB_START_LUA)(
         keys=[keys.job_deliveries(job_id), keys.job_cancel(job_id)], args=[ctx.settings.event_ttl_s])
+    run_no = retries + 1  # the store's guard against stale messages; limiter waits count here, not as attempts
+    claimed = await ctx.store.amark_running(job_id, run_no, ctx.settings.queued_lease_s)
+    if claimed is None:  # already final (a redelivery after success), cancelled while queued, or
+        current = await ctx.store.aget(job_id)  # running under another delivery's lease: no second call
+        if current is not None and current.status is JobStatus.RUNNING:
+            logger.info("job %s: attempt %d is running elsewhere (lease until %s); this delivery is dropped",
+                        job_id, current.attempts, current.lease_until)
+        return {"job_id": job_id, "status": current.status.value if current else "unknown"}
     redeliveries = deliveries - 1 - retries
     if redeliveries >= ctx.settings.dead_letter_threshold:
         reason = f"delivered {deliveries} times ({redeliveries} redeliveries without a result)"
         await _dead_letter(ctx, job_id, reason, None)
         error = JobError(code="dead_letter", type="DeadLetter", message=reason)
-        if await ctx.store.afinish(job_id, JobStatus.DEAD, error=error, attempts=retries + 1):
+        if await ctx.store.afinish(job_id, JobStatus.DEAD, error=error, attempts=run_no):
             await _terminal(ctx, job_id, JobStatus.DEAD, _error_step(error))
         return {"job_id": job_id, "status": JobStatus.DEAD.value}
-
-    run_no = retries + 1  # the store's guard against stale messages; limiter waits count here, not as attempts
-    claimed = await ctx.store.amark_running(job_id, run_no)
-    if claimed is None:  # already final (a redelivery after success) or cancelled while queued
-        current = await ctx.store.aget(job_id)
-        return {"job_id": job_id, "status": current.status.value if current else "unknown"}
     request = task_payload.request
     if not ctx.agent_config.is_model_allowed(request.model):  # sent around a client, or a config changed
         allowed = ", ".join(ctx.agent_config.allowed_model_patterns()) or "(none)"
@@ -178,7 +191,11 @@ async def execute(job_id: str, payload: Any, retries: int = 0, context: JobConte
         if await ctx.store.afinish(job_id, JobStatus.FAILED, error=error, attempts=run_no):
             await _terminal(ctx, job_id, JobStatus.FAILED, _error_step(error))
         return {"job_id": job_id, "status": JobStatus.FAILED.value}
-    return await _run(ctx, job_id, request, claimed, run_no, bool(cancel_requested))
+    # any start but the very first may find steps of an earlier delivery to resume from (a
+    # re-send by the sweeper counts as a delivery of the same attempt)
+    resuming = run_no > 1 or claimed.deliveries > 1
+    async with ctx.leases.hold(job_id):
+        return await _run(ctx, job_id, request, claimed, run_no, bool(cancel_requested), resuming)
 
 
 def _job_wait(ctx: JobContext, job_id: str, request: JobRequest, stored: StoredJob) -> JobWait:
@@ -192,15 +209,17 @@ def _job_wait(ctx: JobContext, job_id: str, request: JobRequest, stored: StoredJ
 
 
 async def _run(ctx: JobContext, job_id: str, request: JobRequest, stored: StoredJob, run_no: int,
-               cancel_requested: bool) -> Any:
+               cancel_requested: bool, resuming: bool = False) -> Any:
     """Run the claimed job; ``stored.attempts`` is its attempt (runs that were not limiter
     waits), ``run_no`` what the store writes."""
-    wait = _job_wait(ctx, job_id, request, stored)
-    runner = _JobRunner(ctx, job_id, request, cancel_requested, wait)
-    token = current_job.set(wait)
+    runner = _JobRunner(ctx, job_id, request, cancel_requested, run_no, resuming)
+    token = current_job.set(_job_wait(ctx, job_id, request, stored))
     try:
         with track_usage() as calls:
             output, sql_contexts = await runner.run()
+    except RunSuperseded as exc:  # another delivery of this job is running it: leave it that one
+        logger.warning("%s; this delivery stops", exc)
+        return {"job_id": job_id, "status": "superseded"}
     except JobCancelled:
         if await ctx.store.afinish(job_id, JobStatus.CANCELLED, attempts=run_no):
             await _terminal(ctx, job_id, JobStatus.CANCELLED, ActionHistory.create_action(
@@ -211,12 +230,13 @@ async def _run(ctx: JobContext, job_id: str, request: JobRequest, stored: Stored
     except (asyncio.CancelledError, KeyboardInterrupt, SystemExit):
         raise
     except BaseException as exc:  # noqa: BLE001 - a job never ends without a recorded outcome
-        if isinstance(exc, Exception) and _is_infrastructure(exc) and not runner.tools_ran:
-            raise  # run_task retries the job later; the model error path is for the model's own errors
-        return await _failed(ctx, job_id, request, stored, run_no, exc, runner.tools_ran)
+        if isinstance(exc, Exception) and _is_infrastructure(exc):
+            raise  # run_task retries the job later (a tool run resumes); the model error path is for the model
+        return await _failed(ctx, job_id, request, stored, run_no, exc)
     finally:
         current_job.reset(token)
-    usage = sum(calls, Usage()) if calls else Usage()
+    # a resumed tool run's usage covers the turns it replayed, which made no call this time
+    usage = runner.usage or (sum(calls, Usage()) if calls else Usage())
     won = await ctx.store.afinish(
         job_id, JobStatus.SUCCEEDED, output=output, sql_contexts=sql_contexts,
         usage=usage.model_dump(), cost_usd=usage.cost_usd, attempts=run_no,
@@ -253,12 +273,12 @@ async def _deferred(ctx: JobContext, job_id: str, stored: StoredJob, run_no: int
 
 
 async def _failed(ctx: JobContext, job_id: str, request: JobRequest, stored: StoredJob, run_no: int,
-                  exc: BaseException, tools_ran: bool) -> Any:
+                  exc: BaseException) -> Any:
     error = job_error(exc)
     attempt = stored.attempts
     if not isinstance(exc, (ModelError, RateLimitWaitExceeded, DeadlineExceeded)):
         logger.exception("job %s failed with an internal error", job_id)
-    elif isinstance(exc, ModelError) and exc.retryable and not tools_ran:
+    elif isinstance(exc, ModelError) and exc.retryable:  # a tool run resumes from its checkpoints
         retry = _retry_countdown(ctx, request, stored, exc)
         if isinstance(retry, str):
             error = error.model_copy(update={"message": f"{error.message} ({retry})"})
@@ -308,17 +328,19 @@ def _retry_countdown(ctx: JobContext, request: JobRequest, stored: StoredJob,
 class _JobRunner:
     """Runs one request on the model layer, publishing each step."""
 
-    def __init__(self, ctx: JobContext, job_id: str, request: JobRequest, cancel_requested: bool,
-                 wait: JobWait) -> None:
+    def __init__(self, ctx: JobContext, job_id: str, request: JobRequest, cancel_requested: bool, attempt: int = 1,
+                 resuming: bool = False) -> None:
         self.ctx, self.job_id, self.request = ctx, job_id, request
-        self.wait = wait
         self.final_step: ActionHistory | None = None
-        self.tools_ran = False
+        self.usage: Usage | None = None  # a tool run's, summed over all its turns
         self.cancel_requested = cancel_requested  # read when the job started
+        self.journal = StoreJournal(ctx, job_id, attempt, resuming) if request.kind is JobKind.TOOL_RUN else None
+        self.attempt = attempt
         self._last_cancel_check = time.monotonic()
 
     async def publish(self, step: ActionHistory) -> None:
-        await self.ctx.publisher.publish(self.job_id, step)
+        if self.journal is None or not self.journal.seen(step):  # an earlier delivery published it: once is enough
+            await self.ctx.publisher.publish(self.job_id, step)
         await self.check_cancelled()
 
     async def check_cancelled(self, force: bool = False) -> None:
@@ -369,22 +391,29 @@ class _JobRunner:
         steps = model.generate_with_tools_stream(
             prompt, mcp_servers=_servers(request, self.ctx.agent_config), instruction=request.instruction,
             output_type=request.output_schema or str, max_turns=request.max_turns,
-            session=request.session_id, db_type=request.db_type, **options)
+            session=request.session_id, db_type=request.db_type, journal=self.journal, mcp_pool=self.ctx.mcp_pool,
+            **options)
         # aclosing: a cancelled or failed job closes the run (and its MCP servers) in this task
         async with contextlib.aclosing(steps):
             return await self._follow_tool_run(steps)
 
     async def _follow_tool_run(self, steps: Any) -> tuple[Any, list[dict[str, Any]]]:
         request = self.request
+        announced = False
         async for step in steps:
+            if not announced and self.journal is not None and self.journal.replayed_steps:
+                announced = True  # tell readers why the run goes on from the middle
+                await self.ctx.publisher.publish(self.job_id, ActionHistory.create_action(
+                    ActionRole.WORKFLOW, "resumed", f"resumed after {self.journal.replayed_steps} recorded step(s)",
+                    None, {"attempt": self.attempt, "steps_recorded": self.journal.replayed_steps},
+                    ActionStatus.SUCCESS))
             if step.action_type == "assistant_delta" and not request.stream:
                 continue
-            if step.role == ActionRole.TOOL.value and step.status != ActionStatus.PROCESSING.value:
-                self.tools_ran = True
-                self.wait.can_defer = False  # from now on a limiter wait happens here: the tools must not rerun
             if step.action_type == "final_response":
                 self.final_step = step  # published as the terminal event, after the store write
                 output = step.output or {}
+                if output.get("usage"):
+                    self.usage = Usage.model_validate(output["usage"])
                 return output.get("content"), output.get("sql_contexts", [])
             if step.action_type == "error":
                 continue  # the exception that follows is recorded and published by the caller
@@ -414,10 +443,14 @@ def _error_step(error: JobError) -> ActionHistory:
 
 
 async def _dead_letter(ctx: JobContext, job_id: str, reason: str, payload: Any) -> None:
-    record = {"job_id": job_id, "reason": reason, "at": datetime.now(timezone.utc).isoformat(),
-              "payload_type": type(payload).__name__}
-    await ctx.aredis.rpush(keys.DEAD_LETTER, json.dumps(record))
-    logger.warning("job %s dead-lettered: %s", job_id, reason)
+    """Record a dead letter in the store: the reason only — never the payload, which may be
+    anything (the job row already holds what a job asked for)."""
+    from tasks.store.dead_letters import message_id
+
+    if payload is not None and not isinstance(payload, dict):
+        reason = f"{reason} (payload was a {type(payload).__name__})"
+    await asyncio.to_thread(ctx.store.record_dead_letter, job_id or message_id(), reason, job_id=job_id or None)
+    logger.warning("job %s dead-lettered: %s", job_id or "(no id)", reason)
 
 
 def _is_infrastructure(exc: BaseException) -> bool:

@@ -3,19 +3,25 @@
 from __future__ import annotations
 
 __all__ = [
-    "DEAD_LETTER",
+    "BEAT_PREFIX",
     "PREFIX",
+    "beat_entry",
+    "beat_lock",
     "job_cancel",
     "job_channel",
     "job_deliveries",
     "job_event_seq",
     "job_events",
+    "job_keys",
+    "maintenance",
     "ratelimit_slots",
     "ratelimit_state",
 ]
 
 PREFIX = "dq"
-DEAD_LETTER = f"{PREFIX}:dead"  # a list of JSON records: job id, task, reason, when
+# redbeat's keys (dq beat): its entries are BEAT_PREFIX + name, its lock and schedule index
+# BEAT_PREFIX + ":lock" / ":schedule" (redbeat joins them with a second colon)
+BEAT_PREFIX = f"{PREFIX}:beat:"
 
 
 def job_events(job_id: str) -> str:
@@ -41,6 +47,26 @@ def job_cancel(job_id: str) -> str:
 def job_deliveries(job_id: str) -> str:
     """How many times a worker started the job's message (for dead-lettering)."""
     return f"{PREFIX}:job:{job_id}:deliveries"
+
+
+def job_keys(job_id: str) -> list[str]:
+    """Every key of one job (a replay starts it afresh)."""
+    return [job_events(job_id), job_event_seq(job_id), job_cancel(job_id), job_deliveries(job_id)]
+
+
+def maintenance(task: str) -> str:
+    """A hash of the maintenance task's runs: how many, the last one's time and report."""
+    return f"{PREFIX}:maintenance:{task}"
+
+
+def beat_entry(name: str) -> str:
+    """A periodic entry of dq beat, as redbeat keeps it (definition and last run)."""
+    return f"{BEAT_PREFIX}{name}"
+
+
+def beat_lock() -> str:
+    """The lock the active dq beat holds; a second dq beat waits for it (hot standby)."""
+    return f"{BEAT_PREFIX}:lock"
 
 
 def _ratelimit_tag(provider: str, key_fingerprint: str, model: str) -> str:

@@ -16,8 +16,9 @@ output, and a concurrency slot. The answer is go, or a wait:
   waits here at most five of those in all, so it never outlives the visibility timeout);
 - longer: the job is handed back (`Deferred`): it goes back to the queue as a Celery retry
   with that countdown, holding a ticket — its place in its lane's waiting line — so it comes
-  back when its turn is due, not to spin. A tool run whose tools already ran is never handed
-  back (that would run them again): it waits here instead, within its time budget;
+  back when its turn is due, not to spin (a tool run comes back resuming from its
+  checkpoints: no tool runs twice). A caller that may not leave (``JobWait.can_defer`` False,
+  or no job at all) waits here instead, within its time budget;
 - a concurrency slot is waited for here (it frees within a call), woken by this process's
   releases or by the first lease that runs out elsewhere, within the same allowance;
 - a request larger than the whole per-minute budget fails at once (`RequestTooLargeError`).
@@ -78,7 +79,7 @@ class JobWait:
 
     job_id: str
     lane: int = 0  # 0 interactive, 1 batch
-    can_defer: bool = True  # False once a tool of the job ran: it may not go back to the queue
+    can_defer: bool = True  # False: it may not go back to the queue, long waits happen here
     ticket_us: int = 0  # the place in line this delivery came back with (used by its first request)
     budget_end: float = float("inf")  # epoch s: rate-limit waits must end by then
     deadline: float | None = None  # epoch s: the job's own deadline

@@ -63,7 +63,7 @@ class JobOptions(CallOptions):
 
 
 class JobRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+    model_config = ConfigDict(extra="forbid", protected_namespaces=(), hide_input_in_errors=True)  # errors never echo a prompt or a URL
 
     schema_version: int = SCHEMA_VERSION
     kind: JobKind = JobKind.GENERATE
@@ -209,7 +209,7 @@ class JobEvent(BaseModel):
 class TaskPayload(BaseModel):
     """The one argument (besides the job id) of ``dq.generate`` and ``dq.tool_run``."""
 
-    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+    model_config = ConfigDict(extra="forbid", protected_namespaces=(), hide_input_in_errors=True)  # errors never echo a prompt or a URL
 
     schema_version: int = SCHEMA_VERSION
     provider: str

@@ -15,6 +15,10 @@ def _default_database_url() -> str:
     return f"sqlite:///{Path.home() / '.datus' / 'jobs.db'}"
 
 
+def _default_schedule_dir() -> str:
+    return str(Path.home() / ".datus" / "schedules")
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="DQ_", extra="ignore")
 
@@ -50,6 +54,18 @@ class Settings(BaseSettings):
     batch_priority: int = Field(
         default=6, ge=0, le=9, description="broker priority of batch jobs (0 is the highest, interactive jobs' "
                                            "own); 0 puts batches in the interactive queue and waiting line")
+    # the scheduler (dq beat) and the maintenance tasks it sends to every worker
+    sweep_interval_s: float = Field(default=30.0, gt=0, description="how often the sweeper looks for stuck jobs")
+    queued_lease_s: float = Field(
+        default=300.0, gt=0,
+        description="a queued or retrying job this long past due with no message in Redis, or a running job "
+                    "whose worker has not renewed its lease for this long, is sent again")
+    job_retention_days: float = Field(default=30.0, gt=0, description="finished job rows older than this are pruned")
+    prune_interval_s: float = Field(default=3600.0, gt=0, description="how often old rows and keys are pruned")
+    beat_lock_timeout_s: float = Field(
+        default=30.0, ge=1, description="a dq beat that stops renewing its lock hands over after this long")
+    schedule_dir: str = Field(default_factory=_default_schedule_dir,
+                              description="where scheduled batches write their results and logs")
 
 
 @lru_cache(maxsize=1)

@@ -1,7 +1,7 @@
 """The Redis transport with two changes.
 
-- A message body that is not a message is recorded in the dead-letter list and skipped,
-  instead of stopping the worker: kombu decodes what it pops from a queue list unguarded, so
+- A message body that is not a message is recorded as a dead letter (in the job store) and
+  skipped, instead of stopping the worker: kombu decodes what it pops from a queue list unguarded, so
   raw bytes pushed onto ``llm.openai`` by anything but Celery would otherwise end the worker
   process ("Unrecoverable error").
 - One Redis client per channel for its synchronous commands. kombu builds a new client object
@@ -12,16 +12,12 @@
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
-from datetime import datetime, timezone
 from typing import Any
 
 from kombu.transport import redis as kombu_redis
-
-from tasks import keys
 
 __all__ = ["Transport"]
 
@@ -57,15 +53,16 @@ class GuardedChannel(kombu_redis.Channel):
             raise kombu_redis.Empty() from None
 
     def _dead_letter(self, exc: BaseException, queue: str | None = None) -> None:
-        raw = getattr(exc, "doc", None)  # JSONDecodeError keeps the text it failed on
-        record = {"job_id": None, "reason": f"undecodable message: {type(exc).__name__}: {exc}"[:500],
-                  "queue": queue, "at": datetime.now(timezone.utc).isoformat(),
-                  "excerpt": raw[:200] if isinstance(raw, str) else None}
-        logger.warning("dropped a message that is not a Celery message (%s); recorded in %s",
-                       type(exc).__name__, keys.DEAD_LETTER)
+        """The reason only: the message itself could hold anything, a secret included."""
+        from tasks.context import get_context
+        from tasks.store.dead_letters import message_id
+
+        dead_id = message_id()
+        logger.warning("dropped a message that is not a Celery message (%s); dead letter %s", type(exc).__name__,
+                       dead_id)
         try:
-            with self.conn_or_acquire() as client:
-                client.rpush(keys.DEAD_LETTER, json.dumps(record))
+            get_context().store.record_dead_letter(
+                dead_id, f"undecodable message: {type(exc).__name__}: {exc}"[:500], queue=queue)
         except Exception as err:  # recording must never take the consumer down
             logger.warning("could not record the dropped message: %s", err)
 

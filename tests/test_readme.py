@@ -241,6 +241,7 @@ def _port_of(argv: list[str], default: int) -> int:
 
 READY_PROBES = (
     ReadyProbe(("dq", "worker"), lambda bg: " ready." in bg.output()),
+    ReadyProbe(("dq", "beat"), lambda bg: "beat: Acquired lock" in bg.output()),
     ReadyProbe(("celery",), lambda bg: _http_up(f"http://127.0.0.1:{_port_of(bg.argv, 5555)}/healthcheck"),
                clean_exits=(0, -signal.SIGTERM)),
     ReadyProbe(("python", "-m", "datus.testing.fake_server"),
@@ -294,6 +295,8 @@ def test_every_readme_block_runs_as_written(user_dir: Path, fake: FakeProviderSe
 
     # what the commands said, beyond exiting 0
     assert any("dq worker" in argv for argv in exits), "the README starts a worker"
+    assert any("dq beat" in argv for argv in exits), "the README starts the scheduler"
+    assert any(out.startswith("no dead letters") for out in run.output_of("dq", "dead", "list"))
     submitted = run.output_of("dq", "submit")
     assert submitted and all("final_response" in out for out in submitted), "a streamed job ends with its answer"
     assert any('"status": "succeeded"' in out for out in run.output_of("dq", "result"))

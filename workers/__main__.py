@@ -1,5 +1,6 @@
 """``dq worker --provider openai [--provider claude] [--concurrency N]`` (the same as
-``python -m workers ...``): a Celery worker pinned to the providers' queues.
+``python -m workers ...``): a Celery worker pinned to the providers' queues, which also runs
+the maintenance tasks `dq beat` sends (queue ``dq.maintenance``, in threads).
 
 The default pool (``threads``) is ours, `workers.pool`: job tasks run as coroutines on the
 process's one event loop, which keeps every call in flight; any other task runs in a thread.
@@ -21,7 +22,8 @@ from datus.utils.constants import LLMProvider
 def parse(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="dq worker", description="A Celery worker for datus-queue jobs, pinned to the queues of the providers "
-                                      "it serves (llm.<provider>). Models and MCP servers come from DQ_CONFIG; "
+                                      "it serves (llm.<provider>), which also runs the tasks dq beat sends "
+                                      "(dq.maintenance). Models and MCP servers come from DQ_CONFIG; "
                                       "Redis and the job store from DQ_REDIS_URL and DQ_DATABASE_URL.")
     parser.add_argument("--provider", "-p", action="append", choices=[p.value for p in LLMProvider],
                         help="serve this provider's queue (repeatable; default: all)")
@@ -45,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("REMAP_SIGTERM", "SIGQUIT")  # read by billiard at import: must precede celery
     os.environ["CELERY_CUSTOM_WORKER_POOL"] = "workers.pool:RuntimeThreadPool"  # read at celery import
     from tasks.app import app
-    from tasks.routing import queue_for
+    from tasks.routing import MAINTENANCE_QUEUE, queue_for
     from tasks.settings import get_settings
     from workers import signals
 
@@ -56,7 +58,8 @@ def main(argv: list[str] | None = None) -> int:
     gc.freeze()
     gc.set_threshold(20_000, 50, 50)
     providers = args.provider or [p.value for p in LLMProvider]
-    queues = ",".join(queue_for(provider) for provider in providers)
+    # every worker also takes the maintenance tasks dq beat sends (sweeps, pruning, scheduled batches)
+    queues = ",".join([*(queue_for(provider) for provider in providers), MAINTENANCE_QUEUE])
     concurrency = args.concurrency or get_settings().worker_concurrency
     hostname = args.hostname or f"dq-{'-'.join(providers) if len(providers) < 3 else 'all'}-{os.getpid()}@{socket.gethostname()}"
     pool = args.pool

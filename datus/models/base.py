@@ -471,16 +471,21 @@ class LLMBaseModel(ABC):
         output_type: Any = str,
         max_turns: int = 10,
         session: Any = None,
+        journal: Any = None,
+        mcp_pool: Any = None,
         **kwargs: Any,
     ) -> dict[str, Any]:
         """Run the tool loop to its final answer: ``content`` (validated into ``output_type``
         when that is a pydantic model), ``sql_contexts``, ``usage`` (summed over turns),
-        ``turns_used`` and ``model``."""
+        ``turns_used`` and ``model``. ``journal`` (a `datus.models.run_journal.RunJournal`)
+        makes the run durable: it records each step and resumes from what the journal holds.
+        ``mcp_pool`` (a `datus.models.mcp.pool.MCPPool`) lends running servers instead of
+        starting them for this run."""
         from datus.models.tool_runs import prepared_run
 
         async with prepared_run(self, prompt, tools=tools, mcp_servers=mcp_servers, instruction=instruction,
                                 output_type=output_type, max_turns=max_turns, manager=None, session=session,
-                                kwargs=kwargs, stream=False) as run:
+                                kwargs=kwargs, stream=False, journal=journal, mcp_pool=mcp_pool) as run:
             async for _ in run.run_steps():
                 pass
         assert run.result is not None
@@ -496,15 +501,19 @@ class LLMBaseModel(ABC):
         max_turns: int = 10,
         action_history_manager: Any = None,
         session: Any = None,
+        journal: Any = None,
+        mcp_pool: Any = None,
         **kwargs: Any,
     ) -> AsyncIterator[Any]:
         """The tool loop, yielding each ``ActionHistory`` step as it happens (and recording it
-        in ``action_history_manager``); see ``datus.models.tool_loop`` for the steps."""
+        in ``action_history_manager``); see ``datus.models.tool_loop`` for the steps, and
+        `generate_with_tools` for ``journal`` and ``mcp_pool``."""
         from datus.models.tool_runs import prepared_run
 
         async with prepared_run(self, prompt, tools=tools, mcp_servers=mcp_servers, instruction=instruction,
                                 output_type=output_type, max_turns=max_turns, manager=action_history_manager,
-                                session=session, kwargs=kwargs, stream=True) as run:
+                                session=session, kwargs=kwargs, stream=True, journal=journal,
+                                mcp_pool=mcp_pool) as run:
             final = None
             async for step in run.run_steps():
                 if step.action_type == "final_response":

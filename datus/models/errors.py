@@ -22,7 +22,8 @@ whether it is retryable, and errors survive pickling and JSON (they cross Redis)
         │   ├── ServerError                  408, 409, 5xx
         │   ├── ModelTimeoutError            no answer within the timeout
         │   ├── ModelConnectionError         could not connect / connection dropped
-        │   └── InvalidResponseError         a body or stream that is not the protocol
+        │   ├── InvalidResponseError         a body or stream that is not the protocol
+        │   └── ToolServerLostError          a durable run's tool server died mid-call (it resumes)
         └── ModelOutputError                 the answer is not what was asked (bad JSON)
             └── MaxTurnsExceededError        a tool run did not finish; carries its steps
 """
@@ -54,6 +55,7 @@ __all__ = [
     "ModelTimeoutError",
     "ModelConnectionError",
     "InvalidResponseError",
+    "ToolServerLostError",
     "ModelOutputError",
     "MaxTurnsExceededError",
     "error_from_status",
@@ -184,6 +186,14 @@ class ModelConnectionError(TransientModelError):
 
 class InvalidResponseError(TransientModelError):
     error_code = ErrorCode.MODEL_INVALID_RESPONSE
+
+
+class ToolServerLostError(TransientModelError):
+    """The server of a tool went away during the call (it exited, was killed, dropped the
+    connection). Raised only by a tool run with a journal, which resumes: the call in flight is
+    made again once the server is back. Without a journal the model gets a failed tool result."""
+
+    error_code = ErrorCode.MODEL_TOOL_ERROR
 
 
 class ModelOutputError(ModelError):

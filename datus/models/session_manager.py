@@ -111,15 +111,19 @@ class Session:
         """The messages oldest first; with ``limit``, only the most recent ``limit`` of them."""
         return self._manager._messages(self.session_id, limit)
 
-    def add_messages(self, messages: Sequence[ChatMessage], token_counts: Sequence[int] | None = None) -> None:
-        """Append all of ``messages`` in one transaction, after whatever is stored."""
-        self._manager._append(self.session_id, messages, token_counts)
+    def add_messages(self, messages: Sequence[ChatMessage], token_counts: Sequence[int] | None = None, *,
+                     once_after: int | None = None) -> None:
+        """Append all of ``messages`` in one transaction, after whatever is stored.
+        ``once_after=n``: unless the session already holds exactly these messages right after
+        its first ``n`` (a resumed run whose first attempt saved them)."""
+        self._manager._append(self.session_id, messages, token_counts, once_after)
 
     async def aget_messages(self, limit: int | None = None) -> list[ChatMessage]:
         return await asyncio.to_thread(self.get_messages, limit)
 
-    async def aadd_messages(self, messages: Sequence[ChatMessage], token_counts: Sequence[int] | None = None) -> None:
-        await asyncio.to_thread(self.add_messages, messages, token_counts)
+    async def aadd_messages(self, messages: Sequence[ChatMessage], token_counts: Sequence[int] | None = None, *,
+                            once_after: int | None = None) -> None:
+        await asyncio.to_thread(lambda: self.add_messages(messages, token_counts, once_after=once_after))
 
     def clear(self) -> None:
         self._manager.clear_session(self.session_id)
@@ -234,7 +238,8 @@ class SessionManager:
             stored.reverse()
         return [ChatMessage.model_validate(item) for item in stored]
 
-    def _append(self, session_id: str, messages: Sequence[ChatMessage], token_counts: Sequence[int] | None) -> None:
+    def _append(self, session_id: str, messages: Sequence[ChatMessage], token_counts: Sequence[int] | None,
+                once_after: int | None = None) -> None:
         items = [m if isinstance(m, ChatMessage) else ChatMessage.model_validate(m) for m in messages]
         counts = [0] * len(items) if token_counts is None else [int(n) for n in token_counts]
         if len(counts) != len(items):
@@ -247,10 +252,17 @@ class SessionManager:
                 sa.select(sa.func.max(messages_table.c.seq)).where(messages_table.c.session_id == session_id)
             ).scalar()
             # defaults are left out of the JSON: smaller rows, and model_validate restores them
+            rows = [item.model_dump(mode="json", exclude_defaults=True) for item in items]
+            if once_after is not None and (last or 0) > once_after:
+                stored = list(conn.execute(
+                    sa.select(messages_table.c.message).where(messages_table.c.session_id == session_id)
+                    .order_by(messages_table.c.seq).offset(once_after).limit(len(rows))).scalars())
+                if stored == rows:
+                    return
             conn.execute(sa.insert(messages_table), [
                 {"session_id": session_id, "seq": (last or 0) + index, "role": item.role, "token_count": count,
-                 "message": item.model_dump(mode="json", exclude_defaults=True), "created_at": now}
-                for index, (item, count) in enumerate(zip(items, counts, strict=True), start=1)
+                 "message": row, "created_at": now}
+                for index, (item, row, count) in enumerate(zip(items, rows, counts, strict=True), start=1)
             ])
 
     @contextmanager

@@ -11,22 +11,32 @@ one ``action_id`` per model answer); ``assistant_message`` (text or reasoning th
 tool calls); one per tool call, named after the tool (PROCESSING, then the same action as
 SUCCESS or FAILED); ``final_response`` (SUCCESS, with content, SQL contexts and usage); and
 ``error`` (FAILED) when the run cannot finish, just before the error is raised.
+
+Durable runs (``journal``, see `datus.models.run_journal`): each completed turn and each tool
+result is recorded before the next step starts, and a run on a journal that already holds
+steps replays them — yielding their steps again, with the same action ids, but asking no
+model and calling no tool — then goes on. A tool call an earlier run had started is made
+again and its result says ``resumed: true``. A tool server that dies mid-call is then a
+retryable `ToolServerLostError` (the run is resumed later) instead of a failed result.
 """
 
 from __future__ import annotations
 
 import json
+import uuid
+from collections import deque
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, AsyncIterator, Mapping
 
 from pydantic import BaseModel
 
-from datus.models.errors import MaxTurnsExceededError, ModelError
+from datus.models.errors import MaxTurnsExceededError, ModelError, ToolServerLostError
 from datus.models.function_tools import Tool, ToolOutcome
 from datus.models.generation import CallOptions, Generation, ModelRequest, StreamDelta
 from datus.models.json_output import JsonOutputInvalid, normalize_response_format, parse_json_output
 from datus.models.mcp_result_extractors import extract_sql_contexts
+from datus.models.run_journal import ResumeState, RunJournal, RunStart, RunStep, step_id
 from datus.models.usage import Usage
 from datus.schemas.action_history import ActionHistory, ActionHistoryManager, ActionRole, ActionStatus
 from datus.schemas.message import ChatMessage, ToolCall
@@ -73,6 +83,8 @@ class ToolRun:
         db_type: str = "datus_sql",
         sql_functions: Mapping[str, Mapping[str, str]] | None = None,
         user_text: str = "",
+        journal: RunJournal | None = None,
+        session_messages: int = 0,
     ) -> None:
         if max_turns < 1:
             raise ValueError("max_turns must be at least 1")
@@ -91,6 +103,40 @@ class ToolRun:
         self.usage = Usage(provider=model.provider, model=model.model_name)
         self.result: ToolRunResult | None = None
         self.user_text = user_text
+        self.journal = journal
+        self.session_messages = session_messages  # how many of ``messages`` came from the session
+        self.replayed = 0  # steps taken from the journal instead of a model or a tool
+        self._replay: deque[RunStep] = deque()
+        self._started: frozenset[str] = frozenset()
+
+    def _id(self, place: str) -> str:
+        # a journal's run has stable ids, so a resumed run's steps can be matched with the first run's
+        return step_id(self.journal.run_id, place) if self.journal is not None else str(uuid.uuid4())
+
+    async def _resume(self) -> None:
+        if self.journal is None:
+            return
+        state: ResumeState = await self.journal.load()
+        self._replay = deque(state.steps)
+        self._started = frozenset(state.started)
+        start = state.steps[0].start if state.steps else None
+        if start is not None:  # the conversation the first run began with
+            self.messages = list(start.messages)
+            self.session_messages = start.session_messages
+
+    def _replayed(self, kind: str, turn: int, call: int | None = None) -> RunStep | None:
+        if not self._replay:
+            return None
+        step = self._replay[0]
+        if (step.kind, step.turn, step.call) != (kind, turn, call):
+            raise ValueError(f"the run's journal does not match the run: it holds a {step.kind} step of turn "
+                             f"{step.turn} where the run is at a {kind} step of turn {turn}")
+        self.replayed += 1
+        return self._replay.popleft()
+
+    async def _checkpoint(self, step: RunStep) -> None:
+        if self.journal is not None:
+            await self.journal.record(step)
 
     # ---- recording -----------------------------------------------------------------------
 
@@ -99,8 +145,9 @@ class ToolRun:
         self.manager.add_action(action)
         return action.model_copy()
 
-    def _finish_step(self, action: ActionHistory, status: ActionStatus, output: Any) -> ActionHistory:
-        end = datetime.now()
+    def _finish_step(self, action: ActionHistory, status: ActionStatus, output: Any,
+                     end: datetime | None = None) -> ActionHistory:
+        end = end or datetime.now()
         action.status, action.output, action.end_time = status, output, end
         self.manager.update_action_by_id(action.action_id, status=status.value, output=output, end_time=end)
         return action.model_copy()
@@ -108,36 +155,52 @@ class ToolRun:
     # ---- the loop ------------------------------------------------------------------------
 
     async def run_steps(self) -> AsyncIterator[ActionHistory]:
-        yield self._record(ActionHistory.create_action(
-            ActionRole.USER, "user_input", self.user_text, {"prompt": self.user_text}, status=ActionStatus.SUCCESS,
-        ))
+        await self._resume()
+        user = ActionHistory.create_action(
+            ActionRole.USER, "user_input", self.user_text, {"prompt": self.user_text}, status=ActionStatus.SUCCESS)
+        user.action_id = self._id("user")
+        yield self._record(user)
         specs = tuple(tool.spec for tool in self.tools.values())
         try:
             for turn in range(1, self.max_turns + 1):
-                request = ModelRequest(self.messages, self.options, None, specs)
-                generation: Generation | None = None
-                if self.stream:
-                    answer_id = ActionHistory.create_action(ActionRole.ASSISTANT, "assistant_delta", "", None).action_id
-                    async for item in self.model._stream_call(request):
-                        if isinstance(item, StreamDelta):
-                            yield _delta_step(answer_id, item)
-                        else:
-                            generation = item
+                replayed = self._replayed("turn", turn)
+                if replayed is not None:
+                    generation: Generation | None = replayed.generation()
                 else:
-                    generation = await self.model._call(request)
+                    start = RunStart(messages=list(self.messages), session_messages=self.session_messages) \
+                        if turn == 1 else None
+                    request = ModelRequest(self.messages, self.options, None, specs)
+                    generation = None
+                    if self.stream:
+                        # not a stable id: an answer cut off by a stop is never finished, and a
+                        # resumed run streams its new answer under a new id
+                        answer_id = str(uuid.uuid4())
+                        async for item in self.model._stream_call(request):
+                            if isinstance(item, StreamDelta):
+                                yield _delta_step(answer_id, item)
+                            else:
+                                generation = item
+                    else:
+                        generation = await self.model._call(request)
+                    assert generation is not None
+                    await self._checkpoint(RunStep(
+                        kind="turn", turn=turn, message=generation.message(), usage=generation.usage,
+                        finish_reason=generation.finish_reason, start=start))
                 assert generation is not None
                 self.usage = self.usage + generation.usage
                 self._append(generation.message())
                 if generation.tool_calls:
                     if generation.text or generation.reasoning:
-                        yield self._record(ActionHistory.create_action(
+                        said = ActionHistory.create_action(
                             ActionRole.ASSISTANT, "assistant_message", generation.text, None,
                             {"reasoning": generation.reasoning,
                              "tool_calls": [call.model_dump() for call in generation.tool_calls]},
                             ActionStatus.SUCCESS,
-                        ))
-                    for call in generation.tool_calls:
-                        async for step in self._run_tool(call):
+                        )
+                        said.action_id = self._id(f"t{turn}m")
+                        yield self._record(said)
+                    for index, call in enumerate(generation.tool_calls):
+                        async for step in self._run_tool(turn, index, call):
                             yield step
                     continue
                 content, problem = self._final_content(generation.text)
@@ -150,6 +213,7 @@ class ToolRun:
                                                 provider=self.model.provider, model=self.model.model_name)
                 final = ActionHistory.create_action(ActionRole.ASSISTANT, "final_response", generation.text, None,
                                                     None, ActionStatus.SUCCESS)
+                final.action_id = self._id("final")
                 # the final answer explains the SQL that ran last
                 sql_contexts = extract_sql_contexts([*self.steps, final], self.db_type, self.sql_functions)
                 final.output = {
@@ -176,7 +240,15 @@ class ToolRun:
         self.messages.append(message)
         self.new_messages.append(message)
 
-    async def _run_tool(self, call: ToolCall) -> AsyncIterator[ActionHistory]:
+    async def _run_tool(self, turn: int, index: int, call: ToolCall) -> AsyncIterator[ActionHistory]:
+        replayed = self._replayed("tool", turn, index)
+        if replayed is not None and replayed.action is not None:
+            done = ActionHistory.model_validate(replayed.action)
+            action = done.model_copy(update={"status": ActionStatus.PROCESSING, "output": None, "end_time": None})
+            yield self._record(action)
+            yield self._finish_step(action, ActionStatus(done.status), done.output, done.end_time)
+            self._append(replayed.message)
+            return
         tool = self.tools.get(call.name)
         meta = getattr(tool, "meta", {}) if tool is not None else {}
         try:
@@ -189,6 +261,8 @@ class ToolRun:
             {"function_name": call.name, "tool": meta.get("tool", call.name), "server": meta.get("server"),
              "arguments": arguments if arguments is not None else call.arguments, "call_id": call.id},
         )
+        action.action_id = self._id(f"t{turn}c{index}")
+        resumed = action.action_id in self._started  # an earlier run started this call: it may have run
         yield self._record(action)
         if tool is None:
             outcome = ToolOutcome(f"there is no tool named {call.name!r}; available: {', '.join(self.tools) or 'none'}",
@@ -196,13 +270,26 @@ class ToolRun:
         elif problem is not None:
             outcome = ToolOutcome(problem, is_error=True)
         else:
+            if self.journal is not None:
+                await self.journal.starting(action.action_id)
             try:
                 outcome = await tool.call(arguments or {})
-            except Exception as exc:  # a transport failure (server died) is a failed result
-                outcome = ToolOutcome(f"{type(exc).__name__}: {exc}", is_error=True)
+            except Exception as exc:
+                if self.journal is not None and getattr(exc, "server_lost", False):
+                    # a durable run resumes once the server is back, and makes this call again
+                    raise ToolServerLostError(f"tool {call.name!r}: {exc}", provider=self.model.provider,
+                                              model=self.model.model_name) from exc
+                outcome = ToolOutcome(f"{type(exc).__name__}: {exc}", is_error=True)  # goes back to the model
         status = ActionStatus.FAILED if outcome.is_error else ActionStatus.SUCCESS
-        yield self._finish_step(action, status, {"success": not outcome.is_error, "raw_output": outcome.text})
-        self._append(ChatMessage(role="tool", tool_call_id=call.id, name=call.name, content=outcome.text))
+        output: dict[str, Any] = {"success": not outcome.is_error, "raw_output": outcome.text}
+        if resumed:
+            output["resumed"] = True
+        message = ChatMessage(role="tool", tool_call_id=call.id, name=call.name, content=outcome.text)
+        finished = self._finish_step(action, status, output)
+        await self._checkpoint(RunStep(kind="tool", turn=turn, call=index, message=message,
+                                       action=finished.model_dump(mode="json")))
+        yield finished
+        self._append(message)
 
     def _final_content(self, text: str) -> tuple[Any, str | None]:
         if self.output_format is None:

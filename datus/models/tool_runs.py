@@ -1,5 +1,6 @@
-"""Setting up a tool run: tools (functions and MCP servers), the conversation (session
-history, instruction, prompt) and, after a successful run, the session's new messages."""
+"""Setting up a tool run: tools (functions and MCP servers, the run's own or leased from an
+`MCPPool`), the conversation (session history, instruction, prompt) and, after a successful
+run, the session's new messages — once, even when the run was resumed from a journal."""
 
 from __future__ import annotations
 
@@ -32,6 +33,8 @@ async def prepared_run(
     session: Any,
     kwargs: dict[str, Any],
     stream: bool,
+    journal: Any = None,
+    mcp_pool: Any = None,
 ) -> AsyncIterator[ToolRun]:
     kwargs = dict(kwargs)
     db_type = kwargs.pop("db_type", "datus_sql")
@@ -50,7 +53,7 @@ async def prepared_run(
     messages = ([ChatMessage(role="system", content=system_text)] if system_text else []) + list(history) + new_messages
     user_text = next((m.content for m in reversed(new_messages) if m.role == "user"), "")
 
-    async with _mcp_tools(mcp_servers, agent_config) as server_tools:
+    async with _mcp_tools(mcp_servers, agent_config, mcp_pool) as server_tools:
         by_name: dict[str, Tool] = {}
         for tool in [*function_tools, *server_tools]:
             if tool.spec.name in by_name:
@@ -59,6 +62,7 @@ async def prepared_run(
         run = ToolRun(
             model, messages, by_name, options, output_type=output_type, max_turns=max_turns, stream=stream,
             manager=manager, db_type=db_type, sql_functions=sql_functions, user_text=user_text,
+            journal=journal, session_messages=len(history),
         )
         yield run
     if run.result is not None and session_obj is not None:
@@ -66,7 +70,8 @@ async def prepared_run(
 
         stored = [*new_messages, *run.new_messages]
         counts = [int(count_tokens(m.content + (m.reasoning or ""), model.provider, model.model_name)) for m in stored]
-        await session_obj.aadd_messages(stored, counts)
+        # a resumed run may have saved them already (it finished, then its job was redelivered)
+        await session_obj.aadd_messages(stored, counts, once_after=run.session_messages if run.replayed else None)
 
 
 def _session(model: LLMBaseModel, session: Any) -> Any:
@@ -78,11 +83,11 @@ def _session(model: LLMBaseModel, session: Any) -> Any:
 
 
 @contextlib.asynccontextmanager
-async def _mcp_tools(mcp_servers: Any, agent_config: Any) -> AsyncIterator[list[Tool]]:
+async def _mcp_tools(mcp_servers: Any, agent_config: Any, pool: Any) -> AsyncIterator[list[Tool]]:
     if not mcp_servers:
         yield []
         return
-    from datus.models.mcp_tools import mcp_tools_for_run
+    from datus.models.mcp.tools import mcp_tools_for_run
 
-    async with mcp_tools_for_run(mcp_servers, agent_config) as tools:
+    async with mcp_tools_for_run(mcp_servers, agent_config, pool=pool) as tools:
         yield tools

@@ -25,11 +25,11 @@ from typing import Any, Iterator
 from tasks.batch.input import Question, iter_questions
 from tasks.batch.report import BatchStats, ProgressView
 from tasks.batch.scoring import schema_text, score_item
-from tasks.client import JobClient
+from tasks.client import InvalidJob, JobClient
 from tasks.schemas import JobStatus
 from tasks.store import BatchStatus, StoredJob
 
-__all__ = ["BatchOptions", "BatchRunner", "DEFAULT_TEMPLATE"]
+__all__ = ["BatchOptions", "BatchRunner", "DEFAULT_TEMPLATE", "batch_id_for"]
 
 SUBMIT_CHUNK = 100  # questions submitted together (one transaction, one producer)
 
@@ -64,6 +64,29 @@ class BatchOptions:
     timeout_s: float = 10.0
     poll_s: float = 0.2
     name: str | None = None
+    run_id: str | None = None  # makes this run a batch of its own (a scheduled slot); the same id resumes it
+
+
+def template_for(options: BatchOptions) -> str:
+    return options.prompt_template or (TOOL_TEMPLATE if options.mode == "tool_run" else DEFAULT_TEMPLATE)
+
+
+def prompt_hash(options: BatchOptions) -> str:
+    material = json.dumps([options.model, options.mode, template_for(options), options.dialect,
+                           (options.tools or ["--db"]) if options.mode == "tool_run" else []])
+    return hashlib.sha256(material.encode()).hexdigest()[:16]
+
+
+def batch_id_for(options: BatchOptions, input_path: Path) -> str:
+    """The batch of this input, model and prompt (and run id): the same command finds it again."""
+    digest = hashlib.sha256()
+    with Path(input_path).open("rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    digest.update(prompt_hash(options).encode())
+    if options.run_id:
+        digest.update(b"\0run:" + options.run_id.encode())
+    return f"b-{digest.hexdigest()[:16]}"
 
 
 class BatchRunner:
@@ -71,11 +94,11 @@ class BatchRunner:
         if options.mode not in ("generate", "tool_run"):
             raise ValueError(f"--mode must be generate or tool_run, not {options.mode!r}")
         if options.mode == "tool_run" and not options.tools and not options.db_url:
-            raise ValueError("--mode tool_run needs --db (the workers open it with the shipped read-only SQL "
+            raise InvalidJob("--mode tool_run needs --db (the workers open it with the shipped read-only SQL "
                              "tools) or --tools NAME (an MCP server from agent.mcp_servers)")
         self.client, self.options = client, options
         self.view = view or ProgressView()
-        self.template = options.prompt_template or (TOOL_TEMPLATE if options.mode == "tool_run" else DEFAULT_TEMPLATE)
+        self.template = template_for(options)
         self.schema = ""
         self.stats = BatchStats()
         self.interrupted = False
@@ -84,30 +107,30 @@ class BatchRunner:
     # ---- identity ------------------------------------------------------------------------
 
     def prompt_hash(self) -> str:
-        material = json.dumps([self.options.model, self.options.mode, self.template, self.options.dialect,
-                               (self.options.tools or ["--db"]) if self.options.mode == "tool_run" else []])
-        return hashlib.sha256(material.encode()).hexdigest()[:16]
+        return prompt_hash(self.options)
 
     def batch_id(self, input_path: Path) -> str:
-        digest = hashlib.sha256()
-        with input_path.open("rb") as handle:
-            for chunk in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(chunk)
-        digest.update(self.prompt_hash().encode())
-        return f"b-{digest.hexdigest()[:16]}"
+        return batch_id_for(self.options, input_path)
 
     # ---- the run -------------------------------------------------------------------------
 
-    def run(self, input_path: Path) -> tuple[str, BatchStats]:
-        input_path = Path(input_path)
+    def check(self) -> None:
+        """What would fail every item fails now, before any row: an unknown model, an unknown
+        --tools name, a --db that may not travel in a job (a password in it)."""
         from tasks.client import resolve_provider
 
-        resolve_provider(self.options.model, self.client.agent_config)  # an unknown model fails before any row
+        resolve_provider(self.options.model, self.client.agent_config)
+        self.client.validate(self._request("(check)", None, "(check)"))
+
+    def run(self, input_path: Path) -> tuple[str, BatchStats]:
+        input_path = Path(input_path)
+        self.check()
         next(iter_questions(input_path), None)  # so does a missing or empty input file
         batch_id = self.batch_id(input_path)
         store = self.client.store
         batch, created = store.create_batch(batch_id, model=self.options.model, prompt_hash=self.prompt_hash(),
-                                            mode=self.options.mode, name=self.options.name or input_path.name,
+                                            mode=self.options.mode,
+                                            name=self.options.name or self.options.run_id or input_path.name,
                                             metadata={"input": str(input_path), "dialect": self.options.dialect})
         if not created:
             if not self.options.resume and store.final_item_ids(batch_id):
@@ -198,18 +221,20 @@ class BatchRunner:
         for question in questions:
             text = self.template.format(dialect=self.options.dialect, schema=self.schema, question=question.question,
                                         evidence=f"Hint: {question.evidence}" if question.evidence else "")
-            request: dict[str, Any] = {
-                "model": self.options.model, "prompt": text, "stream": False,
-                "batch_id": batch_id, "item_id": question.id, "idempotency_key": f"{batch_id}:{question.id}",
-            }
-            if self.options.mode == "tool_run" and self.options.tools:
-                request.update(kind="tool_run", mcp_servers=self.options.tools)
-            elif self.options.mode == "tool_run":
-                request.update(kind="tool_run", database=self.options.db_url)
-            requests.append(request)
+            requests.append(self._request(text, batch_id, question.id))
         job_ids = self.client.submit_many(requests)
         self.client.store.mark_items_submitted(batch_id, [(q.id, job_id) for q, job_id in zip(questions, job_ids)])
         return job_ids
+
+    def _request(self, prompt: str, batch_id: str | None, item_id: str) -> dict[str, Any]:
+        request: dict[str, Any] = {"model": self.options.model, "prompt": prompt, "stream": False}
+        if batch_id is not None:
+            request.update(batch_id=batch_id, item_id=item_id, idempotency_key=f"{batch_id}:{item_id}")
+        if self.options.mode == "tool_run" and self.options.tools:
+            request.update(kind="tool_run", mcp_servers=self.options.tools)
+        elif self.options.mode == "tool_run":
+            request.update(kind="tool_run", database=self.options.db_url)
+        return request
 
     def _record(self, batch_id: str, question: Question, job: StoredJob, out: Any) -> None:
         answer = job.output if isinstance(job.output, str) else json.dumps(job.output or "")

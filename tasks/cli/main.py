@@ -36,6 +36,14 @@ def run_worker(argv: list[str]) -> NoReturn:
     os.execv(sys.executable, [sys.executable, "-m", "workers", *argv])
 
 
+def run_beat(argv: list[str]) -> NoReturn:
+    """``dq beat ARGS``: this process becomes ``python -m scheduler ARGS``, as `run_worker`
+    does (``tasks`` never imports ``scheduler``)."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execv(sys.executable, [sys.executable, "-m", "scheduler", *argv])
+
+
 def cmd_submit(args: argparse.Namespace) -> int:
     request: dict[str, Any] = {"model": args.model, "instruction": args.instruction or ""}
     if args.messages:
@@ -70,6 +78,10 @@ def cmd_status(args: argparse.Namespace) -> int:
     if args.id is None:
         counts = {k: v for k, v in client.store.count_by_status().items() if v}
         console.print("jobs: " + (", ".join(f"{k} {v}" for k, v in counts.items()) or "none"))
+        console.print(_sweeper_line(client), markup=False, highlight=False, soft_wrap=True)
+        dead = len(client.store.dead_letters())
+        if dead:
+            console.print(f"dead letters: {dead} (dq dead list)", markup=False, highlight=False)
         return 0
     batch = client.store.batch_summary(args.id)
     if batch is not None:
@@ -85,9 +97,26 @@ def cmd_status(args: argparse.Namespace) -> int:
     except JobNotFound:
         raise JobNotFound(args.id, "job or batch") from None
     error = f"  {result.error.code}: {result.error.message}" if result.error else ""
+    extra = "".join(f"  {name}={value}" for name, value in (("resends", getattr(result, "resends", 0)),
+                                                              ("replays", getattr(result, "replays", 0))) if value)
     console.print(f"{result.job_id}  {result.status.value}  attempts={result.attempts}  "
-                  f"cost=${result.cost_usd:.6f}{error}")
+                  f"cost=${result.cost_usd:.6f}{extra}{error}", markup=False, highlight=False)
     return 0
+
+
+def _sweeper_line(client: Any) -> str:
+    """When the sweeper last ran and what it did (its runs are counted in Redis)."""
+    from datetime import UTC, datetime
+
+    from tasks import keys
+
+    record = {k.decode(): v.decode() for k, v in client.redis.hgetall(keys.maintenance("sweep")).items()}
+    if not record:
+        return "sweeper: has not run (is dq beat running? it sends the sweeps; the workers run them)"
+    ago = (datetime.now(UTC) - datetime.fromisoformat(record["last_at"])).total_seconds()
+    last = json.loads(record.get("last") or "{}")
+    return (f"sweeper: last ran {ago:.0f}s ago ({len(last.get('resent', []))} re-sent, "
+            f"{len(last.get('dead', []))} dead of {last.get('overdue', 0)} overdue); {record.get('runs', 0)} runs")
 
 
 def cmd_batch(args: argparse.Namespace) -> int:
@@ -100,10 +129,11 @@ def cmd_batch(args: argparse.Namespace) -> int:
     options = BatchOptions(
         model=args.model, db_url=args.db, dialect=args.dialect, mode=args.mode, tools=args.tools,
         out=Path(args.out) if args.out else None, resume=args.resume, budget_usd=args.budget_usd,
-        prompt_template=template, max_in_flight=args.max_in_flight)
+        prompt_template=template, max_in_flight=args.max_in_flight, run_id=args.run_id)
+    runner = BatchRunner(_client(), options, ProgressView())
+    runner.check()
     if args.db:
         _check_db(args.db)
-    runner = BatchRunner(_client(), options, ProgressView())
     batch_id, stats = runner.run(Path(args.input))
     console.print(stats.summary_table(batch_id))
     if args.out:
@@ -129,6 +159,71 @@ def cmd_sample(args: argparse.Namespace) -> int:
     for path in write_sample(args.directory, overwrite=args.force):
         console.print(str(path), markup=False, highlight=False)
     return 0
+
+
+def cmd_dead_list(args: argparse.Namespace) -> int:
+    from rich.table import Table
+
+    letters = _client().store.dead_letters(limit=args.limit)
+    if not letters:
+        console.print("no dead letters")
+        return 0
+    table = Table("id", "reason", "when", "kind", "model", "status", box=None, pad_edge=False)
+    for letter in letters:
+        times = f" (×{letter.times})" if letter.times > 1 else ""
+        table.add_row(letter.dead_id, letter.reason + times, f"{letter.at:%Y-%m-%d %H:%M:%S}Z",
+                      letter.kind or "message", letter.model or "-", letter.status.value if letter.status else "-")
+    console.print(table)
+    return 0
+
+
+def cmd_dead_show(args: argparse.Namespace) -> int:
+    from tasks.client import JobNotFound
+
+    client = _client()
+    letter = client.store.dead_letter(args.id)
+    if letter is None:
+        raise JobNotFound(args.id, "dead letter")
+    shown: dict[str, Any] = {"dead_letter": letter.model_dump(mode="json")}
+    if letter.job_id is not None and (job := client.store.get(letter.job_id)) is not None:
+        shown["job"] = job.model_dump(mode="json")
+        request = client.store.get_request(letter.job_id)
+        shown["request"] = request.model_dump(mode="json", exclude_defaults=True) if request else None
+    console.print_json(json.dumps(shown))
+    return 0
+
+
+def cmd_dead_replay(args: argparse.Namespace) -> int:
+    from tasks.maintenance.dead_letters import replay, replay_all
+
+    client = _client()
+    if args.all:
+        replayed, skipped = replay_all(client)
+        for job_id in replayed:
+            console.print(f"replayed {job_id}", markup=False)
+        for dead_id, why in skipped:
+            console.print(f"skipped {dead_id}: {why}", markup=False, highlight=False)
+        console.print(f"{len(replayed)} replayed, {len(skipped)} skipped")
+        return 0
+    console.print(f"replayed {replay(client, args.id)}", markup=False)
+    return 0
+
+
+def cmd_dead_purge(args: argparse.Namespace) -> int:
+    from tasks.maintenance.dead_letters import purge
+
+    removed = purge(_client().store, args.older_than, args.ids)
+    console.print(f"purged {removed} dead letter(s)")
+    return 0
+
+
+def _age(text: str) -> Any:
+    from tasks.maintenance.dead_letters import parse_age
+
+    try:
+        return parse_age(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc).removeprefix(f"--older-than {text!r}: ")) from None
 
 
 def cmd_cancel(args: argparse.Namespace) -> int:
@@ -158,6 +253,8 @@ def build_parser() -> argparse.ArgumentParser:
     # listed for `dq --help`; `main` hands `dq worker ...` to the worker before parsing
     sub.add_parser("worker", help="start a worker pinned to providers' queues (dq worker --help lists its options)",
                    add_help=False)
+    sub.add_parser("beat", help="start the scheduler: the sweeper, pruning and agent.yml's scheduled batches "
+                                "(a second one is a hot standby)", add_help=False)
     submit = sub.add_parser("submit", help="submit a job")
     submit.add_argument("prompt", nargs="?", default=None)
     submit.add_argument("--messages", help="a JSON file with a list of chat messages")
@@ -194,7 +291,27 @@ def build_parser() -> argparse.ArgumentParser:
     batch.add_argument("--budget-usd", type=float, default=None, help="stop submitting once this much is spent")
     batch.add_argument("--prompt-template", help="a file with {question} {schema} {evidence} {dialect}")
     batch.add_argument("--max-in-flight", type=int, default=200)
+    batch.add_argument("--run-id", help="make this run a batch of its own (e.g. a nightly slot); the same id "
+                                        "continues it")
     batch.set_defaults(func=cmd_batch)
+    dead = sub.add_parser("dead", help="dead letters: jobs and messages that could not run")
+    dead_sub = dead.add_subparsers(dest="dead_command", required=True)
+    dead_list = dead_sub.add_parser("list", help="every dead letter: id, reason, when, kind, model")
+    dead_list.add_argument("--limit", type=int, default=None, help="show only the newest N")
+    dead_list.set_defaults(func=cmd_dead_list)
+    dead_show = dead_sub.add_parser("show", help="one dead letter, with its job row and request")
+    dead_show.add_argument("id")
+    dead_show.set_defaults(func=cmd_dead_show)
+    dead_replay = dead_sub.add_parser("replay", help="run a dead job again from its stored request, as new")
+    which = dead_replay.add_mutually_exclusive_group(required=True)
+    which.add_argument("id", nargs="?", default=None, help="a dead letter's id (dq dead list)")
+    which.add_argument("--all", action="store_true", help="every dead letter that is a job")
+    dead_replay.set_defaults(func=cmd_dead_replay)
+    dead_purge = dead_sub.add_parser("purge", help="delete dead-letter records (the job rows stay)")
+    dead_purge.add_argument("ids", nargs="*", metavar="ID", help="these records")
+    dead_purge.add_argument("--older-than", type=_age, default=None, metavar="AGE",
+                            help="records last seen longer ago than AGE: 30m, 12h, 7d, 2w")
+    dead_purge.set_defaults(func=cmd_dead_purge)
     sample = sub.add_parser("sample", help="write the bundled sample here: warehouse.db, questions.jsonl, "
                                            "questions.csv")
     sample.add_argument("directory", nargs="?", default=".")
@@ -216,9 +333,15 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["worker"]:
         run_worker(argv[1:])
-    args = build_parser().parse_args(argv)
+    if argv[:1] == ["beat"]:
+        run_beat(argv[1:])
+    parser = build_parser()
+    args = parser.parse_args(argv)
     if args.command == "submit" and args.prompt is None and not args.messages:
         err.print("dq submit: give a prompt or --messages FILE")
+        return 2
+    if args.command == "dead" and args.dead_command == "purge" and not args.ids and args.older_than is None:
+        err.print("dq dead purge: give --older-than AGE (e.g. 7d) or the ids to delete")
         return 2
     try:
         return int(args.func(args) or 0)
@@ -241,10 +364,11 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from tasks.batch.input import BatchInputError
     from tasks.batch.scoring import DatabaseUnavailable
     from tasks.client import InvalidJob, JobNotFound
+    from tasks.maintenance.dead_letters import NotReplayable
     from tasks.store import StoreError
 
-    return (ConfigError, BatchInputError, DatabaseUnavailable, InvalidJob, JobNotFound, StoreError, TimeoutError,
-            FileNotFoundError, FileExistsError)
+    return (ConfigError, BatchInputError, DatabaseUnavailable, InvalidJob, JobNotFound, NotReplayable, StoreError,
+            TimeoutError, FileNotFoundError, FileExistsError)
 
 
 if __name__ == "__main__":

@@ -12,6 +12,10 @@ Job statuses (``finish`` moves any status that is not final to a final one)::
        │                      v   │
        └──cancel──> cancelled <──cancel── retrying   (running: the worker finishes it cancelled)
 
+    the sweeper: an overdue job is sent again (a running one whose worker is gone is queued
+    again), or moved to dead once re-sent too often; `dq dead replay` queues a dead or failed
+    job again as new.
+
 Nothing here accepts an API key: a job row holds the `JobRequest` as JSON, and a request can
 carry no secret by construction. Timestamps are timezone-aware UTC.
 """
@@ -38,7 +42,12 @@ from sqlalchemy.exc import DBAPIError
 
 from tasks.schemas import FINAL_STATUSES, JobError, JobRequest, JobStatus
 from tasks.settings import get_settings
+from tasks.store import dead_letters as dead_store
+from tasks.store import prune as prune_store
+from tasks.store import schedule_runs as run_store
+from tasks.store import sweeps
 from tasks.store import writes as job_writes
+from tasks.store.dead_letters import DeadLetter
 from tasks.store.group_commit import GroupCommit
 from tasks.store.rows import FINAL as _FINAL
 from tasks.store.rows import OPEN as _OPEN
@@ -47,11 +56,23 @@ from tasks.store.rows import StoredJob
 from tasks.store.rows import now as _now
 from tasks.store.rows import to_job as _job
 from tasks.store.rows import utc as _utc
-from tasks.store.schema import WRITE_OPTION, StoreError, batch_items, batches, create_store_engine, jobs, migrate
+from tasks.store.schedule_runs import ScheduleRun
+from tasks.store.schema import (
+    WRITE_OPTION,
+    StoreError,
+    batch_items,
+    batches,
+    create_store_engine,
+    job_checkpoints,
+    jobs,
+    migrate,
+)
+from tasks.store.sweeps import Resend
 
 logger = logging.getLogger("tasks.store")
 
-__all__ = ["BatchInfo", "BatchItem", "BatchStatus", "BatchSummary", "JobStore", "StoreError", "StoredJob"]
+__all__ = ["BatchInfo", "BatchItem", "BatchStatus", "BatchSummary", "DeadLetter", "JobStore", "Resend",
+           "ScheduleRun", "StoreError", "StoredJob"]
 
 _CHUNK = 1000
 
@@ -199,11 +220,13 @@ class JobStore:
             stored = conn.execute(select(jobs.c.request).where(jobs.c.job_id == job_id)).scalar()
         return None if stored is None else JobRequest.model_validate(stored)
 
-    def mark_running(self, job_id: str, attempt: int) -> StoredJob | None:
-        """Start ``attempt`` (1-based) of the job: the job, or None when it must not run — it is
-        unknown, final (cancelled included), or this is a stale message of an older attempt.
-        A redelivery of the running attempt is allowed and counted in ``deliveries``."""
-        return self._write([job_writes.running(job_id, attempt)])[0]
+    def mark_running(self, job_id: str, attempt: int, lease_s: float | None = None) -> StoredJob | None:
+        """Start ``attempt`` (1-based) of the job under a lease of ``lease_s`` (default
+        ``DQ_QUEUED_LEASE_S``): the job, or None when it must not run — it is unknown, final
+        (cancelled included), this is a stale message of an older attempt, or the attempt is
+        running under a lease that has not passed. A redelivery of the attempt once its lease
+        has passed is allowed and counted in ``deliveries``."""
+        return self._write([job_writes.running(job_id, attempt, _lease(lease_s))])[0]
 
     def mark_retrying(self, job_id: str, attempt: int, error: JobError, countdown_s: float) -> bool:
         """Record a retryable failure of ``attempt``: the next one is due in ``countdown_s``.
@@ -260,8 +283,16 @@ class JobStore:
         return await asyncio.to_thread(self.get_request, job_id)
 
     # a worker's status writes: those of one turn of its event loop share a transaction
-    async def amark_running(self, job_id: str, attempt: int) -> StoredJob | None:
-        return await self._group.submit(job_writes.running(job_id, attempt))
+    async def amark_running(self, job_id: str, attempt: int, lease_s: float | None = None) -> StoredJob | None:
+        return await self._group.submit(job_writes.running(job_id, attempt, _lease(lease_s)))
+
+    async def arenew(self, job_id: str, lease_s: float | None = None) -> bool:
+        """Renew a running job's lease (the jobs renewed in one loop turn share one statement)."""
+        return await self._group.submit(job_writes.lease(job_id, _lease(lease_s)))
+
+    async def arelease(self, job_id: str) -> bool:
+        """Give up a running job's lease: its next delivery may start it at once."""
+        return await self._group.submit(job_writes.lease(job_id, None))
 
     async def amark_retrying(self, job_id: str, attempt: int, error: JobError, countdown_s: float,
                              **rate_limit: Any) -> bool:
@@ -273,6 +304,97 @@ class JobStore:
 
     async def acancel(self, job_id: str) -> JobStatus | None:
         return await asyncio.to_thread(self.cancel, job_id)
+
+    # -- tool-run checkpoints ----------------------------------------------------------
+
+    def checkpoints(self, job_id: str) -> list[dict[str, Any]]:
+        """The job's recorded tool-run steps (`RunStep` JSON), in order."""
+        with self._begin() as conn:
+            return list(conn.execute(select(job_checkpoints.c.step).where(job_checkpoints.c.job_id == job_id)
+                                     .order_by(job_checkpoints.c.position)).scalars())
+
+    async def acheckpoints(self, job_id: str) -> list[dict[str, Any]]:
+        return await asyncio.to_thread(self.checkpoints, job_id)
+
+    async def acheckpoint(self, job_id: str, attempt: int, position: int, kind: str, step: dict[str, Any]) -> bool:
+        """Record step ``position`` of the job's tool run (with the loop's other writes);
+        raises IntegrityError when that place is taken (another delivery recorded it)."""
+        return await self._group.submit(job_writes.checkpoint(job_id, attempt, position, kind, step))
+
+    # -- the sweeper, dead letters, pruning, scheduled runs ------------------------------
+
+    def overdue_jobs(self, lease_s: float, limit: int = _CHUNK) -> list[StoredJob]:
+        """Open jobs overdue by ``lease_s`` (`tasks.store.sweeps`), the longest-waiting first."""
+        with self._begin() as conn:
+            return sweeps.overdue_jobs(conn, _now(), lease_s, limit)
+
+    def claim_resends(self, job_ids: Collection[str], lease_s: float) -> list[Resend]:
+        """Claim the jobs among ``job_ids`` still overdue for a re-send (each counted once)."""
+        with self._begin(write=True) as conn:
+            return sweeps.claim_resends(conn, list(job_ids), _now(), lease_s)
+
+    def dead_overdue(self, job_ids: Collection[str], lease_s: float, error: JobError) -> list[str]:
+        """Move the jobs among ``job_ids`` still overdue to ``dead``; their ids."""
+        with self._begin(write=True) as conn:
+            return sweeps.dead_overdue(conn, list(job_ids), _now(), lease_s, error)
+
+    def record_dead_letter(self, dead_id: str, reason: str, *, job_id: str | None = None,
+                           queue: str | None = None) -> None:
+        with self._begin(write=True) as conn:
+            dead_store.record(conn, self._insert, dead_id, job_id, reason, queue, _now())
+
+    def dead_letters(self, limit: int | None = None) -> list[DeadLetter]:
+        """Every dead letter, the newest first (`tasks.store.dead_letters`)."""
+        with self._begin() as conn:
+            return dead_store.listing(conn, limit)
+
+    def dead_letter(self, dead_id: str) -> DeadLetter | None:
+        with self._begin() as conn:
+            return dead_store.get(conn, dead_id)
+
+    def remove_dead_letter(self, dead_id: str) -> bool:
+        with self._begin(write=True) as conn:
+            return dead_store.remove(conn, dead_id)
+
+    def purge_dead_letters(self, before: datetime, chunk: int = _CHUNK) -> int:
+        """Delete the records last seen before ``before``, ``chunk`` per transaction; how many."""
+        return self._in_chunks(lambda conn: dead_store.purge(conn, before, chunk), chunk)
+
+    def reset_for_replay(self, job_id: str) -> tuple[str, JobRequest] | None:
+        """Queue a dead or failed job again as new, counting the replay: ``(provider, request)``,
+        or None when it is not dead or failed."""
+        with self._begin(write=True) as conn:
+            reset = dead_store.reset_for_replay(conn, job_id, _now())
+        return None if reset is None else (reset[0], JobRequest.model_validate(reset[1]))
+
+    def prune_jobs(self, before: datetime, chunk: int = _CHUNK) -> int:
+        """Delete the jobs that finished before ``before``, ``chunk`` per transaction; how many."""
+        return self._in_chunks(lambda conn: prune_store.finished_jobs(conn, before, chunk), chunk)
+
+    def prune_schedule_runs(self, before: datetime, chunk: int = _CHUNK) -> int:
+        return self._in_chunks(lambda conn: prune_store.schedule_runs_before(conn, before, chunk), chunk)
+
+    def claim_schedule_run(self, run: ScheduleRun) -> bool:
+        """Record the run of a schedule's slot; False if that slot has a run already."""
+        with self._begin(write=True) as conn:
+            return run_store.claim(conn, self._insert, run)
+
+    def finish_schedule_run(self, schedule: str, slot: datetime, status: str, exit_code: int | None) -> None:
+        with self._begin(write=True) as conn:
+            run_store.finish(conn, schedule, slot, status, exit_code, _now())
+
+    def schedule_runs(self, schedule: str | None = None) -> list[ScheduleRun]:
+        with self._begin() as conn:
+            return run_store.runs(conn, schedule)
+
+    def _in_chunks(self, step: Any, chunk: int) -> int:
+        total = 0
+        while True:
+            with self._begin(write=True) as conn:  # one short transaction per chunk
+                done = step(conn)
+            total += done
+            if done < chunk:
+                return total
 
     # -- batches -----------------------------------------------------------------------
 
@@ -436,11 +558,16 @@ class JobStore:
         return total
 
 
+def _lease(lease_s: float | None) -> float:
+    return get_settings().queued_lease_s if lease_s is None else lease_s
+
+
 def _job_row(job_id: str, request: JobRequest, provider: str, now: datetime) -> dict[str, Any]:
     """A queued job's row."""
     return {"job_id": job_id, "idempotency_key": request.idempotency_key, "kind": request.kind.value,
             "model": request.model, "provider": provider, "status": JobStatus.QUEUED.value,
-            "request": request.model_dump(mode="json"), "cost_usd": 0.0, "attempts": 0, "deliveries": 0,
+            "request": request.model_dump(mode="json"), "cost_usd": 0.0, "attempts": 0, "deliveries": 0, "resends": 0,
+            "replays": 0,
             "batch_id": request.batch_id, "item_id": request.item_id, "created_at": now, "updated_at": now,
             "rate_limit_retries": 0, "rate_limit_waits": 0}
 

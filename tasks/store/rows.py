@@ -23,6 +23,10 @@ class StoredJob(JobResult):
     deliveries: int = 0  # how many times the current attempt was started (redeliveries + 1)
     retry_at: datetime | None = None
     updated_at: datetime | None = None
+    lease_until: datetime | None = None  # running: the worker holding it renews this
+    resends: int = 0  # how often the sweeper sent it again (its message was lost, or its worker died)
+    replays: int = 0  # how often `dq dead replay` ran it again
+    replayed_at: datetime | None = None
     rate_limit_retries: int = 0  # attempts retried after a rate-limit answer (not counted against max_retries)
     rate_limit_waits: int = 0  # runs that only waited for the limiter (not attempts: no request was made)
     rate_limited_since: datetime | None = None
@@ -38,7 +42,8 @@ def to_job(row: Row[Any]) -> StoredJob:
         attempts=m["attempts"] - (m["rate_limit_waits"] or 0),  # the stored count includes the limiter's waits
         batch_id=m["batch_id"], item_id=m["item_id"], deliveries=m["deliveries"],
         created_at=utc(m["created_at"]), started_at=utc(m["started_at"]), finished_at=utc(m["finished_at"]),
-        retry_at=utc(m["retry_at"]), updated_at=utc(m["updated_at"]),
+        retry_at=utc(m["retry_at"]), updated_at=utc(m["updated_at"]), lease_until=utc(m["lease_until"]),
+        resends=m["resends"] or 0, replays=m["replays"] or 0, replayed_at=utc(m["replayed_at"]),
         rate_limit_retries=m["rate_limit_retries"] or 0, rate_limit_waits=m["rate_limit_waits"] or 0,
         rate_limited_since=utc(m["rate_limited_since"]),
         rate_ticket=m["rate_ticket"],

@@ -33,6 +33,7 @@ from sqlalchemy import (
     Index,
     Integer,
     MetaData,
+    PrimaryKeyConstraint,
     String,
     Table,
     Text,
@@ -58,10 +59,13 @@ __all__ = [
     "StoreError",
     "batch_items",
     "batches",
+    "job_checkpoints",
     "create_store_engine",
+    "dead_letters",
     "jobs",
     "metadata",
     "migrate",
+    "schedule_runs",
     "schema_version",
 ]
 
@@ -102,9 +106,16 @@ jobs = Table(
     Column("rate_limit_waits", Integer, server_default=text("0")),
     Column("rate_limited_since", _Time),  # the first rate-limit answer or cooldown: the wait budget's start
     Column("rate_ticket", BigInteger),  # the job's place in its limiter's line (µs of Redis time)
+    # migration 3: the sweeper's bookkeeping
+    Column("lease_until", _Time),  # running: the worker renews it; past it the job counts as abandoned
+    Column("resends", Integer, nullable=False, default=0, server_default=text("0")),  # by the sweeper
+    Column("replays", Integer, nullable=False, default=0, server_default=text("0")),  # dq dead replay
+    Column("replayed_at", _Time),
     Index("ix_jobs_batch_id", "batch_id"),
     Index("ix_jobs_status", "status"),
     Index("ix_jobs_created_at", "created_at"),
+    Index("ix_jobs_status_updated_at", "status", "updated_at"),  # the sweeper's scan of open jobs
+    Index("ix_jobs_finished_at", "finished_at"),  # pruning
 )
 
 batches = Table(
@@ -134,6 +145,47 @@ batch_items = Table(
     Column("cost_usd", Float, nullable=False, default=0.0),
     UniqueConstraint("batch_id", "item_id", name="uq_batch_items_batch_item"),
     Index("ix_batch_items_batch_seq", "batch_id", "seq"),
+)
+
+job_checkpoints = Table(
+    # the completed steps of a tool run (datus.models.run_journal.RunStep as JSON), in order:
+    # what a new delivery of the job resumes from
+    "job_checkpoints", metadata,
+    Column("job_id", String(255), nullable=False),
+    Column("position", Integer, nullable=False, autoincrement=False),  # 0-based, the step's place in the run
+    Column("kind", String(16), nullable=False),  # turn | tool
+    Column("attempt", Integer, nullable=False),  # the attempt that recorded it
+    Column("step", _Json, nullable=False),
+    Column("created_at", _Time, nullable=False),
+    # two deliveries of one job recording the same step: the second insert fails, not interleaves
+    PrimaryKeyConstraint("job_id", "position", name="pk_job_checkpoints"),
+)
+
+dead_letters = Table(
+    "dead_letters", metadata,
+    # the job id for a job (or for a message that named one); "m-..." for a message with no id
+    Column("dead_id", String(255), primary_key=True),
+    Column("job_id", String(255)),
+    Column("reason", Text, nullable=False),
+    Column("queue", String(255)),
+    Column("times", Integer, nullable=False, default=1),  # how often this id was dead-lettered
+    Column("first_at", _Time, nullable=False),
+    Column("at", _Time, nullable=False),
+    Index("ix_dead_letters_at", "at"),
+)
+
+schedule_runs = Table(
+    "schedule_runs", metadata,
+    # one row per (schedule, slot): the insert is the claim that makes a slot run once
+    Column("schedule", String(255), primary_key=True),
+    Column("slot", _Time, primary_key=True),
+    Column("batch_id", String(255)),
+    Column("status", String(16), nullable=False),  # running, completed, failed
+    Column("exit_code", Integer),
+    Column("results", Text),  # the results file (JSON lines) and the log, on the worker's disk
+    Column("log", Text),
+    Column("started_at", _Time, nullable=False),
+    Column("finished_at", _Time),
 )
 
 schema_version = Table(
@@ -219,6 +271,22 @@ def _v1(conn: Connection) -> None:
     frozen.create_all(conn, checkfirst=True)
 
 
+def _v4(conn: Connection) -> None:
+    """Checkpoints of tool runs (frozen as written, like ``_v1``)."""
+    frozen = MetaData()
+    Table(
+        "job_checkpoints", frozen,
+        Column("job_id", String(255), nullable=False),
+        Column("position", Integer, nullable=False, autoincrement=False),
+        Column("kind", String(16), nullable=False),
+        Column("attempt", Integer, nullable=False),
+        Column("step", _Json, nullable=False),
+        Column("created_at", _Time, nullable=False),
+        PrimaryKeyConstraint("job_id", "position", name="pk_job_checkpoints"),
+    )
+    frozen.create_all(conn, checkfirst=True)
+
+
 def add_columns(conn: Connection, table: Table, *names: str) -> None:
     """``ALTER TABLE … ADD COLUMN`` for columns of the live ``table`` (a migration's step):
     nullable or with a server default, as ADD COLUMN requires on a table with rows."""
@@ -233,11 +301,49 @@ def _v2(conn: Connection) -> None:
     add_columns(conn, jobs, "rate_limit_retries", "rate_limit_waits", "rate_limited_since", "rate_ticket")
 
 
+def _v3(conn: Connection) -> None:
+    """The scheduler's columns and tables: job leases, re-send and replay counts, dead letters
+    in the store, and the claims that run each scheduled batch slot once. New tables are frozen
+    here, as in ``_v1``."""
+    add_columns(conn, jobs, "lease_until", "resends", "replays", "replayed_at")
+    for index in jobs.indexes:
+        if index.name in ("ix_jobs_status_updated_at", "ix_jobs_finished_at"):
+            index.create(conn, checkfirst=True)
+    frozen = MetaData()
+    Table(
+        "dead_letters", frozen,
+        Column("dead_id", String(255), primary_key=True),
+        Column("job_id", String(255)),
+        Column("reason", Text, nullable=False),
+        Column("queue", String(255)),
+        Column("times", Integer, nullable=False, default=1),
+        Column("first_at", _Time, nullable=False),
+        Column("at", _Time, nullable=False),
+        Index("ix_dead_letters_at", "at"),
+    )
+    Table(
+        "schedule_runs", frozen,
+        Column("schedule", String(255), primary_key=True),
+        Column("slot", _Time, primary_key=True),
+        Column("batch_id", String(255)),
+        Column("status", String(16), nullable=False),
+        Column("exit_code", Integer),
+        Column("results", Text),
+        Column("log", Text),
+        Column("started_at", _Time, nullable=False),
+        Column("finished_at", _Time),
+    )
+    frozen.create_all(conn, checkfirst=True)
+
+
+# numbers are the issues' order of work (a database may get 2 after 3 and 4: each only adds)
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "jobs, batches, batch_items", _v1),
     Migration(2, "jobs: rate-limit retries and waits, since when, ticket", _v2),
+    Migration(3, "job leases, re-sends and replays; dead_letters; schedule_runs", _v3),
+    Migration(4, "job_checkpoints: the steps of tool runs, to resume from", _v4),
 )
-SCHEMA_VERSION = MIGRATIONS[-1].version
+SCHEMA_VERSION = max(migration.version for migration in MIGRATIONS)
 
 
 def migrate(engine: Engine) -> int:
@@ -255,7 +361,7 @@ def migrate(engine: Engine) -> int:
             raise SchemaTooNewError(
                 f"the job store is at schema version {newest}, newer than this datus-queue knows "
                 f"({SCHEMA_VERSION}); upgrade datus-queue")
-        for migration in MIGRATIONS:
+        for migration in sorted(MIGRATIONS, key=lambda m: m.version):
             if migration.version not in applied:
                 migration.apply(conn)
                 conn.execute(insert(schema_version).values(

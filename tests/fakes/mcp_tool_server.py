@@ -1,10 +1,12 @@
 """A small MCP server for the tests of `datus.models.mcp_utils` (run as a script).
 
-    python tests/fakes/mcp_tool_server.py [--delay 1] [--transport streamable-http --port N]
+    python tests/fakes/mcp_tool_server.py [--delay 1] [--transport streamable-http --port N] [--record FILE]
 
 Tools: ``echo``, ``pid`` (to kill it from a test), ``add_tool`` (adds a tool, and announces
 the change unless ``notify=False``), ``announce`` (announces a change), ``fail`` (a tool
-error), ``structured`` (structured content), ``exit_now`` (dies in the middle of a call).
+error), ``structured`` (structured content), ``exit_now`` (dies in the middle of a call),
+``record`` (appends ``call <tag> <pid>`` to the ``--record`` file; its first call of a tag holds ``hold_s``; the
+server appends ``start <pid>`` there when it starts: a test counts calls and processes).
 Change notices go out on both MCP eras: to ``subscriptions/listen`` streams (2026-07-28)
 and as a plain ``notifications/tools/list_changed`` on handshake-era connections.
 """
@@ -12,6 +14,7 @@ and as a plain ``notifications/tools/list_changed`` on handshake-era connections
 from __future__ import annotations
 
 import argparse
+import asyncio
 import os
 import time
 
@@ -19,6 +22,13 @@ from mcp.server.mcpserver import Context, MCPServer
 from mcp.server.mcpserver.exceptions import ToolError
 
 server = MCPServer("fake-tools", log_level="WARNING")
+RECORD: list[str] = []  # the --record file, once parsed
+
+
+def _append(line: str) -> None:
+    if RECORD:
+        with open(RECORD[0], "a", encoding="utf-8") as out:
+            out.write(line + "\n")
 
 
 async def _announce(ctx: Context) -> None:
@@ -72,6 +82,17 @@ def structured(n: int) -> dict[str, int]:
 
 
 @server.tool()
+async def record(tag: str, hold_s: float = 0.0) -> str:
+    """Record a call with this tag (a side effect a test can count); the first call of a tag
+    then waits hold_s seconds (a call made again answers at once)."""
+    again = bool(RECORD) and os.path.exists(RECORD[0]) and f"call {tag} " in open(RECORD[0], encoding="utf-8").read()
+    _append(f"call {tag} {os.getpid()}")
+    if hold_s and not again:
+        await asyncio.sleep(hold_s)
+    return f"recorded {tag}"
+
+
+@server.tool()
 def exit_now() -> str:
     """Die without answering."""
     os._exit(3)
@@ -83,8 +104,12 @@ if __name__ == "__main__":
     parser.add_argument("--transport", choices=("stdio", "streamable-http"), default="stdio")
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--tag", default="", help="ignored: lets a test find this process")
+    parser.add_argument("--record", default="", help="file the record tool appends to")
     args = parser.parse_args()
     time.sleep(args.delay)
+    if args.record:
+        RECORD.append(args.record)
+        _append(f"start {os.getpid()}")
     if args.transport == "stdio":
         server.run("stdio")
     else:

@@ -9,6 +9,7 @@ from pydantic import BaseModel
 from datus.configuration.agent_config import ModelConfig
 from datus.models.errors import MaxTurnsExceededError, RateLimitError
 from datus.models.fake_model import FakeModel
+from datus.models.run_journal import MemoryJournal, step_id
 from datus.schemas.action_history import ActionHistoryManager
 from datus.testing.script import Fault, Reply
 from datus.testing.script import ScriptedToolCall as Call
@@ -126,3 +127,84 @@ async def test_retry_of_rate_limit_error_type() -> None:
     m.retry_policy = m.retry_policy.__class__(max_attempts=2, base_delay_s=0)
     with pytest.raises(RateLimitError):
         await m.generate_with_tools("x", tools=[add])
+
+
+# -- durable runs: a journal records each step, a run on it resumes ---------------------------
+
+
+def durable_exchange() -> list:
+    return [Reply(text="adding", reasoning="plan", tool_calls=[Call("add", {"a": 1, "b": 2}, id="c1")]),
+            Reply(tool_calls=[Call("add", {"a": 3, "b": 4}, id="c2")]),
+            Reply(text='{"total": 10}')]
+
+
+def once(replies) -> FakeModel:
+    m = model(replies)
+    m.retry_policy = m.retry_policy.__class__(max_attempts=1, base_delay_s=0)
+    return m
+
+
+async def steps_of(m: FakeModel, journal: MemoryJournal | None, **kwargs):
+    return [s async for s in m.generate_with_tools_stream("sum it", tools=[add], output_type=Total, journal=journal,
+                                                          **kwargs)]
+
+
+async def test_a_run_resumed_from_its_journal_asks_no_turn_and_runs_no_tool_again() -> None:
+    RAN.clear()
+    uninterrupted = await steps_of(once(durable_exchange()), MemoryJournal("other-run"))
+    RAN.clear()
+    journal = MemoryJournal("run-1")
+    first = once([*durable_exchange()[:2], Fault("rate_limit", retry_after=0.01)])
+    seen_first: list = []
+    with pytest.raises(RateLimitError):
+        async for step in first.generate_with_tools_stream("sum it", tools=[add], output_type=Total, journal=journal):
+            seen_first.append(step)
+    assert RAN == [(1, 2), (3, 4)]
+    assert [(s.kind, s.turn, s.call) for s in journal.steps] == [("turn", 1, None), ("tool", 1, 0), ("turn", 2, None),
+                                                                  ("tool", 2, 0)]
+    assert journal.steps[0].message.reasoning == "plan" and journal.steps[0].start is not None
+
+    asked: list = []
+    second = FakeModel(ModelConfig(type="fake", model="s"), handler=lambda r: asked.append(r) or Reply(text='{"total": 10}'))
+    resumed = await steps_of(second, journal)
+    assert RAN == [(1, 2), (3, 4)]  # no tool ran again
+    assert len(asked) == 1  # only the turn that had not been answered
+    assert [m["role"] for m in asked[0].messages] == ["system", "user", "assistant", "tool", "assistant", "tool"]
+    # the same steps under the same ids: a reader drops the ones it saw before the resume
+    before = {(s.action_id, s.status) for s in seen_first if s.action_type not in ("assistant_delta", "error")}
+    after = [(s.action_id, s.status) for s in resumed if s.action_type != "assistant_delta"]
+    assert before <= set(after)
+    final, whole = resumed[-1], uninterrupted[-1]
+    assert final.output["content"] == whole.output["content"] == {"total": 10}
+    assert final.output["turns_used"] == whole.output["turns_used"] == 3
+    assert final.output["sql_contexts"] == whole.output["sql_contexts"]
+    usage, whole_usage = final.output["usage"], whole.output["usage"]
+    assert (usage["input_tokens"], usage["output_tokens"]) == (whole_usage["input_tokens"], whole_usage["output_tokens"])
+    assert not any(s.output.get("resumed") for s in resumed if s.role == "tool" and s.status != "processing")
+
+
+async def test_a_tool_call_under_way_when_the_run_stopped_runs_again_marked_resumed() -> None:
+    RAN.clear()
+    journal = MemoryJournal("run-2")
+    first = once(durable_exchange())
+
+    async def stop_during_the_tool() -> None:
+        async for step in first.generate_with_tools_stream("sum it", tools=[add], output_type=Total, journal=journal):
+            if step.role == "tool" and step.status == "processing":
+                raise KeyboardInterrupt  # the run dies with its first tool call under way
+
+    with pytest.raises(KeyboardInterrupt):
+        await stop_during_the_tool()
+    assert [(s.kind, s.turn) for s in journal.steps] == [("turn", 1)] and len(journal.started) == 0
+    journal.started.add(step_id("run-2", "t1c0"))  # what a job system saw: the call's PROCESSING step
+    second = once(durable_exchange()[1:])
+    steps = await steps_of(second, journal)
+    tools = [s for s in steps if s.role == "tool" and s.status != "processing"]
+    assert [s.output.get("resumed", False) for s in tools] == [True, False]
+    assert RAN == [(1, 2), (3, 4)]
+
+
+async def test_without_a_journal_nothing_changes_and_ids_are_fresh() -> None:
+    a = await steps_of(once(durable_exchange()), None)
+    b = await steps_of(once(durable_exchange()), None)
+    assert {s.action_id for s in a}.isdisjoint({s.action_id for s in b})

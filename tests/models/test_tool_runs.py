@@ -23,9 +23,10 @@ from sqlalchemy.engine import make_url
 
 from datus.configuration.agent_config import AgentConfig, ConfigError
 from datus.models.base import LLMBaseModel
-from datus.models.errors import MaxTurnsExceededError
+from datus.models.errors import MaxTurnsExceededError, TransientModelError
 from datus.models.mcp_result_extractors import SQL_QUERY_FUNCTIONS, extract_sql_contexts
 from datus.models.mcp_utils import MCPConnectError, MCPServerStdio
+from datus.models.run_journal import MemoryJournal, RunStep
 from datus.models.session_manager import shared_session_manager
 from datus.models.tool_runs import prepared_run
 from datus.schemas.action_history import ActionHistory, ActionHistoryManager, ActionRole, ActionStatus
@@ -645,3 +646,48 @@ async def test_sql_functions_from_a_kwarg_or_the_config_reach_the_run(where: str
     result = await model.generate_with_tools("q", tools=[run_statement], db_type="warehouse", **extra)
     [context] = result["sql_contexts"]
     assert (context.sql_query, context.row_count, context.explanation) == ("SELECT x FROM w", 2, "Two rows.")
+
+
+# ---------------------------------------------------------------- durable runs on the wire
+
+
+class StoredJournal(MemoryJournal):
+    """A journal whose steps go through JSON, as a job store keeps them."""
+
+    async def record(self, step: RunStep) -> None:
+        self.steps.append(RunStep.model_validate_json(step.model_dump_json(exclude_defaults=True)))
+
+
+@pytest.mark.parametrize("provider", ["claude", "gemini", "deepseek"])
+async def test_a_resumed_run_replays_reasoning_with_its_signatures_and_saves_the_session_once(
+        provider: str, session_url: str, fake_server: FakeProviderServer, shop_db: Path, make_model: MakeModel) -> None:
+    config = agent_config(fake_server, shop_db)
+    model = make_model(provider, config)
+    model.retry_policy = model.retry_policy.__class__(max_attempts=1, base_delay_s=0)
+    journal = StoredJournal(f"resume-{provider}")
+    session = model.create_session()
+    first, second, answer = sql_exchange()
+    fake_server.script.add(first, second, Fault("status", status=503))
+    with pytest.raises(TransientModelError):
+        await model.generate_with_tools("How many customers per city?", mcp_servers=["sql"], session=session,
+                                        journal=journal, enable_thinking=True)
+    assert [(s.kind, s.turn) for s in journal.steps] == [("turn", 1), ("tool", 1), ("turn", 2), ("tool", 2)]
+    assert journal.steps[0].message.reasoning  # the thinking (and, on Claude, its signature) is recorded
+
+    fake_server.clear_requests()
+    fake_server.script.add(answer)
+    result = await model.generate_with_tools("How many customers per city?", mcp_servers=["sql"], session=session,
+                                             journal=journal, enable_thinking=True)
+    assert result["content"] == ANSWER and result["turns_used"] == 3
+    assert (result["usage"].input_tokens, result["usage"].output_tokens) == (600, 60)  # all three turns
+    [sent] = bodies(fake_server)  # one request: the turn never answered
+    if provider == "claude":  # the thinking block went back with its signature, which the fake checks
+        assert "Counting per city" in json.dumps(sent)
+    assert len(session.get_messages()) == 6
+
+    # the job finished but was delivered again before its result was stored: nothing twice
+    fake_server.clear_requests()
+    again = await model.generate_with_tools("How many customers per city?", mcp_servers=["sql"], session=session,
+                                            journal=journal, enable_thinking=True)
+    assert again["content"] == ANSWER and bodies(fake_server) == []
+    assert len(session.get_messages()) == 6

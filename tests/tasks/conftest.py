@@ -9,6 +9,8 @@
 - an agent.yml per test naming every provider the fake speaks, with `KNOWN_KEY`;
 - ``worker``: starts ``dq worker --provider X -c N`` subprocesses (the console script) on all of the above,
   each logging to a file, and stops them at teardown;
+- ``beat``: starts ``dq beat`` subprocesses the same way (short sweep interval, lease and lock
+  timeout: `SHORT_SCHEDULER`);
 - ``client``: a `JobClient` on the same Redis, store and agent.yml.
 
 Fixture names differ from those of test_events.py and test_store.py (``redis_url``, ``r``,
@@ -49,6 +51,8 @@ REJECTED_KEY = "sk-dq-test-REJECTED-9876543210"  # configured for `openai-badkey
 PG_URL = os.environ.get("DQ_TEST_POSTGRES_URL")
 WORKER_READY_S = 45.0
 _RUN_ID = uuid.uuid4().hex[:8]
+# the scheduler's settings in tests: seconds instead of minutes (workers, beats and clients alike)
+SHORT_SCHEDULER = {"DQ_SWEEP_INTERVAL_S": "1", "DQ_QUEUED_LEASE_S": "2", "DQ_BEAT_LOCK_TIMEOUT_S": "3"}
 
 
 # -- what the fake speaks and what is written yet -------------------------------------------
@@ -68,9 +72,9 @@ def claude_skip_reason() -> str | None:
 def tool_run_skip_reason() -> str | None:
     """Why a tool run cannot run yet, or None: it needs the shipped SQL MCP server and the
     model layer's MCP tool bridge, both being written by other engineers."""
-    for module in ("datus.mcp_servers.sql_server", "datus.models.mcp_tools"):
+    for module in ("datus.mcp_servers.sql_server", "datus.models.mcp.tools"):
         if importlib.util.find_spec(module) is None:
-            return f"{module} does not exist yet (datus/models/tool_runs.py imports datus.models.mcp_tools)"
+            return f"{module} does not exist yet (datus/models/tool_runs.py imports datus.models.mcp.tools)"
     return None
 
 
@@ -253,6 +257,7 @@ class Worker:
     log_path: Path
     providers: tuple[str, ...]
     started_at: float = field(default_factory=time.monotonic)
+    ready_text: str = " ready."  # what the log says once the process does its work
 
     @property
     def pid(self) -> int:
@@ -268,7 +273,7 @@ class Worker:
         deadline = time.monotonic() + timeout
         while True:
             text = self.log()
-            if " ready." in text:
+            if self.ready_text in text:
                 return
             if self.proc.poll() is not None:
                 raise AssertionError(f"worker {self.providers} exited with {self.proc.returncode}:\n{text[-3000:]}")
@@ -314,12 +319,8 @@ def worker(job_env: JobEnv) -> Iterator[StartWorker]:
     def start(*providers: str, concurrency: int = 8, visibility_timeout_s: int | None = None,
               env: dict[str, str] | None = None, wait: bool = True, loglevel: str = "INFO") -> Worker:
         providers = providers or ("openai",)
-        environment = {key: value for key, value in os.environ.items() if not key.startswith("DQ_")}
-        environment.update(DQ_CONFIG=str(job_env.agent_yml), DQ_REDIS_URL=job_env.redis_url,
-                           DQ_DATABASE_URL=job_env.database_url, PYTHONUNBUFFERED="1")
-        if visibility_timeout_s is not None:
-            environment["DQ_VISIBILITY_TIMEOUT_S"] = str(visibility_timeout_s)
-        environment.update(env or {})
+        extra = {} if visibility_timeout_s is None else {"DQ_VISIBILITY_TIMEOUT_S": str(visibility_timeout_s)}
+        environment = _environment(job_env, {**extra, **(env or {})})
         log_path = job_env.dir / f"worker-{len(started) + 1}-{'-'.join(providers)}.log"
         command = [*dq_command(), "worker", "-c", str(concurrency), "-l", loglevel]  # as users start it
         for provider in providers:
@@ -335,6 +336,45 @@ def worker(job_env: JobEnv) -> Iterator[StartWorker]:
 
     yield start
     for handle in started:  # SIGTERM them all first: their soft shutdowns (2 s when idle) overlap
+        if handle.alive():
+            handle.terminate()
+    for handle in started:
+        handle.stop()
+
+
+def _environment(job_env: JobEnv, env: dict[str, str] | None) -> dict[str, str]:
+    environment = {key: value for key, value in os.environ.items() if not key.startswith("DQ_")}
+    environment.update(DQ_CONFIG=str(job_env.agent_yml), DQ_REDIS_URL=job_env.redis_url,
+                       DQ_DATABASE_URL=job_env.database_url, PYTHONUNBUFFERED="1")
+    environment.update(env or {})
+    return environment
+
+
+StartBeat = Callable[..., Worker]
+
+
+@pytest.fixture
+def beat(job_env: JobEnv) -> Iterator[StartBeat]:
+    """``beat(env=None, wait="lock")`` starts ``dq beat`` with `SHORT_SCHEDULER` (``env`` on top)
+    and waits until it holds the scheduler lock (``wait="lock"``), until it is waiting for it as
+    a standby (``"standby"``), or not at all (``None``)."""
+    started: list[Worker] = []
+
+    def start(env: dict[str, str] | None = None, wait: str | None = "lock") -> Worker:
+        log_path = job_env.dir / f"beat-{len(started) + 1}.log"
+        with open(log_path, "wb") as log:
+            proc = subprocess.Popen([*dq_command(), "beat"], stdout=log, stderr=subprocess.STDOUT,
+                                    stdin=subprocess.DEVNULL, env=_environment(job_env, {**SHORT_SCHEDULER, **(env or {})}),
+                                    cwd=job_env.dir, start_new_session=True)
+        handle = Worker(proc, log_path, ("beat",),
+                        ready_text="beat: Acquired lock" if wait == "lock" else "taking the scheduler lock")
+        started.append(handle)
+        if wait is not None:
+            handle.wait_ready()
+        return handle
+
+    yield start
+    for handle in started:
         if handle.alive():
             handle.terminate()
     for handle in started:

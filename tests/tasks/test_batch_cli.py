@@ -17,7 +17,6 @@ import os
 import re
 import signal
 import subprocess
-import sys
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -92,10 +91,8 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
             "target": MODEL,
             "models": {MODEL: {"type": "openai", "model": "gpt-4o-mini", "api_key": KEY,
                                "base_url": fake.openai_base_url, "timeout_s": 30, "max_retries": 1}},
-            "mcp_servers": {"sql": {"command": sys.executable,
-                                    "args": ["-m", "datus.mcp_servers.sql_server", "--url", shop_url]}},
             "allowed_models": [MODEL, "deepseek:*"],  # a provider:model only where the operator lists it
-        }}
+        }}  # no mcp_servers: tool-run batches open --db with the shipped SQL server
         config = workdir / "agent.yml"
         config.write_text(yaml.safe_dump(agent, sort_keys=False), encoding="utf-8")
         store_url = f"sqlite:///{workdir / 'jobs.db'}"
@@ -266,6 +263,31 @@ def test_tool_run_batch_explores_the_database_through_the_sql_mcp_server(stack: 
         assert len(asked) == 3, asked
         assert all(body.get("tools") for body in asked)
         assert any(m.get("role") == "tool" and "customers" in json.dumps(m) for m in asked[1]["messages"])
+
+
+def test_a_tool_run_batch_needs_a_database_without_a_password(stack: Stack) -> None:
+    source = write_questions(stack.dir / "tools-nodb.jsonl", "toolsnodb", ["q01"])
+    no_db = dq(stack, "batch", str(source), "--model", MODEL, "--mode", "tool_run")
+    assert_one_error_line(no_db, "--mode tool_run needs --db", "--tools")
+    secret = "hunter2-not-a-real-password"
+    with_password = dq(stack, "batch", str(source), "--model", MODEL, "--mode", "tool_run",
+                       "--db", f"postgresql://reader:{secret}@127.0.0.1:1/dw")
+    assert_one_error_line(with_password, "password", "agent.mcp_servers")
+    assert secret not in with_password.stdout + with_password.stderr
+    assert stack.requests_for("(toolsnodb-") == 0
+
+
+def test_a_job_may_not_carry_a_database_password() -> None:
+    from tasks.schemas import JobRequest
+
+    with pytest.raises(ValueError, match="password") as raised:
+        JobRequest(model=MODEL, kind="tool_run", prompt="hi", database="postgresql://u:s3cret-pw@db/dw")
+    assert "s3cret-pw" not in str(raised.value)
+    with pytest.raises(ValueError, match="only apply to kind 'tool_run'"):
+        JobRequest(model=MODEL, prompt="hi", database="sqlite:///x.db")
+    with pytest.raises(ValueError, match="'sql'"):
+        JobRequest(model=MODEL, kind="tool_run", prompt="hi", database="sqlite:///x.db", mcp_servers=["sql"])
+    assert JobRequest(model=MODEL, kind="tool_run", prompt="hi", database="postgresql://reader@db/dw").database
 
 
 # -- input the batch cannot use ---------------------------------------------------------------
@@ -587,7 +609,7 @@ def test_errors_are_one_readable_line(stack: Stack) -> None:
     batch = dq(stack, "batch", str(source), "--model", "no-such-model", "--db", stack.shop_url)
     assert_one_error_line(batch, "unknown model 'no-such-model'")
 
-    assert_one_error_line(dq(stack, "submit", "hello", "--model", MODEL, "--tools", "nope"), "nope", "sql")
+    assert_one_error_line(dq(stack, "submit", "hello", "--model", MODEL, "--tools", "nope"), "nope", "(none)")
     assert_one_error_line(dq(stack, "result", "f" * 32), "f" * 32)
     assert_one_error_line(dq(stack, "cancel", "f" * 32), "f" * 32)
     assert_one_error_line(dq(stack, "status", "f" * 32), "f" * 32)

@@ -17,16 +17,14 @@ import pytest
 
 from datus.testing.fake_server import FakeProviderServer
 from datus.testing.script import Answer, Fault, Reply, ScriptedRequest
-from tasks import keys
 from tasks.client import JobClient
 from tasks.schemas import JobRequest, JobStatus
 from tests.tasks.conftest import JobEnv, StartWorker, generations, recorded_events, wait_for
 
 
 def dead_letters(client: JobClient) -> dict[str, str]:
-    """job id -> reason, from the dead-letter list."""
-    return {record["job_id"]: record["reason"]
-            for record in (json.loads(raw) for raw in client.redis.lrange(keys.DEAD_LETTER, 0, -1))}
+    """dead letter id (the job id, when the message had one) -> reason, from the job store."""
+    return {letter.dead_id: letter.reason for letter in client.store.dead_letters()}
 
 
 def terminal_steps(client: JobClient, job_id: str) -> list[dict]:
@@ -41,7 +39,10 @@ def test_a_worker_killed_mid_job_every_job_completes_exactly_once(worker: StartW
                                                                   fake: FakeProviderServer) -> None:
     visibility_s = 4  # longer than the 3 s call
     fake.latency_s = 3.0
-    first = worker("openai", visibility_timeout_s=visibility_s)
+    # a lease shorter than the visibility timeout (as the defaults are: 300 s and an hour), so the
+    # redelivery finds the dead worker's lease passed and takes the job over
+    lease = {"DQ_QUEUED_LEASE_S": "2"}
+    first = worker("openai", visibility_timeout_s=visibility_s, env=lease)
     jobs = [client.submit({"model": "openai", "prompt": f"kill-{i}", "stream": False}) for i in range(4)]
     wait_for(lambda: len(generations(fake, "kill-")) == 4, 20, "all four calls in flight")
     delivered = time.monotonic()
@@ -51,7 +52,7 @@ def test_a_worker_killed_mid_job_every_job_completes_exactly_once(worker: StartW
     # Redis hands an unacknowledged message out again once it has been taken for longer than the
     # visibility timeout; a worker sweeps for such messages when it starts.
     time.sleep(max(0.0, delivered + visibility_s + 0.5 - time.monotonic()))
-    second = worker("openai", visibility_timeout_s=visibility_s)
+    second = worker("openai", visibility_timeout_s=visibility_s, env=lease)
     results = [client.result(job_id, timeout=30) for job_id in jobs]
 
     for i, (job_id, result) in enumerate(zip(jobs, results)):
@@ -263,7 +264,9 @@ def test_raw_non_json_on_a_queue_list_is_rejected_and_the_worker_keeps_running(
              "the worker to run the next job or die")
     assert running.alive(), running.log()[-1500:]
     assert client.status(after) is JobStatus.SUCCEEDED
-    assert len(client.redis.lrange(keys.DEAD_LETTER, 0, -1)) == 2  # both recorded with their reason
+    letters = client.store.dead_letters()
+    assert len(letters) == 2 and all(letter.reason.startswith("undecodable message") for letter in letters)
+    assert all(letter.job_id is None and letter.kind is None for letter in letters)  # messages, not jobs
 
 
 # -- task events (what Flower shows) ---------------------------------------------------------------

@@ -163,7 +163,7 @@ async def test_a_429_cools_the_key_down_for_every_process_and_a_long_wait_hands_
 async def test_a_job_that_may_not_leave_waits_in_the_worker_instead(context: JobContext) -> None:
     bound = limiter(context, requests_per_minute=30)  # one request every 2 s
     await bound.after(await bound.before(planned()), RequestOutcome())
-    job = JobWait("job-2", can_defer=False)  # a tool run whose tools ran
+    job = JobWait("job-2", can_defer=False)  # a caller that may not go back to the queue
     token = current_job.set(job)
     try:
         await bound.after(await bound.before(planned()), RequestOutcome())

@@ -25,7 +25,7 @@ from sqlalchemy.engine import URL, make_url
 
 from tasks.schemas import JobError, JobRequest, JobStatus
 from tasks.store import BatchItem, BatchStatus, JobStore, StoreError
-from tasks.store.schema import SCHEMA_VERSION, SchemaTooNewError, batches, jobs, schema_version
+from tasks.store.schema import MIGRATIONS, SCHEMA_VERSION, SchemaTooNewError, batches, jobs, schema_version
 
 REPO = Path(__file__).resolve().parents[2]
 PG_URL = os.environ.get("DQ_TEST_POSTGRES_URL")
@@ -174,7 +174,7 @@ def test_a_final_job_never_runs_again(store: JobStore) -> None:
 
 def test_redelivery_and_stale_attempts(store: JobStore) -> None:
     job_id = _new_job(store)
-    first = store.mark_running(job_id, 1)
+    first = store.mark_running(job_id, 1, lease_s=0)  # a lease that has passed at once: its worker is gone
     assert (first.status, first.attempts, first.deliveries) == (JobStatus.RUNNING, 1, 1)
     again = store.mark_running(job_id, 1)  # the worker died; the same message came back
     assert (again.attempts, again.deliveries) == (1, 2)
@@ -290,8 +290,8 @@ def test_counts_and_listing(store: JobStore) -> None:
 async def test_async_twins(store: JobStore) -> None:
     job_id = _new_job(store)
     assert (await store.aget_request(job_id)).prompt == "How many orders?"
-    results = await asyncio.gather(store.amark_running(job_id, 1), store.amark_running(job_id, 1))
-    assert sorted(r.deliveries for r in results) == [1, 2]
+    first, duplicate = await asyncio.gather(store.amark_running(job_id, 1), store.amark_running(job_id, 1))
+    assert first.deliveries == 1 and duplicate is None  # the first holds its lease: no second start
     assert await store.amark_retrying(job_id, 1, _error(), 0.1)
     await store.amark_running(job_id, 2)
     wins = await asyncio.gather(*(store.afinish(job_id, JobStatus.SUCCEEDED, output=n, attempts=2) for n in range(4)))
@@ -542,7 +542,7 @@ def test_migrations_from_four_processes_at_once(fresh_url: str, tmp_path: Path) 
         assert store.migrate() == SCHEMA_VERSION and store.migrate() == SCHEMA_VERSION
         assert JobStore(fresh_url).migrate() == SCHEMA_VERSION  # a later start: nothing to do
         with store._engine.connect() as conn:
-            assert list(conn.execute(select(schema_version.c.version)).scalars()) == list(range(1, SCHEMA_VERSION + 1))
+            assert list(conn.execute(select(schema_version.c.version)).scalars()) == sorted(m.version for m in MIGRATIONS)
             assert conn.execute(select(func.count()).select_from(jobs)).scalar_one() == 1  # one key, one row
             assert conn.execute(select(func.count()).select_from(batches)).scalar_one() == 0
         if fresh_url.startswith("sqlite"):
@@ -602,3 +602,23 @@ def test_conditional_updates_leave_final_rows_alone(store: JobStore) -> None:
     assert store.finish(job_id, JobStatus.SUCCEEDED, output="late") is False
     assert store.mark_running(job_id, 1) is None
     assert store.cancel(job_id) is JobStatus.FAILED
+
+
+# -- tool-run checkpoints ---------------------------------------------------------------------
+
+
+async def test_checkpoints_are_kept_in_order_once_per_place(store: JobStore) -> None:
+    import sqlalchemy.exc
+
+    job_id, _ = store.create_job("job-cp", JobRequest(model="openai", kind="tool_run", prompt="x"), "openai")
+    steps = [{"kind": "turn", "turn": 1, "message": {"role": "assistant", "content": "a"}},
+             {"kind": "tool", "turn": 1, "call": 0, "message": {"role": "tool", "content": "b"}}]
+    # one loop turn: both go in the group commit's one transaction, with a status write
+    results = await asyncio.gather(store.acheckpoint(job_id, 1, 0, "turn", steps[0]),
+                                   store.amark_running(job_id, 1),
+                                   store.acheckpoint(job_id, 1, 1, "tool", steps[1]))
+    assert results[0] is True and results[2] is True and results[1] is not None
+    assert store.checkpoints(job_id) == steps == await store.acheckpoints(job_id)
+    with pytest.raises(sqlalchemy.exc.IntegrityError):  # another delivery recorded that place first
+        await store.acheckpoint(job_id, 1, 1, "tool", steps[1])
+    assert store.checkpoints(job_id) == steps and store.checkpoints("job-other") == []

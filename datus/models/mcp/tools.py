@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import contextlib
-from typing import Any, AsyncIterator
+from typing import TYPE_CHECKING, Any, AsyncIterator
 
 from datus.models.function_tools import Tool, ToolOutcome
 from datus.models.generation import ToolSpec
-from datus.models.mcp_utils import MCPServerGroup, MCPTool, multiple_mcp_servers
+from datus.models.mcp.servers import MCPServerGroup, MCPTool, multiple_mcp_servers
+
+if TYPE_CHECKING:
+    from datus.models.mcp.pool import MCPPool
 
 __all__ = ["MCPToolAdapter", "mcp_tools_for_run"]
 
@@ -31,9 +34,13 @@ class MCPToolAdapter:
 
 
 @contextlib.asynccontextmanager
-async def mcp_tools_for_run(mcp_servers: Any, agent_config: Any, strict: bool = True) -> AsyncIterator[list[Tool]]:
-    """Connect every server (names from ``agent.mcp_servers``, spec objects, or a dict of
-    both), list their tools once, and disconnect when the run ends."""
-    async with multiple_mcp_servers(mcp_servers, agent_config=agent_config, strict=strict) as group:
+async def mcp_tools_for_run(mcp_servers: Any, agent_config: Any, strict: bool = True,
+                            pool: MCPPool | None = None) -> AsyncIterator[list[Tool]]:
+    """The tools of every server (names from ``agent.mcp_servers``, spec objects, or a dict of
+    both), listed once: servers leased from ``pool`` (kept running), or else connected for
+    this run and disconnected when it ends."""
+    lease = (pool.lease(mcp_servers, agent_config=agent_config) if pool is not None
+             else multiple_mcp_servers(mcp_servers, agent_config=agent_config, strict=strict))
+    async with lease as group:
         tools = await group.tools()
         yield [MCPToolAdapter(group, tool) for tool in tools]

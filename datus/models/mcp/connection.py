@@ -1,7 +1,7 @@
 """One live MCP server connection: its transport (stdio subprocess or streamable HTTP), the
 tools it lists, the calls it makes, and the reasons a start failed, in words a user can act on.
 
-Private: `datus.models.mcp_utils` is the public face (specs, the server group, the errors) and
+Private: `datus.models.mcp.servers` is the public face (specs, the server group, the errors) and
 re-exports what is public here. That module imports this one, so the errors and spec classes
 defined there are imported here inside the functions that need them.
 """
@@ -26,7 +26,7 @@ if TYPE_CHECKING:
     from anyio.abc import TaskGroup, TaskStatus
     from mcp import Client
 
-    from datus.models.mcp_utils import MCPConnectionLostError, MCPServerSpec, MCPServerStreamableHttp
+    from datus.models.mcp.servers import MCPConnectionLostError, MCPServerSpec, MCPServerStreamableHttp
 
 __all__ = ["MCPConnection", "MCPTool", "ToolResult", "connect_and_serve", "safe_url"]
 
@@ -152,7 +152,7 @@ class MCPConnection:
         from mcp import MCPError
         from mcp_types import CONNECTION_CLOSED, REQUEST_TIMEOUT
 
-        from datus.models.mcp_utils import MCPRequestTimeoutError
+        from datus.models.mcp.servers import MCPRequestTimeoutError
 
         try:
             return await send()
@@ -167,7 +167,7 @@ class MCPConnection:
             raise self._lost(what) from exc
 
     def _lost(self, what: str) -> MCPConnectionLostError:
-        from datus.models.mcp_utils import MCPConnectionLostError
+        from datus.models.mcp.servers import MCPConnectionLostError
 
         tail = self._stderr.tail() if self._stderr else ""
         return MCPConnectionLostError(
@@ -175,7 +175,7 @@ class MCPConnection:
             f"the connection){'; its stderr ends with: ' + tail if tail else ''}", server=self.name)
 
     def _live(self) -> Client:
-        from datus.models.mcp_utils import MCPConnectionLostError
+        from datus.models.mcp.servers import MCPConnectionLostError
 
         if self._client is None or self._closed:
             raise MCPConnectionLostError(f"MCP server {self.name!r} is not connected (its server group has exited)",
@@ -260,7 +260,7 @@ async def connect_and_serve(
     from mcp import Client
     from mcp.types import Implementation
 
-    from datus.models.mcp_utils import MCPServerStdio
+    from datus.models.mcp.servers import MCPServerStdio
 
     served = False
     stderr = _StderrLog() if isinstance(spec, MCPServerStdio) and hasattr(os, "pread") else None
@@ -299,7 +299,7 @@ def _transport(spec: MCPServerSpec, stderr: _StderrLog | None) -> Any:
 
     from mcp.client.stdio import StdioServerParameters, stdio_client
 
-    from datus.models.mcp_utils import MCPServerStdio
+    from datus.models.mcp.servers import MCPServerStdio
 
     if isinstance(spec, MCPServerStdio):
         params = StdioServerParameters(command=spec.command, args=spec.args, env=spec.env or None, cwd=spec.cwd)
@@ -331,7 +331,7 @@ def _failure_reason(spec: MCPServerSpec, exc: BaseException, stderr: _StderrLog 
     from mcp import MCPError
     from mcp_types import CONNECTION_CLOSED
 
-    from datus.models.mcp_utils import MCPServerStdio
+    from datus.models.mcp.servers import MCPServerStdio
 
     error = _leaf(exc)
     tail = stderr.tail() if stderr else ""

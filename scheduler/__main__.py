@@ -1,0 +1,51 @@
+"""``dq beat`` (the same as ``python -m scheduler``): the scheduler of datus-queue.
+
+Celery beat with redbeat (`scheduler.beat`): it sends the maintenance tasks and the scheduled
+batches of `scheduler.schedule` to queue ``dq.maintenance``; the workers run them. Run one or
+two (the second is a hot standby); never more than one sends.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def parse(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="dq beat", description="The scheduler: sends the sweeper (every DQ_SWEEP_INTERVAL_S), pruning (every "
+                                    "DQ_PRUNE_INTERVAL_S) and the scheduled batches of agent.yml (agent.schedules) "
+                                    "to the workers. A second dq beat waits as a hot standby; Redis, the job store "
+                                    "and agent.yml come from DQ_REDIS_URL, DQ_DATABASE_URL and DQ_CONFIG.")
+    parser.add_argument("--loglevel", "-l", default="INFO", help="DEBUG, INFO, WARNING, ERROR")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse(sys.argv[1:] if argv is None else argv)
+    from pydantic import ValidationError
+
+    from datus.configuration.agent_config import ConfigError
+    from tasks.settings import get_settings
+
+    try:
+        settings = get_settings()
+        from scheduler.beat import configure
+        from tasks.app import app
+        from tasks.context import load_agent_config
+
+        configure(app, settings, load_agent_config(settings))
+    except ValidationError as exc:  # a DQ_ setting out of bounds
+        error = exc.errors()[0]
+        name = "DQ_" + "_".join(str(part) for part in error["loc"]).upper()
+        print(f"error: {name}={error.get('input')!r}: {error['msg']}", file=sys.stderr)
+        return 1
+    except ConfigError as exc:
+        print(f"error: {' '.join(str(exc).split())}", file=sys.stderr)
+        return 1
+    app.start(["beat", "--scheduler", "scheduler.beat:Scheduler", "--loglevel", args.loglevel])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

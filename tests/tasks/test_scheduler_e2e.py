@@ -1,0 +1,314 @@
+"""The scheduler end to end: real `dq beat` and `dq worker` subprocesses on a real Redis (one
+of its own with AOF where Redis is restarted), the job store, the fake provider. Short
+settings (`SHORT_SCHEDULER`: a sweep every second, a 2 s lease, a 3 s lock); the timeouts only
+guard against hanging, the assertions are about what happened (re-sends counted in the row,
+calls the fake saw, slots fired and sent)."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import subprocess
+import time
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+import yaml
+
+from datus.configuration.agent_config import AgentConfig
+from datus.testing.fake_server import FakeProviderServer
+from datus.testing.script import Reply
+from tasks import keys
+from tasks.cli.services import dq_command, free_port, redis_server_binary
+from tasks.client import JobClient
+from tasks.schemas import JobStatus
+from tests.tasks.conftest import SHORT_SCHEDULER, JobEnv, StartBeat, StartWorker, generations, wait_for
+
+
+def maintenance_runs(client: redis.Redis, task: str) -> int:
+    return int(client.hget(keys.maintenance(task), "runs") or 0)
+
+
+# -- a lost message ------------------------------------------------------------------------------
+
+
+def test_a_job_whose_message_was_deleted_completes_sent_again_once(worker: StartWorker, beat: StartBeat,
+                                                                   client: JobClient, fake: FakeProviderServer,
+                                                                   dq_redis: redis.Redis) -> None:
+    job_id = client.submit({"model": "openai", "prompt": "lost-message", "stream": False})
+    assert dq_redis.delete("llm.openai") == 1  # its message, deleted by hand
+    running = worker("openai", env=SHORT_SCHEDULER)
+    beat()
+    result = client.result(job_id, timeout=60)
+    assert result.status is JobStatus.SUCCEEDED and result.output == "echo: lost-message"
+    row = client.store.get(job_id)
+    assert (row.resends, row.attempts) == (1, 1)  # exactly one re-send by the sweeper
+    assert len(generations(fake, "lost-message")) == 1
+    assert f"sweeper: job {job_id} was queued and its message is not in Redis: sent again (re-send 1 of 5)" in (
+        running.log())
+
+
+def test_a_message_that_turns_up_after_its_resend_makes_no_second_call(
+        worker: StartWorker, beat: StartBeat, client: JobClient, fake: FakeProviderServer,
+        dq_redis: redis.Redis) -> None:
+    fake.script.add(Reply(text="answered once", latency_s=4.0), match="late-message")
+    job_id = client.submit({"model": "openai", "prompt": "late-message", "stream": False})
+    assert dq_redis.rpoplpush("llm.openai", "elsewhere")  # the message is somewhere the sweeper does not see
+    running = worker("openai", env=SHORT_SCHEDULER)
+    beat()
+    wait_for(lambda: generations(fake, "late-message"), 60, "the re-sent message to start the job")
+    assert dq_redis.rpoplpush("elsewhere", "llm.openai")  # the first message turns up while the job runs
+    wait_for(lambda: "is running elsewhere" in running.log(), 30, "the late message to be delivered")
+    result = client.result(job_id, timeout=60)
+    assert result.status is JobStatus.SUCCEEDED and result.output == "answered once"
+    assert len(generations(fake, "late-message")) == 1  # the late duplicate made no call
+    assert client.store.get(job_id).resends == 1
+    assert f"job {job_id}: attempt 1 is running elsewhere" in running.log()
+
+
+def test_a_job_whose_worker_died_is_sent_again_once_its_lease_passes(
+        worker: StartWorker, beat: StartBeat, client: JobClient, fake: FakeProviderServer) -> None:
+    fake.script.add(Reply(text="never seen", latency_s=60), match="orphan-job")  # the call in flight at the kill
+    first = worker("openai", env=SHORT_SCHEDULER)  # the visibility timeout stays an hour
+    beat()
+    job_id = client.submit({"model": "openai", "prompt": "orphan-job", "stream": False})
+    wait_for(lambda: generations(fake, "orphan-job"), 30, "the call to be in flight")
+    first.kill()
+    second = worker("openai", env=SHORT_SCHEDULER)
+    result = client.result(job_id, timeout=60)
+    assert result.status is JobStatus.SUCCEEDED and result.output == "echo: orphan-job"
+    row = client.store.get(job_id)
+    assert (row.resends, row.attempts, row.deliveries) == (1, 1, 2)  # the same attempt, taken over once
+    assert len(generations(fake, "orphan-job")) == 2
+    assert f"sweeper: job {job_id} was running and its worker stopped renewing the lease" in second.log() + (
+        first.log())
+
+
+# -- Redis restarted mid-run -----------------------------------------------------------------------
+
+
+class AofRedis:
+    """A redis-server with AOF (fsync always) on a port and directory of its own, which a test
+    can kill and start again on the same data."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory, self.port = directory, free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(
+            [redis_server_binary(), "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.directory),
+             "--appendonly", "yes", "--appendfsync", "always", "--save", ""],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        client = redis.Redis.from_url(self.url)
+        wait_for(lambda: _pings(client), 20, "redis-server to answer")
+        client.close()
+
+    def kill(self) -> None:
+        assert self.proc is not None
+        self.proc.kill()
+        self.proc.wait(10)
+
+
+def _pings(client: redis.Redis) -> bool:
+    with contextlib.suppress(redis.exceptions.ConnectionError):
+        return bool(client.ping())
+    return False
+
+
+@pytest.fixture
+def aof_redis(tmp_path: Path) -> Iterator[AofRedis]:
+    server = AofRedis(tmp_path)
+    server.start()
+    yield server
+    if server.proc is not None and server.proc.poll() is None:
+        server.kill()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_redis_restarted_mid_run_every_job_succeeds_without_waiting_for_the_visibility_timeout(
+        aof_redis: AofRedis, job_env: JobEnv, worker: StartWorker, beat: StartBeat, fake: FakeProviderServer) -> None:
+    # (aof_redis first: it is torn down last, after the worker and the beat that use it)
+    from tasks.app import create_app
+
+    env = {**SHORT_SCHEDULER, "DQ_REDIS_URL": aof_redis.url}  # the visibility timeout stays an hour
+    settings = job_env.settings(redis_url=aof_redis.url)
+    app = create_app(settings)
+    client = JobClient(settings=settings, agent_config=AgentConfig.from_file(job_env.agent_yml), app=app)
+    try:
+        fake.latency_s = 1.0
+        worker("openai", concurrency=10, env=env)
+        beat(env=env)
+        jobs = client.submit_many([{"model": "openai", "prompt": f"restart-{i}", "stream": False} for i in range(40)])
+        wait_for(lambda: len(generations(fake, "restart-")) >= 15, 60, "the run to be under way")
+        aof_redis.kill()  # mid-run: calls in flight, messages waiting, acknowledgements on their way
+        time.sleep(3.0)  # longer than a publish's retries: retries and requeues made meanwhile fail
+        aof_redis.start()
+        results = {job_id: client.result(job_id, timeout=150) for job_id in jobs}
+    finally:
+        client.close()
+        client.store.close()
+        app.close()
+    assert {result.status for result in results.values()} == {JobStatus.SUCCEEDED}, [
+        (job_id, r.status, r.error) for job_id, r in results.items() if r.status is not JobStatus.SUCCEEDED]
+    assert all(result.output == f"echo: restart-{i}" for i, result in enumerate(results.values()))
+
+
+# -- two beats -----------------------------------------------------------------------------------
+
+
+def _sends(*beats: Any) -> int:
+    return sum(beat.log().count("Sending due task sweep (dq.sweep)") for beat in beats)
+
+
+def _slots(client: redis.Redis, entry: str) -> int:
+    meta = client.hget(keys.beat_entry(entry), "meta")
+    return int(json.loads(meta).get("total_run_count", 0)) if meta else 0
+
+
+@pytest.mark.slow
+def test_two_beats_one_sends_and_the_standby_takes_over_each_slot_once(
+        worker: StartWorker, beat: StartBeat, dq_redis: redis.Redis) -> None:
+    worker("openai", env=SHORT_SCHEDULER)
+    first = beat()
+    second = beat(wait="standby")
+    wait_for(lambda: maintenance_runs(dq_redis, "sweep") >= 3, 60, "three sweeps")
+    assert "beat: Acquired lock" not in second.log() and _sends(second) == 0  # a hot standby sends nothing
+    first.kill()  # SIGKILL: its lock is not released; it expires after the lock timeout
+    wait_for(lambda: "beat: Acquired lock" in second.log(), 60, "the standby to take the lock")
+    after = maintenance_runs(dq_redis, "sweep")
+    wait_for(lambda: maintenance_runs(dq_redis, "sweep") >= after + 3, 60, "sweeps sent by the new holder")
+    second.terminate()
+    assert second.wait_exit(20) == 0
+    # redbeat records each slot it fires in the entry before sending its message; every send is
+    # logged before that. Sends of the same slot by both beats would outnumber the slots; the
+    # one extra send allowed is the holder's last, if it was killed between its log line and
+    # recording the slot.
+    slots, sends = _slots(dq_redis, "sweep"), _sends(first, second)
+    assert slots <= sends <= slots + 1, (slots, sends)
+    assert _sends(second) >= 3
+
+
+# -- a scheduled batch -----------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_a_scheduled_batch_runs_at_its_slot_and_not_twice(job_env: JobEnv, worker: StartWorker, beat: StartBeat,
+                                                          client: JobClient, fake: FakeProviderServer) -> None:
+    questions = [("q1", "How many customers are there?", "SELECT COUNT(*) FROM customers"),
+                 ("q2", "How many orders are there?", "SELECT COUNT(*) FROM orders")]
+    input_path = job_env.dir / "nightly.jsonl"
+    input_path.write_text("".join(json.dumps({"id": i, "question": q, "gold_sql": g}) + "\n" for i, q, g in questions))
+    for _, question, gold in questions:
+        fake.script.add(Reply(text=f"```sql\n{gold}\n```"), match=question)
+    # one slot a minute or two from now (cron is in UTC): it fires once during this test
+    now = datetime.now(UTC)
+    minute = (now + timedelta(minutes=1 if now.second < 40 else 2)).minute
+    config = yaml.safe_load(job_env.agent_yml.read_text())
+    config["agent"]["schedules"] = {"nightly": {"cron": f"{minute} * * * *", "input": str(input_path),
+                                                "model": "openai", "db": f"sqlite:///{job_env.shop_db}"}}
+    job_env.agent_yml.write_text(yaml.safe_dump(config))
+    env = {**SHORT_SCHEDULER, "DQ_SCHEDULE_DIR": str(job_env.dir / "schedules")}
+    running = worker("openai", env=env)
+    first, second = beat(env=env), beat(env=env, wait="standby")
+
+    wait_for(lambda: [r for r in client.store.schedule_runs("nightly") if r.status != "running"], 200,
+             "the scheduled batch to finish")
+    [run] = client.store.schedule_runs("nightly")
+    assert (run.status, run.exit_code, run.slot.minute, run.slot.second) == ("completed", 0, minute, 0)
+    batch = client.store.get_batch(run.batch_id)
+    assert batch is not None and batch.name == f"nightly@{run.slot:%Y-%m-%dT%H:%MZ}" and batch.status.value == "completed"
+    summary = client.store.batch_summary(run.batch_id)
+    assert (summary.total, summary.counts["succeeded"]) == (2, 2)
+    results = [json.loads(line) for line in Path(run.results).read_text().splitlines()]
+    assert sorted(r["id"] for r in results) == ["q1", "q2"] and all(r["match"] for r in results)
+    assert "execution accuracy" in Path(run.log).read_text()  # the batch's summary, in its log
+    assert [len(generations(fake, question)) for _, question, _ in questions] == [1, 1]
+    assert _sends_of(first, second, entry="batch:nightly") == 1
+
+    # the slot's message delivered again (a redelivery, or a second beat in a handover): nothing runs
+    client.app.send_task("dq.run_schedule", args=["nightly"], kwargs={"slot": run.slot.isoformat()},
+                         queue="dq.maintenance")
+    wait_for(lambda: "has run already" in running.log(), 30, "the second delivery to be turned away")
+    assert len(client.store.schedule_runs("nightly")) == 1
+    assert [len(generations(fake, question)) for _, question, _ in questions] == [1, 1]
+
+
+def _sends_of(*beats: Any, entry: str) -> int:
+    return sum(beat.log().count(f"Sending due task {entry} ") for beat in beats)
+
+
+# -- dead letters ------------------------------------------------------------------------------------
+
+
+def dq(job_env: JobEnv, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {key: value for key, value in os.environ.items() if not key.startswith("DQ_")}
+    env.update(DQ_CONFIG=str(job_env.agent_yml), DQ_REDIS_URL=job_env.redis_url, DQ_DATABASE_URL=job_env.database_url,
+               COLUMNS="250")
+    return subprocess.run([*dq_command(), *args], env=env, cwd=job_env.dir, capture_output=True, text=True,
+                          timeout=60, check=False)
+
+
+@pytest.mark.slow
+def test_dead_letters_are_listed_shown_replayed_once_fixed_and_purged(
+        job_env: JobEnv, worker: StartWorker, beat: StartBeat, client: JobClient, fake: FakeProviderServer) -> None:
+    env = {**SHORT_SCHEDULER, "DQ_DEAD_LETTER_THRESHOLD": "1"}
+    # poison: the worker running it dies (here: killed while the call hangs) — delivered again, it is dead
+    fake.script.add(Reply(text="never seen", latency_s=60), match="poison-job")
+    first = worker("openai", env=env)
+    beat(env=env)
+    poison = client.submit({"model": "openai", "prompt": "poison-job", "stream": False})
+    wait_for(lambda: generations(fake, "poison-job"), 30, "the poison job's call")
+    first.kill()
+    worker("openai", env=env)
+    wait_for(lambda: client.status(poison) is JobStatus.DEAD, 60, "the poison job to be dead-lettered")
+    # a payload that is not a job's, for a job the client wrote (an old client, a bad producer),
+    # smuggling a key; and raw bytes on the queue
+    broken = client.store.create_job("job-broken-payload", client.validate(
+        {"model": "openai", "prompt": "broken payload"})[0], "openai")[0]
+    client.app.send_task("dq.generate", args=(broken, {"provider": "openai", "api_key": "sk-SMUGGLED-1234"}),
+                         queue="llm.openai")
+    client.redis.lpush("llm.openai", b"\x00not json{")
+    wait_for(lambda: len(client.store.dead_letters()) == 3, 30, "three dead letters")
+
+    listed = dq(job_env, "dead", "list")
+    assert listed.returncode == 0, listed.stderr
+    lines = {line.split()[0]: line for line in listed.stdout.splitlines()[1:] if line.strip()}
+    message_id = next(dead_id for dead_id in lines if dead_id.startswith("m-"))
+    assert set(lines) == {poison, broken, message_id}
+    assert re.search(r"delivered 2 times \(1 redeliveries without a result\).* generate +openai +dead", lines[poison])
+    assert re.search(r"invalid payload: .*generate +openai +failed", lines[broken])
+    assert re.search(r"undecodable message: .* message +- +-", lines[message_id])
+    assert "SMUGGLED" not in listed.stdout and "SMUGGLED" not in dq(job_env, "dead", "show", broken).stdout
+    shown = json.loads(dq(job_env, "dead", "show", poison).stdout)
+    assert shown["job"]["status"] == "dead" and shown["request"]["prompt"] == "poison-job"
+
+    refused = dq(job_env, "dead", "replay", message_id)
+    assert refused.returncode == 1 and refused.stderr.count("\n") == 1
+    assert f"dead letter {message_id} is a message that was not a job" in refused.stderr
+
+    # "fixed": the workers are healthy now and the stored requests are good
+    replayed = dq(job_env, "dead", "replay", poison)
+    assert replayed.returncode == 0 and replayed.stdout.strip() == f"replayed {poison}"
+    again = dq(job_env, "dead", "replay", "--all")
+    assert again.returncode == 0 and f"replayed {broken}" in again.stdout and "1 replayed, 1 skipped" in again.stdout
+    for job_id in (poison, broken):
+        result = client.result(job_id, timeout=60)
+        assert result.status is JobStatus.SUCCEEDED, result.error
+        row = client.store.get(job_id)
+        assert row.replays == 1 and row.replayed_at is not None and row.attempts == 1
+    assert len(generations(fake, "poison-job")) == 2  # the call the dead worker made, and the replay's
+    assert "replays=1" in dq(job_env, "status", poison).stdout
+
+    assert dq(job_env, "dead", "purge", "--older-than", "7d").stdout.strip() == "purged 0 dead letter(s)"
+    assert dq(job_env, "dead", "purge", message_id).stdout.strip() == "purged 1 dead letter(s)"
+    assert dq(job_env, "dead", "list").stdout.strip() == "no dead letters"

@@ -60,7 +60,8 @@ __all__ = ["run_task", "run_message", "dead_letter_message", "execute", "shown_a
            "JobCancelled"]
 
 logger = logging.getLogger("tasks.jobs")
-INFRA_RETRIES = 8
+INFRA_RETRIES = 8  # in a row (a job's other retries — rate limits above all — do not count)
+INFRA_HEADER = "dq_infra_retries"  # carried by a retry message: infrastructure retries so far in a row
 # a delivery starts: count it (expiring with the job's events) and read the cancel flag, in one call
 _JOB_START_LUA = """
 local deliveries = redis.call('INCR', KEYS[1])
@@ -73,6 +74,11 @@ return {deliveries, redis.call('EXISTS', KEYS[2])}
 class RetryLater:
     countdown: float
     error: JobError
+    infra_retries: int = 0  # infrastructure retries in a row, this one included (0: not one)
+
+    def headers(self) -> dict[str, int]:
+        """The headers of the retry message."""
+        return {INFRA_HEADER: self.infra_retries}
 
 
 class JobCancelled(Exception):
@@ -85,12 +91,13 @@ def run_task(task: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[s
     acknowledged) and a cancelled job into a requeue. The worker's own pool
     (`workers.pool`) awaits `run_message` on its event loop instead."""
     try:
-        outcome = run_coroutine(run_message(args, kwargs, int(task.request.retries or 0)))
+        outcome = run_coroutine(run_message(args, kwargs, int(task.request.retries or 0),
+                                            int(task.request.get(INFRA_HEADER) or 0)))
     except (asyncio.CancelledError, concurrent.futures.CancelledError):
         # the worker is shutting down and cancelled the job: back to the queue at once
         raise Reject("worker shutting down", requeue=True) from None
     if isinstance(outcome, RetryLater):
-        raise task.retry(countdown=outcome.countdown, max_retries=None,
+        raise task.retry(countdown=outcome.countdown, max_retries=None, headers=outcome.headers(),
                          **shown_arguments(vars(task.request)))
     return outcome
 
@@ -101,12 +108,14 @@ def shown_arguments(request: dict[str, Any]) -> dict[str, Any]:
     return {"argsrepr": request.get("argsrepr") or "(job)", "kwargsrepr": request.get("kwargsrepr") or "{}"}
 
 
-async def run_message(args: tuple[Any, ...] | list[Any], kwargs: dict[str, Any], retries: int) -> Any:
+async def run_message(args: tuple[Any, ...] | list[Any], kwargs: dict[str, Any], retries: int,
+                      infra_retries: int = 0) -> Any:
     """One delivery of a job message: the task's return value (a dict), or `RetryLater`.
 
     Tasks take ``(job_id, payload)``; any other shape (a message not sent by JobClient) is
     dead-lettered here rather than failing inside Celery unrecorded. Redis or the job store
-    failing around the job (not the model) gives `RetryLater` too: the job is not lost, and
+    failing around the job (not the model) gives `RetryLater` too, at most `INFRA_RETRIES`
+    in a row (``infra_retries``: so far, from the message's header): the job is not lost, and
     the dead-letter threshold bounds how often. Cancellation (shutdown) propagates."""
     named = dict(kwargs)
     values = list(args) + [named.pop(key) for key in ("job_id", "payload") if key in named]
@@ -119,12 +128,12 @@ async def run_message(args: tuple[Any, ...] | list[Any], kwargs: dict[str, Any],
     try:
         return await execute(job_id, payload, retries=retries)
     except Exception as exc:
-        if retries >= INFRA_RETRIES:
+        if infra_retries >= INFRA_RETRIES:
             raise
-        countdown = min(60.0, 0.5 * 2 ** retries)
+        countdown = min(60.0, 0.5 * 2 ** infra_retries)
         logger.warning("job %s: infrastructure error %s: %s; retry in %.1fs", job_id, type(exc).__name__, exc,
                        countdown)
-        return RetryLater(countdown, job_error(exc))
+        return RetryLater(countdown, job_error(exc), infra_retries + 1)
 
 
 async def dead_letter_message(task_id: str, reason: str) -> None:

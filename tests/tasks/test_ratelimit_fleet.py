@@ -307,6 +307,7 @@ def test_an_interactive_job_goes_before_a_queued_batch_and_a_batch_retry_keeps_i
 
     [retry] = wait_for(held_retry, 20, "the batch job's retry, held for its countdown")
     assert retry["properties"]["priority"] == 6  # it stays in the batch lane
+    assert retry["headers"]["dq_infra_retries"] == 0  # a model error: no infrastructure retry in a row
     client.cancel(batch[0])
 
 

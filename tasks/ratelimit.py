@@ -37,6 +37,7 @@ stuck behind a batch in the queue nor at the limiter.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import itertools
 import logging
@@ -356,6 +357,8 @@ class _LoopState:
         finally:
             if not future.done():
                 future.cancel()
+            with contextlib.suppress(ValueError):  # not woken: leave the queue
+                waiting.remove((lane, future))
 
     async def _renew(self) -> None:
         """While this process holds slots: extend their leases every third of a lease, so a

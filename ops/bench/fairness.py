@@ -7,8 +7,9 @@ in the same run.
                                  [--concurrency 50] [--rate-limit 0]
 
 Each run: a worker, ``--batch`` batch jobs (``batch_id`` set) queued through submit_many, then
-``--interactive`` jobs submitted one after another while the batch runs; each one's latency
-(submit to result) is printed, with the batch jobs still queued when it was submitted. With
+``--interactive`` jobs submitted half a second apart while the batch runs; each one's latency
+(submit to finished, as the store recorded it) is printed, with the batch jobs still queued
+when it was submitted. With
 ``--rate-limit N`` the model has ``requests_per_minute: N``, so the batch also waits at the
 limiter (where the lanes matter) rather than only in the queue.
 """
@@ -41,14 +42,17 @@ def run(fake_url: str, redis_url: str, args: argparse.Namespace, batch_priority:
                 client.submit_many([{"model": "bench", "prompt": f"batch {i}", "stream": False, "batch_id": "b-bench",
                                      "item_id": str(i)} for i in range(start, min(args.batch, start + 500))])
             time.sleep(2.0)  # the batch is running
-            seen: list[tuple[float, int]] = []
-            for i in range(args.interactive):
-                queued = client.store.count_by_status()["queued"] + client.store.count_by_status()["retrying"]
-                started = time.perf_counter()
-                job_id = client.submit({"model": "bench", "prompt": f"interactive {i}", "stream": False})
-                client.result(job_id, timeout=args.timeout)
-                seen.append((time.perf_counter() - started, queued))
+            submitted: list[tuple[str, float, int]] = []
+            for i in range(args.interactive):  # spaced out while the batch runs, not waiting for each
+                counts = client.store.count_by_status()
+                submitted.append((client.submit({"model": "bench", "prompt": f"interactive {i}", "stream": False}),
+                                  time.time(), counts["queued"] + counts["retrying"]))
                 time.sleep(0.5)
+            seen: list[tuple[float, int]] = []
+            for job_id, at, queued in submitted:
+                result = client.result(job_id, timeout=args.timeout)
+                assert result.finished_at is not None, result
+                seen.append((result.finished_at.timestamp() - at, queued))
     return seen
 
 

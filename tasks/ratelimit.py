@@ -60,8 +60,15 @@ from tasks import keys
 from tasks.ratelimit_lua import ACQUIRE, COOLDOWN, GO, NO_SLOT, RELEASE, RENEW, TICKET, TOO_LARGE
 from tasks.redis_batch import RedisBatch
 
-__all__ = ["Deferred", "DeadlineExceeded", "JobWait", "ModelLimiter", "RateLimitWaitExceeded", "RedisLimiter",
-           "current_job"]
+__all__ = [
+    "DeadlineExceeded",
+    "Deferred",
+    "JobWait",
+    "ModelLimiter",
+    "RateLimitWaitExceeded",
+    "RedisLimiter",
+    "current_job",
+]
 
 logger = logging.getLogger("tasks.ratelimit")
 
@@ -131,10 +138,10 @@ class RedisLimiter:
         self._slot_ids = itertools.count(1)
         self._slot_prefix = f"{socket.gethostname()}:{os.getpid()}:{random.getrandbits(32):08x}"
 
-    def for_model(self, model: Any, limits: RateLimits | None) -> "ModelLimiter":
+    def for_model(self, model: Any, limits: RateLimits | None) -> ModelLimiter:
         return ModelLimiter(self, model.provider, model.key_fingerprint, model.model_name, limits or RateLimits())
 
-    def loop_state(self) -> "_LoopState":
+    def loop_state(self) -> _LoopState:
         loop = asyncio.get_running_loop()
         state = self._per_loop.get(loop)
         if state is None:

@@ -75,7 +75,7 @@ class RedisBatch:
                 if orphan is not None and not isinstance(reply, BaseException):
                     try:
                         orphan(reply)
-                    except Exception:  # noqa: BLE001 - best effort; the slot's lease still ends it
+                    except Exception:
                         logger.exception("the limiter could not give back an orphaned grant")
             elif isinstance(reply, BaseException):
                 future.set_exception(reply)
@@ -87,7 +87,7 @@ class RedisBatch:
             script, args, _, _ = batch[0]
             try:
                 return [await self._client.evalsha(self._sha(script), *args)]
-            except Exception as exc:  # noqa: BLE001 - handed back like a pipeline's error reply
+            except Exception as exc:
                 import redis.exceptions
 
                 if isinstance(exc, redis.exceptions.ResponseError):

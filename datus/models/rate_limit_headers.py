@@ -129,7 +129,7 @@ def _seconds_until(value: str | None, now: float) -> float | None:
     if not value:
         return None
     try:
-        when = datetime.fromisoformat(value.strip().replace("Z", "+00:00"))
+        when = datetime.fromisoformat(value.strip())  # 3.11 reads a trailing Z
     except ValueError:
         return None
     if when.tzinfo is None:

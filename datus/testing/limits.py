@@ -40,7 +40,7 @@ class ProviderLimits:
             raise ValueError("window_s and period_s must be positive")
 
     @classmethod
-    def from_json(cls, data: dict[str, Any]) -> "ProviderLimits":
+    def from_json(cls, data: dict[str, Any]) -> ProviderLimits:
         unknown = sorted(set(data) - set(cls.__dataclass_fields__))
         if unknown:
             raise ValueError(f"unknown limit field(s) {', '.join(unknown)}; known: "

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import pytest
 
@@ -30,7 +30,7 @@ def test_openai_headers() -> None:
 
 
 def test_anthropic_headers() -> None:
-    now = datetime(2026, 1, 1, tzinfo=timezone.utc).timestamp()
+    now = datetime(2026, 1, 1, tzinfo=UTC).timestamp()
     budget = anthropic_budget({"anthropic-ratelimit-requests-limit": "50", "anthropic-ratelimit-requests-remaining": "3",
                                "anthropic-ratelimit-requests-reset": "2026-01-01T00:00:30Z",
                                "anthropic-ratelimit-input-tokens-limit": "30000",

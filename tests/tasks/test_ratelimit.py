@@ -6,6 +6,7 @@ fleet's side is tests/tasks/test_ratelimit_fleet.py."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 import time
 from collections.abc import AsyncIterator
 from types import SimpleNamespace
@@ -25,7 +26,7 @@ from datus.testing.limits import ProviderLimits
 from datus.testing.script import Fault
 from tasks import keys
 from tasks.context import JobContext
-from tasks.ratelimit import Deferred, JobWait, ModelLimiter, RedisLimiter, current_job
+from tasks.ratelimit import Deferred, JobWait, ModelLimiter, current_job
 from tasks.ratelimit_lua import ACQUIRE, GO, NO_SLOT, TICKET, TOO_LARGE
 from tests.tasks.conftest import KNOWN_KEY, generations
 
@@ -67,11 +68,11 @@ def test_a_per_minute_limit_is_smooth_a_seconds_worth_at_once_then_evenly_spaced
     ticketed = [a for a in answers if a[0] == TICKET]
     assert len(now) == 10  # 600/min: one second's worth goes at once, never 100
     assert len(booked) == 10  # the next second is booked 100 ms apart, waited out by the worker
-    gaps = [b[1] - a[1] for a, b in zip(booked, booked[1:])]
+    gaps = [b[1] - a[1] for a, b in itertools.pairwise(booked)]
     assert all(99_000 <= gap <= 101_000 for gap in gaps), gaps
     assert len(ticketed) == 20  # beyond the short wait: places in line, 100 ms apart
     places = [a[2] for a in ticketed]
-    assert all(99_000 <= b - a <= 101_000 for a, b in zip(places, places[1:]))
+    assert all(99_000 <= b - a <= 101_000 for a, b in itertools.pairwise(places))
 
 
 def test_a_request_bigger_than_the_whole_budget_can_never_fit(dq_redis: redis.Redis) -> None:

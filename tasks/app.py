@@ -38,6 +38,9 @@ def create_app(settings: Settings | None = None) -> Celery:
             # back soon after the visibility timeout, not minutes later
             "unacked_restore_interval": max(1, min(10, visibility // 4)),
             "unacked_restore_throttle": 1,
+            # a worker killed while it restores holds the restore lock until it expires (kombu's
+            # default: 5 minutes, for every worker): keep that in proportion to the timeout
+            "unacked_mutex_expire": max(10, min(300, visibility // 4)),
         },
         result_backend_transport_options={"visibility_timeout": visibility},
         visibility_timeout=visibility,

@@ -1,7 +1,9 @@
 """`JobClient`: submit jobs, wait for results, stream their steps, cancel them.
 
 Everything is validated before anything is sent: an unknown model, provider or MCP server
-name is an error that says what to fix, and nothing is queued.
+name, or a model the operator does not allow (``agent.allowed_models``), is an error that says
+what to fix, and nothing is queued. Batch jobs (``batch_id``) go out at a lower broker
+priority (``DQ_BATCH_PRIORITY``), so an interactive job is not queued behind a batch.
 """
 
 from __future__ import annotations
@@ -60,10 +62,16 @@ def resolve_provider(model: str, agent_config: AgentConfig) -> str:
     return provider
 
 
-def publish_job(app: Any, producer: Any, job_id: str, request: JobRequest, provider: str, retries: int = 0) -> None:
+def publish_job(app: Any, producer: Any, job_id: str, request: JobRequest, provider: str, retries: int = 0,
+                batch_priority: int | None = None) -> None:
     """Send a job's message: the job's task, ``task_id = job_id``, on its provider's queue. The
     one way a job is sent — by `JobClient`, by the sweeper, by a replay (``retries`` tells the
-    worker which attempt it is)."""
+    worker which attempt it is). A batch job (``batch_id``) goes at ``batch_priority``
+    (default ``DQ_BATCH_PRIORITY``): 0 is the highest on the Redis transport, whose list for
+    it is popped first, so interactive jobs are never queued behind a batch."""
+    if batch_priority is None:
+        batch_priority = get_settings().batch_priority
+    priority = batch_priority if request.batch_id is not None else 0
     payload = TaskPayload(provider=provider, request=request).model_dump(mode="json")
     # ignore_result: results live in the job store; without it every submit leaves the client
     # subscribed to a Celery result channel (memory grows with the batch).
@@ -71,7 +79,7 @@ def publish_job(app: Any, producer: Any, job_id: str, request: JobRequest, provi
     # Celery it is a repr of the whole request — prompt included — in every message header,
     # computed on each submit.
     app.send_task(TASK_NAMES[request.kind], args=(job_id, payload), task_id=job_id, queue=queue_for(provider),
-                  ignore_result=True, producer=producer, retries=retries,
+                  ignore_result=True, producer=producer, retries=retries, priority=priority,
                   argsrepr=f"({job_id!r}, <{request.kind.value} request for {request.model}>)", kwargsrepr="{}")
 
 
@@ -104,6 +112,10 @@ class JobClient:
                                  f"{e['msg'].removeprefix('Value error, ')}" for e in exc.errors())
             raise InvalidJob(f"invalid job request: {problems}") from None
         provider = resolve_provider(job.model, self.agent_config)
+        if not self.agent_config.is_model_allowed(job.model):
+            allowed = ", ".join(self.agent_config.allowed_model_patterns()) or "(none)"
+            raise InvalidJob(f"model {job.model!r} is not allowed: agent.allowed_models allows {allowed} "
+                             "(provider:model names only where an operator lists them)")
         unknown = [name for name in job.mcp_servers if name not in self.agent_config.mcp_servers]
         if unknown:
             configured = ", ".join(sorted(self.agent_config.mcp_servers)) or "(none)"
@@ -129,10 +141,11 @@ class JobClient:
 
     def _send(self, jobs: list[tuple[str, JobRequest, str]]) -> None:
         sent = 0
+        batch_priority = self.settings.batch_priority
         try:
             with self.app.producer_or_acquire() as producer:
                 for job_id, job, provider in jobs:
-                    publish_job(self.app, producer, job_id, job, provider)
+                    publish_job(self.app, producer, job_id, job, provider, batch_priority=batch_priority)
                     sent += 1
         except Exception as exc:  # the rows not sent must not stay queued forever
             from tasks.jobs import job_error

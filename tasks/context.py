@@ -1,6 +1,7 @@
 """What a process needs to run jobs: settings, agent config, the job store, the leases of its
-running jobs, Redis clients, the event publisher, the MCP server pool and the model objects —
-created lazily, once per process (after fork), and closed by the worker runtime at shutdown."""
+running jobs, Redis clients, the event publisher, the provider-limit limiter, the MCP server
+pool and the model objects — created lazily, once per process (after fork), and closed by the
+worker runtime at shutdown."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import dataclasses
 import os
 import threading
 import weakref
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +41,9 @@ class JobContext:
         self._store: Any = None
         self._leases: Any = None
         self._redis: Any = None
-        self._models: dict[tuple[str, bool], LLMBaseModel] = {}
+        self._limiter: Any = None
+        # LRU, bounded: every distinct model name a job names would otherwise stay for good
+        self._models: OrderedDict[tuple[str, bool], LLMBaseModel] = OrderedDict()
         self._per_loop: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[str, Any]] = (
             weakref.WeakKeyDictionary()
         )
@@ -76,19 +80,44 @@ class JobContext:
                 self._redis = redis.Redis.from_url(self.settings.redis_url)
             return self._redis
 
+    @property
+    def limiter(self) -> Any:
+        """The provider limits shared by the fleet (`tasks.ratelimit.RedisLimiter`)."""
+        with self._lock:
+            if self._limiter is None:
+                from tasks.ratelimit import RedisLimiter
+
+                self._limiter = RedisLimiter(self)
+            return self._limiter
+
     def model(self, name: str, in_process_retries: bool) -> LLMBaseModel:
-        """One model object per (name, retry mode) per process. Jobs retried by Celery use a
-        model that tries each request once; tool runs first retry each request in-process
-        (a job retry then resumes from the run's checkpoints)."""
+        """One model object per (name, retry mode) per process, at most
+        ``DQ_MODEL_CACHE_SIZE`` of them (least recently used go first; a model dropped from
+        here closes its clients on its loop once the last job using it lets go). Jobs retried
+        by Celery use a model that tries each request once; tool runs first retry each request
+        in-process (a job retry then resumes from the run's checkpoints), their rate-limit
+        answers spending a time budget, not attempts. Every model's requests go through the
+        limiter."""
         key = (name, in_process_retries)
         with self._lock:
             model = self._models.get(key)
-            if model is None:
-                model = LLMBaseModel.create_model(self.agent_config, name)
-                if not in_process_retries:
-                    model.retry_policy = dataclasses.replace(model.retry_policy, max_attempts=1)
-                self._models[key] = model
-            return model
+            if model is not None:
+                self._models.move_to_end(key)
+                return model
+        model = LLMBaseModel.create_model(self.agent_config, name)
+        if in_process_retries:
+            model.retry_policy = dataclasses.replace(model.retry_policy,
+                                                     rate_limit_wait_s=self.settings.rate_limit_max_wait_s)
+        else:
+            model.retry_policy = dataclasses.replace(model.retry_policy, max_attempts=1)
+        if self.settings.rate_limiter:
+            model.request_limiter = self.limiter.for_model(model, self.agent_config.rate_limits_for(model.model_config))
+        with self._lock:
+            found = self._models.setdefault(key, model)  # another thread may have made it meanwhile
+            self._models.move_to_end(key)
+            while len(self._models) > self.settings.model_cache_size:
+                self._models.popitem(last=False)
+            return found
 
     def models(self) -> list[LLMBaseModel]:
         with self._lock:

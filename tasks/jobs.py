@@ -5,9 +5,18 @@ claim the row under a lease (a job that is already final, or running under anoth
 lease, makes no second model call); too many redeliveries → dead letter; run the model while
 the process renews the lease (`tasks.leases`), publishing every step; write the result to the
 store *before* the task returns (the message is acknowledged after that); publish the terminal
-event. A retryable
-error asks Celery for a retry with countdown = max(Retry-After, full-jitter backoff), kept
-below the visibility timeout; a permanent one fails at once with the provider's message.
+event. A retryable error asks Celery for a retry with countdown = max(Retry-After,
+full-jitter backoff); a permanent one fails at once with the provider's message.
+
+Provider limits (``tasks.ratelimit``): a wait the limiter hands back (`Deferred`) is a Celery
+retry too (a tool run resumes from its checkpoints, so that is safe for them as well).
+Rate-limit and overload answers, and cooldowns, are retried until the job's time budget
+(``DQ_RATE_LIMIT_MAX_WAIT_S`` from the first one, or the job's ``deadline``) and are not counted
+against the model's ``max_retries``; other retryable errors keep that attempt budget. A
+countdown longer than the visibility margin is capped to it (the job comes back and waits
+again), never a reason to fail. Runs that only waited for the limiter are not attempts:
+the store's run number (``retries + 1``, the stale-message guard) counts them, ``attempts``
+as read does not.
 
 Tool runs are durable (`tasks.checkpoints`): every completed step is checkpointed before the
 next one, and any new delivery of the job resumes from the checkpoints, publishing only the
@@ -25,13 +34,14 @@ import json
 import logging
 import time
 from dataclasses import dataclass
-from typing import Any
+from datetime import datetime, timedelta, timezone
+from typing import TYPE_CHECKING, Any
 
 from celery.exceptions import Reject
 from pydantic import ValidationError
 
 from datus.models.errors import ModelError
-from datus.models.retry import RetryPolicy
+from datus.models.retry import RetryPolicy, is_rate_limited
 from datus.models.usage import Usage, track_usage
 from datus.schemas.action_history import ActionHistory, ActionRole, ActionStatus
 from datus.schemas.message import to_messages
@@ -39,13 +49,19 @@ from tasks import keys
 from tasks.checkpoints import RunSuperseded, StoreJournal
 from tasks.context import JobContext, get_context
 from tasks.execution import run_coroutine
+from tasks.ratelimit import DeadlineExceeded, Deferred, JobWait, RateLimitWaitExceeded, current_job
 from tasks.schemas import DATABASE_SERVER, JobError, JobKind, JobRequest, JobStatus, TaskPayload
+from tasks.settings import Settings
+
+if TYPE_CHECKING:
+    from tasks.store import StoredJob
 
 __all__ = ["run_task", "run_message", "dead_letter_message", "execute", "shown_arguments", "RetryLater",
            "JobCancelled"]
 
 logger = logging.getLogger("tasks.jobs")
-INFRA_RETRIES = 8
+INFRA_RETRIES = 8  # in a row (a job's other retries — rate limits above all — do not count)
+INFRA_HEADER = "dq_infra_retries"  # carried by a retry message: infrastructure retries so far in a row
 # a delivery starts: count it (expiring with the job's events) and read the cancel flag, in one call
 _JOB_START_LUA = """
 local deliveries = redis.call('INCR', KEYS[1])
@@ -58,6 +74,11 @@ return {deliveries, redis.call('EXISTS', KEYS[2])}
 class RetryLater:
     countdown: float
     error: JobError
+    infra_retries: int = 0  # infrastructure retries in a row, this one included (0: not one)
+
+    def headers(self) -> dict[str, int]:
+        """The headers of the retry message."""
+        return {INFRA_HEADER: self.infra_retries}
 
 
 class JobCancelled(Exception):
@@ -70,12 +91,13 @@ def run_task(task: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[s
     acknowledged) and a cancelled job into a requeue. The worker's own pool
     (`workers.pool`) awaits `run_message` on its event loop instead."""
     try:
-        outcome = run_coroutine(run_message(args, kwargs, int(task.request.retries or 0)))
+        outcome = run_coroutine(run_message(args, kwargs, int(task.request.retries or 0),
+                                            int(task.request.get(INFRA_HEADER) or 0)))
     except (asyncio.CancelledError, concurrent.futures.CancelledError):
         # the worker is shutting down and cancelled the job: back to the queue at once
         raise Reject("worker shutting down", requeue=True) from None
     if isinstance(outcome, RetryLater):
-        raise task.retry(countdown=outcome.countdown, max_retries=None,
+        raise task.retry(countdown=outcome.countdown, max_retries=None, headers=outcome.headers(),
                          **shown_arguments(vars(task.request)))
     return outcome
 
@@ -86,12 +108,14 @@ def shown_arguments(request: dict[str, Any]) -> dict[str, Any]:
     return {"argsrepr": request.get("argsrepr") or "(job)", "kwargsrepr": request.get("kwargsrepr") or "{}"}
 
 
-async def run_message(args: tuple[Any, ...] | list[Any], kwargs: dict[str, Any], retries: int) -> Any:
+async def run_message(args: tuple[Any, ...] | list[Any], kwargs: dict[str, Any], retries: int,
+                      infra_retries: int = 0) -> Any:
     """One delivery of a job message: the task's return value (a dict), or `RetryLater`.
 
     Tasks take ``(job_id, payload)``; any other shape (a message not sent by JobClient) is
     dead-lettered here rather than failing inside Celery unrecorded. Redis or the job store
-    failing around the job (not the model) gives `RetryLater` too: the job is not lost, and
+    failing around the job (not the model) gives `RetryLater` too, at most `INFRA_RETRIES`
+    in a row (``infra_retries``: so far, from the message's header): the job is not lost, and
     the dead-letter threshold bounds how often. Cancellation (shutdown) propagates."""
     named = dict(kwargs)
     values = list(args) + [named.pop(key) for key in ("job_id", "payload") if key in named]
@@ -104,12 +128,12 @@ async def run_message(args: tuple[Any, ...] | list[Any], kwargs: dict[str, Any],
     try:
         return await execute(job_id, payload, retries=retries)
     except Exception as exc:
-        if retries >= INFRA_RETRIES:
+        if infra_retries >= INFRA_RETRIES:
             raise
-        countdown = min(60.0, 0.5 * 2 ** retries)
+        countdown = min(60.0, 0.5 * 2 ** infra_retries)
         logger.warning("job %s: infrastructure error %s: %s; retry in %.1fs", job_id, type(exc).__name__, exc,
                        countdown)
-        return RetryLater(countdown, job_error(exc))
+        return RetryLater(countdown, job_error(exc), infra_retries + 1)
 
 
 async def dead_letter_message(task_id: str, reason: str) -> None:
@@ -117,11 +141,21 @@ async def dead_letter_message(task_id: str, reason: str) -> None:
     await _dead_letter(get_context(), task_id, reason, None)
 
 
+_CODES = {RateLimitWaitExceeded: "rate_limit_wait_exceeded", DeadlineExceeded: "deadline_exceeded"}
+
+
 def job_error(exc: BaseException) -> JobError:
     if isinstance(exc, ModelError):
         return JobError(code=exc.code.value, type=type(exc).__name__, message=exc.message,
                         provider=exc.provider, status_code=exc.status_code, retryable=exc.retryable)
-    return JobError(code="internal_error", type=type(exc).__name__, message=str(exc) or type(exc).__name__)
+    code = _CODES.get(type(exc), "internal_error")
+    return JobError(code=code, type=type(exc).__name__, message=str(exc) or type(exc).__name__)
+
+
+def retry_ceiling(settings: Settings) -> float:
+    """The longest countdown a retry may have: a message held for its countdown longer than
+    the visibility timeout would be handed to a second worker."""
+    return min(settings.max_retry_countdown_s, settings.visibility_timeout_s * 0.5)
 
 
 async def execute(job_id: str, payload: Any, retries: int = 0, context: JobContext | None = None) -> Any:
@@ -141,8 +175,8 @@ async def execute(job_id: str, payload: Any, retries: int = 0, context: JobConte
 
     deliveries, cancel_requested = await ctx.script(_JOB_START_LUA)(
         keys=[keys.job_deliveries(job_id), keys.job_cancel(job_id)], args=[ctx.settings.event_ttl_s])
-    attempt = retries + 1
-    claimed = await ctx.store.amark_running(job_id, attempt, ctx.settings.queued_lease_s)
+    run_no = retries + 1  # the store's guard against stale messages; limiter waits count here, not as attempts
+    claimed = await ctx.store.amark_running(job_id, run_no, ctx.settings.queued_lease_s)
     if claimed is None:  # already final (a redelivery after success), cancelled while queued, or
         current = await ctx.store.aget(job_id)  # running under another delivery's lease: no second call
         if current is not None and current.status is JobStatus.RUNNING:
@@ -154,19 +188,41 @@ async def execute(job_id: str, payload: Any, retries: int = 0, context: JobConte
         reason = f"delivered {deliveries} times ({redeliveries} redeliveries without a result)"
         await _dead_letter(ctx, job_id, reason, None)
         error = JobError(code="dead_letter", type="DeadLetter", message=reason)
-        if await ctx.store.afinish(job_id, JobStatus.DEAD, error=error, attempts=attempt):
+        if await ctx.store.afinish(job_id, JobStatus.DEAD, error=error, attempts=run_no):
             await _terminal(ctx, job_id, JobStatus.DEAD, _error_step(error))
         return {"job_id": job_id, "status": JobStatus.DEAD.value}
+    request = task_payload.request
+    if not ctx.agent_config.is_model_allowed(request.model):  # sent around a client, or a config changed
+        allowed = ", ".join(ctx.agent_config.allowed_model_patterns()) or "(none)"
+        error = JobError(code="model_not_allowed", type="ModelNotAllowed",
+                         message=f"model {request.model!r} is not allowed on this worker (agent.allowed_models: "
+                                 f"{allowed})")
+        if await ctx.store.afinish(job_id, JobStatus.FAILED, error=error, attempts=run_no):
+            await _terminal(ctx, job_id, JobStatus.FAILED, _error_step(error))
+        return {"job_id": job_id, "status": JobStatus.FAILED.value}
     # any start but the very first may find steps of an earlier delivery to resume from (a
     # re-send by the sweeper counts as a delivery of the same attempt)
-    resuming = attempt > 1 or claimed.deliveries > 1
+    resuming = run_no > 1 or claimed.deliveries > 1
     async with ctx.leases.hold(job_id):
-        return await _run(ctx, job_id, task_payload.request, attempt, bool(cancel_requested), resuming)
+        return await _run(ctx, job_id, request, claimed, run_no, bool(cancel_requested), resuming)
 
 
-async def _run(ctx: JobContext, job_id: str, request: JobRequest, attempt: int, cancel_requested: bool,
-               resuming: bool = False) -> Any:
-    runner = _JobRunner(ctx, job_id, request, cancel_requested, attempt, resuming)
+def _job_wait(ctx: JobContext, job_id: str, request: JobRequest, stored: StoredJob) -> JobWait:
+    """What the job's requests tell the limiter: its lane, its ticket, its time budget."""
+    settings = ctx.settings
+    deadline = request.deadline.timestamp() if request.deadline is not None else None
+    since = stored.rate_limited_since.timestamp() if stored.rate_limited_since else time.time()
+    budget_end = deadline if deadline is not None else since + settings.rate_limit_max_wait_s
+    lane = 1 if request.batch_id is not None and settings.batch_priority > 0 else 0
+    return JobWait(job_id, lane=lane, ticket_us=stored.rate_ticket or 0, budget_end=budget_end, deadline=deadline)
+
+
+async def _run(ctx: JobContext, job_id: str, request: JobRequest, stored: StoredJob, run_no: int,
+               cancel_requested: bool, resuming: bool = False) -> Any:
+    """Run the claimed job; ``stored.attempts`` is its attempt (runs that were not limiter
+    waits), ``run_no`` what the store writes."""
+    runner = _JobRunner(ctx, job_id, request, cancel_requested, run_no, resuming)
+    token = current_job.set(_job_wait(ctx, job_id, request, stored))
     try:
         with track_usage() as calls:
             output, sql_contexts = await runner.run()
@@ -174,21 +230,25 @@ async def _run(ctx: JobContext, job_id: str, request: JobRequest, attempt: int, 
         logger.warning("%s; this delivery stops", exc)
         return {"job_id": job_id, "status": "superseded"}
     except JobCancelled:
-        if await ctx.store.afinish(job_id, JobStatus.CANCELLED, attempts=attempt):
+        if await ctx.store.afinish(job_id, JobStatus.CANCELLED, attempts=run_no):
             await _terminal(ctx, job_id, JobStatus.CANCELLED, ActionHistory.create_action(
                 ActionRole.WORKFLOW, "cancelled", "cancelled", None, None, ActionStatus.FAILED))
         return {"job_id": job_id, "status": JobStatus.CANCELLED.value}
+    except Deferred as deferred:
+        return await _deferred(ctx, job_id, stored, run_no, deferred)
     except (asyncio.CancelledError, KeyboardInterrupt, SystemExit):
         raise
     except BaseException as exc:  # noqa: BLE001 - a job never ends without a recorded outcome
         if isinstance(exc, Exception) and _is_infrastructure(exc):
             raise  # run_task retries the job later (a tool run resumes); the model error path is for the model
-        return await _failed(ctx, job_id, request, attempt, exc)
+        return await _failed(ctx, job_id, request, stored, run_no, exc)
+    finally:
+        current_job.reset(token)
     # a resumed tool run's usage covers the turns it replayed, which made no call this time
     usage = runner.usage or (sum(calls, Usage()) if calls else Usage())
     won = await ctx.store.afinish(
         job_id, JobStatus.SUCCEEDED, output=output, sql_contexts=sql_contexts,
-        usage=usage.model_dump(), cost_usd=usage.cost_usd, attempts=attempt,
+        usage=usage.model_dump(), cost_usd=usage.cost_usd, attempts=run_no,
     )
     if won:
         final = runner.final_step or ActionHistory.create_action(
@@ -200,25 +260,78 @@ async def _run(ctx: JobContext, job_id: str, request: JobRequest, attempt: int, 
     return {"job_id": job_id, "status": JobStatus.SUCCEEDED.value}
 
 
-async def _failed(ctx: JobContext, job_id: str, request: JobRequest, attempt: int, exc: BaseException) -> Any:
+async def _deferred(ctx: JobContext, job_id: str, stored: StoredJob, run_no: int, deferred: Deferred) -> Any:
+    """The limiter handed the job back: a retry after its wait (capped to the visibility
+    margin: a longer wait comes back and waits again, keeping its ticket). It made no
+    request, so it is not an attempt."""
+    attempt = stored.attempts
+    countdown = min(deferred.wait_s, retry_ceiling(ctx.settings))
+    since = stored.rate_limited_since or (datetime.now(timezone.utc) if deferred.rate_limited else None)
+    error = JobError(code="rate_limit_wait", type="RateLimitWait", message=str(deferred), provider=stored.provider,
+                     retryable=True)
+    if not await ctx.store.amark_retrying(job_id, run_no, error, countdown, rate_limit_retries=stored.rate_limit_retries,
+                                          rate_limit_waits=stored.rate_limit_waits + 1, rate_limited_since=since,
+                                          rate_ticket=deferred.ticket_us or None):
+        return {"job_id": job_id, "status": "final"}  # cancelled meanwhile: do not come back
+    await ctx.publisher.publish(job_id, ActionHistory.create_action(
+        ActionRole.WORKFLOW, "rate_limit_wait", f"{deferred}: back in {countdown:.2f}s", None,
+        {"countdown_s": countdown, "wait_s": deferred.wait_s, "attempt": attempt, "rate_limited": deferred.rate_limited},
+        ActionStatus.PROCESSING))
+    logger.info("job %s attempt %d: %s; back in %.2fs", job_id, attempt, deferred, countdown)
+    return RetryLater(countdown, error)
+
+
+async def _failed(ctx: JobContext, job_id: str, request: JobRequest, stored: StoredJob, run_no: int,
+                  exc: BaseException) -> Any:
     error = job_error(exc)
-    if not isinstance(exc, ModelError):
+    attempt = stored.attempts
+    if not isinstance(exc, (ModelError, RateLimitWaitExceeded, DeadlineExceeded)):
         logger.exception("job %s failed with an internal error", job_id)
-    elif exc.retryable:
-        # the model's own policy decides (a tool run resumes from its checkpoints: no tool runs twice)
-        policy = RetryPolicy.from_config(ctx.model(request.model, in_process_retries=False).model_config)
-        delay = policy.delay_for(exc, attempt)
-        ceiling = min(ctx.settings.max_retry_countdown_s, ctx.settings.visibility_timeout_s * 0.5)
-        if delay is not None and delay <= ceiling:
-            await ctx.store.amark_retrying(job_id, attempt, error, delay)
+    elif isinstance(exc, ModelError) and exc.retryable:  # a tool run resumes from its checkpoints
+        retry = _retry_countdown(ctx, request, stored, exc)
+        if isinstance(retry, str):
+            error = error.model_copy(update={"message": f"{error.message} ({retry})"})
+        else:
+            countdown, rate_limit = retry
+            await ctx.store.amark_retrying(job_id, run_no, error, countdown, **rate_limit)
             await ctx.publisher.publish(job_id, ActionHistory.create_action(
-                ActionRole.WORKFLOW, "retry", f"{error.type}: retrying in {delay:.2f}s", None,
-                {"error": error.model_dump(), "countdown_s": delay, "attempt": attempt}, ActionStatus.PROCESSING))
-            logger.info("job %s attempt %d: %s; retry in %.2fs", job_id, attempt, error.type, delay)
-            return RetryLater(delay, error)
-    if await ctx.store.afinish(job_id, JobStatus.FAILED, error=error, attempts=attempt):
+                ActionRole.WORKFLOW, "retry", f"{error.type}: retrying in {countdown:.2f}s", None,
+                {"error": error.model_dump(), "countdown_s": countdown, "attempt": attempt,
+                 "rate_limited": bool(rate_limit)}, ActionStatus.PROCESSING))
+            logger.info("job %s attempt %d: %s; retry in %.2fs", job_id, attempt, error.type, countdown)
+            return RetryLater(countdown, error)
+    if await ctx.store.afinish(job_id, JobStatus.FAILED, error=error, attempts=run_no):
         await _terminal(ctx, job_id, JobStatus.FAILED, _error_step(error))
     return {"job_id": job_id, "status": JobStatus.FAILED.value}
+
+
+def _retry_countdown(ctx: JobContext, request: JobRequest, stored: StoredJob,
+                     exc: ModelError) -> tuple[float, dict[str, Any]] | str:
+    """The retry of a retryable model error: ``(countdown, rate-limit bookkeeping)``, or why
+    not. The model's own policy decides the delay (the job's model object tries each request
+    once). Rate-limit and overload answers spend the job's time budget, not its attempts;
+    other errors spend attempts. The countdown is capped to the visibility margin."""
+    policy = RetryPolicy.from_config(ctx.model(request.model, in_process_retries=False).model_config)
+    settings = ctx.settings
+    if is_rate_limited(exc):
+        times = stored.rate_limit_retries + 1
+        delay = max(exc.retry_after or 0.0, policy.backoff(times))
+        now = datetime.now(timezone.utc)
+        since = stored.rate_limited_since or now
+        if request.deadline is not None:
+            end, budget = request.deadline, "the job's deadline"
+        else:
+            end = since + timedelta(seconds=settings.rate_limit_max_wait_s)
+            budget = f"DQ_RATE_LIMIT_MAX_WAIT_S={settings.rate_limit_max_wait_s:g}"
+        if now + timedelta(seconds=delay) > end:
+            return f"gave up: rate limited since {since.isoformat(timespec='seconds')}, past {budget}"
+        return min(delay, retry_ceiling(settings)), {"rate_limit_retries": times, "rate_limit_waits": stored.rate_limit_waits,
+                                                     "rate_limited_since": since}
+    counted = stored.attempts - stored.rate_limit_retries  # the attempts that spend max_retries
+    delay = policy.delay_for(exc, counted)
+    if delay is None:
+        return f"gave up after {counted} attempts (max_retries)"
+    return min(delay, retry_ceiling(settings)), {}
 
 
 class _JobRunner:

@@ -14,7 +14,8 @@ __all__ = [
     "job_events",
     "job_keys",
     "maintenance",
-    "ratelimit",
+    "ratelimit_slots",
+    "ratelimit_state",
 ]
 
 PREFIX = "dq"
@@ -68,5 +69,18 @@ def beat_lock() -> str:
     return f"{BEAT_PREFIX}:lock"
 
 
-def ratelimit(provider: str) -> str:
-    return f"{PREFIX}:ratelimit:{provider}"
+def _ratelimit_tag(provider: str, key_fingerprint: str, model: str) -> str:
+    # one budget per (provider, API key, model); the braces are a Redis Cluster hash tag, so a
+    # limiter's keys share a slot and one Lua call may touch them all
+    return f"{PREFIX}:rl:{{{provider}:{key_fingerprint}:{model}}}"
+
+
+def ratelimit_state(provider: str, key_fingerprint: str, model: str) -> str:
+    """A hash: the budget buckets' theoretical arrival times, the waiting lines, the cooldown
+    and the header-driven pace of one (provider, key fingerprint, model). Never the key."""
+    return _ratelimit_tag(provider, key_fingerprint, model)
+
+
+def ratelimit_slots(provider: str, key_fingerprint: str, model: str) -> str:
+    """A sorted set: the concurrency slots held, scored by when their lease runs out."""
+    return f"{_ratelimit_tag(provider, key_fingerprint, model)}:slots"

@@ -84,6 +84,9 @@ class JobRequest(BaseModel):
     idempotency_key: str | None = Field(default=None, max_length=200)
     batch_id: str | None = None
     item_id: str | None = None
+    deadline: datetime | None = Field(
+        default=None, description="timezone-aware: rate-limit waits end here instead of after the workers' "
+                                  "DQ_RATE_LIMIT_MAX_WAIT_S, and the job fails rather than start a request after it")
     db_type: str = Field(default="datus_sql", description="which SQL tool table to extract SQL contexts with")
     metadata: dict[str, str | int | float | bool | None] = Field(default_factory=dict)
 
@@ -113,6 +116,13 @@ class JobRequest(BaseModel):
                              "name it in mcp_servers / --tools, or let the workers' libpq find it (PGPASSWORD, "
                              "~/.pgpass)")
         return url
+
+    @field_validator("deadline")
+    @classmethod
+    def _aware(cls, deadline: datetime | None) -> datetime | None:
+        if deadline is not None and deadline.tzinfo is None:
+            raise ValueError("deadline needs a timezone (e.g. 2026-01-31T18:00:00Z)")
+        return deadline
 
     @field_validator("metadata")
     @classmethod

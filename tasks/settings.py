@@ -34,7 +34,26 @@ class Settings(BaseSettings):
     worker_concurrency: int = Field(default=200, gt=0, description="jobs in flight per worker process")
     task_events: bool = Field(default=False, description="send Celery task events (for Flower)")
     redis_max_connections: int = Field(default=64, gt=0, description="async Redis connections per worker process")
-    max_retry_countdown_s: float = Field(default=600.0, gt=0, description="longest retry countdown of a job")
+    max_retry_countdown_s: float = Field(
+        default=600.0, gt=0, description="longest retry countdown of a job (also capped to half the visibility "
+                                         "timeout); a longer wait is split into several retries")
+    model_cache_size: int = Field(default=32, gt=0, description="model objects a worker process keeps (LRU)")
+    # provider limits shared by the fleet (tasks/ratelimit.py)
+    rate_limiter: bool = Field(default=True, description="share provider limits and 429 cooldowns across workers "
+                                                          "in Redis (off: every request goes straight out)")
+    rate_limit_max_wait_s: float = Field(
+        default=1800.0, gt=0, description="how long a job keeps retrying rate-limit and overload answers (and "
+                                          "their cooldowns), from the first one; not counted against max_retries")
+    rate_limit_short_wait_s: float = Field(
+        default=1.0, ge=0, description="a limiter wait up to this long is awaited in the worker; a longer one "
+                                       "sends the job back to the queue with a countdown")
+    rate_limit_burst_s: float = Field(
+        default=1.0, gt=0, description="how much of a per-minute limit may go out at once, in seconds of it")
+    rate_limit_slot_lease_s: float = Field(
+        default=30.0, gt=0, description="a max_concurrency slot of a worker that died frees itself after this")
+    batch_priority: int = Field(
+        default=6, ge=0, le=9, description="broker priority of batch jobs (0 is the highest, interactive jobs' "
+                                           "own); 0 puts batches in the interactive queue and waiting line")
     # the scheduler (dq beat) and the maintenance tasks it sends to every worker
     sweep_interval_s: float = Field(default=30.0, gt=0, description="how often the sweeper looks for stuck jobs")
     queued_lease_s: float = Field(

@@ -37,7 +37,7 @@ from celery.exceptions import Reject, Retry
 from kombu.serialization import loads, prepare_accept_content
 
 from tasks.client import TASK_NAMES
-from tasks.jobs import RetryLater, dead_letter_message, run_message, shown_arguments
+from tasks.jobs import INFRA_HEADER, RetryLater, dead_letter_message, run_message, shown_arguments
 from workers.runtime import runtime
 
 __all__ = ["JOB_TASKS", "RuntimeThreadPool"]
@@ -83,9 +83,9 @@ class RuntimeThreadPool(TaskPool):
         request.update({"args": args, "kwargs": kwargs, "is_eager": False}, **(embed or {}))
         retries = int(request.get("retries") or 0)
         try:
-            outcome = await run_message(args, kwargs, retries)
+            outcome = await run_message(args, kwargs, retries, int(request.get(INFRA_HEADER) or 0))
             if isinstance(outcome, RetryLater):
-                report: tuple[int, Any] = self._retry(task, request, args, kwargs, retries, outcome.countdown)
+                report: tuple[int, Any] = self._retry(task, request, args, kwargs, retries, outcome)
             else:
                 report = (0, repr(outcome))
         except (asyncio.CancelledError, concurrent.futures.CancelledError):
@@ -97,14 +97,15 @@ class RuntimeThreadPool(TaskPool):
 
     @staticmethod
     def _retry(task: Any, request: dict[str, Any], args: Any, kwargs: Any, retries: int,
-               countdown: float) -> tuple[int, ExceptionInfo]:
-        """What ``Task.retry`` does: the same message again, one retry more, after ``countdown``,
-        published before this delivery is acknowledged. If it cannot be published, this
-        delivery goes back to the queue instead: the job is never dropped."""
+               outcome: RetryLater) -> tuple[int, ExceptionInfo]:
+        """What ``Task.retry`` does: the same message again (same priority), one retry more,
+        after the countdown, published before this delivery is acknowledged. If it cannot be
+        published, this delivery goes back to the queue instead: the job is never dropped."""
         context = Context(request, args=args, kwargs=kwargs, called_directly=False)
+        countdown = outcome.countdown
         try:
             task.signature_from_request(context, args, kwargs, countdown=countdown, retries=retries + 1,
-                                        **shown_arguments(request)).apply_async()
+                                        headers=outcome.headers(), **shown_arguments(request)).apply_async()
         except Exception as exc:  # noqa: BLE001 - the broker failed: requeue this delivery
             logger.warning("could not publish the retry of %s[%s] (%s); requeueing it", task.name,
                            request.get("id"), exc)

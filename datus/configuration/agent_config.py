@@ -11,11 +11,18 @@
 ``${VAR}`` is replaced from the environment. A variable that is not set is remembered, not
 turned into a placeholder: creating that model raises an error naming the variable, while
 models that do not need it load and run. Unknown keys are rejected with their names.
+
+Two sections govern what the job system may spend (the model layer only carries them):
+``rate_limits`` (per model, and per provider type under ``agent.rate_limits``; the model's
+own values win field by field) and ``agent.allowed_models`` (the model names and
+``provider:model`` patterns clients may submit jobs for; default: the names under
+``agent.models``).
 """
 
 from __future__ import annotations
 
 import difflib
+import fnmatch
 import os
 import re
 from pathlib import Path
@@ -27,7 +34,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from datus.models.pricing import Pricing
 from datus.utils.exceptions import DatusException, ErrorCode
 
-__all__ = ["ModelConfig", "AgentConfig", "ConfigError", "substitute_env"]
+__all__ = ["ModelConfig", "AgentConfig", "ConfigError", "RateLimits", "substitute_env"]
 
 _ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
@@ -57,6 +64,29 @@ def substitute_env(value: str, missing: list[str]) -> str | None:
     return result
 
 
+class RateLimits(BaseModel):
+    """A provider's budget for one API key and model, shared by every worker using that key
+    (the job system enforces it in Redis). A field left out is not limited."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    requests_per_minute: float | None = Field(default=None, gt=0)
+    input_tokens_per_minute: float | None = Field(default=None, gt=0)
+    output_tokens_per_minute: float | None = Field(default=None, gt=0)
+    max_concurrency: int | None = Field(default=None, gt=0, description="requests in flight at once")
+
+    def over(self, defaults: "RateLimits | None") -> "RateLimits":
+        """These limits, with ``defaults`` filling the fields left out."""
+        if defaults is None:
+            return self
+        return RateLimits(**{name: getattr(self, name) if getattr(self, name) is not None else getattr(defaults, name)
+                             for name in RateLimits.model_fields})
+
+    @property
+    def empty(self) -> bool:
+        return all(getattr(self, name) is None for name in RateLimits.model_fields)
+
+
 class ModelConfig(BaseModel):
     """One model: provider, model name, credentials and generation settings."""
 
@@ -72,7 +102,7 @@ class ModelConfig(BaseModel):
     enable_thinking: bool = False
     thinking_budget: int | None = Field(default=None, gt=0, description="reasoning token budget")
     timeout_s: float = Field(default=120.0, gt=0, description="per request")
-    max_retries: int = Field(default=3, ge=0, description="retries of one request after the first try")
+    max_retries: int = Field(default=6, ge=0, description="retries of one request after the first try")
     retry_base_delay_s: float = Field(default=0.5, ge=0)
     retry_max_delay_s: float = Field(default=30.0, ge=0)
     retry_max_wait_s: float = Field(default=120.0, ge=0, description="total backoff of one request")
@@ -84,6 +114,7 @@ class ModelConfig(BaseModel):
     http_client: Literal["aiohttp", "httpx"] = Field(
         default="aiohttp", description="the async SDK client's HTTP stack (OpenAI-compatible and Claude)")
     pricing: Pricing | None = None
+    rate_limits: RateLimits | None = Field(default=None, description="this model's budget on its API key")
     missing_env: tuple[str, ...] = Field(default=(), exclude=True, repr=False)
 
     @model_validator(mode="before")
@@ -132,6 +163,11 @@ class AgentConfig(BaseModel):
     target: str | None = None
     models: dict[str, ModelConfig] = Field(default_factory=dict)
     mcp_servers: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    rate_limits: dict[str, RateLimits] = Field(
+        default_factory=dict, description="per provider type: defaults for every model of that provider")
+    allowed_models: list[str] | None = Field(
+        default=None, description="model names and provider:model patterns (fnmatch) clients may submit jobs "
+                                  "for; default: the names under agent.models")
 
     @classmethod
     def from_file(cls, path: str | os.PathLike[str]) -> "AgentConfig":
@@ -160,7 +196,46 @@ class AgentConfig(BaseModel):
                 f"{source}: agent.target {config.target!r} is not one of agent.models: "
                 f"{', '.join(config.models) or '(none)'}"
             )
+        config._check_limits_sections(source)
         return config
+
+    def _check_limits_sections(self, source: str) -> None:
+        from datus.utils.constants import LLMProvider
+
+        providers = [p.value for p in LLMProvider]
+        unknown = sorted(set(self.rate_limits) - set(providers))
+        if unknown:
+            raise ConfigError(f"{source}: agent.rate_limits is keyed by provider type; unknown: "
+                              f"{', '.join(unknown)} (known: {', '.join(providers)})")
+        for entry in self.allowed_models or []:
+            provider, sep, _ = entry.partition(":")
+            if entry in self.models or _is_pattern(entry):
+                continue
+            if not sep:
+                raise ConfigError(
+                    f"{source}: agent.allowed_models entry {entry!r} is neither a model under agent.models "
+                    f"({', '.join(sorted(self.models)) or 'none'}) nor a provider:model pattern")
+            if provider not in providers:
+                raise ConfigError(f"{source}: agent.allowed_models entry {entry!r} names an unknown provider "
+                                  f"{provider!r} (known: {', '.join(providers)})")
+
+    def rate_limits_for(self, model: ModelConfig) -> RateLimits | None:
+        """The model's limits, field by field over its provider's defaults; None if neither
+        sets any."""
+        defaults = self.rate_limits.get(str(model.type))
+        merged = model.rate_limits.over(defaults) if model.rate_limits is not None else defaults
+        return None if merged is None or merged.empty else merged
+
+    def allowed_model_patterns(self) -> list[str]:
+        """What ``allowed_models`` allows (default: the configured names)."""
+        return list(self.allowed_models) if self.allowed_models is not None else sorted(self.models)
+
+    def is_model_allowed(self, name: str) -> bool:
+        """Whether jobs may name ``name`` (``default`` stands for ``agent.target``)."""
+        if name == "default" and self.target is not None:
+            name = self.target
+        return any(name == entry or (_is_pattern(entry) and fnmatch.fnmatchcase(name, entry))
+                   for entry in self.allowed_model_patterns())
 
     def active_model(self) -> ModelConfig:
         return self.model_config_for(None)
@@ -182,6 +257,10 @@ class AgentConfig(BaseModel):
                 " (or pass 'provider:model', e.g. 'openai:gpt-4o-mini')"
             )
         return self.models[name]
+
+
+def _is_pattern(entry: str) -> bool:
+    return any(char in entry for char in "*?[")
 
 
 def _describe(exc: ValidationError) -> str:

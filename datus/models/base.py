@@ -2,7 +2,8 @@
 
 An adapter (one per wire format) implements five hooks: ``_create_client``, ``_complete``,
 ``_stream``, ``_map_error`` and ``token_count``. Everything else — options, retries, timeouts,
-JSON output, usage and cost, traces, the sync twins — lives here once.
+JSON output, usage and cost, traces, the sync twins, the request limiter around every
+request (``datus.models.limiter``) — lives here once.
 
 A model object holds configuration and one SDK client per event loop, never per-call
 state: one object serves many concurrent calls.
@@ -11,6 +12,7 @@ state: one object serves many concurrent calls.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import importlib
 import logging
 import os
@@ -33,9 +35,10 @@ from datus.models.errors import (
 )
 from datus.models.generation import CallOptions, Generation, JsonFormat, ModelRequest, StreamDelta, ToolSpec
 from datus.models.json_output import JsonOutputInvalid, normalize_response_format, parse_json_output
+from datus.models.limiter import PlannedRequest, RequestLimiter, RequestOutcome
 from datus.models.pricing import cost_usd, find_pricing
 from datus.models.profiles import find_profile
-from datus.models.retry import RetryPolicy
+from datus.models.retry import Retries, RetryPolicy
 from datus.models.trace import write_trace
 from datus.models.usage import record_usage
 from datus.schemas.message import ChatMessage, Prompt, to_messages
@@ -81,6 +84,9 @@ class LLMBaseModel(ABC):
         # a model dropped while its loop lives on (the sync portal's): close its clients there
         weakref.finalize(self, _clients.close_soon, self._clients, type(self)._close_client)
         self.agent_config: AgentConfig | None = None
+        # set by whoever runs this model for many callers (the job system): see datus.models.limiter
+        self.request_limiter: RequestLimiter | None = None
+        self._key_fingerprint: str | None = None
         if self.REQUIRES_API_KEY:
             self._get_api_key()  # a missing key is an error now, not a 401 later
 
@@ -153,6 +159,50 @@ class LLMBaseModel(ABC):
 
         return estimate_tokens(prompt)
 
+    @property
+    def key_fingerprint(self) -> str:
+        """A short hash that identifies this model's API key without revealing it (provider
+        budgets belong to a key); ``"nokey"`` for a provider that needs none."""
+        if self._key_fingerprint is None:
+            key = self._get_api_key() if self.REQUIRES_API_KEY else ""
+            self._key_fingerprint = (hashlib.sha256(b"datus-api-key:" + key.encode()).hexdigest()[:16]
+                                     if key else "nokey")
+        return self._key_fingerprint
+
+    def _max_output_tokens(self, request: ModelRequest) -> int | None:
+        """The most output tokens the request may use, as the provider will count it (an
+        adapter that sends a default ``max_tokens`` says so here)."""
+        return request.options.max_tokens
+
+    def _count_input_tokens(self, request: ModelRequest) -> int:
+        """The request's prompt in tokens, offline: messages, reasoning replayed, tool calls and
+        tool specs, counted at once with the provider's tokenizer (an estimate where there is
+        none), plus a few tokens of framing per message."""
+        from datus.models.tokens import count_tokens
+
+        texts: list[str] = []
+        for message in request.messages:
+            texts.append(message.content)
+            if message.reasoning:
+                texts.append(message.reasoning)
+            texts += [call.arguments for call in message.tool_calls]
+        if request.tools:
+            import json
+
+            texts.append(json.dumps([[tool.name, tool.description, tool.parameters] for tool in request.tools]))
+        return int(count_tokens("\n".join(texts), self.provider, self.model_name)) + 4 * len(request.messages)
+
+    def _planned(self, request: ModelRequest) -> PlannedRequest:
+        return PlannedRequest(self.provider, self.model_name, self._max_output_tokens(request),
+                              lambda: self._count_input_tokens(request))
+
+    async def _after_request(self, limiter: RequestLimiter, permit: Any, outcome: RequestOutcome) -> None:
+        try:
+            await limiter.after(permit, outcome)
+        except Exception as exc:  # noqa: BLE001 - a limiter's trouble never loses an answer
+            logger.warning("%s/%s: the request limiter failed after a request: %s: %s", self.provider,
+                           self.model_name, type(exc).__name__, exc)
+
     def context_length(self) -> int | None:
         return self.model_config.context_length or self.profile.context_length
 
@@ -221,8 +271,10 @@ class LLMBaseModel(ABC):
         """One logical request under the retry policy and the timeout; usage recorded."""
         started = time.perf_counter()
         timeout = request.options.timeout_s or self.model_config.timeout_s
+        limiter = self.request_limiter
+        planned = self._planned(request) if limiter is not None else None
 
-        async def once() -> Generation:
+        async def attempt() -> Generation:
             try:
                 async with asyncio.timeout(timeout):
                     return await self._complete(self._client(), request)
@@ -235,8 +287,24 @@ class LLMBaseModel(ABC):
             except Exception as exc:  # the adapter's boundary
                 raise self._map_error(exc) from exc
 
+        async def once() -> Generation:
+            if limiter is None:
+                return await attempt()
+            permit = await limiter.before(planned)  # type: ignore[arg-type]
+            outcome = RequestOutcome()  # cancelled, unless one of these replaces it
+            try:
+                generation = await attempt()
+                outcome = RequestOutcome(usage=generation.usage, budget=generation.rate_limits)
+                return generation
+            except ModelError as exc:
+                outcome = RequestOutcome(budget=exc.rate_limits, error=exc)
+                raise
+            finally:
+                await self._after_request(limiter, permit, outcome)
+
         try:
-            generation, attempts = await self.retry_policy.run(once, describe=f"{self.provider}/{self.model_name}")
+            generation, attempts = await self.retry_policy.run(
+                once, wait=limiter.wait if limiter is not None else None, describe=f"{self.provider}/{self.model_name}")
         except ModelError as exc:
             self._trace(request, None, exc, started)
             raise
@@ -349,14 +417,22 @@ class LLMBaseModel(ABC):
         retried like any request; after a delta has been handed out it is raised, since what
         the caller saw cannot be taken back."""
         started = time.perf_counter()
-        attempt, waited = 0, 0.0
+        retries = Retries(self.retry_policy)
+        limiter = self.request_limiter
+        planned = self._planned(request) if limiter is not None else None
         while True:
-            attempt += 1
+            retries.attempts += 1
             emitted = False
+            permit = await limiter.before(planned) if limiter is not None else None  # type: ignore[arg-type]
+            unreported: RequestOutcome | None = RequestOutcome()  # None once the limiter has heard
             try:
                 async for item in self._stream(self._client(), request):
                     if isinstance(item, Generation):
-                        self._finish(item, attempt, started)
+                        if limiter is not None:
+                            unreported = None
+                            await self._after_request(limiter, permit, RequestOutcome(usage=item.usage,
+                                                                                      budget=item.rate_limits))
+                        self._finish(item, retries.attempts, started)
                         self._trace(request, item, None, started)
                         yield item
                         return
@@ -366,15 +442,23 @@ class LLMBaseModel(ABC):
                                            provider=self.provider, model=self.model_name)
             except Exception as exc:
                 error = exc if isinstance(exc, ModelError) else self._map_error(exc)
-                delay = None if emitted else self.retry_policy.delay_for(error, attempt, waited)
+                if limiter is not None and unreported is not None:
+                    unreported = None
+                    await self._after_request(limiter, permit, RequestOutcome(budget=error.rate_limits, error=error))
+                if emitted:
+                    error.details["attempts"] = retries.attempts
+                    delay = None
+                else:
+                    delay = retries.delay(error)
                 if delay is None:
-                    error.details["attempts"] = attempt
                     self._trace(request, None, error, started)
                     if error is exc:
                         raise
                     raise error from exc
-                waited += delay
-                await asyncio.sleep(delay)
+                await (limiter.wait(delay, error) if limiter is not None else asyncio.sleep(delay))
+            finally:
+                if limiter is not None and unreported is not None:  # closed early, or cancelled
+                    await self._after_request(limiter, permit, unreported)
 
     # ---- tool runs -----------------------------------------------------------------------
 

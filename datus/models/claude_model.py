@@ -37,6 +37,7 @@ from datus.models.errors import (
     error_from_status,
 )
 from datus.models.generation import Generation, ModelRequest, StreamDelta
+from datus.models.rate_limit_headers import ProviderBudget, anthropic_budget
 from datus.models.tokens import TokenCount, estimate_tokens
 
 __all__ = ["ClaudeModel"]
@@ -89,7 +90,8 @@ class ClaudeModel(LLMBaseModel):
         options = request.options
         thinking = options.enable_thinking
         budget = options.thinking_budget or DEFAULT_THINKING_BUDGET
-        max_tokens = options.max_tokens or DEFAULT_MAX_TOKENS + (budget if thinking else 0)
+        max_tokens = self._max_output_tokens(request)
+        assert max_tokens is not None
         if thinking and max_tokens <= budget:
             raise ModelConfigError(
                 f"max_tokens ({max_tokens}) must be larger than thinking_budget ({budget}): thinking "
@@ -138,10 +140,17 @@ class ClaudeModel(LLMBaseModel):
             params["extra_body"] = extra_body
         return params, forced
 
+    def _max_output_tokens(self, request: ModelRequest) -> int | None:
+        options = request.options
+        budget = options.thinking_budget or DEFAULT_THINKING_BUDGET
+        return options.max_tokens or DEFAULT_MAX_TOKENS + (budget if options.enable_thinking else 0)
+
     async def _complete(self, client: Any, request: ModelRequest) -> Generation:
         params, forced = self._params(request)
-        response = await client.messages.create(**params)
-        return self._generation(response.to_dict(), forced)
+        # the raw response: the same parse, plus the headers (the provider's rate-limit budget)
+        raw = await client.messages.with_raw_response.create(**params)
+        response = await raw.parse()
+        return self._generation(response.to_dict(), forced, anthropic_budget(raw.headers))
 
     async def _stream(self, client: Any, request: ModelRequest) -> AsyncIterator[StreamDelta | Generation]:
         params, forced = self._params(request)
@@ -161,9 +170,11 @@ class ClaudeModel(LLMBaseModel):
         if not accumulator.complete or accumulator.message is None:
             raise InvalidResponseError("the stream ended before message_stop", provider=self.provider,
                                        model=self.model_name)
-        yield self._generation(accumulator.message, forced)
+        yield self._generation(accumulator.message, forced,
+                               anthropic_budget(getattr(getattr(stream, "response", None), "headers", None)))
 
-    def _generation(self, message: Mapping[str, Any], forced: str | None) -> Generation:
+    def _generation(self, message: Mapping[str, Any], forced: str | None,
+                    rate_limits: ProviderBudget | None = None) -> Generation:
         """The one mapping from a whole message (sent whole or rebuilt from a stream)."""
         stop_reason = message.get("stop_reason")
         if stop_reason == "refusal":
@@ -182,6 +193,7 @@ class ClaudeModel(LLMBaseModel):
             finish_reason=finish_reason_of(stop_reason, by_tool),
             usage=usage_of(message.get("usage")),
             response_id=message.get("id"),
+            rate_limits=rate_limits,
         )
 
     # ---- token counting ------------------------------------------------------------------
@@ -227,7 +239,9 @@ class ClaudeModel(LLMBaseModel):
                 codes.append("quota_exceeded")
             if kind == "invalid_request_error" and message.lower().startswith("prompt is too long"):
                 codes.append("context_length_exceeded")
-            return error_from_status(status, message, codes=tuple(codes), headers=exc.response.headers, **where)
+            mapped = error_from_status(status, message, codes=tuple(codes), headers=exc.response.headers, **where)
+            mapped.rate_limits = anthropic_budget(exc.response.headers)
+            return mapped
         if isinstance(exc, anthropic.APITimeoutError):
             from datus.models.http_clients import connect_failure
 

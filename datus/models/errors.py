@@ -18,7 +18,7 @@ whether it is retryable, and errors survive pickling and JSON (they cross Redis)
         │   └── QuotaExceededError           429 that is about billing/quota, not rate
         ├── TransientModelError              retried under the retry policy
         │   ├── RateLimitError               429, carries ``retry_after``
-        │   ├── OverloadedError              529 / overloaded_error
+        │   ├── OverloadedError              529 / 503 / overloaded_error
         │   ├── ServerError                  408, 409, 5xx
         │   ├── ModelTimeoutError            no answer within the timeout
         │   ├── ModelConnectionError         could not connect / connection dropped
@@ -70,6 +70,9 @@ class ModelError(DatusException):
 
     retryable: ClassVar[bool] = False
     error_code: ClassVar[ErrorCode] = ErrorCode.COMMON_UNKNOWN
+    # the provider's rate-limit headers on this answer (datus.models.rate_limit_headers), set by
+    # the adapter for its request limiter; in-process only, not carried across pickling
+    rate_limits: Any = None
 
     def __init__(
         self,
@@ -242,6 +245,7 @@ _BY_STATUS: dict[int, type[ModelError]] = {
     413: RequestTooLargeError,
     422: BadRequestError,
     429: RateLimitError,
+    503: OverloadedError,  # "overloaded, slow down" at OpenAI, DeepSeek and Gemini (UNAVAILABLE)
     529: OverloadedError,
 }
 

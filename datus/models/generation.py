@@ -7,6 +7,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from datus.models.rate_limit_headers import ProviderBudget
 from datus.models.usage import Usage
 from datus.schemas.message import ChatMessage, ToolCall
 
@@ -73,6 +74,7 @@ class Generation:
     finish_reason: str | None = None
     usage: Usage = field(default_factory=Usage)
     response_id: str | None = None
+    rate_limits: ProviderBudget | None = None  # what the provider's headers said is left of its limits
 
     def message(self) -> ChatMessage:
         """The assistant message to put back into the conversation, reasoning included so

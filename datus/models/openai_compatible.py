@@ -22,6 +22,7 @@ from datus.models.errors import (
     transport_error,
 )
 from datus.models.generation import Generation, ModelRequest, StreamDelta
+from datus.models.rate_limit_headers import openai_budget
 from datus.models.usage import Usage
 from datus.schemas.message import ChatMessage, ToolCall
 
@@ -120,7 +121,9 @@ class OpenAICompatibleModel(LLMBaseModel):
         return wire
 
     async def _complete(self, client: Any, request: ModelRequest) -> Generation:
-        response = await client.chat.completions.create(**self._params(request))
+        # the raw response: the same parse, plus the headers (the provider's rate-limit budget)
+        raw = await client.chat.completions.with_raw_response.create(**self._params(request))
+        response = raw.parse()
         if not getattr(response, "choices", None):
             raise InvalidResponseError("the response has no choices", provider=self.provider, model=self.model_name)
         choice = response.choices[0]
@@ -136,6 +139,7 @@ class OpenAICompatibleModel(LLMBaseModel):
             finish_reason=choice.finish_reason,
             usage=_usage_of(response.usage),
             response_id=response.id,
+            rate_limits=openai_budget(raw.headers),
         )
 
     async def _stream(self, client: Any, request: ModelRequest) -> AsyncIterator[StreamDelta | Generation]:
@@ -185,6 +189,7 @@ class OpenAICompatibleModel(LLMBaseModel):
             finish_reason=finish_reason,
             usage=usage,
             response_id=response_id,
+            rate_limits=openai_budget(getattr(getattr(stream, "response", None), "headers", None)),
         )
 
     def _reasoning_of(self, message: Any) -> str | None:
@@ -208,8 +213,10 @@ class OpenAICompatibleModel(LLMBaseModel):
             error = body.get("error", body) if isinstance(body.get("error", body), dict) else {}
             message = error.get("message") or exc.message
             codes = (exc.code, exc.type, error.get("code"), error.get("type"), body.get("code"))
-            return error_from_status(exc.status_code, str(message), codes=tuple(map(_str_or_none, codes)),
-                                     headers=exc.response.headers, **where)
+            mapped = error_from_status(exc.status_code, str(message), codes=tuple(map(_str_or_none, codes)),
+                                       headers=exc.response.headers, **where)
+            mapped.rate_limits = openai_budget(exc.response.headers)
+            return mapped
         if isinstance(exc, openai.APITimeoutError):
             from datus.models.http_clients import connect_failure
 

@@ -9,12 +9,19 @@ Other processes (Celery workers, the demo) drive it over HTTP:
 
     POST /_fake/script    queue answers; body: a list of entries, or {"entries": [...],
                           "reset": true}. An entry is {"reply": {...}} or {"fault": {...}}
-                          with optional "match" (substring of the last user message) and
-                          "times" (default 1, null = forever). "reply" takes the `Reply`
-                          fields (tool_calls: [{"name", "arguments", "id"}]); "fault" the
-                          `Fault` fields, e.g. {"kind": "rate_limit", "retry_after": 2}.
-    POST /_fake/reset     empty the script, forget requests, restore the initial latency
-    GET  /_fake/requests  {"requests": [{"method", "path", "headers", "body", "protocol"}]}
+                          with optional "match" (substring of the last user message),
+                          "times" (default 1, null = forever) and "every" (answer only every
+                          n-th request: a fault mix; then "times" defaults to forever).
+                          "reply" takes the `Reply` fields (tool_calls: [{"name",
+                          "arguments", "id"}]); "fault" the `Fault` fields, e.g.
+                          {"kind": "rate_limit", "retry_after": 2}.
+    POST /_fake/limits    enforce provider limits (`datus.testing.limits.ProviderLimits`):
+                          {"requests_per_minute": 600, "input_tokens_per_minute": 200000,
+                          "window_s": 2}; {} removes them
+    GET  /_fake/limits    {"limits": {...}, "admitted": n, "limited": n} (null when none)
+    POST /_fake/reset     empty the script, forget requests, restore the initial latency,
+                          remove the limits
+    GET  /_fake/requests  {"requests": [{"method", "path", "headers", "body", "protocol", "at"}]}
     POST /_fake/latency   {"latency_s": 0.2} or {"latency_ms": 200}
     GET  /_fake/health    {"status": "ok", "in_flight", "max_in_flight", ...}
 
@@ -23,6 +30,9 @@ server counts the generation requests it is handling (`in_flight`: received and 
 yet; `max_in_flight`: the peak since the last `clear_requests()` or `reset()`), and `hold()`
 keeps every request that arrives afterwards waiting, recorded and in flight, until
 `release()`: "200 calls were in flight at once" becomes `in_flight == 200` while held.
+
+While limits are set, a request over them is answered 429 with Retry-After before the
+script is asked, and every answer carries the provider's rate-limit headers.
 
 Faults that carry no answer of their own (hang, malformed_json, cut_stream) send what the
 fallback handler would have answered: after the hang, or up to the break.
@@ -49,7 +59,8 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import BaseRoute, Route
 from starlette.types import Send
 
-from datus.testing.protocols import ProtocolError, WireProtocol, default_protocols
+from datus.testing.limits import LimitEnforcer, ProviderLimits
+from datus.testing.protocols import ProtocolError, WireProtocol, default_protocols, estimate_usage
 from datus.testing.script import (
     Answer,
     Fault,
@@ -74,6 +85,7 @@ class RecordedRequest:
     headers: dict[str, str]
     body: Any  # the decoded JSON, or the raw text when it was not JSON
     protocol: str
+    at: float = 0.0  # when it arrived (time.time())
 
 
 class FakeProviderServer:
@@ -101,6 +113,7 @@ class FakeProviderServer:
         self._in_flight = 0
         self._max_in_flight = 0
         self._gate: asyncio.Event | None = None  # while held: requests wait until release() sets it
+        self.enforcer: LimitEnforcer | None = None  # the provider limits in force (set_limits)
         self._server: uvicorn.Server | None = None
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -230,19 +243,25 @@ class FakeProviderServer:
         if gate is not None and loop is not None and not loop.is_closed():
             loop.call_soon_threadsafe(gate.set)
 
+    def set_limits(self, limits: ProviderLimits | None) -> None:
+        """Enforce ``limits`` from now on (fresh buckets, counts from zero); None removes them."""
+        self.enforcer = LimitEnforcer(limits) if limits is not None else None
+
     def reset(self) -> None:
         """Back to how it started: empty script, echo fallback, no requests, first latency,
-        nothing held."""
+        nothing held, no limits."""
         self.release()
         self.script.reset(fallback=echo_handler)
         self.clear_requests()
         self.latency_s = self._initial_latency_s
+        self.set_limits(None)
 
     # -- the app ----------------------------------------------------------------------------
 
     def _build_app(self) -> Starlette:
         routes: list[BaseRoute] = [
             Route("/_fake/script", self._admin_script, methods=["POST"]),
+            Route("/_fake/limits", self._admin_limits, methods=["GET", "POST"]),
             Route("/_fake/reset", self._admin_reset, methods=["POST"]),
             Route("/_fake/requests", self._admin_requests, methods=["GET"]),
             Route("/_fake/latency", self._admin_latency, methods=["POST"]),
@@ -266,7 +285,8 @@ class FakeProviderServer:
             body, valid = json.loads(raw), True
         except ValueError:
             body, valid = raw.decode("utf-8", "replace"), False
-        record = RecordedRequest(request.method, request.url.path, dict(request.headers), body, protocol.name)
+        record = RecordedRequest(request.method, request.url.path, dict(request.headers), body, protocol.name,
+                                 time.time())
         with self._lock:
             self._requests.append(record)
             self._in_flight += 1
@@ -290,11 +310,21 @@ class FakeProviderServer:
             scripted = protocol.parse(request, body)
         except ProtocolError as exc:
             return exc.response
-        answer = self.script.next_answer(scripted)
-        await self._sleep(self.latency_s + (answer.latency_s if isinstance(answer, Reply) else 0.0))
-        if isinstance(answer, Fault):
-            return await self._fault(protocol, answer, scripted)
-        return self._reply(protocol, answer, scripted)
+        enforcer = self.enforcer
+        admission = enforcer.admit(estimate_usage(scripted, Reply()).input_tokens) if enforcer else None
+        if admission is not None and not admission.admitted:
+            response = protocol.render_fault(Fault("rate_limit", retry_after=round(admission.retry_after_s, 3)),
+                                             scripted)
+        else:
+            answer = self.script.next_answer(scripted)
+            await self._sleep(self.latency_s + (answer.latency_s if isinstance(answer, Reply) else 0.0))
+            if isinstance(answer, Fault):
+                response = await self._fault(protocol, answer, scripted)
+            else:
+                response = self._reply(protocol, answer, scripted)
+        if admission is not None:
+            response.headers.update(protocol.budget_headers(admission))
+        return response
 
     def _reply(self, protocol: WireProtocol, reply: Reply, scripted: ScriptedRequest) -> Response:
         if scripted.stream:
@@ -339,10 +369,22 @@ class FakeProviderServer:
             if isinstance(payload, dict) and payload.get("reset"):
                 self.script.reset(fallback=echo_handler)
             for entry in entries:
-                self.script.add(answer_from_json(entry), match=entry.get("match"), times=entry.get("times", 1))
+                every = entry.get("every")
+                self.script.add(answer_from_json(entry), match=entry.get("match"), every=every,
+                                times=entry.get("times", None if every else 1))
         except (ValueError, TypeError, KeyError, AttributeError) as exc:
             return JSONResponse({"error": f"bad script: {exc}"}, status_code=400)
         return JSONResponse({"pending": self.script.pending()})
+
+    async def _admin_limits(self, request: Request) -> Response:
+        if request.method == "POST":
+            try:
+                payload = await request.json()
+                self.set_limits(ProviderLimits.from_json(payload) if payload else None)
+            except (ValueError, TypeError, AttributeError) as exc:
+                return JSONResponse({"error": f"bad limits: {exc}"}, status_code=400)
+        enforcer = self.enforcer
+        return JSONResponse(enforcer.counts() if enforcer else {"limits": None, "admitted": 0, "limited": 0})
 
     async def _admin_reset(self, request: Request) -> Response:
         self.reset()
@@ -431,12 +473,15 @@ def answer_from_json(entry: dict[str, Any]) -> Answer:
     raise ValueError("each entry needs a 'reply' or a 'fault' object")
 
 
-def answer_to_json(answer: Answer, match: str | None = None, times: int | None = 1) -> dict[str, Any]:
+def answer_to_json(answer: Answer, match: str | None = None, times: int | None = 1,
+                   every: int | None = None) -> dict[str, Any]:
     """The inverse of `answer_from_json`, as one entry for `POST /_fake/script`."""
     key = "fault" if isinstance(answer, Fault) else "reply"
     entry: dict[str, Any] = {key: dataclasses.asdict(answer), "times": times}
     if match is not None:
         entry["match"] = match
+    if every is not None:
+        entry["every"] = every
     return entry
 
 
@@ -446,12 +491,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--port", type=int, default=0, help="0 picks a free port")
     parser.add_argument("--latency-ms", type=float, default=0.0)
     parser.add_argument("--api-key", default=None, help="the only key accepted (default: any non-empty key)")
+    parser.add_argument("--requests-per-minute", type=float, default=None, help="enforce a provider request limit")
+    parser.add_argument("--input-tokens-per-minute", type=float, default=None, help="enforce an input-token limit")
+    parser.add_argument("--window-s", type=float, default=60.0,
+                        help="how much of a limit may be used at once, in seconds of it (default 60)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     stopping = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stopping.set())
     server = FakeProviderServer(args.host, args.port, args.latency_ms / 1000, api_key=args.api_key).start()
+    if args.requests_per_minute or args.input_tokens_per_minute:
+        server.set_limits(ProviderLimits(args.requests_per_minute, args.input_tokens_per_minute, args.window_s))
     print(f"fake provider server listening on {server.url}", flush=True)
     while not stopping.wait(0.2):
         pass

@@ -6,7 +6,8 @@ completion, an Anthropic message or a Gemini response by the protocol modules of
 server, and returned directly by the in-process `FakeModel`.
 
 A `Script` hands out one answer per request: scripted entries first (optionally matched
-against the request), then the fallback handler.
+against the request, or firing on every n-th request: a fault mix), then the fallback
+handler.
 """
 
 from __future__ import annotations
@@ -106,6 +107,7 @@ class _Entry:
     answer: Answer | Handler
     match: Matcher | None
     times: int | None  # None: forever
+    every: int | None = None  # fires on requests number every, 2*every, ... (counted from 1)
 
 
 class Script:
@@ -114,6 +116,7 @@ class Script:
     def __init__(self, fallback: Handler = echo_handler) -> None:
         self._lock = threading.Lock()
         self._entries: list[_Entry] = []
+        self._count = 0  # requests answered since the last reset
         self.fallback: Handler = fallback
 
     def add(
@@ -121,24 +124,33 @@ class Script:
         *answers: Answer | Handler,
         match: str | Matcher | None = None,
         times: int | None = 1,
+        every: int | None = None,
     ) -> "Script":
         """Queue answers in order. `match` is a substring of the last user message or a
-        predicate; `times=None` keeps the entry forever."""
+        predicate; `times=None` keeps the entry forever. `every=n` makes an entry answer only
+        the n-th, 2n-th, ... request since the last reset (with ``times=None``: a fault mix,
+        e.g. every 4th request a 429, every 7th a 500; the first entry listed wins a tie)."""
+        if every is not None and every < 1:
+            raise ValueError("every must be at least 1")
         matcher = _as_matcher(match)
         with self._lock:
             for answer in answers:
-                self._entries.append(_Entry(answer, matcher, times))
+                self._entries.append(_Entry(answer, matcher, times, every))
         return self
 
     def reset(self, fallback: Handler | None = None) -> None:
         with self._lock:
             self._entries.clear()
+            self._count = 0
             if fallback is not None:
                 self.fallback = fallback
 
     def next_answer(self, request: ScriptedRequest) -> Answer:
         with self._lock:
+            self._count += 1
             for index, entry in enumerate(self._entries):
+                if entry.every is not None and self._count % entry.every:
+                    continue
                 if entry.match is not None and not entry.match(request):
                     continue
                 if entry.times is not None:

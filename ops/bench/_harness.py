@@ -26,10 +26,13 @@ KEY = "sk-bench-not-a-real-key"
 
 
 @contextlib.contextmanager
-def fake_server_process(latency_ms: float) -> Iterator[str]:
+def fake_server_process(latency_ms: float, *options: str) -> Iterator[str]:
+    """The fake provider in a process of its own; ``options``: more of its command line
+    (e.g. ``--requests-per-minute 600 --window-s 2`` to enforce a limit)."""
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "datus.testing.fake_server", "--port", str(port),
-                             "--latency-ms", str(latency_ms)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                             "--latency-ms", str(latency_ms), *options],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     try:
         for _ in range(100):
@@ -44,14 +47,18 @@ def fake_server_process(latency_ms: float) -> Iterator[str]:
 
 
 @contextlib.contextmanager
-def job_system(fake_url: str, redis_url: str, database_url: str | None = None) -> Iterator[tuple[JobClient, dict[str, str]]]:
-    """A config naming one fake-backed OpenAI model ``bench``; yields a client and the env a
-    worker needs. The Redis database is flushed before and after."""
+def job_system(fake_url: str, redis_url: str, database_url: str | None = None,
+               rate_limits: str | None = None) -> Iterator[tuple[JobClient, dict[str, str]]]:
+    """A config naming one fake-backed OpenAI model ``bench`` (with ``rate_limits``, a YAML
+    flow mapping, when given); yields a client and the env a worker needs. The Redis database
+    is flushed before and after."""
     tmp = Path(tempfile.mkdtemp(prefix="dq-bench-"))
     config_path = tmp / "agent.yml"
+    limits = f", rate_limits: {rate_limits}" if rate_limits else ""
     config_path.write_text(
         "agent:\n  target: bench\n  models:\n"
-        f"    bench: {{type: openai, model: gpt-4o-mini, api_key: {KEY}, base_url: '{fake_url}/v1', timeout_s: 60}}\n"
+        f"    bench: {{type: openai, model: gpt-4o-mini, api_key: {KEY}, base_url: '{fake_url}/v1', timeout_s: 60"
+        f"{limits}}}\n"
     )
     database_url = database_url or f"sqlite:///{tmp / 'jobs.db'}"
     env = {**os.environ, "DQ_CONFIG": str(config_path), "DQ_REDIS_URL": redis_url, "DQ_DATABASE_URL": database_url}

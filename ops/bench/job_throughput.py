@@ -55,9 +55,10 @@ async def direct(url: str, total: int, concurrency: int, stack: str = "httpx") -
     return elapsed
 
 
-def through_jobs(url: str, redis_url: str, total: int, concurrency: int, log: Path) -> tuple[float, float, float]:
-    with job_system(url, redis_url, os.environ.get("DQ_BENCH_DATABASE_URL")) as (client, env):
-        with worker_process(env, ["openai"], concurrency, log) as worker:
+def through_jobs(url: str, redis_url: str, total: int, concurrency: int, log: Path, rate_limits: str | None = None,
+                 worker_env: dict[str, str] | None = None) -> tuple[float, float, float]:
+    with job_system(url, redis_url, os.environ.get("DQ_BENCH_DATABASE_URL"), rate_limits) as (client, env):
+        with worker_process({**env, **(worker_env or {})}, ["openai"], concurrency, log) as worker:
             # warm-up: the worker is ready when a job completes
             client.result(client.submit({"model": "bench", "prompt": "warm up", "stream": False}), timeout=60)
             client.store.count_by_status()

@@ -294,8 +294,10 @@ class JobStore:
         """Give up a running job's lease: its next delivery may start it at once."""
         return await self._group.submit(job_writes.lease(job_id, None))
 
-    async def amark_retrying(self, job_id: str, attempt: int, error: JobError, countdown_s: float) -> bool:
-        return await self._group.submit(job_writes.retrying(job_id, attempt, error, countdown_s))
+    async def amark_retrying(self, job_id: str, attempt: int, error: JobError, countdown_s: float,
+                             **rate_limit: Any) -> bool:
+        """`mark_retrying`; ``rate_limit``: see `tasks.store.writes.retrying`."""
+        return await self._group.submit(job_writes.retrying(job_id, attempt, error, countdown_s, **rate_limit))
 
     async def afinish(self, job_id: str, status: JobStatus | str, **result: Any) -> bool:
         return await self._group.submit(job_writes.finish(job_id, status, **result))
@@ -570,7 +572,8 @@ def _job_row(job_id: str, request: JobRequest, provider: str, now: datetime) -> 
             "model": request.model, "provider": provider, "status": JobStatus.QUEUED.value,
             "request": request.model_dump(mode="json"), "cost_usd": 0.0, "attempts": 0, "deliveries": 0, "resends": 0,
             "replays": 0,
-            "batch_id": request.batch_id, "item_id": request.item_id, "created_at": now, "updated_at": now}
+            "batch_id": request.batch_id, "item_id": request.item_id, "created_at": now, "updated_at": now,
+            "rate_limit_retries": 0, "rate_limit_waits": 0}
 
 
 def _batch(row: Row[Any]) -> BatchInfo:

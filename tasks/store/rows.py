@@ -27,6 +27,10 @@ class StoredJob(JobResult):
     resends: int = 0  # how often the sweeper sent it again (its message was lost, or its worker died)
     replays: int = 0  # how often `dq dead replay` ran it again
     replayed_at: datetime | None = None
+    rate_limit_retries: int = 0  # attempts retried after a rate-limit answer (not counted against max_retries)
+    rate_limit_waits: int = 0  # runs that only waited for the limiter (not attempts: no request was made)
+    rate_limited_since: datetime | None = None
+    rate_ticket: int | None = None
 
 
 def to_job(row: Row[Any]) -> StoredJob:
@@ -34,11 +38,15 @@ def to_job(row: Row[Any]) -> StoredJob:
     return StoredJob(
         job_id=m["job_id"], status=JobStatus(m["status"]), kind=m["kind"], model=m["model"], provider=m["provider"],
         output=m["output"], sql_contexts=m["sql_contexts"] or [], usage=m["usage"], cost_usd=m["cost_usd"] or 0.0,
-        error=None if m["error"] is None else JobError.model_validate(m["error"]), attempts=m["attempts"],
+        error=None if m["error"] is None else JobError.model_validate(m["error"]),
+        attempts=m["attempts"] - (m["rate_limit_waits"] or 0),  # the stored count includes the limiter's waits
         batch_id=m["batch_id"], item_id=m["item_id"], deliveries=m["deliveries"],
         created_at=utc(m["created_at"]), started_at=utc(m["started_at"]), finished_at=utc(m["finished_at"]),
         retry_at=utc(m["retry_at"]), updated_at=utc(m["updated_at"]), lease_until=utc(m["lease_until"]),
         resends=m["resends"] or 0, replays=m["replays"] or 0, replayed_at=utc(m["replayed_at"]),
+        rate_limit_retries=m["rate_limit_retries"] or 0, rate_limit_waits=m["rate_limit_waits"] or 0,
+        rate_limited_since=utc(m["rate_limited_since"]),
+        rate_ticket=m["rate_ticket"],
     )
 
 

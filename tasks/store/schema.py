@@ -23,6 +23,7 @@ from datetime import UTC, datetime
 
 from sqlalchemy import (
     JSON,
+    BigInteger,
     Column,
     Connection,
     DateTime,
@@ -99,6 +100,12 @@ jobs = Table(
     Column("started_at", _Time),  # the first start: queue time is honest even after retries
     Column("finished_at", _Time),
     Column("updated_at", _Time, nullable=False),
+    # migration 2 (provider limits): retries after rate-limit answers (they spend a time budget,
+    # not max_retries), and retries that only waited for the limiter (no request: not attempts)
+    Column("rate_limit_retries", Integer, server_default=text("0")),
+    Column("rate_limit_waits", Integer, server_default=text("0")),
+    Column("rate_limited_since", _Time),  # the first rate-limit answer or cooldown: the wait budget's start
+    Column("rate_ticket", BigInteger),  # the job's place in its limiter's line (µs of Redis time)
     # migration 3: the sweeper's bookkeeping
     Column("lease_until", _Time),  # running: the worker renews it; past it the job counts as abandoned
     Column("resends", Integer, nullable=False, default=0, server_default=text("0")),  # by the sweeper
@@ -290,6 +297,10 @@ def add_columns(conn: Connection, table: Table, *names: str) -> None:
         conn.execute(text(f'ALTER TABLE {table.name} ADD COLUMN {name} {ddl}{default}'))
 
 
+def _v2(conn: Connection) -> None:
+    add_columns(conn, jobs, "rate_limit_retries", "rate_limit_waits", "rate_limited_since", "rate_ticket")
+
+
 def _v3(conn: Connection) -> None:
     """The scheduler's columns and tables: job leases, re-send and replay counts, dead letters
     in the store, and the claims that run each scheduled batch slot once. New tables are frozen
@@ -325,9 +336,10 @@ def _v3(conn: Connection) -> None:
     frozen.create_all(conn, checkfirst=True)
 
 
-# numbers are the issues' order of work, so one may be missing in a branch (2: rate limits)
+# numbers are the issues' order of work (a database may get 2 after 3 and 4: each only adds)
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "jobs, batches, batch_items", _v1),
+    Migration(2, "jobs: rate-limit retries and waits, since when, ticket", _v2),
     Migration(3, "job leases, re-sends and replays; dead_letters; schedule_runs", _v3),
     Migration(4, "job_checkpoints: the steps of tool runs, to resume from", _v4),
 )

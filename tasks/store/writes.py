@@ -63,9 +63,18 @@ def lease(job_id: str, lease_s: float | None) -> JobWrite:
     return JobWrite("lease", job_id, None, lease_s=lease_s)
 
 
-def retrying(job_id: str, attempt: int, error: JobError, countdown_s: float) -> JobWrite:
-    """Record a retryable failure of ``attempt``; True unless the job is already final."""
-    return JobWrite("retrying", job_id, attempt, {"error": error.model_dump(mode="json")}, max(0.0, countdown_s))
+def retrying(job_id: str, attempt: int, error: JobError, countdown_s: float, *,
+             rate_limit_retries: int | None = None, rate_limit_waits: int | None = None,
+             rate_limited_since: datetime | None = None, rate_ticket: int | None = None) -> JobWrite:
+    """Record a retryable failure of ``attempt``; True unless the job is already final. A
+    retry that waits for a provider's limits also records how many such retries the job has
+    had (they are not counted against its attempts), since when it is rate limited, and its
+    ticket in the limiter's line (``attempt`` is the store's run number, waits included)."""
+    values: dict[str, Any] = {"error": error.model_dump(mode="json"), "rate_ticket": rate_ticket}
+    if rate_limit_retries is not None:
+        values.update(rate_limit_retries=rate_limit_retries, rate_limit_waits=rate_limit_waits or 0,
+                      rate_limited_since=rate_limited_since)
+    return JobWrite("retrying", job_id, attempt, values, max(0.0, countdown_s))
 
 
 def finish(job_id: str, status: JobStatus | str, *, output: Any = None, sql_contexts: Any = None, usage: Any = None,

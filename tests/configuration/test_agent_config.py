@@ -90,3 +90,42 @@ def test_provider_model_string_takes_key_from_environment(monkeypatch) -> None:
     monkeypatch.delenv("QWEN_API_KEY", raising=False)
     monkeypatch.setenv("DASHSCOPE_API_KEY", "sk-dash")
     assert LLMBaseModel.create_model(None, "qwen:qwen-plus")._get_api_key() == "sk-dash"
+
+
+def test_rate_limits_are_typed_and_a_models_own_win_field_by_field(tmp_path) -> None:
+    config = AgentConfig.from_file(write(tmp_path, """
+        agent:
+          models:
+            fast: {type: openai, model: gpt-4o-mini, api_key: x,
+                   rate_limits: {requests_per_minute: 600, max_concurrency: 5}}
+            plain: {type: openai, model: gpt-4o, api_key: x}
+            other: {type: gemini, model: gemini-2.5-flash, api_key: x}
+          rate_limits:
+            openai: {requests_per_minute: 60, input_tokens_per_minute: 200000}
+    """))
+    fast = config.rate_limits_for(config.models["fast"])
+    assert (fast.requests_per_minute, fast.input_tokens_per_minute, fast.max_concurrency) == (600, 200000, 5)
+    assert config.rate_limits_for(config.models["plain"]).requests_per_minute == 60
+    assert config.rate_limits_for(config.models["other"]) is None
+    with pytest.raises(ConfigError, match="requests_per_minte"):
+        AgentConfig.from_file(write(tmp_path, """
+            agent: {models: {m: {type: openai, model: x, rate_limits: {requests_per_minte: 5}}}}"""))
+    with pytest.raises(ConfigError, match="requests_per_minute"):
+        AgentConfig.from_file(write(tmp_path, """
+            agent: {models: {m: {type: openai, model: x, rate_limits: {requests_per_minute: -1}}}}"""))
+    with pytest.raises(ConfigError, match="keyed by provider type; unknown: opnai"):
+        AgentConfig.from_file(write(tmp_path, "agent: {rate_limits: {opnai: {requests_per_minute: 5}}}"))
+
+
+def test_allowed_models_default_to_the_configured_names_and_patterns_are_listed(tmp_path) -> None:
+    models = "models: {a: {type: openai, model: gpt-4o, api_key: x}, b: {type: claude, model: c, api_key: x}}"
+    default = AgentConfig.from_file(write(tmp_path, f"agent: {{target: a, {models}}}"))
+    assert default.is_model_allowed("a") and default.is_model_allowed("default")
+    assert not default.is_model_allowed("openai:gpt-4o")  # provider:model only where listed
+    listed = AgentConfig.from_file(write(tmp_path, f'agent: {{{models}, allowed_models: [a, "openai:gpt-4o*"]}}'))
+    assert listed.is_model_allowed("openai:gpt-4o-mini") and not listed.is_model_allowed("b")
+    assert not listed.is_model_allowed("openai:o3")
+    with pytest.raises(ConfigError, match="'c' is neither a model"):
+        AgentConfig.from_file(write(tmp_path, f"agent: {{{models}, allowed_models: [c]}}"))
+    with pytest.raises(ConfigError, match="unknown provider 'acme'"):
+        AgentConfig.from_file(write(tmp_path, f'agent: {{{models}, allowed_models: ["acme:large"]}}'))

@@ -511,10 +511,10 @@ class OpenAIStyleSuite:
         assert len(chat_requests(server)) == 3
 
     def test_retries_are_bounded_and_the_sdk_does_not_add_its_own(self, server: FakeProviderServer) -> None:
-        server.script.add(Fault("status", status=503), times=None)
+        server.script.add(Fault("status", status=500), times=None)
         with pytest.raises(ServerError) as caught:
             self.model(server, max_retries=2).generate("hi")
-        assert caught.value.status_code == 503 and caught.value.details["attempts"] == 3
+        assert caught.value.status_code == 500 and caught.value.details["attempts"] == 3
         assert len(chat_requests(server)) == 3
         server.clear_requests()
         with pytest.raises(ServerError):

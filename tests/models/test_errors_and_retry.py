@@ -30,7 +30,7 @@ from datus.utils.exceptions import DatusException, ErrorCode
         (429, ("rate_limit_exceeded",), E.RateLimitError),
         (429, ("insufficient_quota",), E.QuotaExceededError),
         (500, (), E.ServerError),
-        (503, (), E.ServerError),
+        (503, (), E.OverloadedError),
         (529, (), E.OverloadedError),
         (500, ("overloaded_error",), E.OverloadedError),
         (418, (), E.BadRequestError),

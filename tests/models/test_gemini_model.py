@@ -31,6 +31,7 @@ from datus.models.errors import (
     ModelConnectionError,
     ModelOutputError,
     ModelTimeoutError,
+    OverloadedError,
     NotFoundError,
     PermissionDeniedError,
     QuotaExceededError,
@@ -453,7 +454,7 @@ def test_unavailable_is_retried_then_succeeds(server: FakeProviderServer) -> Non
 
 def test_sdk_does_not_retry_on_its_own(server: FakeProviderServer) -> None:
     server.script.add(Fault("overloaded"))
-    with pytest.raises(ServerError) as caught:
+    with pytest.raises(OverloadedError) as caught:  # 503 UNAVAILABLE: "the model is overloaded"
         make_model(server, max_retries=0).generate("hi")
     assert caught.value.status_code == 503 and caught.value.retryable
     assert len(generations(server)) == 1

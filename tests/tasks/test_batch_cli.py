@@ -91,6 +91,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
             "target": MODEL,
             "models": {MODEL: {"type": "openai", "model": "gpt-4o-mini", "api_key": KEY,
                                "base_url": fake.openai_base_url, "timeout_s": 30, "max_retries": 1}},
+            "allowed_models": [MODEL, "deepseek:*"],  # a provider:model only where the operator lists it
         }}  # no mcp_servers: tool-run batches open --db with the shipped SQL server
         config = workdir / "agent.yml"
         config.write_text(yaml.safe_dump(agent, sort_keys=False), encoding="utf-8")

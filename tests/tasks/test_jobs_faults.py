@@ -119,12 +119,16 @@ def test_a_429_storm_with_retry_after_every_job_succeeds_and_no_retry_comes_earl
         assert warm_up.status is JobStatus.SUCCEEDED, warm_up.error
     fake.script.fallback = storm
     prompts = [f"storm-{i}" for i in range(6)]
+    fake.hold()  # every job's first request is in before the first 429: later arrivals would wait out its cooldown
     jobs = {prompt: client.submit({"model": "openai" if i % 3 else "gemini", "prompt": prompt})
             for i, prompt in enumerate(prompts)}
+    wait_for(lambda: len(generations(fake, "storm-")) == len(prompts), 30, "every job's first request")
+    fake.release()
     results = {prompt: client.result(job_id, timeout=40) for prompt, job_id in jobs.items()}
 
     for prompt, result in results.items():
         assert result.status is JobStatus.SUCCEEDED, result.error
+        # four attempts: runs that only waited out another job's cooldown are not attempts
         assert result.output == "ok after 3 rate limits" and result.attempts == 4 and result.error is None
         arrivals = storm.arrivals[prompt]
         assert len(arrivals) == 4

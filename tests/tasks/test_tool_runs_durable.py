@@ -137,19 +137,35 @@ def test_a_worker_stopped_after_the_tool_resumes_without_running_it_again(
 
 
 @pytest.mark.parametrize("job_db_url", ["sqlite", "postgres"], indirect=True)
-def test_a_rate_limit_after_the_tool_is_a_job_retry_that_resumes(
+def test_a_server_error_after_the_tool_is_a_job_retry_that_resumes(
         record_file: Path, worker: StartWorker, client: JobClient, fake: FakeProviderServer) -> None:
-    # the model config allows 4 in-process retries: five 429s outlast them
-    script_run(fake, "limited", [Fault("rate_limit", retry_after=0.05)] * 5)
+    # the model config allows 4 in-process retries: five 500s outlast them
+    script_run(fake, "broken", [Fault("status", status=500)] * 5)
+    worker("openai")
+    job_id = submit(client, "broken")
+    result = client.result(job_id, timeout=40)
+
+    assert result.status is JobStatus.SUCCEEDED, result.error
+    assert result.attempts == 2 and result.output == "done broken"
+    assert calls(record_file) == Counter({"broken": 1})
+    assert turn_requests(fake, "broken") == Counter({1: 1, 2: 6})  # five 500s, then the answer
+    assert_steps_once(client, job_id, ["retry", "resumed"])
+
+
+def test_a_long_rate_limit_after_the_tool_goes_back_to_the_queue_and_resumes(
+        record_file: Path, worker: StartWorker, client: JobClient, fake: FakeProviderServer) -> None:
+    # a 429 spends the job's time budget, not its attempts; its Retry-After is longer than a
+    # wait in the worker, so the job is handed back to the queue and its next delivery resumes
+    script_run(fake, "limited", [Fault("rate_limit", retry_after=2)])
     worker("openai")
     job_id = submit(client, "limited")
     result = client.result(job_id, timeout=40)
 
     assert result.status is JobStatus.SUCCEEDED, result.error
-    assert result.attempts == 2 and result.output == "done limited"
+    assert (result.attempts, result.rate_limit_waits) == (1, 1) and result.output == "done limited"
     assert calls(record_file) == Counter({"limited": 1})
-    assert turn_requests(fake, "limited") == Counter({1: 1, 2: 6})  # five 429s, then the answer
-    assert_steps_once(client, job_id, ["retry", "resumed"])
+    assert turn_requests(fake, "limited") == Counter({1: 1, 2: 2})  # the 429, then the answer
+    assert_steps_once(client, job_id, ["rate_limit_wait", "resumed"])
 
 
 def test_a_pooled_server_killed_mid_batch_is_restarted_once_and_the_batch_completes(

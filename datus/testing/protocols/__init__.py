@@ -19,6 +19,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute
 
+from datus.testing.limits import Admission
 from datus.testing.script import Fault, Reply, ScriptedRequest
 
 __all__ = [
@@ -30,6 +31,7 @@ __all__ = [
     "sse",
     "retry_after_header",
     "default_protocols",
+    "format_duration",
 ]
 
 
@@ -79,6 +81,12 @@ class WireProtocol(ABC):
     def render_fault(self, fault: Fault, request: ScriptedRequest) -> Response:
         """An error-status fault (rate_limit, quota, status, overloaded, context_length,
         content_filter) as the provider's status code, headers and error body."""
+
+    def budget_headers(self, admission: Admission) -> dict[str, str]:
+        """The provider's rate-limit headers for the buckets in ``admission`` (the server's
+        `ProviderLimits`), sent on every answer while limits are set. None by default (Gemini
+        sends none)."""
+        return {}
 
     def malformed_body(self, request: ScriptedRequest) -> bytes:
         """A body that starts like a real answer and stops being JSON."""
@@ -165,6 +173,15 @@ def retry_after_header(fault: Fault) -> dict[str, str]:
     if isinstance(value, (int, float)):
         return {"retry-after": str(int(value)) if float(value).is_integer() else str(value)}
     return {"retry-after": value}
+
+
+def format_duration(seconds: float) -> str:
+    """OpenAI's spelling of a reset time: ``"20ms"``, ``"1.5s"``, ``"6m0s"``."""
+    if seconds < 1:
+        return f"{max(0, round(seconds * 1000))}ms"
+    minutes, rest = divmod(seconds, 60.0)
+    rest_text = f"{rest:.3f}".rstrip("0").rstrip(".")
+    return f"{int(minutes)}m{rest_text}s" if minutes else f"{rest_text}s"
 
 
 def default_protocols() -> list[WireProtocol]:

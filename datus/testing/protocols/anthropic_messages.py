@@ -18,12 +18,15 @@ import base64
 import hashlib
 import json
 import secrets
+import time
+from datetime import datetime, timezone
 from typing import Any
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import BaseRoute, Route
 
+from datus.testing.limits import Admission
 from datus.testing.protocols import (
     ProtocolError,
     Usage,
@@ -197,6 +200,17 @@ class AnthropicMessagesProtocol(WireProtocol):
         frames.append(_event({"type": "message_delta", "delta": final, "usage": usage}))
         frames.append(_event({"type": "message_stop"}))
         return frames
+
+    def budget_headers(self, admission: Admission) -> dict[str, str]:
+        headers: dict[str, str] = {}
+        now = time.time()
+        for kind, state in (("requests", admission.requests), ("input-tokens", admission.input_tokens)):
+            if state is not None:
+                whole_at = datetime.fromtimestamp(now + state.reset_s, timezone.utc)
+                headers.update({f"anthropic-ratelimit-{kind}-limit": str(int(state.limit)),
+                                f"anthropic-ratelimit-{kind}-remaining": str(int(state.remaining)),
+                                f"anthropic-ratelimit-{kind}-reset": whole_at.isoformat().replace("+00:00", "Z")})
+        return headers
 
     def render_fault(self, fault: Fault, request: ScriptedRequest) -> Response:
         if fault.kind == "content_filter":

@@ -16,11 +16,13 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
+from datus.testing.limits import Admission
 from datus.testing.protocols import (
     ProtocolError,
     Usage,
     WireProtocol,
     estimate_usage,
+    format_duration,
     retry_after_header,
     split_text,
     sse,
@@ -233,6 +235,17 @@ class OpenAIChatProtocol(WireProtocol):
             frames.append(sse({**envelope, "choices": [], "usage": _usage(estimate_usage(request, reply))}))
         frames.append(sse("[DONE]"))
         return frames
+
+    def budget_headers(self, admission: Admission) -> dict[str, str]:
+        headers: dict[str, str] = {}
+        for kind, state in (("requests", admission.requests), ("tokens", admission.input_tokens)):
+            if state is not None:
+                headers.update({f"x-ratelimit-limit-{kind}": str(int(state.limit)),
+                                f"x-ratelimit-remaining-{kind}": str(int(state.remaining)),
+                                f"x-ratelimit-reset-{kind}": format_duration(state.reset_s)})
+        if not admission.admitted:
+            headers["retry-after-ms"] = str(max(1, round(admission.retry_after_s * 1000)))
+        return headers
 
     def render_fault(self, fault: Fault, request: ScriptedRequest) -> Response:
         headers = {"x-request-id": _new_id("req_"), **retry_after_header(fault)}

@@ -48,9 +48,10 @@ from datus.schemas.message import to_messages
 from tasks import keys
 from tasks.checkpoints import RunSuperseded, StoreJournal
 from tasks.context import JobContext, get_context
+from tasks.observability import metrics
 from tasks.execution import run_coroutine
 from tasks.ratelimit import DeadlineExceeded, Deferred, JobWait, RateLimitWaitExceeded, current_job
-from tasks.schemas import DATABASE_SERVER, JobError, JobKind, JobRequest, JobStatus, TaskPayload
+from tasks.schemas import DATABASE_SERVER, FINAL_STATUSES, JobError, JobKind, JobRequest, JobStatus, TaskPayload
 from tasks.settings import Settings
 
 if TYPE_CHECKING:
@@ -60,6 +61,7 @@ __all__ = ["run_task", "run_message", "dead_letter_message", "execute", "shown_a
            "JobCancelled"]
 
 logger = logging.getLogger("tasks.jobs")
+_FINAL_VALUES = frozenset(status.value for status in FINAL_STATUSES)
 INFRA_RETRIES = 8  # in a row (a job's other retries — rate limits above all — do not count)
 INFRA_HEADER = "dq_infra_retries"  # carried by a retry message: infrastructure retries so far in a row
 # a delivery starts: count it (expiring with the job's events) and read the cancel flag, in one call
@@ -190,6 +192,7 @@ async def execute(job_id: str, payload: Any, retries: int = 0, context: JobConte
         error = JobError(code="dead_letter", type="DeadLetter", message=reason)
         if await ctx.store.afinish(job_id, JobStatus.DEAD, error=error, attempts=run_no):
             await _terminal(ctx, job_id, JobStatus.DEAD, _error_step(error))
+            metrics.job_finished(task_payload.provider, task_payload.request.kind.value, JobStatus.DEAD.value)
         return {"job_id": job_id, "status": JobStatus.DEAD.value}
     request = task_payload.request
     if not ctx.agent_config.is_model_allowed(request.model):  # sent around a client, or a config changed
@@ -199,12 +202,26 @@ async def execute(job_id: str, payload: Any, retries: int = 0, context: JobConte
                                  f"{allowed})")
         if await ctx.store.afinish(job_id, JobStatus.FAILED, error=error, attempts=run_no):
             await _terminal(ctx, job_id, JobStatus.FAILED, _error_step(error))
+            metrics.job_finished(task_payload.provider, request.kind.value, JobStatus.FAILED.value, error.code)
         return {"job_id": job_id, "status": JobStatus.FAILED.value}
     # any start but the very first may find steps of an earlier delivery to resume from (a
     # re-send by the sweeper counts as a delivery of the same attempt)
     resuming = run_no > 1 or claimed.deliveries > 1
-    async with ctx.leases.hold(job_id):
-        return await _run(ctx, job_id, request, claimed, run_no, bool(cancel_requested), resuming)
+    provider, kind = task_payload.provider, request.kind.value
+    if not resuming:
+        metrics.first_start(provider, kind, claimed.created_at)
+    outcome: Any = None
+    with metrics.in_flight(provider), track_usage() as calls:
+        try:
+            async with ctx.leases.hold(job_id):
+                outcome = await _run(ctx, job_id, request, claimed, run_no, bool(cancel_requested), resuming)
+        finally:
+            metrics.model_calls(calls)
+    if isinstance(outcome, RetryLater):
+        metrics.job_retried(provider, outcome.error.code)
+    elif isinstance(outcome, dict) and outcome.get("status") in _FINAL_VALUES:
+        metrics.job_finished(provider, kind, outcome["status"], outcome.get("error_code"))
+    return outcome
 
 
 def _job_wait(ctx: JobContext, job_id: str, request: JobRequest, stored: StoredJob) -> JobWait:
@@ -233,7 +250,8 @@ async def _run(ctx: JobContext, job_id: str, request: JobRequest, stored: Stored
         if await ctx.store.afinish(job_id, JobStatus.CANCELLED, attempts=run_no):
             await _terminal(ctx, job_id, JobStatus.CANCELLED, ActionHistory.create_action(
                 ActionRole.WORKFLOW, "cancelled", "cancelled", None, None, ActionStatus.FAILED))
-        return {"job_id": job_id, "status": JobStatus.CANCELLED.value}
+            return {"job_id": job_id, "status": JobStatus.CANCELLED.value}
+        return {"job_id": job_id, "status": "final"}
     except Deferred as deferred:
         return await _deferred(ctx, job_id, stored, run_no, deferred)
     except (asyncio.CancelledError, KeyboardInterrupt, SystemExit):
@@ -257,7 +275,8 @@ async def _run(ctx: JobContext, job_id: str, request: JobRequest, stored: Stored
         if isinstance(final.output, dict):
             final.output = {**final.output, "usage": usage.model_dump()}
         await _terminal(ctx, job_id, JobStatus.SUCCEEDED, final)
-    return {"job_id": job_id, "status": JobStatus.SUCCEEDED.value}
+        return {"job_id": job_id, "status": JobStatus.SUCCEEDED.value}
+    return {"job_id": job_id, "status": "final"}  # another delivery or a cancel made it final
 
 
 async def _deferred(ctx: JobContext, job_id: str, stored: StoredJob, run_no: int, deferred: Deferred) -> Any:
@@ -302,7 +321,8 @@ async def _failed(ctx: JobContext, job_id: str, request: JobRequest, stored: Sto
             return RetryLater(countdown, error)
     if await ctx.store.afinish(job_id, JobStatus.FAILED, error=error, attempts=run_no):
         await _terminal(ctx, job_id, JobStatus.FAILED, _error_step(error))
-    return {"job_id": job_id, "status": JobStatus.FAILED.value}
+        return {"job_id": job_id, "status": JobStatus.FAILED.value, "error_code": error.code}
+    return {"job_id": job_id, "status": "final"}  # another delivery or a cancel made it final
 
 
 def _retry_countdown(ctx: JobContext, request: JobRequest, stored: StoredJob,

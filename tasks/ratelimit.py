@@ -57,6 +57,7 @@ from datus.models.limiter import PlannedRequest, RequestOutcome
 from datus.models.rate_limit_headers import ProviderBudget
 from datus.models.retry import is_rate_limited
 from tasks import keys
+from tasks.observability import metrics
 from tasks.ratelimit_lua import ACQUIRE, COOLDOWN, GO, NO_SLOT, RELEASE, RENEW, TICKET, TOO_LARGE
 from tasks.redis_batch import RedisBatch
 
@@ -167,6 +168,7 @@ class ModelLimiter:
         self.owner = owner
         self.limits = limits
         self.name = f"{provider}/{model}"
+        self.provider, self.model = provider, model
         self.keys = [keys.ratelimit_state(provider, fingerprint, model), keys.ratelimit_slots(provider, fingerprint, model)]
         self._numbers = [limits.requests_per_minute or 0, limits.input_tokens_per_minute or 0,
                          limits.output_tokens_per_minute or 0]
@@ -203,7 +205,7 @@ class ModelLimiter:
                 await self._sleep(job, wait)
             elif code == NO_SLOT:
                 if job is not None and job.can_defer and job.waited_s > owner.in_process_s:
-                    raise Deferred(owner.short_wait_s * (1 + random.random()), 0, False, f"a slot of {self.name}")
+                    raise self._defer(owner.short_wait_s * (1 + random.random()), 0, False, f"a slot of {self.name}")
                 started = time.monotonic()
                 await state.wait_for_slot(self.keys[1], lane, min(wait, _SLOT_POLL_S) if wait > 0 else _SLOT_POLL_S)
                 if job is not None:
@@ -243,14 +245,18 @@ class ModelLimiter:
                 raise RateLimitWaitExceeded(f"still waiting for {what} when the job's rate-limit budget "
                                             "(DQ_RATE_LIMIT_MAX_WAIT_S) ran out")
             if job.can_defer:
-                raise Deferred(wait * (1 + random.random() * jitter), ticket, rate_limited, what)
+                raise self._defer(wait * (1 + random.random() * jitter), ticket, rate_limited, what)
         await self._sleep(job, wait * (1 + random.random() * jitter))  # not a job, or one that may not leave
 
-    @staticmethod
-    async def _sleep(job: JobWait | None, seconds: float) -> None:
+    async def _sleep(self, job: JobWait | None, seconds: float) -> None:
         if job is not None:
             job.waited_s += seconds
+        metrics.rate_limit_wait(self.provider, self.model, seconds, deferred=False)
         await asyncio.sleep(seconds)
+
+    def _defer(self, wait: float, ticket: int, rate_limited: bool, what: str) -> Deferred:
+        metrics.rate_limit_wait(self.provider, self.model, wait, deferred=True)
+        return Deferred(wait, ticket, rate_limited, what)
 
     def _too_large(self, bucket: int, n_in: int, n_out: int) -> RequestTooLargeError:
         name = _BUCKETS[bucket]
@@ -296,6 +302,7 @@ class ModelLimiter:
         if permit.slot or d_in or d_out or cooldown or pace:
             if cooldown:
                 logger.info("%s: %s, cooling down for %.2fs", self.name, type(outcome.error).__name__, cooldown)
+                metrics.cooldown_set(self.provider, self.model)
             await state.batch.call(RELEASE, self.keys, [permit.slot, *self._numbers, d_in, d_out,
                                                         round(cooldown * 1e6), round(pace * 1e6),
                                                         round(pace_for * 1e6), self.owner.burst_us])

@@ -10,7 +10,7 @@ what `tasks.jobs` calls; each is a few counter increments, so they are always on
     dq_tokens_total{provider,model,type}           tokens of model calls: input, output, cached
     dq_cost_usd_total{provider,model}              their cost
     dq_model_call_seconds{provider,model}          a model call's latency, its retries included (histogram)
-    dq_queue_wait_seconds{provider,kind}           from submit, or a retry's due time, to the start (histogram)
+    dq_queue_wait_seconds{provider,kind}           from submit to the job's first start (histogram)
     dq_jobs_in_flight{provider}                    jobs running in this process
     dq_ratelimit_waits_total{provider,model,how}   waits for the fleet's limits: on the loop, or deferred as a retry
     dq_ratelimit_wait_seconds_total{provider,model}
@@ -22,7 +22,8 @@ what `tasks.jobs` calls; each is a few counter increments, so they are always on
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from typing import Any
 
@@ -31,8 +32,8 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import REGISTRY, Collector
 
 __all__ = [
-    "job_started", "job_ended", "job_retried", "model_calls", "rate_limit_wait", "cooldown_set",
-    "watch_mcp_pools", "serve",
+    "cooldown_set", "first_start", "in_flight", "job_finished", "job_retried", "model_calls", "rate_limit_wait",
+    "serve", "watch_mcp_pools",
 ]
 
 logger = logging.getLogger("tasks.observability.metrics")
@@ -46,7 +47,7 @@ TOKENS = Counter("dq_tokens", "Tokens of model calls", ["provider", "model", "ty
 COST = Counter("dq_cost_usd", "Cost of model calls in USD", ["provider", "model"])
 CALL_SECONDS = Histogram("dq_model_call_seconds", "Latency of a model call, its retries included",
                          ["provider", "model"], buckets=_SECONDS)
-QUEUE_WAIT = Histogram("dq_queue_wait_seconds", "From submit (or a retry's due time) to the job's start",
+QUEUE_WAIT = Histogram("dq_queue_wait_seconds", "From submit to the job's first start",
                        ["provider", "kind"], buckets=_WAIT)
 IN_FLIGHT = Gauge("dq_jobs_in_flight", "Jobs running in this worker process", ["provider"])
 RATE_WAITS = Counter("dq_ratelimit_waits", "Waits for the fleet's rate limits", ["provider", "model", "how"])
@@ -56,20 +57,28 @@ COOLDOWNS = Counter("dq_ratelimit_cooldowns", "Cooldowns this worker set after a
                     ["provider", "model"])
 
 
-def job_started(provider: str, kind: str, due: datetime | None) -> None:
-    """A job starts running here; ``due``: when it was submitted or its retry was due."""
-    IN_FLIGHT.labels(provider).inc()
-    if due is not None:
-        QUEUE_WAIT.labels(provider, kind).observe(max(0.0, (datetime.now(UTC) - due).total_seconds()))
+@contextmanager
+def in_flight(provider: str) -> Iterator[None]:
+    """Counts a job as running here while the block runs."""
+    gauge = IN_FLIGHT.labels(provider)
+    gauge.inc()
+    try:
+        yield
+    finally:
+        gauge.dec()
 
 
-def job_ended(provider: str, kind: str, status: str | None, error_code: str | None = None) -> None:
-    """The job stops running here; ``status`` is its final status, or None (a retry, a requeue)."""
-    IN_FLIGHT.labels(provider).dec()
-    if status is not None:
-        JOBS.labels(provider, kind, status).inc()
-        if status == "failed":
-            FAILURES.labels(provider, error_code or "unknown").inc()
+def first_start(provider: str, kind: str, submitted: datetime | None) -> None:
+    """A job starts for the first time: its wait since it was submitted."""
+    if submitted is not None:
+        QUEUE_WAIT.labels(provider, kind).observe(max(0.0, (datetime.now(UTC) - submitted).total_seconds()))
+
+
+def job_finished(provider: str, kind: str, status: str, error_code: str | None = None) -> None:
+    """The job reached ``status`` (succeeded, failed, cancelled, dead) here."""
+    JOBS.labels(provider, kind, status).inc()
+    if status == "failed":
+        FAILURES.labels(provider, error_code or "unknown").inc()
 
 
 def job_retried(provider: str, code: str) -> None:

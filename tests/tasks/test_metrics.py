@@ -35,8 +35,13 @@ def test_a_workers_metrics_count_the_jobs_it_ran(job_env: JobEnv, worker: StartW
     results = [client.result(job_id, timeout=60) for job_id in [*good, bad]]
     assert [r.status for r in results] == [JobStatus.SUCCEEDED] * 5 + [JobStatus.FAILED]
 
-    samples = wait_for(lambda: (s := scrape(port)) if value(s, "dq_jobs_total", provider="openai", kind="generate",
-                                                             status="failed") == 1 else None, 30, "the counts")
+    def counted() -> dict[Any, float] | None:  # the worker counts a job just after its result is stored
+        samples = scrape(port)
+        done = sum(value(samples, "dq_jobs_total", provider="openai", kind="generate", status=status)
+                   for status in ("succeeded", "failed"))
+        return samples if done == 6 else None
+
+    samples = wait_for(counted, 30, "the worker to count every job")
     assert value(samples, "dq_jobs_total", provider="openai", kind="generate", status="succeeded") == 5
     assert value(samples, "dq_job_failures_total", provider="openai", code=results[-1].error.code) == 1
     assert value(samples, "dq_jobs_in_flight", provider="openai") == 0

@@ -1,8 +1,8 @@
 """Running one job: the plain functions behind the thin Celery tasks.
 
-A job's life on the worker (see ARCHITECTURE.md): validate the payload; count the delivery;
-claim the row under a lease (a job that is already final, or running under another delivery's
-lease, makes no second model call); too many redeliveries → dead letter; run the model while
+A job's life on the worker (see docs/architecture.md): validate the payload; claim the row
+under a lease (a job that is already final, or running under another delivery's lease, makes
+no second model call); too many starts of one attempt → dead letter; run the model while
 the process renews the lease (`tasks.leases`), publishing every step; write the result to the
 store *before* the task returns (the message is acknowledged after that); publish the terminal
 event. A retryable error asks Celery for a retry with countdown = max(Retry-After,
@@ -65,13 +65,6 @@ _FINAL_VALUES = frozenset(status.value for status in FINAL_STATUSES)
 INFRA_RETRIES = 8  # in a row (a job's other retries — rate limits above all — do not count)
 INFRA_HEADER = "dq_infra_retries"  # carried by a retry message: infrastructure retries so far in a row
 # a delivery starts: count it (expiring with the job's events) and read the cancel flag, in one call
-_JOB_START_LUA = """
-local deliveries = redis.call('INCR', KEYS[1])
-redis.call('EXPIRE', KEYS[1], ARGV[1])
-return {deliveries, redis.call('EXISTS', KEYS[2])}
-"""
-
-
 @dataclass(frozen=True)
 class RetryLater:
     countdown: float
@@ -175,8 +168,7 @@ async def execute(job_id: str, payload: Any, retries: int = 0, context: JobConte
                                 attempts=retries + 1)
         return {"job_id": job_id, "status": "rejected"}
 
-    deliveries, cancel_requested = await ctx.script(_JOB_START_LUA)(
-        keys=[keys.job_deliveries(job_id), keys.job_cancel(job_id)], args=[ctx.settings.event_ttl_s])
+    cancel_requested = await ctx.aredis.exists(keys.job_cancel(job_id))
     run_no = retries + 1  # the store's guard against stale messages; limiter waits count here, not as attempts
     claimed = await ctx.store.amark_running(job_id, run_no, ctx.settings.queued_lease_s)
     if claimed is None:  # already final (a redelivery after success), cancelled while queued, or
@@ -185,9 +177,11 @@ async def execute(job_id: str, payload: Any, retries: int = 0, context: JobConte
             logger.info("job %s: attempt %d is running elsewhere (lease until %s); this delivery is dropped",
                         job_id, current.attempts, current.lease_until)
         return {"job_id": job_id, "status": current.status.value if current else "unknown"}
-    redeliveries = deliveries - 1 - retries
+    # poison: the attempt was started (claimed, not merely delivered: a duplicate delivery that
+    # found the job running or final is dropped above and counts for nothing) too many times
+    redeliveries = claimed.deliveries - 1
     if redeliveries >= ctx.settings.dead_letter_threshold:
-        reason = f"delivered {deliveries} times ({redeliveries} redeliveries without a result)"
+        reason = f"delivered {claimed.deliveries} times ({redeliveries} redeliveries without a result)"
         await _dead_letter(ctx, job_id, reason, None)
         error = JobError(code="dead_letter", type="DeadLetter", message=reason)
         if await ctx.store.afinish(job_id, JobStatus.DEAD, error=error, attempts=run_no):

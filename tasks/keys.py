@@ -9,7 +9,6 @@ __all__ = [
     "beat_lock",
     "job_cancel",
     "job_channel",
-    "job_deliveries",
     "job_event_seq",
     "job_events",
     "job_keys",
@@ -44,14 +43,9 @@ def job_cancel(job_id: str) -> str:
     return f"{PREFIX}:job:{job_id}:cancel"
 
 
-def job_deliveries(job_id: str) -> str:
-    """How many times a worker started the job's message (for dead-lettering)."""
-    return f"{PREFIX}:job:{job_id}:deliveries"
-
-
 def job_keys(job_id: str) -> list[str]:
     """Every key of one job (a replay starts it afresh)."""
-    return [job_events(job_id), job_event_seq(job_id), job_cancel(job_id), job_deliveries(job_id)]
+    return [job_events(job_id), job_event_seq(job_id), job_cancel(job_id)]
 
 
 def maintenance(task: str) -> str:

@@ -227,7 +227,7 @@ def test_pruning_keeps_the_young_removes_the_old_a_chunk_per_transaction(job_env
             {"job_id": job_id, "position": 0, "kind": "turn", "attempt": 1, "step": {"kind": "turn"}, "created_at": old}
             for job_id in (ids["old"][0], ids["young"][0])])
     client.redis.xadd(keys.job_events("stray"), {"event": "{}"})  # an event stream with no expiry
-    client.redis.set(keys.job_deliveries("kept"), 1, ex=500)
+    client.redis.set(keys.job_cancel("kept"), 1, ex=500)
 
     order: list[tuple[str, int]] = []
 
@@ -256,7 +256,7 @@ def test_pruning_keeps_the_young_removes_the_old_a_chunk_per_transaction(job_env
     with store._engine.connect() as conn:  # the pruned job's checkpoints went with it
         assert list(conn.execute(select(job_checkpoints.c.job_id)).scalars()) == [ids["young"][0]]
     assert 0 < client.redis.ttl(keys.job_events("stray")) <= settings.event_ttl_s
-    assert 0 < client.redis.ttl(keys.job_deliveries("kept")) <= 500  # its own expiry is left as it was
+    assert 0 < client.redis.ttl(keys.job_cancel("kept")) <= 500  # its own expiry is left as it was
 
 
 # -- schedules -----------------------------------------------------------------------------------------

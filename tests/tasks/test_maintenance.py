@@ -327,14 +327,14 @@ def test_replay_runs_a_dead_job_again_from_its_row_as_new(job_env: JobEnv, clien
     store.finish(job_id, JobStatus.DEAD, error=JobError(code="dead_letter", type="DeadLetter", message="x"),
                  attempts=1)
     store.record_dead_letter(job_id, "delivered 6 times (5 redeliveries without a result)", job_id=job_id)
-    client.redis.set(keys.job_deliveries(job_id), 6)
+    client.redis.set(keys.job_cancel(job_id), 1)
     client.redis.xadd(keys.job_events(job_id), {"event": "{}"})
 
     assert replay(client, job_id) == job_id
     row = store.get(job_id)
     assert (row.status, row.attempts, row.deliveries, row.resends, row.replays) == (JobStatus.QUEUED, 0, 0, 0, 1)
     assert row.error is None and row.replayed_at is not None
-    assert not client.redis.exists(keys.job_deliveries(job_id), keys.job_events(job_id))  # a fresh delivery count
+    assert not client.redis.exists(keys.job_cancel(job_id), keys.job_events(job_id))  # its Redis keys start afresh
     assert _messages(client)[job_id]["headers"]["retries"] == 0
     assert store.dead_letter(job_id) is None
     store.record_dead_letter(job_id, "a stale record", job_id=job_id)

@@ -19,6 +19,14 @@ _connected = False
 def _start(**_: Any) -> None:
     _quiet_http_logs()
     runtime.start()
+    _start_tracing()
+
+
+def _start_tracing() -> None:
+    """Set up the trace backends now (after fork), so a bad setting is a warning at start."""
+    from tasks.observability import traces
+
+    traces.tracers()
 
 
 def _serve_metrics() -> None:
@@ -43,6 +51,9 @@ def _quiet_http_logs() -> None:
 
 def _stop(**_: Any) -> None:
     runtime.stop()
+    from tasks.observability import traces
+
+    traces.shutdown()  # send the spans and runs still queued
 
 
 def _unknown(sender: Any = None, name: str | None = None, id: str | None = None, **_: Any) -> None:

@@ -105,7 +105,7 @@ def _endpoint_problem(url: str) -> str | None:
     try:
         parts.port  # noqa: B018 - raises on a bad port
     except ValueError:
-        return "its port is not a number"
+        return "a URL whose port is not a number"
     return None
 
 

@@ -5,9 +5,10 @@ One run tree per job run: the job (run type ``chain``, named after its task, ``d
 ``dq.tool_run``; inputs: prompt or messages, instruction) with a child per model call
 (``llm``, ``chat <model>``: the messages sent, the answer, finish reason, and token usage as
 ``usage_metadata``) and per tool call (``tool``, named after the tool: its arguments and
-result). Each run is posted when it starts and patched when it ends; the SDK's client queues
-them and sends batches from its own thread (``/runs/multipart`` or ``/runs/batch``), so the
-job never waits for LangSmith. ``LANGSMITH_HIDE_INPUTS`` / ``LANGSMITH_HIDE_OUTPUTS`` (the
+result). The job's run is posted when it starts (a running job shows in LangSmith) and patched
+when it ends; a call's run is posted once, when it ends (one operation instead of two per
+call). The SDK's client queues them and sends batches from its own thread (``/runs/multipart``
+or ``/runs/batch``), so the job never waits for LangSmith. ``LANGSMITH_HIDE_INPUTS`` / ``LANGSMITH_HIDE_OUTPUTS`` (the
 SDK's) blank inputs / outputs before they leave the process. The API key goes to the client
 only: the runs carry no environment (``omit_traced_runtime_info``) and their metadata is what
 is written here — job id, attempt, provider, model, kind, batch id.
@@ -77,14 +78,12 @@ class _JobRun:
             inputs["tools"] = [{"name": tool.name, "description": tool.description} for tool in request.tools]
         child = self.run.create_child(f"chat {call.model}", run_type="llm", inputs=inputs,
                                       extra={"metadata": metadata})
-        child.post()
         return _LlmRun(child)
 
     def tool_call(self, call: Any) -> _ToolRun:
         metadata = {"server": call.server} if call.server else {}
         child = self.run.create_child(call.name, run_type="tool", inputs={"arguments": call.arguments},
                                       extra={"metadata": {**metadata, "tool_call_id": call.call_id}})
-        child.post()
         return _ToolRun(child)
 
     def finish(self, status: str, output: Any, error: Any) -> None:
@@ -122,7 +121,7 @@ class _LlmRun:
             answer = _message(result.message())
             self.run.end(outputs={"message": answer, "finish_reason": result.finish_reason,
                                   "usage_metadata": usage_metadata})
-        self.run.patch()
+        self.run.post()  # ended: its one operation
 
 
 class _ToolRun:
@@ -137,7 +136,7 @@ class _ToolRun:
             self.run.end(outputs={"output": result.text}, error="the tool reported an error")
         else:
             self.run.end(outputs={"output": result.text})
-        self.run.patch()
+        self.run.post()  # ended: its one operation
 
 
 def _message(message: Any) -> dict[str, Any]:

@@ -63,14 +63,23 @@ def resolve_provider(model: str, agent_config: AgentConfig) -> str:
 
 
 def publish_job(app: Any, producer: Any, job_id: str, request: JobRequest, provider: str, retries: int = 0,
-                batch_priority: int | None = None) -> None:
+                batch_priority: int | None = None, trace: bool | None = None) -> None:
     """Send a job's message: the job's task, ``task_id = job_id``, on its provider's queue. The
     one way a job is sent — by `JobClient`, by the sweeper, by a replay (``retries`` tells the
     worker which attempt it is). A batch job (``batch_id``) goes at ``batch_priority``
     (default ``DQ_BATCH_PRIORITY``): 0 is the highest on the Redis transport, whose list for
-    it is popped first, so interactive jobs are never queued behind a batch."""
-    if batch_priority is None:
-        batch_priority = get_settings().batch_priority
+    it is popped first, so interactive jobs are never queued behind a batch. With ``trace``
+    (default ``DQ_OTEL_TRACING``) the running OpenTelemetry span's W3C ``traceparent`` /
+    ``tracestate`` go in the message headers, so the job's span continues the caller's trace."""
+    if batch_priority is None or trace is None:
+        settings = get_settings()
+        batch_priority = settings.batch_priority if batch_priority is None else batch_priority
+        trace = settings.otel_tracing if trace is None else trace
+    headers = None
+    if trace:
+        from tasks.observability.traces import outgoing_headers
+
+        headers = outgoing_headers() or None
     priority = batch_priority if request.batch_id is not None else 0
     payload = TaskPayload(provider=provider, request=request).model_dump(mode="json")
     # ignore_result: results live in the job store; without it every submit leaves the client
@@ -80,7 +89,8 @@ def publish_job(app: Any, producer: Any, job_id: str, request: JobRequest, provi
     # computed on each submit.
     app.send_task(TASK_NAMES[request.kind], args=(job_id, payload), task_id=job_id, queue=queue_for(provider),
                   ignore_result=True, producer=producer, retries=retries, priority=priority,
-                  argsrepr=f"({job_id!r}, <{request.kind.value} request for {request.model}>)", kwargsrepr="{}")
+                  argsrepr=f"({job_id!r}, <{request.kind.value} request for {request.model}>)", kwargsrepr="{}",
+                  headers=headers)
 
 
 class JobClient:
@@ -141,11 +151,11 @@ class JobClient:
 
     def _send(self, jobs: list[tuple[str, JobRequest, str]]) -> None:
         sent = 0
-        batch_priority = self.settings.batch_priority
+        batch_priority, trace = self.settings.batch_priority, self.settings.otel_tracing
         try:
             with self.app.producer_or_acquire() as producer:
                 for job_id, job, provider in jobs:
-                    publish_job(self.app, producer, job_id, job, provider, batch_priority=batch_priority)
+                    publish_job(self.app, producer, job_id, job, provider, batch_priority=batch_priority, trace=trace)
                     sent += 1
         except Exception as exc:  # the rows not sent must not stay queued forever
             from tasks.jobs import job_error

@@ -33,6 +33,7 @@ import contextlib
 import json
 import logging
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from typing import TYPE_CHECKING, Any
@@ -47,9 +48,10 @@ from datus.schemas.action_history import ActionHistory, ActionRole, ActionStatus
 from datus.schemas.message import to_messages
 from tasks import keys
 from tasks.checkpoints import RunSuperseded, StoreJournal
+from tasks.client import TASK_NAMES
 from tasks.context import JobContext, get_context
-from tasks.observability import metrics
 from tasks.execution import run_coroutine
+from tasks.observability import metrics, traces
 from tasks.ratelimit import DeadlineExceeded, Deferred, JobWait, RateLimitWaitExceeded, current_job
 from tasks.schemas import DATABASE_SERVER, FINAL_STATUSES, JobError, JobKind, JobRequest, JobStatus, TaskPayload
 from tasks.settings import Settings
@@ -85,15 +87,16 @@ def run_task(task: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[s
     ``RetryLater`` into a Celery retry (a new message with the same task id; this one is then
     acknowledged) and a cancelled job into a requeue. The worker's own pool
     (`workers.pool`) awaits `run_message` on its event loop instead."""
+    request = vars(task.request)
     try:
         outcome = run_coroutine(run_message(args, kwargs, int(task.request.retries or 0),
-                                            int(task.request.get(INFRA_HEADER) or 0)))
+                                            int(task.request.get(INFRA_HEADER) or 0), trace_context=request))
     except (asyncio.CancelledError, concurrent.futures.CancelledError):
         # the worker is shutting down and cancelled the job: back to the queue at once
         raise Reject("worker shutting down", requeue=True) from None
     if isinstance(outcome, RetryLater):
-        raise task.retry(countdown=outcome.countdown, max_retries=None, headers=outcome.headers(),
-                         **shown_arguments(vars(task.request)))
+        raise task.retry(countdown=outcome.countdown, max_retries=None,
+                         headers={**traces.carried_headers(request), **outcome.headers()}, **shown_arguments(request))
     return outcome
 
 
@@ -104,14 +107,15 @@ def shown_arguments(request: dict[str, Any]) -> dict[str, Any]:
 
 
 async def run_message(args: tuple[Any, ...] | list[Any], kwargs: dict[str, Any], retries: int,
-                      infra_retries: int = 0) -> Any:
+                      infra_retries: int = 0, trace_context: Mapping[str, Any] | None = None) -> Any:
     """One delivery of a job message: the task's return value (a dict), or `RetryLater`.
 
     Tasks take ``(job_id, payload)``; any other shape (a message not sent by JobClient) is
     dead-lettered here rather than failing inside Celery unrecorded. Redis or the job store
     failing around the job (not the model) gives `RetryLater` too, at most `INFRA_RETRIES`
     in a row (``infra_retries``: so far, from the message's header): the job is not lost, and
-    the dead-letter threshold bounds how often. Cancellation (shutdown) propagates."""
+    the dead-letter threshold bounds how often. Cancellation (shutdown) propagates.
+    ``trace_context``: the message's headers, where a W3C ``traceparent`` may ride."""
     named = dict(kwargs)
     values = list(args) + [named.pop(key) for key in ("job_id", "payload") if key in named]
     if len(values) != 2 or named:
@@ -121,7 +125,7 @@ async def run_message(args: tuple[Any, ...] | list[Any], kwargs: dict[str, Any],
         return {"job_id": job_id, "status": "rejected"}
     job_id, payload = values
     try:
-        return await execute(job_id, payload, retries=retries)
+        return await execute(job_id, payload, retries=retries, trace_context=trace_context)
     except Exception as exc:
         if infra_retries >= INFRA_RETRIES:
             raise
@@ -153,7 +157,10 @@ def retry_ceiling(settings: Settings) -> float:
     return min(settings.max_retry_countdown_s, settings.visibility_timeout_s * 0.5)
 
 
-async def execute(job_id: str, payload: Any, retries: int = 0, context: JobContext | None = None) -> Any:
+async def execute(job_id: str, payload: Any, retries: int = 0, context: JobContext | None = None,
+                  trace_context: Mapping[str, Any] | None = None) -> Any:
+    """One delivery of a job. A claimed run is traced when tracing is on
+    (`tasks.observability.traces`): ``trace_context`` holds the message's trace headers."""
     ctx = context or get_context()
     if not isinstance(job_id, str) or not job_id:
         await _dead_letter(ctx, str(job_id), "the job id is missing or not a string", payload)
@@ -177,6 +184,19 @@ async def execute(job_id: str, payload: Any, retries: int = 0, context: JobConte
             logger.info("job %s: attempt %d is running elsewhere (lease until %s); this delivery is dropped",
                         job_id, current.attempts, current.lease_until)
         return {"job_id": job_id, "status": current.status.value if current else "unknown"}
+    request = task_payload.request
+    job = traces.JobInfo(job_id, TASK_NAMES[request.kind], request.kind.value, request.model, task_payload.provider,
+                         run_no, request, request.batch_id)
+    with traces.traced_job(job, trace_context, ctx.settings) as trace:
+        outcome = await _claimed_run(ctx, job_id, task_payload, claimed, run_no, bool(cancel_requested))
+        if trace is not None:
+            trace.finish(outcome)
+    return outcome
+
+
+async def _claimed_run(ctx: JobContext, job_id: str, task_payload: TaskPayload, claimed: StoredJob, run_no: int,
+                       cancel_requested: bool) -> Any:
+    """The delivery holds the job's row: dead-letter it, refuse it, or run it."""
     # poison: the attempt was started (claimed, not merely delivered: a duplicate delivery that
     # found the job running or final is dropped above and counts for nothing) too many times
     redeliveries = claimed.deliveries - 1
@@ -208,7 +228,7 @@ async def execute(job_id: str, payload: Any, retries: int = 0, context: JobConte
     with metrics.in_flight(provider), track_usage() as calls:
         try:
             async with ctx.leases.hold(job_id):
-                outcome = await _run(ctx, job_id, request, claimed, run_no, bool(cancel_requested), resuming)
+                outcome = await _run(ctx, job_id, request, claimed, run_no, cancel_requested, resuming)
         finally:
             metrics.model_calls(calls)
     if isinstance(outcome, RetryLater):
@@ -256,6 +276,7 @@ async def _run(ctx: JobContext, job_id: str, request: JobRequest, stored: Stored
         return await _failed(ctx, job_id, request, stored, run_no, exc)
     finally:
         current_job.reset(token)
+    traces.job_output(output)
     # a resumed tool run's usage covers the turns it replayed, which made no call this time
     usage = runner.usage or (sum(calls, Usage()) if calls else Usage())
     won = await ctx.store.afinish(
@@ -313,6 +334,7 @@ async def _failed(ctx: JobContext, job_id: str, request: JobRequest, stored: Sto
                  "rate_limited": bool(rate_limit)}, ActionStatus.PROCESSING))
             logger.info("job %s attempt %d: %s; retry in %.2fs", job_id, attempt, error.type, countdown)
             return RetryLater(countdown, error)
+    traces.job_error(error)
     if await ctx.store.afinish(job_id, JobStatus.FAILED, error=error, attempts=run_no):
         await _terminal(ctx, job_id, JobStatus.FAILED, _error_step(error))
         return {"job_id": job_id, "status": JobStatus.FAILED.value, "error_code": error.code}

@@ -67,6 +67,9 @@ class Settings(BaseSettings):
     metrics_port: int | None = Field(default=None, ge=1, le=65535,
                                      description="a worker serves Prometheus /metrics on this port (dq worker --metrics-port)")
     metrics_addr: str = Field(default="0.0.0.0", description="the address a worker's /metrics listens on")
+    otel_tracing: bool = Field(
+        default=False, description="OpenTelemetry spans of jobs over OTLP/HTTP (OTEL_EXPORTER_OTLP_* variables); "
+                                   "a client with it on puts its span's traceparent in each job message")
     schedule_dir: str = Field(default_factory=_default_schedule_dir,
                               description="where scheduled batches write their results and logs")
 

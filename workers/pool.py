@@ -38,6 +38,7 @@ from kombu.serialization import loads, prepare_accept_content
 
 from tasks.client import TASK_NAMES
 from tasks.jobs import INFRA_HEADER, RetryLater, dead_letter_message, run_message, shown_arguments
+from tasks.observability.traces import carried_headers
 from workers.runtime import runtime
 
 __all__ = ["JOB_TASKS", "RuntimeThreadPool"]
@@ -83,7 +84,8 @@ class RuntimeThreadPool(TaskPool):
         request.update({"args": args, "kwargs": kwargs, "is_eager": False}, **(embed or {}))
         retries = int(request.get("retries") or 0)
         try:
-            outcome = await run_message(args, kwargs, retries, int(request.get(INFRA_HEADER) or 0))
+            outcome = await run_message(args, kwargs, retries, int(request.get(INFRA_HEADER) or 0),
+                                        trace_context=request)
             if isinstance(outcome, RetryLater):
                 report: tuple[int, Any] = self._retry(task, request, args, kwargs, retries, outcome)
             else:
@@ -104,8 +106,10 @@ class RuntimeThreadPool(TaskPool):
         context = Context(request, args=args, kwargs=kwargs, called_directly=False)
         countdown = outcome.countdown
         try:
+            # the retry keeps the message's trace context: its run stays in the submitter's trace
+            headers = {**carried_headers(request), **outcome.headers()}
             task.signature_from_request(context, args, kwargs, countdown=countdown, retries=retries + 1,
-                                        headers=outcome.headers(), **shown_arguments(request)).apply_async()
+                                        headers=headers, **shown_arguments(request)).apply_async()
         except Exception as exc:  # noqa: BLE001 - the broker failed: requeue this delivery
             logger.warning("could not publish the retry of %s[%s] (%s); requeueing it", task.name,
                            request.get("id"), exc)

@@ -21,6 +21,25 @@ def _start(**_: Any) -> None:
     runtime.start()
 
 
+def _start_tracing(**_: Any) -> None:
+    """Set up the trace backends at start, once logging is (a bad setting is a warning then),
+    in the process that runs the jobs: prefork children after the fork (their exporters' threads
+    must not be forked), the main process otherwise."""
+    from tasks.observability import traces
+
+    traces.tracers()
+
+
+def _start_tracing_unless_prefork(sender: Any = None, instance: Any = None, **_: Any) -> None:
+    if not _is_prefork(instance):
+        _start_tracing()
+
+
+def _is_prefork(worker: Any) -> bool:
+    pool = getattr(worker, "pool_cls", None)
+    return "prefork" in getattr(pool, "__module__", str(pool))
+
+
 def _serve_metrics() -> None:
     """``/metrics`` of this process, when DQ_METRICS_PORT (or --metrics-port) asks for it."""
     from tasks.settings import get_settings
@@ -43,6 +62,9 @@ def _quiet_http_logs() -> None:
 
 def _stop(**_: Any) -> None:
     runtime.stop()
+    from tasks.observability import traces
+
+    traces.shutdown()  # send the spans and runs still queued
 
 
 def _unknown(sender: Any = None, name: str | None = None, id: str | None = None, **_: Any) -> None:
@@ -56,6 +78,8 @@ def connect() -> None:
     if _connected:
         return
     signals.worker_process_init.connect(_start, weak=False)
+    signals.worker_process_init.connect(_start_tracing, weak=False)
+    signals.celeryd_after_setup.connect(_start_tracing_unless_prefork, weak=False)
     signals.worker_process_shutdown.connect(_stop, weak=False)
     signals.worker_init.connect(_start_unless_prefork, weak=False)
     signals.worker_shutdown.connect(_stop, weak=False)
@@ -64,8 +88,6 @@ def connect() -> None:
 
 
 def _start_unless_prefork(sender: Any = None, **_: Any) -> None:
-    pool = getattr(sender, "pool_cls", None)
-    name = getattr(pool, "__module__", str(pool))
-    if "prefork" not in name:
+    if not _is_prefork(sender):
         _start()
     _serve_metrics()  # the main process (prefork is refused with a metrics port)

@@ -12,6 +12,7 @@ state: one object serves many concurrent calls.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import importlib
 import logging
@@ -24,7 +25,7 @@ from typing import TYPE_CHECKING, Any, AsyncIterator, ClassVar
 
 from pydantic import ValidationError
 
-from datus.models import _clients
+from datus.models import _clients, observe
 from datus.models._portal import run_sync
 from datus.models.errors import (
     InvalidResponseError,
@@ -302,17 +303,21 @@ class LLMBaseModel(ABC):
             finally:
                 await self._after_request(limiter, permit, outcome)
 
-        try:
-            generation, attempts = await self.retry_policy.run(
-                once, wait=limiter.wait if limiter is not None else None, describe=f"{self.provider}/{self.model_name}")
-        except ModelError as exc:
-            self._trace(request, None, exc, started)
-            raise
-        self._finish(generation, attempts, started)
+        with observe.model_call(self.provider, self.model_name, request) as spans:
+            try:
+                generation, attempts = await self.retry_policy.run(
+                    once, wait=limiter.wait if limiter is not None else None,
+                    describe=f"{self.provider}/{self.model_name}")
+            except ModelError as exc:
+                self._trace(request, None, exc, started)
+                raise
+            self._finish(generation, attempts, started, spans)
         self._trace(request, generation, None, started)
         return generation
 
-    def _finish(self, generation: Generation, attempts: int, started: float) -> None:
+    def _finish(self, generation: Generation, attempts: int, started: float, spans: Any = None) -> None:
+        """The one place a finished call's `Usage` is completed and recorded (``record_usage``)
+        and its observers hear of it (``spans``: `datus.models.observe`)."""
         usage = generation.usage
         update: dict[str, Any] = {
             "provider": self.provider,
@@ -332,6 +337,8 @@ class LLMBaseModel(ABC):
             )
         generation.usage = usage.model_copy(update=update)
         record_usage(generation.usage)
+        if spans is not None:
+            spans.end(generation)
 
     def _trace(self, request: ModelRequest, generation: Generation | None, error: ModelError | None,
                started: float) -> None:
@@ -402,15 +409,19 @@ class LLMBaseModel(ABC):
 
     async def agenerate_stream(self, prompt: Prompt, enable_thinking: bool | None = None, **kwargs: Any) -> AsyncIterator[str]:
         """Text deltas as they arrive (see ``astream`` for reasoning deltas and usage)."""
-        async for item in self.astream(prompt, enable_thinking, **kwargs):
-            if isinstance(item, StreamDelta) and item.text:
-                yield item.text
+        async with contextlib.aclosing(self.astream(prompt, enable_thinking, **kwargs)) as stream:
+            async for item in stream:
+                if isinstance(item, StreamDelta) and item.text:
+                    yield item.text
 
     async def astream(self, prompt: Prompt, enable_thinking: bool | None = None,
                       **kwargs: Any) -> AsyncIterator[StreamDelta | Generation]:
         """Deltas (text and reasoning), then the final ``Generation`` with usage."""
-        async for item in self._stream_call(self._request(prompt, kwargs, enable_thinking=enable_thinking)):
-            yield item
+        # aclosing: a caller that stops early closes the request now (limiter, observers), not at GC
+        async with contextlib.aclosing(self._stream_call(self._request(prompt, kwargs,
+                                                                       enable_thinking=enable_thinking))) as stream:
+            async for item in stream:
+                yield item
 
     async def _stream_call(self, request: ModelRequest) -> AsyncIterator[StreamDelta | Generation]:
         """A streamed request under the retry policy: a failure before the first delta is
@@ -420,45 +431,46 @@ class LLMBaseModel(ABC):
         retries = Retries(self.retry_policy)
         limiter = self.request_limiter
         planned = self._planned(request) if limiter is not None else None
-        while True:
-            retries.attempts += 1
-            emitted = False
-            permit = await limiter.before(planned) if limiter is not None else None  # type: ignore[arg-type]
-            unreported: RequestOutcome | None = RequestOutcome()  # None once the limiter has heard
-            try:
-                async for item in self._stream(self._client(), request):
-                    if isinstance(item, Generation):
-                        if limiter is not None:
-                            unreported = None
-                            await self._after_request(limiter, permit, RequestOutcome(usage=item.usage,
-                                                                                      budget=item.rate_limits))
-                        self._finish(item, retries.attempts, started)
-                        self._trace(request, item, None, started)
+        with observe.model_call(self.provider, self.model_name, request, stream=True) as spans:
+            while True:
+                retries.attempts += 1
+                emitted = False
+                permit = await limiter.before(planned) if limiter is not None else None  # type: ignore[arg-type]
+                unreported: RequestOutcome | None = RequestOutcome()  # None once the limiter has heard
+                try:
+                    async for item in self._stream(self._client(), request):
+                        if isinstance(item, Generation):
+                            if limiter is not None:
+                                unreported = None
+                                await self._after_request(limiter, permit, RequestOutcome(usage=item.usage,
+                                                                                          budget=item.rate_limits))
+                            self._finish(item, retries.attempts, started, spans)
+                            self._trace(request, item, None, started)
+                            yield item
+                            return
+                        emitted = True
                         yield item
-                        return
-                    emitted = True
-                    yield item
-                raise InvalidResponseError("the stream ended without a final answer",
-                                           provider=self.provider, model=self.model_name)
-            except Exception as exc:
-                error = exc if isinstance(exc, ModelError) else self._map_error(exc)
-                if limiter is not None and unreported is not None:
-                    unreported = None
-                    await self._after_request(limiter, permit, RequestOutcome(budget=error.rate_limits, error=error))
-                if emitted:
-                    error.details["attempts"] = retries.attempts
-                    delay = None
-                else:
-                    delay = retries.delay(error)
-                if delay is None:
-                    self._trace(request, None, error, started)
-                    if error is exc:
-                        raise
-                    raise error from exc
-                await (limiter.wait(delay, error) if limiter is not None else asyncio.sleep(delay))
-            finally:
-                if limiter is not None and unreported is not None:  # closed early, or cancelled
-                    await self._after_request(limiter, permit, unreported)
+                    raise InvalidResponseError("the stream ended without a final answer",
+                                               provider=self.provider, model=self.model_name)
+                except Exception as exc:
+                    error = exc if isinstance(exc, ModelError) else self._map_error(exc)
+                    if limiter is not None and unreported is not None:
+                        unreported = None
+                        await self._after_request(limiter, permit, RequestOutcome(budget=error.rate_limits, error=error))
+                    if emitted:
+                        error.details["attempts"] = retries.attempts
+                        delay = None
+                    else:
+                        delay = retries.delay(error)
+                    if delay is None:
+                        self._trace(request, None, error, started)
+                        if error is exc:
+                            raise
+                        raise error from exc
+                    await (limiter.wait(delay, error) if limiter is not None else asyncio.sleep(delay))
+                finally:
+                    if limiter is not None and unreported is not None:  # closed early, or cancelled
+                        await self._after_request(limiter, permit, unreported)
 
     # ---- tool runs -----------------------------------------------------------------------
 

@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any, AsyncIterator, Mapping
 
 from pydantic import BaseModel
 
+from datus.models import observe
 from datus.models.errors import MaxTurnsExceededError, ModelError, ToolServerLostError
 from datus.models.function_tools import Tool, ToolOutcome
 from datus.models.generation import CallOptions, Generation, ModelRequest, StreamDelta
@@ -273,7 +274,10 @@ class ToolRun:
             if self.journal is not None:
                 await self.journal.starting(action.action_id)
             try:
-                outcome = await tool.call(arguments or {})
+                with observe.tool_call(call.name, arguments or {}, call.id, meta.get("server")) as spans:
+                    outcome = await tool.call(arguments or {})
+                    if spans is not None:
+                        spans.end(outcome)
             except Exception as exc:
                 if self.journal is not None and getattr(exc, "server_lost", False):
                     # a durable run resumes once the server is back, and makes this call again

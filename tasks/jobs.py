@@ -48,7 +48,6 @@ from datus.schemas.action_history import ActionHistory, ActionRole, ActionStatus
 from datus.schemas.message import to_messages
 from tasks import keys
 from tasks.checkpoints import RunSuperseded, StoreJournal
-from tasks.client import TASK_NAMES
 from tasks.context import JobContext, get_context
 from tasks.execution import run_coroutine
 from tasks.observability import metrics, traces
@@ -184,9 +183,7 @@ async def execute(job_id: str, payload: Any, retries: int = 0, context: JobConte
             logger.info("job %s: attempt %d is running elsewhere (lease until %s); this delivery is dropped",
                         job_id, current.attempts, current.lease_until)
         return {"job_id": job_id, "status": current.status.value if current else "unknown"}
-    request = task_payload.request
-    job = traces.JobInfo(job_id, TASK_NAMES[request.kind], request.kind.value, request.model, task_payload.provider,
-                         run_no, request, request.batch_id)
+    job = traces.JobInfo(job_id, task_payload.provider, run_no, task_payload.request)
     with traces.traced_job(job, trace_context, ctx.settings) as trace:
         outcome = await _claimed_run(ctx, job_id, task_payload, claimed, run_no, bool(cancel_requested))
         if trace is not None:

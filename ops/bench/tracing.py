@@ -85,7 +85,7 @@ async def _calls_child(n: int, traced: bool) -> float:
     request = JobRequest(model="fake:bench", prompt="q")
 
     async def one(i: int) -> None:
-        job = traces.JobInfo(f"job-{i}", "dq.generate", "generate", "fake:bench", "fake", 1, request)
+        job = traces.JobInfo(f"job-{i}", "fake", 1, request)
         with traces.traced_job(job, None) as trace:
             traces.job_output(await model.agenerate(f"q{i}"))
             trace.finish({"job_id": job.job_id, "status": "succeeded"})

@@ -41,13 +41,28 @@ class JobInfo:
     """What a trace says about the job run it covers (no secret: a `JobRequest` holds none)."""
 
     job_id: str
-    task: str  # dq.generate / dq.tool_run
-    kind: str
-    model: str
     provider: str
     attempt: int  # the store's run number of this delivery
-    request: Any  # the JobRequest: a trace's inputs come from it
-    batch_id: str | None = None
+    request: Any  # the JobRequest: a trace's inputs, and what follows, come from it
+
+    @property
+    def task(self) -> str:
+        """dq.generate / dq.tool_run"""
+        from tasks.client import TASK_NAMES
+
+        return TASK_NAMES[self.request.kind]
+
+    @property
+    def kind(self) -> str:
+        return self.request.kind.value
+
+    @property
+    def model(self) -> str:
+        return self.request.model
+
+    @property
+    def batch_id(self) -> str | None:
+        return self.request.batch_id
 
 
 class JobSpan(Protocol):

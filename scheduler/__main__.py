@@ -1,4 +1,4 @@
-"""``dq beat`` (the same as ``python -m scheduler``): the scheduler of datus-queue.
+"""``dq beat`` (the same as ``python -m datus_queue.scheduler``): the scheduler of datus-queue.
 
 Celery beat with redbeat (`scheduler.beat`): it sends the maintenance tasks and the scheduled
 batches of `scheduler.schedule` to queue ``dq.maintenance``; the workers run them. Run one or
@@ -25,14 +25,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parse(sys.argv[1:] if argv is None else argv)
     from pydantic import ValidationError
 
-    from datus.configuration.agent_config import ConfigError
-    from tasks.settings import get_settings
+    from datus.models.config import ConfigError
+    from datus_queue.tasks.settings import get_settings
 
     try:
         settings = get_settings()
-        from scheduler.beat import configure
-        from tasks.app import app
-        from tasks.context import load_agent_config
+        from datus_queue.scheduler.beat import configure
+        from datus_queue.tasks.app import app
+        from datus_queue.tasks.context import load_agent_config
 
         configure(app, settings, load_agent_config(settings))
     except ValidationError as exc:  # a DQ_ setting out of bounds
@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"error: {' '.join(str(exc).split())}", file=sys.stderr)
         return 1
-    app.start(["beat", "--scheduler", "scheduler.beat:Scheduler", "--loglevel", args.loglevel])
+    app.start(["beat", "--scheduler", "datus_queue.scheduler.beat:Scheduler", "--loglevel", args.loglevel])
     return 0
 
 

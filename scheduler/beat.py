@@ -32,15 +32,15 @@ from celery import Celery
 from redbeat import RedBeatScheduler
 from redbeat.schedulers import LUA_EXTEND_TO_SCRIPT, get_redis
 
-from datus.configuration.agent_config import AgentConfig
-from scheduler.schedule import RUN_SCHEDULE, beat_schedule
-from tasks import keys
-from tasks.maintenance.schedules import latest_slot
-from tasks.settings import Settings
+from datus.models.config import AgentConfig
+from datus_queue.scheduler.schedule import RUN_SCHEDULE, beat_schedule
+from datus_queue.tasks import keys
+from datus_queue.tasks.maintenance.schedules import latest_slot
+from datus_queue.tasks.settings import Settings
 
 __all__ = ["Scheduler", "configure"]
 
-logger = logging.getLogger("scheduler.beat")
+logger = logging.getLogger("datus_queue.scheduler.beat")
 
 
 class Scheduler(RedBeatScheduler):

@@ -13,10 +13,10 @@ from __future__ import annotations
 from datetime import timedelta
 from typing import Any
 
-from datus.configuration.agent_config import AgentConfig
-from tasks.maintenance.schedules import load_schedules
-from tasks.routing import MAINTENANCE_QUEUE
-from tasks.settings import Settings
+from datus.models.config import AgentConfig
+from datus_queue.tasks.maintenance.schedules import load_schedules
+from datus_queue.tasks.routing import MAINTENANCE_QUEUE
+from datus_queue.tasks.settings import Settings
 
 __all__ = ["RUN_SCHEDULE", "beat_schedule"]
 

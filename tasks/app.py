@@ -10,12 +10,12 @@ from __future__ import annotations
 
 from celery import Celery
 
-from tasks.routing import route_task
-from tasks.settings import Settings, get_settings
+from datus_queue.tasks.routing import route_task
+from datus_queue.tasks.settings import Settings, get_settings
 
-__all__ = ["create_app", "app", "TASK_MODULES"]
+__all__ = ["TASK_MODULES", "app", "create_app"]
 
-TASK_MODULES = ("tasks.generation", "tasks.tool_run", "tasks.maintenance.tasks")
+TASK_MODULES = ("datus_queue.tasks.generation", "datus_queue.tasks.tool_run", "datus_queue.tasks.maintenance.tasks")
 
 
 def create_app(settings: Settings | None = None) -> Celery:
@@ -31,7 +31,7 @@ def create_app(settings: Settings | None = None) -> Celery:
         task_reject_on_worker_lost=True,
         task_acks_on_failure_or_timeout=True,
         worker_prefetch_multiplier=1,
-        broker_transport="tasks.transport:Transport",  # Redis, surviving non-Celery bodies
+        broker_transport="datus_queue.tasks.transport:Transport",  # Redis, surviving non-Celery bodies
         broker_transport_options={
             "visibility_timeout": visibility,
             # sweep for a dead worker's unacknowledged messages often enough that they come

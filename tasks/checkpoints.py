@@ -25,10 +25,10 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy.exc import IntegrityError
 
 from datus.models.run_journal import ResumeState, RunStep
-from tasks.events import aread_events
+from datus_queue.tasks.events import aread_events
 
 if TYPE_CHECKING:
-    from tasks.context import JobContext
+    from datus_queue.tasks.context import JobContext
 
 __all__ = ["RunSuperseded", "StoreJournal"]
 

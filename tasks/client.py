@@ -15,14 +15,14 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from datus.configuration.agent_config import AgentConfig
+from datus.models.base import PROVIDERS
+from datus.models.config import AgentConfig
 from datus.schemas.action_history import ActionHistory, ActionRole, ActionStatus
-from datus.utils.constants import LLMProvider
-from tasks import keys
-from tasks.context import load_agent_config
-from tasks.routing import queue_for
-from tasks.schemas import JobKind, JobRequest, JobResult, JobStatus, TaskPayload
-from tasks.settings import Settings, get_settings
+from datus_queue.tasks import keys
+from datus_queue.tasks.context import load_agent_config
+from datus_queue.tasks.routing import queue_for
+from datus_queue.tasks.schemas import JobKind, JobRequest, JobResult, JobStatus, TaskPayload
+from datus_queue.tasks.settings import Settings, get_settings
 
 __all__ = ["InvalidJob", "JobClient", "JobNotFound", "publish_job", "resolve_provider"]
 
@@ -53,11 +53,11 @@ def resolve_provider(model: str, agent_config: AgentConfig) -> str:
     if model == "default" and agent_config.target:
         return str(agent_config.models[agent_config.target].type)
     provider, sep, name = model.partition(":")
-    known = ", ".join(p.value for p in LLMProvider)
+    known = ", ".join(PROVIDERS)
     if not sep:
         configured = ", ".join(sorted(agent_config.models)) or "(none)"
         raise InvalidJob(f"unknown model {model!r}: configured models are {configured}; or use provider:model")
-    if provider not in {p.value for p in LLMProvider} or not name:
+    if provider not in PROVIDERS or not name:
         raise InvalidJob(f"unknown provider {provider!r} in {model!r}; known providers: {known}")
     return provider
 
@@ -77,7 +77,7 @@ def publish_job(app: Any, producer: Any, job_id: str, request: JobRequest, provi
         trace = settings.otel_tracing if trace is None else trace
     headers = None
     if trace:
-        from tasks.observability.traces import outgoing_headers
+        from datus_queue.tasks.observability.traces import outgoing_headers
 
         headers = outgoing_headers() or None
     priority = batch_priority if request.batch_id is not None else 0
@@ -99,12 +99,12 @@ class JobClient:
         self.settings = settings or get_settings()
         self.agent_config = agent_config if agent_config is not None else load_agent_config(self.settings)
         if app is None:
-            from tasks.app import app as default_app
+            from datus_queue.tasks.app import app as default_app
 
             app = default_app
         self.app = app
         if store is None:
-            from tasks.store import JobStore
+            from datus_queue.tasks.store import JobStore
 
             store = JobStore(self.settings.database_url)
         self.store = store
@@ -158,7 +158,7 @@ class JobClient:
                     publish_job(self.app, producer, job_id, job, provider, batch_priority=batch_priority, trace=trace)
                     sent += 1
         except Exception as exc:  # the rows not sent must not stay queued forever
-            from tasks.jobs import job_error
+            from datus_queue.tasks.jobs import job_error
 
             for job_id, _, _ in jobs[sent:]:
                 self.store.finish(job_id, JobStatus.FAILED, error=job_error(exc), attempts=0)
@@ -192,7 +192,7 @@ class JobClient:
     def stream(self, job_id: str, after_seq: int = 0, timeout: float | None = None) -> Iterator[ActionHistory]:
         """The job's steps: what was missed since ``after_seq``, then live, each exactly once,
         ending with the terminal step."""
-        from tasks.events import follow
+        from datus_queue.tasks.events import follow
 
         self.get(job_id)
         for event in follow(self.redis, job_id, after_seq=after_seq, timeout_s=timeout, is_final=self._is_final):
@@ -204,7 +204,7 @@ class JobClient:
 
         import redis.asyncio as aredis
 
-        from tasks.events import afollow
+        from datus_queue.tasks.events import afollow
 
         client = aredis.Redis.from_url(self.settings.redis_url)
         try:
@@ -216,7 +216,7 @@ class JobClient:
 
     def events(self, job_id: str, after_seq: int = 0, timeout: float | None = None) -> Iterator[Any]:
         """Like ``stream`` but yields the numbered `JobEvent`s (for resuming with after_seq)."""
-        from tasks.events import follow
+        from datus_queue.tasks.events import follow
 
         yield from follow(self.redis, job_id, after_seq=after_seq, timeout_s=timeout, is_final=self._is_final)
 
@@ -233,7 +233,7 @@ class JobClient:
             raise JobNotFound(job_id)
         if status is JobStatus.CANCELLED:
             self.app.control.revoke(job_id)
-            from tasks.events import EventPublisher
+            from datus_queue.tasks.events import EventPublisher
 
             EventPublisher(self.redis, self.settings.event_ttl_s, self.settings.event_maxlen).publish(
                 job_id,

@@ -14,11 +14,11 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
-from datus.configuration.agent_config import AgentConfig
 from datus.models.base import LLMBaseModel
-from tasks.settings import Settings, get_settings
+from datus.models.config import AgentConfig
+from datus_queue.tasks.settings import Settings, get_settings
 
-__all__ = ["JobContext", "get_context", "reset_context", "load_agent_config"]
+__all__ = ["JobContext", "get_context", "load_agent_config", "reset_context"]
 
 
 def load_agent_config(settings: Settings) -> AgentConfig:
@@ -58,14 +58,14 @@ class JobContext:
         """The `LeaseKeeper` of this process's running jobs."""
         with self._lock:
             if self._leases is None:
-                from tasks.leases import LeaseKeeper
+                from datus_queue.tasks.leases import LeaseKeeper
 
                 self._leases = LeaseKeeper(self._open_store(), self.settings.queued_lease_s)
             return self._leases
 
     def _open_store(self) -> Any:  # with self._lock held
         if self._store is None:
-            from tasks.store import JobStore
+            from datus_queue.tasks.store import JobStore
 
             self._store = JobStore(self.settings.database_url)
         return self._store
@@ -85,7 +85,7 @@ class JobContext:
         """The provider limits shared by the fleet (`tasks.ratelimit.RedisLimiter`)."""
         with self._lock:
             if self._limiter is None:
-                from tasks.ratelimit import RedisLimiter
+                from datus_queue.tasks.ratelimit import RedisLimiter
 
                 self._limiter = RedisLimiter(self)
             return self._limiter
@@ -130,7 +130,7 @@ class JobContext:
             if state is None:
                 import redis.asyncio as aredis
 
-                from tasks.events import AsyncEventPublisher
+                from datus_queue.tasks.events import AsyncEventPublisher
 
                 # blocking pool: at hundreds of jobs in flight, wait for a connection rather
                 # than fail (redis-py's default pool raises past 100 connections)

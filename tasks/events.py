@@ -29,9 +29,9 @@ from pydantic import ValidationError
 from pydantic_core import to_jsonable_python
 
 from datus.schemas.action_history import ActionHistory
-from tasks import keys
-from tasks.schemas import JobEvent, JobStatus
-from tasks.settings import get_settings
+from datus_queue.tasks import keys
+from datus_queue.tasks.schemas import JobEvent, JobStatus
+from datus_queue.tasks.settings import get_settings
 
 __all__ = ["AsyncEventPublisher", "EventPublisher", "afollow", "aread_events", "follow", "read_events"]
 

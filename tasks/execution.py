@@ -8,9 +8,10 @@ shares one loop and one set of SDK clients, and hundreds of calls stay in flight
 from __future__ import annotations
 
 import asyncio
-from typing import Any, Awaitable, Callable, Coroutine, TypeVar
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any, TypeVar
 
-__all__ = ["run_coroutine", "install_runner", "uninstall_runner"]
+__all__ = ["install_runner", "run_coroutine", "uninstall_runner"]
 
 T = TypeVar("T")
 _runner: Callable[[Coroutine[Any, Any, Any]], Any] | None = None

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from tasks.app import app
-from tasks.jobs import run_task
+from datus_queue.tasks.app import app
+from datus_queue.tasks.jobs import run_task
 
 __all__ = ["generate"]
 

@@ -35,33 +35,48 @@ import logging
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 from celery.exceptions import Reject
 from pydantic import ValidationError
 
 from datus.models.errors import ModelError
+from datus.models.messages import to_messages
 from datus.models.retry import RetryPolicy, is_rate_limited
 from datus.models.usage import Usage, track_usage
 from datus.schemas.action_history import ActionHistory, ActionRole, ActionStatus
-from datus.schemas.message import to_messages
-from tasks import keys
-from tasks.checkpoints import RunSuperseded, StoreJournal
-from tasks.context import JobContext, get_context
-from tasks.execution import run_coroutine
-from tasks.observability import metrics, traces
-from tasks.ratelimit import DeadlineExceeded, Deferred, JobWait, RateLimitWaitExceeded, current_job
-from tasks.schemas import DATABASE_SERVER, FINAL_STATUSES, JobError, JobKind, JobRequest, JobStatus, TaskPayload
-from tasks.settings import Settings
+from datus_queue.tasks import keys
+from datus_queue.tasks.checkpoints import RunSuperseded, StoreJournal
+from datus_queue.tasks.context import JobContext, get_context
+from datus_queue.tasks.execution import run_coroutine
+from datus_queue.tasks.observability import metrics, traces
+from datus_queue.tasks.ratelimit import DeadlineExceeded, Deferred, JobWait, RateLimitWaitExceeded, current_job
+from datus_queue.tasks.schemas import (
+    DATABASE_SERVER,
+    FINAL_STATUSES,
+    JobError,
+    JobKind,
+    JobRequest,
+    JobStatus,
+    TaskPayload,
+)
+from datus_queue.tasks.settings import Settings
 
 if TYPE_CHECKING:
-    from tasks.store import StoredJob
+    from datus_queue.tasks.store import StoredJob
 
-__all__ = ["run_task", "run_message", "dead_letter_message", "execute", "shown_arguments", "RetryLater",
-           "JobCancelled"]
+__all__ = [
+    "JobCancelled",
+    "RetryLater",
+    "dead_letter_message",
+    "execute",
+    "run_message",
+    "run_task",
+    "shown_arguments",
+]
 
-logger = logging.getLogger("tasks.jobs")
+logger = logging.getLogger("datus_queue.tasks.jobs")
 _FINAL_VALUES = frozenset(status.value for status in FINAL_STATUSES)
 INFRA_RETRIES = 8  # in a row (a job's other retries — rate limits above all — do not count)
 INFRA_HEADER = "dq_infra_retries"  # carried by a retry message: infrastructure retries so far in a row
@@ -144,7 +159,7 @@ _CODES = {RateLimitWaitExceeded: "rate_limit_wait_exceeded", DeadlineExceeded: "
 
 def job_error(exc: BaseException) -> JobError:
     if isinstance(exc, ModelError):
-        return JobError(code=exc.code.value, type=type(exc).__name__, message=exc.message,
+        return JobError(code=exc.slug, type=type(exc).__name__, message=exc.reason,
                         provider=exc.provider, status_code=exc.status_code, retryable=exc.retryable)
     code = _CODES.get(type(exc), "internal_error")
     return JobError(code=code, type=type(exc).__name__, message=str(exc) or type(exc).__name__)
@@ -267,7 +282,7 @@ async def _run(ctx: JobContext, job_id: str, request: JobRequest, stored: Stored
         return await _deferred(ctx, job_id, stored, run_no, deferred)
     except (asyncio.CancelledError, KeyboardInterrupt, SystemExit):
         raise
-    except BaseException as exc:  # noqa: BLE001 - a job never ends without a recorded outcome
+    except BaseException as exc:
         if isinstance(exc, Exception) and _is_infrastructure(exc):
             raise  # run_task retries the job later (a tool run resumes); the model error path is for the model
         return await _failed(ctx, job_id, request, stored, run_no, exc)
@@ -297,7 +312,7 @@ async def _deferred(ctx: JobContext, job_id: str, stored: StoredJob, run_no: int
     request, so it is not an attempt."""
     attempt = stored.attempts
     countdown = min(deferred.wait_s, retry_ceiling(ctx.settings))
-    since = stored.rate_limited_since or (datetime.now(timezone.utc) if deferred.rate_limited else None)
+    since = stored.rate_limited_since or (datetime.now(UTC) if deferred.rate_limited else None)
     error = JobError(code="rate_limit_wait", type="RateLimitWait", message=str(deferred), provider=stored.provider,
                      retryable=True)
     if not await ctx.store.amark_retrying(job_id, run_no, error, countdown, rate_limit_retries=stored.rate_limit_retries,
@@ -349,7 +364,7 @@ def _retry_countdown(ctx: JobContext, request: JobRequest, stored: StoredJob,
     if is_rate_limited(exc):
         times = stored.rate_limit_retries + 1
         delay = max(exc.retry_after or 0.0, policy.backoff(times))
-        now = datetime.now(timezone.utc)
+        now = datetime.now(UTC)
         since = stored.rate_limited_since or now
         if request.deadline is not None:
             end, budget = request.deadline, "the job's deadline"
@@ -487,7 +502,7 @@ def _error_step(error: JobError) -> ActionHistory:
 async def _dead_letter(ctx: JobContext, job_id: str, reason: str, payload: Any) -> None:
     """Record a dead letter in the store: the reason only — never the payload, which may be
     anything (the job row already holds what a job asked for)."""
-    from tasks.store.dead_letters import message_id
+    from datus_queue.tasks.store.dead_letters import message_id
 
     if payload is not None and not isinstance(payload, dict):
         reason = f"{reason} (payload was a {type(payload).__name__})"

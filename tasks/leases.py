@@ -23,7 +23,7 @@ from typing import Any
 
 __all__ = ["LeaseKeeper"]
 
-logger = logging.getLogger("tasks.leases")
+logger = logging.getLogger("datus_queue.tasks.leases")
 
 
 class LeaseKeeper:

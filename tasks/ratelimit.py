@@ -51,15 +51,15 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
-from datus.configuration.agent_config import RateLimits
+from datus.models.config import RateLimits
 from datus.models.errors import ModelError, RequestTooLargeError
 from datus.models.limiter import PlannedRequest, RequestOutcome
 from datus.models.rate_limit_headers import ProviderBudget
 from datus.models.retry import is_rate_limited
-from tasks import keys
-from tasks.observability import metrics
-from tasks.ratelimit_lua import ACQUIRE, COOLDOWN, GO, NO_SLOT, RELEASE, RENEW, TICKET, TOO_LARGE
-from tasks.redis_batch import RedisBatch
+from datus_queue.tasks import keys
+from datus_queue.tasks.observability import metrics
+from datus_queue.tasks.ratelimit_lua import ACQUIRE, COOLDOWN, GO, NO_SLOT, RELEASE, RENEW, TICKET, TOO_LARGE
+from datus_queue.tasks.redis_batch import RedisBatch
 
 __all__ = [
     "DeadlineExceeded",
@@ -71,7 +71,7 @@ __all__ = [
     "current_job",
 ]
 
-logger = logging.getLogger("tasks.ratelimit")
+logger = logging.getLogger("datus_queue.tasks.ratelimit")
 
 DEFAULT_OUTPUT_RESERVE = 1024  # output tokens reserved for a request with no max_tokens (reconciled after)
 LOW_BUDGET = 0.1  # the provider's remaining below this share of its limit: pace requests

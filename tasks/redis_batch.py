@@ -20,7 +20,7 @@ from typing import Any
 
 __all__ = ["RedisBatch"]
 
-logger = logging.getLogger("tasks.redis_batch")
+logger = logging.getLogger("datus_queue.tasks.redis_batch")
 Orphan = Callable[[Any], None]  # what to do with the result of a call whose caller went away
 
 

@@ -9,11 +9,11 @@ from __future__ import annotations
 from enum import Enum
 from typing import Any
 
-from datus.utils.constants import LLMProvider
+from datus.models.base import PROVIDERS
 
 __all__ = ["MAINTENANCE_QUEUE", "MAINTENANCE_TASKS", "Queue", "queue_for", "route_task"]
 
-Queue = Enum("Queue", {provider.name: f"llm.{provider.value}" for provider in LLMProvider}, type=str)  # type: ignore[misc]
+Queue = Enum("Queue", {provider.upper(): f"llm.{provider}" for provider in PROVIDERS}, type=str)  # type: ignore[misc]
 Queue.__doc__ = "One queue per provider: llm.openai, llm.claude, ..."
 MAINTENANCE_QUEUE = "dq.maintenance"
 # the maintenance tasks' names (a wire contract, like dq.generate): tasks/maintenance/tasks.py
@@ -21,11 +21,9 @@ MAINTENANCE_TASKS = frozenset({"dq.sweep", "dq.prune", "dq.run_schedule"})
 
 
 def queue_for(provider: str) -> str:
-    try:
-        return Queue[LLMProvider(provider).name].value
-    except ValueError:
-        known = ", ".join(p.value for p in LLMProvider)
-        raise ValueError(f"unknown provider {provider!r}; known: {known}") from None
+    if provider not in PROVIDERS:
+        raise ValueError(f"unknown provider {provider!r}; known: {', '.join(PROVIDERS)}")
+    return Queue[provider.upper()].value
 
 
 def route_task(name: str, args: Any, kwargs: Any, options: Any, task: Any = None, **_: Any) -> dict[str, str] | None:

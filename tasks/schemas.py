@@ -17,17 +17,17 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from datus.models.generation import CallOptions
 
 __all__ = [
-    "SCHEMA_VERSION",
     "DATABASE_SERVER",
+    "FINAL_STATUSES",
+    "SCHEMA_VERSION",
+    "JobError",
+    "JobEvent",
     "JobKind",
-    "JobStatus",
     "JobOptions",
     "JobRequest",
-    "JobError",
     "JobResult",
-    "JobEvent",
+    "JobStatus",
     "TaskPayload",
-    "FINAL_STATUSES",
 ]
 
 SCHEMA_VERSION = 1
@@ -133,7 +133,7 @@ class JobRequest(BaseModel):
         return metadata
 
     @model_validator(mode="after")
-    def _shape(self) -> "JobRequest":
+    def _shape(self) -> JobRequest:
         if self.schema_version != SCHEMA_VERSION:
             raise ValueError(f"schema_version {self.schema_version} is not supported (this is {SCHEMA_VERSION})")
         if (self.prompt is None) == (self.messages is None):

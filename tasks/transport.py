@@ -21,7 +21,7 @@ from kombu.transport import redis as kombu_redis
 
 __all__ = ["Transport"]
 
-logger = logging.getLogger("tasks.transport")
+logger = logging.getLogger("datus_queue.tasks.transport")
 _BAD_BODY = (ValueError, KeyError, TypeError, AttributeError)
 
 
@@ -54,8 +54,8 @@ class GuardedChannel(kombu_redis.Channel):
 
     def _dead_letter(self, exc: BaseException, queue: str | None = None) -> None:
         """The reason only: the message itself could hold anything, a secret included."""
-        from tasks.context import get_context
-        from tasks.store.dead_letters import message_id
+        from datus_queue.tasks.context import get_context
+        from datus_queue.tasks.store.dead_letters import message_id
 
         dead_id = message_id()
         logger.warning("dropped a message that is not a Celery message (%s); dead letter %s", type(exc).__name__,

@@ -28,9 +28,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from datus.models.scripted import Reply, ScriptedRequest
 from datus.testing.fake_server import FakeProviderServer
-from datus.testing.script import Reply, ScriptedRequest
-from tasks.cli.demo import SampleModel
+from datus_queue.tasks.cli.demo import SampleModel
 
 ROOT = Path(__file__).resolve().parents[1]
 KEY = "sk-readme-not-a-real-key"
@@ -253,7 +253,7 @@ READY_PROBES = (
     ReadyProbe(("dq", "worker"), lambda bg: " ready." in bg.output()),
     ReadyProbe(("dq", "beat"), lambda bg: "beat: Acquired lock" in bg.output()),
     ReadyProbe(("dq", "metrics"), lambda bg: _http_up(f"http://127.0.0.1:{_port_of(bg.argv, 9110)}/metrics")),
-    ReadyProbe(("celery", "-A", "tasks.app", "flower"), lambda bg: _http_up(f"http://127.0.0.1:{_port_of(bg.argv, 5555)}/healthcheck"),
+    ReadyProbe(("celery", "-A", "datus_queue", "flower"), lambda bg: _http_up(f"http://127.0.0.1:{_port_of(bg.argv, 5555)}/healthcheck"),
                clean_exits=(0, -signal.SIGTERM)),
     ReadyProbe(("python", "-m", "datus.testing.fake_server"),
                lambda bg: _http_up(f"http://127.0.0.1:{_port_of(bg.argv, 8900)}/_fake/health"),

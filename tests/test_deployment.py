@@ -55,7 +55,7 @@ def test_compose_file_is_valid_and_resolves() -> None:
         assert command[command.index("--metrics-port") + 1] == "9100", name
         node = command[command.index("--hostname") + 1]
         assert node == f"{service['environment']['DQ_NODE']}@%h", name
-        assert "celery -A tasks.app inspect ping" in " ".join(service["healthcheck"]["test"]), name
+        assert "celery -A datus_queue inspect ping" in " ".join(service["healthcheck"]["test"]), name
     assert services["beat"]["command"] == ["dq", "beat"] and services["beat"]["deploy"]["replicas"] == 2
     assert services["metrics"]["command"][:2] == ["dq", "metrics"]
     mounts = " ".join(str(v) for v in services["prometheus"]["volumes"])
@@ -78,8 +78,8 @@ def test_the_dashboard_asks_only_for_metrics_the_code_exports() -> None:
 
     from prometheus_client import REGISTRY
 
-    import tasks.observability.metrics  # noqa: F401 - registers the worker's metrics
-    from tasks.observability.exporter import FleetCollector
+    import datus_queue.tasks.observability.metrics  # noqa: F401 - registers the worker's metrics
+    from datus_queue.tasks.observability.exporter import FleetCollector
 
     exported = set(FleetCollector.NAMES)
     for family in REGISTRY.collect():

@@ -28,9 +28,16 @@ from pathlib import Path
 import pytest
 
 from datus.testing.fake_server import FakeProviderServer
-from tasks.cli.services import local_redis
+from datus_queue.tasks.cli.services import local_redis
 from tests.docs_runner import (
-    KEY, PROVIDER_KEYS, ROOT, Block, ReadmeModel, Run, readme_blocks, user_env,
+    KEY,
+    PROVIDER_KEYS,
+    ROOT,
+    Block,
+    ReadmeModel,
+    Run,
+    readme_blocks,
+    user_env,
 )
 
 README = ROOT / "README.md"

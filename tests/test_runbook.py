@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 
 from datus.testing.fake_server import FakeProviderServer
-from tasks.cli.services import local_redis
-from tasks.schemas import JobError, JobRequest, JobStatus
-from tasks.store import JobStore
+from datus_queue.tasks.cli.services import local_redis
+from datus_queue.tasks.schemas import JobError, JobRequest, JobStatus
+from datus_queue.tasks.store import JobStore
 from tests.docs_runner import KEY, NOT_RUN, ROOT, ReadmeModel, Run, readme_blocks, user_env
 
 RUNBOOK = ROOT / "ops" / "runbook.md"
@@ -45,11 +45,11 @@ def test_every_runbook_command_works(tmp_path: Path) -> None:
                   not_run={**NOT_RUN, ("docker", "compose"): "needs a Docker engine"})
         run.run_all(blocks)
 
-    assert any("pong" in out for out in run.output_of("celery", "-A", "tasks.app", "inspect", "ping"))
-    assert any("llm.openai" in out for out in run.output_of("celery", "-A", "tasks.app", "inspect", "active_queues"))
+    assert any("pong" in out for out in run.output_of("celery", "-A", "datus_queue", "inspect", "ping"))
+    assert any("llm.openai" in out for out in run.output_of("celery", "-A", "datus_queue", "inspect", "active_queues"))
     scraped = run.output_of("curl")
     assert any("# TYPE dq_jobs_total counter" in out for out in scraped), "a worker's /metrics"
     assert any('dq_queue_messages{queue="llm.openai"}' in out and "dq_dead_letters 1.0" in out for out in scraped)
     assert any(job_id in out for out in run.output_of("dq", "dead", "list"))
     assert any(f"replayed {job_id}" in out for out in run.output_of("dq", "dead", "replay"))
-    assert any("no longer consuming" in out for out in run.output_of("celery", "-A", "tasks.app", "control"))
+    assert any("no longer consuming" in out for out in run.output_of("celery", "-A", "datus_queue", "control"))

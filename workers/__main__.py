@@ -16,7 +16,7 @@ import os
 import socket
 import sys
 
-from datus.utils.constants import LLMProvider
+from datus.models.base import PROVIDERS
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
@@ -25,7 +25,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
                                       "it serves (llm.<provider>), which also runs the tasks dq beat sends "
                                       "(dq.maintenance). Models and MCP servers come from DQ_CONFIG; "
                                       "Redis and the job store from DQ_REDIS_URL and DQ_DATABASE_URL.")
-    parser.add_argument("--provider", "-p", action="append", choices=[p.value for p in LLMProvider],
+    parser.add_argument("--provider", "-p", action="append", choices=list(PROVIDERS),
                         help="serve this provider's queue (repeatable; default: all)")
     parser.add_argument("--concurrency", "-c", type=int, default=None,
                         help="jobs in flight in this process (default DQ_WORKER_CONCURRENCY, 200)")
@@ -51,13 +51,13 @@ def parse(argv: list[str]) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse(sys.argv[1:] if argv is None else argv)
     os.environ.setdefault("REMAP_SIGTERM", "SIGQUIT")  # read by billiard at import: must precede celery
-    os.environ["CELERY_CUSTOM_WORKER_POOL"] = "workers.pool:RuntimeThreadPool"  # read at celery import
+    os.environ["CELERY_CUSTOM_WORKER_POOL"] = "datus_queue.workers.pool:RuntimeThreadPool"  # read at celery import
     if args.metrics_port is not None:
         os.environ["DQ_METRICS_PORT"] = str(args.metrics_port)  # read by workers.signals at worker start
-    from tasks.app import app
-    from tasks.routing import MAINTENANCE_QUEUE, queue_for
-    from tasks.settings import get_settings
-    from workers import signals
+    from datus_queue.tasks.app import app
+    from datus_queue.tasks.routing import MAINTENANCE_QUEUE, queue_for
+    from datus_queue.tasks.settings import get_settings
+    from datus_queue.workers import signals
 
     signals.connect()
     # A worker allocates fast (SDK responses, events, rows) and keeps little: the modules loaded
@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     # allocations instead of 700 (measured: 3.16 -> 2.97 ms of CPU per job, two pairs of runs).
     gc.freeze()
     gc.set_threshold(20_000, 50, 50)
-    providers = args.provider or [p.value for p in LLMProvider]
+    providers = args.provider or list(PROVIDERS)
     # every worker also takes the maintenance tasks dq beat sends (sweeps, pruning, scheduled batches)
     queues = ",".join([*(queue_for(provider) for provider in providers), MAINTENANCE_QUEUE])
     concurrency = args.concurrency or get_settings().worker_concurrency

@@ -36,14 +36,14 @@ from celery.concurrency.thread import ApplyResult, TaskPool
 from celery.exceptions import Reject, Retry
 from kombu.serialization import loads, prepare_accept_content
 
-from tasks.client import TASK_NAMES
-from tasks.jobs import INFRA_HEADER, RetryLater, dead_letter_message, run_message, shown_arguments
-from tasks.observability.traces import carried_headers
-from workers.runtime import runtime
+from datus_queue.tasks.client import TASK_NAMES
+from datus_queue.tasks.jobs import INFRA_HEADER, RetryLater, dead_letter_message, run_message, shown_arguments
+from datus_queue.tasks.observability.traces import carried_headers
+from datus_queue.workers.runtime import runtime
 
 __all__ = ["JOB_TASKS", "RuntimeThreadPool"]
 
-logger = logging.getLogger("workers.pool")
+logger = logging.getLogger("datus_queue.workers.pool")
 JOB_TASKS = frozenset(TASK_NAMES.values())  # dq.generate, dq.tool_run
 
 

@@ -12,15 +12,16 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+from collections.abc import Coroutine
 from concurrent.futures import Future
-from typing import Any, Coroutine
+from typing import Any
 
-from tasks import execution
-from tasks.context import get_context
+from datus_queue.tasks import execution
+from datus_queue.tasks.context import get_context
 
 __all__ = ["WorkerRuntime", "runtime"]
 
-logger = logging.getLogger("workers.runtime")
+logger = logging.getLogger("datus_queue.workers.runtime")
 
 
 class WorkerRuntime:

@@ -8,11 +8,11 @@ from typing import Any
 
 from celery import signals
 
-from workers.runtime import runtime
+from datus_queue.workers.runtime import runtime
 
 __all__ = ["connect"]
 
-logger = logging.getLogger("workers.signals")
+logger = logging.getLogger("datus_queue.workers.signals")
 _connected = False
 
 
@@ -25,7 +25,7 @@ def _start_tracing(**_: Any) -> None:
     """Set up the trace backends at start, once logging is (a bad setting is a warning then),
     in the process that runs the jobs: prefork children after the fork (their exporters' threads
     must not be forked), the main process otherwise."""
-    from tasks.observability import traces
+    from datus_queue.tasks.observability import traces
 
     traces.tracers()
 
@@ -42,13 +42,13 @@ def _is_prefork(worker: Any) -> bool:
 
 def _serve_metrics() -> None:
     """``/metrics`` of this process, when DQ_METRICS_PORT (or --metrics-port) asks for it."""
-    from tasks.settings import get_settings
+    from datus_queue.tasks.settings import get_settings
 
     settings = get_settings()
     if settings.metrics_port is None:
         return
-    from tasks.context import get_context
-    from tasks.observability import metrics
+    from datus_queue.tasks.context import get_context
+    from datus_queue.tasks.observability import metrics
 
     metrics.watch_mcp_pools(get_context().mcp_pools)
     metrics.serve(settings.metrics_port, settings.metrics_addr)
@@ -62,7 +62,7 @@ def _quiet_http_logs() -> None:
 
 def _stop(**_: Any) -> None:
     runtime.stop()
-    from tasks.observability import traces
+    from datus_queue.tasks.observability import traces
 
     traces.shutdown()  # send the spans and runs still queued
 

@@ -36,7 +36,7 @@ from sqlalchemy.engine import URL, Engine, make_url
 from sqlalchemy.exc import NoSuchTableError, SQLAlchemyError
 from sqlglot import exp
 
-from datus.utils.sql import create_read_only_engine, with_driver
+from datus.models.sql_engines import create_read_only_engine, with_driver
 
 if TYPE_CHECKING:
     from mcp.server.mcpserver import MCPServer

@@ -7,4 +7,4 @@ from datus.models.base import LLMBaseModel
 from datus.models.generation import Generation, StreamDelta
 from datus.models.usage import Usage, track_usage
 
-__all__ = ["LLMBaseModel", "Generation", "StreamDelta", "Usage", "track_usage"]
+__all__ = ["Generation", "LLMBaseModel", "StreamDelta", "Usage", "track_usage"]

@@ -11,7 +11,8 @@ import asyncio
 import atexit
 import contextlib
 import threading
-from typing import Awaitable, TypeVar
+from collections.abc import Awaitable
+from typing import TypeVar
 
 __all__ = ["run_sync"]
 

@@ -21,7 +21,8 @@ import threading
 import time
 import weakref
 from abc import ABC, abstractmethod
-from typing import TYPE_CHECKING, Any, AsyncIterator, ClassVar
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from pydantic import ValidationError
 
@@ -37,18 +38,17 @@ from datus.models.errors import (
 from datus.models.generation import CallOptions, Generation, JsonFormat, ModelRequest, StreamDelta, ToolSpec
 from datus.models.json_output import JsonOutputInvalid, normalize_response_format, parse_json_output
 from datus.models.limiter import PlannedRequest, RequestLimiter, RequestOutcome
+from datus.models.messages import ChatMessage, Prompt, to_messages
 from datus.models.pricing import cost_usd, find_pricing
 from datus.models.profiles import find_profile
 from datus.models.retry import Retries, RetryPolicy
 from datus.models.trace import write_trace
 from datus.models.usage import record_usage
-from datus.schemas.message import ChatMessage, Prompt, to_messages
-from datus.utils.constants import LLMProvider
 
 if TYPE_CHECKING:
-    from datus.configuration.agent_config import AgentConfig, ModelConfig
+    from datus.models.config import AgentConfig, ModelConfig
 
-__all__ = ["LLMBaseModel"]
+__all__ = ["PROVIDERS", "LLMBaseModel"]
 
 logger = logging.getLogger(__name__)
 
@@ -57,14 +57,15 @@ _CONFIG_DEFAULTS = ("temperature", "top_p", "max_tokens", "enable_thinking", "th
 
 
 class LLMBaseModel(ABC):
-    # The one provider registry: provider -> class name in datus/models/<provider>_model.py.
+    # The one provider registry: provider (a model's ``type:``; Datus's `LLMProvider` values, and
+    # "fake", the scripted model) -> class name in datus/models/<provider>_model.py.
     MODEL_TYPE_MAP: ClassVar[dict[str, str]] = {
-        LLMProvider.OPENAI: "OpenAIModel",
-        LLMProvider.CLAUDE: "ClaudeModel",
-        LLMProvider.DEEPSEEK: "DeepSeekModel",
-        LLMProvider.QWEN: "QwenModel",
-        LLMProvider.GEMINI: "GeminiModel",
-        LLMProvider.FAKE: "FakeModel",
+        "openai": "OpenAIModel",
+        "claude": "ClaudeModel",
+        "deepseek": "DeepSeekModel",
+        "qwen": "QwenModel",
+        "gemini": "GeminiModel",
+        "fake": "FakeModel",
     }
 
     # Where the key comes from when the config has none (first set variable wins); providers
@@ -97,10 +98,10 @@ class LLMBaseModel(ABC):
     # ---- factory -------------------------------------------------------------------------
 
     @classmethod
-    def create_model(cls, agent_config: AgentConfig | None, model_name: str | None = None) -> "LLMBaseModel":
+    def create_model(cls, agent_config: AgentConfig | None, model_name: str | None = None) -> LLMBaseModel:
         """``None``/``"default"``: the target model; a name under ``agent.models``; or a plain
         ``"provider:model"`` string (keys then come from the environment)."""
-        from datus.configuration.agent_config import ModelConfig
+        from datus.models.config import ModelConfig
 
         known = agent_config.models if agent_config is not None else {}
         if model_name and model_name not in known and ":" in model_name:
@@ -116,7 +117,7 @@ class LLMBaseModel(ABC):
         return model
 
     @classmethod
-    def model_class(cls, provider: str) -> type["LLMBaseModel"]:
+    def model_class(cls, provider: str) -> type[LLMBaseModel]:
         class_name = cls.MODEL_TYPE_MAP.get(provider)
         if class_name is None:
             raise ModelConfigError(
@@ -566,3 +567,6 @@ class LLMBaseModel(ABC):
     def delete_session(self, session_id: str) -> None:
         self.session_manager.delete_session(session_id)
 
+
+# Every provider a model config may name, in the registry's order.
+PROVIDERS: tuple[str, ...] = tuple(LLMBaseModel.MODEL_TYPE_MAP)

@@ -30,8 +30,8 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from datus.models.generation import StreamDelta, ToolSpec
+from datus.models.messages import ChatMessage, ToolCall
 from datus.models.usage import Usage
-from datus.schemas.message import ChatMessage, ToolCall
 
 __all__ = [
     "EPHEMERAL",

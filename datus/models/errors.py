@@ -32,44 +32,68 @@ from __future__ import annotations
 
 import email.utils
 import time
-from typing import Any, ClassVar, Mapping
+from collections.abc import Mapping
+from enum import Enum
+from typing import Any, ClassVar
 
 from datus.utils.exceptions import DatusException, ErrorCode
 
 __all__ = [
-    "ModelError",
-    "ModelConfigError",
-    "PermanentModelError",
-    "BadRequestError",
     "AuthenticationError",
-    "PermissionDeniedError",
-    "NotFoundError",
-    "RequestTooLargeError",
-    "ContextLengthExceededError",
+    "BadRequestError",
     "ContentFilterError",
-    "QuotaExceededError",
-    "TransientModelError",
-    "RateLimitError",
-    "OverloadedError",
-    "ServerError",
-    "ModelTimeoutError",
-    "ModelConnectionError",
+    "ContextLengthExceededError",
     "InvalidResponseError",
-    "ToolServerLostError",
-    "ModelOutputError",
     "MaxTurnsExceededError",
+    "ModelConfigError",
+    "ModelConnectionError",
+    "ModelError",
+    "ModelErrorCode",
+    "ModelOutputError",
+    "ModelTimeoutError",
+    "NotFoundError",
+    "OverloadedError",
+    "PermanentModelError",
+    "PermissionDeniedError",
+    "QuotaExceededError",
+    "RateLimitError",
+    "RequestTooLargeError",
+    "ServerError",
+    "ToolServerLostError",
+    "TransientModelError",
+    "error_from_dict",
     "error_from_status",
     "parse_retry_after",
-    "error_from_dict",
     "transport_error",
 ]
 
 
+class ModelErrorCode(Enum):
+    """Codes Datus-agent's `ErrorCode` does not have, shaped like it (``(code, desc)``, with
+    ``.code`` and ``.desc``) so code that formats any Datus error formats these too."""
+
+    MODEL_CONTEXT_LENGTH_EXCEEDED = ("300101", "The prompt does not fit the model's context window")
+    MODEL_CONTENT_FILTERED = ("300102", "The provider's content filter refused the request or the answer")
+    MODEL_PROTOCOL_ERROR = ("300103", "The provider's answer is not its protocol (broken body or stream)")
+    SESSION_NOT_FOUND = ("300104", "Session not found")
+
+    def __init__(self, code: str, desc: str) -> None:
+        self.code = code
+        self.desc = desc
+
+
 class ModelError(DatusException):
-    """Base of the model layer's errors. ``retryable`` and ``code`` are per class."""
+    """Base of the model layer's errors.
+
+    Per class: ``error_code`` (Datus's `ErrorCode` where Datus has one with this meaning, else a
+    `ModelErrorCode`; also ``.code`` on the instance, as every `DatusException`), ``slug`` (the
+    stable lowercase name stored with failed jobs and used in metrics) and ``retryable``.
+    ``reason`` (and ``str()``) is what went wrong in words; ``message`` is Datus's
+    ``error_code=..., error_message=<reason>``."""
 
     retryable: ClassVar[bool] = False
-    error_code: ClassVar[ErrorCode] = ErrorCode.COMMON_UNKNOWN
+    error_code: ClassVar[ErrorCode | ModelErrorCode] = ErrorCode.MODEL_REQUEST_FAILED
+    slug: ClassVar[str] = "model_error"
     # the provider's rate-limit headers on this answer (datus.models.rate_limit_headers), set by
     # the adapter for its request limiter; in-process only, not carried across pickling
     rate_limits: Any = None
@@ -84,7 +108,8 @@ class ModelError(DatusException):
         retry_after: float | None = None,
         details: dict[str, Any] | None = None,
     ) -> None:
-        super().__init__(self.error_code, message)
+        self.reason = message or self.error_code.desc
+        super().__init__(self.error_code, self.reason)  # type: ignore[arg-type]
         self.provider = provider
         self.model = model
         self.status_code = status_code
@@ -101,91 +126,109 @@ class ModelError(DatusException):
         }
 
     def __reduce__(self) -> tuple[Any, ...]:
-        return (_rebuild, (type(self).__name__, self.message, self._kwargs()))
+        return (_rebuild, (type(self).__name__, self.reason, self._kwargs()))
 
     def to_dict(self) -> dict[str, Any]:
-        """A JSON-safe form: the class name, the stable code and what the provider said."""
+        """A JSON-safe form: the class name, the stable slug and what the provider said."""
         return {
             "type": type(self).__name__,
-            "code": self.code.value,
-            "message": self.message,
+            "code": self.slug,
+            "message": self.reason,
             "retryable": self.retryable,
             **self._kwargs(),
         }
 
+    def __str__(self) -> str:
+        return self.reason
+
     def __repr__(self) -> str:
         where = "/".join(part for part in (self.provider, self.model) if part)
         status = f" {self.status_code}" if self.status_code else ""
-        return f"{type(self).__name__}({where}{status}: {self.message!r})"
+        return f"{type(self).__name__}({where}{status}: {self.reason!r})"
 
 
 class ModelConfigError(ModelError):
-    error_code = ErrorCode.MODEL_CONFIG_ERROR
+    error_code = ErrorCode.COMMON_CONFIG_ERROR
+    slug = "model_config_error"
 
 
 class PermanentModelError(ModelError):
-    error_code = ErrorCode.MODEL_BAD_REQUEST
+    error_code = ErrorCode.MODEL_INVALID_RESPONSE  # Datus's code for a refused (HTTP 400) request
+    slug = "model_bad_request"
 
 
 class BadRequestError(PermanentModelError):
-    error_code = ErrorCode.MODEL_BAD_REQUEST
+    pass
 
 
 class AuthenticationError(PermanentModelError):
     error_code = ErrorCode.MODEL_AUTHENTICATION_ERROR
+    slug = "model_authentication_error"
 
 
 class PermissionDeniedError(PermanentModelError):
     error_code = ErrorCode.MODEL_PERMISSION_ERROR
+    slug = "model_permission_error"
 
 
 class NotFoundError(PermanentModelError):
     error_code = ErrorCode.MODEL_NOT_FOUND
+    slug = "model_not_found"
 
 
 class RequestTooLargeError(PermanentModelError):
     error_code = ErrorCode.MODEL_REQUEST_TOO_LARGE
+    slug = "model_request_too_large"
 
 
 class ContextLengthExceededError(PermanentModelError):
-    error_code = ErrorCode.MODEL_CONTEXT_LENGTH_EXCEEDED
+    error_code = ModelErrorCode.MODEL_CONTEXT_LENGTH_EXCEEDED
+    slug = "model_context_length_exceeded"
 
 
 class ContentFilterError(PermanentModelError):
-    error_code = ErrorCode.MODEL_CONTENT_FILTERED
+    error_code = ModelErrorCode.MODEL_CONTENT_FILTERED
+    slug = "model_content_filtered"
 
 
 class QuotaExceededError(PermanentModelError):
     error_code = ErrorCode.MODEL_QUOTA_EXCEEDED
+    slug = "model_quota_exceeded"
 
 
 class TransientModelError(ModelError):
     retryable = True
-    error_code = ErrorCode.MODEL_SERVER_ERROR
+    error_code = ErrorCode.MODEL_API_ERROR
+    slug = "model_server_error"
 
 
 class RateLimitError(TransientModelError):
     error_code = ErrorCode.MODEL_RATE_LIMIT
+    slug = "model_rate_limit"
 
 
 class OverloadedError(TransientModelError):
     error_code = ErrorCode.MODEL_OVERLOADED
+    slug = "model_overloaded"
 
 
 class ServerError(TransientModelError):
-    error_code = ErrorCode.MODEL_SERVER_ERROR
+    pass
 
 
 class ModelTimeoutError(TransientModelError):
-    error_code = ErrorCode.MODEL_TIMEOUT
+    error_code = ErrorCode.MODEL_TIMEOUT_ERROR
+    slug = "model_timeout"
 
 
 class ModelConnectionError(TransientModelError):
     error_code = ErrorCode.MODEL_CONNECTION_ERROR
+    slug = "model_connection_error"
 
 
 class InvalidResponseError(TransientModelError):
-    error_code = ErrorCode.MODEL_INVALID_RESPONSE
+    error_code = ModelErrorCode.MODEL_PROTOCOL_ERROR
+    slug = "model_invalid_response"
 
 
 class ToolServerLostError(TransientModelError):
@@ -193,17 +236,20 @@ class ToolServerLostError(TransientModelError):
     connection). Raised only by a tool run with a journal, which resumes: the call in flight is
     made again once the server is back. Without a journal the model gets a failed tool result."""
 
-    error_code = ErrorCode.MODEL_TOOL_ERROR
+    error_code = ErrorCode.TOOL_EXECUTION_FAILED
+    slug = "model_tool_error"
 
 
 class ModelOutputError(ModelError):
-    error_code = ErrorCode.MODEL_OUTPUT_ERROR
+    error_code = ErrorCode.MODEL_ILLEGAL_FORMAT_RESPONSE
+    slug = "model_output_error"
 
 
 class MaxTurnsExceededError(ModelOutputError):
     """``details["steps"]`` holds the steps taken so far (JSON-safe dicts)."""
 
     error_code = ErrorCode.MODEL_MAX_TURNS_EXCEEDED
+    slug = "model_max_turns_exceeded"
 
 
 def _all_classes(root: type[ModelError]) -> dict[str, type[ModelError]]:

@@ -1,6 +1,6 @@
 """`FakeModel`: a scripted, offline model for tests and demos (provider ``fake``).
 
-It answers from a `datus.testing.script.Script` — replies from a list, by matching, or from a
+It answers from a `datus.models.scripted.Script` — replies from a list, by matching, or from a
 function, tool calls included — with no network. Faults in the script raise the same
 ``ModelError`` classes a real provider's answer would map to, so retries and error handling
 are exercised for real. (The wire-level fake *servers* in ``datus.testing`` are the other
@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from typing import Any, AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
+from typing import Any
 
 from datus.models.base import LLMBaseModel
 from datus.models.errors import (
@@ -27,9 +28,9 @@ from datus.models.errors import (
     error_from_status,
 )
 from datus.models.generation import Generation, ModelRequest, StreamDelta
+from datus.models.messages import ToolCall
+from datus.models.scripted import Fault, Reply, Script, ScriptedRequest
 from datus.models.usage import Usage
-from datus.schemas.message import ToolCall
-from datus.testing.script import Fault, Reply, Script, ScriptedRequest
 
 __all__ = ["FakeModel"]
 

@@ -10,14 +10,15 @@ from __future__ import annotations
 import asyncio
 import inspect
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable, Protocol
+from typing import Any, Protocol
 
 from pydantic import ValidationError, create_model
 
 from datus.models.generation import ToolSpec
 
-__all__ = ["Tool", "ToolOutcome", "FunctionTool", "as_tools"]
+__all__ = ["FunctionTool", "Tool", "ToolOutcome", "as_tools"]
 
 
 @dataclass

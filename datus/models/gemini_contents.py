@@ -17,8 +17,8 @@ from typing import TYPE_CHECKING, Any
 
 from datus.models.errors import ContentFilterError, InvalidResponseError
 from datus.models.generation import Generation, ModelRequest, StreamDelta
+from datus.models.messages import ChatMessage, ToolCall
 from datus.models.usage import Usage
-from datus.schemas.message import ChatMessage, ToolCall
 
 if TYPE_CHECKING:
     from google.genai import types

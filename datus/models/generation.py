@@ -7,11 +7,11 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from datus.models.messages import ChatMessage, ToolCall
 from datus.models.rate_limit_headers import ProviderBudget
 from datus.models.usage import Usage
-from datus.schemas.message import ChatMessage, ToolCall
 
-__all__ = ["CallOptions", "JsonFormat", "ToolSpec", "ModelRequest", "Generation", "StreamDelta"]
+__all__ = ["CallOptions", "Generation", "JsonFormat", "ModelRequest", "StreamDelta", "ToolSpec"]
 
 
 class CallOptions(BaseModel):

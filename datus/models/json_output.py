@@ -16,7 +16,7 @@ from pydantic import BaseModel, ValidationError
 
 from datus.models.generation import JsonFormat
 
-__all__ = ["normalize_response_format", "parse_json_output", "JsonOutputInvalid"]
+__all__ = ["JsonOutputInvalid", "normalize_response_format", "parse_json_output"]
 
 
 class JsonOutputInvalid(ValueError):

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import ast
 import json
-from typing import Any, Iterable, Mapping
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 from datus.schemas.action_history import ActionHistory, ActionRole
-from datus.schemas.sql_context import SQLContext
+from datus.schemas.node_models import SQLContext
 
-__all__ = ["SQL_QUERY_FUNCTIONS", "get_function_call_names", "extract_sql_contexts"]
+__all__ = ["SQL_QUERY_FUNCTIONS", "extract_sql_contexts", "get_function_call_names"]
 
 # db_type -> tool name -> the argument that holds the SQL text.
 SQL_QUERY_FUNCTIONS: dict[str, dict[str, str]] = {
@@ -67,12 +68,15 @@ def extract_sql_contexts(
         output = action.output if isinstance(action.output, dict) else {"raw_output": action.output}
         raw = output.get("raw_output")
         text = raw if isinstance(raw, str) else json.dumps(raw, default=str)
-        failed = action.status == "failed" or output.get("success") is False
+        # a Datus function tool answers {"success": 0|1, "error": ..., "result": ...}
+        refused = isinstance(raw, dict) and raw.get("success") in (0, False)
+        failed = action.status == "failed" or output.get("success") is False or refused
+        error = str(raw.get("error") or text) if refused else text
         contexts.append(SQLContext(
             sql_query=sql,
             explanation=_following_explanation(actions, index),
             sql_return="" if failed else text,
-            sql_error=text if failed else None,
+            sql_error=error if failed else "",  # Datus's nodes keep the contexts whose sql_error == ""
             row_count=None if failed else _row_count(raw),
         ))
     return contexts
@@ -112,6 +116,10 @@ def _row_count(raw: Any) -> int | None:
                 continue
         else:
             return None
+    if isinstance(value, dict) and "result" in value and "success" in value:  # a Datus function tool's answer
+        value = value["result"]
+        if isinstance(value, dict) and isinstance(value.get("original_rows"), int):
+            return value["original_rows"]
     if isinstance(value, dict):
         count = value.get("row_count")
         if isinstance(count, int):

@@ -9,7 +9,8 @@ what a model family can do comes from its profile (``datus.models.profiles``).
 from __future__ import annotations
 
 import json
-from typing import Any, AsyncIterator, ClassVar
+from collections.abc import AsyncIterator
+from typing import Any, ClassVar
 
 from datus.models.base import LLMBaseModel
 from datus.models.errors import (
@@ -22,9 +23,9 @@ from datus.models.errors import (
     transport_error,
 )
 from datus.models.generation import Generation, ModelRequest, StreamDelta
+from datus.models.messages import ChatMessage, ToolCall
 from datus.models.rate_limit_headers import openai_budget
 from datus.models.usage import Usage
-from datus.schemas.message import ChatMessage, ToolCall
 
 __all__ = ["OpenAICompatibleModel"]
 

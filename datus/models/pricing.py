@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field
 
-__all__ = ["Pricing", "PRICES", "find_pricing", "cost_usd"]
+__all__ = ["PRICES", "Pricing", "cost_usd", "find_pricing"]
 
 
 class Pricing(BaseModel):

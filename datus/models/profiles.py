@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-__all__ = ["ModelProfile", "PROFILES", "find_profile"]
+__all__ = ["PROFILES", "ModelProfile", "find_profile"]
 
 
 @dataclass(frozen=True)

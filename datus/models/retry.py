@@ -17,12 +17,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, Awaitable, Callable, TypeVar
+from typing import Any, TypeVar
 
 from datus.models.errors import ModelError, OverloadedError, RateLimitError
 
-__all__ = ["RetryPolicy", "Retries", "is_rate_limited"]
+__all__ = ["Retries", "RetryPolicy", "is_rate_limited"]
 
 T = TypeVar("T")
 logger = logging.getLogger(__name__)
@@ -45,7 +46,7 @@ class RetryPolicy:
             raise ValueError("rate_limit_wait_s must not be negative")
 
     @classmethod
-    def from_config(cls, config: Any) -> "RetryPolicy":
+    def from_config(cls, config: Any) -> RetryPolicy:
         """The policy a model config asks for (``max_retries`` retries after the first try)."""
         return cls(
             max_attempts=config.max_retries + 1,

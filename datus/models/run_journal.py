@@ -26,8 +26,8 @@ from typing import Any, Literal, Protocol
 from pydantic import BaseModel, ConfigDict, Field
 
 from datus.models.generation import Generation
+from datus.models.messages import ChatMessage
 from datus.models.usage import Usage
-from datus.schemas.message import ChatMessage
 
 __all__ = ["MemoryJournal", "ResumeState", "RunJournal", "RunStart", "RunStep", "step_id"]
 

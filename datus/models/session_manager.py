@@ -28,9 +28,9 @@ import sqlalchemy as sa
 from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy.engine import Connection, Engine
 
-from datus.schemas.message import ChatMessage
-from datus.utils.exceptions import DatusException, ErrorCode
-from datus.utils.sql import create_store_engine, is_in_memory_sqlite, with_driver
+from datus.models.errors import ModelConfigError, ModelError, ModelErrorCode
+from datus.models.messages import ChatMessage
+from datus.models.sql_engines import create_store_engine, is_in_memory_sqlite, with_driver
 
 __all__ = [
     "SESSION_URL_ENV", "Session", "SessionInfo", "SessionManager", "SessionNotFoundError", "SessionStoreError",
@@ -62,23 +62,23 @@ messages_table = sa.Table(
 )
 
 
-class SessionNotFoundError(DatusException, KeyError):
+class SessionNotFoundError(ModelError, KeyError):
     """No session with this id (never created, or deleted by some process)."""
 
+    error_code = ModelErrorCode.SESSION_NOT_FOUND
+    slug = "session_not_found"
+
     def __init__(self, session_id: str) -> None:
-        super().__init__(ErrorCode.SESSION_NOT_FOUND, f"session {session_id!r} does not exist")
+        super().__init__(f"session {session_id!r} does not exist")
         self.session_id = session_id
 
     def __reduce__(self) -> tuple[Any, ...]:
         return (type(self), (self.session_id,))
 
 
-class SessionStoreError(DatusException):
+class SessionStoreError(ModelConfigError):
     """The session store cannot be used: a malformed URL, an unknown driver, a path that cannot
     be created, a database that refuses the connection."""
-
-    def __init__(self, message: str) -> None:
-        super().__init__(ErrorCode.COMMON_CONFIG_ERROR, message)
 
 
 class SessionInfo(BaseModel):

@@ -16,15 +16,22 @@ import math
 import os
 import re
 import threading
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence, TypeVar
+from typing import Any, TypeVar
 
 from datus.models.errors import ModelConfigError
 
 __all__ = [
-    "TokenCount", "ensure_tiktoken_cache", "openai_encoding_name", "count_openai_tokens",
-    "count_qwen_tokens", "count_deepseek_tokens", "estimate_tokens", "count_tokens",
+    "TokenCount",
+    "count_deepseek_tokens",
     "count_message_tokens",
+    "count_openai_tokens",
+    "count_qwen_tokens",
+    "count_tokens",
+    "ensure_tiktoken_cache",
+    "estimate_tokens",
+    "openai_encoding_name",
 ]
 
 T = TypeVar("T")

@@ -25,9 +25,10 @@ from __future__ import annotations
 import json
 import uuid
 from collections import deque
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import TYPE_CHECKING, Any, AsyncIterator, Mapping
+from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel
 
@@ -37,10 +38,10 @@ from datus.models.function_tools import Tool, ToolOutcome
 from datus.models.generation import CallOptions, Generation, ModelRequest, StreamDelta
 from datus.models.json_output import JsonOutputInvalid, normalize_response_format, parse_json_output
 from datus.models.mcp_result_extractors import extract_sql_contexts
+from datus.models.messages import ChatMessage, ToolCall
 from datus.models.run_journal import ResumeState, RunJournal, RunStart, RunStep, step_id
 from datus.models.usage import Usage
 from datus.schemas.action_history import ActionHistory, ActionHistoryManager, ActionRole, ActionStatus
-from datus.schemas.message import ChatMessage, ToolCall
 
 if TYPE_CHECKING:
     from datus.models.base import LLMBaseModel

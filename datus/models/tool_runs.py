@@ -5,13 +5,14 @@ run, the session's new messages — once, even when the run was resumed from a j
 from __future__ import annotations
 
 import contextlib
-from typing import TYPE_CHECKING, Any, AsyncIterator
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING, Any
 
 from datus.models.function_tools import Tool, as_tools
 from datus.models.json_output import normalize_response_format
+from datus.models.messages import ChatMessage, Prompt, to_messages
 from datus.models.tool_loop import ToolRun, output_hint
 from datus.schemas.action_history import ActionHistoryManager
-from datus.schemas.message import ChatMessage, Prompt, to_messages
 
 if TYPE_CHECKING:
     from datus.models.base import LLMBaseModel

@@ -5,11 +5,11 @@ from __future__ import annotations
 import json
 import logging
 import uuid
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-__all__ = ["write_trace", "default_trace_dir"]
+__all__ = ["default_trace_dir", "write_trace"]
 
 logger = logging.getLogger(__name__)
 
@@ -23,7 +23,7 @@ def write_trace(directory: str | None, provider: str, record: dict[str, Any]) ->
     a UTC timestamp plus a random suffix and the file is opened with ``x``, so concurrent
     calls never share a file. Failing to write a trace never fails the call."""
     base = Path(directory).expanduser() if directory else default_trace_dir()
-    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S.%fZ")
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S.%fZ")
     path = base / provider / f"{stamp}-{uuid.uuid4().hex[:12]}.json"
     try:
         path.parent.mkdir(parents=True, exist_ok=True)

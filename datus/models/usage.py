@@ -14,11 +14,12 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import logging
-from typing import Iterator
+from collections.abc import Iterator
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
-__all__ = ["Usage", "track_usage", "record_usage"]
+__all__ = ["Usage", "record_usage", "track_usage"]
 
 logger = logging.getLogger("datus.models.usage")
 
@@ -43,7 +44,29 @@ class Usage(BaseModel):
     def total_tokens(self) -> int:
         return self.input_tokens + self.output_tokens
 
-    def __add__(self, other: "Usage") -> "Usage":
+    def to_dict(self, context_length: int | None = None) -> dict[str, Any]:
+        """The usage dict Datus-agent's callers read (``requests``, ``input_tokens``,
+        ``output_tokens``, ``total_tokens``, ``cached_tokens``, ``reasoning_tokens``,
+        ``cache_hit_rate``, ``context_usage_ratio``), with this record's other fields after them."""
+        return {
+            "requests": self.requests,
+            "input_tokens": self.input_tokens,
+            "output_tokens": self.output_tokens,
+            "total_tokens": self.total_tokens,
+            "cached_tokens": self.cached_tokens,
+            "reasoning_tokens": self.reasoning_tokens,
+            "cache_hit_rate": round(self.cached_tokens / self.input_tokens, 3) if self.input_tokens else 0,
+            "context_usage_ratio": round(self.total_tokens / context_length, 3) if context_length else 0,
+            **self.model_dump(exclude={"requests", "input_tokens", "output_tokens", "cached_tokens",
+                                       "reasoning_tokens"}),
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Usage:
+        """Inverse of `to_dict` (the derived keys are dropped)."""
+        return cls.model_validate({key: value for key, value in data.items() if key in cls.model_fields})
+
+    def __add__(self, other: Usage) -> Usage:
         if not isinstance(other, Usage):
             return NotImplemented
         return Usage(

@@ -50,7 +50,8 @@ import socket
 import sys
 import threading
 import time
-from typing import Any, Awaitable, Callable, Iterable, get_args
+from collections.abc import Awaitable, Callable, Iterable
+from typing import Any, get_args
 
 import uvicorn
 from starlette.applications import Starlette
@@ -59,9 +60,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import BaseRoute, Route
 from starlette.types import Send
 
-from datus.testing.limits import LimitEnforcer, ProviderLimits
-from datus.testing.protocols import ProtocolError, WireProtocol, default_protocols, estimate_usage
-from datus.testing.script import (
+from datus.models.scripted import (
     Answer,
     Fault,
     FaultKind,
@@ -71,6 +70,8 @@ from datus.testing.script import (
     ScriptedToolCall,
     echo_handler,
 )
+from datus.testing.limits import LimitEnforcer, ProviderLimits
+from datus.testing.protocols import ProtocolError, WireProtocol, default_protocols, estimate_usage
 
 __all__ = ["FakeProviderServer", "RecordedRequest", "answer_from_json", "answer_to_json"]
 
@@ -357,7 +358,7 @@ class FakeProviderServer:
             return
         try:
             await asyncio.wait_for(self._closing.wait(), seconds)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             pass
 
     # -- admin endpoints ----------------------------------------------------------------

@@ -16,11 +16,11 @@ from pathlib import Path
 
 import httpx
 
-from datus.configuration.agent_config import AgentConfig
-from tasks.app import create_app
-from tasks.cli.services import free_port
-from tasks.client import JobClient
-from tasks.settings import Settings
+from datus.models.config import AgentConfig
+from datus_queue.tasks.app import create_app
+from datus_queue.tasks.cli.services import free_port
+from datus_queue.tasks.client import JobClient
+from datus_queue.tasks.settings import Settings
 
 KEY = "sk-bench-not-a-real-key"
 

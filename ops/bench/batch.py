@@ -41,17 +41,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _harness import fake_server_process, job_system
 
-from tasks.cli.services import worker_process
+from datus_queue.tasks.cli.services import worker_process
 
 ANSWER = "```sql\nSELECT COUNT(*) FROM customers\n```"
 TARGET_RATIO = 1.2
 _CHILD_CODE = """
 import json, resource, sys, time, tracemalloc
 from pathlib import Path
-from tasks.batch.runner import BatchOptions, BatchRunner
-from tasks.batch.report import ProgressView
-from tasks.client import JobClient
-import tasks.batch.scoring, sqlglot, sqlalchemy  # imported before the measurement starts
+from datus_queue.tasks.batch.runner import BatchOptions, BatchRunner
+from datus_queue.tasks.batch.report import ProgressView
+from datus_queue.tasks.client import JobClient
+import datus_queue.tasks.batch.scoring, sqlglot, sqlalchemy  # imported before the measurement starts
 
 source, db, out, in_flight = sys.argv[1], sys.argv[2], Path(sys.argv[3]), int(sys.argv[4])
 client = JobClient()
@@ -69,7 +69,7 @@ print(json.dumps({"batch_id": batch_id, "items": stats.items, "failed": stats.fa
 
 
 def write_questions(path: Path, count: int, tag: str) -> None:
-    from tasks.batch.sample import sample_questions_path
+    from datus_queue.tasks.batch.sample import sample_questions_path
 
     rows = [json.loads(line) for line in sample_questions_path().read_text(encoding="utf-8").splitlines()
             if line.strip()]
@@ -85,7 +85,7 @@ def redis_database(workdir: Path) -> Iterator[str]:
     if url := os.environ.get("DQ_BENCH_REDIS_URL"):
         yield url
         return
-    from tasks.cli.services import local_redis
+    from datus_queue.tasks.cli.services import local_redis
 
     with local_redis(workdir) as url:
         yield url
@@ -118,7 +118,7 @@ def wait_child(proc: subprocess.Popen[Any], workers: list[subprocess.Popen[bytes
 def run_dq(env: dict[str, str], source: Path, db_url: str, out: Path, in_flight: int,
            workers: list[subprocess.Popen[bytes]]) -> dict[str, Any]:
     """``dq batch`` in a subprocess: wall time and its peak RSS (ru_maxrss, KB)."""
-    command = [sys.executable, "-m", "tasks.cli", "batch", str(source), "--model", "bench", "--db", db_url,
+    command = [sys.executable, "-m", "datus_queue.tasks.cli", "batch", str(source), "--model", "bench", "--db", db_url,
                "--out", str(out), "--max-in-flight", str(in_flight)]
     log = out.with_suffix(".log")
     start = time.perf_counter()
@@ -161,7 +161,7 @@ def main() -> int:
     parser.add_argument("--measure", choices=["both", "rss", "tracemalloc"], default="both")
     args = parser.parse_args()
 
-    from tasks.batch.sample import build_sample_db
+    from datus_queue.tasks.batch.sample import build_sample_db
 
     workdir = Path(tempfile.mkdtemp(prefix="dq-bench-batch-"))
     db_url = build_sample_db(workdir / "shop.db")

@@ -21,9 +21,9 @@ from typing import Any
 
 import redis
 
-from tasks import keys
-from tasks.events import EventPublisher, follow
-from tasks.settings import get_settings
+from datus_queue.tasks import keys
+from datus_queue.tasks.events import EventPublisher, follow
+from datus_queue.tasks.settings import get_settings
 
 TARGET_P50_MS, TARGET_P99_MS = 2.0, 10.0
 WARMUP = 100  # first events of each run not counted: connection setup, script load

@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _harness import fake_server_process, job_system
 
-from tasks.cli.services import local_redis, worker_process
+from datus_queue.tasks.cli.services import local_redis, worker_process
 
 
 def run(fake_url: str, redis_url: str, args: argparse.Namespace, batch_priority: int) -> list[tuple[float, int]]:

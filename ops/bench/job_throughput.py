@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _harness import KEY, fake_server_process, job_system, peak_rss_mb, wait_until_final
 
-from tasks.cli.services import worker_process
+from datus_queue.tasks.cli.services import worker_process
 
 
 async def direct(url: str, total: int, concurrency: int, stack: str = "httpx") -> float:

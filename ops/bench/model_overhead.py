@@ -41,8 +41,8 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
-from datus.configuration.agent_config import ModelConfig
 from datus.models.base import LLMBaseModel
+from datus.models.config import ModelConfig
 from datus.testing.fake_server import FakeProviderServer
 
 KEY = "sk-bench-not-a-real-key"

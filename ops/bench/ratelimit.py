@@ -40,12 +40,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _harness import fake_server_process, job_system, wait_until_final
 from job_throughput import through_jobs
 
-from datus.configuration.agent_config import AgentConfig, RateLimits
+from datus.models.config import AgentConfig, RateLimits
 from datus.models.limiter import PlannedRequest, RequestOutcome
 from datus.models.usage import Usage
-from tasks.cli.services import local_redis, worker_process
-from tasks.context import JobContext
-from tasks.settings import Settings
+from datus_queue.tasks.cli.services import local_redis, worker_process
+from datus_queue.tasks.context import JobContext
+from datus_queue.tasks.settings import Settings
 
 FAR_ABOVE = RateLimits(requests_per_minute=1e7, input_tokens_per_minute=1e10, output_tokens_per_minute=1e10,
                        max_concurrency=100_000)

@@ -25,13 +25,13 @@ from pathlib import Path
 
 import redis
 
-from tasks.app import create_app
-from tasks.cli.services import local_redis
-from tasks.maintenance.live_messages import live_job_ids
-from tasks.schemas import JobRequest
-from tasks.settings import Settings
-from tasks.store import JobStore
-from tasks.store import writes as job_writes
+from datus_queue.tasks.app import create_app
+from datus_queue.tasks.cli.services import local_redis
+from datus_queue.tasks.maintenance.live_messages import live_job_ids
+from datus_queue.tasks.schemas import JobRequest
+from datus_queue.tasks.settings import Settings
+from datus_queue.tasks.store import JobStore
+from datus_queue.tasks.store import writes as job_writes
 
 RUNS = 5
 

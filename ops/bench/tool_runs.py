@@ -42,13 +42,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _harness import job_system
 
-from tasks.cli.services import free_port, worker_process
+from datus_queue.tasks.cli.services import free_port, worker_process
 
 TARGET_RATIO = 2.0
 _FAKE_CODE = """
 import signal, sys, threading
 from datus.testing.fake_server import FakeProviderServer
-from tasks.cli.demo import SampleModel
+from datus_queue.tasks.cli.demo import SampleModel
 server = FakeProviderServer(port=int(sys.argv[1]), latency_s=float(sys.argv[2]))
 server.script.fallback = SampleModel()
 server.start()
@@ -79,14 +79,14 @@ def redis_database(workdir: Path) -> Iterator[str]:
     if url := os.environ.get("DQ_BENCH_REDIS_URL"):
         yield url
         return
-    from tasks.cli.services import local_redis
+    from datus_queue.tasks.cli.services import local_redis
 
     with local_redis(workdir) as url:
         yield url
 
 
 def write_questions(path: Path, count: int, tag: str) -> None:
-    from tasks.batch.sample import sample_questions_path
+    from datus_queue.tasks.batch.sample import sample_questions_path
 
     rows = [json.loads(line) for line in sample_questions_path().read_text(encoding="utf-8").splitlines()
             if line.strip()]
@@ -99,7 +99,7 @@ def write_questions(path: Path, count: int, tag: str) -> None:
 
 
 def run_batch(env: dict[str, str], source: Path, db_url: str, mode: str, out: Path, in_flight: int) -> float:
-    command = [sys.executable, "-m", "tasks.cli", "batch", str(source), "--model", "bench", "--db", db_url,
+    command = [sys.executable, "-m", "datus_queue.tasks.cli", "batch", str(source), "--model", "bench", "--db", db_url,
                "--mode", mode, "--out", str(out), "--max-in-flight", str(in_flight)]
     start = time.perf_counter()
     done = subprocess.run(command, env={**env, "COLUMNS": "120"}, capture_output=True, text=True, timeout=600, check=False)
@@ -132,7 +132,7 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=2)
     args = parser.parse_args()
 
-    from tasks.batch.sample import build_sample_db
+    from datus_queue.tasks.batch.sample import build_sample_db
 
     workdir = Path(tempfile.mkdtemp(prefix="dq-bench-tool-runs-"))
     db_url = build_sample_db(workdir / "shop.db")

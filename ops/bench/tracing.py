@@ -71,7 +71,7 @@ def clean_env() -> dict[str, str]:
 
 
 async def _calls_child(n: int, traced: bool) -> float:
-    from datus.configuration.agent_config import ModelConfig
+    from datus.models.config import ModelConfig
     from datus.models.fake_model import FakeModel
 
     model = FakeModel(ModelConfig(type="fake", model="bench"))
@@ -79,8 +79,8 @@ async def _calls_child(n: int, traced: bool) -> float:
         for _ in range(200):
             await model.agenerate("warm up")
         return await _best_blocks(n, lambda i: model.agenerate(f"q{i}"))
-    from tasks.observability import traces
-    from tasks.schemas import JobRequest
+    from datus_queue.tasks.observability import traces
+    from datus_queue.tasks.schemas import JobRequest
 
     request = JobRequest(model="fake:bench", prompt="q")
 

@@ -17,19 +17,20 @@ import hashlib
 import json
 import signal
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
-from tasks.batch.input import Question, iter_questions
-from tasks.batch.report import BatchStats, ProgressView
-from tasks.batch.scoring import schema_text, score_item
-from tasks.client import InvalidJob, JobClient
-from tasks.schemas import JobStatus
-from tasks.store import BatchStatus, StoredJob
+from datus_queue.tasks.batch.input import Question, iter_questions
+from datus_queue.tasks.batch.report import BatchStats, ProgressView
+from datus_queue.tasks.batch.scoring import schema_text, score_item
+from datus_queue.tasks.client import InvalidJob, JobClient
+from datus_queue.tasks.schemas import JobStatus
+from datus_queue.tasks.store import BatchStatus, StoredJob
 
-__all__ = ["BatchOptions", "BatchRunner", "DEFAULT_TEMPLATE", "batch_id_for"]
+__all__ = ["DEFAULT_TEMPLATE", "BatchOptions", "BatchRunner", "batch_id_for"]
 
 SUBMIT_CHUNK = 100  # questions submitted together (one transaction, one producer)
 
@@ -117,7 +118,7 @@ class BatchRunner:
     def check(self) -> None:
         """What would fail every item fails now, before any row: an unknown model, an unknown
         --tools name, a --db that may not travel in a job (a password in it)."""
-        from tasks.client import resolve_provider
+        from datus_queue.tasks.client import resolve_provider
 
         resolve_provider(self.options.model, self.client.agent_config)
         self.client.validate(self._request("(check)", None, "(check)"))

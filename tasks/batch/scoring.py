@@ -37,7 +37,7 @@ from sqlalchemy.engine.reflection import ObjectKind
 from sqlglot import exp
 
 from datus.mcp_servers.sql_server import ReadOnlyViolation, check_read_only
-from datus.utils.sql import SQLiteFileNotFoundError, create_read_only_engine, with_driver
+from datus.models.sql_engines import SQLiteFileNotFoundError, create_read_only_engine, with_driver
 
 __all__ = [
     "DatabaseUnavailable", "ErrorCode", "ExecResult", "ScoreResult", "compare_results", "dialect_of",

@@ -1,7 +1,7 @@
-"""``python -m tasks.cli``: the same as the ``dq`` console script."""
+"""``python -m datus_queue.tasks.cli``: the same as the ``dq`` console script."""
 
 import sys
 
-from tasks.cli.main import main
+from datus_queue.tasks.cli.main import main
 
 sys.exit(main())

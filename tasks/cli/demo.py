@@ -17,18 +17,19 @@ import json
 import os
 import re
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import yaml
 from rich.console import Console
 
+from datus.models.scripted import Reply, ScriptedRequest, ScriptedToolCall
 from datus.testing.fake_server import FakeProviderServer
-from datus.testing.script import Reply, ScriptedRequest, ScriptedToolCall
-from tasks.batch.sample import build_sample_db, sample_answers, sample_questions_path
-from tasks.cli.services import local_redis, worker_process
+from datus_queue.tasks.batch.sample import build_sample_db, sample_answers, sample_questions_path
+from datus_queue.tasks.cli.services import local_redis, worker_process
 
-__all__ = ["run_demo", "SampleModel"]
+__all__ = ["SampleModel", "run_demo"]
 
 DEMO_KEY = "sk-demo-not-a-real-key"
 
@@ -99,7 +100,7 @@ def _config(workdir: Path, fake_url: str | None, model: str | None) -> tuple[Pat
 def run_demo(console: Console | None = None, model: str | None = None, quick: bool = False) -> int:
     console = console or Console()
     if quick:
-        from tasks.cli.demo_tour import run_tour
+        from datus_queue.tasks.cli.demo_tour import run_tour
 
         return run_tour(console)
     workdir = Path(tempfile.mkdtemp(prefix="dq-demo-"))
@@ -117,7 +118,7 @@ def run_demo(console: Console | None = None, model: str | None = None, quick: bo
         env = {"DQ_CONFIG": str(config_path), "DQ_REDIS_URL": redis_url,
                "DQ_DATABASE_URL": f"sqlite:///{workdir / 'jobs.db'}"}
         os.environ.update(env)
-        from tasks.settings import get_settings
+        from datus_queue.tasks.settings import get_settings
 
         get_settings.cache_clear()
         client = _client(env, config_path)
@@ -132,24 +133,24 @@ def run_demo(console: Console | None = None, model: str | None = None, quick: bo
 
 
 def _client(env: dict[str, str], config_path: Path) -> Any:
-    from datus.configuration.agent_config import AgentConfig
-    from tasks.app import create_app
-    from tasks.client import JobClient
-    from tasks.settings import Settings
+    from datus.models.config import AgentConfig
+    from datus_queue.tasks.app import create_app
+    from datus_queue.tasks.client import JobClient
+    from datus_queue.tasks.settings import Settings
 
     settings = Settings(redis_url=env["DQ_REDIS_URL"], database_url=env["DQ_DATABASE_URL"], config=str(config_path))
     return JobClient(settings=settings, agent_config=AgentConfig.from_file(config_path), app=create_app(settings))
 
 
 def _provider(client: Any, model: str) -> str:
-    from tasks.client import resolve_provider
+    from datus_queue.tasks.client import resolve_provider
 
     return resolve_provider(model, client.agent_config)
 
 
 def _run_batches(console: Console, client: Any, model: str, db_url: str, workdir: Path) -> None:
-    from tasks.batch.report import ProgressView
-    from tasks.batch.runner import BatchOptions, BatchRunner
+    from datus_queue.tasks.batch.report import ProgressView
+    from datus_queue.tasks.batch.runner import BatchOptions, BatchRunner
 
     for mode in ("generate", "tool_run"):
         console.rule(f"sample batch, mode {mode}")

@@ -15,11 +15,11 @@ from pydantic import BaseModel
 from rich.console import Console
 from rich.table import Table
 
-from datus.configuration.agent_config import ModelConfig
 from datus.models.base import LLMBaseModel
+from datus.models.config import ModelConfig
+from datus.models.scripted import Reply, ScriptedRequest, ScriptedToolCall
 from datus.models.usage import Usage, track_usage
 from datus.testing.fake_server import FakeProviderServer
-from datus.testing.script import Reply, ScriptedRequest, ScriptedToolCall
 
 __all__ = ["run_tour"]
 

@@ -17,31 +17,31 @@ err = Console(stderr=True)
 
 
 def _client() -> Any:
-    from tasks.client import JobClient
+    from datus_queue.tasks.client import JobClient
 
     return JobClient()
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from tasks.cli.demo import run_demo
+    from datus_queue.tasks.cli.demo import run_demo
 
     return run_demo(console, model=args.model, quick=args.quick)
 
 
 def run_worker(argv: list[str]) -> NoReturn:
-    """``dq worker ARGS``: this process becomes ``python -m workers ARGS`` (same pid, so
+    """``dq worker ARGS``: this process becomes ``python -m datus_queue.workers ARGS`` (same pid, so
     supervisors' signals reach the worker itself). ``tasks`` never imports ``workers``."""
     sys.stdout.flush()
     sys.stderr.flush()
-    os.execv(sys.executable, [sys.executable, "-m", "workers", *argv])
+    os.execv(sys.executable, [sys.executable, "-m", "datus_queue.workers", *argv])
 
 
 def run_beat(argv: list[str]) -> NoReturn:
-    """``dq beat ARGS``: this process becomes ``python -m scheduler ARGS``, as `run_worker`
+    """``dq beat ARGS``: this process becomes ``python -m datus_queue.scheduler ARGS``, as `run_worker`
     does (``tasks`` never imports ``scheduler``)."""
     sys.stdout.flush()
     sys.stderr.flush()
-    os.execv(sys.executable, [sys.executable, "-m", "scheduler", *argv])
+    os.execv(sys.executable, [sys.executable, "-m", "datus_queue.scheduler", *argv])
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
@@ -90,7 +90,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         console.print(f"batch {args.id} [{info.status.value if info else '?'}] model={info.model if info else '?'}: "
                       f"{batch.done}/{batch.total} done ({counts}), cost ${batch.cost_usd:.4f}", markup=False)
         return 0
-    from tasks.client import JobNotFound
+    from datus_queue.tasks.client import JobNotFound
 
     try:
         result = client.get(args.id)
@@ -108,7 +108,7 @@ def _sweeper_line(client: Any) -> str:
     """When the sweeper last ran and what it did (its runs are counted in Redis)."""
     from datetime import UTC, datetime
 
-    from tasks import keys
+    from datus_queue.tasks import keys
 
     record = {k.decode(): v.decode() for k, v in client.redis.hgetall(keys.maintenance("sweep")).items()}
     if not record:
@@ -122,8 +122,8 @@ def _sweeper_line(client: Any) -> str:
 def cmd_batch(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from tasks.batch.report import ProgressView
-    from tasks.batch.runner import BatchOptions, BatchRunner
+    from datus_queue.tasks.batch.report import ProgressView
+    from datus_queue.tasks.batch.runner import BatchOptions, BatchRunner
 
     template = Path(args.prompt_template).read_text(encoding="utf-8") if args.prompt_template else None
     options = BatchOptions(
@@ -143,7 +143,7 @@ def cmd_batch(args: argparse.Namespace) -> int:
 
 def _check_db(url: str) -> None:
     """A database that is not there is an error now, not 10,000 failed items later."""
-    from tasks.batch.scoring import DatabaseUnavailable, execute_sql
+    from datus_queue.tasks.batch.scoring import DatabaseUnavailable, execute_sql
 
     try:
         result = execute_sql(url, "SELECT 1", timeout_s=10)
@@ -154,14 +154,14 @@ def _check_db(url: str) -> None:
 
 
 def cmd_metrics(args: argparse.Namespace) -> int:
-    from tasks.observability.exporter import serve_fleet_metrics
+    from datus_queue.tasks.observability.exporter import serve_fleet_metrics
 
     serve_fleet_metrics(args.port, args.addr)
     return 0
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
-    from tasks.batch.sample import write_sample
+    from datus_queue.tasks.batch.sample import write_sample
 
     for path in write_sample(args.directory, overwrite=args.force):
         console.print(str(path), markup=False, highlight=False)
@@ -185,7 +185,7 @@ def cmd_dead_list(args: argparse.Namespace) -> int:
 
 
 def cmd_dead_show(args: argparse.Namespace) -> int:
-    from tasks.client import JobNotFound
+    from datus_queue.tasks.client import JobNotFound
 
     client = _client()
     letter = client.store.dead_letter(args.id)
@@ -201,7 +201,7 @@ def cmd_dead_show(args: argparse.Namespace) -> int:
 
 
 def cmd_dead_replay(args: argparse.Namespace) -> int:
-    from tasks.maintenance.dead_letters import replay, replay_all
+    from datus_queue.tasks.maintenance.dead_letters import replay, replay_all
 
     client = _client()
     if args.all:
@@ -217,7 +217,7 @@ def cmd_dead_replay(args: argparse.Namespace) -> int:
 
 
 def cmd_dead_purge(args: argparse.Namespace) -> int:
-    from tasks.maintenance.dead_letters import purge
+    from datus_queue.tasks.maintenance.dead_letters import purge
 
     removed = purge(_client().store, args.older_than, args.ids)
     console.print(f"purged {removed} dead letter(s)")
@@ -225,7 +225,7 @@ def cmd_dead_purge(args: argparse.Namespace) -> int:
 
 
 def _age(text: str) -> Any:
-    from tasks.maintenance.dead_letters import parse_age
+    from datus_queue.tasks.maintenance.dead_letters import parse_age
 
     try:
         return parse_age(text)
@@ -365,21 +365,22 @@ def main(argv: list[str] | None = None) -> int:
             raise
         from rich.markup import escape
 
-        text = str(exc) if isinstance(exc, _user_errors()) else f"{type(exc).__name__}: {exc}"
+        said = getattr(exc, "reason", None) or str(exc)  # a model-layer error's words, without Datus's code prefix
+        text = said if isinstance(exc, _user_errors()) else f"{type(exc).__name__}: {said}"
         err.print("[red]error:[/red]", escape(" ".join(text.split())), soft_wrap=True)  # one line, whatever it says
         return 1
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
     """Errors whose message alone says what to fix: shown without their class name."""
-    from datus.configuration.agent_config import ConfigError
-    from tasks.batch.input import BatchInputError
-    from tasks.batch.scoring import DatabaseUnavailable
-    from tasks.client import InvalidJob, JobNotFound
-    from tasks.maintenance.dead_letters import NotReplayable
-    from tasks.store import StoreError
+    from datus.models.errors import ModelConfigError
+    from datus_queue.tasks.batch.input import BatchInputError
+    from datus_queue.tasks.batch.scoring import DatabaseUnavailable
+    from datus_queue.tasks.client import InvalidJob, JobNotFound
+    from datus_queue.tasks.maintenance.dead_letters import NotReplayable
+    from datus_queue.tasks.store import StoreError
 
-    return (ConfigError, BatchInputError, DatabaseUnavailable, InvalidJob, JobNotFound, NotReplayable, StoreError,
+    return (ModelConfigError, BatchInputError, DatabaseUnavailable, InvalidJob, JobNotFound, NotReplayable, StoreError,
             TimeoutError, FileNotFoundError, FileExistsError)
 
 

@@ -11,17 +11,17 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 __all__ = ["dq_command", "free_port", "local_redis", "redis_server_binary", "worker_process"]
 
 
 def dq_command() -> list[str]:
     """The ``dq`` console script of this interpreter's environment (how users start things),
-    else ``python -m tasks.cli``."""
+    else ``python -m datus_queue.tasks.cli``."""
     script = Path(sys.executable).with_name("dq")
-    return [str(script)] if script.is_file() else [sys.executable, "-m", "tasks.cli"]
+    return [str(script)] if script.is_file() else [sys.executable, "-m", "datus_queue.tasks.cli"]
 
 
 def free_port() -> int:

@@ -18,12 +18,12 @@ import re
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from tasks import keys
-from tasks.client import InvalidJob, JobClient, JobNotFound, publish_job
+from datus_queue.tasks import keys
+from datus_queue.tasks.client import InvalidJob, JobClient, JobNotFound, publish_job
 
 __all__ = ["NotReplayable", "parse_age", "purge", "replay", "replay_all"]
 
-logger = logging.getLogger("tasks.maintenance.dead_letters")
+logger = logging.getLogger("datus_queue.tasks.maintenance.dead_letters")
 _AGE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*$")
 _UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86_400, "w": 604_800}
 

@@ -24,7 +24,7 @@ from datetime import datetime
 
 from kombu.transport import redis as kombu_redis
 
-from tasks.routing import queue_for
+from datus_queue.tasks.routing import queue_for
 
 __all__ = ["PAGE", "live_job_ids", "queue_lists"]
 

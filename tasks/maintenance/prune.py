@@ -17,12 +17,12 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from tasks import keys
-from tasks.settings import Settings
+from datus_queue.tasks import keys
+from datus_queue.tasks.settings import Settings
 
 __all__ = ["PruneReport", "expire_stray_keys", "prune"]
 
-logger = logging.getLogger("tasks.maintenance.prune")
+logger = logging.getLogger("datus_queue.tasks.maintenance.prune")
 CHUNK = 1000
 
 

@@ -32,12 +32,12 @@ from typing import Any, Literal
 from celery.schedules import crontab
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from datus.configuration.agent_config import AgentConfig, ConfigError, substitute_env
-from tasks.store import ScheduleRun
+from datus.models.config import AgentConfig, ConfigError, substitute_env
+from datus_queue.tasks.store import ScheduleRun
 
 __all__ = ["BatchSchedule", "latest_slot", "load_schedules", "run_schedule", "slot_label"]
 
-logger = logging.getLogger("tasks.maintenance.schedules")
+logger = logging.getLogger("datus_queue.tasks.maintenance.schedules")
 _SEARCH_DAYS = 366 * 8 + 1  # a cron expression that fires at all fires within 8 years (29 Feb on a Monday…)
 
 
@@ -71,7 +71,7 @@ class BatchSchedule(BaseModel):
 
     def command(self, run_id: str, results: Path) -> list[str]:
         """``dq batch`` for one slot."""
-        args = [sys.executable, "-m", "tasks.cli", "batch", self.input, "--model", self.model, "--mode", self.mode,
+        args = [sys.executable, "-m", "datus_queue.tasks.cli", "batch", self.input, "--model", self.model, "--mode", self.mode,
                 "--dialect", self.dialect, "--max-in-flight", str(self.max_in_flight), "--run-id", run_id,
                 "--resume", "--out", str(results)]
         if self.db:
@@ -150,7 +150,7 @@ def run_schedule(store: Any, settings: Any, agent_config: AgentConfig, name: str
                  slot: datetime | None = None) -> ScheduleRun | None:
     """Run ``name``'s batch for ``slot`` (default: its latest slot) unless that slot has run or
     is running; the finished run, or None when it was not this call's to run."""
-    from tasks.batch.runner import BatchOptions, batch_id_for
+    from datus_queue.tasks.batch.runner import BatchOptions, batch_id_for
 
     schedule = load_schedules(agent_config).get(name)
     if schedule is None:

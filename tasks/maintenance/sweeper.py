@@ -22,15 +22,15 @@ from typing import Any
 from pydantic import BaseModel
 
 from datus.schemas.action_history import ActionHistory, ActionRole, ActionStatus
-from tasks.client import publish_job
-from tasks.events import EventPublisher
-from tasks.maintenance.live_messages import live_job_ids
-from tasks.schemas import JobError, JobRequest, JobStatus
-from tasks.settings import Settings
+from datus_queue.tasks.client import publish_job
+from datus_queue.tasks.events import EventPublisher
+from datus_queue.tasks.maintenance.live_messages import live_job_ids
+from datus_queue.tasks.schemas import JobError, JobRequest, JobStatus
+from datus_queue.tasks.settings import Settings
 
 __all__ = ["SweepReport", "sweep"]
 
-logger = logging.getLogger("tasks.maintenance.sweeper")
+logger = logging.getLogger("datus_queue.tasks.maintenance.sweeper")
 LIMIT = 1000  # overdue jobs looked at per sweep; the rest wait for the next one
 _WHY = {JobStatus.QUEUED: "its message is not in Redis",
         JobStatus.RETRYING: "its retry message is not in Redis",

@@ -10,19 +10,19 @@ import logging
 from datetime import UTC, datetime
 from typing import Any
 
-from tasks import keys
-from tasks.app import app
-from tasks.context import get_context
+from datus_queue.tasks import keys
+from datus_queue.tasks.app import app
+from datus_queue.tasks.context import get_context
 
 __all__ = ["prune_task", "run_schedule_task", "sweep_task"]
 
-logger = logging.getLogger("tasks.maintenance")
+logger = logging.getLogger("datus_queue.tasks.maintenance")
 
 
 @app.task(name="dq.sweep", ignore_result=True)
 def sweep_task() -> dict[str, Any]:
     """Send overdue jobs again (`tasks.maintenance.sweeper`)."""
-    from tasks.maintenance.sweeper import sweep
+    from datus_queue.tasks.maintenance.sweeper import sweep
 
     ctx = get_context()
     report = sweep(ctx.store, ctx.redis, app, ctx.settings).model_dump()
@@ -32,7 +32,7 @@ def sweep_task() -> dict[str, Any]:
 @app.task(name="dq.prune", ignore_result=True)
 def prune_task() -> dict[str, Any]:
     """Delete what is older than its retention (`tasks.maintenance.prune`)."""
-    from tasks.maintenance.prune import prune
+    from datus_queue.tasks.maintenance.prune import prune
 
     ctx = get_context()
     return _record("prune", prune(ctx.store, ctx.redis, ctx.settings).model_dump())
@@ -41,7 +41,7 @@ def prune_task() -> dict[str, Any]:
 @app.task(name="dq.run_schedule", ignore_result=True)
 def run_schedule_task(name: str, slot: str | None = None) -> dict[str, Any]:
     """Run a scheduled batch for its slot, once (`tasks.maintenance.schedules`)."""
-    from tasks.maintenance.schedules import run_schedule
+    from datus_queue.tasks.maintenance.schedules import run_schedule
 
     ctx = get_context()
     run = run_schedule(ctx.store, ctx.settings, ctx.agent_config, name,

@@ -18,13 +18,13 @@ from collections.abc import Iterable
 from typing import Any
 
 from prometheus_client.core import GaugeMetricFamily
-from prometheus_client.registry import CollectorRegistry, Collector
+from prometheus_client.registry import Collector, CollectorRegistry
 
-from tasks.routing import MAINTENANCE_QUEUE, Queue
+from datus_queue.tasks.routing import MAINTENANCE_QUEUE, Queue
 
 __all__ = ["FleetCollector", "serve_fleet_metrics"]
 
-logger = logging.getLogger("tasks.observability.exporter")
+logger = logging.getLogger("datus_queue.tasks.observability.exporter")
 _UNACKED = "unacked"  # kombu's Redis transport: the hash of delivered, unacknowledged messages
 _SEP = "\x06\x16"  # kombu's separator between a queue's name and a priority step
 
@@ -72,9 +72,9 @@ def serve_fleet_metrics(port: int, addr: str = "0.0.0.0", stop: threading.Event 
     import redis
     from prometheus_client import start_http_server
 
-    from tasks.app import app
-    from tasks.settings import get_settings
-    from tasks.store import JobStore
+    from datus_queue.tasks.app import app
+    from datus_queue.tasks.settings import get_settings
+    from datus_queue.tasks.store import JobStore
 
     settings = get_settings()
     registry = CollectorRegistry()

@@ -23,11 +23,11 @@ from typing import Any
 from langsmith import Client
 from langsmith.run_trees import RunTree
 
-from tasks.observability.traces import JobInfo
+from datus_queue.tasks.observability.traces import JobInfo
 
 __all__ = ["LangSmithBackend"]
 
-logger = logging.getLogger("tasks.observability.langsmith_trace")
+logger = logging.getLogger("datus_queue.tasks.observability.langsmith_trace")
 
 
 class LangSmithBackend:

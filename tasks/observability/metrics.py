@@ -36,7 +36,7 @@ __all__ = [
     "serve", "watch_mcp_pools",
 ]
 
-logger = logging.getLogger("tasks.observability.metrics")
+logger = logging.getLogger("datus_queue.tasks.observability.metrics")
 _SECONDS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
 _WAIT = (0.01, 0.1, 0.5, 1.0, 5.0, 15.0, 60.0, 300.0, 900.0, 3600.0)
 

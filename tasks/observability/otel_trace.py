@@ -39,11 +39,11 @@ from opentelemetry.sdk.trace.export import BatchSpanProcessor
 from opentelemetry.trace import SpanKind, Status, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
-from tasks.observability.traces import JobInfo
+from datus_queue.tasks.observability.traces import JobInfo
 
 __all__ = ["PROVIDER_NAMES", "OtelBackend"]
 
-logger = logging.getLogger("tasks.observability.otel_trace")
+logger = logging.getLogger("datus_queue.tasks.observability.otel_trace")
 # gen_ai.provider.name: the conventions' well-known values where there is one
 PROVIDER_NAMES = {"openai": "openai", "claude": "anthropic", "gemini": "gcp.gemini", "deepseek": "deepseek",
                   "qwen": "qwen", "fake": "fake"}

@@ -32,7 +32,7 @@ from urllib.parse import urlsplit
 __all__ = ["TRACE_HEADERS", "JobInfo", "carried_headers", "job_error", "job_output", "outgoing_headers",
            "shutdown", "traced_job", "tracers"]
 
-logger = logging.getLogger("tasks.observability.traces")
+logger = logging.getLogger("datus_queue.tasks.observability.traces")
 TRACE_HEADERS = ("traceparent", "tracestate")  # W3C trace context, the only headers a job message gets from here
 
 
@@ -48,7 +48,7 @@ class JobInfo:
     @property
     def task(self) -> str:
         """dq.generate / dq.tool_run"""
-        from tasks.client import TASK_NAMES
+        from datus_queue.tasks.client import TASK_NAMES
 
         return TASK_NAMES[self.request.kind]
 
@@ -138,7 +138,7 @@ def _langsmith(environ: Mapping[str, str]) -> Backend | None:
                        "https://api.smith.langchain.com)", problem)
         return None
     try:
-        from tasks.observability.langsmith_trace import LangSmithBackend
+        from datus_queue.tasks.observability.langsmith_trace import LangSmithBackend
     except ImportError as exc:
         logger.warning("LANGSMITH_TRACING=true but %s: LangSmith tracing is off (pip install 'datus-queue[traces]')",
                        exc)
@@ -157,7 +157,7 @@ def _otel(settings: Any, environ: Mapping[str, str]) -> Backend | None:
                            "e.g. http://127.0.0.1:4318)", name, problem)
             return None
     try:
-        from tasks.observability.otel_trace import OtelBackend
+        from datus_queue.tasks.observability.otel_trace import OtelBackend
     except ImportError as exc:
         logger.warning("DQ_OTEL_TRACING=true but %s: OpenTelemetry tracing is off "
                        "(pip install 'datus-queue[traces]')", exc)
@@ -174,7 +174,7 @@ def tracers(settings: Any = None) -> tuple[Backend, ...]:
     with _lock:
         if _backends is None or _pid != pid:
             if settings is None:
-                from tasks.settings import get_settings
+                from datus_queue.tasks.settings import get_settings
 
                 settings = get_settings()
             found = []

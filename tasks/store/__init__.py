@@ -11,12 +11,12 @@
     schedule_runs.py  one row per scheduled batch slot: the claim that runs it once
 """
 
-from tasks.store.dead_letters import DeadLetter
-from tasks.store.job_store import BatchInfo, BatchItem, BatchStatus, BatchSummary, JobStore
-from tasks.store.rows import StoredJob
-from tasks.store.schedule_runs import ScheduleRun
-from tasks.store.schema import StoreError
-from tasks.store.sweeps import Resend
+from datus_queue.tasks.store.dead_letters import DeadLetter
+from datus_queue.tasks.store.job_store import BatchInfo, BatchItem, BatchStatus, BatchSummary, JobStore
+from datus_queue.tasks.store.rows import StoredJob
+from datus_queue.tasks.store.schedule_runs import ScheduleRun
+from datus_queue.tasks.store.schema import StoreError
+from datus_queue.tasks.store.sweeps import Resend
 
 __all__ = ["BatchInfo", "BatchItem", "BatchStatus", "BatchSummary", "DeadLetter", "JobStore", "Resend",
            "ScheduleRun", "StoreError", "StoredJob"]

@@ -20,9 +20,9 @@ from typing import Any
 from pydantic import BaseModel
 from sqlalchemy import Connection, delete, exists, func, literal, select, union_all, update
 
-from tasks.schemas import JobStatus
-from tasks.store.rows import utc
-from tasks.store.schema import dead_letters, jobs
+from datus_queue.tasks.schemas import JobStatus
+from datus_queue.tasks.store.rows import utc
+from datus_queue.tasks.store.schema import dead_letters, jobs
 
 __all__ = ["REPLAYABLE", "DeadLetter", "count", "get", "listing", "message_id", "purge", "record", "remove",
            "reset_for_replay"]

@@ -28,7 +28,7 @@ from typing import Any, Generic, TypeVar
 
 __all__ = ["GroupCommit"]
 
-logger = logging.getLogger("tasks.store.group_commit")
+logger = logging.getLogger("datus_queue.tasks.store.group_commit")
 Op = TypeVar("Op")
 # apply(ops) -> one result per op, in order: a value, or the exception that op raised
 Apply = Callable[[Sequence[Op]], list[Any]]

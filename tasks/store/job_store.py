@@ -40,24 +40,24 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Row
 from sqlalchemy.exc import DBAPIError
 
-from tasks.schemas import FINAL_STATUSES, JobError, JobRequest, JobStatus
-from tasks.settings import get_settings
-from tasks.store import dead_letters as dead_store
-from tasks.store import prune as prune_store
-from tasks.store import schedule_runs as run_store
-from tasks.store import sweeps
-from tasks.store import writes as job_writes
-from tasks.store.dead_letters import DeadLetter
-from tasks.store.group_commit import GroupCommit
-from tasks.store.rows import FINAL as _FINAL
-from tasks.store.rows import OPEN as _OPEN
-from tasks.store.rows import RESULT_COLUMNS as _RESULT_COLUMNS
-from tasks.store.rows import StoredJob
-from tasks.store.rows import now as _now
-from tasks.store.rows import to_job as _job
-from tasks.store.rows import utc as _utc
-from tasks.store.schedule_runs import ScheduleRun
-from tasks.store.schema import (
+from datus_queue.tasks.schemas import FINAL_STATUSES, JobError, JobRequest, JobStatus
+from datus_queue.tasks.settings import get_settings
+from datus_queue.tasks.store import dead_letters as dead_store
+from datus_queue.tasks.store import prune as prune_store
+from datus_queue.tasks.store import schedule_runs as run_store
+from datus_queue.tasks.store import sweeps
+from datus_queue.tasks.store import writes as job_writes
+from datus_queue.tasks.store.dead_letters import DeadLetter
+from datus_queue.tasks.store.group_commit import GroupCommit
+from datus_queue.tasks.store.rows import FINAL as _FINAL
+from datus_queue.tasks.store.rows import OPEN as _OPEN
+from datus_queue.tasks.store.rows import RESULT_COLUMNS as _RESULT_COLUMNS
+from datus_queue.tasks.store.rows import StoredJob
+from datus_queue.tasks.store.rows import now as _now
+from datus_queue.tasks.store.rows import to_job as _job
+from datus_queue.tasks.store.rows import utc as _utc
+from datus_queue.tasks.store.schedule_runs import ScheduleRun
+from datus_queue.tasks.store.schema import (
     WRITE_OPTION,
     StoreError,
     batch_items,
@@ -67,9 +67,9 @@ from tasks.store.schema import (
     jobs,
     migrate,
 )
-from tasks.store.sweeps import Resend
+from datus_queue.tasks.store.sweeps import Resend
 
-logger = logging.getLogger("tasks.store")
+logger = logging.getLogger("datus_queue.tasks.store")
 
 __all__ = ["BatchInfo", "BatchItem", "BatchStatus", "BatchSummary", "DeadLetter", "JobStore", "Resend",
            "ScheduleRun", "StoreError", "StoredJob"]

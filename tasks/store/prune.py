@@ -7,8 +7,8 @@ from datetime import datetime
 
 from sqlalchemy import Connection, delete, select
 
-from tasks.store.rows import FINAL
-from tasks.store.schema import job_checkpoints, jobs, schedule_runs
+from datus_queue.tasks.store.rows import FINAL
+from datus_queue.tasks.store.schema import job_checkpoints, jobs, schedule_runs
 
 __all__ = ["finished_jobs", "schedule_runs_before"]
 

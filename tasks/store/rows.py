@@ -7,8 +7,8 @@ from typing import Any
 
 from sqlalchemy.engine import Row
 
-from tasks.schemas import FINAL_STATUSES, JobError, JobResult, JobStatus
-from tasks.store.schema import jobs
+from datus_queue.tasks.schemas import FINAL_STATUSES, JobError, JobResult, JobStatus
+from datus_queue.tasks.store.schema import jobs
 
 __all__ = ["FINAL", "OPEN", "RESULT_COLUMNS", "StoredJob", "now", "to_job", "utc"]
 

@@ -11,8 +11,8 @@ from typing import Any
 from pydantic import BaseModel
 from sqlalchemy import Connection, select, update
 
-from tasks.store.rows import utc
-from tasks.store.schema import schedule_runs
+from datus_queue.tasks.store.rows import utc
+from datus_queue.tasks.store.schema import schedule_runs
 
 __all__ = ["ScheduleRun", "claim", "finish", "runs"]
 

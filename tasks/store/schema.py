@@ -46,22 +46,22 @@ from sqlalchemy import (
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 
-from datus.utils.sql import create_store_engine as _create_engine
-from datus.utils.sql import with_driver
+from datus.models.sql_engines import create_store_engine as _create_engine
+from datus.models.sql_engines import with_driver
 
 __all__ = [
     "MIGRATIONS",
     "SCHEMA_VERSION",
     "WRITE_OPTION",
-    "add_columns",
     "Migration",
     "SchemaTooNewError",
     "StoreError",
+    "add_columns",
     "batch_items",
     "batches",
-    "job_checkpoints",
     "create_store_engine",
     "dead_letters",
+    "job_checkpoints",
     "jobs",
     "metadata",
     "migrate",

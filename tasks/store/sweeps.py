@@ -22,9 +22,9 @@ from typing import Any
 
 from sqlalchemy import ColumnElement, Connection, and_, case, func, or_, select, update
 
-from tasks.schemas import JobError, JobStatus
-from tasks.store.rows import RESULT_COLUMNS, StoredJob, to_job
-from tasks.store.schema import jobs
+from datus_queue.tasks.schemas import JobError, JobStatus
+from datus_queue.tasks.store.rows import RESULT_COLUMNS, StoredJob, to_job
+from datus_queue.tasks.store.schema import jobs
 
 __all__ = ["Resend", "claim_resends", "dead_overdue", "overdue", "overdue_jobs"]
 

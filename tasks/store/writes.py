@@ -31,9 +31,9 @@ from typing import Any, Literal
 from pydantic_core import to_jsonable_python
 from sqlalchemy import Connection, Integer, bindparam, case, func, insert, or_, select, update
 
-from tasks.schemas import FINAL_STATUSES, JobError, JobStatus
-from tasks.store.rows import FINAL, OPEN, RESULT_COLUMNS, StoredJob, now, to_job
-from tasks.store.schema import job_checkpoints, jobs
+from datus_queue.tasks.schemas import FINAL_STATUSES, JobError, JobStatus
+from datus_queue.tasks.store.rows import FINAL, OPEN, RESULT_COLUMNS, StoredJob, now, to_job
+from datus_queue.tasks.store.schema import job_checkpoints, jobs
 
 __all__ = ["JobWrite", "apply", "checkpoint", "finish", "lease", "retrying", "running"]
 

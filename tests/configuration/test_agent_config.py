@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from datus.configuration.agent_config import AgentConfig, ConfigError, ModelConfig
 from datus.models.base import LLMBaseModel
+from datus.models.config import AgentConfig, ConfigError, ModelConfig
 from datus.models.errors import ModelConfigError
 
 

@@ -24,8 +24,8 @@ import openai
 import pytest
 from pydantic import BaseModel
 
-from datus.configuration.agent_config import ModelConfig
 from datus.models import track_usage
+from datus.models.config import ModelConfig
 from datus.models.errors import (
     AuthenticationError,
     BadRequestError,
@@ -44,10 +44,10 @@ from datus.models.errors import (
     ServerError,
 )
 from datus.models.generation import Generation, StreamDelta, ToolSpec
+from datus.models.messages import ToolCall
 from datus.models.openai_compatible import OpenAICompatibleModel
-from datus.schemas.message import ToolCall
+from datus.models.scripted import Fault, Reply, ScriptedToolCall
 from datus.testing.fake_server import FakeProviderServer, RecordedRequest
-from datus.testing.script import Fault, Reply, ScriptedToolCall
 from datus.utils.exceptions import DatusException
 
 KEY = "sk-fake-test-key-0123456789"
@@ -466,7 +466,7 @@ class OpenAIStyleSuite:
         exc = caught.value
         assert type(exc) is error and not exc.retryable
         assert isinstance(exc, DatusException) and exc.code is error.error_code
-        assert exc.status_code == status and exc.message == fault.message  # the provider's words
+        assert exc.status_code == status and exc.reason == fault.message  # the provider's words
         assert (exc.provider, exc.model) == (self.provider.name, self.provider.model)
         assert isinstance(exc.__cause__, openai.APIStatusError)  # chained, and no SDK error escapes
         assert exc.details["attempts"] == 1

@@ -21,16 +21,16 @@ import httpx
 import pytest
 from pydantic import BaseModel
 
-from datus.configuration.agent_config import ModelConfig
 from datus.models import errors
 from datus.models._portal import run_sync
 from datus.models.claude_model import ClaudeModel
+from datus.models.config import ModelConfig
 from datus.models.generation import Generation, StreamDelta, ToolSpec
+from datus.models.messages import ChatMessage, ToolCall
+from datus.models.scripted import Fault, Reply, ScriptedRequest, ScriptedToolCall
 from datus.models.usage import track_usage
-from datus.schemas.message import ChatMessage, ToolCall
 from datus.testing.fake_server import FakeProviderServer
 from datus.testing.protocols.anthropic_messages import fake_signature
-from datus.testing.script import Fault, Reply, ScriptedRequest, ScriptedToolCall
 
 FAKE_MODEL = "claude-sonnet-4-6"  # priced as claude-sonnet-4: $3 in, $15 out, $0.30 read, $3.75 write
 KEY = "sk-ant-test"
@@ -446,7 +446,7 @@ def test_wrong_key_is_permanent(fake: Backend, server: FakeProviderServer) -> No
     server.app.state.api_key = "sk-ant-right"  # what FakeProviderServer(api_key=...) sets
     with pytest.raises(errors.AuthenticationError) as caught:
         fake.model(max_retries=3).generate("hi")
-    assert caught.value.status_code == 401 and "x-api-key" in caught.value.message
+    assert caught.value.status_code == 401 and "x-api-key" in caught.value.reason
     assert len(server.requests) == 1
 
 

@@ -17,11 +17,11 @@ from typing import Any
 
 import pytest
 
-from datus.configuration.agent_config import ModelConfig
+from datus.models.config import ModelConfig
 from datus.models.deepseek_model import DeepSeekModel
-from datus.schemas.message import ChatMessage
+from datus.models.messages import ChatMessage
+from datus.models.scripted import Reply, ScriptedToolCall
 from datus.testing.fake_server import FakeProviderServer
-from datus.testing.script import Reply, ScriptedToolCall
 from tests.models.openai_style import (
     KEY,
     SQL_TOOL,

@@ -40,7 +40,7 @@ def test_status_mapping(status: int, codes: tuple[str, ...], expected: type[E.Mo
     error = E.error_from_status(status, "provider says no", codes=codes, headers={"retry-after": "3"},
                                 provider="openai", model="gpt-4o")
     assert type(error) is expected
-    assert error.message == "provider says no" and error.status_code == status
+    assert error.reason == "provider says no" and error.status_code == status
     assert isinstance(error, DatusException)
     assert error.retryable == (expected in (E.RateLimitError, E.ServerError, E.OverloadedError))
     assert error.retry_after == (3.0 if error.retryable else None)
@@ -58,7 +58,7 @@ def test_retry_after_forms() -> None:
 def test_errors_survive_pickle_and_json() -> None:
     error = E.RateLimitError("slow down", provider="claude", model="m", status_code=429, retry_after=4.0)
     clone = pickle.loads(pickle.dumps(error))
-    assert type(clone) is E.RateLimitError and clone.retry_after == 4.0 and clone.message == "slow down"
+    assert type(clone) is E.RateLimitError and clone.retry_after == 4.0 and clone.reason == "slow down"
     back = E.error_from_dict(json.loads(json.dumps(error.to_dict())))
     assert type(back) is E.RateLimitError and back.code is ErrorCode.MODEL_RATE_LIMIT and back.provider == "claude"
     assert E.error_from_dict({"type": "Whatever", "message": "x"}).__class__ is E.ModelError

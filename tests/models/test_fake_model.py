@@ -9,11 +9,11 @@ import json
 import pytest
 from pydantic import BaseModel
 
-from datus.configuration.agent_config import ModelConfig
 from datus.models import track_usage
+from datus.models.config import ModelConfig
 from datus.models.errors import AuthenticationError, ModelOutputError, ModelTimeoutError, RateLimitError
 from datus.models.fake_model import FakeModel
-from datus.testing.script import Fault, Reply
+from datus.models.scripted import Fault, Reply
 
 
 def fake(replies=None, **config) -> FakeModel:

@@ -19,8 +19,8 @@ import httpx
 import pytest
 from pydantic import BaseModel
 
-from datus.configuration.agent_config import ModelConfig
 from datus.models.base import LLMBaseModel
+from datus.models.config import ModelConfig
 from datus.models.errors import (
     AuthenticationError,
     BadRequestError,
@@ -31,21 +31,20 @@ from datus.models.errors import (
     ModelConnectionError,
     ModelOutputError,
     ModelTimeoutError,
-    OverloadedError,
     NotFoundError,
+    OverloadedError,
     PermissionDeniedError,
     QuotaExceededError,
     RateLimitError,
-    ServerError,
 )
 from datus.models.gemini_contents import SIGNATURE_DETAIL, ResponseFolder
 from datus.models.gemini_model import GeminiModel
 from datus.models.generation import Generation, StreamDelta, ToolSpec
-from datus.schemas.message import ChatMessage, ToolCall
+from datus.models.messages import ChatMessage, ToolCall
+from datus.models.scripted import Fault, Reply, ScriptedToolCall
 from datus.testing.fake_server import FakeProviderServer, RecordedRequest
 from datus.testing.protocols import default_protocols
 from datus.testing.protocols.gemini import GeminiProtocol
-from datus.testing.script import Fault, Reply, ScriptedToolCall
 
 KEY = "gemini-test-key"
 MODEL = "gemini-2.5-flash"
@@ -473,7 +472,7 @@ def test_permanent_errors_are_not_retried(server: FakeProviderServer, fault: Fau
     with pytest.raises(error) as caught:
         make_model(server).generate("hi")
     assert type(caught.value) is error and not caught.value.retryable
-    assert caught.value.message  # Google's own message, not an empty string
+    assert caught.value.reason  # Google's own message, not an empty string
     assert len(generations(server)) == 1
 
 

@@ -7,8 +7,8 @@ from typing import Any
 
 import pytest
 
-from datus.configuration.agent_config import AgentConfig
 from datus.models.base import LLMBaseModel
+from datus.models.config import AgentConfig
 from datus.models.errors import ModelConnectionError
 from datus.models.http_clients import connect_failure
 from datus.testing.fake_server import FakeProviderServer

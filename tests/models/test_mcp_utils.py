@@ -14,7 +14,7 @@ from pathlib import Path
 import anyio
 import pytest
 
-from datus.configuration.agent_config import AgentConfig, ConfigError
+from datus.models.config import AgentConfig, ConfigError
 from datus.models.mcp_utils import (
     MCPConnectError,
     MCPConnectionLostError,

@@ -9,14 +9,14 @@ from typing import Any
 
 import pytest
 
-from datus.configuration.agent_config import ModelConfig
 from datus.models import observe
+from datus.models.config import ModelConfig
 from datus.models.errors import RateLimitError
 from datus.models.fake_model import FakeModel
 from datus.models.generation import StreamDelta
+from datus.models.scripted import Fault, Reply
+from datus.models.scripted import ScriptedToolCall as Call
 from datus.models.usage import track_usage
-from datus.testing.script import Fault, Reply
-from datus.testing.script import ScriptedToolCall as Call
 
 
 class Recorder:

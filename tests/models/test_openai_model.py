@@ -18,13 +18,13 @@ from typing import Any
 
 import pytest
 
-from datus.configuration.agent_config import AgentConfig, ModelConfig
 from datus.models.base import LLMBaseModel
+from datus.models.config import AgentConfig, ModelConfig
 from datus.models.openai_compatible import OpenAICompatibleModel
 from datus.models.openai_model import OpenAIModel
+from datus.models.scripted import Reply
 from datus.models.tokens import ensure_tiktoken_cache
 from datus.testing.fake_server import FakeProviderServer
-from datus.testing.script import Reply
 from tests.models.openai_style import (
     KEY,
     OpenAIStyleSuite,

@@ -13,10 +13,10 @@ from typing import Any
 
 import pytest
 
-from datus.configuration.agent_config import ModelConfig
+from datus.models.config import ModelConfig
 from datus.models.qwen_model import QwenModel
+from datus.models.scripted import Reply
 from datus.testing.fake_server import FakeProviderServer
-from datus.testing.script import Reply
 from tests.models.openai_style import (
     KEY,
     OpenAIStyleSuite,

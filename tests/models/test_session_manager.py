@@ -22,6 +22,8 @@ from sqlalchemy import create_engine, text
 from sqlalchemy.engine import URL, make_url
 
 from datus.models.base import LLMBaseModel
+from datus.models.errors import ModelErrorCode
+from datus.models.messages import ChatMessage, ToolCall
 from datus.models.session_manager import (
     SESSION_URL_ENV,
     Session,
@@ -31,7 +33,6 @@ from datus.models.session_manager import (
     SessionStoreError,
     shared_session_manager,
 )
-from datus.schemas.message import ChatMessage, ToolCall
 from datus.utils.exceptions import DatusException, ErrorCode
 
 REPO = Path(__file__).resolve().parents[2]
@@ -230,7 +231,7 @@ def test_unknown_session_is_a_clear_error(manager: SessionManager) -> None:
             call()
         error = caught.value
         assert isinstance(error, KeyError) and isinstance(error, DatusException)
-        assert error.code is ErrorCode.SESSION_NOT_FOUND and error.session_id == "ghost"
+        assert error.code is ModelErrorCode.SESSION_NOT_FOUND and error.session_id == "ghost"
         assert str(error) == "session 'ghost' does not exist"
     assert manager.get("ghost") is None  # the failed append did not bring it back
     copy = pickle.loads(pickle.dumps(error))
@@ -271,7 +272,7 @@ APPENDER = """
     import os, sys, time
     url, worker, go = sys.argv[1:]
     from datus.models.session_manager import SessionManager
-    from datus.schemas.message import ChatMessage
+    from datus.models.messages import ChatMessage
     while not os.path.exists(go):  # start together, so creating the tables races too
         time.sleep(0.002)
     session = SessionManager(url).create_session("shared")
@@ -305,7 +306,7 @@ def test_another_process_clears_and_deletes(manager: SessionManager, store_url: 
     _run_python("""
         import sys
         from datus.models.session_manager import SessionManager
-        from datus.schemas.message import ChatMessage
+        from datus.models.messages import ChatMessage
         manager = SessionManager(sys.argv[1])
         manager.clear_session("kept")
         manager.delete_session("gone")

@@ -6,13 +6,13 @@ from __future__ import annotations
 import pytest
 from pydantic import BaseModel
 
-from datus.configuration.agent_config import ModelConfig
+from datus.models.config import ModelConfig
 from datus.models.errors import MaxTurnsExceededError, RateLimitError
 from datus.models.fake_model import FakeModel
 from datus.models.run_journal import MemoryJournal, step_id
+from datus.models.scripted import Fault, Reply
+from datus.models.scripted import ScriptedToolCall as Call
 from datus.schemas.action_history import ActionHistoryManager
-from datus.testing.script import Fault, Reply
-from datus.testing.script import ScriptedToolCall as Call
 
 RAN: list[tuple[int, int]] = []
 

@@ -21,19 +21,19 @@ from pydantic import BaseModel
 from sqlalchemy import create_engine
 from sqlalchemy.engine import make_url
 
-from datus.configuration.agent_config import AgentConfig, ConfigError
 from datus.models.base import LLMBaseModel
+from datus.models.config import AgentConfig, ConfigError
 from datus.models.errors import MaxTurnsExceededError, TransientModelError
 from datus.models.mcp_result_extractors import SQL_QUERY_FUNCTIONS, extract_sql_contexts
 from datus.models.mcp_utils import MCPConnectError, MCPServerStdio
 from datus.models.run_journal import MemoryJournal, RunStep
+from datus.models.scripted import Fault, Reply, ScriptedRequest
+from datus.models.scripted import ScriptedToolCall as Call
 from datus.models.session_manager import shared_session_manager
 from datus.models.tool_runs import prepared_run
 from datus.schemas.action_history import ActionHistory, ActionHistoryManager, ActionRole, ActionStatus
-from datus.schemas.sql_context import SQLContext
+from datus.schemas.node_models import SQLContext
 from datus.testing.fake_server import FakeProviderServer, RecordedRequest
-from datus.testing.script import Fault, Reply, ScriptedRequest
-from datus.testing.script import ScriptedToolCall as Call
 from tests.mcp_servers.conftest import (
     build_reference_sqlite_server,
     count_rows,
@@ -194,7 +194,7 @@ async def test_sql_tool_run_plain_and_streamed_agree(provider: str, fake_server:
     usage = result["usage"]
     assert (usage.input_tokens, usage.output_tokens, usage.requests) == (600, 60, 3)
     [context] = result["sql_contexts"]
-    assert context.sql_query == CITY_SQL and context.row_count == 2 and context.sql_error is None
+    assert context.sql_query == CITY_SQL and context.row_count == 2 and context.sql_error == ""
     assert json.loads(context.sql_return)["rows"] == [["Berlin", 15], ["Lisbon", 15]]
     assert context.explanation == ANSWER  # the answer that followed the query explains it
 
@@ -296,7 +296,7 @@ async def test_reference_mcp_server_sqlite_as_the_tool_server(reference_sqlite_s
                                              db_type="sqlite")
     assert result["content"] == "Two customers live in Berlin."
     [context] = result["sql_contexts"]  # list_tables runs no SQL
-    assert context.sql_query == query and context.sql_error is None
+    assert context.sql_query == query and context.sql_error == ""
     assert context.row_count == 2  # counted from its Python-literal answer: [{'id': 2, ...}, {...}]
     assert "customer 1" in context.sql_return and "customer 3" in context.sql_return
     assert {"read_query", "write_query", "append_insight"} <= set(wire_tools("openai", bodies(fake_server)[0]))

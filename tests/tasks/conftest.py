@@ -41,10 +41,10 @@ import yaml
 from sqlalchemy import create_engine
 from sqlalchemy.engine import make_url
 
-from datus.configuration.agent_config import AgentConfig
+from datus.models.config import AgentConfig
 from datus.testing.fake_server import FakeProviderServer, RecordedRequest
-from tasks.cli.services import dq_command, local_redis
-from tasks.schemas import JobEvent
+from datus_queue.tasks.cli.services import dq_command, local_redis
+from datus_queue.tasks.schemas import JobEvent
 
 KNOWN_KEY = "sk-dq-test-SECRET-0123456789"  # the only key the fake accepts; must never be stored or logged
 REJECTED_KEY = "sk-dq-test-REJECTED-9876543210"  # configured for `openai-badkey`: the fake answers 401
@@ -189,7 +189,7 @@ class JobEnv:
     providers: list[str]
 
     def settings(self, **overrides: Any) -> Any:
-        from tasks.settings import Settings
+        from datus_queue.tasks.settings import Settings
 
         values: dict[str, Any] = {"redis_url": self.redis_url, "database_url": self.database_url,
                                   "config": str(self.agent_yml)}
@@ -391,8 +391,8 @@ def worker_logs(job_env: JobEnv) -> dict[str, str]:
 
 @pytest.fixture
 def client(job_env: JobEnv) -> Iterator[Any]:
-    from tasks.app import create_app
-    from tasks.client import JobClient
+    from datus_queue.tasks.app import create_app
+    from datus_queue.tasks.client import JobClient
 
     settings = job_env.settings()
     app = create_app(settings)
@@ -415,7 +415,7 @@ def free_port() -> int:
 def recorded_events(client: Any, job_id: str, timeout: float = 15.0) -> list[JobEvent]:
     """Every event recorded in the job's Redis Stream, once its terminal event is there (the
     store is final a moment before the worker publishes the terminal event)."""
-    from tasks.events import read_events
+    from datus_queue.tasks.events import read_events
 
     for _ in client.events(job_id, timeout=timeout):
         pass

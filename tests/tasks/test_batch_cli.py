@@ -26,12 +26,12 @@ from typing import Any
 import pytest
 import yaml
 
+from datus.models.scripted import Reply, ScriptedRequest
 from datus.testing.fake_server import FakeProviderServer
-from datus.testing.script import Reply, ScriptedRequest
-from tasks.batch.sample import build_sample_db, sample_questions_path
-from tasks.cli.demo import SampleModel
-from tasks.cli.services import dq_command, local_redis
-from tasks.store import JobStore
+from datus_queue.tasks.batch.sample import build_sample_db, sample_questions_path
+from datus_queue.tasks.cli.demo import SampleModel
+from datus_queue.tasks.cli.services import dq_command, local_redis
+from datus_queue.tasks.store import JobStore
 from tests.tasks.conftest import Worker, wait_for
 
 KEY = "sk-dq-batch-cli-not-a-real-key"
@@ -278,7 +278,7 @@ def test_a_tool_run_batch_needs_a_database_without_a_password(stack: Stack) -> N
 
 
 def test_a_job_may_not_carry_a_database_password() -> None:
-    from tasks.schemas import JobRequest
+    from datus_queue.tasks.schemas import JobRequest
 
     with pytest.raises(ValueError, match="password") as raised:
         JobRequest(model=MODEL, kind="tool_run", prompt="hi", database="postgresql://u:s3cret-pw@db/dw")

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tasks.batch.input import BadRow, BatchInputError, Question, iter_questions, read_questions
+from datus_queue.tasks.batch.input import BadRow, BatchInputError, Question, iter_questions, read_questions
 
 
 def write(path: Path, text: str, *, encoding: str = "utf-8") -> Path:

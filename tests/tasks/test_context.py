@@ -10,11 +10,11 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from datus.configuration.agent_config import AgentConfig
+from datus.models.config import AgentConfig
 from datus.testing.fake_server import FakeProviderServer
-from tasks.context import JobContext
-from tasks.ratelimit import ModelLimiter
-from tasks.settings import Settings
+from datus_queue.tasks.context import JobContext
+from datus_queue.tasks.ratelimit import ModelLimiter
+from datus_queue.tasks.settings import Settings
 from tests.tasks.conftest import KNOWN_KEY
 
 

@@ -20,10 +20,10 @@ import redis
 import redis.asyncio
 
 from datus.schemas.action_history import ActionHistory, ActionRole
-from tasks import keys
-from tasks.cli.services import local_redis
-from tasks.events import AsyncEventPublisher, EventPublisher, afollow, aread_events, follow, read_events
-from tasks.schemas import JobEvent, JobStatus
+from datus_queue.tasks import keys
+from datus_queue.tasks.cli.services import local_redis
+from datus_queue.tasks.events import AsyncEventPublisher, EventPublisher, afollow, aread_events, follow, read_events
+from datus_queue.tasks.schemas import JobEvent, JobStatus
 
 TTL = 300
 
@@ -164,7 +164,7 @@ def test_concurrent_publishers_in_threads_number_without_gaps(r: redis.Redis, jo
 
 _CHILD = """
 import sys, redis
-from tasks.events import EventPublisher
+from datus_queue.tasks.events import EventPublisher
 url, job, go, n = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
 r = redis.Redis.from_url(url)
 publisher = EventPublisher(r, ttl_s=300, maxlen=10000)

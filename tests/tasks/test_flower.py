@@ -50,7 +50,7 @@ def flower(job_env: JobEnv) -> Iterator[str]:
     celery = Path(sys.executable).with_name("celery")
     log = job_env.dir / "flower.log"
     with log.open("wb") as handle:
-        proc = subprocess.Popen([str(celery), "-A", "tasks.app", "flower", f"--port={port}", "--address=127.0.0.1",
+        proc = subprocess.Popen([str(celery), "-A", "datus_queue", "flower", f"--port={port}", "--address=127.0.0.1",
                                  f"--basic-auth={AUTH}"], env=env, cwd=job_env.dir, stdout=handle,
                                 stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
     url = f"http://127.0.0.1:{port}"

@@ -1,5 +1,5 @@
 """The job system end to end, as a user sees it: a `JobClient` submits into a real Redis,
-``python -m workers`` subprocesses pinned to a provider run the jobs against the fake provider
+``python -m datus_queue.workers`` subprocesses pinned to a provider run the jobs against the fake provider
 server over HTTP (the official SDKs on the wire), results land in the SQL job store and every
 step streams back. Faults are in test_jobs_faults.py, the secret scan in test_jobs_secrets.py."""
 
@@ -8,18 +8,17 @@ from __future__ import annotations
 import importlib
 import json
 import threading
-import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 from sqlalchemy import create_engine, text
 
+from datus.models.scripted import Reply, ScriptedRequest, ScriptedToolCall
 from datus.testing.fake_server import FakeProviderServer
-from datus.testing.script import Reply, ScriptedRequest, ScriptedToolCall
-from tasks.client import InvalidJob, JobClient
-from tasks.events import read_events
-from tasks.schemas import JobEvent, JobStatus
+from datus_queue.tasks.client import InvalidJob, JobClient
+from datus_queue.tasks.events import read_events
+from datus_queue.tasks.schemas import JobEvent, JobStatus
 from tests.tasks.conftest import (
     PROVIDERS,
     JobEnv,
@@ -49,12 +48,12 @@ def assert_one_gapless_stream(events: list[JobEvent]) -> None:
 
 
 def test_registered_task_names_are_the_wire_contract() -> None:
-    from tasks.app import TASK_MODULES, app
-    from tasks.client import TASK_NAMES
+    from datus_queue.tasks.app import TASK_MODULES, app
+    from datus_queue.tasks.client import TASK_NAMES
 
     for module in TASK_MODULES:  # what a worker imports
         importlib.import_module(module)
-    from tasks.routing import MAINTENANCE_TASKS
+    from datus_queue.tasks.routing import MAINTENANCE_TASKS
 
     ours = {name for name in app.tasks if not name.startswith("celery.")}
     assert ours == {"dq.generate", "dq.tool_run", "dq.sweep", "dq.prune", "dq.run_schedule"}

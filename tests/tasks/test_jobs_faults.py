@@ -15,10 +15,10 @@ from typing import Any
 
 import pytest
 
+from datus.models.scripted import Answer, Fault, Reply, ScriptedRequest
 from datus.testing.fake_server import FakeProviderServer
-from datus.testing.script import Answer, Fault, Reply, ScriptedRequest
-from tasks.client import JobClient
-from tasks.schemas import JobRequest, JobStatus
+from datus_queue.tasks.client import JobClient
+from datus_queue.tasks.schemas import JobRequest, JobStatus
 from tests.tasks.conftest import JobEnv, StartWorker, generations, recorded_events, wait_for
 
 

@@ -12,10 +12,10 @@ import redis
 from sqlalchemy import create_engine, inspect, text
 from sqlalchemy.engine import make_url
 
+from datus.models.scripted import Fault, Reply
 from datus.testing.fake_server import FakeProviderServer
-from datus.testing.script import Fault, Reply
-from tasks.client import JobClient
-from tasks.schemas import JobStatus
+from datus_queue.tasks.client import JobClient
+from datus_queue.tasks.schemas import JobStatus
 from tests.tasks.conftest import KNOWN_KEY, REJECTED_KEY, JobEnv, StartWorker, generations, wait_for, worker_logs
 
 SECRETS = (KNOWN_KEY.encode(), REJECTED_KEY.encode(), b"SECRET-0123456789", b"REJECTED-9876543210")

@@ -19,20 +19,20 @@ from typing import Any
 import pytest
 from sqlalchemy import event, select, update
 
-from datus.configuration.agent_config import AgentConfig, ConfigError
-from tasks import keys
-from tasks.cli.services import dq_command
-from tasks.client import InvalidJob, JobClient
-from tasks.events import read_events
-from tasks.leases import LeaseKeeper
-from tasks.maintenance.dead_letters import NotReplayable, parse_age, purge, replay
-from tasks.maintenance.live_messages import live_job_ids
-from tasks.maintenance.prune import prune
-from tasks.maintenance.schedules import latest_slot, load_schedules, parse_cron, run_schedule
-from tasks.maintenance.sweeper import sweep
-from tasks.schemas import JobError, JobRequest, JobStatus
-from tasks.store import JobStore, ScheduleRun
-from tasks.store.schema import dead_letters, job_checkpoints, jobs
+from datus.models.config import AgentConfig, ConfigError
+from datus_queue.tasks import keys
+from datus_queue.tasks.cli.services import dq_command
+from datus_queue.tasks.client import InvalidJob, JobClient
+from datus_queue.tasks.events import read_events
+from datus_queue.tasks.leases import LeaseKeeper
+from datus_queue.tasks.maintenance.dead_letters import NotReplayable, parse_age, purge, replay
+from datus_queue.tasks.maintenance.live_messages import live_job_ids
+from datus_queue.tasks.maintenance.prune import prune
+from datus_queue.tasks.maintenance.schedules import latest_slot, load_schedules, parse_cron, run_schedule
+from datus_queue.tasks.maintenance.sweeper import sweep
+from datus_queue.tasks.schemas import JobError, JobRequest, JobStatus
+from datus_queue.tasks.store import JobStore, ScheduleRun
+from datus_queue.tasks.store.schema import dead_letters, job_checkpoints, jobs
 from tests.tasks.conftest import JobEnv
 
 BACKENDS = ["sqlite", "postgres"]

@@ -11,8 +11,8 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tasks.cli.services import dq_command
-from tasks.schemas import JobStatus
+from datus_queue.tasks.cli.services import dq_command
+from datus_queue.tasks.schemas import JobStatus
 from tests.tasks.conftest import JobEnv, StartWorker, _environment, free_port, wait_for
 
 

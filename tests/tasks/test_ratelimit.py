@@ -15,19 +15,19 @@ from typing import Any
 import pytest
 import redis
 
-from datus.configuration.agent_config import AgentConfig, ModelConfig, RateLimits
 from datus.models.base import LLMBaseModel
+from datus.models.config import AgentConfig, ModelConfig, RateLimits
 from datus.models.errors import RateLimitError, RequestTooLargeError
 from datus.models.limiter import PlannedRequest, RequestOutcome
 from datus.models.rate_limit_headers import Budget, ProviderBudget
+from datus.models.scripted import Fault
 from datus.models.usage import Usage
 from datus.testing.fake_server import FakeProviderServer
 from datus.testing.limits import ProviderLimits
-from datus.testing.script import Fault
-from tasks import keys
-from tasks.context import JobContext
-from tasks.ratelimit import Deferred, JobWait, ModelLimiter, current_job
-from tasks.ratelimit_lua import ACQUIRE, GO, NO_SLOT, TICKET, TOO_LARGE
+from datus_queue.tasks import keys
+from datus_queue.tasks.context import JobContext
+from datus_queue.tasks.ratelimit import Deferred, JobWait, ModelLimiter, current_job
+from datus_queue.tasks.ratelimit_lua import ACQUIRE, GO, NO_SLOT, TICKET, TOO_LARGE
 from tests.tasks.conftest import KNOWN_KEY, generations
 
 MODEL = SimpleNamespace(provider="openai", key_fingerprint="fp0123456789abcd", model_name="gpt-4o-mini")
@@ -35,7 +35,7 @@ MODEL = SimpleNamespace(provider="openai", key_fingerprint="fp0123456789abcd", m
 
 @pytest.fixture
 async def context(dq_redis_url: str) -> AsyncIterator[JobContext]:
-    from tasks.settings import Settings
+    from datus_queue.tasks.settings import Settings
 
     ctx = JobContext(Settings(redis_url=dq_redis_url, rate_limit_slot_lease_s=0.6), AgentConfig())
     yield ctx
@@ -138,7 +138,7 @@ async def test_too_large_is_a_permanent_error_that_says_what_to_change(context: 
     bound = limiter(context, output_tokens_per_minute=4000)
     with pytest.raises(RequestTooLargeError, match="max_tokens.*output_tokens_per_minute") as raised:
         await bound.before(planned(max_tokens=8000))
-    assert not raised.value.retryable and raised.value.code.value == "model_request_too_large"
+    assert not raised.value.retryable and raised.value.slug == "model_request_too_large"
 
 
 async def test_a_429_cools_the_key_down_for_every_process_and_a_long_wait_hands_the_job_back(
@@ -146,7 +146,7 @@ async def test_a_429_cools_the_key_down_for_every_process_and_a_long_wait_hands_
     bound = limiter(context)  # no limits configured: the cooldown still holds
     permit = await bound.before(planned())
     await bound.after(permit, RequestOutcome(error=RateLimitError("slow down", retry_after=5.0, status_code=429)))
-    from tasks.settings import Settings
+    from datus_queue.tasks.settings import Settings
 
     other = JobContext(Settings(redis_url=dq_redis_url), AgentConfig())  # another worker process
     try:
@@ -272,7 +272,7 @@ async def test_every_attempt_goes_through_the_limiter_with_the_providers_budget(
 
 
 async def test_a_tool_run_asks_the_limiter_before_every_turn(context: JobContext, fake: FakeProviderServer) -> None:
-    from datus.testing.script import Reply, ScriptedToolCall
+    from datus.models.scripted import Reply, ScriptedToolCall
 
     fake.script.add(Reply(tool_calls=(ScriptedToolCall("count_rows", {"table": "orders"}),)), Reply(text="5 orders"))
     model = LLMBaseModel.model_class("openai")(ModelConfig(

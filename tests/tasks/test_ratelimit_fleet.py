@@ -15,13 +15,13 @@ from typing import Any
 import pytest
 import yaml
 
-from datus.configuration.agent_config import AgentConfig
+from datus.models.config import AgentConfig
+from datus.models.scripted import Fault
 from datus.testing.fake_server import FakeProviderServer
 from datus.testing.limits import ProviderLimits
-from datus.testing.script import Fault
-from tasks import keys
-from tasks.client import InvalidJob, JobClient
-from tasks.schemas import JobStatus
+from datus_queue.tasks import keys
+from datus_queue.tasks.client import InvalidJob, JobClient
+from datus_queue.tasks.schemas import JobStatus
 from tests.tasks.conftest import (
     KNOWN_KEY,
     SHORT_SCHEDULER,
@@ -43,7 +43,7 @@ def configure(job_env: JobEnv) -> Iterator[Configure]:
     """``configure(models={"openai": {"rate_limits": {...}}}, allowed_models=[...])`` rewrites the
     test's agent.yml (before its workers start) and returns a client on it. A new model name
     starts as a copy of ``openai`` unless its fields give a ``type``."""
-    from tasks.app import create_app
+    from datus_queue.tasks.app import create_app
 
     made: list[tuple[JobClient, Any]] = []
 

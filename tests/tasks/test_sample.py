@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from tasks.batch import scoring
-from tasks.batch.input import Question, read_questions
-from tasks.batch.sample import build_sample_db, sample_answers, sample_questions_path, sample_sql_path
-from tasks.batch.scoring import execute_sql, score_item, validate_sql
+from datus_queue.tasks.batch import scoring
+from datus_queue.tasks.batch.input import Question, read_questions
+from datus_queue.tasks.batch.sample import build_sample_db, sample_answers, sample_questions_path, sample_sql_path
+from datus_queue.tasks.batch.scoring import execute_sql, score_item, validate_sql
 
 # What the scripted model gets wrong, on purpose; every other answer matches.
 EXPECTED_FAILURES = {"q09": "invalid_sql", "q11": "mismatch", "q16": "mismatch", "q17": "mismatch"}

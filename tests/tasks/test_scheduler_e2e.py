@@ -21,13 +21,13 @@ import pytest
 import redis
 import yaml
 
-from datus.configuration.agent_config import AgentConfig
+from datus.models.config import AgentConfig
+from datus.models.scripted import Reply
 from datus.testing.fake_server import FakeProviderServer
-from datus.testing.script import Reply
-from tasks import keys
-from tasks.cli.services import dq_command, free_port, redis_server_binary
-from tasks.client import JobClient
-from tasks.schemas import JobStatus
+from datus_queue.tasks import keys
+from datus_queue.tasks.cli.services import dq_command, free_port, redis_server_binary
+from datus_queue.tasks.client import JobClient
+from datus_queue.tasks.schemas import JobStatus
 from tests.tasks.conftest import SHORT_SCHEDULER, JobEnv, StartBeat, StartWorker, generations, wait_for
 
 
@@ -137,7 +137,7 @@ def aof_redis(tmp_path: Path) -> Iterator[AofRedis]:
 def test_redis_restarted_mid_run_every_job_succeeds_without_waiting_for_the_visibility_timeout(
         aof_redis: AofRedis, job_env: JobEnv, worker: StartWorker, beat: StartBeat, fake: FakeProviderServer) -> None:
     # (aof_redis first: it is torn down last, after the worker and the beat that use it)
-    from tasks.app import create_app
+    from datus_queue.tasks.app import create_app
 
     env = {**SHORT_SCHEDULER, "DQ_REDIS_URL": aof_redis.url}  # the visibility timeout stays an hour
     settings = job_env.settings(redis_url=aof_redis.url)

@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 from sqlalchemy import create_engine, text
 
-from tasks.batch import scoring
-from tasks.batch.scoring import (
+from datus_queue.tasks.batch import scoring
+from datus_queue.tasks.batch.scoring import (
     DatabaseUnavailable,
     compare_results,
     dialect_of,

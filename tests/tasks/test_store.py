@@ -23,9 +23,9 @@ from pydantic import ValidationError
 from sqlalchemy import create_engine, event, func, insert, select, update
 from sqlalchemy.engine import URL, make_url
 
-from tasks.schemas import JobError, JobRequest, JobStatus
-from tasks.store import BatchItem, BatchStatus, JobStore, StoreError
-from tasks.store.schema import MIGRATIONS, SCHEMA_VERSION, SchemaTooNewError, batches, jobs, schema_version
+from datus_queue.tasks.schemas import JobError, JobRequest, JobStatus
+from datus_queue.tasks.store import BatchItem, BatchStatus, JobStore, StoreError
+from datus_queue.tasks.store.schema import MIGRATIONS, SCHEMA_VERSION, SchemaTooNewError, batches, jobs, schema_version
 
 REPO = Path(__file__).resolve().parents[2]
 PG_URL = os.environ.get("DQ_TEST_POSTGRES_URL")
@@ -330,7 +330,7 @@ async def test_a_group_keeps_the_order_of_its_writes(store: JobStore) -> None:
 
 
 async def test_a_write_that_fails_fails_only_its_caller(store: JobStore, monkeypatch: pytest.MonkeyPatch) -> None:
-    from tasks.store import writes as job_writes
+    from datus_queue.tasks.store import writes as job_writes
 
     job_id, poison = _new_job(store), _new_job(store)
     apply = job_writes.apply
@@ -499,8 +499,8 @@ def test_item_results_summary_and_resume(store: JobStore) -> None:
 _MIGRATE = """
     import sys, time
     from pathlib import Path
-    from tasks.store import JobStore
-    from tasks.schemas import JobRequest
+    from datus_queue.tasks.store import JobStore
+    from datus_queue.tasks.schemas import JobRequest
     url, ready, go, index = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3]), sys.argv[4]
     (ready / index).touch()
     while not go.exists():
@@ -579,7 +579,7 @@ def test_an_unreachable_database_is_a_store_error() -> None:
 
 
 def test_default_url_comes_from_settings(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from tasks.settings import get_settings
+    from datus_queue.tasks.settings import get_settings
 
     monkeypatch.setenv("DQ_DATABASE_URL", f"sqlite:///{tmp_path / 'from-env.db'}")
     get_settings.cache_clear()

@@ -21,11 +21,11 @@ from pathlib import Path
 import pytest
 import yaml
 
+from datus.models.scripted import Fault, Reply, ScriptedToolCall
 from datus.testing.fake_server import FakeProviderServer
-from datus.testing.script import Fault, Reply, ScriptedToolCall
-from tasks.client import JobClient
-from tasks.events import read_events
-from tasks.schemas import JobStatus
+from datus_queue.tasks.client import JobClient
+from datus_queue.tasks.events import read_events
+from datus_queue.tasks.schemas import JobStatus
 from tests.tasks.conftest import SHORT_SCHEDULER, JobEnv, StartBeat, StartWorker, generations, recorded_events, wait_for
 
 FAKES = Path(__file__).resolve().parents[1] / "fakes"

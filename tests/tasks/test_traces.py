@@ -18,10 +18,10 @@ from typing import Any
 
 import pytest
 
-from datus.configuration.agent_config import AgentConfig
+from datus.models.config import AgentConfig
+from datus.models.scripted import Fault, Reply, ScriptedRequest, ScriptedToolCall
 from datus.testing.fake_server import FakeProviderServer
-from datus.testing.script import Fault, Reply, ScriptedRequest, ScriptedToolCall
-from tasks.schemas import JobStatus
+from datus_queue.tasks.schemas import JobStatus
 from tests.fakes.trace_servers import FakeLangSmith, OtlpReceiver
 from tests.tasks.conftest import KNOWN_KEY, JobEnv, StartWorker, free_port, tool_run_skip_reason, wait_for
 
@@ -54,8 +54,8 @@ def otel_env(receiver: OtlpReceiver, **extra: str) -> dict[str, str]:
 
 
 def make_client(job_env: JobEnv, **settings: Any) -> Any:
-    from tasks.app import create_app
-    from tasks.client import JobClient
+    from datus_queue.tasks.app import create_app
+    from datus_queue.tasks.client import JobClient
 
     app = create_app(job_env.settings(**settings))
     client = JobClient(settings=job_env.settings(**settings), agent_config=AgentConfig.from_file(job_env.agent_yml),
@@ -321,8 +321,8 @@ def test_unreachable_trace_backends_do_not_fail_jobs(job_env: JobEnv, worker: St
 
 
 def test_trace_settings_checks(caplog: pytest.LogCaptureFixture) -> None:
-    from tasks.observability import traces
-    from tasks.settings import Settings
+    from datus_queue.tasks.observability import traces
+    from datus_queue.tasks.settings import Settings
 
     assert traces._langsmith({}) is None and traces._otel(Settings(), {}) is None  # off unless asked
     assert traces._langsmith({"LANGSMITH_TRACING": "true", "LANGSMITH_API_KEY": LS_KEY,

@@ -7,9 +7,9 @@ import httpx
 import openai
 import pytest
 
+from datus.models.scripted import Fault
 from datus.testing.fake_server import FakeProviderServer
 from datus.testing.limits import LimitEnforcer, ProviderLimits
-from datus.testing.script import Fault
 
 KEY = "sk-fake-limits"
 

@@ -18,8 +18,8 @@ import httpx
 import openai
 import pytest
 
+from datus.models.scripted import Fault, Reply, ScriptedRequest, ScriptedToolCall
 from datus.testing.fake_server import FakeProviderServer, answer_to_json
-from datus.testing.script import Fault, Reply, ScriptedRequest, ScriptedToolCall
 
 USER = [{"role": "user", "content": "hello there"}]
 CALLS = (

@@ -38,12 +38,13 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal, TypeVar
 import anyio
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from datus.configuration.agent_config import ConfigError, substitute_env
+from datus.models.config import ConfigError, substitute_env
+from datus.models.errors import ModelError
 from datus.models.mcp.connection import MCPConnection, MCPTool, ToolResult, connect_and_serve, safe_url
-from datus.utils.exceptions import DatusException, ErrorCode
+from datus.utils.exceptions import ErrorCode
 
 if TYPE_CHECKING:
-    from datus.configuration.agent_config import AgentConfig
+    from datus.models.config import AgentConfig
 
 __all__ = [
     "MCPConnectError", "MCPConnection", "MCPConnectionLostError", "MCPRequestTimeoutError", "MCPServerError",
@@ -55,13 +56,16 @@ logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
-class MCPServerError(DatusException):
+class MCPServerError(ModelError):
+    error_code = ErrorCode.TOOL_EXECUTION_FAILED
+    slug = "model_tool_error"
+
     def __init__(self, message: str, *, server: str | None = None) -> None:
-        super().__init__(ErrorCode.MODEL_TOOL_ERROR, message)
+        super().__init__(message)
         self.server = server
 
     def __reduce__(self) -> tuple[Any, ...]:  # survives pickling (errors cross Redis)
-        return (type(self), (self.message,), self.__dict__)
+        return (type(self), (self.reason,), self.__dict__)
 
 
 class MCPConnectError(MCPServerError):

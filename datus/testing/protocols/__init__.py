@@ -19,19 +19,19 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute
 
+from datus.models.scripted import Fault, Reply, ScriptedRequest
 from datus.testing.limits import Admission
-from datus.testing.script import Fault, Reply, ScriptedRequest
 
 __all__ = [
-    "WireProtocol",
     "ProtocolError",
     "Usage",
+    "WireProtocol",
+    "default_protocols",
     "estimate_usage",
+    "format_duration",
+    "retry_after_header",
     "split_text",
     "sse",
-    "retry_after_header",
-    "default_protocols",
-    "format_duration",
 ]
 
 

@@ -19,13 +19,14 @@ import hashlib
 import json
 import secrets
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import BaseRoute, Route
 
+from datus.models.scripted import Fault, Reply, ScriptedRequest, ScriptedToolCall
 from datus.testing.limits import Admission
 from datus.testing.protocols import (
     ProtocolError,
@@ -36,7 +37,6 @@ from datus.testing.protocols import (
     split_text,
     sse,
 )
-from datus.testing.script import Fault, Reply, ScriptedRequest, ScriptedToolCall
 
 __all__ = ["AnthropicMessagesProtocol", "fake_signature"]
 
@@ -206,7 +206,7 @@ class AnthropicMessagesProtocol(WireProtocol):
         now = time.time()
         for kind, state in (("requests", admission.requests), ("input-tokens", admission.input_tokens)):
             if state is not None:
-                whole_at = datetime.fromtimestamp(now + state.reset_s, timezone.utc)
+                whole_at = datetime.fromtimestamp(now + state.reset_s, UTC)
                 headers.update({f"anthropic-ratelimit-{kind}-limit": str(int(state.limit)),
                                 f"anthropic-ratelimit-{kind}-remaining": str(int(state.remaining)),
                                 f"anthropic-ratelimit-{kind}-reset": whole_at.isoformat().replace("+00:00", "Z")})

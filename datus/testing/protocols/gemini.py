@@ -25,6 +25,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
+from datus.models.scripted import Fault, Reply, ScriptedRequest
 from datus.testing.protocols import (
     ProtocolError,
     Usage,
@@ -34,7 +35,6 @@ from datus.testing.protocols import (
     split_text,
     sse,
 )
-from datus.testing.script import Fault, Reply, ScriptedRequest
 
 __all__ = ["GeminiProtocol"]
 

@@ -16,6 +16,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
+from datus.models.scripted import Fault, Reply, ScriptedRequest
 from datus.testing.limits import Admission
 from datus.testing.protocols import (
     ProtocolError,
@@ -27,7 +28,6 @@ from datus.testing.protocols import (
     split_text,
     sse,
 )
-from datus.testing.script import Fault, Reply, ScriptedRequest
 
 __all__ = ["OpenAIChatProtocol"]
 

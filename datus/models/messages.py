@@ -8,11 +8,12 @@ exactly (Anthropic thinking blocks with their signatures) rides in ``reasoning_d
 from __future__ import annotations
 
 import json
-from typing import Any, Literal, Sequence
+from collections.abc import Sequence
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-__all__ = ["ToolCall", "ChatMessage", "Prompt", "to_messages"]
+__all__ = ["ChatMessage", "Prompt", "ToolCall", "to_messages"]
 
 
 class ToolCall(BaseModel):

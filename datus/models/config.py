@@ -31,17 +31,16 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from datus.models.errors import ModelConfigError
 from datus.models.pricing import Pricing
-from datus.utils.exceptions import DatusException, ErrorCode
 
-__all__ = ["ModelConfig", "AgentConfig", "ConfigError", "RateLimits", "substitute_env"]
+__all__ = ["AgentConfig", "ConfigError", "ModelConfig", "RateLimits", "substitute_env"]
 
 _ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
 
-class ConfigError(DatusException):
-    def __init__(self, message: str) -> None:
-        super().__init__(ErrorCode.COMMON_CONFIG_ERROR, message)
+class ConfigError(ModelConfigError):
+    """An agent.yml that cannot be used: not found, not YAML, a section of the wrong shape."""
 
 
 def substitute_env(value: str, missing: list[str]) -> str | None:
@@ -75,7 +74,7 @@ class RateLimits(BaseModel):
     output_tokens_per_minute: float | None = Field(default=None, gt=0)
     max_concurrency: int | None = Field(default=None, gt=0, description="requests in flight at once")
 
-    def over(self, defaults: "RateLimits | None") -> "RateLimits":
+    def over(self, defaults: RateLimits | None) -> RateLimits:
         """These limits, with ``defaults`` filling the fields left out."""
         if defaults is None:
             return self
@@ -170,7 +169,7 @@ class AgentConfig(BaseModel):
                                   "for; default: the names under agent.models")
 
     @classmethod
-    def from_file(cls, path: str | os.PathLike[str]) -> "AgentConfig":
+    def from_file(cls, path: str | os.PathLike[str]) -> AgentConfig:
         file = Path(path).expanduser()
         try:
             raw = yaml.safe_load(file.read_text(encoding="utf-8")) or {}
@@ -181,7 +180,7 @@ class AgentConfig(BaseModel):
         return cls.from_dict(raw, source=str(file))
 
     @classmethod
-    def from_dict(cls, raw: dict[str, Any], source: str = "config") -> "AgentConfig":
+    def from_dict(cls, raw: dict[str, Any], source: str = "config") -> AgentConfig:
         if not isinstance(raw, dict):
             raise ConfigError(f"{source}: expected a mapping with an 'agent:' section")
         section = raw.get("agent", raw)
@@ -200,9 +199,7 @@ class AgentConfig(BaseModel):
         return config
 
     def _check_limits_sections(self, source: str) -> None:
-        from datus.utils.constants import LLMProvider
-
-        providers = [p.value for p in LLMProvider]
+        from datus.models.base import PROVIDERS as providers
         unknown = sorted(set(self.rate_limits) - set(providers))
         if unknown:
             raise ConfigError(f"{source}: agent.rate_limits is keyed by provider type; unknown: "

@@ -1,5 +1,10 @@
 """`ActionHistory`: one step of a model run (user input, reasoning, tool call, tool result,
-final answer), streamed as it happens and kept by an `ActionHistoryManager`."""
+final answer), streamed as it happens and kept by an `ActionHistoryManager`.
+
+The classes of Datus-agent's ``datus/schemas/action_history.py``, for installations without
+Datus-agent (``datus-queue-standalone``); where Datus-agent is installed its own module is
+used. Fields, methods and enum values are Datus's.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +15,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-__all__ = ["ActionRole", "ActionStatus", "ActionHistory", "ActionHistoryManager"]
+__all__ = ["ActionHistory", "ActionHistoryManager", "ActionRole", "ActionStatus"]
 
 
 class ActionRole(str, Enum):
@@ -33,7 +38,7 @@ class ActionHistory(BaseModel):
     action_id: str = Field(..., description="unique id of the action")
     role: ActionRole
     messages: str = Field(default="", description="thought or text behind the action")
-    action_type: str = Field(..., description="node type, MCP tool name or message kind")
+    action_type: str = Field(..., description="node type, tool name or message kind")
     input: Any = None
     output: Any = None
     status: ActionStatus
@@ -49,7 +54,7 @@ class ActionHistory(BaseModel):
         input_data: Any,
         output_data: Any = None,
         status: ActionStatus = ActionStatus.PROCESSING,
-    ) -> "ActionHistory":
+    ) -> ActionHistory:
         return cls(
             action_id=str(uuid.uuid4()),
             role=role,
@@ -59,6 +64,12 @@ class ActionHistory(BaseModel):
             output=output_data,
             status=status,
         )
+
+    def is_done(self) -> bool:
+        return self.status in (ActionStatus.SUCCESS, ActionStatus.FAILED)
+
+    def function_name(self) -> str:
+        return "" if not self.input else str(self.input.get("function_name", "unknown"))
 
 
 class ActionHistoryManager:
@@ -73,8 +84,8 @@ class ActionHistoryManager:
         self.current_action_id = action.action_id
 
     def update_current_action(self, **kwargs: Any) -> None:
-        if self.current_action_id is not None:
-            self.update_action_by_id(self.current_action_id, **kwargs)
+        if self.current_action_id and self.actions and self.actions[-1].action_id == self.current_action_id:
+            _update(self.actions[-1], kwargs)
 
     def get_actions(self) -> list[ActionHistory]:
         return self.actions
@@ -90,7 +101,11 @@ class ActionHistoryManager:
         action = self.find_action_by_id(action_id)
         if action is None:
             return False
-        for key, value in kwargs.items():
-            if key in ActionHistory.model_fields:
-                setattr(action, key, value)
+        _update(action, kwargs)
         return True
+
+
+def _update(action: ActionHistory, values: dict[str, Any]) -> None:
+    for key, value in values.items():
+        if hasattr(action, key):
+            setattr(action, key, value)

@@ -14,10 +14,11 @@ from __future__ import annotations
 
 import json
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable, Literal
+from typing import Any, Literal
 
-__all__ = ["Reply", "Fault", "ScriptedToolCall", "ScriptedRequest", "Script", "echo_handler"]
+__all__ = ["Fault", "Reply", "Script", "ScriptedRequest", "ScriptedToolCall", "echo_handler"]
 
 
 @dataclass(frozen=True)
@@ -125,7 +126,7 @@ class Script:
         match: str | Matcher | None = None,
         times: int | None = 1,
         every: int | None = None,
-    ) -> "Script":
+    ) -> Script:
         """Queue answers in order. `match` is a substring of the last user message or a
         predicate; `times=None` keeps the entry forever. `every=n` makes an entry answer only
         the n-th, 2n-th, ... request since the last reset (with ``times=None``: a fault mix,

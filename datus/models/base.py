@@ -42,7 +42,7 @@ from datus.models.messages import ChatMessage, Prompt, to_messages
 from datus.models.pricing import cost_usd, find_pricing
 from datus.models.profiles import find_profile
 from datus.models.retry import Retries, RetryPolicy
-from datus.models.trace import write_trace
+from datus.models.trace import write_node_trace, write_trace
 from datus.models.usage import record_usage
 
 if TYPE_CHECKING:
@@ -73,7 +73,11 @@ class LLMBaseModel(ABC):
     API_KEY_ENVS: ClassVar[tuple[str, ...]] = ()
     REQUIRES_API_KEY: ClassVar[bool] = True
 
-    def __init__(self, model_config: ModelConfig, **kwargs: Any) -> None:
+    def __init__(self, model_config: Any, **kwargs: Any) -> None:
+        from datus.models.config import ModelConfig
+
+        # this layer's ModelConfig, or Datus-agent's (fields it lacks take their defaults)
+        model_config = ModelConfig.coerce(model_config)
         model_config.require_env()
         self.model_config = model_config
         self.model_name = model_config.model
@@ -89,6 +93,9 @@ class LLMBaseModel(ABC):
         # set by whoever runs this model for many callers (the job system): see datus.models.limiter
         self.request_limiter: RequestLimiter | None = None
         self._key_fingerprint: str | None = None
+        # Datus-agent's workflow and node (``set_context``), for its trajectory traces
+        self.workflow: Any = None
+        self.current_node: Any = None
         if self.REQUIRES_API_KEY:
             self._get_api_key()  # a missing key is an error now, not a 401 later
 
@@ -98,19 +105,28 @@ class LLMBaseModel(ABC):
     # ---- factory -------------------------------------------------------------------------
 
     @classmethod
-    def create_model(cls, agent_config: AgentConfig | None, model_name: str | None = None) -> LLMBaseModel:
-        """``None``/``"default"``: the target model; a name under ``agent.models``; or a plain
-        ``"provider:model"`` string (keys then come from the environment)."""
+    def create_model(cls, agent_config: AgentConfig | Any | None, model_name: str | None = None,
+                     **kwargs: Any) -> LLMBaseModel:
+        """``None``, ``""`` or ``"default"``: the target model; a name under ``agent.models``; or
+        a plain ``"provider:model"`` string (keys then come from the environment).
+        ``agent_config`` is this layer's `AgentConfig` or Datus-agent's (its ``models`` and
+        ``active_model()``); ``kwargs`` are accepted as Datus's factory accepts them."""
         from datus.models.config import ModelConfig
 
-        known = agent_config.models if agent_config is not None else {}
+        known = getattr(agent_config, "models", None) or {}
         if model_name and model_name not in known and ":" in model_name:
             provider, _, name = model_name.partition(":")
             config = ModelConfig(type=provider, model=name)
         elif agent_config is None:
             raise ModelConfigError("create_model needs an AgentConfig, or a 'provider:model' string")
+        elif model_name in (None, "", "default"):
+            config = ModelConfig.coerce(agent_config.active_model())
+        elif model_name in known:
+            config = ModelConfig.coerce(known[model_name])
         else:
-            config = agent_config.model_config_for(model_name)
+            raise ModelConfigError(
+                f"unknown model {model_name!r}; configured models: {', '.join(sorted(known)) or '(none)'}"
+                " (or pass 'provider:model', e.g. 'openai:gpt-4o-mini')")
         config.require_env(model_name or "default")
         model = cls.model_class(config.type)(model_config=config)
         model.agent_config = agent_config  # MCP servers by name, SQL function table, sessions
@@ -207,6 +223,23 @@ class LLMBaseModel(ABC):
 
     def context_length(self) -> int | None:
         return self.model_config.context_length or self.profile.context_length
+
+    def max_tokens(self) -> int:
+        """The most tokens a prompt may take and still leave the answer room in the context
+        window (Datus's nodes split work that counts more, ``token_count(...) > max_tokens()``):
+        the context window less ``max_tokens`` of the config (4,096 when unset)."""
+        window = self.context_length() or 32_768
+        room = self.model_config.max_tokens or 4_096
+        return max(window - room, window // 2)
+
+    def set_context(self, workflow: Any = None, current_node: Any = None) -> None:
+        """Datus-agent's workflow and node this model works for: with ``save_llm_trace`` each
+        call also writes the node's trajectory trace (``{trajectory_dir}/{task}/{node}.yml``)."""
+        self.workflow = workflow
+        self.current_node = current_node
+
+    def to_dict(self) -> dict[str, str]:
+        return {"model_name": self.model_name}
 
     # ---- clients -------------------------------------------------------------------------
 
@@ -361,6 +394,9 @@ class LLMBaseModel(ABC):
         if error is not None:
             record["error"] = error.to_dict()
         write_trace(self.model_config.trace_dir, self.provider, record)
+        if generation is not None and self.workflow is not None and self.current_node is not None:
+            write_node_trace(self.workflow, self.current_node, record["messages"], generation.text,
+                             generation.reasoning)
 
     # ---- the public interface ------------------------------------------------------------
 

@@ -17,6 +17,12 @@ Two sections govern what the job system may spend (the model layer only carries 
 own values win field by field) and ``agent.allowed_models`` (the model names and
 ``provider:model`` patterns clients may submit jobs for; default: the names under
 ``agent.models``).
+
+Datus-agent's own config objects work too: wherever the model layer takes a model config it
+accepts Datus's ``ModelConfig`` dataclass (``ModelConfig.coerce``: fields Datus's lacks take
+their defaults, and Datus's ``<MISSING:VAR>`` placeholder counts as an unset variable), and
+``create_model`` takes Datus's ``AgentConfig`` (its ``models`` and ``target``). Keys Datus users
+have in their files (``vendor``) are known, not typos.
 """
 
 from __future__ import annotations
@@ -37,6 +43,8 @@ from datus.models.pricing import Pricing
 __all__ = ["AgentConfig", "ConfigError", "ModelConfig", "RateLimits", "substitute_env"]
 
 _ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+# what Datus-agent's loader leaves where ${VAR} was not set
+_DATUS_MISSING = re.compile(r"<MISSING:([^>]+)>")
 
 
 class ConfigError(ModelConfigError):
@@ -93,6 +101,7 @@ class ModelConfig(BaseModel):
 
     type: str = Field(description="provider: openai, claude, deepseek, qwen, gemini or fake")
     model: str = Field(description="the provider's model name, e.g. gpt-4o")
+    vendor: str | None = Field(default=None, description="who serves it (Datus's informational key), e.g. ark")
     api_key: str | None = Field(default=None, repr=False, description="default: the provider's env var")
     base_url: str | None = None
     temperature: float | None = Field(default=None, ge=0, le=2)
@@ -115,6 +124,29 @@ class ModelConfig(BaseModel):
     pricing: Pricing | None = None
     rate_limits: RateLimits | None = Field(default=None, description="this model's budget on its API key")
     missing_env: tuple[str, ...] = Field(default=(), exclude=True, repr=False)
+
+    @classmethod
+    def coerce(cls, config: Any) -> "ModelConfig":
+        """This model layer's `ModelConfig` for ``config``: one already, a mapping of agent.yml
+        keys, or any object with a model config's attributes (Datus-agent's ``ModelConfig``
+        dataclass). Attributes this class does not know are ignored; the ones it knows and the
+        object lacks take their defaults."""
+        if isinstance(config, cls):
+            return config
+        if isinstance(config, dict):
+            return cls.model_validate(config)
+        values = {name: getattr(config, name) for name in cls.model_fields
+                  if name != "missing_env" and getattr(config, name, None) is not None}
+        missing = [match.group(1) for value in values.values() if isinstance(value, str)
+                   for match in _DATUS_MISSING.finditer(value)]
+        values = {name: value for name, value in values.items()
+                  if not (isinstance(value, str) and _DATUS_MISSING.fullmatch(value))}
+        if "type" in values:
+            values["type"] = getattr(values["type"], "value", values["type"])  # Datus's LLMProvider enum
+        return cls.model_validate({**values, "missing_env": tuple(missing)})
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(exclude={"missing_env"})
 
     @model_validator(mode="before")
     @classmethod
@@ -154,8 +186,8 @@ class ModelConfig(BaseModel):
             )
 
 
-class AgentConfig(BaseModel):
-    """The ``agent:`` section: target model, models, and the sections later layers read."""
+class _AgentSection(BaseModel):
+    """How the ``agent:`` section is validated; `AgentConfig` is what callers hold."""
 
     model_config = ConfigDict(extra="allow", protected_namespaces=())
 
@@ -167,6 +199,24 @@ class AgentConfig(BaseModel):
     allowed_models: list[str] | None = Field(
         default=None, description="model names and provider:model patterns (fnmatch) clients may submit jobs "
                                   "for; default: the names under agent.models")
+
+
+class AgentConfig:
+    """The ``agent:`` section: the target model, the models, the MCP servers, the job system's
+    limits, and every other section as read (``sections``: Datus's ``nodes``, ``namespace``,
+    this project's ``schedules``...). Datus-agent's ``AgentConfig`` methods for models are
+    here with their meaning: ``active_model()``, ``model_config(name)``, ``config[name]``."""
+
+    def __init__(self, section: _AgentSection) -> None:
+        self.target: str | None = section.target
+        self.models: dict[str, ModelConfig] = dict(section.models)
+        self.mcp_servers: dict[str, dict[str, Any]] = dict(section.mcp_servers)
+        self.rate_limits: dict[str, RateLimits] = dict(section.rate_limits)
+        self.allowed_models: list[str] | None = section.allowed_models
+        self.sections: dict[str, Any] = dict(section.model_extra or {})
+
+    def __repr__(self) -> str:
+        return f"AgentConfig(target={self.target!r}, models={sorted(self.models)})"
 
     @classmethod
     def from_file(cls, path: str | os.PathLike[str]) -> AgentConfig:
@@ -187,7 +237,7 @@ class AgentConfig(BaseModel):
         if not isinstance(section, dict):
             raise ConfigError(f"{source}: 'agent:' must be a mapping")
         try:
-            config = cls.model_validate(section)
+            config = cls(_AgentSection.model_validate(section))
         except ValidationError as exc:
             raise ConfigError(f"{source}: {_describe(exc)}") from None
         if config.target is not None and config.target not in config.models:
@@ -200,6 +250,7 @@ class AgentConfig(BaseModel):
 
     def _check_limits_sections(self, source: str) -> None:
         from datus.models.base import PROVIDERS as providers
+
         unknown = sorted(set(self.rate_limits) - set(providers))
         if unknown:
             raise ConfigError(f"{source}: agent.rate_limits is keyed by provider type; unknown: "
@@ -235,13 +286,15 @@ class AgentConfig(BaseModel):
                    for entry in self.allowed_model_patterns())
 
     def active_model(self) -> ModelConfig:
-        return self.model_config_for(None)
+        """The target model (the only one, when there is one and no target)."""
+        return self.model_config()
 
-    def model_config_for(self, name: str | None) -> ModelConfig:
-        """``None`` or ``"default"`` is the target model; else a name under ``agent.models``."""
+    def model_config(self, name: str | None = "") -> ModelConfig:
+        """A model by its name under ``agent.models``; ``""``, ``None`` or ``"default"`` is the
+        target. An unknown name is a `ModelConfigError` naming the configured ones."""
         from datus.models.errors import ModelConfigError
 
-        if name in (None, "default"):
+        if name in (None, "", "default"):
             if self.target is None:
                 if len(self.models) == 1:
                     return next(iter(self.models.values()))
@@ -253,6 +306,11 @@ class AgentConfig(BaseModel):
                 f"unknown model {name!r}; configured models: {', '.join(sorted(self.models)) or '(none)'}"
                 " (or pass 'provider:model', e.g. 'openai:gpt-4o-mini')"
             )
+        return self.models[name]
+
+    def __getitem__(self, name: str) -> ModelConfig:
+        if name not in self.models:
+            raise KeyError(f"Model '{name}' not found.")
         return self.models[name]
 
 

@@ -63,9 +63,10 @@ class GeminiModel(LLMBaseModel):
 
         from datus.models.http_clients import gemini_async_client_args
 
+        base_url, api_version = split_api_version(self.model_config.base_url, self.API_VERSION)
         http_options = types.HttpOptions(
-            base_url=self.model_config.base_url,
-            api_version=self.API_VERSION,
+            base_url=base_url,
+            api_version=api_version,
             timeout=int(self.model_config.timeout_s * 1000),  # milliseconds
             retry_options=types.HttpRetryOptions(attempts=1),
             async_client_args=gemini_async_client_args(self.model_config.http_client),
@@ -201,3 +202,15 @@ def _daily_quota_only(details: list[dict[str, Any]]) -> bool:
     ids = [str(violation.get("quotaId", "")) for item in details if item.get("@type") == _QUOTA_FAILURE
            for violation in item.get("violations") or [] if isinstance(violation, dict)]
     return bool(ids) and all("PerDay" in quota_id for quota_id in ids)
+
+
+def split_api_version(base_url: str | None, default: str) -> tuple[str | None, str]:
+    """Datus's configs write Gemini's base URL with its API version
+    (``https://generativelanguage.googleapis.com/v1beta``); the SDK adds the version itself, so
+    a trailing ``/v1beta`` or ``/v1`` becomes the API version instead of doubling in the path."""
+    if not base_url:
+        return base_url, default
+    head, _, last = base_url.rstrip("/").rpartition("/")
+    if head and last in ("v1", "v1beta", "v1alpha"):
+        return head, last
+    return base_url, default

@@ -96,7 +96,7 @@ def parse_cron(expression: str) -> crontab:
 
 def load_schedules(agent_config: AgentConfig) -> dict[str, BatchSchedule]:
     """``agent.schedules``, checked: an error names the schedule and what to fix."""
-    raw = (agent_config.model_extra or {}).get("schedules") or {}
+    raw = agent_config.sections.get("schedules") or {}
     if not isinstance(raw, dict):
         raise ConfigError("agent.schedules must be a mapping of schedule names to their settings")
     schedules: dict[str, BatchSchedule] = {}

@@ -8,6 +8,7 @@ from the count-tokens endpoint. The SDK is imported on first use only.
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 from collections.abc import AsyncIterator, Mapping
@@ -35,6 +36,7 @@ from datus.models.errors import (
     ModelError,
     ModelTimeoutError,
     error_from_status,
+    transport_error,
 )
 from datus.models.generation import Generation, ModelRequest, StreamDelta
 from datus.models.rate_limit_headers import ProviderBudget, anthropic_budget
@@ -125,7 +127,7 @@ class ClaudeModel(LLMBaseModel):
         if thinking:
             params["thinking"] = {"type": "enabled", "budget_tokens": budget}
         else:  # with thinking on, Anthropic rejects sampling settings
-            # This SDK's create() has no sampling parameters; the API still takes them.
+            # current SDKs' create() has no sampling parameters (0.51's has); the API takes them either way
             if options.temperature is not None:
                 extra_body["temperature"] = options.temperature
             if options.top_p is not None:
@@ -149,7 +151,9 @@ class ClaudeModel(LLMBaseModel):
         params, forced = self._params(request)
         # the raw response: the same parse, plus the headers (the provider's rate-limit budget)
         raw = await client.messages.with_raw_response.create(**params)
-        response = await raw.parse()
+        response = raw.parse()
+        if inspect.isawaitable(response):  # current SDKs parse asynchronously; 0.51's legacy response does not
+            response = await response
         return self._generation(response.to_dict(), forced, anthropic_budget(raw.headers))
 
     async def _stream(self, client: Any, request: ModelRequest) -> AsyncIterator[StreamDelta | Generation]:
@@ -222,18 +226,20 @@ class ClaudeModel(LLMBaseModel):
 
     def _map_error(self, exc: Exception) -> ModelError:
         import anthropic
-        import httpx2
 
         where = {"provider": self.provider, "model": self.model_name}
         if isinstance(exc, anthropic.APIStatusError):
+            # read from the body, which every SDK version keeps (newer ones also copy these
+            # fields onto the exception as type/api_message/error_code; 0.x does not)
             body = exc.body if isinstance(exc.body, dict) else {}
             error = body.get("error") if isinstance(body.get("error"), dict) else {}
-            kind = exc.type or error.get("type")
-            message = str(exc.api_message or error.get("message") or exc.message)
+            details = error.get("details") if isinstance(error.get("details"), dict) else {}
+            kind = error.get("type")
+            message = str(error.get("message") or exc.message)
             status = exc.status_code
             if status < 400:  # an `event: error` inside a stream that began with 200
                 status = _STATUS_OF_TYPE.get(str(kind), 500)
-            codes = [kind, exc.error_code]
+            codes = [kind, _str_or_none(details.get("error_code"))]
             # Anthropic has no structured code for these two; translate them to ours.
             if kind == "billing_error":
                 codes.append("quota_exceeded")
@@ -250,13 +256,16 @@ class ClaudeModel(LLMBaseModel):
             return ModelTimeoutError(f"request timed out: {exc}", **where)
         if isinstance(exc, anthropic.APIConnectionError):
             return ModelConnectionError(f"connection failed: {exc.__cause__ or exc}", **where)
-        if isinstance(exc, httpx2.TimeoutException):
-            return ModelTimeoutError(f"request timed out: {exc}", **where)
-        if isinstance(exc, (httpx2.TransportError, httpx2.StreamError)):
-            return ModelConnectionError(f"the connection broke: {exc}", **where)
+        # a stream broken mid-way: httpx's error (anthropic 0.x) or httpx2's (later), unwrapped
+        if (mapped := transport_error(exc, self.provider, self.model_name)) is not None:
+            return mapped
         if isinstance(exc, (anthropic.APIResponseValidationError, json.JSONDecodeError)):
             return InvalidResponseError(f"the provider's answer is not valid: {exc}", **where)
         return ModelError(f"{type(exc).__name__}: {exc}", **where)
+
+
+def _str_or_none(value: Any) -> str | None:
+    return value if isinstance(value, str) else None
 
 
 def _tool_name(name: str) -> str:

@@ -42,12 +42,14 @@ class SQLiteFileNotFoundError(FileNotFoundError):
 
 
 def with_driver(url: str | URL) -> URL:
-    """``url`` parsed, with a bare ``postgresql://`` meaning psycopg2 when psycopg 3 is not
-    installed (SQLAlchemy 2.1 reads it as psycopg 3; the postgres extra installs psycopg2)."""
+    """``url`` parsed, with a bare ``postgresql://`` meaning the Postgres driver that is
+    installed. SQLAlchemy's default for it changed (2.0: psycopg2, 2.1: psycopg 3) and the
+    postgres extra installs psycopg2, so the default is kept only when both are installed."""
     url = make_url(url)
-    if url.drivername == "postgresql" and importlib.util.find_spec("psycopg") is None:
-        return url.set(drivername="postgresql+psycopg2")
-    return url
+    if url.drivername != "postgresql":
+        return url
+    installed = [driver for driver in ("psycopg2", "psycopg") if importlib.util.find_spec(driver) is not None]
+    return url.set(drivername=f"postgresql+{installed[0]}") if len(installed) == 1 else url
 
 
 def is_in_memory_sqlite(url: URL) -> bool:

@@ -210,6 +210,14 @@ class OpenAIStyleSuite:
         server.api_key = KEY
         yield Target(self.provider, server)
 
+    @pytest.fixture(scope="class")
+    @classmethod
+    def warm_sdk(cls, fake_server_session: FakeProviderServer) -> None:
+        """One call through the SDK before a test that times a 0.3 s timeout: a process's first
+        call imports the SDK's resources and probes the platform for its headers (over a second
+        with openai 1.x), all inside that call's timeout."""
+        make_model(cls.provider, fake_server_session).generate("warm up")
+
     def model(self, server: FakeProviderServer | None, **overrides: Any) -> OpenAICompatibleModel:
         return make_model(self.provider, server, **overrides)
 
@@ -522,6 +530,7 @@ class OpenAIStyleSuite:
         assert len(chat_requests(server)) == 1
 
     @pytest.mark.parametrize("where", ["config", "per_call", "stream"])
+    @pytest.mark.usefixtures("warm_sdk")
     async def test_hang_is_a_timeout(self, server: FakeProviderServer, where: str) -> None:
         server.script.add(Fault("hang", seconds=10), times=None)
         # the hang ends after 10 s with an answer: a 0.3 s timeout not applied means no error
@@ -537,6 +546,7 @@ class OpenAIStyleSuite:
             await asyncio.sleep(0.02)
         assert caught.value.retryable and len(chat_requests(server)) == 1
 
+    @pytest.mark.usefixtures("warm_sdk")
     def test_hang_once_is_retried(self, server: FakeProviderServer) -> None:
         server.script.add(Fault("hang", seconds=10))
         assert self.model(server, timeout_s=0.3).complete("hi").usage.attempts == 2

@@ -379,10 +379,10 @@ def test_the_key_is_accepted_as_x_api_key_or_bearer(server: FakeProviderServer) 
 
 def test_an_error_event_inside_a_stream_maps_by_its_type(fake: Backend) -> None:
     import anthropic
-    import httpx2
 
-    # The SDK raises an `event: error` frame as a status error of the stream's 200 response.
-    response = httpx2.Response(200, request=httpx2.Request("POST", "https://api.anthropic.com/v1/messages"))
+    # The SDK raises an `event: error` frame as a status error of the stream's 200 response (an
+    # httpx2 one in current SDKs, an httpx one in 0.51; the error only reads its status and headers).
+    response = httpx.Response(200, request=httpx.Request("POST", "https://api.anthropic.com/v1/messages"))
     body = {"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}}
     error = fake.model()._map_error(anthropic.APIStatusError(str(body), response=response, body=body))
     assert type(error) is errors.OverloadedError and error.status_code == 529 and error.retryable

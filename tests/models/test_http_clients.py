@@ -14,16 +14,25 @@ from datus.models.http_clients import connect_failure
 from datus.testing.fake_server import FakeProviderServer
 
 
-def _model(base_url: str, **settings: Any) -> LLMBaseModel:
-    config = AgentConfig.model_validate({"models": {"m": {
-        "type": "openai", "model": "gpt-4o-mini", "api_key": "sk-test", "base_url": base_url, **settings}}})
+def _model(provider: str, base_url: str, **settings: Any) -> LLMBaseModel:
+    config = AgentConfig.from_dict({"models": {"m": {
+        "type": provider, "model": MODELS[provider], "api_key": "sk-test", "base_url": base_url, **settings}}})
     return LLMBaseModel.create_model(config, "m")
 
 
+MODELS = {"openai": "gpt-4o-mini", "claude": "claude-sonnet-4-6"}
+
+
+def _base_url(server: FakeProviderServer, provider: str) -> str:
+    return server.openai_base_url if provider == "openai" else server.url
+
+
+# claude: anthropic 0.51 (Datus-agent's pin) has no DefaultAioHttpClient; the same client is built for it
+@pytest.mark.parametrize("provider", ["openai", "claude"])
 @pytest.mark.parametrize(("stack", "aiohttp"), [(None, True), ("aiohttp", True), ("httpx", False)])
-def test_the_configured_stack_carries_the_calls(fake_server: FakeProviderServer, stack: str | None,
-                                                aiohttp: bool) -> None:
-    model = _model(fake_server.openai_base_url, **({} if stack is None else {"http_client": stack}))
+def test_the_configured_stack_carries_the_calls(fake_server: FakeProviderServer, provider: str,
+                                                stack: str | None, aiohttp: bool) -> None:
+    model = _model(provider, _base_url(fake_server, provider), **({} if stack is None else {"http_client": stack}))
 
     async def run() -> tuple[str, Any]:
         text = await model.agenerate("hello")
@@ -35,8 +44,10 @@ def test_the_configured_stack_carries_the_calls(fake_server: FakeProviderServer,
         assert http.is_closed
 
 
-def test_a_refused_connection_is_a_connection_error_not_a_timeout() -> None:
-    model = _model(f"http://127.0.0.1:{_closed_port()}/v1", max_retries=0)
+@pytest.mark.parametrize("provider", ["openai", "claude"])
+@pytest.mark.parametrize("stack", ["aiohttp", "httpx"])
+def test_a_refused_connection_is_a_connection_error_not_a_timeout(provider: str, stack: str) -> None:
+    model = _model(provider, f"http://127.0.0.1:{_closed_port()}", max_retries=0, http_client=stack)
     with pytest.raises(ModelConnectionError):
         model.generate("hello")
 

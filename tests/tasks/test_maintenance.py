@@ -276,7 +276,7 @@ def test_schedules_are_checked_and_name_what_to_fix(monkeypatch: pytest.MonkeyPa
     command = nightly.command("nightly@2026-01-02T02:00Z", Path("out.jsonl"))
     assert command[3:5] == ["batch", "q.jsonl"] and "--resume" in command
     assert command[command.index("--tools") + 1] == "warehouse" and command[command.index("--db") + 1] == "sqlite:///w.db"
-    assert load_schedules(AgentConfig()) == {}
+    assert load_schedules(AgentConfig.from_dict({"agent": {}})) == {}
     for bad, message in [
         ({"n": {"cron": "0 2 * *", "input": "q", "model": "m"}}, r"agent.schedules.n: cron: .* five fields"),
         ({"n": {"cron": "0 25 * * *", "input": "q", "model": "m"}}, r"agent.schedules.n: cron: '0 25"),

@@ -8,19 +8,23 @@ answers from a `Script`. Provider spelling lives in `datus.testing.protocols`.
 Other processes (Celery workers, the demo) drive it over HTTP:
 
     POST /_fake/script    queue answers; body: a list of entries, or {"entries": [...],
-                          "reset": true}. An entry is {"reply": {...}} or {"fault": {...}}
-                          with optional "match" (substring of the last user message),
-                          "times" (default 1, null = forever) and "every" (answer only every
-                          n-th request: a fault mix; then "times" defaults to forever).
+                          "reset": true, "fallback": "agent"}. An entry is {"reply": {...}} or
+                          {"fault": {...}} with optional "match" (substring of the last user
+                          message), "times" (default 1, null = forever) and "every" (answer
+                          only every n-th request: a fault mix; then "times" defaults to
+                          forever).
                           "reply" takes the `Reply` fields (tool_calls: [{"name",
                           "arguments", "id"}]); "fault" the `Fault` fields, e.g.
-                          {"kind": "rate_limit", "retry_after": 2}.
+                          {"kind": "rate_limit", "retry_after": 2}. "fallback" names what
+                          answers unscripted requests: "echo" (the default) or "agent"
+                          (a plausible model: `datus.testing.agent_fallback`); "reset"
+                          restores the fallback the server started with.
     POST /_fake/limits    enforce provider limits (`datus.testing.limits.ProviderLimits`):
                           {"requests_per_minute": 600, "input_tokens_per_minute": 200000,
                           "window_s": 2}; {} removes them
     GET  /_fake/limits    {"limits": {...}, "admitted": n, "limited": n} (null when none)
-    POST /_fake/reset     empty the script, forget requests, restore the initial latency,
-                          remove the limits
+    POST /_fake/reset     empty the script, forget requests, restore the initial latency
+                          and fallback, remove the limits
     GET  /_fake/requests  {"requests": [{"method", "path", "headers", "body", "protocol", "at"}]}
     POST /_fake/latency   {"latency_s": 0.2} or {"latency_ms": 200}
     GET  /_fake/health    {"status": "ok", "in_flight", "max_in_flight", ...}
@@ -51,7 +55,7 @@ import sys
 import threading
 import time
 from collections.abc import Awaitable, Callable, Iterable
-from typing import Any, get_args
+from typing import Any, Self, get_args
 
 import uvicorn
 from starlette.applications import Starlette
@@ -64,19 +68,23 @@ from datus.models.scripted import (
     Answer,
     Fault,
     FaultKind,
+    Handler,
     Reply,
     Script,
     ScriptedRequest,
     ScriptedToolCall,
     echo_handler,
 )
+from datus.testing.agent_fallback import agent_handler
 from datus.testing.limits import LimitEnforcer, ProviderLimits
 from datus.testing.protocols import ProtocolError, WireProtocol, default_protocols, estimate_usage
 
-__all__ = ["FakeProviderServer", "RecordedRequest", "answer_from_json", "answer_to_json"]
+__all__ = ["FALLBACKS", "FakeProviderServer", "RecordedRequest", "answer_from_json", "answer_to_json"]
 
 _THREAD_PREFIX = "fake-provider-server"
 _SSE_HEADERS = {"cache-control": "no-cache"}
+#: What answers an unscripted request, by the name the CLI and `POST /_fake/script` use.
+FALLBACKS: dict[str, Handler] = {"echo": echo_handler, "agent": agent_handler}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,7 +99,9 @@ class RecordedRequest:
 
 class FakeProviderServer:
     """Start with `start()` or `with FakeProviderServer() as server:`; `port=0` picks a free
-    port, known (with `url`) once started. `api_key=None` accepts any non-empty key."""
+    port, known (with `url`) once started. `api_key=None` accepts any non-empty key.
+    `fallback` answers what the script does not: a name in `FALLBACKS` ("echo", "agent") or a
+    handler; None keeps the script's own (echo for a new `Script`)."""
 
     def __init__(
         self,
@@ -102,11 +112,15 @@ class FakeProviderServer:
         *,
         api_key: str | None = None,
         protocols: Iterable[WireProtocol] | None = None,
+        fallback: str | Handler | None = None,
     ) -> None:
         self.host = host
         self.port = port
         self.latency_s = latency_s  # read on every request, so it can change at runtime
         self.script = script if script is not None else Script()
+        if fallback is not None:
+            self.set_fallback(fallback)
+        self._initial_fallback = self.script.fallback
         self.protocols = list(protocols) if protocols is not None else default_protocols()
         self._initial_latency_s = latency_s
         self._requests: list[RecordedRequest] = []
@@ -143,7 +157,7 @@ class FakeProviderServer:
     def openai_base_url(self) -> str:
         return self.url + "/v1"
 
-    def start(self) -> FakeProviderServer:
+    def start(self) -> Self:
         if self._thread is not None:
             return self
         _install_log_filter()
@@ -189,7 +203,7 @@ class FakeProviderServer:
         thread.join(timeout=10)
         self._thread = self._server = self._loop = self._closing = None
 
-    def __enter__(self) -> FakeProviderServer:
+    def __enter__(self) -> Self:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
@@ -244,15 +258,29 @@ class FakeProviderServer:
         if gate is not None and loop is not None and not loop.is_closed():
             loop.call_soon_threadsafe(gate.set)
 
+    def set_fallback(self, fallback: str | Handler) -> None:
+        """Answer unscripted requests with ``fallback`` from now on: a name in `FALLBACKS` or a
+        handler."""
+        if isinstance(fallback, str):
+            if fallback not in FALLBACKS:
+                raise ValueError(f"unknown fallback {fallback!r}; expected one of {', '.join(FALLBACKS)}")
+            fallback = FALLBACKS[fallback]
+        self.script.fallback = fallback
+
+    @property
+    def fallback_name(self) -> str:
+        """The name of the fallback in force, "custom" for a handler of the caller's."""
+        return next((name for name, handler in FALLBACKS.items() if handler is self.script.fallback), "custom")
+
     def set_limits(self, limits: ProviderLimits | None) -> None:
         """Enforce ``limits`` from now on (fresh buckets, counts from zero); None removes them."""
         self.enforcer = LimitEnforcer(limits) if limits is not None else None
 
     def reset(self) -> None:
-        """Back to how it started: empty script, echo fallback, no requests, first latency,
+        """Back to how it started: empty script, the first fallback, no requests, first latency,
         nothing held, no limits."""
         self.release()
-        self.script.reset(fallback=echo_handler)
+        self.script.reset(fallback=self._initial_fallback)
         self.clear_requests()
         self.latency_s = self._initial_latency_s
         self.set_limits(None)
@@ -368,14 +396,16 @@ class FakeProviderServer:
             payload = await request.json()
             entries = payload if isinstance(payload, list) else payload.get("entries", [])
             if isinstance(payload, dict) and payload.get("reset"):
-                self.script.reset(fallback=echo_handler)
+                self.script.reset(fallback=self._initial_fallback)
+            if isinstance(payload, dict) and payload.get("fallback") is not None:
+                self.set_fallback(str(payload["fallback"]))
             for entry in entries:
                 every = entry.get("every")
                 self.script.add(answer_from_json(entry), match=entry.get("match"), every=every,
                                 times=entry.get("times", None if every else 1))
         except (ValueError, TypeError, KeyError, AttributeError) as exc:
             return JSONResponse({"error": f"bad script: {exc}"}, status_code=400)
-        return JSONResponse({"pending": self.script.pending()})
+        return JSONResponse({"pending": self.script.pending(), "fallback": self.fallback_name})
 
     async def _admin_limits(self, request: Request) -> Response:
         if request.method == "POST":
@@ -409,6 +439,7 @@ class FakeProviderServer:
                 "status": "ok",
                 "protocols": [protocol.name for protocol in self.protocols],
                 "latency_s": self.latency_s,
+                "fallback": self.fallback_name,
                 "pending": self.script.pending(),
                 "requests": len(self._requests),
                 "in_flight": self.in_flight,
@@ -492,6 +523,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--port", type=int, default=0, help="0 picks a free port")
     parser.add_argument("--latency-ms", type=float, default=0.0)
     parser.add_argument("--api-key", default=None, help="the only key accepted (default: any non-empty key)")
+    parser.add_argument("--fallback", choices=sorted(FALLBACKS), default="echo",
+                        help="what answers unscripted requests: echo the prompt, or answer like a plausible model")
     parser.add_argument("--requests-per-minute", type=float, default=None, help="enforce a provider request limit")
     parser.add_argument("--input-tokens-per-minute", type=float, default=None, help="enforce an input-token limit")
     parser.add_argument("--window-s", type=float, default=60.0,
@@ -501,10 +534,11 @@ def main(argv: list[str] | None = None) -> int:
     stopping = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stopping.set())
-    server = FakeProviderServer(args.host, args.port, args.latency_ms / 1000, api_key=args.api_key).start()
+    server = FakeProviderServer(args.host, args.port, args.latency_ms / 1000, api_key=args.api_key,
+                                fallback=args.fallback).start()
     if args.requests_per_minute or args.input_tokens_per_minute:
         server.set_limits(ProviderLimits(args.requests_per_minute, args.input_tokens_per_minute, args.window_s))
-    print(f"fake provider server listening on {server.url}", flush=True)
+    print(f"fake provider server listening on {server.url} (fallback: {args.fallback})", flush=True)
     while not stopping.wait(0.2):
         pass
     server.stop()

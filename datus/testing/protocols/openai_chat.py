@@ -63,17 +63,17 @@ _FAULTS: dict[str, tuple[int, str | None, str | None, str | None, str]] = {
         "requests",
         "rate_limit_exceeded",
         None,
-        "Rate limit reached for {model} in organization org-fake on requests per min (RPM): Limit 3, "
+        ("Rate limit reached for {model} in organization org-fake on requests per min (RPM): Limit 3, "
         "Used 3, Requested 1. Please try again in 20s. Visit https://platform.openai.com/account/rate-limits "
-        "to learn more.",
+        "to learn more."),
     ),
     "quota": (
         429,
         "insufficient_quota",
         "insufficient_quota",
         None,
-        "You exceeded your current quota, please check your plan and billing details. For more information "
-        "on this error, read the docs: https://platform.openai.com/docs/guides/error-codes/api-errors.",
+        ("You exceeded your current quota, please check your plan and billing details. For more information "
+        "on this error, read the docs: https://platform.openai.com/docs/guides/error-codes/api-errors."),
     ),
     "overloaded": (503, "server_error", None, None, "The server is overloaded or not ready yet."),
     "context_length": (
@@ -81,16 +81,16 @@ _FAULTS: dict[str, tuple[int, str | None, str | None, str | None, str]] = {
         "invalid_request_error",
         "context_length_exceeded",
         "messages",
-        "This model's maximum context length is 128000 tokens. However, your messages resulted in 131072 "
-        "tokens. Please reduce the length of the messages.",
+        ("This model's maximum context length is 128000 tokens. However, your messages resulted in 131072 "
+        "tokens. Please reduce the length of the messages."),
     ),
     "content_filter": (  # Azure OpenAI's prompt filter; OpenAI itself has no such 400
         400,
         None,
         "content_filter",
         "prompt",
-        "The response was filtered due to the prompt triggering Azure OpenAI's content management policy. "
-        "Please modify your prompt and retry.",
+        ("The response was filtered due to the prompt triggering Azure OpenAI's content management policy. "
+        "Please modify your prompt and retry."),
     ),
 }
 _CONTENT_FILTER_EXTRA: dict[str, Any] = {

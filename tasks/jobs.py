@@ -449,7 +449,7 @@ class _JobRunner:
             prompt, mcp_servers=_servers(request, self.ctx.agent_config), instruction=request.instruction,
             output_type=request.output_schema or str, max_turns=request.max_turns,
             session=request.session_id, db_type=request.db_type, journal=self.journal, mcp_pool=self.ctx.mcp_pool,
-            **options)
+            live_steps=True, **options)  # live: every step is published, deltas and tool calls under way included
         # aclosing: a cancelled or failed job closes the run (and its MCP servers) in this task
         async with contextlib.aclosing(steps):
             return await self._follow_tool_run(steps)
@@ -470,7 +470,7 @@ class _JobRunner:
                 self.final_step = step  # published as the terminal event, after the store write
                 output = step.output or {}
                 if output.get("usage"):
-                    self.usage = Usage.model_validate(output["usage"])
+                    self.usage = Usage.from_dict(output["usage"])
                 return output.get("content"), output.get("sql_contexts", [])
             if step.action_type == "error":
                 continue  # the exception that follows is recorded and published by the caller

@@ -311,8 +311,9 @@ class LLMBaseModel(ABC):
 
         async def attempt() -> Generation:
             try:
+                client = self._client()  # outside the timeout: a first call imports and sets up the SDK
                 async with asyncio.timeout(timeout):
-                    return await self._complete(self._client(), request)
+                    return await self._complete(client, request)
             except ModelError:
                 raise
             except TimeoutError as exc:
@@ -522,19 +523,32 @@ class LLMBaseModel(ABC):
         session: Any = None,
         journal: Any = None,
         mcp_pool: Any = None,
+        hooks: Any = None,
+        action_history_manager: Any = None,
+        agent_name: str | None = None,
         **kwargs: Any,
     ) -> dict[str, Any]:
         """Run the tool loop to its final answer: ``content`` (validated into ``output_type``
-        when that is a pydantic model), ``sql_contexts``, ``usage`` (summed over turns),
-        ``turns_used`` and ``model``. ``journal`` (a `datus.models.run_journal.RunJournal`)
+        when that is a pydantic model), ``sql_contexts`` (`SQLContext` objects), ``usage`` (a
+        dict, summed over turns: `Usage.to_dict`), ``turns_used`` and ``model``.
+
+        ``prompt``: a string or a list of message dicts. ``tools``: Python functions, `Tool` objects or
+        openai-agents ``FunctionTool`` objects. ``mcp_servers``: names under
+        ``agent.mcp_servers``, our specs, or openai-agents server objects (connected for the run;
+        `datus.models.agents_mcp`). ``hooks``: openai-agents ``AgentHooks`` (`datus.models.hooks`);
+        what a hook raises is raised. ``action_history_manager`` receives the finished steps;
+        ``agent_name`` names the agent hooks see; other keywords are call options
+        (``temperature``, ``max_tokens``, ...). ``journal`` (a `datus.models.run_journal.RunJournal`)
         makes the run durable: it records each step and resumes from what the journal holds.
         ``mcp_pool`` (a `datus.models.mcp.pool.MCPPool`) lends running servers instead of
-        starting them for this run."""
+        starting them for this run. Raises `MaxTurnsExceededError` when no answer comes within
+        ``max_turns``."""
         from datus.models.tool_runs import prepared_run
 
         async with prepared_run(self, prompt, tools=tools, mcp_servers=mcp_servers, instruction=instruction,
-                                output_type=output_type, max_turns=max_turns, manager=None, session=session,
-                                kwargs=kwargs, stream=False, journal=journal, mcp_pool=mcp_pool) as run:
+                                output_type=output_type, max_turns=max_turns, manager=action_history_manager,
+                                session=session, kwargs=kwargs, stream=False, journal=journal, mcp_pool=mcp_pool,
+                                hooks=hooks, agent_name=agent_name) as run:
             async for _ in run.run_steps():
                 pass
         assert run.result is not None
@@ -552,17 +566,23 @@ class LLMBaseModel(ABC):
         session: Any = None,
         journal: Any = None,
         mcp_pool: Any = None,
+        hooks: Any = None,
+        agent_name: str | None = None,
+        live_steps: bool = False,
         **kwargs: Any,
     ) -> AsyncIterator[Any]:
-        """The tool loop, yielding each ``ActionHistory`` step as it happens (and recording it
-        in ``action_history_manager``); see ``datus.models.tool_loop`` for the steps, and
-        `generate_with_tools` for ``journal`` and ``mcp_pool``."""
+        """The tool loop, yielding each finished ``ActionHistory`` step as it happens (and adding
+        it to ``action_history_manager``) and raising what `generate_with_tools` raises. With
+        ``live_steps`` also the user's step, the text as it streams (``assistant_delta``), each
+        tool call as it starts (PROCESSING) and an ``error`` step before an error is raised: what
+        the job system publishes. See ``datus.models.tool_loop`` for the steps and
+        `generate_with_tools` for the other arguments."""
         from datus.models.tool_runs import prepared_run
 
         async with prepared_run(self, prompt, tools=tools, mcp_servers=mcp_servers, instruction=instruction,
                                 output_type=output_type, max_turns=max_turns, manager=action_history_manager,
-                                session=session, kwargs=kwargs, stream=True, journal=journal,
-                                mcp_pool=mcp_pool) as run:
+                                session=session, kwargs=kwargs, stream=True, journal=journal, mcp_pool=mcp_pool,
+                                hooks=hooks, agent_name=agent_name, live_steps=live_steps) as run:
             final = None
             async for step in run.run_steps():
                 if step.action_type == "final_response":
@@ -576,13 +596,15 @@ class LLMBaseModel(ABC):
 
     @property
     def session_manager(self) -> Any:
-        """Sessions live in one SQLAlchemy store shared by every model (``DQ_SESSION_URL``,
-        default ``~/.datus/sessions/sessions.db``)."""
+        """The process's `SessionManager` for the current store, shared by every model: one
+        SQLite file per session in Datus's sessions directory (``{agent.home}/sessions``, else
+        ``~/.datus/sessions``), or the database ``DQ_SESSION_URL`` names."""
         from datus.models.session_manager import shared_session_manager
 
         return shared_session_manager()
 
     def create_session(self, session_id: str | None = None) -> Any:
+        """The session with this id, made if new: pass it back as ``session=``."""
         return self.session_manager.create_session(session_id)
 
     def list_sessions(self) -> list[str]:
@@ -593,14 +615,16 @@ class LLMBaseModel(ABC):
         return self.session_manager.session_exists(session_id)
 
     def get_session_info(self, session_id: str) -> dict[str, Any]:
-        """``{"exists": False, "session_id": ...}``, or ``{"exists": True, "message_count": ...,
-        "created_at": ..., "updated_at": ..., ...}`` as upstream Datus."""
+        """``{"exists": False, "session_id": ...}``, or ``{"exists": True, ...}`` with Datus's
+        keys (``item_count``, ``total_tokens``, ``latest_user_message``, ...)."""
         return self.session_manager.get_session_info(session_id)
 
     def clear_session(self, session_id: str) -> None:
+        """Drop the session's messages; a missing session is only logged, as Datus does."""
         self.session_manager.clear_session(session_id)
 
     def delete_session(self, session_id: str) -> None:
+        """Delete the session from any process; a missing one is nothing to do."""
         self.session_manager.delete_session(session_id)
 
 

@@ -207,7 +207,9 @@ class AgentConfig:
     this project's ``schedules``...). Datus-agent's ``AgentConfig`` methods for models are
     here with their meaning: ``active_model()``, ``model_config(name)``, ``config[name]``."""
 
-    def __init__(self, section: _AgentSection) -> None:
+    def __init__(self, section: _AgentSection | None = None) -> None:
+        """An empty config without ``section``; `from_file`/`from_dict` read one."""
+        section = section if section is not None else _AgentSection()
         self.target: str | None = section.target
         self.models: dict[str, ModelConfig] = dict(section.models)
         self.mcp_servers: dict[str, dict[str, Any]] = dict(section.mcp_servers)

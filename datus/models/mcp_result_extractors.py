@@ -3,6 +3,13 @@
 Which tools run SQL, and under which argument the SQL text travels, differs per database
 server; it lives in one table, `SQL_QUERY_FUNCTIONS`, which config extends
 (``agent.sql_query_functions: {db_type: {tool_name: argument}}``) or callers extend per call.
+A tool's SQL argument not in the table is looked for under ``query``, ``sql`` and ``statement``.
+
+A tool's answer is read in each shape it comes in: Datus-agent's ``read_query`` function tool
+(argument ``sql``) answers ``{"success": 0|1, "error": ..., "result": {"original_rows": n,
+"compressed_data": <CSV>, ...}}`` — ``sql_return`` is the CSV, ``row_count`` ``original_rows``,
+``sql_error`` the reported error; MCP servers answer text (JSON, a Python literal, or wrapped
+as openai-agents renders MCP content, ``{"type": "text", "text": ...}``).
 """
 
 from __future__ import annotations
@@ -66,12 +73,16 @@ def extract_sql_contexts(
         if not isinstance(sql, str):
             continue
         output = action.output if isinstance(action.output, dict) else {"raw_output": action.output}
-        raw = output.get("raw_output")
-        text = raw if isinstance(raw, str) else json.dumps(raw, default=str)
+        raw = _unwrapped(output.get("raw_output"))
         # a Datus function tool answers {"success": 0|1, "error": ..., "result": ...}
-        refused = isinstance(raw, dict) and raw.get("success") in (0, False)
+        datus_answer = isinstance(raw, dict) and "success" in raw and ("result" in raw or "error" in raw)
+        refused = datus_answer and raw.get("success") in (0, False)
         failed = action.status == "failed" or output.get("success") is False or refused
-        error = str(raw.get("error") or text) if refused else text
+        if datus_answer and not failed:
+            text = _datus_result_text(raw.get("result"))
+        else:
+            text = raw if isinstance(raw, str) else json.dumps(raw, default=str)
+        error = str(raw.get("error") or output.get("error") or text) if refused else str(output.get("error") or text)
         contexts.append(SQLContext(
             sql_query=sql,
             explanation=_following_explanation(actions, index),
@@ -94,11 +105,32 @@ def _arguments(value: Any) -> dict[str, Any]:
     return {}
 
 
+def _unwrapped(raw: Any) -> Any:
+    """The text of an MCP result as openai-agents renders one (``{"type": "text", "text": ...}``
+    as JSON, what a Datus step's ``raw_output`` holds for MCP tools); anything else as it is."""
+    if isinstance(raw, str) and raw.startswith("{"):
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError:
+            return raw
+        if isinstance(value, dict) and value.get("type") == "text" and isinstance(value.get("text"), str):
+            return value["text"]
+    return raw
+
+
+def _datus_result_text(result: Any) -> str:
+    """What a Datus ``read_query`` returned, as text: its rows (``compressed_data``, CSV) when
+    the answer has them, else the result as JSON."""
+    if isinstance(result, dict) and isinstance(result.get("compressed_data"), str):
+        return result["compressed_data"]
+    return result if isinstance(result, str) else json.dumps(result, default=str)
+
+
 def _following_explanation(actions: list[ActionHistory], index: int) -> str:
     for later in actions[index + 1:]:
         if later.role == ActionRole.TOOL.value:
             return ""
-        if later.role == ActionRole.ASSISTANT.value and later.action_type in ("assistant_message", "final_response"):
+        if later.role == ActionRole.ASSISTANT.value and later.action_type in ("message", "final_response"):
             return later.messages or ""
     return ""
 

@@ -3,20 +3,36 @@ answers — each step an `ActionHistory`, yielded as it happens.
 
 Each model request is retried on its own under the retry policy (``LLMBaseModel._call`` /
 ``_stream_call``); tool results are kept in the conversation, so a tool that already ran is
-never run again because a later request failed. A tool that fails, a tool that does not
-exist and malformed arguments all go back to the model as failed tool results.
+never run again because a later request failed. A tool that fails (raises, or answers
+``{"success": 0, ...}``), a tool that does not exist and malformed arguments all go back to the
+model as failed tool results. What a hook raises (`datus.models.hooks`) ends the run as it is.
 
-Steps (``action_type``): ``user_input``; ``assistant_delta`` (streamed runs only, PROCESSING,
-one ``action_id`` per model answer); ``assistant_message`` (text or reasoning that came with
-tool calls); one per tool call, named after the tool (PROCESSING, then the same action as
-SUCCESS or FAILED); ``final_response`` (SUCCESS, with content, SQL contexts and usage); and
-``error`` (FAILED) when the run cannot finish, just before the error is raised.
+Steps (``action_type``), shaped as Datus-agent's callers read them:
+
+- ``user_input`` (USER) — live runs only;
+- ``assistant_delta`` (PROCESSING; one ``action_id`` per model answer) — live streamed runs only;
+- ``message`` (ASSISTANT): text that came with tool calls (live runs: or reasoning alone);
+  ``output`` holds ``success``, ``raw_output`` (the text), ``reasoning`` and ``tool_calls``;
+- one per tool call, named after the tool (TOOL): ``messages`` is ``Tool call: name('args...')``,
+  ``input`` holds ``function_name``, ``arguments``, ``tool``, ``server``, ``call_id``; ``output``
+  holds ``success``, ``raw_output`` (the tool's raw return value: a Datus function tool's dict,
+  an MCP tool's text), ``summary``, ``status_message``, ``error`` when it failed; SUCCESS or
+  FAILED, ``end_time`` set. Live runs yield it first as PROCESSING, then again finished under
+  the same ``action_id``;
+- ``final_response`` (ASSISTANT, SUCCESS): ``output`` holds ``success``, ``raw_output`` (the
+  answer's text), ``content`` (validated into the output type), ``sql_contexts``, ``usage``
+  (`Usage.to_dict`: ``total_tokens`` and the other keys Datus reads), ``turns_used``, ``model``;
+- ``error`` (WORKFLOW, FAILED) — live runs only — just before a model error is raised.
+
+A live run (``live_steps``: the job system's) yields every step; otherwise only finished steps
+are yielded, as Datus-agent's own model layer does. Every yielded step is added to the
+``ActionHistoryManager`` (a live tool step once, then updated in place).
 
 Durable runs (``journal``, see `datus.models.run_journal`): each completed turn and each tool
 result is recorded before the next step starts, and a run on a journal that already holds
 steps replays them — yielding their steps again, with the same action ids, but asking no
-model and calling no tool — then goes on. A tool call an earlier run had started is made
-again and its result says ``resumed: true``. A tool server that dies mid-call is then a
+model, calling no tool and no hook — then goes on. A tool call an earlier run had started is
+made again and its result says ``resumed: true``. A tool server that dies mid-call is then a
 retryable `ToolServerLostError` (the run is resumed later) instead of a failed result.
 """
 
@@ -31,11 +47,14 @@ from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel
+from pydantic_core import to_jsonable_python
 
 from datus.models import observe
+from datus.models.agents_compat import AgentInfo, RunContext
 from datus.models.errors import MaxTurnsExceededError, ModelError, ToolServerLostError
-from datus.models.function_tools import Tool, ToolOutcome
+from datus.models.function_tools import Tool, ToolOutcome, reported_failure
 from datus.models.generation import CallOptions, Generation, ModelRequest, StreamDelta
+from datus.models.hooks import RunHooks, hook_tool
 from datus.models.json_output import JsonOutputInvalid, normalize_response_format, parse_json_output
 from datus.models.mcp_result_extractors import extract_sql_contexts
 from datus.models.messages import ChatMessage, ToolCall
@@ -48,6 +67,8 @@ if TYPE_CHECKING:
 
 __all__ = ["ToolRun", "ToolRunResult"]
 
+_PREVIEW_CHARS = 80
+
 
 @dataclass
 class ToolRunResult:
@@ -57,19 +78,21 @@ class ToolRunResult:
     turns_used: int
     model: str
     steps: list[ActionHistory] = field(default_factory=list)
+    context_length: int | None = None
 
     def as_dict(self) -> dict[str, Any]:
+        """What ``generate_with_tools`` returns; ``usage`` is the dict Datus reads."""
         return {
             "content": self.content,
             "sql_contexts": self.sql_contexts,
-            "usage": self.usage,
+            "usage": self.usage.to_dict(self.context_length),
             "turns_used": self.turns_used,
             "model": self.model,
         }
 
 
 class ToolRun:
-    """One run; iterate ``steps()``, then read ``result``."""
+    """One run; iterate ``run_steps()``, then read ``result``."""
 
     def __init__(
         self,
@@ -81,12 +104,14 @@ class ToolRun:
         output_type: Any = str,
         max_turns: int = 10,
         stream: bool = False,
+        live_steps: bool = False,
         manager: ActionHistoryManager | None = None,
         db_type: str = "datus_sql",
         sql_functions: Mapping[str, Mapping[str, str]] | None = None,
         user_text: str = "",
         journal: RunJournal | None = None,
         session_messages: int = 0,
+        hooks: RunHooks | None = None,
     ) -> None:
         if max_turns < 1:
             raise ValueError("max_turns must be at least 1")
@@ -98,6 +123,7 @@ class ToolRun:
         self.output_format = None if output_type in (str, None) else normalize_response_format(output_type)
         self.max_turns = max_turns
         self.stream = stream
+        self.live_steps = live_steps
         self.manager = manager if manager is not None else ActionHistoryManager()
         self.db_type = db_type
         self.sql_functions = sql_functions
@@ -108,6 +134,7 @@ class ToolRun:
         self.journal = journal
         self.session_messages = session_messages  # how many of ``messages`` came from the session
         self.replayed = 0  # steps taken from the journal instead of a model or a tool
+        self.hooks = hooks if hooks is not None else RunHooks(None, RunContext(), AgentInfo())
         self._replay: deque[RunStep] = deque()
         self._started: frozenset[str] = frozenset()
 
@@ -143,14 +170,27 @@ class ToolRun:
     # ---- recording -----------------------------------------------------------------------
 
     def _record(self, action: ActionHistory) -> ActionHistory:
+        """A step that is handed out now: kept, added to the manager, yielded (live runs yield
+        a copy, since a live tool step is yielded again once finished)."""
         self.steps.append(action)
         self.manager.add_action(action)
-        return action.model_copy()
+        return action.model_copy() if self.live_steps else action
+
+    def _start_tool_step(self, action: ActionHistory) -> ActionHistory | None:
+        """A tool step under way: handed out only by live runs."""
+        if self.live_steps:
+            return self._record(action)
+        self.steps.append(action)
+        return None
 
     def _finish_step(self, action: ActionHistory, status: ActionStatus, output: Any,
                      end: datetime | None = None) -> ActionHistory:
         end = end or datetime.now()
-        action.status, action.output, action.end_time = status, output, end
+        # the plain value, as ActionHistory (use_enum_values) stores what its constructor gets
+        action.status, action.output, action.end_time = status.value, output, end
+        if not self.live_steps:
+            self.manager.add_action(action)  # its first appearance
+            return action
         self.manager.update_action_by_id(action.action_id, status=status.value, output=output, end_time=end)
         return action.model_copy()
 
@@ -161,8 +201,12 @@ class ToolRun:
         user = ActionHistory.create_action(
             ActionRole.USER, "user_input", self.user_text, {"prompt": self.user_text}, status=ActionStatus.SUCCESS)
         user.action_id = self._id("user")
-        yield self._record(user)
+        if self.live_steps:
+            yield self._record(user)
+        else:
+            self.steps.append(user)
         specs = tuple(tool.spec for tool in self.tools.values())
+        await self.hooks.start()
         try:
             for turn in range(1, self.max_turns + 1):
                 replayed = self._replayed("turn", turn)
@@ -172,6 +216,8 @@ class ToolRun:
                     start = RunStart(messages=list(self.messages), session_messages=self.session_messages) \
                         if turn == 1 else None
                     request = ModelRequest(self.messages, self.options, None, specs)
+                    if self.hooks:
+                        await self.hooks.llm_start(*_llm_input(self.messages))
                     generation = None
                     if self.stream:
                         # not a stable id: an answer cut off by a stop is never finished, and a
@@ -179,7 +225,8 @@ class ToolRun:
                         answer_id = str(uuid.uuid4())
                         async for item in self.model._stream_call(request):
                             if isinstance(item, StreamDelta):
-                                yield _delta_step(answer_id, item)
+                                if self.live_steps:
+                                    yield _delta_step(answer_id, item)
                             else:
                                 generation = item
                     else:
@@ -188,18 +235,23 @@ class ToolRun:
                     await self._checkpoint(RunStep(
                         kind="turn", turn=turn, message=generation.message(), usage=generation.usage,
                         finish_reason=generation.finish_reason, start=start))
+                    if self.hooks:
+                        await self.hooks.llm_end(generation)
                 assert generation is not None
                 self.usage = self.usage + generation.usage
+                self.hooks.run_context.usage.set(self.usage)
                 self._append(generation.message())
                 if generation.tool_calls:
-                    if generation.text or generation.reasoning:
+                    # reasoning alone is a step of live runs only: Datus's CLI shows each step as a line of text
+                    if generation.text.strip() or (self.live_steps and generation.reasoning):
                         said = ActionHistory.create_action(
-                            ActionRole.ASSISTANT, "assistant_message", generation.text, None,
-                            {"reasoning": generation.reasoning,
+                            ActionRole.ASSISTANT, "message", generation.text, None,
+                            {"success": True, "raw_output": generation.text, "reasoning": generation.reasoning,
                              "tool_calls": [call.model_dump() for call in generation.tool_calls]},
                             ActionStatus.SUCCESS,
                         )
                         said.action_id = self._id(f"t{turn}m")
+                        said.end_time = said.start_time
                         yield self._record(said)
                     for index, call in enumerate(generation.tool_calls):
                         async for step in self._run_tool(turn, index, call):
@@ -213,30 +265,41 @@ class ToolRun:
                 if problem is not None:
                     raise MaxTurnsExceededError(f"the final answer never matched the output type: {problem}",
                                                 provider=self.model.provider, model=self.model.model_name)
-                final = ActionHistory.create_action(ActionRole.ASSISTANT, "final_response", generation.text, None,
-                                                    None, ActionStatus.SUCCESS)
-                final.action_id = self._id("final")
-                # the final answer explains the SQL that ran last
-                sql_contexts = extract_sql_contexts([*self.steps, final], self.db_type, self.sql_functions)
-                final.output = {
-                    "content": content.model_dump(mode="json") if isinstance(content, BaseModel) else content,
-                    "sql_contexts": [context.model_dump() for context in sql_contexts],
-                    "usage": self.usage.model_dump(), "turns_used": turn, "model": self.model.model_name,
-                }
-                self.result = ToolRunResult(content, sql_contexts, self.usage, turn, self.model.model_name, self.steps)
-                yield self._record(final)
+                yield await self._final(turn, generation, content)
                 return
             raise MaxTurnsExceededError(
                 f"no final answer within max_turns={self.max_turns}",
                 provider=self.model.provider, model=self.model.model_name,
             )
         except ModelError as exc:
-            exc.details.setdefault("steps", [step.model_dump(mode="json") for step in self.steps])
+            exc.details.setdefault("steps", [_json_safe(step) for step in self.steps])
             exc.details.setdefault("usage", self.usage.model_dump())
-            yield self._record(ActionHistory.create_action(
-                ActionRole.WORKFLOW, "error", str(exc), None, exc.to_dict() | {"details": {}}, ActionStatus.FAILED,
-            ))
+            if self.live_steps:
+                yield self._record(ActionHistory.create_action(
+                    ActionRole.WORKFLOW, "error", str(exc), None, exc.to_dict() | {"details": {}},
+                    ActionStatus.FAILED,
+                ))
             raise
+
+    async def _final(self, turn: int, generation: Generation, content: Any) -> ActionHistory:
+        final = ActionHistory.create_action(ActionRole.ASSISTANT, "final_response", generation.text, None,
+                                            None, ActionStatus.SUCCESS)
+        final.action_id = self._id("final")
+        # the final answer explains the SQL that ran last
+        sql_contexts = extract_sql_contexts([*self.steps, final], self.db_type, self.sql_functions)
+        context_length = self.model.context_length()
+        final.output = {
+            "success": True,
+            "raw_output": generation.text,
+            "content": content.model_dump(mode="json") if isinstance(content, BaseModel) else content,
+            "sql_contexts": [context.model_dump() for context in sql_contexts],
+            "usage": self.usage.to_dict(context_length), "turns_used": turn, "model": self.model.model_name,
+        }
+        final.end_time = datetime.now()
+        await self.hooks.end(content)
+        self.result = ToolRunResult(content, sql_contexts, self.usage, turn, self.model.model_name, self.steps,
+                                    context_length)
+        return self._record(final)
 
     def _append(self, message: ChatMessage) -> None:
         self.messages.append(message)
@@ -247,7 +310,9 @@ class ToolRun:
         if replayed is not None and replayed.action is not None:
             done = ActionHistory.model_validate(replayed.action)
             action = done.model_copy(update={"status": ActionStatus.PROCESSING, "output": None, "end_time": None})
-            yield self._record(action)
+            started = self._start_tool_step(action)
+            if started is not None:
+                yield started
             yield self._finish_step(action, ActionStatus(done.status), done.output, done.end_time)
             self._append(replayed.message)
             return
@@ -259,42 +324,57 @@ class ToolRun:
         except ValueError as exc:
             arguments, problem = None, str(exc)
         action = ActionHistory.create_action(
-            ActionRole.TOOL, call.name, f"calling {call.name}",
+            ActionRole.TOOL, call.name, _call_message(call.name, arguments, call.arguments),
             {"function_name": call.name, "tool": meta.get("tool", call.name), "server": meta.get("server"),
              "arguments": arguments if arguments is not None else call.arguments, "call_id": call.id},
         )
         action.action_id = self._id(f"t{turn}c{index}")
         resumed = action.action_id in self._started  # an earlier run started this call: it may have run
-        yield self._record(action)
+        started = self._start_tool_step(action)
+        if started is not None:
+            yield started
         if tool is None:
             outcome = ToolOutcome(f"there is no tool named {call.name!r}; available: {', '.join(self.tools) or 'none'}",
                                   is_error=True)
         elif problem is not None:
             outcome = ToolOutcome(problem, is_error=True)
         else:
-            if self.journal is not None:
-                await self.journal.starting(action.action_id)
-            try:
-                with observe.tool_call(call.name, arguments or {}, call.id, meta.get("server")) as spans:
-                    outcome = await tool.call(arguments or {})
-                    if spans is not None:
-                        spans.end(outcome)
-            except Exception as exc:
-                if self.journal is not None and getattr(exc, "server_lost", False):
-                    # a durable run resumes once the server is back, and makes this call again
-                    raise ToolServerLostError(f"tool {call.name!r}: {exc}", provider=self.model.provider,
-                                              model=self.model.model_name) from exc
-                outcome = ToolOutcome(f"{type(exc).__name__}: {exc}", is_error=True)  # goes back to the model
-        status = ActionStatus.FAILED if outcome.is_error else ActionStatus.SUCCESS
-        output: dict[str, Any] = {"success": not outcome.is_error, "raw_output": outcome.text}
+            outcome = await self._call_tool(tool, call, arguments or {}, action.action_id)
+        output = _tool_output(outcome)
         if resumed:
             output["resumed"] = True
+        status = ActionStatus.SUCCESS if output["success"] else ActionStatus.FAILED
         message = ChatMessage(role="tool", tool_call_id=call.id, name=call.name, content=outcome.text)
         finished = self._finish_step(action, status, output)
         await self._checkpoint(RunStep(kind="tool", turn=turn, call=index, message=message,
-                                       action=finished.model_dump(mode="json")))
+                                       action=_json_safe(finished)))
         yield finished
         self._append(message)
+
+    async def _call_tool(self, tool: Tool, call: ToolCall, arguments: dict[str, Any], action_id: str) -> ToolOutcome:
+        """Run one tool between its hooks. The tool's own failures become a failed outcome; what
+        a hook raises is raised."""
+        meta = getattr(tool, "meta", {}) or {}
+        ctx = self.hooks.run_context.for_call(call.name, call.id, call.arguments)
+        target = hook_tool(tool, call.name) if self.hooks else None
+        if self.hooks:
+            await self.hooks.tool_start(ctx, target)
+        if self.journal is not None:
+            await self.journal.starting(action_id)
+        try:
+            with observe.tool_call(call.name, arguments, call.id, meta.get("server")) as spans:
+                outcome = await tool.call(arguments, ctx)
+                if spans is not None:
+                    spans.end(outcome)
+        except Exception as exc:
+            if self.journal is not None and getattr(exc, "server_lost", False):
+                # a durable run resumes once the server is back, and makes this call again
+                raise ToolServerLostError(f"tool {call.name!r}: {exc}", provider=self.model.provider,
+                                          model=self.model.model_name) from exc
+            outcome = ToolOutcome(f"{type(exc).__name__}: {exc}", is_error=True)  # goes back to the model
+        if self.hooks:
+            await self.hooks.tool_end(ctx, target, outcome.raw if outcome.raw is not None else outcome.text)
+        return outcome
 
     def _final_content(self, text: str) -> tuple[Any, str | None]:
         if self.output_format is None:
@@ -305,6 +385,57 @@ class ToolRun:
             return None, str(exc)
         model_cls = self.output_format.pydantic_model
         return (model_cls.model_validate(value) if model_cls else value), None
+
+
+def _tool_output(outcome: ToolOutcome) -> dict[str, Any]:
+    """A finished tool step's ``output``: Datus's keys, ``raw_output`` the tool's own value."""
+    raw = outcome.raw if outcome.raw is not None else outcome.text
+    reported = reported_failure(outcome.raw) if outcome.raw is not None else None
+    failed = outcome.is_error or reported is not None
+    summary = _summary(raw, failed, reported or outcome.text)
+    output: dict[str, Any] = {"success": not failed, "raw_output": raw, "summary": summary, "status_message": summary}
+    if failed:
+        output["error"] = reported or outcome.text
+    return output
+
+
+def _summary(raw: Any, failed: bool, error: str) -> str:
+    """A few words on a tool's answer, for one line of a CLI."""
+    if failed:
+        return f"Failed: {_preview(error, 100)}"
+    value = raw.get("result", raw) if isinstance(raw, Mapping) and "success" in raw else raw
+    if isinstance(value, Mapping) and isinstance(value.get("original_rows"), int):
+        return f"{value['original_rows']} rows"
+    if isinstance(value, (list, tuple)):
+        return f"{len(value)} items"
+    if value in (None, "", {}, []):
+        return "Empty result"
+    if isinstance(value, str):
+        return _preview(value, 100)
+    return "Success"
+
+
+def _preview(text: str, limit: int) -> str:
+    text = " ".join(str(text).split())
+    return text if len(text) <= limit else f"{text[:limit]}..."
+
+
+def _call_message(name: str, arguments: dict[str, Any] | None, raw: str) -> str:
+    """``Tool call: name('{"sql": "SELECT ...'...)``, as Datus's CLI shows a tool call."""
+    shown = json.dumps(arguments, ensure_ascii=False, default=str) if arguments is not None else raw
+    return f"Tool call: {name}('{shown[:_PREVIEW_CHARS]}...')"
+
+
+def _llm_input(messages: list[ChatMessage]) -> tuple[str | None, list[dict[str, Any]]]:
+    """(system prompt, the other messages as dicts): what ``on_llm_start`` gets."""
+    system = next((m.content for m in messages if m.role == "system"), None)
+    return system, [m.model_dump(exclude_defaults=True) for m in messages if m.role != "system"]
+
+
+def _json_safe(step: ActionHistory) -> dict[str, Any]:
+    """A step as JSON (journals, error details): a tool's raw value that JSON cannot hold is
+    kept as its ``str``."""
+    return to_jsonable_python(step, fallback=str)
 
 
 def _delta_step(answer_id: str, delta: StreamDelta) -> ActionHistory:

@@ -1,6 +1,8 @@
-"""Setting up a tool run: tools (functions and MCP servers, the run's own or leased from an
-`MCPPool`), the conversation (session history, instruction, prompt) and, after a successful
-run, the session's new messages — once, even when the run was resumed from a journal."""
+"""Setting up a tool run: tools (Python functions, openai-agents ``FunctionTool`` objects, MCP
+servers — our own, run for the run or leased from an `MCPPool`, and openai-agents server
+objects), hooks, the conversation (session history, instruction, prompt) and, after a
+successful run, the session's new messages — once, even when the run was resumed from a
+journal."""
 
 from __future__ import annotations
 
@@ -8,7 +10,10 @@ import contextlib
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
+from datus.models.agents_compat import DEFAULT_AGENT_NAME, AgentInfo, RunContext
+from datus.models.agents_mcp import server_object_tools, split_servers
 from datus.models.function_tools import Tool, as_tools
+from datus.models.hooks import RunHooks
 from datus.models.json_output import normalize_response_format
 from datus.models.messages import ChatMessage, Prompt, to_messages
 from datus.models.tool_loop import ToolRun, output_hint
@@ -36,15 +41,24 @@ async def prepared_run(
     stream: bool,
     journal: Any = None,
     mcp_pool: Any = None,
+    hooks: Any = None,
+    agent_name: str | None = None,
+    live_steps: bool = False,
 ) -> AsyncIterator[ToolRun]:
     kwargs = dict(kwargs)
     db_type = kwargs.pop("db_type", "datus_sql")
     sql_functions = kwargs.pop("sql_functions", None)
     agent_config = getattr(model, "agent_config", None)
     if sql_functions is None and agent_config is not None:
-        sql_functions = getattr(agent_config, "sql_query_functions", None)
+        sql_functions = _configured_sql_functions(agent_config)
     options = model._options(kwargs)
     function_tools = as_tools(tools)
+    our_servers, server_objects = split_servers(mcp_servers)
+    run_context = RunContext()
+    agent = AgentInfo(name=agent_name or DEFAULT_AGENT_NAME, instructions=instruction or "",
+                      tools=list(tools) if isinstance(tools, (list, tuple)) else [] if tools is None else [tools],
+                      mcp_servers=list(server_objects.values()), output_type=output_type)
+    function_tools = [tool for tool in function_tools if await _enabled(tool, run_context, agent)]
     new_messages = to_messages(prompt)
     session_obj = _session(model, session)
     history = await session_obj.aget_messages() if session_obj is not None else []
@@ -54,16 +68,18 @@ async def prepared_run(
     messages = ([ChatMessage(role="system", content=system_text)] if system_text else []) + list(history) + new_messages
     user_text = next((m.content for m in reversed(new_messages) if m.role == "user"), "")
 
-    async with _mcp_tools(mcp_servers, agent_config, mcp_pool) as server_tools:
+    async with _mcp_tools(our_servers, agent_config, mcp_pool) as server_tools, \
+            server_object_tools(server_objects, run_context, agent) as object_tools:
         by_name: dict[str, Tool] = {}
-        for tool in [*function_tools, *server_tools]:
+        for tool in [*function_tools, *server_tools, *object_tools]:
             if tool.spec.name in by_name:
                 raise ValueError(f"two tools are named {tool.spec.name!r}; rename one of them")
             by_name[tool.spec.name] = tool
         run = ToolRun(
             model, messages, by_name, options, output_type=output_type, max_turns=max_turns, stream=stream,
-            manager=manager, db_type=db_type, sql_functions=sql_functions, user_text=user_text,
-            journal=journal, session_messages=len(history),
+            live_steps=live_steps, manager=manager, db_type=db_type, sql_functions=sql_functions,
+            user_text=user_text, journal=journal, session_messages=len(history),
+            hooks=RunHooks(hooks, run_context, agent),
         )
         yield run
     if run.result is not None and session_obj is not None:
@@ -73,6 +89,18 @@ async def prepared_run(
         counts = [int(count_tokens(m.content + (m.reasoning or ""), model.provider, model.model_name)) for m in stored]
         # a resumed run may have saved them already (it finished, then its job was redelivered)
         await session_obj.aadd_messages(stored, counts, once_after=run.session_messages if run.replayed else None)
+
+
+def _configured_sql_functions(agent_config: Any) -> Any:
+    """``agent.sql_query_functions`` of our `AgentConfig` (a section kept as read), if any."""
+    sections = getattr(agent_config, "sections", None)
+    return sections.get("sql_query_functions") if isinstance(sections, dict) else None
+
+
+async def _enabled(tool: Tool, run_context: RunContext, agent: AgentInfo) -> bool:
+    """openai-agents' ``is_enabled`` (`AgentsFunctionTool.is_enabled`); other tools are enabled."""
+    check = getattr(tool, "is_enabled", None)
+    return True if not callable(check) else bool(await check(run_context, agent))
 
 
 def _session(model: LLMBaseModel, session: Any) -> Any:

@@ -56,11 +56,11 @@ async def test_plain_and_streamed_runs_agree() -> None:
     result = await plain_model.generate_with_tools("sum it", tools=[add, explode], output_type=Total)
     assert result["content"] == Total(total=3)
     assert result["turns_used"] == 3
-    assert result["usage"].requests == 3
+    assert result["usage"]["requests"] == 3 and result["usage"]["total_tokens"] > 0
 
     manager = ActionHistoryManager()
     streamed = [s async for s in model(exchange()).generate_with_tools_stream(
-        "sum it", tools=[add, explode], output_type=Total, action_history_manager=manager)]
+        "sum it", tools=[add, explode], output_type=Total, action_history_manager=manager, live_steps=True)]
     assert any(s.action_type == "assistant_delta" for s in streamed)
     final = streamed[-1]
     assert final.action_type == "final_response" and final.output["content"] == {"total": 3}
@@ -95,7 +95,7 @@ async def test_rate_limited_request_never_reruns_a_tool() -> None:
     result = await m.generate_with_tools("go", tools=[add])
     assert result["content"] == "ten"
     assert RAN == [(5, 5)]
-    assert result["usage"].attempts == 4  # 1 + (1 failed + 1 failed + 1 ok)
+    assert result["usage"]["attempts"] == 4  # 1 + (1 failed + 1 failed + 1 ok)
 
 
 async def test_max_turns_raises_with_the_steps_so_far() -> None:
@@ -110,10 +110,17 @@ async def test_stream_ends_with_a_failed_step_on_error() -> None:
     m = model([Fault("status", status=401, message="bad key")])
     steps = []
     with pytest.raises(Exception, match="bad key"):
-        async for step in m.generate_with_tools_stream("x", tools=[add]):
+        async for step in m.generate_with_tools_stream("x", tools=[add], live_steps=True):
             steps.append(step)
     assert steps[-1].action_type == "error" and steps[-1].status == "failed"
     assert steps[-1].output["code"] == "model_authentication_error"
+    # by default the error is only raised: Datus's nodes add their own failed step
+    quiet = model([Fault("status", status=401, message="bad key")])
+    manager = ActionHistoryManager()
+    with pytest.raises(Exception, match="bad key"):
+        async for step in quiet.generate_with_tools_stream("x", tools=[add], action_history_manager=manager):
+            steps.append(step)
+    assert manager.get_actions() == []
 
 
 async def test_bad_output_type_answer_is_re_asked_within_turns() -> None:
@@ -146,7 +153,7 @@ def once(replies) -> FakeModel:
 
 async def steps_of(m: FakeModel, journal: MemoryJournal | None, **kwargs):
     return [s async for s in m.generate_with_tools_stream("sum it", tools=[add], output_type=Total, journal=journal,
-                                                          **kwargs)]
+                                                          live_steps=True, **kwargs)]
 
 
 async def test_a_run_resumed_from_its_journal_asks_no_turn_and_runs_no_tool_again() -> None:
@@ -157,7 +164,8 @@ async def test_a_run_resumed_from_its_journal_asks_no_turn_and_runs_no_tool_agai
     first = once([*durable_exchange()[:2], Fault("rate_limit", retry_after=0.01)])
     seen_first: list = []
     with pytest.raises(RateLimitError):
-        async for step in first.generate_with_tools_stream("sum it", tools=[add], output_type=Total, journal=journal):
+        async for step in first.generate_with_tools_stream("sum it", tools=[add], output_type=Total, journal=journal,
+                                                           live_steps=True):
             seen_first.append(step)
     assert RAN == [(1, 2), (3, 4)]
     assert [(s.kind, s.turn, s.call) for s in journal.steps] == [("turn", 1, None), ("tool", 1, 0), ("turn", 2, None),
@@ -189,7 +197,8 @@ async def test_a_tool_call_under_way_when_the_run_stopped_runs_again_marked_resu
     first = once(durable_exchange())
 
     async def stop_during_the_tool() -> None:
-        async for step in first.generate_with_tools_stream("sum it", tools=[add], output_type=Total, journal=journal):
+        async for step in first.generate_with_tools_stream("sum it", tools=[add], output_type=Total, journal=journal,
+                                                           live_steps=True):
             if step.role == "tool" and step.status == "processing":
                 raise KeyboardInterrupt  # the run dies with its first tool call under way
 

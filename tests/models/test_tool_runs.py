@@ -192,7 +192,7 @@ async def test_sql_tool_run_plain_and_streamed_agree(provider: str, fake_server:
     assert result["content"] == ANSWER
     assert result["turns_used"] == 3 and result["model"] == PROVIDERS[provider]
     usage = result["usage"]
-    assert (usage.input_tokens, usage.output_tokens, usage.requests) == (600, 60, 3)
+    assert (usage["input_tokens"], usage["output_tokens"], usage["requests"], usage["total_tokens"]) == (600, 60, 3, 660)
     [context] = result["sql_contexts"]
     assert context.sql_query == CITY_SQL and context.row_count == 2 and context.sql_error == ""
     assert json.loads(context.sql_return)["rows"] == [["Berlin", 15], ["Lisbon", 15]]
@@ -216,9 +216,10 @@ async def test_sql_tool_run_plain_and_streamed_agree(provider: str, fake_server:
     fake_server.script.add(*sql_exchange())
     manager = ActionHistoryManager()
     steps = await streamed(model, "How many customers per city?", mcp_servers={"sql": sql_server(shop_db)},
-                           action_history_manager=manager)
+                           action_history_manager=manager, live_steps=True)
     assert all(was_streamed(r) for r in fake_server.requests) and len(fake_server.requests) == 3
-    assert comparable(steps) == comparable(plain)
+    finished = [s for s in steps if s.action_type != "user_input" and s.status != ActionStatus.PROCESSING]
+    assert comparable(finished) == comparable(plain)
     final = steps[-1]
     assert final.action_type == "final_response" and final.status == ActionStatus.SUCCESS
     assert final.output["content"] == ANSWER
@@ -230,7 +231,7 @@ async def test_sql_tool_run_plain_and_streamed_agree(provider: str, fake_server:
     first_answer = [s for s in deltas if s.action_id == deltas[0].action_id]
     assert "".join(s.output["text"] for s in first_answer) == "Let me look at the tables."
     assert "".join(s.output["reasoning"] or "" for s in first_answer) == "Counting per city needs the customers table."
-    [thought] = [s for s in steps if s.action_type == "assistant_message"]
+    [thought] = [s for s in steps if s.action_type == "message"]
     assert (thought.messages, thought.output["reasoning"]) == ("Let me look at the tables.",
                                                               "Counting per city needs the customers table.")
     assert [(s.action_type, s.status) for s in steps if s.role == ActionRole.TOOL] == [
@@ -245,6 +246,20 @@ async def test_sql_tool_run_plain_and_streamed_agree(provider: str, fake_server:
     assert [s.action_id for s in recorded] == list(dict.fromkeys(s.action_id for s in steps
                                                                  if s.action_type != "assistant_delta"))
     assert [s.status for s in recorded if s.role == ActionRole.TOOL] == ["success", "success"]
+
+    # by default (Datus's nodes and CLI): only finished steps, the same ones the plain run took,
+    # each yielded object the one added to the caller's manager (which already holds a step)
+    fake_server.reset()
+    fake_server.script.add(*sql_exchange())
+    earlier = ActionHistory.create_action(ActionRole.USER, "user", "user: earlier turn", None,
+                                          status=ActionStatus.SUCCESS)
+    manager = ActionHistoryManager()
+    manager.add_action(earlier)
+    quiet = await streamed(model, "How many customers per city?", mcp_servers=["sql"], action_history_manager=manager)
+    assert comparable(quiet) == comparable(plain)
+    assert [s.action_type for s in quiet] == ["message", "list_tables", "read_query", "final_response"]
+    assert manager.get_actions()[0] is earlier and all(a is b for a, b in zip(manager.get_actions()[1:], quiet))
+    assert all(s.is_done() and s.end_time is not None for s in quiet)
 
 
 class CityCounts(BaseModel):
@@ -335,7 +350,7 @@ async def test_concurrent_runs_on_one_model_keep_their_servers_apart(tmp_path: P
     assert small_run["content"] == "counted the small shop" and big_run["content"] == "counted the big shop"
     assert json.loads(small_run["sql_contexts"][0].sql_return)["rows"] == [[4]]
     assert json.loads(big_run["sql_contexts"][0].sql_return)["rows"] == [[10]]
-    assert small_run["usage"].requests == big_run["usage"].requests == 2
+    assert small_run["usage"]["requests"] == big_run["usage"]["requests"] == 2
 
 
 # ---------------------------------------------------------------- bad input
@@ -432,7 +447,8 @@ async def test_max_turns_raises_with_the_steps_so_far(fake_server: FakeProviderS
     fake_server.clear_requests()
     seen: list[ActionHistory] = []
     with pytest.raises(MaxTurnsExceededError):
-        async for step in model.generate_with_tools_stream("loop", mcp_servers=["sql"], max_turns=1):
+        async for step in model.generate_with_tools_stream("loop", mcp_servers=["sql"], max_turns=1,
+                                                           live_steps=True):
             seen.append(step)
     assert seen[-1].action_type == "error" and seen[-1].status == ActionStatus.FAILED
     assert seen[-1].output["code"] == "model_max_turns_exceeded"
@@ -460,7 +476,7 @@ async def test_a_retried_request_never_reruns_a_tool(provider: str, stream: bool
         content, usage = final.output["content"], final.output["usage"]
     else:
         result = await model.generate_with_tools("Orders from Berlin?", tools=[count_orders])
-        content, usage = result["content"], result["usage"].model_dump()
+        content, usage = result["content"], result["usage"]
     assert content == "Seven orders."
     assert ran == ["Berlin"]
     assert usage["attempts"] == 4  # the second request took three attempts
@@ -575,7 +591,7 @@ async def test_a_streamed_run_stopped_at_its_final_step_still_saves_the_session(
 # ---------------------------------------------------------------- SQL contexts
 
 
-def tool_step(tool: str, arguments: dict[str, Any] | str, raw: str, ok: bool = True) -> ActionHistory:
+def tool_step(tool: str, arguments: dict[str, Any] | str, raw: Any, ok: bool = True) -> ActionHistory:
     return ActionHistory.create_action(
         ActionRole.TOOL, tool, f"calling {tool}",
         {"function_name": tool, "tool": tool, "server": "db", "arguments": arguments, "call_id": "c"},
@@ -603,7 +619,7 @@ def test_each_sql_tool_in_the_table_gives_a_context(db_type: str, tool: str, arg
 def test_sql_contexts_row_counts_errors_and_explanations() -> None:
     steps = [
         tool_step("read_query", {"query": "SELECT 1"}, json.dumps({"columns": ["x"], "rows": [[1]], "row_count": 1})),
-        said("One row, as expected.", "assistant_message"),
+        said("One row, as expected.", "message"),
         tool_step("read_query", {"query": "SELECT * FROM nope"}, "query failed: no such table: nope", ok=False),
         tool_step("list_tables", {}, '{"tables": ["c"]}'),  # runs no SQL
         tool_step("read_query", '{"query": "SELECT name FROM c"}', "[{'name': 'a'}, {'name': 'b'}]"),  # reference
@@ -618,6 +634,36 @@ def test_sql_contexts_row_counts_errors_and_explanations() -> None:
     assert extract_sql_contexts([s.model_dump(mode="json") for s in steps], "sqlite") == [first, failed, literal]
     processing = ActionHistory.create_action(ActionRole.TOOL, "read_query", "", {"arguments": {"query": "SELECT 2"}})
     assert extract_sql_contexts([processing], "sqlite") == []  # not finished: no context yet
+
+
+def test_sql_contexts_from_datus_read_query_answers_and_wrapped_mcp_content() -> None:
+    """Datus's ``read_query`` function tool (argument ``sql``) and its ``FuncToolResult`` answers
+    (callsites.md §8), in steps as Datus's own layer wrote them (arguments as raw JSON text,
+    ``success`` True even when the answer says 0) and as ours does; and MCP content as
+    openai-agents renders it (``{"type": "text", "text": ...}``)."""
+    rows = "city,n\nBerlin,15\nLisbon,15\n"
+    answer = {"success": 1, "error": None, "result": {
+        "original_rows": 2, "original_columns": ["city", "n"], "is_compressed": False, "compressed_data": rows,
+        "removed_columns": [], "compression_type": "none"}}
+    refused = {"success": 0, "error": "no such table: nowhere", "result": None}
+    wrapped = json.dumps({"type": "text", "text": json.dumps({"columns": ["x"], "rows": [[1], [2], [3]]}),
+                          "annotations": None, "meta": None})
+    steps = [
+        tool_step("read_query", json.dumps({"sql": "SELECT city, n FROM t"}), answer),
+        said("Two cities.", "message"),
+        tool_step("read_query", json.dumps({"sql": "SELECT * FROM nowhere"}), refused),
+        tool_step("read_query", {"sql": "SELECT * FROM nowhere"}, refused, ok=False),
+        tool_step("search_table", {"query_text": "customers"}, {"success": 1, "error": None, "result": {}}),
+        tool_step("read_query", {"query": "SELECT x FROM y"}, wrapped),
+        said("Done."),
+    ]
+    first, theirs, ours, mcp = extract_sql_contexts(steps)
+    assert first == SQLContext(sql_query="SELECT city, n FROM t", explanation="Two cities.", sql_return=rows,
+                               sql_error="", row_count=2)
+    for failed in (theirs, ours):
+        assert (failed.sql_error, failed.sql_return, failed.row_count) == ("no such table: nowhere", "", None)
+    assert (mcp.sql_query, mcp.row_count, mcp.explanation) == ("SELECT x FROM y", 3, "Done.")
+    assert json.loads(mcp.sql_return)["rows"] == [[1], [2], [3]]
 
 
 def test_extra_functions_extend_the_table() -> None:
@@ -679,7 +725,7 @@ async def test_a_resumed_run_replays_reasoning_with_its_signatures_and_saves_the
     result = await model.generate_with_tools("How many customers per city?", mcp_servers=["sql"], session=session,
                                              journal=journal, enable_thinking=True)
     assert result["content"] == ANSWER and result["turns_used"] == 3
-    assert (result["usage"].input_tokens, result["usage"].output_tokens) == (600, 60)  # all three turns
+    assert (result["usage"]["input_tokens"], result["usage"]["output_tokens"]) == (600, 60)  # all three turns
     [sent] = bodies(fake_server)  # one request: the turn never answered
     if provider == "claude":  # the thinking block went back with its signature, which the fake checks
         assert "Counting per city" in json.dumps(sent)

@@ -84,7 +84,7 @@ def assert_steps_once(client: JobClient, job_id: str, workflow: list[str]) -> No
     keys = [(step["action_id"], step["status"]) for step in steps]
     assert len(keys) == len(set(keys)), "a step was published twice"
     run = [(step["action_type"], step["status"]) for step in steps if step["role"] != "workflow"]
-    assert run == [("user_input", "success"), ("assistant_message", "success"), ("record", "processing"),
+    assert run == [("user_input", "success"), ("message", "success"), ("record", "processing"),
                    ("record", "success"), ("final_response", "success")]
     assert [step["action_type"] for step in steps if step["role"] == "workflow"] == workflow
 

@@ -6,7 +6,7 @@ import contextlib
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
-from datus.models.function_tools import Tool, ToolOutcome
+from datus.models.function_tools import Tool, ToolContext, ToolOutcome
 from datus.models.generation import ToolSpec
 from datus.models.mcp.servers import MCPServerGroup, MCPTool, multiple_mcp_servers
 
@@ -28,7 +28,7 @@ class MCPToolAdapter:
         schema = tool.input_schema or {"type": "object", "properties": {}}
         self.spec = ToolSpec(name=tool.exposed_name, description=tool.description or "", parameters=schema)
 
-    async def call(self, arguments: dict[str, Any]) -> ToolOutcome:
+    async def call(self, arguments: dict[str, Any], ctx: ToolContext | None = None) -> ToolOutcome:
         result = await self.group.call_tool(self.tool.exposed_name, arguments)
         return ToolOutcome(result.text, is_error=result.is_error, structured=result.structured_content,
                            meta=self.meta)

@@ -26,7 +26,7 @@ import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import Annotated, Any
 
 import sqlglot
 import sqlglot.errors
@@ -37,9 +37,6 @@ from sqlalchemy.exc import NoSuchTableError, SQLAlchemyError
 from sqlglot import exp
 
 from datus.models.sql_engines import create_read_only_engine, with_driver
-
-if TYPE_CHECKING:
-    from mcp.server.mcpserver import MCPServer
 
 __all__ = ["ReadOnlyDatabase", "ReadOnlyViolation", "build_server", "check_read_only", "main", "stdio_config"]
 
@@ -308,21 +305,25 @@ def _shown_url(url: str) -> str:
         return repr(url)
 
 
-def build_server(db: ReadOnlyDatabase) -> MCPServer:
-    """The MCP server exposing ``db``: three tools, all read-only."""
-    from mcp.server.mcpserver import MCPServer
-    from mcp.server.mcpserver.exceptions import ToolError
+def build_server(db: ReadOnlyDatabase) -> Any:
+    """The MCP server exposing ``db``: three tools, all read-only (a FastMCP on mcp 1.x, an
+    MCPServer on 2.x; run it with `datus.models.mcp.sdk.run_server`)."""
     from mcp.types import ToolAnnotations
 
-    reads = ToolAnnotations(read_only_hint=True, destructive_hint=False, idempotent_hint=True, open_world_hint=False)
-    server: MCPServer = MCPServer(
+    from datus.models.mcp import sdk
+    from datus.models.mcp.sdk import ToolError
+
+    # by the wire names, which both SDKs accept (their attribute names differ)
+    reads = ToolAnnotations.model_validate(
+        {"readOnlyHint": True, "destructiveHint": False, "idempotentHint": True, "openWorldHint": False})
+    server = sdk.new_server(
         "datus-sql",
         instructions=(
             f"Read-only access to a {db.backend} database. Find tables with list_tables, their columns with "
             f"describe_table, then run one SELECT at a time with read_query (at most {db.max_rows} rows)."
         ),
-        log_level="WARNING",
     )
+
     @server.tool(annotations=reads, structured_output=False)
     def list_tables(schema: _Schema = None) -> str:
         """List the tables and views, as JSON: {"tables": [...], "views": [...]}."""
@@ -384,12 +385,11 @@ def main(argv: list[str] | None = None) -> None:
     except Exception as exc:
         print(f"datus-sql: cannot open {_shown_url(args.url)}: {_error_text(exc)}", file=sys.stderr)
         raise SystemExit(1) from None
+    from datus.models.mcp import sdk
+
     server = build_server(db)
     try:
-        if args.transport == "stdio":
-            server.run("stdio")
-        else:
-            server.run("streamable-http", host=args.host, port=args.port)
+        sdk.run_server(server, args.transport, host=args.host, port=args.port)
     finally:
         db.dispose()
 

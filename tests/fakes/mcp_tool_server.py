@@ -8,20 +8,21 @@ error), ``structured`` (structured content), ``exit_now`` (dies in the middle of
 ``record`` (appends ``call <tag> <pid>`` to the ``--record`` file; its first call of a tag holds ``hold_s``; the
 server appends ``start <pid>`` there when it starts: a test counts calls and processes).
 Change notices go out on both MCP eras: to ``subscriptions/listen`` streams (2026-07-28)
-and as a plain ``notifications/tools/list_changed`` on handshake-era connections.
+and as a plain ``notifications/tools/list_changed`` on handshake-era connections. It runs on
+mcp 1.x (FastMCP) and 2.x (MCPServer) alike, through `datus.models.mcp.sdk`.
 """
 
-from __future__ import annotations
-
+# No `from __future__ import annotations`: FastMCP of mcp 1.12 and before finds the `ctx: Context`
+# parameter by its annotation object; a string annotation would make ctx a required argument.
 import argparse
 import asyncio
 import os
 import time
 
-from mcp.server.mcpserver import Context, MCPServer
-from mcp.server.mcpserver.exceptions import ToolError
+from datus.models.mcp import sdk
+from datus.models.mcp.sdk import Context, ToolError
 
-server = MCPServer("fake-tools", log_level="WARNING")
+server = sdk.new_server("fake-tools")
 RECORD: list[str] = []  # the --record file, once parsed
 
 
@@ -31,10 +32,11 @@ def _append(line: str) -> None:
             out.write(line + "\n")
 
 
-async def _announce(ctx: Context) -> None:
-    await ctx.notify_tools_changed()
-    if ctx.protocol_version and ctx.protocol_version < "2026":
-        await ctx.session.send_tool_list_changed()
+def _recorded(tag: str) -> bool:
+    if not RECORD or not os.path.exists(RECORD[0]):
+        return False
+    with open(RECORD[0], encoding="utf-8") as recorded:
+        return f"call {tag} " in recorded.read()
 
 
 @server.tool()
@@ -58,14 +60,14 @@ async def add_tool(name: str, ctx: Context, notify: bool = True) -> str:
 
     server.add_tool(added, name=name, description=f"added at run time as {name}")
     if notify:
-        await _announce(ctx)
+        await sdk.announce_tools_changed(ctx)
     return f"added {name}"
 
 
 @server.tool()
 async def announce(ctx: Context) -> str:
     """Announce that the tool list changed."""
-    await _announce(ctx)
+    await sdk.announce_tools_changed(ctx)
     return "announced"
 
 
@@ -85,7 +87,7 @@ def structured(n: int) -> dict[str, int]:
 async def record(tag: str, hold_s: float = 0.0) -> str:
     """Record a call with this tag (a side effect a test can count); the first call of a tag
     then waits hold_s seconds (a call made again answers at once)."""
-    again = bool(RECORD) and os.path.exists(RECORD[0]) and f"call {tag} " in open(RECORD[0], encoding="utf-8").read()
+    again = _recorded(tag)
     _append(f"call {tag} {os.getpid()}")
     if hold_s and not again:
         await asyncio.sleep(hold_s)
@@ -110,7 +112,4 @@ if __name__ == "__main__":
     if args.record:
         RECORD.append(args.record)
         _append(f"start {os.getpid()}")
-    if args.transport == "stdio":
-        server.run("stdio")
-    else:
-        server.run("streamable-http", host="127.0.0.1", port=args.port)
+    sdk.run_server(server, args.transport, port=args.port)

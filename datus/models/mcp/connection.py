@@ -3,7 +3,10 @@ tools it lists, the calls it makes, and the reasons a start failed, in words a u
 
 Private: `datus.models.mcp.servers` is the public face (specs, the server group, the errors) and
 re-exports what is public here. That module imports this one, so the errors and spec classes
-defined there are imported here inside the functions that need them.
+defined there are imported here inside the functions that need them. So is `sdk`, the one module
+that knows which MCP SDK is installed (1.x or 2.x): the SDK is imported once a server is used.
+What comes back from a server is read in its wire form (``model_dump(by_alias=True)``), which
+both SDKs produce alike.
 """
 
 from __future__ import annotations
@@ -14,8 +17,8 @@ import math
 import os
 import re
 import tempfile
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
-from contextlib import asynccontextmanager
+from collections.abc import Awaitable, Callable, Mapping
+from contextlib import AbstractAsyncContextManager
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -24,9 +27,10 @@ from pydantic import ValidationError
 
 if TYPE_CHECKING:
     from anyio.abc import TaskGroup, TaskStatus
-    from mcp import Client
+    from mcp import ClientSession
 
-    from datus.models.mcp.servers import MCPConnectionLostError, MCPServerSpec, MCPServerStreamableHttp
+    from datus.models.mcp.sdk import Negotiated
+    from datus.models.mcp.servers import MCPConnectionLostError, MCPServerSpec
 
 __all__ = ["MCPConnection", "MCPTool", "ToolResult", "connect_and_serve", "safe_url"]
 
@@ -68,22 +72,30 @@ class ToolResult:
         return asdict(self)
 
 
+def _wire(model: Any) -> dict[str, Any]:
+    # The JSON the server sent: camelCase keys in both SDKs (their attribute names differ).
+    return model.model_dump(by_alias=True, mode="json", exclude_none=True)
+
+
 def _result_from_mcp(server: str, tool: str, result: Any) -> ToolResult:
+    wire = _wire(result)
     parts: list[str] = []
-    for block in result.content:
-        kind = getattr(block, "type", "")
+    for block in wire.get("content") or []:
+        kind = block.get("type", "")
         if kind == "text":
-            parts.append(block.text)
+            parts.append(block.get("text", ""))
         elif kind == "resource":
-            parts.append(getattr(block.resource, "text", None) or f"[resource {block.resource.uri}]")
+            resource = block.get("resource") or {}
+            parts.append(resource.get("text") or f"[resource {resource.get('uri')}]")
         elif kind == "resource_link":
-            parts.append(f"[resource {block.uri}]")
+            parts.append(f"[resource {block.get('uri')}]")
         else:
-            parts.append(f"[{kind} {getattr(block, 'mime_type', '')}]".replace(" ]", "]"))
+            parts.append(f"[{kind} {block.get('mimeType', '')}]".replace(" ]", "]"))
     text = "\n".join(parts)
-    if not text and result.structured_content is not None:
-        text = json.dumps(result.structured_content, default=str)
-    return ToolResult(text, bool(result.is_error), result.structured_content, server, tool)
+    structured = wire.get("structuredContent")
+    if not text and structured is not None:
+        text = json.dumps(structured, default=str)
+    return ToolResult(text, bool(wire.get("isError")), structured, server, tool)
 
 
 # ---------------------------------------------------------------- one connection
@@ -96,18 +108,23 @@ class MCPConnection:
     def __init__(self, name: str, spec: MCPServerSpec, stderr: _StderrLog | None = None) -> None:
         self.name = name
         self.spec = spec
-        self._client: Client | None = None
+        self._session: ClientSession | None = None
+        self._negotiated: Negotiated | None = None
         self._stderr = stderr
         self._tools: list[MCPTool] | None = None
         self._generation = 0  # bumped by every change notice, so a listing in flight is not cached stale
         self._cache_tools = True
         self._listing = anyio.Lock()
         self._closed = False
+        self._closed_because = ""
+        self._in_flight: set[anyio.CancelScope] = set()
         self.stream_errors: list[str] = []
 
     @property
     def protocol_version(self) -> str:
-        return self._live().protocol_version
+        self._live()
+        assert self._negotiated is not None  # set before the connection is handed out
+        return self._negotiated.protocol_version
 
     def invalidate_tools(self) -> None:
         self._generation += 1
@@ -126,45 +143,59 @@ class MCPConnection:
             return list(tools)
 
     async def _fetch_tools(self) -> list[MCPTool]:
-        client, tools, cursor = self._live(), [], None
+        from datus.models.mcp import sdk
+
+        session, tools, cursor = self._live(), [], None
         for _ in range(_MAX_TOOL_PAGES):
-            page = await client.list_tools(cursor=cursor)
-            tools += [MCPTool(self.name, t.name, t.description or "", dict(t.input_schema or {})) for t in page.tools]
-            cursor = page.next_cursor
+            page = _wire(await sdk.list_tools_page(session, cursor))
+            tools += [MCPTool(self.name, t["name"], t.get("description") or "", dict(t.get("inputSchema") or {}))
+                      for t in page.get("tools", [])]
+            cursor = page.get("nextCursor")
             if not cursor:
                 break
         return tools
 
     async def call_tool(self, name: str, arguments: Mapping[str, Any] | None = None) -> ToolResult:
         """Errors of the tool come back as ``is_error`` results; a lost transport raises."""
-        from mcp import MCPError
+        from datus.models.mcp import sdk
 
-        client = self._live()
+        session = self._live()
         try:
-            result = await self._request(f"tools/call {name!r}", lambda: client.call_tool(name, dict(arguments or {})))
-        except MCPError as exc:  # the server answered with a JSON-RPC error: the call failed, the server did not
-            return ToolResult(f"MCP error {exc.code}: {exc.message}", is_error=True, server=self.name, tool=name)
+            result = await self._request(f"tools/call {name!r}", lambda: session.call_tool(name, dict(arguments or {})))
+        except sdk.McpError as exc:  # the server answered with a JSON-RPC error: the call failed, the server did not
+            return ToolResult(f"MCP error {exc.error.code}: {exc.error.message}", is_error=True, server=self.name,
+                              tool=name)
         except (ValidationError, RuntimeError) as exc:  # a result not matching the protocol or the tool's schema
             return ToolResult(f"invalid result from tool {name!r}: {exc}", is_error=True, server=self.name, tool=name)
         return _result_from_mcp(self.name, name, result)
 
     async def _request(self, what: str, send: Callable[[], Awaitable[T]]) -> T:
-        from mcp import MCPError
-        from mcp_types import CONNECTION_CLOSED, REQUEST_TIMEOUT
-
+        from datus.models.mcp import sdk
         from datus.models.mcp.servers import MCPRequestTimeoutError
 
-        try:
-            return await send()
-        except MCPError as exc:
-            if exc.code == REQUEST_TIMEOUT:
-                raise MCPRequestTimeoutError(f"MCP server {self.name!r} did not answer {what} within "
-                                             f"{self.spec.request_timeout_s:g}s", server=self.name) from exc
-            if exc.code != CONNECTION_CLOSED:
-                raise
-            raise self._lost(what) from exc
-        except (anyio.BrokenResourceError, anyio.ClosedResourceError, anyio.EndOfStream, OSError) as exc:
-            raise self._lost(what) from exc
+        with anyio.CancelScope() as scope:
+            self._in_flight.add(scope)
+            try:
+                return await send()
+            except sdk.McpError as exc:
+                if exc.error.code == sdk.REQUEST_TIMEOUT:
+                    raise MCPRequestTimeoutError(f"MCP server {self.name!r} did not answer {what} within "
+                                                 f"{self.spec.request_timeout_s:g}s", server=self.name) from exc
+                if exc.error.code != sdk.CONNECTION_CLOSED:
+                    raise
+                raise self._lost(what) from exc
+            except (anyio.BrokenResourceError, anyio.ClosedResourceError, anyio.EndOfStream, OSError) as exc:
+                raise self._lost(what) from exc
+            finally:
+                self._in_flight.discard(scope)
+        raise self._lost(what)  # `_close` cancelled it: the connection ended while the request waited
+
+    def _close(self, why: str) -> None:
+        """The connection has ended: fail the requests still waiting on it. mcp 1.x leaves a
+        request waiting forever when its streamable HTTP transport fails under it."""
+        self._closed, self._closed_because = True, why
+        for scope in self._in_flight:
+            scope.cancel()
 
     def _lost(self, what: str) -> MCPConnectionLostError:
         from datus.models.mcp.servers import MCPConnectionLostError
@@ -174,18 +205,18 @@ class MCPConnection:
             f"MCP server {self.name!r} closed the connection during {what} (it exited, was killed or dropped "
             f"the connection){'; its stderr ends with: ' + tail if tail else ''}", server=self.name)
 
-    def _live(self) -> Client:
+    def _live(self) -> ClientSession:
         from datus.models.mcp.servers import MCPConnectionLostError
 
-        if self._client is None or self._closed:
-            raise MCPConnectionLostError(f"MCP server {self.name!r} is not connected (its server group has exited)",
-                                         server=self.name)
-        return self._client
+        if self._session is None or self._closed:
+            raise MCPConnectionLostError(f"MCP server {self.name!r} is not connected "
+                                         f"({self._closed_because or 'its server group has exited'})", server=self.name)
+        return self._session
 
     async def _on_message(self, message: Any) -> None:
-        from mcp.types import ToolListChangedNotification
+        from datus.models.mcp import sdk
 
-        if isinstance(message, ToolListChangedNotification):
+        if sdk.is_tool_list_changed(message):
             self.invalidate_tools()
         elif isinstance(message, Exception):  # e.g. a line on stdout that is not JSON-RPC
             bad = message.errors()[0].get("input") if isinstance(message, ValidationError) else None
@@ -195,11 +226,8 @@ class MCPConnection:
     async def _watch_tool_changes(self, tg: TaskGroup) -> None:
         # Since the 2026-07-28 revision change notices flow only on a subscriptions/listen
         # stream; before it they arrive unasked and _on_message sees them.
-        from mcp_types.version import MODERN_PROTOCOL_VERSIONS
-
-        client = self._live()
-        tools = client.server_capabilities.tools
-        if client.protocol_version not in MODERN_PROTOCOL_VERSIONS or not (tools and tools.list_changed):
+        negotiated = self._negotiated
+        if negotiated is None or not negotiated.modern or not negotiated.tools_list_changed:
             return
         try:
             await tg.start(self._listen)
@@ -209,9 +237,11 @@ class MCPConnection:
                            self.name, exc)
 
     async def _listen(self, *, task_status: TaskStatus[None]) -> None:
+        from datus.models.mcp import sdk
+
         started = False
         try:
-            async with self._live().listen(tools_list_changed=True) as subscription:
+            async with sdk.listen_tool_changes(self._live()) as subscription:
                 task_status.started()
                 started = True
                 async for _event in subscription:
@@ -257,9 +287,7 @@ async def connect_and_serve(
 ) -> tuple[str, bool] | None:
     """Connect, hand the connection to ``on_connected``, serve until ``stop``, disconnect.
     None once served; else (why the start failed, whether a retry may help)."""
-    from mcp import Client
-    from mcp.types import Implementation
-
+    from datus.models.mcp import sdk
     from datus.models.mcp.servers import MCPServerStdio
 
     served = False
@@ -269,17 +297,19 @@ async def connect_and_serve(
         # One scope around the whole connection, its deadline lifted once connected: a
         # timeout scope around the handshake alone would close before the transport's own.
         with anyio.CancelScope(deadline=anyio.current_time() + timeout_s) as scope:
-            client = Client(_transport(spec, stderr), mode=spec.protocol, cache=None,
-                            read_timeout_seconds=spec.request_timeout_s, message_handler=connection._on_message,
-                            client_info=Implementation(name="datus-queue", version="0.1.0"))
-            async with client, anyio.create_task_group() as tg:
-                connection._client = client
-                await connection._watch_tool_changes(tg)
-                scope.deadline = math.inf
-                served = True
-                on_connected(connection)
-                await stop.wait()
-                tg.cancel_scope.cancel()
+            async with _transport(spec, stderr) as (read, write):
+                session = sdk.open_session(read, write, request_timeout_s=spec.request_timeout_s,
+                                           message_handler=connection._on_message, client_name="datus-queue",
+                                           client_version="0.1.0")
+                async with session, anyio.create_task_group() as tg:
+                    connection._session = session
+                    connection._negotiated = await sdk.handshake(session, spec.protocol)
+                    await connection._watch_tool_changes(tg)
+                    scope.deadline = math.inf
+                    served = True
+                    on_connected(connection)
+                    await stop.wait()
+                    tg.cancel_scope.cancel()
         if scope.cancelled_caught and not served:
             return _timeout_reason(connection, timeout_s), False
         return None
@@ -289,33 +319,25 @@ async def connect_and_serve(
             return None
         return _failure_reason(spec, exc, stderr)
     finally:
-        connection._closed = True
+        connection._close("its server group has exited" if stop.is_set() else "the server closed the connection")
         if stderr is not None:
             stderr.close()
 
 
-def _transport(spec: MCPServerSpec, stderr: _StderrLog | None) -> Any:
+def _transport(spec: MCPServerSpec, stderr: _StderrLog | None) -> AbstractAsyncContextManager[tuple[Any, Any]]:
+    """The (read, write) streams of the server, while the context lasts."""
     import sys
 
     from mcp.client.stdio import StdioServerParameters, stdio_client
 
+    from datus.models.mcp import sdk
     from datus.models.mcp.servers import MCPServerStdio
 
     if isinstance(spec, MCPServerStdio):
         params = StdioServerParameters(command=spec.command, args=spec.args, env=spec.env or None, cwd=spec.cwd)
         return stdio_client(params, errlog=stderr.file if stderr else sys.stderr)
-    return _http_transport(spec)
-
-
-@asynccontextmanager
-async def _http_transport(spec: MCPServerStreamableHttp) -> AsyncIterator[Any]:
-    import httpx2
-    from mcp.client.streamable_http import streamable_http_client
-
-    timeout = httpx2.Timeout(spec.timeout_s, read=spec.read_timeout_s)
-    async with (httpx2.AsyncClient(headers=spec.headers, timeout=timeout) as http,
-                streamable_http_client(spec.url, http_client=http) as streams):
-        yield streams
+    return sdk.http_streams(spec.url, headers=spec.headers, timeout_s=spec.timeout_s,
+                            read_timeout_s=spec.read_timeout_s)
 
 
 def _timeout_reason(connection: MCPConnection, timeout_s: float) -> str:
@@ -328,15 +350,13 @@ def _timeout_reason(connection: MCPConnection, timeout_s: float) -> str:
 
 
 def _failure_reason(spec: MCPServerSpec, exc: BaseException, stderr: _StderrLog | None) -> tuple[str, bool]:
-    from mcp import MCPError
-    from mcp_types import CONNECTION_CLOSED
-
+    from datus.models.mcp import sdk
     from datus.models.mcp.servers import MCPServerStdio
 
     error = _leaf(exc)
     tail = stderr.tail() if stderr else ""
     said = f"; its stderr ends with: {tail}" if tail else ""
-    closed = (isinstance(error, MCPError) and error.code == CONNECTION_CLOSED) or isinstance(
+    closed = (isinstance(error, sdk.McpError) and error.error.code == sdk.CONNECTION_CLOSED) or isinstance(
         error, (anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError))
     if isinstance(spec, MCPServerStdio):
         if isinstance(error, FileNotFoundError):
@@ -359,8 +379,8 @@ def _failure_reason(spec: MCPServerSpec, exc: BaseException, stderr: _StderrLog 
             return f"HTTP request to {safe_url(spec.url)} failed: {type(error).__name__}: {error}", True
         if closed:
             return f"{safe_url(spec.url)} closed the connection during the handshake", True
-    if isinstance(error, MCPError):
-        return f"MCP error {error.code} during the handshake: {error.message}{said}", False
+    if isinstance(error, sdk.McpError):
+        return f"MCP error {error.error.code} during the handshake: {error.error.message}{said}", False
     return f"{type(error).__name__}: {error}{said}", False
 
 

@@ -98,7 +98,8 @@ class _ServerSpec(BaseModel):
     name: str | None = Field(default=None, description="set from the config key or the dict key")
     protocol: Literal["auto", "legacy"] = Field(
         default="auto", description="auto: newest MCP revision, falling back to the initialize handshake; "
-        "legacy: the handshake only (for servers that stall on unknown methods)")
+        "legacy: the handshake only (for servers that stall on unknown methods). With mcp 1.x installed "
+        "both are the handshake: the 2026-07-28 revision needs mcp 2")
     request_timeout_s: float | None = Field(default=None, gt=0, description="per MCP request; None: no limit")
     # how an `MCPPool` (a worker process) keeps the server; a run without a pool owns its servers
     shared: bool = Field(default=True, description="false: a fresh server per run, for servers that keep "

@@ -637,6 +637,8 @@ async def test_async_twins_do_not_block_the_loop(manager: SessionManager, store:
 
 
 def test_default_location_is_datus_sessions_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # a machine without Datus-agent first (where it is installed, its path manager would answer)
+    monkeypatch.setitem(sys.modules, "datus.utils.path_manager", None)
     monkeypatch.setenv("HOME", str(tmp_path))
     monkeypatch.delenv(SESSION_URL_ENV, raising=False)
     SessionManager().create_session("s").add_messages([_user("hi")])  # Datus's web UI calls it so
@@ -685,6 +687,7 @@ def test_a_sessions_dir_that_cannot_be_made_is_a_clear_error(tmp_path: Path) -> 
 
 def test_through_a_model_as_datus_calls_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("HOME", str(tmp_path))  # the default store: files in ~/.datus/sessions
+    monkeypatch.setitem(sys.modules, "datus.utils.path_manager", None)  # as without Datus-agent (its home wins)
     monkeypatch.delenv(SESSION_URL_ENV, raising=False)
     monkeypatch.setenv("OPENAI_API_KEY", "sk-test-not-used")  # no request is made
     model = LLMBaseModel.create_model(None, "openai:gpt-4o-mini")

@@ -79,7 +79,9 @@ class JobRequest(BaseModel):
                     "(server 'sql'); no password in it — configure a server in agent.yml for that")
     output_schema: dict[str, Any] | None = Field(default=None, description="JSON schema of the answer")
     max_turns: int = Field(default=10, ge=1, le=100)
-    session_id: str | None = None
+    session_id: str | None = Field(
+        default=None, pattern=r"^[A-Za-z0-9_.-]{1,200}$",
+        description="a session's id: letters, digits, _ . - (datus.models.session_store.SESSION_ID_PATTERN)")
     stream: bool = Field(default=True, description="publish text deltas as events, not only whole steps")
     idempotency_key: str | None = Field(default=None, max_length=200)
     batch_id: str | None = None

@@ -53,7 +53,7 @@ async def aclose_loop_clients() -> None:
 def close_soon(clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Any], closer: Closer) -> None:
     """From any thread: close ``clients`` (loop → client) on their loops that still run."""
     for loop, client in list(clients.items()):
-        if loop.is_closed() or not loop.is_running():
+        if client is None or loop.is_closed() or not loop.is_running():  # None: a model with no SDK client
             continue
         with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
             loop.call_soon_threadsafe(loop.create_task, close(client, closer))

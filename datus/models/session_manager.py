@@ -119,11 +119,6 @@ class SessionInfo(BaseModel):
     latest_user_message: str | None = None
     latest_user_message_at: datetime | None = None
 
-    @property
-    def last_user_message(self) -> str | None:
-        """The former name of ``latest_user_message``, kept for existing callers."""
-        return self.latest_user_message
-
 
 def default_sessions_dir() -> Path:
     """Datus-agent's sessions directory where Datus is installed, else ``~/.datus/sessions``."""

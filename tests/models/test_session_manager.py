@@ -287,7 +287,7 @@ def test_session_info_has_datus_keys(manager: SessionManager, store: Store) -> N
         assert info["file_modified"] == updated.replace(tzinfo=UTC).timestamp()
     model = session.info()  # the typed form
     assert isinstance(model, SessionInfo) and model.created_at is not None and model.created_at.tzinfo is not None
-    assert model.item_count == info["item_count"] and model.last_user_message == "second question"
+    assert model.item_count == info["item_count"] and model.latest_user_message == "second question"
 
 
 @pytest.mark.parametrize("session_id", ["s", "../etc/passwd", "a/b", "", "x" * 201])

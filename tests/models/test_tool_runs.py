@@ -529,7 +529,7 @@ async def test_a_session_started_on_openai_continues_on_claude(session_url: str,
     assert [m.role for m in stored] == ["user", "assistant", "tool", "assistant", "tool", "assistant"]
     assert stored[-1].content == ANSWER
     info = session.info()
-    assert info.message_count == 6 and info.last_user_message == "How many customers per city?"
+    assert info.message_count == 6 and info.latest_user_message == "How many customers per city?"
     assert info.total_tokens > 0
 
     fake_server.reset()

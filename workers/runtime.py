@@ -16,6 +16,7 @@ from collections.abc import Coroutine
 from concurrent.futures import Future
 from typing import Any
 
+from datus.models._clients import keep as keep_clients
 from datus_queue.tasks import execution
 from datus_queue.tasks.context import get_context
 
@@ -36,6 +37,7 @@ class WorkerRuntime:
         if self.loop is not None:
             return
         loop = asyncio.new_event_loop()
+        keep_clients(loop)  # the process's loop: its SDK clients serve every job until shutdown
         thread = threading.Thread(target=loop.run_forever, name="dq-worker-loop", daemon=True)
         thread.start()
         self.loop, self.thread = loop, thread

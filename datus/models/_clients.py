@@ -8,7 +8,10 @@ closing it, and is closed by whichever comes first:
 - the end of ``asyncio.run`` — it closes async generators before the loop, and each loop with
   a client gets one that closes that loop's clients;
 - the sync portal's exit hook (a loop that never ends);
-- its model being dropped while the loop runs on (a finalizer schedules the close there).
+- its model being dropped while the loop runs on (a finalizer schedules the close there);
+- the end of the last tool run using it, on a loop nobody said is kept (`keep`): Datus's web UI
+  drives each turn on a new loop it closes with ``loop.close()`` alone, which runs none of the
+  above. Kept loops (the sync portal's, a worker's runtime) keep their clients for every call.
 """
 
 from __future__ import annotations
@@ -19,13 +22,36 @@ import weakref
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-__all__ = ["Closer", "aclose_loop_clients", "close_soon", "register"]
+__all__ = ["Closer", "aclose_loop_clients", "close_soon", "forget_loop_guard", "keep", "kept", "register"]
 
 Closer = Callable[[Any], Awaitable[None]]
 
 _open: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, weakref.WeakKeyDictionary[Any, Closer]] = (
     weakref.WeakKeyDictionary())
 _loop_end: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Any] = weakref.WeakKeyDictionary()
+_kept: weakref.WeakSet[asyncio.AbstractEventLoop] = weakref.WeakSet()
+
+
+def keep(loop: asyncio.AbstractEventLoop) -> None:
+    """``loop`` lives as long as its process (the sync portal's, a worker's runtime): the
+    clients made on it serve every call, and close with it."""
+    _kept.add(loop)
+
+
+def kept(loop: asyncio.AbstractEventLoop) -> bool:
+    return loop in _kept
+
+
+async def forget_loop_guard() -> None:
+    """The running loop has no registered client left: finish its end-of-loop guard now, so a
+    loop closed without ``shutdown_asyncgens`` leaves no pending generator behind."""
+    loop = asyncio.get_running_loop()
+    if _open.get(loop):
+        return
+    _open.pop(loop, None)
+    guard = _loop_end.pop(loop, None)
+    if guard is not None:
+        await guard.aclose()
 
 
 def register(client: Any, closer: Closer) -> None:

@@ -14,6 +14,8 @@ import threading
 from collections.abc import Awaitable
 from typing import TypeVar
 
+from datus.models import _clients
+
 __all__ = ["run_sync"]
 
 T = TypeVar("T")
@@ -27,6 +29,7 @@ def _portal_loop() -> asyncio.AbstractEventLoop:
     with _lock:
         if _loop is None or _loop.is_closed():
             loop = asyncio.new_event_loop()
+            _clients.keep(loop)
             thread = threading.Thread(target=loop.run_forever, name="datus-sync-portal", daemon=True)
             thread.start()
             _loop = loop

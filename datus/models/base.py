@@ -21,7 +21,7 @@ import threading
 import time
 import weakref
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from pydantic import ValidationError
@@ -87,6 +87,7 @@ class LLMBaseModel(ABC):
         self.retry_policy = RetryPolicy.from_config(model_config)
         self._clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Any] = weakref.WeakKeyDictionary()
         self._clients_lock = threading.Lock()
+        self._client_users: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, int] = weakref.WeakKeyDictionary()
         # a model dropped while its loop lives on (the sync portal's): close its clients there
         weakref.finalize(self, _clients.close_soon, self._clients, type(self)._close_client)
         self.agent_config: AgentConfig | None = None
@@ -267,6 +268,31 @@ class LLMBaseModel(ABC):
         if client is not None:
             await _clients.close(client, type(self)._close_client)
 
+    @contextlib.contextmanager
+    def _using_client(self) -> Iterator[None]:
+        """Counts the calls and tool runs using this model's client on the running loop."""
+        loop = asyncio.get_running_loop()
+        with self._clients_lock:
+            self._client_users[loop] = self._client_users.get(loop, 0) + 1
+        try:
+            yield
+        finally:
+            with self._clients_lock:
+                self._client_users[loop] -= 1
+
+    @contextlib.asynccontextmanager
+    async def _tool_run_clients(self) -> AsyncIterator[None]:
+        """Around a tool run. On a loop nobody keeps (`datus.models._clients.keep`: the sync
+        portal's, a worker's runtime), the client is closed when the last call or run using it
+        there ends: Datus's web UI runs each turn on a new loop it closes with ``loop.close()``
+        alone, which would leave the client and its connection open."""
+        loop = asyncio.get_running_loop()
+        with self._using_client():
+            yield
+        if not _clients.kept(loop) and not self._client_users.get(loop):
+            await self.aclose()
+            await _clients.forget_loop_guard()
+
     # ---- requests ------------------------------------------------------------------------
 
     def _options(self, kwargs: dict[str, Any], enable_thinking: bool | None = None) -> CallOptions:
@@ -338,7 +364,7 @@ class LLMBaseModel(ABC):
             finally:
                 await self._after_request(limiter, permit, outcome)
 
-        with observe.model_call(self.provider, self.model_name, request) as spans:
+        with self._using_client(), observe.model_call(self.provider, self.model_name, request) as spans:
             try:
                 generation, attempts = await self.retry_policy.run(
                     once, wait=limiter.wait if limiter is not None else None,
@@ -469,7 +495,7 @@ class LLMBaseModel(ABC):
         retries = Retries(self.retry_policy)
         limiter = self.request_limiter
         planned = self._planned(request) if limiter is not None else None
-        with observe.model_call(self.provider, self.model_name, request, stream=True) as spans:
+        with self._using_client(), observe.model_call(self.provider, self.model_name, request, stream=True) as spans:
             while True:
                 retries.attempts += 1
                 emitted = False
@@ -545,10 +571,10 @@ class LLMBaseModel(ABC):
         ``max_turns``."""
         from datus.models.tool_runs import prepared_run
 
-        async with prepared_run(self, prompt, tools=tools, mcp_servers=mcp_servers, instruction=instruction,
-                                output_type=output_type, max_turns=max_turns, manager=action_history_manager,
-                                session=session, kwargs=kwargs, stream=False, journal=journal, mcp_pool=mcp_pool,
-                                hooks=hooks, agent_name=agent_name) as run:
+        async with self._tool_run_clients(), prepared_run(
+                self, prompt, tools=tools, mcp_servers=mcp_servers, instruction=instruction, output_type=output_type,
+                max_turns=max_turns, manager=action_history_manager, session=session, kwargs=kwargs, stream=False,
+                journal=journal, mcp_pool=mcp_pool, hooks=hooks, agent_name=agent_name) as run:
             async for _ in run.run_steps():
                 pass
         assert run.result is not None
@@ -579,11 +605,11 @@ class LLMBaseModel(ABC):
         `generate_with_tools` for the other arguments."""
         from datus.models.tool_runs import prepared_run
 
-        async with prepared_run(self, prompt, tools=tools, mcp_servers=mcp_servers, instruction=instruction,
-                                output_type=output_type, max_turns=max_turns, manager=action_history_manager,
-                                session=session, kwargs=kwargs, stream=True, journal=journal, mcp_pool=mcp_pool,
-                                hooks=hooks, agent_name=agent_name, live_steps=live_steps) as run:
-            final = None
+        final = None
+        async with self._tool_run_clients(), prepared_run(
+                self, prompt, tools=tools, mcp_servers=mcp_servers, instruction=instruction, output_type=output_type,
+                max_turns=max_turns, manager=action_history_manager, session=session, kwargs=kwargs, stream=True,
+                journal=journal, mcp_pool=mcp_pool, hooks=hooks, agent_name=agent_name, live_steps=live_steps) as run:
             async for step in run.run_steps():
                 if step.action_type == "final_response":
                     final = step  # handed out after the run is closed and its session saved

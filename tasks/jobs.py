@@ -1,168 +1,193 @@
 """Running one job: the plain functions behind the thin Celery tasks.
 
-A job's life on the worker (see docs/architecture.md): validate the payload; claim the row
-under a lease (a job that is already final, or running under another delivery's lease, makes
-no second model call); too many starts of one attempt → dead letter; run the model while
-the process renews the lease (`tasks.leases`), publishing every step; write the result to the
-store *before* the task returns (the message is acknowledged after that); publish the terminal
-event. A retryable error asks Celery for a retry with countdown = max(Retry-After,
-full-jitter backoff); a permanent one fails at once with the provider's message.
+A delivery of a job message (see docs/architecture.md), `run_message`: a message that cannot be a
+job's is dead-lettered (`tasks.messages`); otherwise `execute` validates the payload, claims the
+row under a lease (a job that is already final, or running under another delivery's lease, makes
+no second model call); too many starts of one attempt → dead letter; the model runs while the
+process renews the lease (`tasks.leases`), publishing every step; the result is written to the
+store *before* the task returns (the message is acknowledged after that); the terminal event is
+published. Each delivery ends in exactly one `tasks.outcomes` type:
 
-Provider limits (``tasks.ratelimit``): a wait the limiter hands back (`Deferred`) is a Celery
-retry too (a tool run resumes from its checkpoints, so that is safe for them as well).
-Rate-limit and overload answers, and cooldowns, are retried until the job's time budget
-(``DQ_RATE_LIMIT_MAX_WAIT_S`` from the first one, or the job's ``deadline``) and are not counted
-against the model's ``max_retries``; other retryable errors keep that attempt budget. A
-countdown longer than the visibility margin is capped to it (the job comes back and waits
-again), never a reason to fail. Runs that only waited for the limiter are not attempts:
-the store's run number (``retries + 1``, the stale-message guard) counts them, ``attempts``
-as read does not.
+- `Finished`: the job is final: succeeded, failed (a permanent model error at once, with the
+  provider's message; a retryable one once its retries are spent), dead, cancelled.
+- `Retry`: a retryable model error, a limiter's hand-back (`Deferred`), or Redis or the store
+  failing (`is_infrastructure`; at most `INFRA_RETRIES` in a row, then the job fails with
+  ``infrastructure_error`` once that can be recorded). Countdown = max(Retry-After, full-jitter
+  backoff) for a model error, capped to the visibility margin (`retry_ceiling`).
+- `ComeBack`: the attempt runs under another delivery's live lease: this duplicate comes back
+  once the lease can have lapsed — to find the job final, or to take it over from a dead worker.
+- `Dropped`: final already, superseded by a newer attempt, or rejected.
 
-Tool runs are durable (`tasks.checkpoints`): every completed step is checkpointed before the
-next one, and any new delivery of the job resumes from the checkpoints, publishing only the
-steps no earlier delivery published. So a retryable error in any turn (one that outlasts the
-model's in-process retries, or a tool server that died) is a job retry that resumes, and Redis
-or the store failing mid-run is an infrastructure retry that resumes too.
+Any other exception is a bug: the job fails at once with ``internal_error``, logged once with its
+traceback — never retried.
+
+Provider limits (``tasks.ratelimit``): rate-limit and overload answers, and cooldowns, are retried
+until the job's time budget (``DQ_RATE_LIMIT_MAX_WAIT_S`` from the first one, or the job's
+``deadline``) and are not counted against the model's ``max_retries``; other retryable errors keep
+that attempt budget. Runs that only waited for the limiter are not attempts: the store's run
+number (``retries + 1``, the stale-message guard) counts them, ``attempts`` as read does not.
+
+Tool runs are durable (`tasks.checkpoints`): every completed step is checkpointed before the next
+one, and any new delivery of the job resumes from the checkpoints. So a retryable error in any
+turn, and Redis or the store failing mid-run, are retries that resume.
 """
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import contextlib
-import json
 import logging
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 from celery.exceptions import Reject
+from celery.exceptions import Retry as CeleryRetry
 from pydantic import ValidationError
 
 from datus.models.errors import ModelError
-from datus.models.messages import to_messages
 from datus.models.retry import RetryPolicy, is_rate_limited
 from datus.models.usage import Usage, track_usage
 from datus.schemas.action_history import ActionHistory, ActionRole, ActionStatus
 from datus_queue.tasks import keys
-from datus_queue.tasks.checkpoints import RunSuperseded, StoreJournal
+from datus_queue.tasks.checkpoints import RunSuperseded
 from datus_queue.tasks.context import JobContext, get_context
 from datus_queue.tasks.execution import run_coroutine
+from datus_queue.tasks.messages import JobMessage, Malformed, error_step, parse_job, reject, run_number, send_again
 from datus_queue.tasks.observability import metrics, traces
+from datus_queue.tasks.outcomes import ComeBack, Dropped, DropReason, Finished, Outcome, Retry, is_infrastructure
 from datus_queue.tasks.ratelimit import DeadlineExceeded, Deferred, JobWait, RateLimitWaitExceeded, current_job
-from datus_queue.tasks.schemas import (
-    DATABASE_SERVER,
-    FINAL_STATUSES,
-    JobError,
-    JobKind,
-    JobRequest,
-    JobStatus,
-    TaskPayload,
-)
+from datus_queue.tasks.runner import JobCancelled, JobRunner
+from datus_queue.tasks.schemas import JobError, JobRequest, JobStatus, TaskPayload
 from datus_queue.tasks.settings import Settings
 
 if TYPE_CHECKING:
     from datus_queue.tasks.store import StoredJob
 
-__all__ = [
-    "JobCancelled",
-    "RetryLater",
-    "dead_letter_message",
-    "execute",
-    "run_message",
-    "run_task",
-    "shown_arguments",
-]
+__all__ = ["INFRA_RETRIES", "execute", "job_error", "report", "retry_ceiling", "run_message", "run_task"]
 
 logger = logging.getLogger("datus_queue.tasks.jobs")
-_FINAL_VALUES = frozenset(status.value for status in FINAL_STATUSES)
 INFRA_RETRIES = 8  # in a row (a job's other retries — rate limits above all — do not count)
-INFRA_HEADER = "dq_infra_retries"  # carried by a retry message: infrastructure retries so far in a row
-# a delivery starts: count it (expiring with the job's events) and read the cancel flag, in one call
-@dataclass(frozen=True)
-class RetryLater:
-    countdown: float
-    error: JobError
-    infra_retries: int = 0  # infrastructure retries in a row, this one included (0: not one)
-
-    def headers(self) -> dict[str, int]:
-        """The headers of the retry message."""
-        return {INFRA_HEADER: self.infra_retries}
+COME_BACK_MARGIN_S = 1.0  # after a lease's end: the clocks of the worker that set it and this one may differ
 
 
-class JobCancelled(Exception):
-    pass
-
-
-def run_task(task: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
-    """The body of every task under a thread or process pool: run the job's coroutine, turn
-    ``RetryLater`` into a Celery retry (a new message with the same task id; this one is then
-    acknowledged) and a cancelled job into a requeue. The worker's own pool
-    (`workers.pool`) awaits `run_message` on its event loop instead."""
-    request = vars(task.request)
+def run_task(task: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Outcome:
+    """The body of every job task under Celery's own pools (prefork, solo): run the delivery's
+    coroutine, publish a `Retry` or `ComeBack` as a new message (this one is then acknowledged)
+    and requeue a job cancelled at shutdown. The worker's own pool (`workers.pool`) awaits
+    `run_message` on its event loop instead."""
+    message = parse_job(task.name, vars(task.request), args, kwargs)
     try:
-        outcome = run_coroutine(run_message(args, kwargs, int(task.request.retries or 0),
-                                            int(task.request.get(INFRA_HEADER) or 0), trace_context=request))
+        outcome = run_coroutine(run_message(message))
     except (asyncio.CancelledError, concurrent.futures.CancelledError):
         # the worker is shutting down and cancelled the job: back to the queue at once
         raise Reject("worker shutting down", requeue=True) from None
-    if isinstance(outcome, RetryLater):
-        raise task.retry(countdown=outcome.countdown, max_retries=None,
-                         headers={**traces.carried_headers(request), **outcome.headers()}, **shown_arguments(request))
+    if isinstance(outcome, (Retry, ComeBack)) and isinstance(message, JobMessage):
+        raise report(task.app, message, outcome)
     return outcome
 
 
-def shown_arguments(request: dict[str, Any]) -> dict[str, Any]:
-    """A retry keeps the label JobClient gave the arguments (task events, Flower); left to
-    Celery, the retry message would carry a repr of the whole request, prompt included."""
-    return {"argsrepr": request.get("argsrepr") or "(job)", "kwargsrepr": request.get("kwargsrepr") or "{}"}
-
-
-async def run_message(args: tuple[Any, ...] | list[Any], kwargs: dict[str, Any], retries: int,
-                      infra_retries: int = 0, trace_context: Mapping[str, Any] | None = None) -> Any:
-    """One delivery of a job message: the task's return value (a dict), or `RetryLater`.
-
-    Tasks take ``(job_id, payload)``; any other shape (a message not sent by JobClient) is
-    dead-lettered here rather than failing inside Celery unrecorded. Redis or the job store
-    failing around the job (not the model) gives `RetryLater` too, at most `INFRA_RETRIES`
-    in a row (``infra_retries``: so far, from the message's header): the job is not lost, and
-    the dead-letter threshold bounds how often. Cancellation (shutdown) propagates.
-    ``trace_context``: the message's headers, where a W3C ``traceparent`` may ride."""
-    named = dict(kwargs)
-    values = list(args) + [named.pop(key) for key in ("job_id", "payload") if key in named]
-    if len(values) != 2 or named:
-        job_id = str(values[0]) if values else ""
-        reason = f"job tasks take (job_id, payload); got {len(args)} positional and {sorted(kwargs)} keyword"
-        await _dead_letter(get_context(), job_id, reason, None)
-        return {"job_id": job_id, "status": "rejected"}
-    job_id, payload = values
+def report(app: Any, message: JobMessage, outcome: Retry | ComeBack) -> BaseException:
+    """Publish ``message`` again for ``outcome``, and what the delivery then reports to Celery:
+    ``Retry`` (acknowledged: the new message carries the job on), or when the broker failed,
+    ``Reject(requeue=True)`` (this message goes back to the queue: the job is never dropped)."""
     try:
-        return await execute(job_id, payload, retries=retries, trace_context=trace_context)
+        send_again(app, message, outcome)
     except Exception as exc:
-        if infra_retries >= INFRA_RETRIES:
+        if is_infrastructure(exc):
+            logger.warning("could not publish job %s again (%s: %s); requeueing this delivery", message.job_id,
+                           type(exc).__name__, _brief(exc))
+            return Reject("not published again", requeue=True)
+        # not the broker: the row stays retrying (or running elsewhere) and the sweeper sends it again
+        logger.error("job %s could not be published again", message.job_id, exc_info=exc)
+        return exc
+    what = "retry" if isinstance(outcome, Retry) else "back"
+    return CeleryRetry(f"{what} in {outcome.countdown:.2f}s", when=outcome.countdown)
+
+
+async def run_message(message: JobMessage | Malformed, context: JobContext | None = None) -> Outcome:
+    """One delivery of a job message. A `Malformed` one is dead-lettered (`Dropped`); otherwise
+    the job runs (`execute`). Redis or the job store failing around the job gives a `Retry`, at
+    most `INFRA_RETRIES` in a row (``message.infra_retries``: so far, from its header); any other
+    exception is a bug, which fails the job at once (``internal_error``). Cancellation
+    (shutdown) propagates."""
+    ctx = context or get_context()
+    if isinstance(message, Malformed):
+        try:
+            await asyncio.to_thread(reject, ctx, message.reason, message.job_id, queue=message.queue)
+        except Exception as exc:  # noqa: BLE001 - acknowledged regardless: a message nobody can run must not stay
+            logger.error("could not record the dead letter of message %s (%s: %s): %s", message.job_id or "(no id)",
+                         type(exc).__name__, exc, message.reason)
+        return Dropped(DropReason.REJECTED)
+    try:
+        return await execute(message.job_id, message.payload, retries=message.retries, context=ctx,
+                             trace_context=message.trace_headers)
+    except Exception as exc:
+        if is_infrastructure(exc):
+            return await _infrastructure_error(ctx, message, exc)
+        # one record, its traceback ending in the exception's message: the job fails, never retried
+        logger.error("job %s failed with an internal error (%s)", message.job_id, type(exc).__name__, exc_info=exc)
+        error = JobError(code="internal_error", type=type(exc).__name__, message=str(exc) or type(exc).__name__)
+        try:
+            return await _fail(ctx, message.job_id, error, message.retries + 1)
+        except Exception as again:
+            if is_infrastructure(again):  # the failure could not be recorded: the next delivery records it
+                return await _infrastructure_error(ctx, message, again)
             raise
-        countdown = min(60.0, 0.5 * 2 ** infra_retries)
-        logger.warning("job %s: infrastructure error %s: %s; retry in %.1fs", job_id, type(exc).__name__, exc,
-                       countdown)
-        return RetryLater(countdown, job_error(exc), infra_retries + 1)
 
 
-async def dead_letter_message(task_id: str, reason: str) -> None:
-    """Record a message whose body cannot be read (the worker's pool decodes bodies itself)."""
-    await _dead_letter(get_context(), task_id, reason, None)
+async def _infrastructure_error(ctx: JobContext, message: JobMessage, exc: Exception) -> Outcome:
+    done = message.infra_retries
+    if done >= INFRA_RETRIES:
+        error = JobError(code="infrastructure_error", type=type(exc).__name__,
+                         message=f"{done} infrastructure retries in a row, the last: {_brief(exc)}", retryable=True)
+        try:
+            outcome = await _fail(ctx, message.job_id, error, message.retries + 1)
+        except Exception as again:  # noqa: BLE001 - still down: it cannot fail either; try again later
+            logger.warning("job %s: could not record its failure either (%s: %s)", message.job_id,
+                           type(again).__name__, _brief(again))
+        else:
+            logger.error("job %s failed after %d infrastructure retries in a row: %s: %s", message.job_id, done,
+                         type(exc).__name__, _brief(exc))
+            return outcome
+    countdown = min(60.0, 0.5 * 2 ** done)
+    logger.warning("job %s: infrastructure error %s: %s; retry in %.1fs", message.job_id, type(exc).__name__,
+                   _brief(exc), countdown)
+    return Retry(countdown, job_error(exc), min(done + 1, INFRA_RETRIES))
+
+
+async def _fail(ctx: JobContext, job_id: str, error: JobError, run_no: int) -> Finished | Dropped:
+    """Fail the job outside a claimed run (a bug, the infrastructure given up on)."""
+    if not await ctx.store.afinish(job_id, JobStatus.FAILED, error=error, attempts=run_no):
+        return Dropped(DropReason.FINAL)
+    await _terminal(ctx, job_id, JobStatus.FAILED, error_step(error))
+    stored = await ctx.store.aget(job_id)
+    if stored is not None:
+        metrics.job_finished(stored.provider or "unknown", stored.kind.value if stored.kind else "unknown",
+                             JobStatus.FAILED.value, error.code)
+    return Finished(JobStatus.FAILED, error.code)
 
 
 _CODES = {RateLimitWaitExceeded: "rate_limit_wait_exceeded", DeadlineExceeded: "deadline_exceeded"}
 
 
 def job_error(exc: BaseException) -> JobError:
+    """The stable code and message of what ended a run (or sent it back): the model's error, a
+    limiter's, the infrastructure failing, or a bug (``internal_error``)."""
     if isinstance(exc, ModelError):
         return JobError(code=exc.slug, type=type(exc).__name__, message=exc.reason,
                         provider=exc.provider, status_code=exc.status_code, retryable=exc.retryable)
+    if is_infrastructure(exc):
+        return JobError(code="infrastructure_error", type=type(exc).__name__, message=_brief(exc), retryable=True)
     code = _CODES.get(type(exc), "internal_error")
     return JobError(code=code, type=type(exc).__name__, message=str(exc) or type(exc).__name__)
+
+
+def _brief(exc: BaseException) -> str:
+    """The first line of an infrastructure error: SQLAlchemy's go on with the statement and its
+    parameters, which may hold a job's output."""
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
 
 
 def retry_ceiling(settings: Settings) -> float:
@@ -172,32 +197,22 @@ def retry_ceiling(settings: Settings) -> float:
 
 
 async def execute(job_id: str, payload: Any, retries: int = 0, context: JobContext | None = None,
-                  trace_context: Mapping[str, Any] | None = None) -> Any:
-    """One delivery of a job. A claimed run is traced when tracing is on
-    (`tasks.observability.traces`): ``trace_context`` holds the message's trace headers."""
+                  trace_context: Mapping[str, Any] | None = None) -> Outcome:
+    """One delivery of job ``job_id`` (a checked id) with ``payload`` as sent. A claimed run is
+    traced when tracing is on (`tasks.observability.traces`): ``trace_context`` holds the
+    message's trace headers."""
     ctx = context or get_context()
-    if not isinstance(job_id, str) or not job_id:
-        await _dead_letter(ctx, str(job_id), "the job id is missing or not a string", payload)
-        return {"job_id": str(job_id), "status": "rejected"}
     try:
         task_payload = TaskPayload.model_validate(payload)
     except ValidationError as exc:
-        reason = f"invalid payload: {_first_error(exc)}"
-        await _dead_letter(ctx, job_id, reason, payload)
-        await ctx.store.afinish(job_id, JobStatus.FAILED,
-                                error=JobError(code="invalid_payload", type="ValidationError", message=reason),
-                                attempts=retries + 1)
-        return {"job_id": job_id, "status": "rejected"}
+        await asyncio.to_thread(reject, ctx, f"invalid payload: {_first_error(exc)}", job_id, code="invalid_payload")
+        return Dropped(DropReason.REJECTED)
 
     cancel_requested = await ctx.aredis.exists(keys.job_cancel(job_id))
     run_no = retries + 1  # the store's guard against stale messages; limiter waits count here, not as attempts
-    claimed = await ctx.store.amark_running(job_id, run_no, ctx.settings.queued_lease_s)
-    if claimed is None:  # already final (a redelivery after success), cancelled while queued, or
-        current = await ctx.store.aget(job_id)  # running under another delivery's lease: no second call
-        if current is not None and current.status is JobStatus.RUNNING:
-            logger.info("job %s: attempt %d is running elsewhere (lease until %s); this delivery is dropped",
-                        job_id, current.attempts, current.lease_until)
-        return {"job_id": job_id, "status": current.status.value if current else "unknown"}
+    claimed = await ctx.store.amark_running(job_id, run_no, ctx.settings.lease_s)
+    if claimed is None:
+        return await _not_claimed(ctx, job_id, run_no)
     job = traces.JobInfo(job_id, task_payload.provider, run_no, task_payload.request)
     with traces.traced_job(job, trace_context, ctx.settings) as trace:
         outcome = await _claimed_run(ctx, job_id, task_payload, claimed, run_no, bool(cancel_requested))
@@ -206,48 +221,81 @@ async def execute(job_id: str, payload: Any, retries: int = 0, context: JobConte
     return outcome
 
 
+async def _not_claimed(ctx: JobContext, job_id: str, run_no: int) -> Outcome:
+    """The store would not start this run: why, and what becomes of this delivery."""
+    current = await ctx.store.aget(job_id)
+    if current is None:
+        await asyncio.to_thread(reject, ctx, "the job store has no such job", job_id)
+        return Dropped(DropReason.REJECTED)
+    if current.final:  # a redelivery after the result, or cancelled while queued
+        logger.info("job %s is %s; this delivery ends", job_id, current.status.value)
+        return Dropped(DropReason.FINAL)
+    runs = run_number(current)
+    if runs > run_no or (current.status is JobStatus.RETRYING and runs == run_no):
+        logger.info("job %s: run %d has it, this message is of run %d; this delivery ends", job_id, runs, run_no)
+        return Dropped(DropReason.SUPERSEDED)  # a newer run's own message carries the job
+    # the same run under another delivery's live lease: a duplicate (re-sent by the sweeper,
+    # restored after the visibility timeout). It makes no model call now, and it is not dropped:
+    # it comes back when the lease can have lapsed — to find the job final, or to take it over
+    # from a worker that died (whose lease nobody renews)
+    countdown = _lease_wait(ctx.settings, current.lease_until)
+    logger.info("job %s: attempt %d is running elsewhere (lease until %s); this delivery comes back in %.1fs",
+                job_id, current.attempts, current.lease_until, countdown)
+    return ComeBack(countdown)
+
+
+def _lease_wait(settings: Settings, lease_until: datetime | None) -> float:
+    remaining = 0.0 if lease_until is None else (lease_until - datetime.now(UTC)).total_seconds()
+    return min(max(remaining, 0.0) + COME_BACK_MARGIN_S, retry_ceiling(settings))
+
+
 async def _claimed_run(ctx: JobContext, job_id: str, task_payload: TaskPayload, claimed: StoredJob, run_no: int,
-                       cancel_requested: bool) -> Any:
+                       cancel_requested: bool) -> Outcome:
     """The delivery holds the job's row: dead-letter it, refuse it, or run it."""
+    request = task_payload.request
+    provider, kind = task_payload.provider, request.kind.value
     # poison: the attempt was started (claimed, not merely delivered: a duplicate delivery that
-    # found the job running or final is dropped above and counts for nothing) too many times
+    # found the job running or final comes back or is dropped above, and counts for nothing) too many times
     redeliveries = claimed.deliveries - 1
     if redeliveries >= ctx.settings.dead_letter_threshold:
         reason = f"delivered {claimed.deliveries} times ({redeliveries} redeliveries without a result)"
-        await _dead_letter(ctx, job_id, reason, None)
+        await asyncio.to_thread(ctx.store.record_dead_letter, job_id, reason, job_id=job_id)
+        logger.warning("job %s dead-lettered: %s", job_id, reason)
         error = JobError(code="dead_letter", type="DeadLetter", message=reason)
-        if await ctx.store.afinish(job_id, JobStatus.DEAD, error=error, attempts=run_no):
-            await _terminal(ctx, job_id, JobStatus.DEAD, _error_step(error))
-            metrics.job_finished(task_payload.provider, task_payload.request.kind.value, JobStatus.DEAD.value)
-        return {"job_id": job_id, "status": JobStatus.DEAD.value}
-    request = task_payload.request
-    if not ctx.agent_config.is_model_allowed(request.model):  # sent around a client, or a config changed
+        outcome = await _finish_failed(ctx, job_id, JobStatus.DEAD, error, run_no)
+    elif not ctx.agent_config.is_model_allowed(request.model):  # sent around a client, or a config changed
         allowed = ", ".join(ctx.agent_config.allowed_model_patterns()) or "(none)"
         error = JobError(code="model_not_allowed", type="ModelNotAllowed",
                          message=f"model {request.model!r} is not allowed on this worker (agent.allowed_models: "
                                  f"{allowed})")
-        if await ctx.store.afinish(job_id, JobStatus.FAILED, error=error, attempts=run_no):
-            await _terminal(ctx, job_id, JobStatus.FAILED, _error_step(error))
-            metrics.job_finished(task_payload.provider, request.kind.value, JobStatus.FAILED.value, error.code)
-        return {"job_id": job_id, "status": JobStatus.FAILED.value}
-    # any start but the very first may find steps of an earlier delivery to resume from (a
-    # re-send by the sweeper counts as a delivery of the same attempt)
-    resuming = run_no > 1 or claimed.deliveries > 1
-    provider, kind = task_payload.provider, request.kind.value
-    if not resuming:
-        metrics.first_start(provider, kind, claimed.created_at)
-    outcome: Any = None
-    with metrics.in_flight(provider), track_usage() as calls:
-        try:
-            async with ctx.leases.hold(job_id):
-                outcome = await _run(ctx, job_id, request, claimed, run_no, cancel_requested, resuming)
-        finally:
-            metrics.model_calls(calls)
-    if isinstance(outcome, RetryLater):
-        metrics.job_retried(provider, outcome.error.code)
-    elif isinstance(outcome, dict) and outcome.get("status") in _FINAL_VALUES:
-        metrics.job_finished(provider, kind, outcome["status"], outcome.get("error_code"))
+        outcome = await _finish_failed(ctx, job_id, JobStatus.FAILED, error, run_no)
+    else:
+        # any start but the very first may find steps of an earlier delivery to resume from (a
+        # re-send by the sweeper counts as a delivery of the same attempt)
+        resuming = run_no > 1 or claimed.deliveries > 1
+        if not resuming:
+            metrics.first_start(provider, kind, claimed.created_at)
+        with metrics.in_flight(provider), track_usage() as calls:
+            try:
+                async with ctx.leases.hold(job_id):
+                    outcome = await _run(ctx, job_id, request, claimed, run_no, cancel_requested, resuming)
+            finally:
+                metrics.model_calls(calls)
+    match outcome:
+        case Retry(error=error):
+            metrics.job_retried(provider, error.code)
+        case Finished(status=status, error_code=code):
+            metrics.job_finished(provider, kind, status.value, code)
     return outcome
+
+
+async def _finish_failed(ctx: JobContext, job_id: str, status: JobStatus, error: JobError,
+                         run_no: int) -> Finished | Dropped:
+    """End the claimed run failed (or dead) with ``error``, before any model call."""
+    if await ctx.store.afinish(job_id, status, error=error, attempts=run_no):
+        await _terminal(ctx, job_id, status, error_step(error))
+        return Finished(status, error.code)
+    return Dropped(DropReason.FINAL)
 
 
 def _job_wait(ctx: JobContext, job_id: str, request: JobRequest, stored: StoredJob) -> JobWait:
@@ -261,30 +309,27 @@ def _job_wait(ctx: JobContext, job_id: str, request: JobRequest, stored: StoredJ
 
 
 async def _run(ctx: JobContext, job_id: str, request: JobRequest, stored: StoredJob, run_no: int,
-               cancel_requested: bool, resuming: bool = False) -> Any:
+               cancel_requested: bool, resuming: bool = False) -> Outcome:
     """Run the claimed job; ``stored.attempts`` is its attempt (runs that were not limiter
-    waits), ``run_no`` what the store writes."""
-    runner = _JobRunner(ctx, job_id, request, cancel_requested, run_no, resuming)
+    waits), ``run_no`` what the store writes. The model's failures are outcomes here; anything
+    else it raises (Redis, the store, a bug) is `run_message`'s to sort."""
+    runner = JobRunner(ctx, job_id, request, cancel_requested, run_no, resuming)
     token = current_job.set(_job_wait(ctx, job_id, request, stored))
     try:
         with track_usage() as calls:
             output, sql_contexts = await runner.run()
     except RunSuperseded as exc:  # another delivery of this job is running it: leave it that one
         logger.warning("%s; this delivery stops", exc)
-        return {"job_id": job_id, "status": "superseded"}
+        return Dropped(DropReason.SUPERSEDED)
     except JobCancelled:
         if await ctx.store.afinish(job_id, JobStatus.CANCELLED, attempts=run_no):
             await _terminal(ctx, job_id, JobStatus.CANCELLED, ActionHistory.create_action(
                 ActionRole.WORKFLOW, "cancelled", "cancelled", None, None, ActionStatus.FAILED))
-            return {"job_id": job_id, "status": JobStatus.CANCELLED.value}
-        return {"job_id": job_id, "status": "final"}
+            return Finished(JobStatus.CANCELLED)
+        return Dropped(DropReason.FINAL)
     except Deferred as deferred:
         return await _deferred(ctx, job_id, stored, run_no, deferred)
-    except (asyncio.CancelledError, KeyboardInterrupt, SystemExit):
-        raise
-    except BaseException as exc:
-        if isinstance(exc, Exception) and _is_infrastructure(exc):
-            raise  # run_task retries the job later (a tool run resumes); the model error path is for the model
+    except (ModelError, RateLimitWaitExceeded, DeadlineExceeded) as exc:
         return await _failed(ctx, job_id, request, stored, run_no, exc)
     finally:
         current_job.reset(token)
@@ -295,18 +340,16 @@ async def _run(ctx: JobContext, job_id: str, request: JobRequest, stored: Stored
         job_id, JobStatus.SUCCEEDED, output=output, sql_contexts=sql_contexts,
         usage=usage.model_dump(), cost_usd=usage.cost_usd, attempts=run_no,
     )
-    if won:
-        final = runner.final_step or ActionHistory.create_action(
-            ActionRole.ASSISTANT, "final_response", output if isinstance(output, str) else json.dumps(output), None,
-            {"content": output}, ActionStatus.SUCCESS)
-        if isinstance(final.output, dict):
-            final.output = {**final.output, "usage": usage.model_dump()}
-        await _terminal(ctx, job_id, JobStatus.SUCCEEDED, final)
-        return {"job_id": job_id, "status": JobStatus.SUCCEEDED.value}
-    return {"job_id": job_id, "status": "final"}  # another delivery or a cancel made it final
+    if not won:
+        return Dropped(DropReason.FINAL)  # another delivery or a cancel made it final
+    final = runner.final_step or runner.final_response(output)
+    if isinstance(final.output, dict):
+        final.output = {**final.output, "usage": usage.model_dump()}
+    await _terminal(ctx, job_id, JobStatus.SUCCEEDED, final)
+    return Finished(JobStatus.SUCCEEDED)
 
 
-async def _deferred(ctx: JobContext, job_id: str, stored: StoredJob, run_no: int, deferred: Deferred) -> Any:
+async def _deferred(ctx: JobContext, job_id: str, stored: StoredJob, run_no: int, deferred: Deferred) -> Outcome:
     """The limiter handed the job back: a retry after its wait (capped to the visibility
     margin: a longer wait comes back and waits again, keeping its ticket). It made no
     request, so it is not an attempt."""
@@ -318,22 +361,22 @@ async def _deferred(ctx: JobContext, job_id: str, stored: StoredJob, run_no: int
     if not await ctx.store.amark_retrying(job_id, run_no, error, countdown, rate_limit_retries=stored.rate_limit_retries,
                                           rate_limit_waits=stored.rate_limit_waits + 1, rate_limited_since=since,
                                           rate_ticket=deferred.ticket_us or None):
-        return {"job_id": job_id, "status": "final"}  # cancelled meanwhile: do not come back
+        return Dropped(DropReason.FINAL)  # cancelled meanwhile: do not come back
     await ctx.publisher.publish(job_id, ActionHistory.create_action(
         ActionRole.WORKFLOW, "rate_limit_wait", f"{deferred}: back in {countdown:.2f}s", None,
         {"countdown_s": countdown, "wait_s": deferred.wait_s, "attempt": attempt, "rate_limited": deferred.rate_limited},
         ActionStatus.PROCESSING))
     logger.info("job %s attempt %d: %s; back in %.2fs", job_id, attempt, deferred, countdown)
-    return RetryLater(countdown, error)
+    return Retry(countdown, error)
 
 
 async def _failed(ctx: JobContext, job_id: str, request: JobRequest, stored: StoredJob, run_no: int,
-                  exc: BaseException) -> Any:
+                  exc: ModelError | RateLimitWaitExceeded | DeadlineExceeded) -> Outcome:
+    """The model failed: a retry if the error is retryable and the job's budget allows, else
+    the job fails with the provider's message."""
     error = job_error(exc)
     attempt = stored.attempts
-    if not isinstance(exc, (ModelError, RateLimitWaitExceeded, DeadlineExceeded)):
-        logger.exception("job %s failed with an internal error", job_id)
-    elif isinstance(exc, ModelError) and exc.retryable:  # a tool run resumes from its checkpoints
+    if isinstance(exc, ModelError) and exc.retryable:  # a tool run resumes from its checkpoints
         retry = _retry_countdown(ctx, request, stored, exc)
         if isinstance(retry, str):
             error = error.model_copy(update={"message": f"{error.message} ({retry})"})
@@ -345,12 +388,12 @@ async def _failed(ctx: JobContext, job_id: str, request: JobRequest, stored: Sto
                 {"error": error.model_dump(), "countdown_s": countdown, "attempt": attempt,
                  "rate_limited": bool(rate_limit)}, ActionStatus.PROCESSING))
             logger.info("job %s attempt %d: %s; retry in %.2fs", job_id, attempt, error.type, countdown)
-            return RetryLater(countdown, error)
+            return Retry(countdown, error)
     traces.job_error(error)
     if await ctx.store.afinish(job_id, JobStatus.FAILED, error=error, attempts=run_no):
-        await _terminal(ctx, job_id, JobStatus.FAILED, _error_step(error))
-        return {"job_id": job_id, "status": JobStatus.FAILED.value, "error_code": error.code}
-    return {"job_id": job_id, "status": "final"}  # another delivery or a cancel made it final
+        await _terminal(ctx, job_id, JobStatus.FAILED, error_step(error))
+        return Finished(JobStatus.FAILED, error.code)
+    return Dropped(DropReason.FINAL)  # another delivery or a cancel made it final
 
 
 def _retry_countdown(ctx: JobContext, request: JobRequest, stored: StoredJob,
@@ -382,150 +425,11 @@ def _retry_countdown(ctx: JobContext, request: JobRequest, stored: StoredJob,
     return min(delay, retry_ceiling(settings)), {}
 
 
-class _JobRunner:
-    """Runs one request on the model layer, publishing each step."""
-
-    def __init__(self, ctx: JobContext, job_id: str, request: JobRequest, cancel_requested: bool, attempt: int = 1,
-                 resuming: bool = False) -> None:
-        self.ctx, self.job_id, self.request = ctx, job_id, request
-        self.final_step: ActionHistory | None = None
-        self.usage: Usage | None = None  # a tool run's, summed over all its turns
-        self.cancel_requested = cancel_requested  # read when the job started
-        self.journal = StoreJournal(ctx, job_id, attempt, resuming) if request.kind is JobKind.TOOL_RUN else None
-        self.attempt = attempt
-        self._last_cancel_check = time.monotonic()
-
-    async def publish(self, step: ActionHistory) -> None:
-        if self.journal is None or not self.journal.seen(step):  # an earlier delivery published it: once is enough
-            await self.ctx.publisher.publish(self.job_id, step)
-        await self.check_cancelled()
-
-    async def check_cancelled(self, force: bool = False) -> None:
-        now = time.monotonic()
-        if not force and now - self._last_cancel_check < 0.1:
-            return
-        self._last_cancel_check = now
-        if await self.ctx.aredis.exists(keys.job_cancel(self.job_id)):
-            raise JobCancelled(self.job_id)
-
-    async def run(self) -> tuple[Any, list[dict[str, Any]]]:
-        request = self.request
-        if self.cancel_requested:
-            raise JobCancelled(self.job_id)
-        prompt = request.prompt if request.prompt is not None else request.messages
-        text = request.prompt if request.prompt is not None else _last_user(request.messages or [])
-        options = request.options.model_dump(exclude_none=True, exclude={"extra_body"})
-        if request.kind is JobKind.TOOL_RUN:
-            return await self._tool_run(prompt, options)
-        await self.publish(ActionHistory.create_action(
-            ActionRole.USER, "user_input", text, {"prompt": text}, status=ActionStatus.SUCCESS))
-        model = self.ctx.model(request.model, in_process_retries=False)
-        messages = to_messages(prompt, request.instruction or None)
-        if request.kind is JobKind.JSON:
-            output: Any = await model.agenerate_with_json_output(messages, response_format=request.output_schema,
-                                                                 **options)
-        elif request.stream:
-            output = None
-            async for item in model.astream(messages, **options):
-                if hasattr(item, "usage"):
-                    output = item.text
-                else:
-                    await self.publish(ActionHistory(
-                        action_id=self.job_id, role=ActionRole.ASSISTANT, action_type="assistant_delta",
-                        messages=item.text or item.reasoning, status=ActionStatus.PROCESSING,
-                        output={"kind": "reasoning" if item.reasoning and not item.text else "text",
-                                "text": item.text, "reasoning": item.reasoning}))
-        else:
-            output = await model.agenerate(messages, **options)
-        self.final_step = ActionHistory.create_action(
-            ActionRole.ASSISTANT, "final_response", output if isinstance(output, str) else json.dumps(output), None,
-            {"content": output}, ActionStatus.SUCCESS)
-        return output, []
-
-    async def _tool_run(self, prompt: Any, options: dict[str, Any]) -> tuple[Any, list[dict[str, Any]]]:
-        request = self.request
-        model = self.ctx.model(request.model, in_process_retries=True)
-        steps = model.generate_with_tools_stream(
-            prompt, mcp_servers=_servers(request, self.ctx.agent_config), instruction=request.instruction,
-            output_type=request.output_schema or str, max_turns=request.max_turns,
-            session=request.session_id, db_type=request.db_type, journal=self.journal, mcp_pool=self.ctx.mcp_pool,
-            live_steps=True, **options)  # live: every step is published, deltas and tool calls under way included
-        # aclosing: a cancelled or failed job closes the run (and its MCP servers) in this task
-        async with contextlib.aclosing(steps):
-            return await self._follow_tool_run(steps)
-
-    async def _follow_tool_run(self, steps: Any) -> tuple[Any, list[dict[str, Any]]]:
-        request = self.request
-        announced = False
-        async for step in steps:
-            if not announced and self.journal is not None and self.journal.replayed_steps:
-                announced = True  # tell readers why the run goes on from the middle
-                await self.ctx.publisher.publish(self.job_id, ActionHistory.create_action(
-                    ActionRole.WORKFLOW, "resumed", f"resumed after {self.journal.replayed_steps} recorded step(s)",
-                    None, {"attempt": self.attempt, "steps_recorded": self.journal.replayed_steps},
-                    ActionStatus.SUCCESS))
-            if step.action_type == "assistant_delta" and not request.stream:
-                continue
-            if step.action_type == "final_response":
-                self.final_step = step  # published as the terminal event, after the store write
-                output = step.output or {}
-                if output.get("usage"):
-                    self.usage = Usage.from_dict(output["usage"])
-                return output.get("content"), output.get("sql_contexts", [])
-            if step.action_type == "error":
-                continue  # the exception that follows is recorded and published by the caller
-            await self.publish(step)
-        raise RuntimeError("the tool run ended without a final answer")
-
-
-def _servers(request: JobRequest, agent_config: Any) -> dict[str, Any] | None:
-    """The tool run's MCP servers: those it names from agent.mcp_servers, and the shipped SQL
-    server opened on ``request.database``."""
-    from datus.mcp_servers.sql_server import stdio_config
-    from datus.models.mcp_utils import resolve_mcp_servers
-
-    servers: dict[str, Any] = dict(resolve_mcp_servers(request.mcp_servers, agent_config)) if request.mcp_servers else {}
-    if request.database:
-        servers[DATABASE_SERVER] = stdio_config(request.database)
-    return servers or None
-
-
 async def _terminal(ctx: JobContext, job_id: str, status: JobStatus, step: ActionHistory) -> None:
     await ctx.publisher.publish(job_id, step, terminal=True, status=status)
-
-
-def _error_step(error: JobError) -> ActionHistory:
-    return ActionHistory.create_action(ActionRole.WORKFLOW, "error", f"{error.type}: {error.message}", None,
-                                       error.model_dump(), ActionStatus.FAILED)
-
-
-async def _dead_letter(ctx: JobContext, job_id: str, reason: str, payload: Any) -> None:
-    """Record a dead letter in the store: the reason only — never the payload, which may be
-    anything (the job row already holds what a job asked for)."""
-    from datus_queue.tasks.store.dead_letters import message_id
-
-    if payload is not None and not isinstance(payload, dict):
-        reason = f"{reason} (payload was a {type(payload).__name__})"
-    await asyncio.to_thread(ctx.store.record_dead_letter, job_id or message_id(), reason, job_id=job_id or None)
-    logger.warning("job %s dead-lettered: %s", job_id or "(no id)", reason)
-
-
-def _is_infrastructure(exc: BaseException) -> bool:
-    """Redis or the job store failing (not the model, not a bug in the request)."""
-    import redis.exceptions
-    import sqlalchemy.exc
-
-    return isinstance(exc, (redis.exceptions.RedisError, sqlalchemy.exc.OperationalError))
 
 
 def _first_error(exc: ValidationError) -> str:
     error = exc.errors()[0]
     where = ".".join(str(part) for part in error["loc"]) or "(payload)"
     return f"{where}: {error['msg']}"
-
-
-def _last_user(messages: list[dict[str, Any]]) -> str:
-    for message in reversed(messages):
-        if message.get("role") == "user" and isinstance(message.get("content"), str):
-            return message["content"]
-    return ""

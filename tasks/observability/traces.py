@@ -265,7 +265,7 @@ class _Finisher:
         self.trace, self.done = trace, False
 
     def finish(self, outcome: Any, exc: BaseException | None = None) -> None:
-        """``outcome``: what `execute` returned (a dict with ``status``, or a RetryLater)."""
+        """``outcome``: what `execute` returned (a `tasks.outcomes` type)."""
         if self.done:
             return
         self.done = True
@@ -278,17 +278,23 @@ class _Finisher:
 
 
 def _status(outcome: Any, exc: BaseException | None, error: Any) -> tuple[str, Any]:
+    """The span's status and error for a delivery's `tasks.outcomes` type."""
+    from datus_queue.tasks.outcomes import ComeBack, Dropped, Finished, Retry
+
     if exc is not None:
         return "error", {"code": "internal_error", "type": type(exc).__name__, "message": str(exc)}
-    if outcome is None:
-        return "unknown", error
-    retry_error = getattr(outcome, "error", None)
-    if retry_error is not None and hasattr(outcome, "countdown"):  # RetryLater
-        return "retrying", _plain(retry_error)
-    status = outcome.get("status", "unknown") if isinstance(outcome, dict) else "unknown"
-    if status in ("failed", "dead") and error is None and isinstance(outcome, dict):
-        error = {"code": outcome.get("error_code") or status}
-    return status, _plain(error)
+    if isinstance(outcome, Retry):
+        return "retrying", _plain(outcome.error)
+    if isinstance(outcome, ComeBack):
+        return "running", _plain(error)
+    if isinstance(outcome, Dropped):
+        return outcome.reason.value, _plain(error)
+    if isinstance(outcome, Finished):
+        status = outcome.status.value
+        if status in ("failed", "dead") and error is None:
+            error = {"code": outcome.error_code or status}
+        return status, _plain(error)
+    return "unknown", _plain(error)
 
 
 def _plain(error: Any) -> Any:

@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import importlib
 import json
+import subprocess
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +18,7 @@ from sqlalchemy import create_engine, text
 
 from datus.models.scripted import Reply, ScriptedRequest, ScriptedToolCall
 from datus.testing.fake_server import FakeProviderServer
+from datus_queue.tasks.cli.services import dq_command
 from datus_queue.tasks.client import InvalidJob, JobClient
 from datus_queue.tasks.events import read_events
 from datus_queue.tasks.schemas import JobEvent, JobStatus
@@ -23,6 +26,8 @@ from tests.tasks.conftest import (
     PROVIDERS,
     JobEnv,
     StartWorker,
+    Worker,
+    _environment,
     generations,
     recorded_events,
     tool_run_skip_reason,
@@ -177,6 +182,40 @@ def test_tool_run_against_the_sql_mcp_server_on_each_providers_queue(
         except (AssertionError, TimeoutError) as exc:
             problems[provider] = exc
     assert not problems, problems
+
+
+@pytest.fixture
+def solo_worker(job_env: JobEnv) -> Iterator[Worker]:
+    """``dq worker --pool solo``: the job tasks run through Celery's own tracer (`tasks.jobs.run_task`)
+    instead of the worker's event-loop pool, one at a time."""
+    log_path = job_env.dir / "worker-solo.log"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen([*dq_command(), "worker", "--pool", "solo", "--provider", "openai"], stdout=log,
+                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=_environment(job_env, None),
+                                cwd=job_env.dir, start_new_session=True)
+    handle = Worker(proc, log_path, ("openai",))
+    handle.wait_ready()
+    yield handle
+    handle.stop()
+
+
+def test_job_tasks_under_celerys_own_pool_finish_retry_and_dead_letter(solo_worker: Worker, client: JobClient,
+                                                                       fake: FakeProviderServer) -> None:
+    from datus.models.scripted import Fault
+
+    fake.script.add(Fault("status", status=500), Reply(text="second time lucky"), match="solo-retried")
+    retried = client.submit({"model": "openai", "prompt": "solo-retried", "stream": False})
+    bug = client.submit({"model": "openai", "messages": [{"role": "user", "content": 42}]})  # to_messages raises
+    client.app.send_task("dq.generate", args=("solo-garbage", {"garbage": 1}), queue="llm.openai")
+    plain = client.submit({"model": "openai", "prompt": "solo-plain"})
+
+    result = client.result(retried, timeout=30)
+    assert (result.status, result.output, result.attempts) == (JobStatus.SUCCEEDED, "second time lucky", 2)
+    failed = client.result(bug, timeout=30)
+    assert failed.status is JobStatus.FAILED and failed.error is not None and failed.error.code == "internal_error"
+    assert client.result(plain, timeout=30).status is JobStatus.SUCCEEDED
+    assert "solo-garbage" in {letter.dead_id for letter in client.store.dead_letters()}
+    assert len(generations(fake, "solo-retried")) == 2 and solo_worker.alive()
 
 
 def test_stream_replay_late_and_reconnecting_readers_get_every_step_once(worker: StartWorker, client: JobClient,

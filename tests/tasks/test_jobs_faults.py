@@ -14,6 +14,8 @@ from itertools import pairwise
 from typing import Any
 
 import pytest
+from sqlalchemy import create_engine
+from sqlalchemy.engine import make_url
 
 from datus.models.scripted import Answer, Fault, Reply, ScriptedRequest
 from datus.testing.fake_server import FakeProviderServer
@@ -87,6 +89,135 @@ def test_sigterm_requeues_jobs_in_flight_at_once(worker: StartWorker, client: Jo
     # the second worker ran every job
     assert all(f"[{job_id}] received" in second.log() for job_id in jobs), first.log()[-2000:]
     assert all(len(generations(fake, f"term-{i}")) == 2 for i in range(3))
+
+
+# -- a duplicate delivery while its job runs ------------------------------------------------------
+
+
+def send_duplicate(client: JobClient, job_id: str) -> None:
+    """The job's message once more, as the sweeper re-sends it or the broker restores it
+    (`publish_job`: the one way a job is sent)."""
+    from datus_queue.tasks.client import publish_job
+
+    request = client.store.get_request(job_id)
+    assert request is not None
+    with client.app.producer_or_acquire() as producer:
+        publish_job(client.app, producer, job_id, request, "openai")
+
+
+def all_acknowledged(client: JobClient) -> bool:
+    """No message waits in a queue or in a worker's hands (kombu's ``unacked`` hash: a message
+    held for its countdown is there too)."""
+    return client.redis.hlen("unacked") == 0 and client.redis.llen("llm.openai") == 0
+
+
+@pytest.mark.slow
+def test_a_duplicate_that_meets_a_live_lease_comes_back_and_ends_once_the_job_is_final(
+        worker: StartWorker, client: JobClient, fake: FakeProviderServer) -> None:
+    """Default settings. The duplicate makes no model call next to the running one, and it is not
+    dropped either: it comes back when the lease can have lapsed, finds the job final, and ends."""
+    running = worker("openai")
+    fake.hold()  # the job's call is in flight until released
+    job_id = client.submit({"model": "openai", "prompt": "dup-live: hello", "stream": False})
+    wait_for(lambda: generations(fake, "dup-live:"), 20, "the job's model call")
+    send_duplicate(client, job_id)
+    wait_for(lambda: f"job {job_id}: attempt 1 is running elsewhere" in running.log(), 20,
+             "the duplicate to meet the live lease")
+    # published again (received again: held until its countdown ends), this delivery acknowledged
+    wait_for(lambda: running.log().count(f"[{job_id}] received") == 3, 10, "the duplicate published again")
+    fake.release()
+    result = client.result(job_id, timeout=30)
+    assert result.status is JobStatus.SUCCEEDED and (result.attempts, result.deliveries) == (1, 1)
+
+    # the duplicate is held for its countdown (in kombu's unacked hash) until the lease's end, then
+    # runs, finds the job final and is acknowledged: nothing is left anywhere
+    wait_for(lambda: all_acknowledged(client), client.settings.lease_s + 30, "the duplicate to come back and end")
+    wait_for(lambda: f"job {job_id} is succeeded; this delivery ends" in running.log(), 5, "the duplicate's end")
+    assert len(generations(fake, "dup-live:")) == 1  # one model call in all
+    assert len(terminal_steps(client, job_id)) == 1
+
+
+@pytest.mark.slow
+def test_a_duplicate_that_meets_a_dead_workers_lease_takes_the_job_over_once_it_lapses(
+        worker: StartWorker, client: JobClient, fake: FakeProviderServer) -> None:
+    """Default settings. A worker dies holding the job; its lease runs on (nobody renews it) while a
+    duplicate of the message reaches another worker: the duplicate comes back after the lease and
+    takes the job over instead of being dropped (the job would otherwise wait for the sweeper)."""
+    first = worker("openai")
+    fake.hold()
+    job_id = client.submit({"model": "openai", "prompt": "dup-dead: hello", "stream": False})
+    wait_for(lambda: generations(fake, "dup-dead:"), 20, "the job's model call")
+    first.kill()
+    second = worker("openai")
+    send_duplicate(client, job_id)
+    wait_for(lambda: f"job {job_id}: attempt 1 is running elsewhere" in second.log(), 30,
+             "the duplicate to meet the dead worker's lease")
+    fake.release()  # the killed call's answer goes nowhere
+
+    result = client.result(job_id, timeout=client.settings.lease_s + 40)
+    assert result.status is JobStatus.SUCCEEDED, result.error
+    assert (result.attempts, result.deliveries) == (1, 2)  # the same attempt, taken over once
+    assert len(generations(fake, "dup-dead:")) == 2  # the killed call, then the one that finished
+    assert [step["action_type"] for step in terminal_steps(client, job_id)] == ["final_response"]
+
+
+# -- bugs and the infrastructure ---------------------------------------------------------------------
+
+
+def test_a_bug_fails_its_job_at_once_with_one_log_line_and_no_retry(worker: StartWorker, client: JobClient,
+                                                                   fake: FakeProviderServer) -> None:
+    """A request the client accepts and the worker cannot run stands for a bug, with no code changed
+    for the test: a message whose content is not text breaks the model layer's `to_messages`
+    (ValueError). It is not an infrastructure error: the job fails at once, never retried."""
+    running = worker("openai", concurrency=2)
+    job_id = client.submit({"model": "openai", "messages": [{"role": "user", "content": 42}]})
+    result = client.result(job_id, timeout=30)
+    assert result.status is JobStatus.FAILED and result.error is not None
+    assert (result.error.code, result.error.type, result.attempts) == ("internal_error", "ValueError", 1)
+    [terminal] = terminal_steps(client, job_id)
+    assert terminal["action_type"] == "error" and terminal["output"]["code"] == "internal_error"
+    after = client.submit({"model": "openai", "prompt": "bug: a good job after"})
+    assert client.result(after, timeout=30).status is JobStatus.SUCCEEDED
+
+    log = running.log()
+    assert log.count(f"job {job_id} failed with an internal error") == 1  # one log record, with its traceback
+    record = log.split(f"job {job_id} failed with an internal error", 1)[1].split("\n[20", 1)[0]
+    assert "Traceback (most recent call last):" in record and "ValueError" in record
+    assert "infrastructure error" not in log and "retry in" not in log
+    assert generations(fake) == generations(fake, "bug: a good job after")  # the bad job made no call
+
+
+@pytest.mark.parametrize("job_db_url", ["postgres"], indirect=True)
+def test_the_store_failing_mid_job_is_an_infrastructure_retry_and_the_job_succeeds(
+        job_env: JobEnv, worker: StartWorker, client: JobClient, fake: FakeProviderServer) -> None:
+    """The store stops answering while a job's model call is in flight: the result cannot be written
+    (OperationalError), the job is retried later — not failed — and succeeds once the store is back.
+    The fault: this test locks the jobs table, and Postgres cancels a statement of the worker's that
+    waits for it longer than 1 s (``statement_timeout`` on the worker's connections only: without
+    it the worker would wait the lock out instead of failing). DQ_ settings are the defaults."""
+    url = make_url(job_env.database_url)
+    worker_url = url.update_query_dict({"options": f"{url.query['options']} -cstatement_timeout=1000"})
+    running = worker("openai", env={"DQ_DATABASE_URL": worker_url.render_as_string(hide_password=False)})
+    fake.hold()
+    job_id = client.submit({"model": "openai", "prompt": "infra: hello", "stream": False})
+    wait_for(lambda: generations(fake, "infra:"), 20, "the job's model call")
+    engine = create_engine(job_env.database_url)
+    try:
+        with engine.connect() as conn:
+            conn.exec_driver_sql("LOCK TABLE jobs IN ACCESS EXCLUSIVE MODE")  # held until the rollback
+            fake.release()  # the answer arrives: writing it waits for the lock, and is cancelled
+            wait_for(lambda: f"job {job_id}: infrastructure error" in running.log(), 30, "an infrastructure retry")
+            conn.rollback()
+    finally:
+        engine.dispose()
+
+    result = client.result(job_id, timeout=60)
+    assert result.status is JobStatus.SUCCEEDED and result.output == "echo: infra: hello", result.error
+    log = running.log()
+    assert f"job {job_id}: infrastructure error OperationalError" in log
+    assert "internal error" not in log
+    assert len(generations(fake, "infra:")) >= 2  # the answer that could not be stored, then the retry's
+    assert [step["action_type"] for step in terminal_steps(client, job_id)] == ["final_response"]
 
 
 # -- a 429 storm ---------------------------------------------------------------------------------
@@ -207,7 +338,7 @@ def test_bad_payloads_sent_around_the_client_are_rejected_recorded_and_the_worke
     command = {"provider": "openai", "request": {"model": "openai", "kind": "tool_run", "prompt": "x",
                                                  "mcp_servers": ["sh -c reboot"]}}
     app.send_task("dq.tool_run", args=("job-command", command), queue="llm.openai")
-    app.send_task("dq.generate", args=(12345, _valid_payload("numeric id")), queue="llm.openai")
+    numeric = app.send_task("dq.generate", args=(12345, _valid_payload("numeric id")), queue="llm.openai").id
     app.send_task("dq.unknown", args=("job-unknown",), queue="llm.openai")
     # pickle is refused before it is ever loaded: this one would create a file if unpickled
     marker = job_env.dir / "unpickled"
@@ -225,7 +356,8 @@ def test_bad_payloads_sent_around_the_client_are_rejected_recorded_and_the_worke
                                "delivery_info": {"exchange": "", "routing_key": "llm.openai"}}}
     client.redis.lpush("llm.openai", json.dumps(envelope))
 
-    wait_for(lambda: {known, "job-garbage", "job-smuggled", "job-command", "12345"} <= dead_letters(client).keys(),
+    # a number is no job id: that message's dead letter goes by its message id
+    wait_for(lambda: {known, "job-garbage", "job-smuggled", "job-command", numeric} <= dead_letters(client).keys(),
              20, "the dead-letter records")
     after = client.submit({"model": "openai", "prompt": "a good job after the garbage"})
     assert client.result(after, timeout=30).status is JobStatus.SUCCEEDED
@@ -233,7 +365,7 @@ def test_bad_payloads_sent_around_the_client_are_rejected_recorded_and_the_worke
 
     reasons = dead_letters(client)
     assert "provider" in reasons["job-garbage"] and "api_key" in reasons["job-smuggled"]
-    assert "mcp_servers" in reasons["job-command"] and "job id" in reasons["12345"]
+    assert "mcp_servers" in reasons["job-command"] and "job id" in reasons[numeric]
     row = client.result(known, timeout=1)
     assert row.status is JobStatus.FAILED and row.error and row.error.code == "invalid_payload"
     assert not marker.exists()

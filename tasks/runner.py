@@ -1,0 +1,151 @@
+"""Running one claimed job's request on the model layer, publishing each step as it comes.
+
+`JobRunner.run` returns the output and the SQL contexts; what the delivery does with them (the
+store write, the terminal event) and with what the run raises (cancelled, superseded, a model
+error, a limiter's hand-back) is `tasks.jobs`'. A tool run is durable: its journal
+(`tasks.checkpoints.StoreJournal`) records every step, and a step an earlier delivery published
+is not published again.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import time
+from typing import TYPE_CHECKING, Any
+
+from datus.models.messages import to_messages
+from datus.models.usage import Usage
+from datus.schemas.action_history import ActionHistory, ActionRole, ActionStatus
+from datus_queue.tasks import keys
+from datus_queue.tasks.checkpoints import StoreJournal
+from datus_queue.tasks.schemas import DATABASE_SERVER, JobKind, JobRequest
+
+if TYPE_CHECKING:
+    from datus_queue.tasks.context import JobContext
+
+__all__ = ["JobCancelled", "JobRunner", "last_user", "servers"]
+
+
+class JobCancelled(Exception):
+    pass
+
+
+class JobRunner:
+    """Runs one request on the model layer, publishing each step."""
+
+    def __init__(self, ctx: JobContext, job_id: str, request: JobRequest, cancel_requested: bool, attempt: int = 1,
+                 resuming: bool = False) -> None:
+        self.ctx, self.job_id, self.request = ctx, job_id, request
+        self.final_step: ActionHistory | None = None
+        self.usage: Usage | None = None  # a tool run's, summed over all its turns
+        self.cancel_requested = cancel_requested  # read when the job started
+        self.journal = StoreJournal(ctx, job_id, attempt, resuming) if request.kind is JobKind.TOOL_RUN else None
+        self.attempt = attempt
+        self._last_cancel_check = time.monotonic()
+
+    async def publish(self, step: ActionHistory) -> None:
+        if self.journal is None or not self.journal.seen(step):  # an earlier delivery published it: once is enough
+            await self.ctx.publisher.publish(self.job_id, step)
+        await self.check_cancelled()
+
+    async def check_cancelled(self, force: bool = False) -> None:
+        now = time.monotonic()
+        if not force and now - self._last_cancel_check < 0.1:
+            return
+        self._last_cancel_check = now
+        if await self.ctx.aredis.exists(keys.job_cancel(self.job_id)):
+            raise JobCancelled(self.job_id)
+
+    async def run(self) -> tuple[Any, list[dict[str, Any]]]:
+        request = self.request
+        if self.cancel_requested:
+            raise JobCancelled(self.job_id)
+        prompt = request.prompt if request.prompt is not None else request.messages
+        text = request.prompt if request.prompt is not None else last_user(request.messages or [])
+        options = request.options.model_dump(exclude_none=True, exclude={"extra_body"})
+        if request.kind is JobKind.TOOL_RUN:
+            return await self._tool_run(prompt, options)
+        await self.publish(ActionHistory.create_action(
+            ActionRole.USER, "user_input", text, {"prompt": text}, status=ActionStatus.SUCCESS))
+        model = self.ctx.model(request.model, in_process_retries=False)
+        messages = to_messages(prompt, request.instruction or None)
+        if request.kind is JobKind.JSON:
+            output: Any = await model.agenerate_with_json_output(messages, response_format=request.output_schema,
+                                                                 **options)
+        elif request.stream:
+            output = None
+            async for item in model.astream(messages, **options):
+                if hasattr(item, "usage"):
+                    output = item.text
+                else:
+                    await self.publish(ActionHistory(
+                        action_id=self.job_id, role=ActionRole.ASSISTANT, action_type="assistant_delta",
+                        messages=item.text or item.reasoning, status=ActionStatus.PROCESSING,
+                        output={"kind": "reasoning" if item.reasoning and not item.text else "text",
+                                "text": item.text, "reasoning": item.reasoning}))
+        else:
+            output = await model.agenerate(messages, **options)
+        self.final_step = self.final_response(output)
+        return output, []
+
+    @staticmethod
+    def final_response(output: Any) -> ActionHistory:
+        """The step that announces ``output`` as the answer (the job's terminal event)."""
+        return ActionHistory.create_action(
+            ActionRole.ASSISTANT, "final_response", output if isinstance(output, str) else json.dumps(output), None,
+            {"content": output}, ActionStatus.SUCCESS)
+
+    async def _tool_run(self, prompt: Any, options: dict[str, Any]) -> tuple[Any, list[dict[str, Any]]]:
+        request = self.request
+        model = self.ctx.model(request.model, in_process_retries=True)
+        steps = model.generate_with_tools_stream(
+            prompt, mcp_servers=servers(request, self.ctx.agent_config), instruction=request.instruction,
+            output_type=request.output_schema or str, max_turns=request.max_turns,
+            session=request.session_id, db_type=request.db_type, journal=self.journal, mcp_pool=self.ctx.mcp_pool,
+            live_steps=True, **options)  # live: every step is published, deltas and tool calls under way included
+        # aclosing: a cancelled or failed job closes the run (and its MCP servers) in this task
+        async with contextlib.aclosing(steps):
+            return await self._follow_tool_run(steps)
+
+    async def _follow_tool_run(self, steps: Any) -> tuple[Any, list[dict[str, Any]]]:
+        request = self.request
+        announced = False
+        async for step in steps:
+            if not announced and self.journal is not None and self.journal.replayed_steps:
+                announced = True  # tell readers why the run goes on from the middle
+                await self.ctx.publisher.publish(self.job_id, ActionHistory.create_action(
+                    ActionRole.WORKFLOW, "resumed", f"resumed after {self.journal.replayed_steps} recorded step(s)",
+                    None, {"attempt": self.attempt, "steps_recorded": self.journal.replayed_steps},
+                    ActionStatus.SUCCESS))
+            if step.action_type == "assistant_delta" and not request.stream:
+                continue
+            if step.action_type == "final_response":
+                self.final_step = step  # published as the terminal event, after the store write
+                output = step.output or {}
+                if output.get("usage"):
+                    self.usage = Usage.from_dict(output["usage"])
+                return output.get("content"), output.get("sql_contexts", [])
+            if step.action_type == "error":
+                continue  # the exception that follows is recorded and published by the caller
+            await self.publish(step)
+        raise RuntimeError("the tool run ended without a final answer")
+
+
+def servers(request: JobRequest, agent_config: Any) -> dict[str, Any] | None:
+    """The tool run's MCP servers: those it names from agent.mcp_servers, and the shipped SQL
+    server opened on ``request.database``."""
+    from datus.mcp_servers.sql_server import stdio_config
+    from datus.models.mcp_utils import resolve_mcp_servers
+
+    found: dict[str, Any] = dict(resolve_mcp_servers(request.mcp_servers, agent_config)) if request.mcp_servers else {}
+    if request.database:
+        found[DATABASE_SERVER] = stdio_config(request.database)
+    return found or None
+
+
+def last_user(messages: list[dict[str, Any]]) -> str:
+    for message in reversed(messages):
+        if message.get("role") == "user" and isinstance(message.get("content"), str):
+            return message["content"]
+    return ""

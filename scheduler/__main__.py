@@ -1,8 +1,9 @@
 """``dq beat`` (the same as ``python -m datus_queue.scheduler``): the scheduler of datus-queue.
 
-Celery beat with redbeat (`scheduler.beat`): it sends the maintenance tasks and the scheduled
-batches of `scheduler.schedule` to queue ``dq.maintenance``; the workers run them. Run one or
-two (the second is a hot standby); never more than one sends.
+Celery beat with redbeat (`scheduler.beat`): it sends pruning and the scheduled batches of
+`scheduler.schedule` to queue ``dq.maintenance``; the workers run them. Run one or two (the second
+is a hot standby); never more than one sends. Recovering a dead worker's jobs does not need it:
+the workers sweep for those themselves. Started while Redis is away, it waits for Redis.
 """
 
 from __future__ import annotations
@@ -13,10 +14,11 @@ import sys
 
 def parse(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="dq beat", description="The scheduler: sends the sweeper (every DQ_SWEEP_INTERVAL_S), pruning (every "
-                                    "DQ_PRUNE_INTERVAL_S) and the scheduled batches of agent.yml (agent.schedules) "
-                                    "to the workers. A second dq beat waits as a hot standby; Redis, the job store "
-                                    "and agent.yml come from DQ_REDIS_URL, DQ_DATABASE_URL and DQ_CONFIG.")
+        prog="dq beat", description="The scheduler: sends pruning (every DQ_PRUNE_INTERVAL_S) and the scheduled "
+                                    "batches of agent.yml (agent.schedules) to the workers. A second dq beat waits "
+                                    "as a hot standby. The workers sweep for a dead worker's jobs without it. Redis, "
+                                    "the job store and agent.yml come from DQ_REDIS_URL, DQ_DATABASE_URL and "
+                                    "DQ_CONFIG.")
     parser.add_argument("--loglevel", "-l", default="INFO", help="DEBUG, INFO, WARNING, ERROR")
     return parser.parse_args(argv)
 
@@ -37,7 +39,8 @@ def main(argv: list[str] | None = None) -> int:
         configure(app, settings, load_agent_config(settings))
     except ValidationError as exc:  # a DQ_ setting out of bounds
         error = exc.errors()[0]
-        name = "DQ_" + "_".join(str(part) for part in error["loc"]).upper()
+        name = "_".join(str(part) for part in error["loc"]).upper()
+        name = name if name.startswith("DQ_") else f"DQ_{name}"  # a field read under an alias has its own name
         print(f"error: {name}={error.get('input')!r}: {error['msg']}", file=sys.stderr)
         return 1
     except ConfigError as exc:

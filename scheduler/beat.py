@@ -15,15 +15,18 @@ next slot comes; for a batch, its slot is claimed in the store, `tasks.maintenan
 - a schedule new to Redis fires first at its next slot (redbeat would fire a new entry at once,
   which for a nightly batch added at noon means a run at noon); of the slots missed while no
   beat ran, the latest still fires once, when a beat is back;
-- it outlives a Redis restart. redbeat lets a failed command end beat; here the beat waits for
-  Redis and goes on, and one that finds its lock gone (it expired while Redis was away, or
-  this process stalled past the lock timeout and the standby took over) sends nothing until
-  it holds the lock again — it waits for it as a standby does.
+- it outlives Redis being away, at start too. redbeat lets a failed command end beat (a beat
+  started while Redis was down exited at once: "beat raised exception ConnectionError"); here
+  the beat waits for Redis — one line when it finds Redis gone, one when Redis is back — and goes
+  on. One that finds its lock gone (it expired while Redis was away, or this process stalled past
+  the lock timeout and the standby took over) sends nothing until it holds the lock again — it
+  waits for it as a standby does.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from datetime import UTC, datetime
 from typing import Any
 
@@ -35,22 +38,36 @@ from redbeat.schedulers import LUA_EXTEND_TO_SCRIPT, get_redis
 from datus.models.config import AgentConfig
 from datus_queue.scheduler.schedule import RUN_SCHEDULE, beat_schedule
 from datus_queue.tasks import keys
+from datus_queue.tasks.maintenance.outages import Outage
 from datus_queue.tasks.maintenance.schedules import latest_slot
 from datus_queue.tasks.settings import Settings
 
 __all__ = ["Scheduler", "configure"]
 
 logger = logging.getLogger("datus_queue.scheduler.beat")
+_REDIS_AWAY = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)  # BusyLoadingError included
 
 
 class Scheduler(RedBeatScheduler):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self._redis = Outage(logger, "dq beat: Redis")  # before super(), which sets the schedule up in Redis
         super().__init__(*args, **kwargs)
         # made before beat_init, whose redbeat handler then blocks until the lock is ours
         logger.info("dq beat: taking the scheduler lock %s (while another dq beat holds it, this one waits as a "
                     "hot standby)", self.lock_key)
 
     def setup_schedule(self) -> None:
+        """Write the schedule to Redis, waiting for Redis as long as it takes."""
+        while True:
+            try:
+                self._setup_schedule()
+                break
+            except _REDIS_AWAY as exc:
+                self._redis.failed(exc, "setting up the schedule")
+                time.sleep(min(self.max_interval, 2.0))
+        self._redis.ok()
+
+    def _setup_schedule(self) -> None:
         super().setup_schedule()
         for name, definition in self.app.redbeat_conf.schedule.items():
             if definition.get("task") != RUN_SCHEDULE:
@@ -63,15 +80,17 @@ class Scheduler(RedBeatScheduler):
         try:
             if self.lock_key and self.lock is None:  # lost, or Redis was down when beat started
                 self._take_lock()
-            return float(super().tick(*args, **kwargs))
+            interval = float(super().tick(*args, **kwargs))
         except redis.exceptions.LockError:
             logger.warning("dq beat: lost the scheduler lock %s (it expired: Redis was away, or this beat stalled); "
                            "sending nothing until it is ours again", self.lock_key)
             self.lock = None
             return 0.0
-        except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
-            logger.warning("dq beat: Redis is unreachable (%s); trying again in %.1fs", exc, self.max_interval)
+        except _REDIS_AWAY as exc:  # one line per outage; tried again every max_interval
+            self._redis.failed(exc)
             return float(self.max_interval)
+        self._redis.ok()
+        return interval
 
     def _take_lock(self) -> None:
         """What redbeat does at beat start: block until the lock is ours."""

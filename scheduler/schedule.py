@@ -1,11 +1,13 @@
 """Every periodic entry of `dq beat`, in one place.
 
-    sweep             dq.sweep         every DQ_SWEEP_INTERVAL_S (30 s): overdue jobs sent again
     prune             dq.prune         every DQ_PRUNE_INTERVAL_S (1 h): old rows and stray keys
     batch:<name>      dq.run_schedule  each agent.yml schedule, on its cron expression (UTC)
 
-All go to queue ``dq.maintenance``, which every worker consumes. The sweep and prune messages
-expire after their interval: if no worker took one by then, the next one does its work.
+All go to queue ``dq.maintenance``, which every worker consumes. The prune message expires after
+its interval: if no worker took one by then, the next one does its work.
+
+The sweep is not here: every worker runs it in turn (`tasks.maintenance.sweep_loop`), so a dead
+worker's jobs are sent again whether or not a beat runs.
 """
 
 from __future__ import annotations
@@ -25,8 +27,6 @@ RUN_SCHEDULE = "dq.run_schedule"
 
 def beat_schedule(settings: Settings, agent_config: AgentConfig) -> dict[str, dict[str, Any]]:
     entries: dict[str, dict[str, Any]] = {
-        "sweep": {"task": "dq.sweep", "schedule": timedelta(seconds=settings.sweep_interval_s),
-                  "options": {"queue": MAINTENANCE_QUEUE, "expires": settings.sweep_interval_s}},
         "prune": {"task": "dq.prune", "schedule": timedelta(seconds=settings.prune_interval_s),
                   "options": {"queue": MAINTENANCE_QUEUE, "expires": settings.prune_interval_s}},
     }

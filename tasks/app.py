@@ -3,7 +3,12 @@
 JSON only; late acks with requeue when a worker is lost; one message prefetched per slot; a
 visibility timeout longer than the longest call plus the longest retry countdown, set in all
 three places; results ignored (the job store holds them) and expiring; task arguments never
-stored in results.
+stored in results; a broker that is away — at start too — waited for as long as it takes.
+
+The visibility timeout is not how a dead worker's jobs come back: its leases run out and a sweep
+sends them again within seconds (`tasks.leases`, `tasks.maintenance.sweep_loop`). It only bounds
+how long a message nobody acknowledges stays in kombu's ``unacked`` hash before kombu hands it out
+again (the sweep deletes those of the jobs it sent again).
 """
 
 from __future__ import annotations
@@ -55,6 +60,9 @@ def create_app(settings: Settings | None = None) -> Celery:
         task_default_queue="llm.default",
         task_create_missing_queues=True,
         broker_connection_retry_on_startup=True,
+        # a worker (or dq beat) waits for the broker as long as it is away, at start too: Celery's
+        # default gives up after 100 tries (about 50 minutes) and ends the process
+        broker_connection_max_retries=None,
         worker_hijack_root_logger=False,
         # Task events feed Flower; they cost a Redis publish per task state change on the
         # worker's consumer thread, so they are opt-in (DQ_TASK_EVENTS=1, `dq worker --events`,

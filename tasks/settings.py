@@ -5,7 +5,7 @@ from __future__ import annotations
 from functools import lru_cache
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import AliasChoices, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 __all__ = ["Settings", "get_settings"]
@@ -48,18 +48,32 @@ class Settings(BaseSettings):
         default=1.0, ge=0, description="a limiter wait up to this long is awaited in the worker; a longer one "
                                        "sends the job back to the queue with a countdown")
     rate_limit_burst_s: float = Field(
-        default=1.0, gt=0, description="how much of a per-minute limit may go out at once, in seconds of it")
+        default=0.0, ge=0, description="how much of a per-minute limit may go out at once, in seconds of it; 0: one "
+                                       "request at a time, evenly spaced (a burst is taken from the slack that keeps "
+                                       "the fleet inside providers' 1 s windows: tasks/ratelimit_lua.py)")
+    rate_limit_share: float = Field(
+        default=0.985, gt=0, le=1, description="the share of each configured limit the fleet paces to; the rest "
+                                               "absorbs the spread of the requests' delays on the way to the "
+                                               "provider, which counts their arrivals over windows as short as 1 s")
     rate_limit_slot_lease_s: float = Field(
         default=30.0, gt=0, description="a max_concurrency slot of a worker that died frees itself after this")
     batch_priority: int = Field(
         default=6, ge=0, le=9, description="broker priority of batch jobs (0 is the highest, interactive jobs' "
                                            "own); 0 puts batches in the interactive queue and waiting line")
-    # the scheduler (dq beat) and the maintenance tasks it sends to every worker
-    sweep_interval_s: float = Field(default=30.0, gt=0, description="how often the sweeper looks for stuck jobs")
-    queued_lease_s: float = Field(
-        default=300.0, gt=0,
-        description="a queued or retrying job this long past due with no message in Redis, or a running job "
-                    "whose worker has not renewed its lease for this long, is sent again")
+    # recovery (tasks/leases.py, tasks/maintenance/sweep_loop.py): a dead worker's jobs run again within
+    # lease_s + 1.25 * sweep_interval_s (about 28 s by default), with or without dq beat
+    lease_s: float = Field(
+        default=15.0, gt=0, validation_alias=AliasChoices("DQ_LEASE_S", "DQ_QUEUED_LEASE_S", "lease_s"),
+        description="a running job's lease: its worker renews it every third of this; a job whose worker has not "
+                    "renewed it for this long (the worker died or stalled) is sent again by the next sweep "
+                    "(DQ_QUEUED_LEASE_S, its old name, is read when DQ_LEASE_S is not set)")
+    resend_after_s: float = Field(
+        default=10.0, gt=0,
+        description="a queued job this long after it was sent, or a retrying one this long past due, whose "
+                    "message is in no queue and in no live worker's hands is sent again by the next sweep")
+    sweep_interval_s: float = Field(
+        default=10.0, gt=0, description="how often the fleet sweeps for jobs to send again: every worker offers, "
+                                        "one sweeps per interval")
     job_retention_days: float = Field(default=30.0, gt=0, description="finished job rows older than this are pruned")
     prune_interval_s: float = Field(default=3600.0, gt=0, description="how often old rows and keys are pruned")
     beat_lock_timeout_s: float = Field(
@@ -72,6 +86,11 @@ class Settings(BaseSettings):
                                    "a client with it on puts its span's traceparent in each job message")
     schedule_dir: str = Field(default_factory=_default_schedule_dir,
                               description="where scheduled batches write their results and logs")
+
+    @property
+    def queued_lease_s(self) -> float:
+        """`lease_s` under its old name, for code not moved to it yet (to be removed)."""
+        return self.lease_s
 
 
 @lru_cache(maxsize=1)

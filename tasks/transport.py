@@ -1,4 +1,4 @@
-"""The Redis transport with two changes.
+"""The Redis transport with three changes.
 
 - A message body that is not a message is recorded as a dead letter (in the job store) and
   skipped, instead of stopping the worker: kombu decodes what it pops from a queue list unguarded, so
@@ -8,6 +8,15 @@
   for every acknowledgement and every prefetched message (``conn_or_acquire``), and building
   one copies redis-py's table of ~170 response callbacks: about 4% of a busy worker's CPU.
   The client shares the channel's connection pool, as the ones built each time did.
+- A channel whose connection is closed says so with a connection error. When the worker loses
+  Redis, Celery closes the connection twice (``collect``, then ``close``); if the consumer was
+  waiting in BRPOP at the time, the first close fails before it marks the channel closed, the
+  connection drops its transport, and the second close tries to put the unacknowledged messages
+  back through a pool it can no longer build: kombu raised ``AttributeError`` there, which Celery
+  does not expect, and the worker process ended ("Unrecoverable error: 'NoneType' object has no
+  attribute 'hostname'") on a Redis restart under load. A connection error is what both closes
+  ignore. The messages stay in kombu's ``unacked`` hash (Redis was away: nothing could move them);
+  the sweep sends their jobs again (`tasks.maintenance.live_messages`).
 """
 
 from __future__ import annotations
@@ -17,6 +26,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+import redis
 from kombu.transport import redis as kombu_redis
 
 __all__ = ["Transport"]
@@ -33,6 +43,8 @@ class GuardedChannel(kombu_redis.Channel):
         if client:
             yield client
             return
+        if self.connection is None or self.connection.client is None:  # closed: see the module docstring
+            raise redis.exceptions.ConnectionError("the broker connection of this channel is closed")
         shared = self._sync_client
         if shared is None or shared.connection_pool is not self.pool:  # first use, or the pool was replaced
             shared = self._sync_client = self._create_client()
@@ -63,7 +75,7 @@ class GuardedChannel(kombu_redis.Channel):
         try:
             get_context().store.record_dead_letter(
                 dead_id, f"undecodable message: {type(exc).__name__}: {exc}"[:500], queue=queue)
-        except Exception as err:  # recording must never take the consumer down
+        except Exception as err:  # noqa: BLE001 - recording must never take the consumer down
             logger.warning("could not record the dropped message: %s", err)
 
 

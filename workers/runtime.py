@@ -97,7 +97,7 @@ class WorkerRuntime:
         self.cancel_all()  # running jobs stop now; their messages are requeued
         try:
             asyncio.run_coroutine_threadsafe(self._wind_down(timeout_s), loop).result(timeout_s * 2)
-        except Exception as exc:  # shutting down: log and go on
+        except Exception as exc:  # noqa: BLE001 - shutting down: log and go on
             logger.warning("closing clients at shutdown failed: %s", exc)
         loop.call_soon_threadsafe(loop.stop)
         if self.thread is not None:

@@ -27,7 +27,7 @@ import redis
 
 from datus_queue.tasks.app import create_app
 from datus_queue.tasks.cli.services import local_redis
-from datus_queue.tasks.maintenance.live_messages import live_job_ids
+from datus_queue.tasks.maintenance.live_messages import scan_messages
 from datus_queue.tasks.schemas import JobRequest
 from datus_queue.tasks.settings import Settings
 from datus_queue.tasks.store import JobStore
@@ -76,14 +76,14 @@ def bench_scan(url: str, backlog: int, overdue: int) -> None:
     ours, plain = [], []
     for _ in range(RUNS):
         start = time.perf_counter()
-        live = live_job_ids(client, wanted, ["openai"], datetime.now(UTC), 300)
+        live = scan_messages(client, wanted, ["openai"], datetime.now(UTC), 300).live
         ours.append(time.perf_counter() - start)
         start = time.perf_counter()
         assert _plain_scan(client, set(wanted)) == live
         plain.append(time.perf_counter() - start)
     client.config_set("slowlog-log-slower-than", 0)
     client.slowlog_reset()
-    live_job_ids(client, wanted, ["openai"], datetime.now(UTC), 300)
+    scan_messages(client, wanted, ["openai"], datetime.now(UTC), 300)
     longest_script = _longest_call_ms(client, "EVALSHA")
     client.slowlog_reset()
     _plain_scan(client, set(wanted))

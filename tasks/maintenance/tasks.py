@@ -1,32 +1,31 @@
-"""The maintenance tasks `dq beat` sends to queue ``dq.maintenance`` (every `dq worker`
-consumes it; they run in the worker's threads, off its event loop). Thin: the work is in the
-modules named after it. Each run is counted in Redis (``dq:maintenance:<task>``: runs, last_at,
-last), which is where an operator sees that the sweeper runs and what it did."""
+"""The maintenance tasks on queue ``dq.maintenance`` (every `dq worker` consumes it; they run in the
+worker's threads, off its event loop). Thin: the work is in the modules named after it. Each run
+is counted in Redis (`tasks.maintenance.runs`).
+
+`dq beat` sends ``dq.prune`` and ``dq.run_schedule``. The sweep needs no beat: every worker runs
+it in turn (`tasks.maintenance.sweep_loop`); ``dq.sweep`` stays a task so that an operator (or a
+`dq beat` of an older release) can still ask for one.
+"""
 
 from __future__ import annotations
 
-import json
-import logging
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
-from datus_queue.tasks import keys
 from datus_queue.tasks.app import app
 from datus_queue.tasks.context import get_context
+from datus_queue.tasks.maintenance.runs import record_run
 
 __all__ = ["prune_task", "run_schedule_task", "sweep_task"]
-
-logger = logging.getLogger("datus_queue.tasks.maintenance")
 
 
 @app.task(name="dq.sweep", ignore_result=True)
 def sweep_task() -> dict[str, Any]:
-    """Send overdue jobs again (`tasks.maintenance.sweeper`)."""
+    """Send overdue jobs again (`tasks.maintenance.sweeper`), now."""
     from datus_queue.tasks.maintenance.sweeper import sweep
 
     ctx = get_context()
-    report = sweep(ctx.store, ctx.redis, app, ctx.settings).model_dump()
-    return _record("sweep", report)
+    return record_run(ctx.redis, "sweep", sweep(ctx.store, ctx.redis, app, ctx.settings).model_dump())
 
 
 @app.task(name="dq.prune", ignore_result=True)
@@ -35,7 +34,7 @@ def prune_task() -> dict[str, Any]:
     from datus_queue.tasks.maintenance.prune import prune
 
     ctx = get_context()
-    return _record("prune", prune(ctx.store, ctx.redis, ctx.settings).model_dump())
+    return record_run(ctx.redis, "prune", prune(ctx.store, ctx.redis, ctx.settings).model_dump())
 
 
 @app.task(name="dq.run_schedule", ignore_result=True)
@@ -46,17 +45,5 @@ def run_schedule_task(name: str, slot: str | None = None) -> dict[str, Any]:
     ctx = get_context()
     run = run_schedule(ctx.store, ctx.settings, ctx.agent_config, name,
                        datetime.fromisoformat(slot) if slot else None)
-    return _record("run_schedule", {"schedule": name, "slot": slot,
-                                    "run": None if run is None else run.model_dump(mode="json")})
-
-
-def _record(task: str, report: dict[str, Any]) -> dict[str, Any]:
-    try:
-        with get_context().redis.pipeline(transaction=True) as pipe:
-            pipe.hincrby(keys.maintenance(task), "runs", 1)
-            pipe.hset(keys.maintenance(task), mapping={"last_at": datetime.now(UTC).isoformat(),
-                                                       "last": json.dumps(report, default=str)[:10_000]})
-            pipe.execute()
-    except Exception as exc:  # noqa: BLE001 - the run itself is done
-        logger.warning("could not record the %s run: %s", task, exc)
-    return report
+    return record_run(ctx.redis, "run_schedule", {"schedule": name, "slot": slot,
+                                                  "run": None if run is None else run.model_dump(mode="json")})

@@ -3,9 +3,13 @@ them for a re-send or a dead letter.
 
 A job is overdue (`overdue`) when it is
 
-- ``queued`` and was sent (created, re-sent, replayed) more than ``lease_s`` ago,
-- ``retrying`` and its retry was due more than ``lease_s`` ago, or
+- ``queued`` and was sent (created, re-sent, replayed) more than ``grace_s`` ago,
+- ``retrying`` and its retry was due more than ``grace_s`` ago, or
 - ``running`` and its lease has passed (its worker stopped renewing it) or was released.
+
+``grace_s`` is ``DQ_RESEND_AFTER_S``: how long a message may be on its way (sent, not yet in a
+queue list; popped, not yet recorded as a worker's) before its absence means it is lost. A
+running job needs no grace: its lease (``DQ_LEASE_S``) is the time a worker has to show it is alive.
 
 Whether it still has a message in Redis is for the sweeper to find out; this module only
 claims. A claim is one ``UPDATE … WHERE job_id IN (…) AND <overdue> RETURNING``: the first
@@ -48,8 +52,8 @@ class Resend:
         return self.attempts if self.status is JobStatus.RETRYING else max(self.attempts - 1, 0)
 
 
-def overdue(now: datetime, lease_s: float) -> ColumnElement[bool]:
-    cutoff = now - timedelta(seconds=lease_s)
+def overdue(now: datetime, grace_s: float) -> ColumnElement[bool]:
+    cutoff = now - timedelta(seconds=grace_s)
     return or_(
         and_(jobs.c.status == _QUEUED, jobs.c.updated_at < cutoff),
         and_(jobs.c.status == _RETRYING, func.coalesce(jobs.c.retry_at, jobs.c.updated_at) < cutoff),
@@ -57,19 +61,19 @@ def overdue(now: datetime, lease_s: float) -> ColumnElement[bool]:
     )
 
 
-def overdue_jobs(conn: Connection, now: datetime, lease_s: float, limit: int) -> list[StoredJob]:
+def overdue_jobs(conn: Connection, now: datetime, grace_s: float, limit: int) -> list[StoredJob]:
     """The longest-waiting overdue jobs first, at most ``limit``."""
-    rows = conn.execute(select(*RESULT_COLUMNS).where(overdue(now, lease_s))
+    rows = conn.execute(select(*RESULT_COLUMNS).where(overdue(now, grace_s))
                         .order_by(jobs.c.updated_at, jobs.c.job_id).limit(limit)).all()
     return [to_job(row) for row in rows]
 
 
-def claim_resends(conn: Connection, job_ids: Sequence[str], now: datetime, lease_s: float) -> list[Resend]:
+def claim_resends(conn: Connection, job_ids: Sequence[str], now: datetime, grace_s: float) -> list[Resend]:
     """Claim the jobs among ``job_ids`` that are still overdue, counting one re-send each."""
     if not job_ids:
         return []
     rows = conn.execute(
-        update(jobs).where(jobs.c.job_id.in_(list(job_ids)), overdue(now, lease_s)).values(
+        update(jobs).where(jobs.c.job_id.in_(list(job_ids)), overdue(now, grace_s)).values(
             resends=jobs.c.resends + 1, updated_at=now, lease_until=None,
             # the worker of a running job is gone: the job waits in the queue again
             status=case((jobs.c.status == _RUNNING, _QUEUED), else_=jobs.c.status),
@@ -80,13 +84,13 @@ def claim_resends(conn: Connection, job_ids: Sequence[str], now: datetime, lease
             for row in rows]
 
 
-def dead_overdue(conn: Connection, job_ids: Sequence[str], now: datetime, lease_s: float,
+def dead_overdue(conn: Connection, job_ids: Sequence[str], now: datetime, grace_s: float,
                  error: JobError) -> list[str]:
     """Move the jobs among ``job_ids`` that are still overdue to ``dead``; their ids."""
     if not job_ids:
         return []
     return list(conn.execute(
-        update(jobs).where(jobs.c.job_id.in_(list(job_ids)), overdue(now, lease_s)).values(
+        update(jobs).where(jobs.c.job_id.in_(list(job_ids)), overdue(now, grace_s)).values(
             status=JobStatus.DEAD.value, error=error.model_dump(mode="json"), finished_at=now, updated_at=now,
             retry_at=None, lease_until=None,
         ).returning(jobs.c.job_id)).scalars())

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import redis
 from sqlalchemy import event, select, update
 
 from datus.models.config import AgentConfig, ConfigError
@@ -26,7 +27,7 @@ from datus_queue.tasks.client import InvalidJob, JobClient
 from datus_queue.tasks.events import read_events
 from datus_queue.tasks.leases import LeaseKeeper
 from datus_queue.tasks.maintenance.dead_letters import NotReplayable, parse_age, purge, replay
-from datus_queue.tasks.maintenance.live_messages import live_job_ids
+from datus_queue.tasks.maintenance.live_messages import scan_messages
 from datus_queue.tasks.maintenance.prune import prune
 from datus_queue.tasks.maintenance.schedules import latest_slot, load_schedules, parse_cron, run_schedule
 from datus_queue.tasks.maintenance.sweeper import sweep
@@ -89,9 +90,13 @@ def test_a_message_is_live_in_a_queue_list_or_freshly_taken_and_lost_elsewhere(c
     _take(client, ids["abandoned"], delivered_at=now - 3600)  # taken long ago by a worker that is gone
     _take(client, ids["dropped"], delivered_at=None)  # popped, then Redis restarted: in neither place
 
-    live = live_job_ids(client.redis, list(ids.values()), ["openai"], datetime.now(UTC), lease_s=60)
-    assert live == {ids["waiting"], ids["priority"], ids["taken"], ids["held"]}
-    assert live_job_ids(client.redis, ["job-nowhere"], ["openai", "claude"], datetime.now(UTC), 60) == set()
+    scan = scan_messages(client.redis, list(ids.values()), ["openai"], datetime.now(UTC), grace_s=60)
+    assert scan.live == {ids["waiting"], ids["priority"], ids["taken"], ids["held"]}
+    # the message a gone worker left in kombu's unacked hash, named by its delivery tag
+    abandoned_tag = next(tag.decode() for tag, raw in client.redis.hgetall("unacked").items()
+                         if ids["abandoned"].encode() in raw)
+    assert scan.abandoned == {ids["abandoned"]: [abandoned_tag]}
+    assert scan_messages(client.redis, ["job-nowhere"], ["openai", "claude"], datetime.now(UTC), 60).live == set()
 
 
 # -- the sweeper -----------------------------------------------------------------------------------
@@ -99,13 +104,15 @@ def test_a_message_is_live_in_a_queue_list_or_freshly_taken_and_lost_elsewhere(c
 
 @pytest.mark.parametrize("job_db_url", BACKENDS, indirect=True)
 def test_a_sweep_sends_each_lost_job_once_and_leaves_live_ones_alone(job_env: JobEnv, client: JobClient) -> None:
-    settings = job_env.settings(queued_lease_s=LEASE_S, dead_letter_threshold=2)
+    # a grace of 0.3 s instead of DQ_RESEND_AFTER_S's 10 s: the test waits it out
+    settings = job_env.settings(resend_after_s=LEASE_S, dead_letter_threshold=2)
     store = client.store
     waiting = client.submit(_request("waiting"))
     lost = client.submit(_request("lost"))
     _take(client, lost, delivered_at=None)  # its message is gone
-    abandoned = store.create_job("job-abandoned", _request("abandoned"), "openai")[0]
-    store.mark_running(abandoned, 1, lease_s=0)  # its worker died: the lease has passed
+    abandoned = client.submit(_request("abandoned"))
+    _take(client, abandoned, delivered_at=time.time() - 3600)  # its worker took it, then died: still in unacked
+    store.mark_running(abandoned, 1, lease_s=0)  # …and its lease has passed: nobody renews it
     retrying = store.create_job("job-retrying", _request("retrying"), "openai")[0]
     store.mark_running(retrying, 1)
     store.mark_retrying(retrying, 1, JobError(code="x", type="RateLimitError", message="429"), 0.0)
@@ -124,6 +131,11 @@ def test_a_sweep_sends_each_lost_job_once_and_leaves_live_ones_alone(job_env: Jo
 
     resent = [job_id for report in reports for job_id in report.resent]
     assert sorted(resent) == sorted([lost, abandoned, retrying])  # each once, by one of the two
+    # the dead worker's message of the re-sent job is gone from kombu's unacked hash (no duplicate an
+    # hour later, after the visibility timeout); the retry a live worker holds for its eta stays
+    assert sum(report.dropped for report in reports) == 1
+    assert [json.loads(raw)[0]["headers"]["id"] for raw in client.redis.hvals("unacked")] == [waiting_out]
+    assert client.redis.zcard("unacked_index") == 1
     assert [job_id for report in reports for job_id in report.dead] == [hopeless]
     messages = _messages(client)
     assert set(messages) == {waiting, lost, abandoned, retrying}
@@ -141,8 +153,43 @@ def test_a_sweep_sends_each_lost_job_once_and_leaves_live_ones_alone(job_env: Jo
     [terminal] = [e for e in read_events(client.redis, hopeless) if e.terminal]
     assert terminal.status is JobStatus.DEAD
 
-    # the next sweep finds nothing to do: the re-sent jobs are due again only a lease later
+    # the next sweep finds nothing to do: the re-sent jobs are due again only a grace later
     assert sweep(store, client.redis, client.app, settings).resent == []
+
+
+# -- every worker sweeps, one per interval ------------------------------------------------------------
+
+
+def test_one_worker_of_many_sweeps_per_interval_and_an_outage_is_one_line(
+        job_env: JobEnv, client: JobClient, caplog: pytest.LogCaptureFixture) -> None:
+    from datus_queue.tasks.cli.services import free_port
+    from datus_queue.tasks.maintenance.sweep_loop import SweepLoop
+
+    # a turn of 0.5 s instead of DQ_SWEEP_INTERVAL_S's 10 s: the test waits one out
+    settings = job_env.settings(sweep_interval_s=0.5)
+    loops = [SweepLoop(settings, client.store, client.app, node=f"worker-{n}") for n in range(3)]
+    try:
+        assert [loop.run_once() is not None for loop in loops] == [True, False, False]  # the first offer wins
+        assert [loop.run_once() is not None for loop in loops] == [False, False, False]  # its turn lasts
+        time.sleep(0.6)
+        assert loops[2].run_once() is not None and loops[0].run_once() is None  # the next offer after it wins
+        assert int(client.redis.hget(keys.maintenance("sweep"), "runs")) == 2  # `dq status` shows each run
+    finally:
+        for loop in loops:
+            loop.stop()
+
+    # Redis away: every offer fails, one line says so; the first offer that gets through says it is back
+    away = SweepLoop(job_env.settings(redis_url=f"redis://127.0.0.1:{free_port()}/0"), client.store, client.app)
+    with caplog.at_level("WARNING", logger="datus_queue.tasks.maintenance.sweep_loop"):
+        assert [away.run_once() for _ in range(5)] == [None] * 5
+        away.redis = redis.Redis.from_url(job_env.redis_url)  # Redis is back
+        away.run_once()
+        away.stop()
+    messages = [record.getMessage() for record in caplog.records]
+    assert len(messages) == 2, messages
+    assert "is unreachable (taking the sweep's turn) (ConnectionError" in messages[0]
+    assert messages[0].endswith("waiting for it") and " is back after " in messages[1]
+    assert not any(record.exc_info for record in caplog.records)  # no traceback
 
 
 # -- leases ------------------------------------------------------------------------------------------

@@ -1,18 +1,16 @@
-"""The scheduler end to end: real `dq beat` and `dq worker` subprocesses on a real Redis (one
-of its own with AOF where Redis is restarted), the job store, the fake provider. Short
-settings (`SHORT_SCHEDULER`: a sweep every second, a 2 s lease, a 3 s lock); the timeouts only
-guard against hanging, the assertions are about what happened (re-sends counted in the row,
-calls the fake saw, slots fired and sent)."""
+"""The scheduler end to end: real `dq beat` and `dq worker` subprocesses on a real Redis, the
+job store, the fake provider. What `dq beat` still does: pruning, scheduled batches, one beat
+sending and a standby taking over; and the dead letters that a worker's sweeps leave. Short
+settings (`SHORT_SCHEDULER`: a 3 s lock, so a handover takes seconds; a sweep every second and a
+2 s lease) — recovery with the defaults is in test_recovery.py. The timeouts only guard against
+hanging; the assertions are about what happened (calls the fake saw, slots fired and sent)."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
 import subprocess
-import time
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -21,11 +19,10 @@ import pytest
 import redis
 import yaml
 
-from datus.models.config import AgentConfig
 from datus.models.scripted import Reply
 from datus.testing.fake_server import FakeProviderServer
 from datus_queue.tasks import keys
-from datus_queue.tasks.cli.services import dq_command, free_port, redis_server_binary
+from datus_queue.tasks.cli.services import dq_command
 from datus_queue.tasks.client import JobClient
 from datus_queue.tasks.schemas import JobStatus
 from tests.tasks.conftest import SHORT_SCHEDULER, JobEnv, StartBeat, StartWorker, generations, wait_for
@@ -35,138 +32,11 @@ def maintenance_runs(client: redis.Redis, task: str) -> int:
     return int(client.hget(keys.maintenance(task), "runs") or 0)
 
 
-# -- a lost message ------------------------------------------------------------------------------
-
-
-def test_a_job_whose_message_was_deleted_completes_sent_again_once(worker: StartWorker, beat: StartBeat,
-                                                                   client: JobClient, fake: FakeProviderServer,
-                                                                   dq_redis: redis.Redis) -> None:
-    job_id = client.submit({"model": "openai", "prompt": "lost-message", "stream": False})
-    assert dq_redis.delete("llm.openai") == 1  # its message, deleted by hand
-    running = worker("openai", env=SHORT_SCHEDULER)
-    beat()
-    result = client.result(job_id, timeout=60)
-    assert result.status is JobStatus.SUCCEEDED and result.output == "echo: lost-message"
-    row = client.store.get(job_id)
-    assert (row.resends, row.attempts) == (1, 1)  # exactly one re-send by the sweeper
-    assert len(generations(fake, "lost-message")) == 1
-    assert f"sweeper: job {job_id} was queued and its message is not in Redis: sent again (re-send 1 of 5)" in (
-        running.log())
-
-
-def test_a_message_that_turns_up_after_its_resend_makes_no_second_call(
-        worker: StartWorker, beat: StartBeat, client: JobClient, fake: FakeProviderServer,
-        dq_redis: redis.Redis) -> None:
-    fake.script.add(Reply(text="answered once", latency_s=4.0), match="late-message")
-    job_id = client.submit({"model": "openai", "prompt": "late-message", "stream": False})
-    assert dq_redis.rpoplpush("llm.openai", "elsewhere")  # the message is somewhere the sweeper does not see
-    running = worker("openai", env=SHORT_SCHEDULER)
-    beat()
-    wait_for(lambda: generations(fake, "late-message"), 60, "the re-sent message to start the job")
-    assert dq_redis.rpoplpush("elsewhere", "llm.openai")  # the first message turns up while the job runs
-    wait_for(lambda: "is running elsewhere" in running.log(), 30, "the late message to be delivered")
-    result = client.result(job_id, timeout=60)
-    assert result.status is JobStatus.SUCCEEDED and result.output == "answered once"
-    assert len(generations(fake, "late-message")) == 1  # the late duplicate made no call
-    assert client.store.get(job_id).resends == 1
-    assert f"job {job_id}: attempt 1 is running elsewhere" in running.log()
-
-
-def test_a_job_whose_worker_died_is_sent_again_once_its_lease_passes(
-        worker: StartWorker, beat: StartBeat, client: JobClient, fake: FakeProviderServer) -> None:
-    fake.script.add(Reply(text="never seen", latency_s=60), match="orphan-job")  # the call in flight at the kill
-    first = worker("openai", env=SHORT_SCHEDULER)  # the visibility timeout stays an hour
-    beat()
-    job_id = client.submit({"model": "openai", "prompt": "orphan-job", "stream": False})
-    wait_for(lambda: generations(fake, "orphan-job"), 30, "the call to be in flight")
-    first.kill()
-    second = worker("openai", env=SHORT_SCHEDULER)
-    result = client.result(job_id, timeout=60)
-    assert result.status is JobStatus.SUCCEEDED and result.output == "echo: orphan-job"
-    row = client.store.get(job_id)
-    assert (row.resends, row.attempts, row.deliveries) == (1, 1, 2)  # the same attempt, taken over once
-    assert len(generations(fake, "orphan-job")) == 2
-    assert f"sweeper: job {job_id} was running and its worker stopped renewing the lease" in second.log() + (
-        first.log())
-
-
-# -- Redis restarted mid-run -----------------------------------------------------------------------
-
-
-class AofRedis:
-    """A redis-server with AOF (fsync always) on a port and directory of its own, which a test
-    can kill and start again on the same data."""
-
-    def __init__(self, directory: Path) -> None:
-        self.directory, self.port = directory, free_port()
-        self.url = f"redis://127.0.0.1:{self.port}/0"
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        self.proc = subprocess.Popen(
-            [redis_server_binary(), "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.directory),
-             "--appendonly", "yes", "--appendfsync", "always", "--save", ""],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        client = redis.Redis.from_url(self.url)
-        wait_for(lambda: _pings(client), 20, "redis-server to answer")
-        client.close()
-
-    def kill(self) -> None:
-        assert self.proc is not None
-        self.proc.kill()
-        self.proc.wait(10)
-
-
-def _pings(client: redis.Redis) -> bool:
-    with contextlib.suppress(redis.exceptions.ConnectionError):
-        return bool(client.ping())
-    return False
-
-
-@pytest.fixture
-def aof_redis(tmp_path: Path) -> Iterator[AofRedis]:
-    server = AofRedis(tmp_path)
-    server.start()
-    yield server
-    if server.proc is not None and server.proc.poll() is None:
-        server.kill()
-
-
-@pytest.mark.slow
-@pytest.mark.timeout(240)
-def test_redis_restarted_mid_run_every_job_succeeds_without_waiting_for_the_visibility_timeout(
-        aof_redis: AofRedis, job_env: JobEnv, worker: StartWorker, beat: StartBeat, fake: FakeProviderServer) -> None:
-    # (aof_redis first: it is torn down last, after the worker and the beat that use it)
-    from datus_queue.tasks.app import create_app
-
-    env = {**SHORT_SCHEDULER, "DQ_REDIS_URL": aof_redis.url}  # the visibility timeout stays an hour
-    settings = job_env.settings(redis_url=aof_redis.url)
-    app = create_app(settings)
-    client = JobClient(settings=settings, agent_config=AgentConfig.from_file(job_env.agent_yml), app=app)
-    try:
-        fake.latency_s = 1.0
-        worker("openai", concurrency=10, env=env)
-        beat(env=env)
-        jobs = client.submit_many([{"model": "openai", "prompt": f"restart-{i}", "stream": False} for i in range(40)])
-        wait_for(lambda: len(generations(fake, "restart-")) >= 15, 60, "the run to be under way")
-        aof_redis.kill()  # mid-run: calls in flight, messages waiting, acknowledgements on their way
-        time.sleep(3.0)  # longer than a publish's retries: retries and requeues made meanwhile fail
-        aof_redis.start()
-        results = {job_id: client.result(job_id, timeout=150) for job_id in jobs}
-    finally:
-        client.close()
-        client.store.close()
-        app.close()
-    assert {result.status for result in results.values()} == {JobStatus.SUCCEEDED}, [
-        (job_id, r.status, r.error) for job_id, r in results.items() if r.status is not JobStatus.SUCCEEDED]
-    assert all(result.output == f"echo: restart-{i}" for i, result in enumerate(results.values()))
-
-
 # -- two beats -----------------------------------------------------------------------------------
 
 
 def _sends(*beats: Any) -> int:
-    return sum(beat.log().count("Sending due task sweep (dq.sweep)") for beat in beats)
+    return sum(beat.log().count("Sending due task prune (dq.prune)") for beat in beats)
 
 
 def _slots(client: redis.Redis, entry: str) -> int:
@@ -177,22 +47,23 @@ def _slots(client: redis.Redis, entry: str) -> int:
 @pytest.mark.slow
 def test_two_beats_one_sends_and_the_standby_takes_over_each_slot_once(
         worker: StartWorker, beat: StartBeat, dq_redis: redis.Redis) -> None:
+    prune_often = {"DQ_PRUNE_INTERVAL_S": "1"}  # an entry every second (not every hour): slots to count
     worker("openai", env=SHORT_SCHEDULER)
-    first = beat()
-    second = beat(wait="standby")
-    wait_for(lambda: maintenance_runs(dq_redis, "sweep") >= 3, 60, "three sweeps")
+    first = beat(env=prune_often)
+    second = beat(env=prune_often, wait="standby")
+    wait_for(lambda: maintenance_runs(dq_redis, "prune") >= 3, 60, "three prunes")
     assert "beat: Acquired lock" not in second.log() and _sends(second) == 0  # a hot standby sends nothing
     first.kill()  # SIGKILL: its lock is not released; it expires after the lock timeout
     wait_for(lambda: "beat: Acquired lock" in second.log(), 60, "the standby to take the lock")
-    after = maintenance_runs(dq_redis, "sweep")
-    wait_for(lambda: maintenance_runs(dq_redis, "sweep") >= after + 3, 60, "sweeps sent by the new holder")
+    after = maintenance_runs(dq_redis, "prune")
+    wait_for(lambda: maintenance_runs(dq_redis, "prune") >= after + 3, 60, "prunes sent by the new holder")
     second.terminate()
     assert second.wait_exit(20) == 0
     # redbeat records each slot it fires in the entry before sending its message; every send is
     # logged before that. Sends of the same slot by both beats would outnumber the slots; the
     # one extra send allowed is the holder's last, if it was killed between its log line and
     # recording the slot.
-    slots, sends = _slots(dq_redis, "sweep"), _sends(first, second)
+    slots, sends = _slots(dq_redis, "prune"), _sends(first, second)
     assert slots <= sends <= slots + 1, (slots, sends)
     assert _sends(second) >= 3
 
@@ -261,11 +132,12 @@ def dq(job_env: JobEnv, *args: str) -> subprocess.CompletedProcess[str]:
 @pytest.mark.slow
 def test_dead_letters_are_listed_shown_replayed_once_fixed_and_purged(
         job_env: JobEnv, worker: StartWorker, beat: StartBeat, client: JobClient, fake: FakeProviderServer) -> None:
+    # a 2 s lease and a sweep every second (SHORT_SCHEDULER): the dead worker's job comes back in
+    # seconds; recovery with the defaults is test_recovery.py's. Dead at its first redelivery.
     env = {**SHORT_SCHEDULER, "DQ_DEAD_LETTER_THRESHOLD": "1"}
     # poison: the worker running it dies (here: killed while the call hangs) — delivered again, it is dead
     fake.script.add(Reply(text="never seen", latency_s=60), match="poison-job")
     first = worker("openai", env=env)
-    beat(env=env)
     poison = client.submit({"model": "openai", "prompt": "poison-job", "stream": False})
     wait_for(lambda: generations(fake, "poison-job"), 30, "the poison job's call")
     first.kill()

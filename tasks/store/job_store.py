@@ -26,7 +26,7 @@ import asyncio
 import logging
 import os
 import threading
-from collections.abc import Collection, Iterable, Iterator, Mapping
+from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from datetime import datetime
 from enum import Enum
@@ -138,7 +138,7 @@ class JobStore:
         self._lock = threading.Lock()
         self._version: int | None = None
         self._pid = os.getpid()
-        self._group = GroupCommit(self._write_group)  # the async status writes (worker)
+        self._group = GroupCommit(self._write)  # the async status writes (worker), off the event loop
 
     @property
     def url(self) -> str:
@@ -156,6 +156,7 @@ class JobStore:
             return self._version
 
     def close(self) -> None:
+        self._group.close()  # the writes already handed to the writer thread commit first
         self._engine.dispose()
 
     # -- jobs --------------------------------------------------------------------------
@@ -282,7 +283,8 @@ class JobStore:
     async def aget_request(self, job_id: str) -> JobRequest | None:
         return await asyncio.to_thread(self.get_request, job_id)
 
-    # a worker's status writes: those of one turn of its event loop share a transaction
+    # a worker's status writes, made by the store's writer thread (`tasks.store.group_commit`): those
+    # handed over while it is busy share its next transaction, so the loop never waits for the database
     async def amark_running(self, job_id: str, attempt: int, lease_s: float | None = None) -> StoredJob | None:
         return await self._group.submit(job_writes.running(job_id, attempt, _lease(lease_s)))
 
@@ -530,27 +532,10 @@ class JobStore:
             self._lock = threading.Lock()
             self._pid = os.getpid()
 
-    def _write(self, writes: list[job_writes.JobWrite]) -> list[Any]:
+    def _write(self, writes: Sequence[job_writes.JobWrite]) -> list[Any]:
+        """One transaction of job writes (the group commit's, in its writer thread, or a sync call's)."""
         with self._begin(write=True) as conn:
             return job_writes.apply(conn, writes)
-
-    def _write_group(self, writes: list[job_writes.JobWrite]) -> list[Any]:
-        """The group commit's transaction. If it fails, each write is tried alone, so a write
-        that cannot be made fails only its own caller."""
-        try:
-            return self._write(writes)
-        except Exception as exc:
-            if len(writes) == 1:
-                raise
-            logger.warning("a group of %d job writes failed (%s: %s); making them one by one",
-                           len(writes), type(exc).__name__, exc)
-        results: list[Any] = []
-        for write in writes:
-            try:
-                results.append(self._write([write])[0])
-            except Exception as exc:  # noqa: BLE001 - handed to that write's caller
-                results.append(exc)
-        return results
 
     def _lock_batch(self, conn: Connection, batch_id: str) -> int:
         """Lock the batch row (Postgres; SQLite holds the write lock already) and return its

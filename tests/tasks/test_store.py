@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import sqlalchemy.exc
 from pydantic import ValidationError
 from sqlalchemy import create_engine, event, func, insert, select, update
 from sqlalchemy.engine import URL, make_url
@@ -301,16 +302,22 @@ async def test_async_twins(store: JobStore) -> None:
     assert await store.acancel(job_id) is JobStatus.SUCCEEDED
 
 
+def _count_commits(store: JobStore) -> list[str]:
+    """A list that grows by one for each transaction the store's engine commits."""
+    commits: list[str] = []
+    event.listen(store._engine, "commit", lambda conn: commits.append(threading.current_thread().name))
+    return commits
+
+
 async def test_writes_of_one_loop_turn_share_one_transaction(store: JobStore) -> None:
     ids = [_new_job(store) for _ in range(40)]
-    transactions: list[int] = []
-    apply = store._group._apply
-    store._group._apply = lambda writes: transactions.append(len(writes)) or apply(writes)
+    commits = _count_commits(store)
     started = await asyncio.gather(*(store.amark_running(job_id, 1) for job_id in ids))
     assert [job.job_id for job in started] == ids and all(j.status is JobStatus.RUNNING for j in started)
     wins = await asyncio.gather(*(store.afinish(job_id, JobStatus.SUCCEEDED, output=i, attempts=1)
                                   for i, job_id in enumerate(ids)))
-    assert all(wins) and transactions == [40, 40]  # two transactions for eighty writes
+    assert all(wins) and len(commits) == 2  # two transactions for eighty writes
+    assert set(commits) == {"dq-store-writer"}  # made by the store's writer thread, not on the loop
     assert [store.get(job_id).output for job_id in ids] == list(range(40))
 
 
@@ -346,6 +353,139 @@ async def test_a_write_that_fails_fails_only_its_caller(store: JobStore, monkeyp
                                           return_exceptions=True)
     assert isinstance(error, ValueError) and started.status is JobStatus.RUNNING
     assert store.get(poison).status is JobStatus.QUEUED
+
+
+# -- off the event loop: a database that makes writers wait never stops the loop --------------
+
+
+@contextmanager
+def _write_lock(store_url: str) -> Iterator[threading.Event]:
+    """Another connection holds what the store's writes need until the block ends (SQLite: the
+    database's write lock, BEGIN IMMEDIATE; Postgres: a lock on the jobs table that blocks
+    UPDATE but not SELECT). Yields an event set once the lock is held."""
+    held, release = threading.Event(), threading.Event()
+    failed: list[BaseException] = []
+
+    def hold() -> None:
+        try:
+            if store_url.startswith("sqlite"):
+                import sqlite3
+
+                conn = sqlite3.connect(make_url(store_url).database, isolation_level=None)
+                conn.execute("BEGIN IMMEDIATE")
+                held.set()
+                release.wait(60)
+                conn.execute("ROLLBACK")
+                conn.close()
+                return
+            engine = create_engine(_pg(store_url))
+            with engine.begin() as conn:
+                conn.exec_driver_sql("LOCK TABLE jobs IN SHARE ROW EXCLUSIVE MODE")
+                held.set()
+                release.wait(60)
+            engine.dispose()
+        except BaseException as exc:  # noqa: BLE001 - reported by the test
+            failed.append(exc)
+            held.set()
+
+    holder = threading.Thread(target=hold, name="lock-holder")
+    holder.start()
+    held.wait(30)
+    assert not failed, failed
+    try:
+        yield held
+    finally:
+        release.set()
+        holder.join(30)
+
+
+async def test_the_loop_runs_on_while_a_write_waits_for_a_lock(store: JobStore, store_url: str) -> None:
+    job_id = _new_job(store)
+    store.get(job_id)  # migrated and connected before the lock is taken
+    ticks = 0
+
+    async def tick() -> None:  # stands for every other job, pub/sub reader and renewal on the loop
+        nonlocal ticks
+        while True:
+            ticks += 1
+            await asyncio.sleep(0.01)
+
+    ticker = asyncio.create_task(tick())
+    with _write_lock(store_url):
+        write = asyncio.create_task(store.amark_running(job_id, 1))
+        while ticks < 50:  # the loop goes on turning while the write waits for the lock
+            await asyncio.sleep(0.01)
+        assert not write.done()  # still waiting: the lock is held
+        assert store.get(job_id).status is JobStatus.QUEUED  # reads go on meanwhile
+    started = await write  # the lock released: the write is made and its caller hears of it
+    ticker.cancel()
+    assert started is not None and started.status is JobStatus.RUNNING
+    assert store.get(job_id).status is JobStatus.RUNNING
+
+
+async def test_writes_handed_over_while_the_writer_waits_share_its_next_transaction(
+        store: JobStore, store_url: str) -> None:
+    ids = [_new_job(store) for _ in range(10)]
+    commits = _count_commits(store)
+    with _write_lock(store_url):
+        writes = []
+        for job_id in ids:  # one write per loop turn: ten hand-overs
+            writes.append(asyncio.create_task(store.amark_running(job_id, 1)))
+            await asyncio.sleep(0.01)
+        assert not any(write.done() for write in writes)
+    started = await asyncio.gather(*writes)
+    assert [job.job_id for job in started] == ids
+    # the first turn's write waited for the lock in the writer; the nine handed over meanwhile
+    # went in one transaction after it (all ten in one, if the writer took them together)
+    assert len(commits) <= 2
+
+
+async def test_an_unavailable_database_fails_the_group_once(tmp_path: Path) -> None:
+    """The lock wait ran out: every write of the group hears that error at once, instead of the
+    writer trying each alone and waiting out the busy timeout once per write."""
+    url = f"sqlite:///{tmp_path / 'jobs.db'}"
+    # a busy timeout of 0.2 s instead of 30 s, so that the wait runs out while the lock is held
+    store = JobStore(url, busy_timeout_s=0.2)
+    try:
+        ids = [_new_job(store) for _ in range(20)]
+        tries: list[int] = []  # one per failed try: the lock wait is the transaction's first statement
+        event.listen(store._engine, "handle_error", lambda context: tries.append(1))
+        with _write_lock(url):
+            results = await asyncio.gather(*(store.amark_running(job_id, 1) for job_id in ids), return_exceptions=True)
+        assert all(isinstance(result, sqlalchemy.exc.OperationalError) for result in results)
+        assert len(tries) == 1  # one transaction tried, not one per write
+        assert [job.job_id for job in await asyncio.gather(*(store.amark_running(i, 1) for i in ids))] == ids
+    finally:
+        store.close()
+
+
+async def test_a_cancelled_waiter_leaves_its_write_standing(store: JobStore, store_url: str) -> None:
+    job_id = _new_job(store)
+    store.get(job_id)
+    with _write_lock(store_url):
+        write = asyncio.create_task(store.afinish(job_id, JobStatus.SUCCEEDED, output="kept", attempts=1))
+        await asyncio.sleep(0.05)
+        write.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await write
+    await store.arenew(_new_job(store))  # a later write: its transaction comes after the cancelled one's
+    assert store.get(job_id).output == "kept"
+
+
+def test_a_forked_child_writes_through_a_writer_of_its_own(store: JobStore) -> None:
+    parent_job, child_job = _new_job(store), _new_job(store)
+    assert asyncio.run(store.amark_running(parent_job, 1)) is not None  # the parent's writer thread runs
+    pid = os.fork()
+    if pid == 0:  # the child: the parent's thread and pooled connections are not there
+        code = 1
+        try:
+            code = 0 if asyncio.run(store.amark_running(child_job, 1)) is not None else 2
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert store.get(child_job).status is JobStatus.RUNNING
+    assert asyncio.run(store.afinish(parent_job, JobStatus.SUCCEEDED, attempts=1))  # the parent's still works
 
 
 def test_no_secret_is_stored(store: JobStore, store_url: str, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -1,40 +1,68 @@
-"""A tool-run job's journal (`datus.models.run_journal.RunJournal`) on the job store and its
-event stream: what lets any new delivery of the job resume where the last one stopped.
+"""A tool-run job's journal (`datus.models.run_journal.RunJournal`) in the job store: what lets
+any new delivery of the job resume where the last one stopped. Resuming reads only the store,
+never the job's event stream (capped, expiring, every text delta an entry of it).
 
-- ``record(step)``: one row of ``job_checkpoints`` per completed step (a model turn, a tool
-  result), written with the worker's other writes of that loop turn (group commit) and
-  awaited before the run takes its next step.
-- ``load()``: on the first start of a job, nothing (no query). On any later delivery — a
-  redelivery after a crash, a SIGTERM requeue, a retry — the checkpoints in order, and from
-  the job's event stream the steps already published: the runner does not publish them again
-  (action ids are stable across deliveries), and a tool step published as PROCESSING but never
-  checkpointed was started by an earlier delivery, so the call made again says
-  ``resumed: true``.
-- ``starting(id)``: nothing to write. The tool's PROCESSING step is published (and awaited)
-  before the tool is called, so the event stream already records that the call began.
+The rows of ``job_checkpoints``, in order, one position each, written with the worker's other
+writes of that loop turn (group commit) and awaited before the run goes on:
+
+- a **step** (``kind`` turn | tool: `RunStep`): a model turn's answer, a tool's result;
+- a **start** (``kind`` start: `StartRow`), written just before a model request or a tool
+  call. It names the turn or the call (a call started and never recorded is made again, and
+  says ``resumed: true``), and lists the steps the runner had published since the row
+  before: the run waits at each ``yield`` until the runner has published that step, so by
+  the time it announces a start, every step it yielded before is in the event stream.
+
+A step is recorded *before* the runner publishes it, so whatever is published under a step's
+id is what the store holds (an answer cut off by a crash is never published under a lasting
+id), and the start row that follows says it went out. Hence a delivery that stops while a
+model or a tool is working — where a run spends its time — is resumed by the next publishing
+no step twice. One that stops in the few milliseconds between recording a step and the next
+start (while publishing the steps in between) leaves them unconfirmed: the next delivery
+publishes them again, the same steps with the same ids and outputs.
+
+``load()``: on the first start of a job, nothing (no query); on any later delivery — a
+redelivery after a crash, a SIGTERM requeue, a retry — the rows in order. ``seen(step)``: was
+this step published by an earlier delivery? When not, the runner is about to publish it, and
+the next start row records that.
 
 Two deliveries of one job running at once (a redelivery while the first still runs) cannot
-both record a step: the second insert of a position fails, and that delivery stops
-(`RunSuperseded`), leaving the job to the one that got there first.
+both write a position: the second insert fails, and that delivery stops (`RunSuperseded`),
+leaving the job to the one that got there first.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 from sqlalchemy.exc import IntegrityError
 
 from datus.models.run_journal import ResumeState, RunStep
-from datus_queue.tasks.events import aread_events
 
 if TYPE_CHECKING:
     from datus_queue.tasks.context import JobContext
 
-__all__ = ["RunSuperseded", "StoreJournal"]
+__all__ = ["RunSuperseded", "StartRow", "StoreJournal"]
+
+Published = tuple[str, str]  # (action id, status) of a step in the job's event stream
 
 
 class RunSuperseded(Exception):
-    """Another delivery of the job recorded this step first: it owns the run."""
+    """Another delivery of the job wrote this position first: it owns the run."""
+
+
+class StartRow(BaseModel):
+    """A model request or a tool call ``action_id`` was about to be made, and ``published``
+    had gone out since the row before."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    kind: Literal["start"] = "start"
+    action_id: str
+    published: list[Published] = Field(default_factory=list)
+
+
+_ROW: TypeAdapter[RunStep | StartRow] = TypeAdapter(Annotated[RunStep | StartRow, Field(discriminator="kind")])
 
 
 class StoreJournal:
@@ -42,36 +70,51 @@ class StoreJournal:
         self.ctx, self.job_id, self.attempt = ctx, job_id, attempt
         self.run_id = job_id
         self.resuming = resuming
-        self.published: set[tuple[str, str]] = set()  # (action id, status) already in the event stream
+        self.published: set[Published] = set()  # by earlier deliveries, as their start rows say
         self.replayed_steps = 0
         self._position = 0
+        self._unconfirmed: list[Published] = []  # published by this delivery since its last start row
 
     async def load(self) -> ResumeState:
         if not self.resuming:
             return ResumeState()
-        steps = [RunStep.model_validate(row) for row in await self.ctx.store.acheckpoints(self.job_id)]
+        rows = [_ROW.validate_python(row) for row in await self.ctx.store.acheckpoints(self.job_id)]
+        steps = [row for row in rows if isinstance(row, RunStep)]
         started: set[str] = set()
-        for event in await aread_events(self.ctx.aredis, self.job_id):
-            step = event.step
-            if event.terminal or step.get("action_type") == "assistant_delta" or "action_id" not in step:
-                continue
-            self.published.add((step["action_id"], step.get("status", "")))
-            if step.get("role") == "tool" and step.get("status") == "processing":
-                started.add(step["action_id"])
-        self._position = self.replayed_steps = len(steps)
+        for row in rows:
+            if isinstance(row, StartRow):
+                started.add(row.action_id)
+                self.published.update(row.published)
+        self._position, self.replayed_steps = len(rows), len(steps)
         return ResumeState(steps, frozenset(started))
 
     async def record(self, step: RunStep) -> None:
-        try:
-            await self.ctx.store.acheckpoint(self.job_id, self.attempt, self._position, step.kind,
-                                             step.model_dump(mode="json", exclude_defaults=True))
-        except IntegrityError as exc:
-            raise RunSuperseded(f"job {self.job_id}: step {self._position} was recorded by another delivery") from exc
-        self._position += 1
+        await self._write(step.kind, step.model_dump(mode="json", exclude_defaults=True))
 
     async def starting(self, action_id: str) -> None:
-        return None
+        row = StartRow(action_id=action_id, published=self._unconfirmed)
+        await self._write(row.kind, row.model_dump(mode="json"))
+        self._unconfirmed = []
 
     def seen(self, step: Any) -> bool:
-        """Was this step published by an earlier delivery?"""
-        return (step.action_id, step.status) in self.published
+        """Was this step published by an earlier delivery? If not, the caller publishes it
+        now, before the run goes on, and the next start row says so."""
+        key = (step.action_id, _value(step.status))
+        if key in self.published:
+            return True
+        if step.action_type != "assistant_delta":  # a delta's id is new each time: never seen again
+            self._unconfirmed.append(key)
+        return False
+
+    async def _write(self, kind: str, row: dict[str, Any]) -> None:
+        try:
+            await self.ctx.store.acheckpoint(self.job_id, self.attempt, self._position, kind, row)
+        except IntegrityError as exc:
+            raise RunSuperseded(f"job {self.job_id}: position {self._position} of its run was written by another "
+                                "delivery") from exc
+        self._position += 1
+
+
+def _value(status: Any) -> str:
+    """An `ActionStatus` or its value (ActionHistory keeps what it was given)."""
+    return str(getattr(status, "value", status))

@@ -22,7 +22,7 @@ import time
 import weakref
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Iterator
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 from pydantic import ValidationError
 
@@ -213,7 +213,19 @@ class LLMBaseModel(ABC):
 
     def _planned(self, request: ModelRequest) -> PlannedRequest:
         return PlannedRequest(self.provider, self.model_name, self._max_output_tokens(request),
-                              lambda: self._count_input_tokens(request))
+                              lambda: self._reserved_input_tokens(request))
+
+    def _reserved_input_tokens(self, request: ModelRequest) -> int:
+        """What a rate limiter reserves for the prompt before the call: the tokenizer's count or
+        a character estimate (four characters a token), whichever is larger. Providers' limiters
+        count their own way — OpenAI documents counting a request against its token limit by an
+        estimate "based on the character count of your request" (platform.openai.com/docs/guides/
+        rate-limits) — and the limiter reconciles the reservation with the provider's count only
+        after the answer: an estimate that errs high is given back then, one that errs low has
+        already let requests out early."""
+        chars = sum(len(message.content or "") + len(message.reasoning or "")
+                    + sum(len(call.arguments) for call in message.tool_calls) for message in request.messages)
+        return max(self._count_input_tokens(request), -(-chars // 4) + 4 * len(request.messages))
 
     async def _after_request(self, limiter: RequestLimiter, permit: Any, outcome: RequestOutcome) -> None:
         try:
@@ -488,13 +500,15 @@ class LLMBaseModel(ABC):
                 yield item
 
     async def _stream_call(self, request: ModelRequest) -> AsyncIterator[StreamDelta | Generation]:
-        """A streamed request under the retry policy: a failure before the first delta is
-        retried like any request; after a delta has been handed out it is raised, since what
-        the caller saw cannot be taken back."""
+        """A streamed request under the retry policy and the timeout: a failure before the first
+        delta (a timeout too) is retried like any request; after a delta has been handed out it
+        is raised, since what the caller saw cannot be taken back. ``timeout_s`` bounds each
+        attempt as it bounds a whole answer in `_call` (`_StreamDeadline`)."""
         started = time.perf_counter()
         retries = Retries(self.retry_policy)
         limiter = self.request_limiter
         planned = self._planned(request) if limiter is not None else None
+        timeout = request.options.timeout_s or self.model_config.timeout_s
         with self._using_client(), observe.model_call(self.provider, self.model_name, request, stream=True) as spans:
             while True:
                 retries.attempts += 1
@@ -502,20 +516,27 @@ class LLMBaseModel(ABC):
                 permit = await limiter.before(planned) if limiter is not None else None  # type: ignore[arg-type]
                 unreported: RequestOutcome | None = RequestOutcome()  # None once the limiter has heard
                 try:
-                    async for item in self._stream(self._client(), request):
-                        if isinstance(item, Generation):
-                            if limiter is not None:
-                                unreported = None
-                                await self._after_request(limiter, permit, RequestOutcome(usage=item.usage,
-                                                                                          budget=item.rate_limits))
-                            self._finish(item, retries.attempts, started, spans)
-                            self._trace(request, item, None, started)
-                            yield item
-                            return
-                        emitted = True
-                        yield item
-                    raise InvalidResponseError("the stream ended without a final answer",
-                                               provider=self.provider, model=self.model_name)
+                    client = self._client()  # outside the deadline: a first call imports and sets up the SDK
+                    deadline = _StreamDeadline(timeout, self)
+                    # aclosing: the response is released as soon as the answer is complete
+                    async with contextlib.aclosing(self._stream(client, request)) as stream:
+                        while True:
+                            try:
+                                item = await deadline.next(stream)
+                            except StopAsyncIteration:
+                                raise InvalidResponseError("the stream ended without a final answer",
+                                                           provider=self.provider, model=self.model_name) from None
+                            if isinstance(item, Generation):
+                                if limiter is not None:
+                                    unreported = None
+                                    await self._after_request(limiter, permit, RequestOutcome(
+                                        usage=item.usage, budget=item.rate_limits))
+                                self._finish(item, retries.attempts, started, spans)
+                                self._trace(request, item, None, started)
+                                yield item
+                                return
+                            emitted = True
+                            yield item  # no deadline spans this: the caller's time is its own
                 except Exception as exc:
                     error = exc if isinstance(exc, ModelError) else self._map_error(exc)
                     if limiter is not None and unreported is not None:
@@ -656,3 +677,41 @@ class LLMBaseModel(ABC):
 
 # Every provider a model config may name, in the registry's order.
 PROVIDERS: tuple[str, ...] = tuple(LLMBaseModel.MODEL_TYPE_MAP)
+
+
+_Item = TypeVar("_Item")
+
+
+class _StreamDeadline:
+    """``timeout_s`` for one attempt of a streamed request, as `LLMBaseModel._call` has it for a
+    whole answer: the time spent waiting on the provider — for the response, then for each next
+    item — adds up to at most ``timeout_s``, whether the provider is silent or trickles.
+
+    Each wait gets what is left, and the clock runs only while waiting: no timeout spans the
+    ``yield`` of an item, since a timeout cancels the task, and during a ``yield`` the task runs
+    the caller's code (publishing a delta, say). The caller's time between items neither counts
+    against the provider nor is ever cancelled."""
+
+    __slots__ = ("left", "model", "timeout_s")
+
+    def __init__(self, timeout_s: float | None, model: LLMBaseModel) -> None:
+        self.timeout_s = self.left = timeout_s
+        self.model = model
+
+    async def next(self, stream: AsyncIterator[_Item]) -> _Item:
+        if self.left is None:
+            return await anext(stream)
+        loop = asyncio.get_running_loop()
+        began = loop.time()
+        scope = asyncio.timeout(max(self.left, 0.0))  # an item already buffered still arrives at 0
+        try:
+            async with scope:
+                return await anext(stream)
+        except Exception as exc:
+            # an SDK may turn the cancellation into an error of its own: the expired scope says why
+            if scope.expired():
+                raise ModelTimeoutError(f"no answer within {self.timeout_s:g}s", provider=self.model.provider,
+                                        model=self.model.model_name) from exc
+            raise
+        finally:
+            self.left -= loop.time() - began

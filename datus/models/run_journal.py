@@ -5,8 +5,15 @@ tool's result — with ``await journal.record(step)`` before it starts the next 
 on the same journal (after a crash, a requeue, a retry) first loads the `ResumeState` and
 replays it: the recorded turns are not asked again, the recorded tools are not called again;
 the run goes on from where the journal ends. The only thing that may happen twice is a tool
-call that was under way when the earlier run stopped: the journal says which calls were
-started (``ResumeState.started``), and the result of such a call says ``resumed: true``.
+call that was under way when the earlier run stopped: before it calls a tool (and before it
+asks the model) the run awaits ``journal.starting(action_id)``, so the journal knows which
+calls were started (``ResumeState.started``), and the result of such a call made again says
+``resumed: true``.
+
+``starting`` is also the moment the run's consumer has handled every step yielded before it
+(the run waits on its consumer at each ``yield``): a journal whose keeper publishes the steps
+(the job system) may record then which of them are out, so that a resumed run's steps are
+published once even when whatever carried them is gone.
 
 The journal also fixes the run's identity: action ids are derived from ``run_id`` and the
 step's place in the run, so a resumed run yields the same ids for the same steps and a reader
@@ -29,7 +36,7 @@ from datus.models.generation import Generation
 from datus.models.messages import ChatMessage
 from datus.models.usage import Usage
 
-__all__ = ["MemoryJournal", "ResumeState", "RunJournal", "RunStart", "RunStep", "step_id"]
+__all__ = ["MemoryJournal", "ResumeState", "RunJournal", "RunStart", "RunStep", "step_id", "turn_id"]
 
 _NAMESPACE = uuid.UUID("6b1f6c52-3c1e-4a36-9d0e-6d1a2f6f5a11")
 
@@ -70,8 +77,8 @@ class RunStep(BaseModel):
 
 @dataclass(frozen=True)
 class ResumeState:
-    """What a journal holds: the completed steps in order, and the action ids of tool calls an
-    earlier run started (and may or may not have finished)."""
+    """What a journal holds: the completed steps in order, and the ids of the steps an earlier
+    run started — tool calls and model turns (`turn_id`) — and may or may not have finished."""
 
     steps: list[RunStep] = field(default_factory=list)
     started: Collection[str] = frozenset()
@@ -86,13 +93,22 @@ class RunJournal(Protocol):
         """Keep ``step``; the run waits for this before its next step."""
 
     async def starting(self, action_id: str) -> None:
-        """The tool call ``action_id`` is about to be made (its PROCESSING step has been
-        yielded). A journal whose keeper already records that step may do nothing here."""
+        """Step ``action_id`` is about to begin: a tool call (its PROCESSING step has been
+        yielded) or a model turn (`turn_id`). The run waits for this before it calls the tool
+        or asks the model, and every step it yielded before has been handled by its consumer
+        by then. A tool call that a journal knows as started and that has no recorded result
+        when a run resumes is made again, marked ``resumed: true``."""
 
 
 def step_id(run_id: str, place: str) -> str:
     """The action id of the step at ``place`` (e.g. ``t2c0``: call 0 of turn 2) of a run."""
     return str(uuid.uuid5(_NAMESPACE, f"{run_id}:{place}"))
+
+
+def turn_id(run_id: str, turn: int) -> str:
+    """The id under which model turn ``turn`` (1-based) of a run is `RunJournal.starting`; no
+    step carries it (the turn's steps are its ``message``, its tool calls, its final answer)."""
+    return step_id(run_id, f"t{turn}")
 
 
 class MemoryJournal:

@@ -30,7 +30,8 @@ are yielded, as Datus-agent's own model layer does. Every yielded step is added 
 ``ActionHistoryManager`` (a live tool step once, then updated in place).
 
 Durable runs (``journal``, see `datus.models.run_journal`): each completed turn and each tool
-result is recorded before the next step starts, and a run on a journal that already holds
+result is recorded before the next step starts, and each model request and each tool call is
+announced (``journal.starting``) before it is made; a run on a journal that already holds
 steps replays them — yielding their steps again, with the same action ids, but asking no
 model, calling no tool and no hook — then goes on. A tool call an earlier run had started is
 made again and its result says ``resumed: true``. A tool server that dies mid-call is then a
@@ -59,7 +60,7 @@ from datus.models.hooks import RunHooks, hook_tool
 from datus.models.json_output import JsonOutputInvalid, normalize_response_format, parse_json_output
 from datus.models.mcp_result_extractors import extract_sql_contexts
 from datus.models.messages import ChatMessage, ToolCall
-from datus.models.run_journal import ResumeState, RunJournal, RunStart, RunStep, step_id
+from datus.models.run_journal import ResumeState, RunJournal, RunStart, RunStep, step_id, turn_id
 from datus.models.usage import Usage
 from datus.schemas.action_history import ActionHistory, ActionHistoryManager, ActionRole, ActionStatus
 
@@ -219,6 +220,8 @@ class ToolRun:
                     request = ModelRequest(self.messages, self.options, None, specs)
                     if self.hooks:
                         await self.hooks.llm_start(*_llm_input(self.messages))
+                    if self.journal is not None:  # before the request, as before a tool call
+                        await self.journal.starting(turn_id(self.journal.run_id, turn))
                     generation = None
                     if self.stream:
                         # not a stable id: an answer cut off by a stop is never finished, and a
@@ -362,7 +365,7 @@ class ToolRun:
         target = hook_tool(tool, call.name) if self.hooks else None
         if self.hooks:
             await self.hooks.tool_start(ctx, target)
-        if self.journal is not None:
+        if self.journal is not None:  # before the call: a resumed run knows it may have been made
             await self.journal.starting(action_id)
         try:
             with observe.tool_call(call.name, arguments, call.id, meta.get("server")) as spans:

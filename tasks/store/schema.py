@@ -148,12 +148,13 @@ batch_items = Table(
 )
 
 job_checkpoints = Table(
-    # the completed steps of a tool run (datus.models.run_journal.RunStep as JSON), in order:
+    # a tool run's journal, in order: its completed steps (datus.models.run_journal.RunStep as
+    # JSON) and the starts of its model requests and tool calls (tasks.checkpoints.StartRow):
     # what a new delivery of the job resumes from
     "job_checkpoints", metadata,
     Column("job_id", String(255), nullable=False),
-    Column("position", Integer, nullable=False, autoincrement=False),  # 0-based, the step's place in the run
-    Column("kind", String(16), nullable=False),  # turn | tool
+    Column("position", Integer, nullable=False, autoincrement=False),  # 0-based, the row's place in the run
+    Column("kind", String(16), nullable=False),  # turn | tool | start
     Column("attempt", Integer, nullable=False),  # the attempt that recorded it
     Column("step", _Json, nullable=False),
     Column("created_at", _Time, nullable=False),

@@ -9,7 +9,7 @@ from pydantic import BaseModel
 from datus.models.config import ModelConfig
 from datus.models.errors import MaxTurnsExceededError, RateLimitError
 from datus.models.fake_model import FakeModel
-from datus.models.run_journal import MemoryJournal, step_id
+from datus.models.run_journal import MemoryJournal, step_id, turn_id
 from datus.models.scripted import Fault, Reply
 from datus.models.scripted import ScriptedToolCall as Call
 from datus.schemas.action_history import ActionHistoryManager
@@ -193,26 +193,69 @@ async def test_a_run_resumed_from_its_journal_asks_no_turn_and_runs_no_tool_agai
     assert not any(s.output.get("resumed") for s in resumed if s.role == "tool" and s.status != "processing")
 
 
+class Crash(BaseException):
+    """The process dying: nothing in the run catches it."""
+
+
 async def test_a_tool_call_under_way_when_the_run_stopped_runs_again_marked_resumed() -> None:
     RAN.clear()
     journal = MemoryJournal("run-2")
     first = once(durable_exchange())
 
-    async def stop_during_the_tool() -> None:
-        async for step in first.generate_with_tools_stream("sum it", tools=[add], output_type=Total, journal=journal,
-                                                           live_steps=True):
-            if step.role == "tool" and step.status == "processing":
-                raise KeyboardInterrupt  # the run dies with its first tool call under way
+    def add_and_die(a: int, b: int) -> int:
+        """Add two integers."""
+        RAN.append((a, b))
+        raise Crash  # the run dies with its first tool call under way (it did run)
 
-    with pytest.raises(KeyboardInterrupt):
-        await stop_during_the_tool()
-    assert [(s.kind, s.turn) for s in journal.steps] == [("turn", 1)] and len(journal.started) == 0
-    journal.started.add(step_id("run-2", "t1c0"))  # what a job system saw: the call's PROCESSING step
+    add_and_die.__name__ = "add"
+    with pytest.raises(Crash):
+        async for _ in first.generate_with_tools_stream("sum it", tools=[add_and_die], output_type=Total,
+                                                         journal=journal, live_steps=True):
+            pass
+    assert [(s.kind, s.turn) for s in journal.steps] == [("turn", 1)]
+    assert step_id("run-2", "t1c0") in journal.started  # announced before it was called
     second = once(durable_exchange()[1:])
     steps = await steps_of(second, journal)
     tools = [s for s in steps if s.role == "tool" and s.status != "processing"]
     assert [s.output.get("resumed", False) for s in tools] == [True, False]
-    assert RAN == [(1, 2), (3, 4)]
+    assert RAN == [(1, 2), (1, 2), (3, 4)]  # the call under way is the one thing made twice
+
+
+class ListeningJournal(MemoryJournal):
+    """A MemoryJournal that writes what it hears into ``log``."""
+
+    def __init__(self, run_id: str, log: list) -> None:
+        super().__init__(run_id)
+        self.log = log
+
+    async def record(self, step) -> None:
+        self.log.append(("record", step.kind, step.turn))
+        await super().record(step)
+
+    async def starting(self, action_id: str) -> None:
+        self.log.append(("starting", action_id))
+        await super().starting(action_id)
+
+
+async def test_each_request_and_call_is_announced_once_every_step_before_it_was_handled() -> None:
+    """What the job system's journal relies on to know, from the store alone, which steps it
+    published: a step is recorded before it is handed out, and every step handed out is handled
+    before the next request or call is announced."""
+    log: list = []
+    journal = ListeningJournal("run-3", log)
+    async for step in once(durable_exchange()).generate_with_tools_stream(
+            "sum it", tools=[add], output_type=Total, journal=journal, live_steps=True):
+        if step.action_type != "assistant_delta":  # the deltas of an answer: never replayed, not tracked
+            log.append(("handled", step.action_type, step.status))
+    turn, call = (lambda t: ("starting", turn_id("run-3", t))), (lambda t: ("starting", step_id("run-3", f"t{t}c0")))
+    assert log == [
+        ("handled", "user_input", "success"),
+        turn(1), ("record", "turn", 1), ("handled", "message", "success"), ("handled", "add", "processing"),
+        call(1), ("record", "tool", 1), ("handled", "add", "success"),
+        turn(2), ("record", "turn", 2), ("handled", "add", "processing"),
+        call(2), ("record", "tool", 2), ("handled", "add", "success"),
+        turn(3), ("record", "turn", 3), ("handled", "final_response", "success"),
+    ]
 
 
 async def test_without_a_journal_nothing_changes_and_ids_are_fresh() -> None:

@@ -5,7 +5,8 @@ line in a file) and the fake provider over HTTP.
 The crash of issue 13 as a test: the tool has run, the worker dies while the model holds the
 next turn's request (a scripted hang), a new worker takes the job over. Each tool ran exactly
 once, no answered turn was asked again, the event stream holds each step once, and the result
-is an uninterrupted run's.
+is an uninterrupted run's. And of issue 18: the job's event stream is gone (expired, or trimmed
+by its cap) when the run resumes, which it does from the job store alone.
 """
 
 from __future__ import annotations
@@ -19,10 +20,12 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+import redis
 import yaml
 
 from datus.models.scripted import Fault, Reply, ScriptedToolCall
 from datus.testing.fake_server import FakeProviderServer
+from datus_queue.tasks import keys
 from datus_queue.tasks.client import JobClient
 from datus_queue.tasks.events import read_events
 from datus_queue.tasks.schemas import JobStatus
@@ -134,6 +137,48 @@ def test_a_worker_stopped_after_the_tool_resumes_without_running_it_again(
         assert (result.usage["input_tokens"], result.usage["output_tokens"], result.usage["requests"]) == (
             reference.usage["input_tokens"], reference.usage["output_tokens"], reference.usage["requests"])
         assert result.sql_contexts == reference.sql_contexts
+
+
+@pytest.mark.parametrize(("stop", "lost"), [("sigterm", "deleted"), ("sigterm", "trimmed"), ("sigkill", "deleted")])
+def test_a_run_whose_event_stream_is_gone_resumes_from_the_store_alone(
+        record_file: Path, stop: str, lost: str, worker: StartWorker, client: JobClient, fake: FakeProviderServer,
+        dq_redis: redis.Redis) -> None:
+    # default settings throughout: a SIGTERM requeues the job at once; after a SIGKILL the
+    # lease lapses and the job is sent again
+    tag = f"lost-{stop}-{lost}"
+    script_run(fake, tag, [], hold_s=60.0)  # the tool call is under way when the worker stops
+    first = worker("openai")
+    job_id = submit(client, tag)
+    wait_for(lambda: calls(record_file)[tag] == 1, 30, "the tool call in flight")
+    before = [event.step for event in read_events(client.redis, job_id)]
+    if stop == "sigkill":
+        first.kill()
+    else:
+        first.terminate()
+        assert first.wait_exit(30) is not None
+    if lost == "deleted":  # as when it expired: the stream and its counter
+        dq_redis.delete(keys.job_events(job_id), keys.job_event_seq(job_id))
+    else:  # as when a long run's deltas pushed its first entries past the cap: only the newest is left
+        dq_redis.xtrim(keys.job_events(job_id), maxlen=1, approximate=False)
+    left = [event.step for event in read_events(client.redis, job_id)]
+    assert left == ([] if lost == "deleted" else before[-1:])
+    worker("openai")
+    result = client.result(job_id, timeout=90)
+
+    assert result.status is JobStatus.SUCCEEDED, result.error
+    assert result.output == f"done {tag}"
+    assert calls(record_file)[tag] == 2  # the call under way is made again: the one thing that can repeat
+    assert turn_requests(fake, tag) == Counter({1: 1, 2: 1})  # the answered turn was not asked again
+    published = [(s["action_type"], s["status"]) for s in before if s["action_type"] != "assistant_delta"]
+    assert published == [("user_input", "success"), ("message", "success"), ("record", "processing")]
+    steps = [event.step for event in recorded_events(client, job_id)]
+    after = [step for step in steps[len(left):] if step["action_type"] != "assistant_delta"]
+    # the new delivery publishes only what no delivery published before: none of the steps above
+    assert [(step["action_type"], step["status"]) for step in after] == [
+        ("resumed", "success"), ("record", "success"), ("final_response", "success")]
+    assert after[1]["action_id"] == before[-1]["action_id"] and after[1]["output"]["resumed"] is True
+    keys_ = [(step["action_id"], step["status"]) for step in steps if step["action_type"] != "assistant_delta"]
+    assert len(keys_) == len(set(keys_)), "a step was published twice"
 
 
 @pytest.mark.parametrize("job_db_url", ["sqlite", "postgres"], indirect=True)

@@ -58,7 +58,7 @@ from datus.models.rate_limit_headers import ProviderBudget
 from datus.models.retry import is_rate_limited
 from datus_queue.tasks import keys
 from datus_queue.tasks.observability import metrics
-from datus_queue.tasks.ratelimit_lua import ACQUIRE, COOLDOWN, GO, NO_SLOT, RELEASE, RENEW, TICKET, TOO_LARGE
+from datus_queue.tasks.ratelimit_lua import ACQUIRE, COOLDOWN, GO, LATE, NO_SLOT, RELEASE, RENEW, TICKET, TOO_LARGE
 from datus_queue.tasks.redis_batch import RedisBatch
 
 __all__ = [
@@ -76,6 +76,9 @@ logger = logging.getLogger("datus_queue.tasks.ratelimit")
 DEFAULT_OUTPUT_RESERVE = 1024  # output tokens reserved for a request with no max_tokens (reconciled after)
 LOW_BUDGET = 0.1  # the provider's remaining below this share of its limit: pace requests
 _SLOT_POLL_S = 0.25  # longest a slot waiter sleeps before asking Redis again (a release elsewhere)
+_PAID_LEAD_S = 0.005  # a booked request asks Redis this long before its start (a round trip is well under)
+_LATE_CHECKS = 3  # times a request may find itself late and book again before it goes late anyway
+_SHORTEST_WINDOW_S = 1.0  # the shortest window providers document enforcing a limit over (tasks/ratelimit_lua.py)
 _BUCKETS = {1: "requests_per_minute", 2: "input_tokens_per_minute", 3: "output_tokens_per_minute"}
 
 
@@ -134,6 +137,10 @@ class RedisLimiter:
         self.short_wait_s = settings.rate_limit_short_wait_s
         self.in_process_s = 5 * settings.rate_limit_short_wait_s  # a delivery's waits here, in all
         self.burst_us = settings.rate_limit_burst_s * 1e6
+        self.share = settings.rate_limit_share
+        # later than this after its start a request books again: half the slack of the shortest window
+        self.late_s = max(0.002, _SHORTEST_WINDOW_S * (1 - self.share) / self.share / 2)
+        self.late_us = round(self.late_s * 1e6)
         self.lease_s = settings.rate_limit_slot_lease_s
         self._per_loop: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _LoopState] = weakref.WeakKeyDictionary()
         self._slot_ids = itertools.count(1)
@@ -189,20 +196,40 @@ class ModelLimiter:
         lane = job.lane if job is not None else 0
         ticket = job.take_ticket() if job is not None else 0
         paid = False
+        booked = 0  # Redis µs: the start booked (paid)
+        late_checks = _LATE_CHECKS  # a request late this many times goes anyway (a loop that is never on time)
         horizon_us = owner.short_wait_s * 1e6
         while True:
-            args = [*self._numbers, limits.max_concurrency or 0, n_in, n_out, lane, ticket, 1 if paid else 0,
-                    horizon_us, owner.burst_us, slot, owner.lease_s * 1e6]
+            args = [*self._numbers, limits.max_concurrency or 0, n_in, n_out, lane, booked if paid else ticket,
+                    1 if paid else 0, horizon_us, owner.burst_us, slot, owner.lease_s * 1e6, owner.share,
+                    owner.late_us if late_checks else -1]
+            sent = time.monotonic()
             code, wait_us, ticket_us, detail = await state.batch.call(
-                ACQUIRE, self.keys, args, orphan=self._orphan(slot) if slot else None)
-            wait = max(0.0, wait_us / 1e6)
-            if code == GO:
-                if wait <= 0:
+                ACQUIRE, self.keys, args, orphan=self._orphan(slot, paid) if slot else None)
+            received = time.monotonic()
+            wait = wait_us / 1e6
+            if code == GO and (paid or wait <= 0):  # granted (a slot too, if any): send at its start
+                go_at = (sent + received) / 2 + wait  # the script ran between sent and received
+                if go_at > received:
+                    await self._sleep(job, go_at - received, record=False)
+                if late_checks and time.monotonic() - go_at > owner.late_s:
+                    # late: sent now it would crowd the next one's window; its slot is lost, book again
+                    late_checks -= 1
+                    paid, ticket = False, 0
                     if slot:
-                        state.held(self.keys[1], slot)
-                    return _Permit(slot, n_in, n_out, counted)
-                paid, ticket = True, 0  # booked: wait for its time, then the cooldown check and a slot
-                await self._sleep(job, wait)
+                        self._give_back(slot)
+                    continue
+                if slot:
+                    state.held(self.keys[1], slot)
+                return _Permit(slot, n_in, n_out, counted)
+            if code == GO:  # booked ahead: the cooldown check and a slot just before it, then go at it
+                paid, ticket, booked = True, 0, int(ticket_us)
+                metrics.rate_limit_wait(self.provider, self.model, wait, deferred=False)
+                await self._sleep(job, max(0.0, (sent + received) / 2 + wait - _PAID_LEAD_S - time.monotonic()),
+                                  record=False)
+            elif code == LATE:  # woke after its start: book again
+                late_checks -= 1
+                paid, ticket = False, 0
             elif code == NO_SLOT:
                 if job is not None and job.can_defer and job.waited_s > owner.in_process_s:
                     raise self._defer(owner.short_wait_s * (1 + random.random()), 0, False, f"a slot of {self.name}")
@@ -215,7 +242,10 @@ class ModelLimiter:
                 await self._wait(job, wait, 0, True, f"{self.name}'s cooldown", jitter=0.1)
             elif code == TICKET:
                 ticket = int(ticket_us)
-                await self._wait(job, wait, ticket, False, f"{self.name}'s rate limit")
+                # back half a short wait before the turn, to be booked at the ticket itself: one that
+                # comes back after it (a Celery countdown, a busy loop) has its slot lost to the pace
+                lead = min(wait, owner.short_wait_s) / 2
+                await self._wait(job, wait - lead, ticket, False, f"{self.name}'s rate limit")
             elif code == TOO_LARGE:
                 raise self._too_large(int(detail), n_in, n_out)
             else:  # pragma: no cover - the script answers one of the above
@@ -248,10 +278,11 @@ class ModelLimiter:
                 raise self._defer(wait * (1 + random.random() * jitter), ticket, rate_limited, what)
         await self._sleep(job, wait * (1 + random.random() * jitter))  # not a job, or one that may not leave
 
-    async def _sleep(self, job: JobWait | None, seconds: float) -> None:
+    async def _sleep(self, job: JobWait | None, seconds: float, record: bool = True) -> None:
         if job is not None:
             job.waited_s += seconds
-        metrics.rate_limit_wait(self.provider, self.model, seconds, deferred=False)
+        if record:
+            metrics.rate_limit_wait(self.provider, self.model, seconds, deferred=False)
         await asyncio.sleep(seconds)
 
     def _defer(self, wait: float, ticket: int, rate_limited: bool, what: str) -> Deferred:
@@ -269,12 +300,16 @@ class ModelLimiter:
             f"this request needs {size}, more than the whole {name} budget ({limit:g}) of {self.name} in "
             f"agent.yml: it can never be sent; {fix}", provider=provider, model=model)
 
-    def _orphan(self, slot: str) -> Any:
+    def _orphan(self, slot: str, paid: bool) -> Any:
         def give_back(reply: Any) -> None:  # the caller was cancelled after Redis granted it a slot
-            if reply and int(reply[0]) == GO and float(reply[1]) <= 0:
-                self.owner.loop_state().batch.call(RELEASE, self.keys, [slot, *self._numbers, 0, 0, 0, 0, 0,
-                                                                          self.owner.burst_us])
+            if reply and int(reply[0]) == GO and (paid or float(reply[1]) <= 0):
+                self._give_back(slot)
         return give_back
+
+    def _give_back(self, slot: str) -> None:
+        """Free a slot granted to a request that will not be sent (not awaited: any reply will do)."""
+        self.owner.loop_state().batch.call(RELEASE, self.keys, [slot, *self._numbers, 0, 0, 0, 0, 0,
+                                                                  self.owner.burst_us, self.owner.share])
 
     # -- after ----------------------------------------------------------------------------
 
@@ -305,7 +340,8 @@ class ModelLimiter:
                 metrics.cooldown_set(self.provider, self.model)
             await state.batch.call(RELEASE, self.keys, [permit.slot, *self._numbers, d_in, d_out,
                                                         round(cooldown * 1e6), round(pace * 1e6),
-                                                        round(pace_for * 1e6), self.owner.burst_us])
+                                                        round(pace_for * 1e6), self.owner.burst_us,
+                                                        self.owner.share])
 
 
 def _backoff(times: int) -> float:

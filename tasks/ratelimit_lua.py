@@ -4,11 +4,12 @@ State of one (provider, key fingerprint, model), in the hash ``keys.ratelimit_st
 times in microseconds of Redis ``TIME``:
 
 - ``tr`` ``ti`` ``to``: GCRA theoretical arrival times of the requests, input-token and
-  output-token buckets. A bucket holds ``burst`` worth of its limit; a request of ``n`` units
-  may start once ``max(tat, now) + (n - cap) * T <= start`` (T = µs per unit), and moves
-  ``tat`` on by ``n * T``. So a limit of 600/min sends at most a second's worth (10) at once,
-  then one every 100 ms: smooth, never 100 in the first second. A request bigger than the
-  whole per-minute limit can never fit (answer 4).
+  output-token buckets. Each is paced at ``share`` of its limit: T = 60 s / (limit * share)
+  per unit. A request of ``n`` units may start once ``max(tat, now) + (n - cap) * T <=
+  start``, with ``cap = max(burst / T, n, 1)``, and moves ``tat`` on by ``n * T``. With the
+  default ``burst`` of 0 a request starts no earlier than the ones before it have been paced
+  out: 600/min at share 0.985 sends one request every 101.5 ms, never two at once. A
+  request bigger than the whole per-minute limit can never fit (answer 4).
 - ``cd``: the cooldown, until when nobody sends (a 429 / 529 / overloaded answer set it).
 - ``pace`` ``pend`` ``tp``: a pace the provider's own budget headers asked for (their
   ``remaining`` ran low): at most one request per ``pace`` µs until ``pend``.
@@ -18,25 +19,61 @@ times in microseconds of Redis ``TIME``:
   behind the interactive line, interactive ones never behind the batch line. A request that
   comes back with its ticket skips the line.
 
+Why this pacing, and these defaults (``DQ_RATE_LIMIT_SHARE`` 0.985, ``DQ_RATE_LIMIT_BURST_S``
+0). Providers enforce a per-minute limit R (per second here) over windows much shorter than
+the minute, allowing R*W in any window of W seconds: OpenAI "quantizes" (60,000/min "may be
+enforced as 1,000 requests/second"), Alibaba's DashScope enforces RPM/60 per second, Anthropic
+runs a token bucket and may enforce 60 RPM "as 1 request per second" (quotes and addresses in
+``datus/testing/limits.py``, whose fake provider enforces each shape). The shortest window any
+of them documents is W = 1 s, over fixed ("quantized") or, at worst, sliding windows.
+
+The grants are spaced by T = 1 / (share * R), ahead by at most the burst tolerance
+tau = max(0, burst - T) (cost-1 requests). The provider counts arrivals, not grants: each
+request reaches it some time after its grant, and what matters is the spread J of those
+delays (the sleep that overshoots, a busy event loop, a process the OS scheduled late). In any
+half-open window of W seconds the provider then sees at most
+
+    n < 1 + share * R * (W + J + tau)
+
+arrivals (the first, then one per T of the window stretched by the spread and the tolerance).
+It allows R*W, so — R*W a whole number, as quantized limits are — there is no 429 in any
+window, fixed or sliding, when share * R * (W + J + tau) <= R * W, that is when
+
+    J + tau <= W * (1 - share) / share.
+
+A token bucket holding R*W is looser (it admits n(t) <= R*W + R*t over any t seconds, which
+holds while 1 + share * R * (J + tau) <= R*W), so windows are the case to design for, and the
+shortest one binds: the right side shrinks with W. The budget used is ``share``. So the slack
+that absorbs the spread and any burst is W * (1 - share) / share: at share 0.985, 15.2 ms in a
+1 s window (30.5 ms in the 2 s windows of issue 18); at 0.98, 20.4 ms but a fleet that uses
+just under 98 %. The burst is therefore 0 by default: every microsecond of tolerance is taken
+from the spread the fleet can absorb, and the old default (1 s: a second's worth at once) broke
+any 1 s window outright (10 + 10 requests at 600/min) and any 2 s one as soon as the spread was
+above zero. For token buckets the same holds with costs: with equal requests of cost c
+dividing R*W; with mixed sizes add the largest request to the burst side. A cooldown after a
+429 restarts the request bucket empty, so the fleet does not stampede when it ends.
+
 Concurrency: the sorted set ``keys.ratelimit_slots`` holds the slots taken, scored by when
 their lease ends; expired ones are dropped on every acquire, so a dead worker's slots come
 back within their lease (running calls renew theirs).
 
 ACQUIRE answers ``{code, wait_us, ticket_us, detail}``: 0 go (``wait_us`` > 0: booked that far
-ahead, then acquire again with ``paid`` for the cooldown check and a slot), 1 cooldown, 2 no
-slot free (``wait_us`` until the first lease ends), 3 ticket, 4 too large (``detail``: which
-bucket, 1 requests / 2 input / 3 output).
+ahead, ``ticket_us`` the start booked: acquire again with ``paid`` just before it, for the
+cooldown check and a slot, and send at it), 1 cooldown, 2 no slot free (``wait_us`` until the
+first lease ends), 3 ticket, 4 too large (``detail``: which bucket, 1 requests / 2 input /
+3 output), 5 late (``paid``, and the start booked passed more than ``late_us`` ago: book again).
 """
 
 from __future__ import annotations
 
-__all__ = ["ACQUIRE", "COOLDOWN", "GO", "NO_SLOT", "RELEASE", "RENEW", "TICKET", "TOO_LARGE"]
+__all__ = ["ACQUIRE", "COOLDOWN", "GO", "LATE", "NO_SLOT", "RELEASE", "RENEW", "TICKET", "TOO_LARGE"]
 
-GO, COOLDOWN, NO_SLOT, TICKET, TOO_LARGE = 0, 1, 2, 3, 4
+GO, COOLDOWN, NO_SLOT, TICKET, TOO_LARGE, LATE = 0, 1, 2, 3, 4, 5
 _STATE_TTL_MS = 7_200_000  # two hours: longer than any line a job waits on
 
 # KEYS: state, slots
-# ARGV: rpm itpm otpm max_concurrency n_in n_out lane ticket_us paid horizon_us burst_us slot_id lease_us
+# ARGV: rpm itpm otpm max_concurrency n_in n_out lane ticket_us paid horizon_us burst_us slot_id lease_us share late_us
+# (paid: ticket_us is the start booked; late_us < 0: no lateness check)
 ACQUIRE = f"""
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
@@ -51,6 +88,11 @@ local lane = tonumber(ARGV[7])
 local ticket = tonumber(ARGV[8])
 local paid = ARGV[9] == '1'
 local horizon = tonumber(ARGV[10])
+local share = tonumber(ARGV[14])
+if paid then
+  local late = tonumber(ARGV[15])
+  if late >= 0 and now - ticket > late then return {{5, now - ticket, 0, 0}} end
+end
 local start = now
 local limits = {{tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])}}
 local costs = {{1, tonumber(ARGV[5]), tonumber(ARGV[6])}}
@@ -65,7 +107,7 @@ if not paid then
     local limit, cost = limits[i], costs[i]
     if limit > 0 and cost > 0 then
       if cost > limit then return {{4, 0, 0, i}} end
-      local T = 60000000 / limit
+      local T = 60000000 / (limit * share)
       emission[i] = T
       local cap = math.max(burst / T, cost, 1)
       local s = math.max(n(i + 1, now), now) + (cost - cap) * T
@@ -126,19 +168,21 @@ if not paid then
     redis.call('PEXPIRE', KEYS[1], {_STATE_TTL_MS})
   end
 end
-return {{0, start - now, 0, 0}}
+if paid then return {{0, ticket - now, ticket, 0}} end
+return {{0, start - now, start, 0}}
 """
 
 # KEYS: state, slots
-# ARGV: slot_id ('' none) rpm itpm otpm d_in d_out cooldown_us pace_us pace_for_us burst_us
+# ARGV: slot_id ('' none) rpm itpm otpm d_in d_out cooldown_us pace_us pace_for_us burst_us share
 RELEASE = f"""
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 if ARGV[1] ~= '' then redis.call('ZREM', KEYS[2], ARGV[1]) end
 local burst = tonumber(ARGV[10])
+local share = tonumber(ARGV[11])
 local function adjust(field, limit, delta)
   if limit <= 0 or delta == 0 then return end
-  local T = 60000000 / limit
+  local T = 60000000 / (limit * share)
   local tat = tonumber(redis.call('HGET', KEYS[1], field) or now)
   if delta > 0 then
     tat = math.max(tat, now) + delta * T
@@ -159,7 +203,7 @@ if cooldown > 0 then
     -- restart smoothly: the request bucket is empty, not full, when the cooldown ends
     local rpm = tonumber(ARGV[2])
     if rpm > 0 then
-      local T = 60000000 / rpm
+      local T = 60000000 / (rpm * share)
       local tat = till + math.max(burst / T, 1) * T
       if tat > tonumber(redis.call('HGET', KEYS[1], 'tr') or 0) then redis.call('HSET', KEYS[1], 'tr', tat) end
     end

@@ -27,7 +27,8 @@ from datus.testing.limits import ProviderLimits
 from datus_queue.tasks import keys
 from datus_queue.tasks.context import JobContext
 from datus_queue.tasks.ratelimit import Deferred, JobWait, ModelLimiter, current_job
-from datus_queue.tasks.ratelimit_lua import ACQUIRE, GO, NO_SLOT, TICKET, TOO_LARGE
+from datus_queue.tasks.ratelimit_lua import ACQUIRE, GO, LATE, NO_SLOT, TICKET, TOO_LARGE
+from datus_queue.tasks.settings import Settings
 from tests.tasks.conftest import KNOWN_KEY, generations
 
 MODEL = SimpleNamespace(provider="openai", key_fingerprint="fp0123456789abcd", model_name="gpt-4o-mini")
@@ -50,29 +51,56 @@ def planned(input_tokens: int = 10, max_tokens: int | None = 100) -> PlannedRequ
     return PlannedRequest("openai", "gpt-4o-mini", max_tokens, lambda: input_tokens)
 
 
+DEFAULTS = Settings()  # the burst and share a user gets
+
+
 def acquire(r: redis.Redis, rpm: float = 0, itpm: float = 0, n_in: int = 0, lane: int = 0, ticket: int = 0,
-            maxc: int = 0, slot: str = "", horizon_s: float = 1.0) -> list[int]:
-    """One ACQUIRE, as the limiter sends it; ``[code, wait_us, ticket_us, detail]``."""
+            maxc: int = 0, slot: str = "", horizon_s: float = 1.0, paid: bool = False, late_us: int = 7600,
+            burst_s: float = DEFAULTS.rate_limit_burst_s, share: float = DEFAULTS.rate_limit_share) -> list[int]:
+    """One ACQUIRE, as the limiter sends it, with the default burst and share;
+    ``[code, wait_us, ticket_us, detail]`` (``paid``: ``ticket`` is the start booked)."""
     state, slots = keys.ratelimit_state("openai", "fp", "m"), keys.ratelimit_slots("openai", "fp", "m")
-    return [int(v) for v in r.eval(ACQUIRE, 2, state, slots, rpm, itpm, 0, maxc, n_in, 0, lane, ticket, 0,
-                                   horizon_s * 1e6, 1e6, slot, 5e6)]
+    return [int(v) for v in r.eval(ACQUIRE, 2, state, slots, rpm, itpm, 0, maxc, n_in, 0, lane, ticket,
+                                   1 if paid else 0, horizon_s * 1e6, burst_s * 1e6, slot, 5e6,
+                                   share, late_us)]
 
 
 # -- the Lua answers ---------------------------------------------------------------------------------
 
 
-def test_a_per_minute_limit_is_smooth_a_seconds_worth_at_once_then_evenly_spaced(dq_redis: redis.Redis) -> None:
+def test_a_per_minute_limit_is_paced_at_its_share_one_request_at_a_time(dq_redis: redis.Redis) -> None:
+    assert (DEFAULTS.rate_limit_burst_s, DEFAULTS.rate_limit_share) == (0.0, 0.985)
     answers = [acquire(dq_redis, rpm=600) for _ in range(40)]
     now = [a for a in answers if a[0] == GO and a[1] == 0]
     booked = [a for a in answers if a[0] == GO and a[1] > 0]
     ticketed = [a for a in answers if a[0] == TICKET]
-    assert len(now) == 10  # 600/min: one second's worth goes at once, never 100
-    assert len(booked) == 10  # the next second is booked 100 ms apart, waited out by the worker
-    gaps = [b[1] - a[1] for a, b in itertools.pairwise(booked)]
-    assert all(99_000 <= gap <= 101_000 for gap in gaps), gaps
-    assert len(ticketed) == 20  # beyond the short wait: places in line, 100 ms apart
+    assert len(now) == 1  # no burst: a 1 s window of the provider never holds more than its share
+    spacing = 60e6 / (600 * 0.985)  # 101.5 ms: 98.5 % of 600/min
+    assert len(booked) == 9  # the rest of the next second is booked, one per 101.5 ms
+    starts = [b[2] for b in booked]  # each told its start, in Redis time
+    assert all(abs(b - a - spacing) < 1 for a, b in itertools.pairwise(starts)), starts
+    assert len(ticketed) == 30  # beyond the short wait: places in line, as far apart
     places = [a[2] for a in ticketed]
-    assert all(99_000 <= b - a <= 101_000 for a, b in itertools.pairwise(places))
+    assert all(abs(b - a - spacing) < 1000 for a, b in itertools.pairwise(places))
+
+
+def test_the_old_one_second_burst_sends_a_seconds_worth_at_once(dq_redis: redis.Redis) -> None:
+    # DQ_RATE_LIMIT_BURST_S=1 and a share of 1 (the defaults before issue 18): why a 1 s window broke
+    assert sum(acquire(dq_redis, rpm=600, burst_s=1.0, share=1.0)[1] == 0 for _ in range(20)) == 10
+
+
+def test_a_booked_request_is_late_past_its_start_and_books_again(dq_redis: redis.Redis) -> None:
+    acquire(dq_redis, rpm=600)
+    code, wait_us, start_us, _ = acquire(dq_redis, rpm=600)
+    assert code == GO and wait_us > 0
+    on_time = acquire(dq_redis, rpm=600, maxc=5, slot="a", paid=True, ticket=start_us)
+    assert on_time[0] == GO and on_time[2] == start_us and on_time[1] > 0  # still this far before its start
+    assert dq_redis.zcard(keys.ratelimit_slots("openai", "fp", "m")) == 1  # and its slot taken
+    seconds, micros = dq_redis.time()
+    past = seconds * 1_000_000 + micros - 8000  # a start 8 ms ago: later than the default 7.6 ms
+    assert acquire(dq_redis, rpm=600, maxc=5, slot="b", paid=True, ticket=past)[0] == LATE
+    assert acquire(dq_redis, rpm=600, maxc=5, slot="b", paid=True, ticket=past, late_us=-1)[0] == GO  # unchecked
+    assert dq_redis.zcard(keys.ratelimit_slots("openai", "fp", "m")) == 2  # the late answer took no slot
 
 
 def test_a_request_bigger_than_the_whole_budget_can_never_fit(dq_redis: redis.Redis) -> None:
@@ -173,6 +201,21 @@ async def test_a_job_that_may_not_leave_waits_in_the_worker_instead(context: Job
     assert job.waited_s > 1.5  # it waited for its ticket here rather than raising Deferred
 
 
+async def test_a_request_whose_loop_stalls_past_its_start_books_again_instead_of_crowding_the_next(
+        context: JobContext, dq_redis: redis.Redis) -> None:
+    bound = limiter(context, requests_per_minute=600)  # one per 101.5 ms at the default share
+    spacing = 60e6 / (600 * DEFAULTS.rate_limit_share)
+    await bound.after(await bound.before(planned()), RequestOutcome())
+    first = float(dq_redis.hget(bound.keys[0], "tr")) - spacing  # when the first went, in Redis time
+    second = asyncio.create_task(bound.before(planned()))
+    await asyncio.sleep(0.02)  # booked one spacing after the first, sleeping until then
+    assert float(dq_redis.hget(bound.keys[0], "tr")) == pytest.approx(first + 2 * spacing, abs=1)
+    time.sleep(0.3)  # the loop is held (a blocking call elsewhere in the worker) past that start
+    await bound.after(await second, RequestOutcome())
+    # it did not go late, squeezed against whoever is booked next: its slot is lost, it booked again
+    assert float(dq_redis.hget(bound.keys[0], "tr")) >= first + 0.3e6 + spacing
+
+
 async def test_slots_wait_for_a_release_in_this_process(context: JobContext, dq_redis: redis.Redis) -> None:
     bound = limiter(context, max_concurrency=1)
     first = await bound.before(planned())
@@ -212,7 +255,8 @@ async def test_low_remaining_budget_headers_set_a_pace_before_any_429(context: J
 
 
 def acquire_state(r: redis.Redis, bound: ModelLimiter) -> list[int]:
-    return [int(v) for v in r.eval(ACQUIRE, 2, *bound.keys, 0, 0, 0, 0, 0, 0, 0, 0, 0, 60e6, 1e6, "", 5e6)]
+    return [int(v) for v in r.eval(ACQUIRE, 2, *bound.keys, 0, 0, 0, 0, 0, 0, 0, 0, 0, 60e6, 0, "", 5e6,
+                                   DEFAULTS.rate_limit_share, -1)]
 
 
 async def test_scripts_come_back_after_redis_forgets_them(context: JobContext, dq_redis: redis.Redis) -> None:

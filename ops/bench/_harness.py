@@ -60,7 +60,12 @@ def job_system(fake_url: str, redis_url: str, database_url: str | None = None,
         f"    bench: {{type: openai, model: gpt-4o-mini, api_key: {KEY}, base_url: '{fake_url}/v1', timeout_s: 60"
         f"{limits}}}\n"
     )
-    database_url = database_url or f"sqlite:///{tmp / 'jobs.db'}"
+    with _fresh_database(database_url or f"sqlite:///{tmp / 'jobs.db'}") as url:
+        yield from _job_system(tmp, config_path, redis_url, url)
+
+
+def _job_system(tmp: Path, config_path: Path, redis_url: str,
+                database_url: str) -> Iterator[tuple[JobClient, dict[str, str]]]:
     env = {**os.environ, "DQ_CONFIG": str(config_path), "DQ_REDIS_URL": redis_url, "DQ_DATABASE_URL": database_url}
     settings = Settings(redis_url=redis_url, database_url=database_url, config=str(config_path))
     client = JobClient(settings=settings, agent_config=AgentConfig.from_file(config_path), app=create_app(settings))
@@ -70,6 +75,31 @@ def job_system(fake_url: str, redis_url: str, database_url: str | None = None,
     finally:
         client.redis.flushdb()
         client.close()
+        client.store.close()
+
+
+@contextlib.contextmanager
+def _fresh_database(url: str) -> Iterator[str]:
+    """SQLite: the new file. Postgres (``DQ_BENCH_DATABASE_URL``): a schema of its own, dropped
+    afterwards (the search_path rides in the URL, so the worker lands there too)."""
+    if not url.startswith("postgres"):
+        yield url
+        return
+    import uuid
+
+    from sqlalchemy import create_engine, make_url
+
+    base = make_url(url)
+    schema = f"dq_bench_{uuid.uuid4().hex[:8]}"
+    admin = create_engine(base, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.exec_driver_sql(f'CREATE SCHEMA "{schema}"')
+    try:
+        yield base.update_query_dict({"options": f"-csearch_path={schema}"}).render_as_string(hide_password=False)
+    finally:
+        with admin.connect() as conn:
+            conn.exec_driver_sql(f'DROP SCHEMA "{schema}" CASCADE')
+        admin.dispose()
 
 
 def wait_until_final(client: JobClient, total: int, timeout_s: float) -> float:

@@ -76,13 +76,31 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _harness import KEY, cpu_seconds, fake_server_process, job_system, peak_rss_mb, wait_until_final, worker
+from _harness import (
+    KEY,
+    cpu_seconds,
+    fake_server_process,
+    job_system,
+    peak_rss_mb,
+    process_tree,
+    wait_until_final,
+    worker,
+)
 
 from datus_queue.tasks.cli.services import free_port
 
 RATE_LIMITS = "{requests_per_minute: 1000000}"  # the limiter is on and never binds
 STAGES = ("submit", "claim", "limiter", "call", "events", "store", "leases", "ack", "metrics", "redis, caller unseen",
           "event loop", "other")
+
+
+def fake_server_pid() -> int | None:
+    """The fake provider process this one started (for its CPU)."""
+    for pid in process_tree(os.getpid())[1:]:
+        with contextlib.suppress(OSError), open(f"/proc/{pid}/cmdline", "rb") as handle:
+            if b"datus.testing.fake_server" in handle.read():
+                return pid
+    return None
 
 
 async def direct(url: str, total: int, concurrency: int, stack: str = "httpx") -> float:
@@ -276,8 +294,12 @@ def main() -> int:
               f"{args.rounds} rounds; worker: limiter on ({RATE_LIMITS}), leases, /metrics served")
         runs: dict[str, list[float]] = collections.defaultdict(list)
         jobs_runs: dict[tuple[str, int], list[JobsRun]] = collections.defaultdict(list)
+        fake = fake_server_pid()
         for round_no in range(1, args.rounds + 1):
+            cpu0, fake0 = time.process_time(), cpu_seconds(fake) if fake else 0.0
             runs["same"].append(asyncio.run(direct(url, args.jobs, args.concurrency, "aiohttp")))
+            runs["same_cpu"].append((time.process_time() - cpu0) / args.jobs)
+            runs["fake_cpu"].append(((cpu_seconds(fake) if fake else 0.0) - fake0) / args.jobs)
             runs["sdk"].append(asyncio.run(direct(url, args.jobs, args.concurrency, "httpx")))
             line = f"  round {round_no}: direct aiohttp {runs['same'][-1]:5.2f} s  httpx {runs['sdk'][-1]:5.2f} s"
             for n in processes:
@@ -292,6 +314,8 @@ def main() -> int:
     same, sdk = statistics.median(runs["same"]), statistics.median(runs["sdk"])
     print(f"medians of {args.rounds} rounds ({args.jobs} jobs; CPU per job: the worker's, all its processes):")
     print(f"  direct asyncio, OpenAI SDK on aiohttp (the worker's stack): {same:6.2f} s  {args.jobs / same:6.0f} calls/s")
+    print(f"      client CPU {statistics.median(runs['same_cpu']) * 1000:4.2f} ms/call   fake server CPU "
+          f"{statistics.median(runs['fake_cpu']) * 1000:4.2f} ms/call")
     print(f"  direct asyncio, OpenAI SDK as shipped (httpx):             {sdk:6.2f} s  {args.jobs / sdk:6.0f} calls/s")
     for (submit, n), each in jobs_runs.items():
         elapsed = statistics.median(r.elapsed for r in each)

@@ -66,8 +66,8 @@ _ROW: TypeAdapter[RunStep | StartRow] = TypeAdapter(Annotated[RunStep | StartRow
 
 
 class StoreJournal:
-    def __init__(self, ctx: JobContext, job_id: str, attempt: int, resuming: bool) -> None:
-        self.ctx, self.job_id, self.attempt = ctx, job_id, attempt
+    def __init__(self, ctx: JobContext, job_id: str, run: int, resuming: bool) -> None:
+        self.ctx, self.job_id, self.run = ctx, job_id, run  # run: the store's run number, written with each row
         self.run_id = job_id
         self.resuming = resuming
         self.published: set[Published] = set()  # by earlier deliveries, as their start rows say
@@ -108,7 +108,7 @@ class StoreJournal:
 
     async def _write(self, kind: str, row: dict[str, Any]) -> None:
         try:
-            await self.ctx.store.acheckpoint(self.job_id, self.attempt, self._position, kind, row)
+            await self.ctx.store.acheckpoint(self.job_id, self.run, self._position, kind, row)
         except IntegrityError as exc:
             raise RunSuperseded(f"job {self.job_id}: position {self._position} of its run was written by another "
                                 "delivery") from exc

@@ -65,9 +65,9 @@ def resolve_provider(model: str, agent_config: AgentConfig) -> str:
 def publish_job(app: Any, producer: Any, job_id: str, request: JobRequest, provider: str, retries: int = 0,
                 batch_priority: int | None = None, trace: bool | None = None) -> None:
     """Send a job's message: the job's task, ``task_id = job_id``, on its provider's queue. The
-    one way a job is sent — by `JobClient`, by the sweeper, by a replay (``retries`` tells the
-    worker which attempt it is). A batch job (``batch_id``) goes at ``batch_priority``
-    (default ``DQ_BATCH_PRIORITY``): 0 is the highest on the Redis transport, whose list for
+    one way a job is sent — by `JobClient`, by the sweeper, by a replay (``retries``, the job's
+    runs before this one, tells the worker which run it is). A batch job (``batch_id``) goes at
+    ``batch_priority`` (default ``DQ_BATCH_PRIORITY``): 0 is the highest on the Redis transport, whose list for
     it is popped first, so interactive jobs are never queued behind a batch. With ``trace``
     (default ``DQ_OTEL_TRACING``) the running OpenTelemetry span's W3C ``traceparent`` /
     ``tracestate`` go in the message headers, so the job's span continues the caller's trace."""
@@ -161,7 +161,7 @@ class JobClient:
             from datus_queue.tasks.jobs import job_error
 
             for job_id, _, _ in jobs[sent:]:
-                self.store.finish(job_id, JobStatus.FAILED, error=job_error(exc), attempts=0)
+                self.store.finish(job_id, JobStatus.FAILED, error=job_error(exc), run=0)
             raise
 
     # ---- reading -------------------------------------------------------------------------

@@ -3,7 +3,7 @@
 A delivery of a job message (see docs/architecture.md), `run_message`: a message that cannot be a
 job's is dead-lettered (`tasks.messages`); otherwise `execute` validates the payload, claims the
 row under a lease (a job that is already final, or running under another delivery's lease, makes
-no second model call); too many starts of one attempt → dead letter; the model runs while the
+no second model call); too many starts of one run → dead letter; the model runs while the
 process renews the lease (`tasks.leases`), publishing every step; the result is written to the
 store *before* the task returns (the message is acknowledged after that); the terminal event is
 published. Each delivery ends in exactly one `tasks.outcomes` type:
@@ -14,9 +14,9 @@ published. Each delivery ends in exactly one `tasks.outcomes` type:
   failing (`is_infrastructure`; at most `INFRA_RETRIES` in a row, then the job fails with
   ``infrastructure_error`` once that can be recorded). Countdown = max(Retry-After, full-jitter
   backoff) for a model error, capped to the visibility margin (`retry_ceiling`).
-- `ComeBack`: the attempt runs under another delivery's live lease: this duplicate comes back
+- `ComeBack`: the run is running under another delivery's live lease: this duplicate comes back
   once the lease can have lapsed — to find the job final, or to take it over from a dead worker.
-- `Dropped`: final already, superseded by a newer attempt, or rejected.
+- `Dropped`: final already, superseded by a newer run, or rejected.
 
 Any other exception is a bug: the job fails at once with ``internal_error``, logged once with its
 traceback — never retried.
@@ -25,7 +25,8 @@ Provider limits (``tasks.ratelimit``): rate-limit and overload answers, and cool
 until the job's time budget (``DQ_RATE_LIMIT_MAX_WAIT_S`` from the first one, or the job's
 ``deadline``) and are not counted against the model's ``max_retries``; other retryable errors keep
 that attempt budget. Runs that only waited for the limiter are not attempts: the store's run
-number (``retries + 1``, the stale-message guard) counts them, ``attempts`` as read does not.
+number (``runs``; a message's ``retries + 1``, the stale-message guard) counts them, ``attempts``
+(``runs - rate_limit_waits``) does not.
 
 Tool runs are durable (`tasks.checkpoints`): every completed step is checkpointed before the next
 one, and any new delivery of the job resumes from the checkpoints. So a retryable error in any
@@ -54,7 +55,7 @@ from datus_queue.tasks import keys
 from datus_queue.tasks.checkpoints import RunSuperseded
 from datus_queue.tasks.context import JobContext, get_context
 from datus_queue.tasks.execution import run_coroutine
-from datus_queue.tasks.messages import JobMessage, Malformed, error_step, parse_job, reject, run_number, send_again
+from datus_queue.tasks.messages import JobMessage, Malformed, error_step, parse_job, reject, send_again
 from datus_queue.tasks.observability import metrics, traces
 from datus_queue.tasks.outcomes import ComeBack, Dropped, DropReason, Finished, Outcome, Retry, is_infrastructure
 from datus_queue.tasks.ratelimit import DeadlineExceeded, Deferred, JobWait, RateLimitWaitExceeded, current_job
@@ -157,9 +158,9 @@ async def _infrastructure_error(ctx: JobContext, message: JobMessage, exc: Excep
     return Retry(countdown, job_error(exc), min(done + 1, INFRA_RETRIES))
 
 
-async def _fail(ctx: JobContext, job_id: str, error: JobError, run_no: int) -> Finished | Dropped:
+async def _fail(ctx: JobContext, job_id: str, error: JobError, run: int) -> Finished | Dropped:
     """Fail the job outside a claimed run (a bug, the infrastructure given up on)."""
-    if not await ctx.store.afinish(job_id, JobStatus.FAILED, error=error, attempts=run_no):
+    if not await ctx.store.afinish(job_id, JobStatus.FAILED, error=error, run=run):
         return Dropped(DropReason.FINAL)
     await _terminal(ctx, job_id, JobStatus.FAILED, error_step(error))
     stored = await ctx.store.aget(job_id)
@@ -209,19 +210,19 @@ async def execute(job_id: str, payload: Any, retries: int = 0, context: JobConte
         return Dropped(DropReason.REJECTED)
 
     cancel_requested = await ctx.aredis.exists(keys.job_cancel(job_id))
-    run_no = retries + 1  # the store's guard against stale messages; limiter waits count here, not as attempts
-    claimed = await ctx.store.amark_running(job_id, run_no, ctx.settings.lease_s)
+    run = retries + 1  # the store's guard against stale messages; limiter waits count here, not as attempts
+    claimed = await ctx.store.amark_running(job_id, run, ctx.settings.lease_s)
     if claimed is None:
-        return await _not_claimed(ctx, job_id, run_no)
-    job = traces.JobInfo(job_id, task_payload.provider, run_no, task_payload.request)
+        return await _not_claimed(ctx, job_id, run)
+    job = traces.JobInfo(job_id, task_payload.provider, run, task_payload.request)
     with traces.traced_job(job, trace_context, ctx.settings) as trace:
-        outcome = await _claimed_run(ctx, job_id, task_payload, claimed, run_no, bool(cancel_requested))
+        outcome = await _claimed_run(ctx, job_id, task_payload, claimed, run, bool(cancel_requested))
         if trace is not None:
             trace.finish(outcome)
     return outcome
 
 
-async def _not_claimed(ctx: JobContext, job_id: str, run_no: int) -> Outcome:
+async def _not_claimed(ctx: JobContext, job_id: str, run: int) -> Outcome:
     """The store would not start this run: why, and what becomes of this delivery."""
     current = await ctx.store.aget(job_id)
     if current is None:
@@ -230,17 +231,16 @@ async def _not_claimed(ctx: JobContext, job_id: str, run_no: int) -> Outcome:
     if current.final:  # a redelivery after the result, or cancelled while queued
         logger.info("job %s is %s; this delivery ends", job_id, current.status.value)
         return Dropped(DropReason.FINAL)
-    runs = run_number(current)
-    if runs > run_no or (current.status is JobStatus.RETRYING and runs == run_no):
-        logger.info("job %s: run %d has it, this message is of run %d; this delivery ends", job_id, runs, run_no)
+    if current.runs > run or (current.status is JobStatus.RETRYING and current.runs == run):
+        logger.info("job %s: run %d has it, this message is of run %d; this delivery ends", job_id, current.runs, run)
         return Dropped(DropReason.SUPERSEDED)  # a newer run's own message carries the job
     # the same run under another delivery's live lease: a duplicate (re-sent by the sweeper,
     # restored after the visibility timeout). It makes no model call now, and it is not dropped:
     # it comes back when the lease can have lapsed — to find the job final, or to take it over
     # from a worker that died (whose lease nobody renews)
     countdown = _lease_wait(ctx.settings, current.lease_until)
-    logger.info("job %s: attempt %d is running elsewhere (lease until %s); this delivery comes back in %.1fs",
-                job_id, current.attempts, current.lease_until, countdown)
+    logger.info("job %s: run %d is running elsewhere (lease until %s); this delivery comes back in %.1fs",
+                job_id, current.runs, current.lease_until, countdown)
     return ComeBack(countdown)
 
 
@@ -249,12 +249,12 @@ def _lease_wait(settings: Settings, lease_until: datetime | None) -> float:
     return min(max(remaining, 0.0) + COME_BACK_MARGIN_S, retry_ceiling(settings))
 
 
-async def _claimed_run(ctx: JobContext, job_id: str, task_payload: TaskPayload, claimed: StoredJob, run_no: int,
+async def _claimed_run(ctx: JobContext, job_id: str, task_payload: TaskPayload, claimed: StoredJob, run: int,
                        cancel_requested: bool) -> Outcome:
     """The delivery holds the job's row: dead-letter it, refuse it, or run it."""
     request = task_payload.request
     provider, kind = task_payload.provider, request.kind.value
-    # poison: the attempt was started (claimed, not merely delivered: a duplicate delivery that
+    # poison: the run was started (claimed, not merely delivered: a duplicate delivery that
     # found the job running or final comes back or is dropped above, and counts for nothing) too many times
     redeliveries = claimed.deliveries - 1
     if redeliveries >= ctx.settings.dead_letter_threshold:
@@ -262,23 +262,23 @@ async def _claimed_run(ctx: JobContext, job_id: str, task_payload: TaskPayload, 
         await asyncio.to_thread(ctx.store.record_dead_letter, job_id, reason, job_id=job_id)
         logger.warning("job %s dead-lettered: %s", job_id, reason)
         error = JobError(code="dead_letter", type="DeadLetter", message=reason)
-        outcome = await _finish_failed(ctx, job_id, JobStatus.DEAD, error, run_no)
+        outcome = await _finish_failed(ctx, job_id, JobStatus.DEAD, error, run)
     elif not ctx.agent_config.is_model_allowed(request.model):  # sent around a client, or a config changed
         allowed = ", ".join(ctx.agent_config.allowed_model_patterns()) or "(none)"
         error = JobError(code="model_not_allowed", type="ModelNotAllowed",
                          message=f"model {request.model!r} is not allowed on this worker (agent.allowed_models: "
                                  f"{allowed})")
-        outcome = await _finish_failed(ctx, job_id, JobStatus.FAILED, error, run_no)
+        outcome = await _finish_failed(ctx, job_id, JobStatus.FAILED, error, run)
     else:
         # any start but the very first may find steps of an earlier delivery to resume from (a
-        # re-send by the sweeper counts as a delivery of the same attempt)
-        resuming = run_no > 1 or claimed.deliveries > 1
+        # re-send by the sweeper counts as a delivery of the same run)
+        resuming = run > 1 or claimed.deliveries > 1
         if not resuming:
             metrics.first_start(provider, kind, claimed.created_at)
         with metrics.in_flight(provider), track_usage() as calls:
             try:
                 async with ctx.leases.hold(job_id):
-                    outcome = await _run(ctx, job_id, request, claimed, run_no, cancel_requested, resuming)
+                    outcome = await _run(ctx, job_id, request, claimed, run, cancel_requested, resuming)
             finally:
                 metrics.model_calls(calls)
     match outcome:
@@ -290,9 +290,9 @@ async def _claimed_run(ctx: JobContext, job_id: str, task_payload: TaskPayload, 
 
 
 async def _finish_failed(ctx: JobContext, job_id: str, status: JobStatus, error: JobError,
-                         run_no: int) -> Finished | Dropped:
+                         run: int) -> Finished | Dropped:
     """End the claimed run failed (or dead) with ``error``, before any model call."""
-    if await ctx.store.afinish(job_id, status, error=error, attempts=run_no):
+    if await ctx.store.afinish(job_id, status, error=error, run=run):
         await _terminal(ctx, job_id, status, error_step(error))
         return Finished(status, error.code)
     return Dropped(DropReason.FINAL)
@@ -308,12 +308,12 @@ def _job_wait(ctx: JobContext, job_id: str, request: JobRequest, stored: StoredJ
     return JobWait(job_id, lane=lane, ticket_us=stored.rate_ticket or 0, budget_end=budget_end, deadline=deadline)
 
 
-async def _run(ctx: JobContext, job_id: str, request: JobRequest, stored: StoredJob, run_no: int,
+async def _run(ctx: JobContext, job_id: str, request: JobRequest, stored: StoredJob, run: int,
                cancel_requested: bool, resuming: bool = False) -> Outcome:
-    """Run the claimed job; ``stored.attempts`` is its attempt (runs that were not limiter
-    waits), ``run_no`` what the store writes. The model's failures are outcomes here; anything
-    else it raises (Redis, the store, a bug) is `run_message`'s to sort."""
-    runner = JobRunner(ctx, job_id, request, cancel_requested, run_no, resuming)
+    """Run the claimed job; ``run`` is its run number (``stored.runs``, what the store writes),
+    ``stored.attempts`` its attempt (the runs that were not limiter waits). The model's failures
+    are outcomes here; anything else it raises (Redis, the store, a bug) is `run_message`'s to sort."""
+    runner = JobRunner(ctx, job_id, request, cancel_requested, run, resuming)
     token = current_job.set(_job_wait(ctx, job_id, request, stored))
     try:
         with track_usage() as calls:
@@ -322,15 +322,15 @@ async def _run(ctx: JobContext, job_id: str, request: JobRequest, stored: Stored
         logger.warning("%s; this delivery stops", exc)
         return Dropped(DropReason.SUPERSEDED)
     except JobCancelled:
-        if await ctx.store.afinish(job_id, JobStatus.CANCELLED, attempts=run_no):
+        if await ctx.store.afinish(job_id, JobStatus.CANCELLED, run=run):
             await _terminal(ctx, job_id, JobStatus.CANCELLED, ActionHistory.create_action(
                 ActionRole.WORKFLOW, "cancelled", "cancelled", None, None, ActionStatus.FAILED))
             return Finished(JobStatus.CANCELLED)
         return Dropped(DropReason.FINAL)
     except Deferred as deferred:
-        return await _deferred(ctx, job_id, stored, run_no, deferred)
+        return await _deferred(ctx, job_id, stored, run, deferred)
     except (ModelError, RateLimitWaitExceeded, DeadlineExceeded) as exc:
-        return await _failed(ctx, job_id, request, stored, run_no, exc)
+        return await _failed(ctx, job_id, request, stored, run, exc)
     finally:
         current_job.reset(token)
     traces.job_output(output)
@@ -338,7 +338,7 @@ async def _run(ctx: JobContext, job_id: str, request: JobRequest, stored: Stored
     usage = runner.usage or (sum(calls, Usage()) if calls else Usage())
     won = await ctx.store.afinish(
         job_id, JobStatus.SUCCEEDED, output=output, sql_contexts=sql_contexts,
-        usage=usage.model_dump(), cost_usd=usage.cost_usd, attempts=run_no,
+        usage=usage.model_dump(), cost_usd=usage.cost_usd, run=run,
     )
     if not won:
         return Dropped(DropReason.FINAL)  # another delivery or a cancel made it final
@@ -349,7 +349,7 @@ async def _run(ctx: JobContext, job_id: str, request: JobRequest, stored: Stored
     return Finished(JobStatus.SUCCEEDED)
 
 
-async def _deferred(ctx: JobContext, job_id: str, stored: StoredJob, run_no: int, deferred: Deferred) -> Outcome:
+async def _deferred(ctx: JobContext, job_id: str, stored: StoredJob, run: int, deferred: Deferred) -> Outcome:
     """The limiter handed the job back: a retry after its wait (capped to the visibility
     margin: a longer wait comes back and waits again, keeping its ticket). It made no
     request, so it is not an attempt."""
@@ -358,7 +358,7 @@ async def _deferred(ctx: JobContext, job_id: str, stored: StoredJob, run_no: int
     since = stored.rate_limited_since or (datetime.now(UTC) if deferred.rate_limited else None)
     error = JobError(code="rate_limit_wait", type="RateLimitWait", message=str(deferred), provider=stored.provider,
                      retryable=True)
-    if not await ctx.store.amark_retrying(job_id, run_no, error, countdown, rate_limit_retries=stored.rate_limit_retries,
+    if not await ctx.store.amark_retrying(job_id, run, error, countdown, rate_limit_retries=stored.rate_limit_retries,
                                           rate_limit_waits=stored.rate_limit_waits + 1, rate_limited_since=since,
                                           rate_ticket=deferred.ticket_us or None):
         return Dropped(DropReason.FINAL)  # cancelled meanwhile: do not come back
@@ -370,7 +370,7 @@ async def _deferred(ctx: JobContext, job_id: str, stored: StoredJob, run_no: int
     return Retry(countdown, error)
 
 
-async def _failed(ctx: JobContext, job_id: str, request: JobRequest, stored: StoredJob, run_no: int,
+async def _failed(ctx: JobContext, job_id: str, request: JobRequest, stored: StoredJob, run: int,
                   exc: ModelError | RateLimitWaitExceeded | DeadlineExceeded) -> Outcome:
     """The model failed: a retry if the error is retryable and the job's budget allows, else
     the job fails with the provider's message."""
@@ -382,7 +382,7 @@ async def _failed(ctx: JobContext, job_id: str, request: JobRequest, stored: Sto
             error = error.model_copy(update={"message": f"{error.message} ({retry})"})
         else:
             countdown, rate_limit = retry
-            await ctx.store.amark_retrying(job_id, run_no, error, countdown, **rate_limit)
+            await ctx.store.amark_retrying(job_id, run, error, countdown, **rate_limit)
             await ctx.publisher.publish(job_id, ActionHistory.create_action(
                 ActionRole.WORKFLOW, "retry", f"{error.type}: retrying in {countdown:.2f}s", None,
                 {"error": error.model_dump(), "countdown_s": countdown, "attempt": attempt,
@@ -390,7 +390,7 @@ async def _failed(ctx: JobContext, job_id: str, request: JobRequest, stored: Sto
             logger.info("job %s attempt %d: %s; retry in %.2fs", job_id, attempt, error.type, countdown)
             return Retry(countdown, error)
     traces.job_error(error)
-    if await ctx.store.afinish(job_id, JobStatus.FAILED, error=error, attempts=run_no):
+    if await ctx.store.afinish(job_id, JobStatus.FAILED, error=error, run=run):
         await _terminal(ctx, job_id, JobStatus.FAILED, error_step(error))
         return Finished(JobStatus.FAILED, error.code)
     return Dropped(DropReason.FINAL)  # another delivery or a cancel made it final

@@ -22,8 +22,8 @@ bad producer, a hand-pushed list entry — and no message may stop a worker, so:
   never reaches a task's strategy; Celery rejects (acknowledges) it and sends a signal, on which
   it is dead-lettered.
 
-`send_again` publishes a `JobMessage` once more — a `Retry` (the next attempt) or a `ComeBack`
-(the same attempt later) — built from its checked parts, never by copying the delivered headers.
+`send_again` publishes a `JobMessage` once more — a `Retry` (the next run) or a `ComeBack`
+(the same run later) — built from its checked parts, never by copying the delivered headers.
 """
 
 from __future__ import annotations
@@ -40,10 +40,9 @@ from datus_queue.tasks.schemas import JobError, JobStatus
 
 if TYPE_CHECKING:
     from datus_queue.tasks.context import JobContext
-    from datus_queue.tasks.store import StoredJob
 
 __all__ = ["JobMessage", "Malformed", "connect_signals", "error_step", "header_problem", "job_strategy",
-           "parse_delivery", "parse_job", "reject", "run_number", "send_again", "valid_id"]
+           "parse_delivery", "parse_job", "reject", "send_again", "valid_id"]
 
 logger = logging.getLogger("datus_queue.tasks.messages")
 
@@ -227,20 +226,14 @@ def _fail_waiting_job(ctx: JobContext, job_id: str, error: JobError) -> None:
     current = ctx.store.get(job_id)
     if current is None or current.status not in (JobStatus.QUEUED, JobStatus.RETRYING):
         return
-    claimed = ctx.store.mark_running(job_id, max(run_number(current), 1), ctx.settings.lease_s)
+    claimed = ctx.store.mark_running(job_id, max(current.runs, 1), ctx.settings.lease_s)
     if claimed is None:
         return
-    if ctx.store.finish(job_id, JobStatus.FAILED, error=error, attempts=run_number(current)):
+    if ctx.store.finish(job_id, JobStatus.FAILED, error=error, run=current.runs):
         publisher = EventPublisher(ctx.redis, ctx.settings.event_ttl_s, ctx.settings.event_maxlen)
         publisher.publish(job_id, error_step(error), terminal=True, status=JobStatus.FAILED)
         metrics.job_finished(claimed.provider or "unknown", claimed.kind.value if claimed.kind else "unknown",
                              JobStatus.FAILED.value, error.code)
-
-
-def run_number(job: StoredJob) -> int:
-    """The store's run number of ``job``'s latest run (what a message's ``retries + 1`` is
-    compared with): its attempts plus the runs that only waited for the limiter."""
-    return job.attempts + job.rate_limit_waits
 
 
 def error_step(error: JobError) -> ActionHistory:
@@ -318,7 +311,7 @@ def _on_rejected(sender: Any = None, message: Any = None, exc: BaseException | N
 def send_again(app: Any, message: JobMessage, outcome: Retry | ComeBack) -> None:
     """Publish ``message`` once more after the outcome's countdown: a `Retry` as the job's next
     run (``retries + 1``), a `ComeBack` as this same run (same ``retries``, so it is not taken for
-    a newer attempt, which could start next to the running one). Raises what the broker raises."""
+    a newer run, which could start next to the running one). Raises what the broker raises."""
     if isinstance(outcome, Retry):
         retries, infra = message.retries + 1, outcome.infra_retries
     else:

@@ -5,17 +5,17 @@ infrastructure's.
 
 - `Finished(status, error_code)`: this delivery made the job final (succeeded, failed, dead or
   cancelled); the message is acknowledged.
-- `Retry(countdown, error, infra_retries)`: the job runs again as its next attempt — the same
+- `Retry(countdown, error, infra_retries)`: the job runs again as its next run — the same
   message with ``retries + 1`` after ``countdown`` — published before this delivery is
   acknowledged. ``infra_retries`` counts the infrastructure retries in a row (0: a model's
   retry or a limiter's wait).
-- `ComeBack(countdown)`: another delivery of the same attempt holds a live lease. The same
-  message (same ``retries``: a newer attempt could start at once, next to the running one)
+- `ComeBack(countdown)`: another delivery of the same run holds a live lease. The same
+  message (same ``retries``: a newer run could start at once, next to the running one)
   comes back after ``countdown``, when that lease can have lapsed, and this delivery is
   acknowledged: a duplicate is never dropped while its job is unfinished — when it comes back
   it finds the job final, or takes it over from a worker that died.
 - `Dropped(reason)`: this delivery has nothing to do: the job is final already (`FINAL`), a newer
-  attempt or another delivery has it (`SUPERSEDED`), or the message could not be a job's and
+  run or another delivery has it (`SUPERSEDED`), or the message could not be a job's and
   was dead-lettered (`REJECTED`).
 
 The worker's pool (`workers.pool`), `run_task` (Celery's own pools), the metrics and the traces
@@ -65,7 +65,7 @@ class ComeBack:
 
 class DropReason(str, Enum):
     FINAL = "final"  # the job is final (done, cancelled, failed) or has no row
-    SUPERSEDED = "superseded"  # a newer attempt, or another delivery of this one, has the job
+    SUPERSEDED = "superseded"  # a newer run, or another delivery of this one, has the job
     REJECTED = "rejected"  # not a job's message: dead-lettered
 
 

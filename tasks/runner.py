@@ -34,14 +34,14 @@ class JobCancelled(Exception):
 class JobRunner:
     """Runs one request on the model layer, publishing each step."""
 
-    def __init__(self, ctx: JobContext, job_id: str, request: JobRequest, cancel_requested: bool, attempt: int = 1,
+    def __init__(self, ctx: JobContext, job_id: str, request: JobRequest, cancel_requested: bool, run: int = 1,
                  resuming: bool = False) -> None:
         self.ctx, self.job_id, self.request = ctx, job_id, request
         self.final_step: ActionHistory | None = None
         self.usage: Usage | None = None  # a tool run's, summed over all its turns
         self.cancel_requested = cancel_requested  # read when the job started
-        self.journal = StoreJournal(ctx, job_id, attempt, resuming) if request.kind is JobKind.TOOL_RUN else None
-        self.attempt = attempt
+        self.journal = StoreJournal(ctx, job_id, run, resuming) if request.kind is JobKind.TOOL_RUN else None
+        self.run_number = run  # the store's run number (`run` is the coroutine below)
         self._last_cancel_check = time.monotonic()
 
     async def publish(self, step: ActionHistory) -> None:
@@ -116,7 +116,7 @@ class JobRunner:
                 announced = True  # tell readers why the run goes on from the middle
                 await self.ctx.publisher.publish(self.job_id, ActionHistory.create_action(
                     ActionRole.WORKFLOW, "resumed", f"resumed after {self.journal.replayed_steps} recorded step(s)",
-                    None, {"attempt": self.attempt, "steps_recorded": self.journal.replayed_steps},
+                    None, {"run": self.run_number, "steps_recorded": self.journal.replayed_steps},
                     ActionStatus.SUCCESS))
             if step.action_type == "assistant_delta" and not request.stream:
                 continue

@@ -34,7 +34,7 @@ def test_every_runbook_command_works(tmp_path: Path) -> None:
         store = JobStore(store_url)
         job_id, _ = store.create_job("runbook-dead-job", JobRequest(model="gemini", prompt="a poison job"), "gemini")
         store.finish(job_id, JobStatus.DEAD, error=JobError(code="dead_letter", type="DeadLetter",
-                                                            message="delivered 6 times"), attempts=1)
+                                                            message="delivered 6 times"), run=1)
         store.record_dead_letter(job_id, "delivered 6 times (5 redeliveries without a result)", job_id=job_id)
         store.close()
         env = user_env(tmp_path / "home", fake) | {"DQ_REDIS_URL": redis_url, "DQ_DATABASE_URL": store_url,

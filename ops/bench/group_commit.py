@@ -161,10 +161,10 @@ async def _store_child(url: str, mode: str, jobs: int, in_flight: int, lock_s: f
         groups = _AsyncDriverGroups(url)
         start_job = lambda job_id: groups.submit(job_writes.running(job_id, 1, 300.0))
         finish_job = lambda job_id: groups.submit(job_writes.finish(job_id, JobStatus.SUCCEEDED, output="a",
-                                                                    attempts=1))
+                                                                    run=1))
     else:
         start_job = lambda job_id: store.amark_running(job_id, 1, 300.0)
-        finish_job = lambda job_id: store.afinish(job_id, JobStatus.SUCCEEDED, output="a", attempts=1)
+        finish_job = lambda job_id: store.afinish(job_id, JobStatus.SUCCEEDED, output="a", run=1)
     stall = 0.0
     running = True
 

@@ -6,7 +6,7 @@ against the current agent.yml — never from the message that died. That is what
 "fixed" job replayable: a job whose message was broken (an old client, a bad producer) runs
 from its stored request; one that died of a worker bug or of its model's config runs with the
 fixed code or config; one whose model is no longer configured is refused with the client's
-error. The row is queued again as new (no attempts, deliveries or re-sends), counts the replay
+error. The row is queued again as new (no runs, deliveries, re-sends or rate-limit retries and waits), counts the replay
 (``replays``, ``replayed_at``), and its Redis keys start afresh (events, delivery counter).
 A message that was not a job has no row and nothing to replay; purge removes it.
 """

@@ -6,7 +6,7 @@ has passed (``DQ_LEASE_S``: its worker stopped renewing it), or queued or retryi
 ``DQ_RESEND_AFTER_S`` past due. It drops those that still have a live message in Redis
 (`tasks.maintenance.live_messages`), and sends each of the others again with the same task id —
 after claiming it in one conditional update, so two sweeps at once never both send it. A running
-job whose worker is gone is queued again; the same attempt runs anew (a tool run resumes from its
+job whose worker is gone is queued again; the same run starts anew (a tool run resumes from its
 checkpoints). A re-sent job's abandoned message (in kombu's unacked hash, where a dead worker left
 it) is deleted, so the visibility timeout does not hand it out again an hour later.
 

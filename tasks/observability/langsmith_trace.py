@@ -11,7 +11,7 @@ call). The SDK's client queues them and sends batches from its own thread (``/ru
 or ``/runs/batch``), so the job never waits for LangSmith. ``LANGSMITH_HIDE_INPUTS`` / ``LANGSMITH_HIDE_OUTPUTS`` (the
 SDK's) blank inputs / outputs before they leave the process. The API key goes to the client
 only: the runs carry no environment (``omit_traced_runtime_info``) and their metadata is what
-is written here — job id, attempt, provider, model, kind, batch id.
+is written here — job id, run (the store's run number), provider, model, kind, batch id.
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ class LangSmithBackend:
             inputs["messages"] = request.messages
         if request.instruction:
             inputs["instruction"] = request.instruction
-        metadata = {"job_id": job.job_id, "attempt": job.attempt, "provider": job.provider, "model": job.model,
+        metadata = {"job_id": job.job_id, "run": job.run, "provider": job.provider, "model": job.model,
                     "kind": job.kind}
         if job.batch_id is not None:
             metadata["batch_id"] = job.batch_id

@@ -11,7 +11,8 @@ Spans (GenAI semantic conventions for the calls):
 
 - the job run: ``dq.generate`` / ``dq.tool_run`` (kind CONSUMER), a child of the submitter's
   span when the message carries a W3C ``traceparent``; ``dq.job.id``, ``dq.job.kind``,
-  ``dq.job.attempt``, ``dq.job.status``, ``dq.job.model`` (the name the job asked for), ``messaging.destination.name``;
+  ``dq.job.run`` (the store's run number), ``dq.job.status``, ``dq.job.model`` (the name the job asked
+  for), ``messaging.destination.name``;
 - each model call: ``chat <model>`` (CLIENT): ``gen_ai.operation.name`` = chat,
   ``gen_ai.provider.name`` and ``gen_ai.system``, ``gen_ai.request.model`` (and
   temperature/top_p/max_tokens when set), ``gen_ai.usage.input_tokens`` /
@@ -66,7 +67,7 @@ class OtelBackend:
     def start_job(self, job: JobInfo, carrier: Mapping[str, Any] | None) -> _JobSpan:
         parent = self.propagator.extract(_text_headers(carrier)) if carrier else None
         attributes: dict[str, Any] = {
-            "dq.job.id": job.job_id, "dq.job.kind": job.kind, "dq.job.attempt": job.attempt,
+            "dq.job.id": job.job_id, "dq.job.kind": job.kind, "dq.job.run": job.run,
             "dq.job.model": job.model, "messaging.destination.name": f"llm.{job.provider}",
         }
         if job.batch_id is not None:

@@ -42,7 +42,7 @@ class JobInfo:
 
     job_id: str
     provider: str
-    attempt: int  # the store's run number of this delivery
+    run: int  # the store's run number of this delivery (jobs.runs)
     request: Any  # the JobRequest: a trace's inputs, and what follows, come from it
 
     @property

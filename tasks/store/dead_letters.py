@@ -120,10 +120,13 @@ def purge(conn: Connection, before: datetime, limit: int) -> int:
 
 
 def reset_for_replay(conn: Connection, job_id: str, now: datetime) -> tuple[str, dict[str, Any]] | None:
-    """Queue a dead or failed job again as new — no attempts, deliveries or re-sends, no result —
-    counting the replay: ``(provider, request)``, or None if the job is not dead or failed."""
+    """Queue a dead or failed job again as new — no runs, deliveries, re-sends, rate-limit retries
+    or waits, no result — counting the replay: ``(provider, request)``, or None if the job is not
+    dead or failed."""
     row = conn.execute(update(jobs).where(jobs.c.job_id == job_id, jobs.c.status.in_(REPLAYABLE)).values(
-        status=JobStatus.QUEUED.value, attempts=0, deliveries=0, resends=0, output=None, sql_contexts=None,
+        status=JobStatus.QUEUED.value, runs=0, deliveries=0, resends=0, output=None, sql_contexts=None,
+        # attempts are runs - rate_limit_waits: the waits start afresh with the runs (and the wait budget)
+        rate_limit_retries=0, rate_limit_waits=0, rate_limited_since=None, rate_ticket=None,
         usage=None, cost_usd=0.0, error=None, retry_at=None, lease_until=None, started_at=None, finished_at=None,
         updated_at=now, replays=jobs.c.replays + 1, replayed_at=now,
     ).returning(jobs.c.provider, jobs.c.request)).first()

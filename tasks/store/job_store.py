@@ -8,7 +8,7 @@ Job statuses (``finish`` moves any status that is not final to a final one)::
 
     queued ──mark_running──> running ──finish──> succeeded | failed | dead | cancelled
        │                      │   ^
-       │            mark_retrying  mark_running (next attempt, or a redelivery)
+       │            mark_retrying  mark_running (next run, or a redelivery)
        │                      v   │
        └──cancel──> cancelled <──cancel── retrying   (running: the worker finishes it cancelled)
 
@@ -221,27 +221,27 @@ class JobStore:
             stored = conn.execute(select(jobs.c.request).where(jobs.c.job_id == job_id)).scalar()
         return None if stored is None else JobRequest.model_validate(stored)
 
-    def mark_running(self, job_id: str, attempt: int, lease_s: float | None = None) -> StoredJob | None:
-        """Start ``attempt`` (1-based) of the job under a lease of ``lease_s`` (default
+    def mark_running(self, job_id: str, run: int, lease_s: float | None = None) -> StoredJob | None:
+        """Start run ``run`` (1-based) of the job under a lease of ``lease_s`` (default
         ``DQ_QUEUED_LEASE_S``): the job, or None when it must not run — it is unknown, final
-        (cancelled included), this is a stale message of an older attempt, or the attempt is
-        running under a lease that has not passed. A redelivery of the attempt once its lease
+        (cancelled included), this is a stale message of an older run, or the run is
+        running under a lease that has not passed. A redelivery of the run once its lease
         has passed is allowed and counted in ``deliveries``."""
-        return self._write([job_writes.running(job_id, attempt, _lease(lease_s))])[0]
+        return self._write([job_writes.running(job_id, run, _lease(lease_s))])[0]
 
-    def mark_retrying(self, job_id: str, attempt: int, error: JobError, countdown_s: float) -> bool:
-        """Record a retryable failure of ``attempt``: the next one is due in ``countdown_s``.
+    def mark_retrying(self, job_id: str, run: int, error: JobError, countdown_s: float) -> bool:
+        """Record a retryable failure of run ``run``: the next one is due in ``countdown_s``.
         False when the job is already final (e.g. cancelled meanwhile): do not retry it."""
-        return self._write([job_writes.retrying(job_id, attempt, error, countdown_s)])[0]
+        return self._write([job_writes.retrying(job_id, run, error, countdown_s)])[0]
 
     def finish(self, job_id: str, status: JobStatus | str, *, output: Any = None, sql_contexts: Any = None,
                usage: Any = None, cost_usd: float = 0.0, error: JobError | None = None,
-               attempts: int | None = None) -> bool:
-        """Write the job's one final result; True if this call did, False if the job was
-        already final (another delivery won, or it was cancelled). ``attempts=None`` keeps
-        the stored count."""
+               run: int | None = None) -> bool:
+        """Write the job's one final result, by run ``run``; True if this call did, False if the
+        job was already final (another delivery won, or it was cancelled). ``run=None`` keeps
+        the stored run number."""
         return self._write([job_writes.finish(job_id, status, output=output, sql_contexts=sql_contexts, usage=usage,
-                                              cost_usd=cost_usd, error=error, attempts=attempts)])[0]
+                                              cost_usd=cost_usd, error=error, run=run)])[0]
 
     def cancel(self, job_id: str) -> JobStatus | None:
         """Cancel a job. Queued or retrying: cancelled at once (it never runs again). Running:
@@ -285,8 +285,8 @@ class JobStore:
 
     # a worker's status writes, made by the store's writer thread (`tasks.store.group_commit`): those
     # handed over while it is busy share its next transaction, so the loop never waits for the database
-    async def amark_running(self, job_id: str, attempt: int, lease_s: float | None = None) -> StoredJob | None:
-        return await self._group.submit(job_writes.running(job_id, attempt, _lease(lease_s)))
+    async def amark_running(self, job_id: str, run: int, lease_s: float | None = None) -> StoredJob | None:
+        return await self._group.submit(job_writes.running(job_id, run, _lease(lease_s)))
 
     async def arenew(self, job_id: str, lease_s: float | None = None) -> bool:
         """Renew a running job's lease (the jobs renewed in one loop turn share one statement)."""
@@ -296,10 +296,10 @@ class JobStore:
         """Give up a running job's lease: its next delivery may start it at once."""
         return await self._group.submit(job_writes.lease(job_id, None))
 
-    async def amark_retrying(self, job_id: str, attempt: int, error: JobError, countdown_s: float,
+    async def amark_retrying(self, job_id: str, run: int, error: JobError, countdown_s: float,
                              **rate_limit: Any) -> bool:
         """`mark_retrying`; ``rate_limit``: see `tasks.store.writes.retrying`."""
-        return await self._group.submit(job_writes.retrying(job_id, attempt, error, countdown_s, **rate_limit))
+        return await self._group.submit(job_writes.retrying(job_id, run, error, countdown_s, **rate_limit))
 
     async def afinish(self, job_id: str, status: JobStatus | str, **result: Any) -> bool:
         return await self._group.submit(job_writes.finish(job_id, status, **result))
@@ -318,10 +318,10 @@ class JobStore:
     async def acheckpoints(self, job_id: str) -> list[dict[str, Any]]:
         return await asyncio.to_thread(self.checkpoints, job_id)
 
-    async def acheckpoint(self, job_id: str, attempt: int, position: int, kind: str, step: dict[str, Any]) -> bool:
-        """Record step ``position`` of the job's tool run (with the loop's other writes);
-        raises IntegrityError when that place is taken (another delivery recorded it)."""
-        return await self._group.submit(job_writes.checkpoint(job_id, attempt, position, kind, step))
+    async def acheckpoint(self, job_id: str, run: int, position: int, kind: str, step: dict[str, Any]) -> bool:
+        """Record step ``position`` of the job's tool run, written by run ``run`` (with the loop's
+        other writes); raises IntegrityError when that place is taken (another delivery recorded it)."""
+        return await self._group.submit(job_writes.checkpoint(job_id, run, position, kind, step))
 
     # -- the sweeper, dead letters, pruning, scheduled runs ------------------------------
 
@@ -555,7 +555,7 @@ def _job_row(job_id: str, request: JobRequest, provider: str, now: datetime) -> 
     """A queued job's row."""
     return {"job_id": job_id, "idempotency_key": request.idempotency_key, "kind": request.kind.value,
             "model": request.model, "provider": provider, "status": JobStatus.QUEUED.value,
-            "request": request.model_dump(mode="json"), "cost_usd": 0.0, "attempts": 0, "deliveries": 0, "resends": 0,
+            "request": request.model_dump(mode="json"), "cost_usd": 0.0, "runs": 0, "deliveries": 0, "resends": 0,
             "replays": 0,
             "batch_id": request.batch_id, "item_id": request.item_id, "created_at": now, "updated_at": now,
             "rate_limit_retries": 0, "rate_limit_waits": 0}

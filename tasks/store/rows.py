@@ -18,9 +18,12 @@ RESULT_COLUMNS = [c for c in jobs.c if c.name not in ("request", "idempotency_ke
 
 
 class StoredJob(JobResult):
-    """A `JobResult` plus the store's bookkeeping the worker needs."""
+    """A `JobResult` plus the store's bookkeeping the worker needs. ``runs`` is the stored run
+    number (every start from a message, limiter-only waits included); the inherited ``attempts``
+    is the runs that sent a request: ``runs - rate_limit_waits``."""
 
-    deliveries: int = 0  # how many times the current attempt was started (redeliveries + 1)
+    runs: int = 0  # the current run's number (jobs.runs); a message's retries + 1
+    deliveries: int = 0  # how many times the current run was started (redeliveries + 1)
     retry_at: datetime | None = None
     updated_at: datetime | None = None
     lease_until: datetime | None = None  # running: the worker holding it renews this
@@ -39,7 +42,7 @@ def to_job(row: Row[Any]) -> StoredJob:
         job_id=m["job_id"], status=JobStatus(m["status"]), kind=m["kind"], model=m["model"], provider=m["provider"],
         output=m["output"], sql_contexts=m["sql_contexts"] or [], usage=m["usage"], cost_usd=m["cost_usd"] or 0.0,
         error=None if m["error"] is None else JobError.model_validate(m["error"]),
-        attempts=m["attempts"] - (m["rate_limit_waits"] or 0),  # the stored count includes the limiter's waits
+        runs=m["runs"], attempts=m["runs"] - (m["rate_limit_waits"] or 0),  # runs include the limiter's waits
         batch_id=m["batch_id"], item_id=m["item_id"], deliveries=m["deliveries"],
         created_at=utc(m["created_at"]), started_at=utc(m["started_at"]), finished_at=utc(m["finished_at"]),
         retry_at=utc(m["retry_at"]), updated_at=utc(m["updated_at"]), lease_until=utc(m["lease_until"]),

@@ -12,7 +12,8 @@ exactly one of them creates the tables and the others find them made.
 The `Table` objects below describe the latest schema and are what the store queries. A
 migration that changes a table must therefore not rely on them for older steps: ``_v1`` holds
 its own frozen copy of the first schema. A later migration adds to the live tables and
-brings an existing database there with ``add_columns`` (or creates a new table).
+brings an existing database there with ``add_columns`` (or creates a new table, or renames a
+column: ``_v5``).
 """
 
 from __future__ import annotations
@@ -91,8 +92,10 @@ jobs = Table(
     Column("usage", _Json),
     Column("cost_usd", Float, nullable=False, default=0.0),
     Column("error", _Json),
-    Column("attempts", Integer, nullable=False, default=0),
-    Column("deliveries", Integer, nullable=False, default=0),  # starts of the current attempt
+    # the current run's number (migration 5 renamed it from attempts): each start of the job from a
+    # message is a run, limiter-only waits included; attempts = runs - rate_limit_waits
+    Column("runs", Integer, nullable=False, default=0),
+    Column("deliveries", Integer, nullable=False, default=0),  # starts of the current run
     Column("retry_at", _Time),  # when the pending retry is due
     Column("batch_id", String(255)),
     Column("item_id", String(255)),
@@ -155,7 +158,7 @@ job_checkpoints = Table(
     Column("job_id", String(255), nullable=False),
     Column("position", Integer, nullable=False, autoincrement=False),  # 0-based, the row's place in the run
     Column("kind", String(16), nullable=False),  # turn | tool | start
-    Column("attempt", Integer, nullable=False),  # the attempt that recorded it
+    Column("run", Integer, nullable=False),  # the job's run that recorded it (migration 5: was attempt)
     Column("step", _Json, nullable=False),
     Column("created_at", _Time, nullable=False),
     # two deliveries of one job recording the same step: the second insert fails, not interleaves
@@ -288,6 +291,14 @@ def _v4(conn: Connection) -> None:
     frozen.create_all(conn, checkfirst=True)
 
 
+def _v5(conn: Connection) -> None:
+    """One name per count: the run number is ``runs`` in ``jobs`` and ``run`` in
+    ``job_checkpoints`` (both were named after attempts, which exclude the limiter's waits).
+    ``RENAME COLUMN``: Postgres, SQLite 3.25 and later."""
+    conn.execute(text("ALTER TABLE jobs RENAME COLUMN attempts TO runs"))
+    conn.execute(text("ALTER TABLE job_checkpoints RENAME COLUMN attempt TO run"))
+
+
 def add_columns(conn: Connection, table: Table, *names: str) -> None:
     """``ALTER TABLE … ADD COLUMN`` for columns of the live ``table`` (a migration's step):
     nullable or with a server default, as ADD COLUMN requires on a table with rows."""
@@ -343,6 +354,7 @@ MIGRATIONS: tuple[Migration, ...] = (
     Migration(2, "jobs: rate-limit retries and waits, since when, ticket", _v2),
     Migration(3, "job leases, re-sends and replays; dead_letters; schedule_runs", _v3),
     Migration(4, "job_checkpoints: the steps of tool runs, to resume from", _v4),
+    Migration(5, "jobs.attempts -> runs, job_checkpoints.attempt -> run: the run number", _v5),
 )
 SCHEMA_VERSION = max(migration.version for migration in MIGRATIONS)
 

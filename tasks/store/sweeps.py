@@ -41,15 +41,16 @@ class Resend:
 
     job_id: str
     status: JobStatus  # after the claim: a running job whose worker is gone is queued again
-    attempts: int
+    run: int  # the stored run number (jobs.runs)
     resends: int
     provider: str
     request: dict[str, Any]
 
     @property
     def retries(self) -> int:
-        """The message's ``retries``: a retrying job's next attempt, else the attempt again."""
-        return self.attempts if self.status is JobStatus.RETRYING else max(self.attempts - 1, 0)
+        """The message's ``retries`` (runs before the one it starts): a retrying job's next run,
+        else the same run again."""
+        return self.run if self.status is JobStatus.RETRYING else max(self.run - 1, 0)
 
 
 def overdue(now: datetime, grace_s: float) -> ColumnElement[bool]:
@@ -78,9 +79,9 @@ def claim_resends(conn: Connection, job_ids: Sequence[str], now: datetime, grace
             # the worker of a running job is gone: the job waits in the queue again
             status=case((jobs.c.status == _RUNNING, _QUEUED), else_=jobs.c.status),
             retry_at=case((jobs.c.status == _RETRYING, now), else_=None),
-        ).returning(jobs.c.job_id, jobs.c.status, jobs.c.attempts, jobs.c.resends, jobs.c.provider, jobs.c.request)
+        ).returning(jobs.c.job_id, jobs.c.status, jobs.c.runs, jobs.c.resends, jobs.c.provider, jobs.c.request)
     ).all()
-    return [Resend(row.job_id, JobStatus(row.status), row.attempts, row.resends, row.provider, row.request)
+    return [Resend(row.job_id, JobStatus(row.status), row.runs, row.resends, row.provider, row.request)
             for row in rows]
 
 

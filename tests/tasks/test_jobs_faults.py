@@ -121,7 +121,7 @@ def test_a_duplicate_that_meets_a_live_lease_comes_back_and_ends_once_the_job_is
     job_id = client.submit({"model": "openai", "prompt": "dup-live: hello", "stream": False})
     wait_for(lambda: generations(fake, "dup-live:"), 20, "the job's model call")
     send_duplicate(client, job_id)
-    wait_for(lambda: f"job {job_id}: attempt 1 is running elsewhere" in running.log(), 20,
+    wait_for(lambda: f"job {job_id}: run 1 is running elsewhere" in running.log(), 20,
              "the duplicate to meet the live lease")
     # published again (received again: held until its countdown ends), this delivery acknowledged
     wait_for(lambda: running.log().count(f"[{job_id}] received") == 3, 10, "the duplicate published again")
@@ -150,7 +150,7 @@ def test_a_duplicate_that_meets_a_dead_workers_lease_takes_the_job_over_once_it_
     first.kill()
     second = worker("openai")
     send_duplicate(client, job_id)
-    wait_for(lambda: f"job {job_id}: attempt 1 is running elsewhere" in second.log(), 30,
+    wait_for(lambda: f"job {job_id}: run 1 is running elsewhere" in second.log(), 30,
              "the duplicate to meet the dead worker's lease")
     fake.release()  # the killed call's answer goes nowhere
 

@@ -139,9 +139,9 @@ def test_a_sweep_sends_each_lost_job_once_and_leaves_live_ones_alone(job_env: Jo
     assert [job_id for report in reports for job_id in report.dead] == [hopeless]
     messages = _messages(client)
     assert set(messages) == {waiting, lost, abandoned, retrying}
-    assert messages[lost]["headers"]["retries"] == 0  # attempt 1
-    assert messages[abandoned]["headers"]["retries"] == 0  # attempt 1 again, from the start
-    assert messages[retrying]["headers"]["retries"] == 1  # its next attempt, 2
+    assert messages[lost]["headers"]["retries"] == 0  # run 1
+    assert messages[abandoned]["headers"]["retries"] == 0  # run 1 again, from the start
+    assert messages[retrying]["headers"]["retries"] == 1  # its next run, 2
     assert "request for openai" in messages[lost]["headers"]["argsrepr"]  # a label, not the prompt
     rows = {job_id: store.get(job_id) for job_id in (waiting, lost, abandoned, retrying, hopeless, waiting_out)}
     assert {job_id: row.resends for job_id, row in rows.items()} == {
@@ -261,7 +261,7 @@ def test_pruning_keeps_the_young_removes_the_old_a_chunk_per_transaction(job_env
         kind = "old" if n < 25 else "young" if n < 30 else "open"
         job_id = store.create_job(f"job-{kind}-{n}", _request(f"q{n}"), "openai")[0]
         if kind != "open":
-            store.finish(job_id, JobStatus.SUCCEEDED, output="ok", attempts=1)
+            store.finish(job_id, JobStatus.SUCCEEDED, output="ok", run=1)
         _set(store, job_id, created_at=old, **({} if kind == "open" else {"finished_at": old if kind == "old" else young}))
         ids[kind].append(job_id)
     store.record_dead_letter("m-old", "undecodable message")
@@ -271,7 +271,7 @@ def test_pruning_keeps_the_young_removes_the_old_a_chunk_per_transaction(job_env
     store.claim_schedule_run(ScheduleRun(schedule="nightly", slot=old, status="completed", started_at=old))
     with store._writer.begin() as conn:  # a tool-run step of an old job and of a young one
         conn.execute(job_checkpoints.insert(), [
-            {"job_id": job_id, "position": 0, "kind": "turn", "attempt": 1, "step": {"kind": "turn"}, "created_at": old}
+            {"job_id": job_id, "position": 0, "kind": "turn", "run": 1, "step": {"kind": "turn"}, "created_at": old}
             for job_id in (ids["old"][0], ids["young"][0])])
     client.redis.xadd(keys.job_events("stray"), {"event": "{}"})  # an event stream with no expiry
     client.redis.set(keys.job_cancel("kept"), 1, ex=500)
@@ -370,16 +370,21 @@ def test_a_slot_runs_once_however_often_it_is_delivered(job_env: JobEnv, client:
 def test_replay_runs_a_dead_job_again_from_its_row_as_new(job_env: JobEnv, client: JobClient) -> None:
     store = client.store
     job_id = store.create_job("job-dead", _request("poison"), "openai")[0]
-    store.mark_running(job_id, 1)
+    store.mark_running(job_id, 1)  # run 1 only waited for the limiter; run 2 died
+    asyncio.run(store.amark_retrying(job_id, 1, JobError(code="rate_limit_wait", type="RateLimitWait", message="w"),
+                                     0.0, rate_limit_retries=0, rate_limit_waits=1, rate_limited_since=datetime.now(UTC)))
+    store.mark_running(job_id, 2)
     store.finish(job_id, JobStatus.DEAD, error=JobError(code="dead_letter", type="DeadLetter", message="x"),
-                 attempts=1)
+                 run=2)
     store.record_dead_letter(job_id, "delivered 6 times (5 redeliveries without a result)", job_id=job_id)
     client.redis.set(keys.job_cancel(job_id), 1)
     client.redis.xadd(keys.job_events(job_id), {"event": "{}"})
 
     assert replay(client, job_id) == job_id
     row = store.get(job_id)
-    assert (row.status, row.attempts, row.deliveries, row.resends, row.replays) == (JobStatus.QUEUED, 0, 0, 0, 1)
+    assert (row.status, row.runs, row.attempts, row.deliveries, row.resends, row.replays) == (JobStatus.QUEUED, 0, 0, 0,
+                                                                                              0, 1)
+    assert (row.rate_limit_retries, row.rate_limit_waits, row.rate_limited_since) == (0, 0, None)  # as new
     assert row.error is None and row.replayed_at is not None
     assert not client.redis.exists(keys.job_cancel(job_id), keys.job_events(job_id))  # its Redis keys start afresh
     assert _messages(client)[job_id]["headers"]["retries"] == 0
@@ -392,7 +397,7 @@ def test_replay_runs_a_dead_job_again_from_its_row_as_new(job_env: JobEnv, clien
     with pytest.raises(NotReplayable, match="m-garbage is a message that was not a job"):
         replay(client, "m-garbage")
     gone = store.create_job("job-gone", JobRequest(model="openai-removed", prompt="x"), "openai")[0]
-    store.finish(gone, JobStatus.DEAD, attempts=1)
+    store.finish(gone, JobStatus.DEAD, run=1)
     with pytest.raises(InvalidJob, match="job job-gone cannot be replayed as it is: unknown model 'openai-removed'"):
         replay(client, gone)
     assert store.get(gone).status is JobStatus.DEAD  # nothing changed

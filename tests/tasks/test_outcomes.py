@@ -61,9 +61,9 @@ async def test_a_delivery_that_runs_the_job_finishes_it(ctx: JobContext, fake: F
 async def test_a_duplicate_that_meets_a_live_lease_comes_back_when_the_lease_can_have_lapsed(
         ctx: JobContext, fake: FakeProviderServer) -> None:
     job_id = queued(ctx, "j-leased")
-    running = ctx.store.mark_running(job_id, 1, ctx.settings.lease_s)  # another delivery runs attempt 1
+    running = ctx.store.mark_running(job_id, 1, ctx.settings.lease_s)  # another delivery has run 1
     before = datetime.now(UTC)
-    outcome = await execute(job_id, payload("leased"), context=ctx)  # a duplicate of attempt 1
+    outcome = await execute(job_id, payload("leased"), context=ctx)  # a duplicate of run 1
     after = datetime.now(UTC)
 
     assert isinstance(outcome, ComeBack)
@@ -72,12 +72,12 @@ async def test_a_duplicate_that_meets_a_live_lease_comes_back_when_the_lease_can
     back_at = running.lease_until + timedelta(seconds=COME_BACK_MARGIN_S)
     assert before + timedelta(seconds=outcome.countdown) <= back_at <= after + timedelta(seconds=outcome.countdown)
     assert generations(fake) == []  # no model call next to the running one
-    assert ctx.store.get(job_id).deliveries == 1  # and it is not counted as a start of the attempt
+    assert ctx.store.get(job_id).deliveries == 1  # and it is not counted as a start of the run
 
 
 async def test_a_stale_delivery_is_dropped(ctx: JobContext, fake: FakeProviderServer) -> None:
     newer = queued(ctx, "j-newer")
-    ctx.store.mark_running(newer, 2, ctx.settings.lease_s)  # attempt 2 runs: a message of attempt 1 is stale
+    ctx.store.mark_running(newer, 2, ctx.settings.lease_s)  # run 2 has it: a message of run 1 is stale
     assert await execute(newer, payload("x"), retries=0, context=ctx) == Dropped(DropReason.SUPERSEDED)
     assert generations(fake) == []
 

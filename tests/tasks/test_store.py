@@ -22,12 +22,21 @@ from typing import Any
 import pytest
 import sqlalchemy.exc
 from pydantic import ValidationError
-from sqlalchemy import create_engine, event, func, insert, select, update
+from sqlalchemy import JSON, DateTime, bindparam, create_engine, event, func, insert, select, text, update
 from sqlalchemy.engine import URL, make_url
 
 from datus_queue.tasks.schemas import JobError, JobRequest, JobStatus
 from datus_queue.tasks.store import BatchItem, BatchStatus, JobStore, StoreError
-from datus_queue.tasks.store.schema import MIGRATIONS, SCHEMA_VERSION, SchemaTooNewError, batches, jobs, schema_version
+from datus_queue.tasks.store.schema import (
+    MIGRATIONS,
+    SCHEMA_VERSION,
+    SchemaTooNewError,
+    batches,
+    create_store_engine,
+    job_checkpoints,
+    jobs,
+    schema_version,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 PG_URL = os.environ.get("DQ_TEST_POSTGRES_URL")
@@ -153,7 +162,7 @@ def test_concurrent_creates_with_one_key_make_one_row(store_url: str) -> None:
 def test_finish_wins_once(store: JobStore) -> None:
     job_id = _new_job(store)
     assert store.mark_running(job_id, 1) is not None
-    assert store.finish(job_id, JobStatus.SUCCEEDED, output="SELECT 1", attempts=1) is True
+    assert store.finish(job_id, JobStatus.SUCCEEDED, output="SELECT 1", run=1) is True
     assert store.finish(job_id, JobStatus.FAILED, error=_error("server_error")) is False
     assert store.finish(job_id, "succeeded", output="SELECT 2") is False
     job = store.get(job_id)
@@ -165,7 +174,7 @@ def test_finish_wins_once(store: JobStore) -> None:
 def test_a_final_job_never_runs_again(store: JobStore) -> None:
     job_id = _new_job(store)
     store.mark_running(job_id, 1)
-    store.finish(job_id, JobStatus.SUCCEEDED, output="done", attempts=1)
+    store.finish(job_id, JobStatus.SUCCEEDED, output="done", run=1)
     # a redelivered message of a job already final: no second model call
     assert store.mark_running(job_id, 1) is None
     assert store.mark_running(job_id, 2) is None
@@ -174,18 +183,29 @@ def test_a_final_job_never_runs_again(store: JobStore) -> None:
     assert store.mark_running("unknown-job", 1) is None
 
 
-def test_redelivery_and_stale_attempts(store: JobStore) -> None:
+def test_redelivery_and_stale_runs(store: JobStore) -> None:
     job_id = _new_job(store)
     first = store.mark_running(job_id, 1, lease_s=0)  # a lease that has passed at once: its worker is gone
-    assert (first.status, first.attempts, first.deliveries) == (JobStatus.RUNNING, 1, 1)
+    assert (first.status, first.runs, first.deliveries) == (JobStatus.RUNNING, 1, 1)
     again = store.mark_running(job_id, 1)  # the worker died; the same message came back
-    assert (again.attempts, again.deliveries) == (1, 2)
+    assert (again.runs, again.deliveries) == (1, 2)
     assert again.started_at == first.started_at  # the first start stays: queue time is honest
     store.mark_retrying(job_id, 1, _error(), 0.5)
     second = store.mark_running(job_id, 2)
-    assert (second.attempts, second.deliveries) == (2, 1)  # a new attempt counts afresh
-    assert store.mark_running(job_id, 1) is None  # a stale message of an older attempt
-    assert store.get(job_id).attempts == 2
+    assert (second.runs, second.deliveries) == (2, 1)  # a new run counts afresh
+    assert store.mark_running(job_id, 1) is None  # a stale message of an older run
+    assert store.get(job_id).runs == 2
+
+
+async def test_runs_count_the_limiter_waits_attempts_do_not(store: JobStore) -> None:
+    job_id = _new_job(store)
+    await store.amark_running(job_id, 1)  # run 1 only waits for the limiter: no request
+    await store.amark_retrying(job_id, 1, _error("rate_limit_wait"), 0.0, rate_limit_retries=0, rate_limit_waits=1)
+    job = await store.amark_running(job_id, 2)  # run 2 is the first attempt
+    assert (job.runs, job.rate_limit_waits, job.attempts) == (2, 1, 1)
+    await store.afinish(job_id, JobStatus.SUCCEEDED, output="ok", run=2)
+    job = store.get(job_id)
+    assert (job.runs, job.attempts, job.model_dump()["attempts"]) == (2, 1, 1)
 
 
 def test_retries_are_recorded(store: JobStore) -> None:
@@ -194,19 +214,19 @@ def test_retries_are_recorded(store: JobStore) -> None:
     before = datetime.now(UTC)
     assert store.mark_retrying(job_id, 1, _error(), countdown_s=30) is True
     job = store.get(job_id)
-    assert (job.status, job.attempts, job.error) == (JobStatus.RETRYING, 1, _error())
+    assert (job.status, job.runs, job.error) == (JobStatus.RETRYING, 1, _error())
     assert before + timedelta(seconds=29) < job.retry_at < datetime.now(UTC) + timedelta(seconds=31)
 
     job = store.mark_running(job_id, 2)
-    assert (job.status, job.attempts, job.retry_at) == (JobStatus.RUNNING, 2, None)
+    assert (job.status, job.runs, job.retry_at) == (JobStatus.RUNNING, 2, None)
     assert store.mark_retrying(job_id, 2, _error("overloaded"), countdown_s=1) is True
     assert store.get(job_id).error.code == "overloaded"
     store.mark_running(job_id, 3)
     assert store.finish(job_id, JobStatus.SUCCEEDED, output={"sql": "SELECT 1"},
                         sql_contexts=[{"sql_query": "SELECT 1", "row_count": 1}],
-                        usage={"input_tokens": 10, "output_tokens": 5}, cost_usd=0.0015, attempts=3)
+                        usage={"input_tokens": 10, "output_tokens": 5}, cost_usd=0.0015, run=3)
     job = store.get(job_id)
-    assert (job.status, job.attempts, job.error) == (JobStatus.SUCCEEDED, 3, None)  # success clears the last error
+    assert (job.status, job.runs, job.attempts, job.error) == (JobStatus.SUCCEEDED, 3, 3, None)  # the error cleared
     assert job.output == {"sql": "SELECT 1"} and job.sql_contexts == [{"sql_query": "SELECT 1", "row_count": 1}]
     assert job.usage == {"input_tokens": 10, "output_tokens": 5} and job.cost_usd == pytest.approx(0.0015)
 
@@ -215,7 +235,7 @@ def test_a_permanent_failure_keeps_the_error(store: JobStore) -> None:
     job_id = _new_job(store)
     store.mark_running(job_id, 1)
     error = JobError(code="auth_error", type="AuthenticationError", message="invalid key", status_code=401)
-    assert store.finish(job_id, JobStatus.FAILED, error=error, attempts=1)
+    assert store.finish(job_id, JobStatus.FAILED, error=error, run=1)
     job = store.get(job_id)
     assert (job.status, job.error, job.final) == (JobStatus.FAILED, error, True)
 
@@ -231,7 +251,7 @@ def test_timings(store: JobStore) -> None:
     after_start = datetime.now(UTC)
     time.sleep(0.12)
     before_finish = datetime.now(UTC)
-    store.finish(job_id, JobStatus.SUCCEEDED, output="x", attempts=1)
+    store.finish(job_id, JobStatus.SUCCEEDED, output="x", run=1)
     after_finish = datetime.now(UTC)
     job = store.get(job_id)
     for stamp in (job.created_at, job.started_at, job.finished_at, job.updated_at):
@@ -266,7 +286,7 @@ def test_cancel_in_each_state(store: JobStore) -> None:
 
     done = _new_job(store)
     store.mark_running(done, 1)
-    store.finish(done, JobStatus.SUCCEEDED, output="x", attempts=1)
+    store.finish(done, JobStatus.SUCCEEDED, output="x", run=1)
     assert store.cancel(done) is JobStatus.SUCCEEDED
     assert store.get(done).status is JobStatus.SUCCEEDED
     assert store.cancel("unknown-job") is None
@@ -278,7 +298,7 @@ def test_counts_and_listing(store: JobStore) -> None:
     _new_job(store)  # another batch's: not counted
     store.mark_running(ids[0], 1)
     store.mark_running(ids[1], 1)
-    store.finish(ids[1], JobStatus.SUCCEEDED, attempts=1)
+    store.finish(ids[1], JobStatus.SUCCEEDED, run=1)
     store.cancel(ids[2])
     counts = store.count_by_status(batch_id=batch)
     assert counts == {"queued": 2, "running": 1, "retrying": 0, "succeeded": 1, "failed": 0, "cancelled": 1, "dead": 0}
@@ -296,7 +316,7 @@ async def test_async_twins(store: JobStore) -> None:
     assert first.deliveries == 1 and duplicate is None  # the first holds its lease: no second start
     assert await store.amark_retrying(job_id, 1, _error(), 0.1)
     await store.amark_running(job_id, 2)
-    wins = await asyncio.gather(*(store.afinish(job_id, JobStatus.SUCCEEDED, output=n, attempts=2) for n in range(4)))
+    wins = await asyncio.gather(*(store.afinish(job_id, JobStatus.SUCCEEDED, output=n, run=2) for n in range(4)))
     assert sum(wins) == 1
     assert (await store.aget(job_id)).output in range(4)
     assert await store.acancel(job_id) is JobStatus.SUCCEEDED
@@ -314,7 +334,7 @@ async def test_writes_of_one_loop_turn_share_one_transaction(store: JobStore) ->
     commits = _count_commits(store)
     started = await asyncio.gather(*(store.amark_running(job_id, 1) for job_id in ids))
     assert [job.job_id for job in started] == ids and all(j.status is JobStatus.RUNNING for j in started)
-    wins = await asyncio.gather(*(store.afinish(job_id, JobStatus.SUCCEEDED, output=i, attempts=1)
+    wins = await asyncio.gather(*(store.afinish(job_id, JobStatus.SUCCEEDED, output=i, run=1)
                                   for i, job_id in enumerate(ids)))
     assert all(wins) and len(commits) == 2  # two transactions for eighty writes
     assert set(commits) == {"dq-store-writer"}  # made by the store's writer thread, not on the loop
@@ -326,14 +346,14 @@ async def test_a_group_keeps_the_order_of_its_writes(store: JobStore) -> None:
     store.cancel(other)
     results = await asyncio.gather(
         store.amark_running(job_id, 1), store.amark_retrying(job_id, 1, _error(), 5.0),
-        store.amark_running(job_id, 2), store.afinish(job_id, JobStatus.SUCCEEDED, output="a", attempts=2),
-        store.afinish(job_id, JobStatus.FAILED, error=_error("x"), attempts=2), store.amark_running(other, 1),
-        store.afinish(other, JobStatus.SUCCEEDED, attempts=1))
+        store.amark_running(job_id, 2), store.afinish(job_id, JobStatus.SUCCEEDED, output="a", run=2),
+        store.afinish(job_id, JobStatus.FAILED, error=_error("x"), run=2), store.amark_running(other, 1),
+        store.afinish(other, JobStatus.SUCCEEDED, run=1))
     first, retrying, second, won, lost, cancelled_start, cancelled_finish = results
-    assert (first.attempts, retrying, second.attempts, won, lost) == (1, True, 2, True, False)
+    assert (first.runs, retrying, second.runs, won, lost) == (1, True, 2, True, False)
     assert (cancelled_start, cancelled_finish) == (None, False)
     job = store.get(job_id)
-    assert (job.status, job.output, job.attempts, job.error) == (JobStatus.SUCCEEDED, "a", 2, None)
+    assert (job.status, job.output, job.runs, job.error) == (JobStatus.SUCCEEDED, "a", 2, None)
     assert store.get(other).status is JobStatus.CANCELLED
 
 
@@ -463,7 +483,7 @@ async def test_a_cancelled_waiter_leaves_its_write_standing(store: JobStore, sto
     job_id = _new_job(store)
     store.get(job_id)
     with _write_lock(store_url):
-        write = asyncio.create_task(store.afinish(job_id, JobStatus.SUCCEEDED, output="kept", attempts=1))
+        write = asyncio.create_task(store.afinish(job_id, JobStatus.SUCCEEDED, output="kept", run=1))
         await asyncio.sleep(0.05)
         write.cancel()
     with pytest.raises(asyncio.CancelledError):
@@ -485,7 +505,7 @@ def test_a_forked_child_writes_through_a_writer_of_its_own(store: JobStore) -> N
     _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0
     assert store.get(child_job).status is JobStatus.RUNNING
-    assert asyncio.run(store.afinish(parent_job, JobStatus.SUCCEEDED, attempts=1))  # the parent's still works
+    assert asyncio.run(store.afinish(parent_job, JobStatus.SUCCEEDED, run=1))  # the parent's still works
 
 
 def test_no_secret_is_stored(store: JobStore, store_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -493,7 +513,7 @@ def test_no_secret_is_stored(store: JobStore, store_url: str, monkeypatch: pytes
     monkeypatch.setenv("OPENAI_API_KEY", FAKE_KEY)
     job_id, _ = store.create_job(_id(), _request(idempotency_key=_id(), metadata={"team": "bi"}), "openai")
     store.mark_running(job_id, 1)
-    store.finish(job_id, JobStatus.SUCCEEDED, output="SELECT 1", attempts=1)
+    store.finish(job_id, JobStatus.SUCCEEDED, output="SELECT 1", run=1)
     assert store.get_request(job_id).model == "openai:gpt-4o"
     with pytest.raises(ValidationError, match="secrets"):  # a request cannot smuggle one in
         store.create_job(_id(), {"model": "openai:gpt-4o", "prompt": "x", "metadata": {"api_key": FAKE_KEY}},
@@ -699,6 +719,44 @@ def test_migrations_from_four_processes_at_once(fresh_url: str, tmp_path: Path) 
             with store._engine.connect() as conn:
                 assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
                 assert conn.exec_driver_sql("PRAGMA busy_timeout").scalar() == 30_000
+    finally:
+        store.close()
+
+
+def test_migration_5_renames_the_run_number_and_keeps_it(fresh_url: str) -> None:
+    """A database at schema 4 (``jobs.attempts``, ``job_checkpoints.attempt``) keeps its run
+    numbers under their new names."""
+    engine = create_store_engine(fresh_url)
+    try:
+        with engine.begin() as conn:
+            schema_version.create(conn)
+            for migration in MIGRATIONS:
+                if migration.version <= 4:
+                    migration.apply(conn)
+                    conn.execute(insert(schema_version).values(version=migration.version,
+                                                               description=migration.description,
+                                                               applied_at=datetime.now(UTC)))
+            typed = {"request": bindparam("request", type_=JSON), "step": bindparam("step", type_=JSON),
+                     "at": bindparam("at", type_=DateTime(timezone=True))}
+            at = datetime.now(UTC)
+            conn.execute(text(
+                "INSERT INTO jobs (job_id, kind, model, provider, status, request, cost_usd, attempts, deliveries, "
+                "created_at, updated_at, rate_limit_waits) VALUES ('old', 'generate', 'openai:gpt-4o', 'openai', "
+                "'retrying', :request, 0.0, 3, 1, :at, :at, 1)").bindparams(typed["request"], typed["at"]),
+                {"request": {"model": "openai:gpt-4o"}, "at": at})
+            conn.execute(text("INSERT INTO job_checkpoints (job_id, position, kind, attempt, step, created_at) "
+                              "VALUES ('old', 0, 'turn', 3, :step, :at)").bindparams(typed["step"], typed["at"]),
+                         {"step": {"kind": "turn"}, "at": at})
+    finally:
+        engine.dispose()
+    store = JobStore(fresh_url)
+    try:
+        assert store.migrate() == SCHEMA_VERSION
+        job = store.get("old")
+        assert (job.runs, job.rate_limit_waits, job.attempts) == (3, 1, 2)
+        assert store.mark_running("old", 2) is None and store.mark_running("old", 4).runs == 4  # the guard holds
+        with store._engine.connect() as conn:
+            assert conn.execute(select(job_checkpoints.c.run)).scalars().all() == [3]
     finally:
         store.close()
 

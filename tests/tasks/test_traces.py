@@ -117,7 +117,7 @@ def test_langsmith_gets_a_run_tree_per_job(job_env: JobEnv, worker: StartWorker,
     assert (root["name"], root["run_type"], root["session_name"]) == ("dq.generate", "chain", "dq-traces-test")
     assert root["inputs"] == {"prompt": "trace a generate job"}
     assert root["outputs"] == {"status": "succeeded", "output": "SELECT 1"}
-    assert _metadata(root) | {"job_id": generate, "provider": "openai", "kind": "generate", "attempt": 1} == \
+    assert _metadata(root) | {"job_id": generate, "provider": "openai", "kind": "generate", "run": 1} == \
         _metadata(root)
     assert (llm["name"], llm["run_type"], str(llm["parent_run_id"])) == ("chat gpt-4o-mini", "llm", str(root["id"]))
     assert llm["inputs"]["messages"] == [{"role": "user", "content": "trace a generate job"}]
@@ -206,7 +206,7 @@ def test_otel_spans_continue_the_callers_trace(job_env: JobEnv, worker: StartWor
         runs = [span for span in spans if span["name"].startswith("dq.")]
         jobs = {span["attributes"]["dq.job.id"]: span for span in runs if span["attributes"]["dq.job.id"] != retried}
         retries = sorted((span for span in runs if span["attributes"]["dq.job.id"] == retried),
-                         key=lambda span: span["attributes"]["dq.job.attempt"])
+                         key=lambda span: span["attributes"]["dq.job.run"])
         if set(jobs) != {generate, tool_run} or len(retries) != 2:
             return None
         children = [span for span in spans if span["parent_span_id"] in {job["span_id"] for job in jobs.values()}]
@@ -220,7 +220,7 @@ def test_otel_spans_continue_the_callers_trace(job_env: JobEnv, worker: StartWor
         job = jobs[job_id]
         assert job["name"] == task
         assert (job["trace_id"], job["parent_span_id"]) == (trace_id, caller_id), "the caller's span is the parent"
-        assert job["attributes"]["dq.job.status"] == "succeeded" and job["attributes"]["dq.job.attempt"] == 1
+        assert job["attributes"]["dq.job.status"] == "succeeded" and job["attributes"]["dq.job.run"] == 1
         assert job["resource"]["service.name"] == "dq-traces-test-worker"
     # the retry message carried the trace context on: both attempts are the caller's children
     first, second = found["retries"]

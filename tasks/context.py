@@ -60,7 +60,7 @@ class JobContext:
             if self._leases is None:
                 from datus_queue.tasks.leases import LeaseKeeper
 
-                self._leases = LeaseKeeper(self._open_store(), self.settings.queued_lease_s)
+                self._leases = LeaseKeeper(self._open_store(), self.settings.lease_s)
             return self._leases
 
     def _open_store(self) -> Any:  # with self._lock held

@@ -87,11 +87,6 @@ class Settings(BaseSettings):
     schedule_dir: str = Field(default_factory=_default_schedule_dir,
                               description="where scheduled batches write their results and logs")
 
-    @property
-    def queued_lease_s(self) -> float:
-        """`lease_s` under its old name, for code not moved to it yet (to be removed)."""
-        return self.lease_s
-
 
 @lru_cache(maxsize=1)
 def get_settings() -> Settings:

@@ -223,7 +223,7 @@ class JobStore:
 
     def mark_running(self, job_id: str, run: int, lease_s: float | None = None) -> StoredJob | None:
         """Start run ``run`` (1-based) of the job under a lease of ``lease_s`` (default
-        ``DQ_QUEUED_LEASE_S``): the job, or None when it must not run — it is unknown, final
+        ``DQ_LEASE_S``): the job, or None when it must not run — it is unknown, final
         (cancelled included), this is a stale message of an older run, or the run is
         running under a lease that has not passed. A redelivery of the run once its lease
         has passed is allowed and counted in ``deliveries``."""
@@ -548,7 +548,7 @@ class JobStore:
 
 
 def _lease(lease_s: float | None) -> float:
-    return get_settings().queued_lease_s if lease_s is None else lease_s
+    return get_settings().lease_s if lease_s is None else lease_s
 
 
 def _job_row(job_id: str, request: JobRequest, provider: str, now: datetime) -> dict[str, Any]:

@@ -52,7 +52,7 @@ PG_URL = os.environ.get("DQ_TEST_POSTGRES_URL")
 WORKER_READY_S = 45.0
 _RUN_ID = uuid.uuid4().hex[:8]
 # the scheduler's settings in tests: seconds instead of minutes (workers, beats and clients alike)
-SHORT_SCHEDULER = {"DQ_SWEEP_INTERVAL_S": "1", "DQ_QUEUED_LEASE_S": "2", "DQ_BEAT_LOCK_TIMEOUT_S": "3"}
+SHORT_SCHEDULER = {"DQ_SWEEP_INTERVAL_S": "1", "DQ_LEASE_S": "2", "DQ_BEAT_LOCK_TIMEOUT_S": "3"}
 
 
 # -- what the fake speaks and what is written yet -------------------------------------------

@@ -41,9 +41,9 @@ def test_a_worker_killed_mid_job_every_job_completes_exactly_once(worker: StartW
                                                                   fake: FakeProviderServer) -> None:
     visibility_s = 4  # longer than the 3 s call
     fake.latency_s = 3.0
-    # a lease shorter than the visibility timeout (as the defaults are: 300 s and an hour), so the
+    # a lease shorter than this test's 4 s visibility timeout (the defaults: 15 s and an hour), so the
     # redelivery finds the dead worker's lease passed and takes the job over
-    lease = {"DQ_QUEUED_LEASE_S": "2"}
+    lease = {"DQ_LEASE_S": "2"}
     first = worker("openai", visibility_timeout_s=visibility_s, env=lease)
     jobs = [client.submit({"model": "openai", "prompt": f"kill-{i}", "stream": False}) for i in range(4)]
     wait_for(lambda: len(generations(fake, "kill-")) == 4, 20, "all four calls in flight")

@@ -190,7 +190,7 @@ def test_slots_of_a_worker_killed_holding_them_are_free_again_within_their_lease
     client = configure(models={"openai": {"rate_limits": {"max_concurrency": 3}}})
     lease_s = 3
     # slots and job leases both shorter than the visibility timeout: the killed worker's jobs come back and run
-    env = {"DQ_RATE_LIMIT_SLOT_LEASE_S": str(lease_s), "DQ_QUEUED_LEASE_S": "2"}
+    env = {"DQ_RATE_LIMIT_SLOT_LEASE_S": str(lease_s), "DQ_LEASE_S": "2"}
     holder = worker("openai", concurrency=8, env=env, visibility_timeout_s=6)
     fake.hold()  # the calls get no answer: their slots stay taken
     jobs = [client.submit({"model": "openai", "prompt": f"slot-{i}", "stream": False}) for i in range(5)]

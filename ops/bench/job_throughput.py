@@ -21,7 +21,7 @@ to submit, each timed from the first submission to the last job final:
 - ``many``: one ``submit_many`` per 100 jobs (the first jobs run while the rest are queued);
 - ``one``: one ``client.submit`` per job, from one thread.
 
-``--processes 1,2`` runs the jobs with ``dq worker --processes N`` for each N (one event loop
+``--processes 1,2`` (the default) runs the jobs with ``dq worker --processes N`` for each N (one event loop
 per process, concurrency per process).
 
 Worker CPU per job: the CPU seconds (user + system, from /proc, the worker and its children)
@@ -273,7 +273,7 @@ def main() -> int:
     parser.add_argument("--in-flight", type=int, default=0, help="run the in-flight test with this many jobs")
     parser.add_argument("--rounds", type=int, default=3, help="alternating rounds; medians are compared")
     parser.add_argument("--submit", default="many,one", help="many (submit_many per 100), one (submit per job), or both")
-    parser.add_argument("--processes", default="1", help="worker processes, e.g. 1,2 (dq worker --processes N)")
+    parser.add_argument("--processes", default="1,2", help="worker processes, each count in turn (dq worker --processes N)")
     parser.add_argument("--no-stages", action="store_true", help="skip the py-spy run of the per-stage CPU")
     parser.add_argument("--redis-url", default=os.environ.get("DQ_BENCH_REDIS_URL", "redis://127.0.0.1:6379/12"))
     args = parser.parse_args()

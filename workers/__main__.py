@@ -9,6 +9,10 @@ messages are requeued at once (REMAP_SIGTERM=SIGQUIT).
 
 One process uses one core at most; ``--processes N`` runs N of them under one parent, with one
 ``/metrics`` for all (`workers.processes`).
+
+Every worker also keeps its jobs' leases (`tasks.leases`) and offers to sweep
+(`tasks.maintenance.sweep_loop`): when a worker dies, the others send its jobs again within
+about half a minute, with no `dq beat` needed. Started while Redis is away, it waits for Redis.
 """
 
 from __future__ import annotations
@@ -26,7 +30,8 @@ def parse(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="dq worker", description="A Celery worker for datus-queue jobs, pinned to the queues of the providers "
                                       "it serves (llm.<provider>), which also runs the tasks dq beat sends "
-                                      "(dq.maintenance). Models and MCP servers come from DQ_CONFIG; "
+                                      "(dq.maintenance) and, in turn with the other workers, the sweep that sends a "
+                                      "dead worker's jobs again. Models and MCP servers come from DQ_CONFIG; "
                                       "Redis and the job store from DQ_REDIS_URL and DQ_DATABASE_URL.")
     parser.add_argument("--provider", "-p", action="append", choices=list(PROVIDERS),
                         help="serve this provider's queue (repeatable; default: all)")

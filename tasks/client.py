@@ -93,6 +93,11 @@ def publish_job(app: Any, producer: Any, job_id: str, request: JobRequest, provi
                   headers=headers)
 
 
+def _cut(part: Any, limit: int = 40) -> str:
+    text = str(part)
+    return text if len(text) <= limit else f"{text[:limit]}…"
+
+
 class JobClient:
     def __init__(self, settings: Settings | None = None, agent_config: AgentConfig | None = None,
                  app: Any = None, store: Any = None) -> None:
@@ -118,9 +123,16 @@ class JobClient:
         try:
             job = request if isinstance(request, JobRequest) else JobRequest.model_validate(request)
         except ValidationError as exc:  # the fields and what is wrong, never the values (a URL can hold a secret)
-            problems = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'request'}: "
-                                 f"{e['msg'].removeprefix('Value error, ')}" for e in exc.errors())
-            raise InvalidJob(f"invalid job request: {problems}") from None
+            errors = exc.errors()
+            # a field's path can hold a key of the request's own (metadata): cut, and at most 10 problems
+            problems = "; ".join(f"{'.'.join(_cut(p) for p in e['loc']) or 'request'}: "
+                                 f"{e['msg'].removeprefix('Value error, ')}" for e in errors[:10])
+            more = f"; and {len(errors) - 10} more" if len(errors) > 10 else ""
+            raise InvalidJob(f"invalid job request: {problems}{more}") from None
+        try:  # what holds only when a job is made: a deadline ahead, the operator's DQ_MAX_PROMPT_BYTES
+            job.check_submit(max_prompt_bytes=self.settings.max_prompt_bytes)
+        except ValueError as exc:
+            raise InvalidJob(f"invalid job request: {exc}") from None
         provider = resolve_provider(job.model, self.agent_config)
         if not self.agent_config.is_model_allowed(job.model):
             allowed = ", ".join(self.agent_config.allowed_model_patterns()) or "(none)"

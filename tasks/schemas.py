@@ -3,12 +3,18 @@
 
 A `JobRequest` names a model, a prompt and MCP servers by name; it never carries an API key
 or a command line (unknown fields are rejected, metadata keys that look like secrets too).
+Every field has a bound (`Bounds`, one place; the README's table lists them): a request over
+one is refused when it is made, with an error naming the field and the bound, never the
+value, and so is one that does not serialise as strict UTF-8 JSON (a lone surrogate) or nests
+deeper than `Bounds.JSON_DEPTH` — never a crash later, in the store or the broker.
 """
 
 from __future__ import annotations
 
+import json
+import math
 import re
-from datetime import datetime
+from datetime import UTC, datetime
 from enum import Enum
 from typing import Any
 
@@ -18,6 +24,7 @@ from datus.models.generation import CallOptions
 
 __all__ = [
     "DATABASE_SERVER",
+    "Bounds",
     "FINAL_STATUSES",
     "SCHEMA_VERSION",
     "JobError",
@@ -34,6 +41,64 @@ SCHEMA_VERSION = 1
 DATABASE_SERVER = "sql"  # the name a tool run sees for the shipped SQL server opened on `JobRequest.database`
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$")
 _SECRETISH = re.compile(r"(api[_-]?key|secret|token|password|passwd|authorization|credential)", re.IGNORECASE)
+
+
+class Bounds:
+    """The bound of every field of a `JobRequest`, in one place (documented in README.md,
+    "Bounds of a request"). Sizes of text are UTF-8 bytes; ids are characters (the store's
+    columns hold 255). ``DQ_MAX_PROMPT_BYTES`` lowers `PROMPT_BYTES` at submit
+    (`JobRequest.check_submit`); this module's value is the ceiling every worker accepts."""
+
+    ID_CHARS = 255            # model, batch_id, item_id, tool_choice (the store's String(255) columns)
+    IDEMPOTENCY_KEY_CHARS = 200
+    PROMPT_BYTES = 4_000_000  # prompt, instruction, messages (serialised), each; ~1M tokens
+    MESSAGES = 10_000         # entries of messages
+    JSON_DEPTH = 32           # nesting of messages and output_schema (a message is 2 deep)
+    OUTPUT_SCHEMA_BYTES = 100_000
+    MCP_SERVERS = 32
+    DATABASE_CHARS = 2000
+    METADATA_KEYS = 64
+    METADATA_KEY_CHARS = 128
+    METADATA_VALUE_CHARS = 1000
+    INT = 2**63 - 1           # seed and metadata integers: a signed 64-bit integer
+    MAX_TOKENS = 10_000_000   # max_tokens and thinking_budget
+    STOP = 16                 # stop sequences, each at most STOP_CHARS
+    STOP_CHARS = 1000
+    TIMEOUT_S = 86_400.0      # timeout_s: finite, a day at most
+    DEADLINE_DAYS = 30        # deadline: not in the past, at most this far ahead (at submit)
+    MAX_TURNS = 100
+
+
+def _utf8_bytes(text: str) -> int:
+    return len(text.encode("utf-8", "surrogatepass"))
+
+
+def _json_depth(value: Any) -> int:
+    """Nesting depth of lists and dicts, without recursion (so a million levels is an answer too)."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict):
+            items = item.values()
+        elif isinstance(item, (list, tuple)):
+            items = item
+        else:
+            continue
+        deepest = max(deepest, depth)
+        if deepest > Bounds.JSON_DEPTH:
+            return deepest
+        stack.extend((child, depth + 1) for child in items)
+    return deepest
+
+
+def _strict_json_bytes(value: Any) -> int:
+    """The size of ``value`` as strict UTF-8 JSON; ValueError if it is not that."""
+    try:
+        return len(json.dumps(value, ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode("utf-8"))
+    except UnicodeEncodeError:
+        raise ValueError("holds text that is not valid Unicode (a lone surrogate); send UTF-8") from None
+    except (TypeError, ValueError, RecursionError):
+        raise ValueError("is not plain JSON (finite numbers, string keys)") from None
 
 
 class JobKind(str, Enum):
@@ -60,6 +125,22 @@ class JobOptions(CallOptions):
     hatch (``extra_body`` could smuggle anything into a provider request)."""
 
     extra_body: None = Field(default=None, exclude=True)
+    # the model layer's fields, bounded (`Bounds`): a request that cannot be a provider's is refused at submit
+    max_tokens: int | None = Field(default=None, gt=0, le=Bounds.MAX_TOKENS)
+    thinking_budget: int | None = Field(default=None, gt=0, le=Bounds.MAX_TOKENS)
+    stop: list[str] | None = Field(default=None, max_length=Bounds.STOP)
+    seed: int | None = Field(default=None, ge=-Bounds.INT, le=Bounds.INT)
+    timeout_s: float | None = Field(default=None, gt=0, le=Bounds.TIMEOUT_S, allow_inf_nan=False,
+                                    description="finite: a job always has a deadline per attempt")
+    tool_choice: str | None = Field(default=None, max_length=Bounds.ID_CHARS,
+                                    description="auto | none | required | a tool name")
+
+    @field_validator("stop")
+    @classmethod
+    def _stop_sequences(cls, stop: list[str] | None) -> list[str] | None:
+        if stop and any(len(item) > Bounds.STOP_CHARS for item in stop):
+            raise ValueError(f"a stop sequence has at most {Bounds.STOP_CHARS} characters")
+        return stop
 
 
 class JobRequest(BaseModel):
@@ -67,30 +148,74 @@ class JobRequest(BaseModel):
 
     schema_version: int = SCHEMA_VERSION
     kind: JobKind = JobKind.GENERATE
-    model: str = Field(min_length=1, description="a model name from agent.yml, or provider:model")
+    model: str = Field(min_length=1, max_length=Bounds.ID_CHARS,
+                       description="a model name from agent.yml, or provider:model")
     prompt: str | None = None
-    messages: list[dict[str, Any]] | None = None
+    messages: list[dict[str, Any]] | None = Field(default=None, max_length=Bounds.MESSAGES)
     instruction: str = ""
     options: JobOptions = Field(default_factory=JobOptions)
-    mcp_servers: list[str] = Field(default_factory=list, description="names from agent.mcp_servers")
+    mcp_servers: list[str] = Field(default_factory=list, max_length=Bounds.MCP_SERVERS,
+                                   description="names from agent.mcp_servers")
     database: str | None = Field(
-        default=None, max_length=2000,
+        default=None, max_length=Bounds.DATABASE_CHARS,
         description="tool runs: a SQLAlchemy URL the worker opens with the shipped read-only SQL tools "
                     "(server 'sql'); no password in it — configure a server in agent.yml for that")
     output_schema: dict[str, Any] | None = Field(default=None, description="JSON schema of the answer")
-    max_turns: int = Field(default=10, ge=1, le=100)
+    max_turns: int = Field(default=10, ge=1, le=Bounds.MAX_TURNS)
     session_id: str | None = Field(
         default=None, pattern=r"^[A-Za-z0-9_.-]{1,200}$",
         description="a session's id: letters, digits, _ . - (datus.models.session_store.SESSION_ID_PATTERN)")
     stream: bool = Field(default=True, description="publish text deltas as events, not only whole steps")
-    idempotency_key: str | None = Field(default=None, max_length=200)
-    batch_id: str | None = None
-    item_id: str | None = None
+    idempotency_key: str | None = Field(default=None, max_length=Bounds.IDEMPOTENCY_KEY_CHARS)
+    batch_id: str | None = Field(default=None, max_length=Bounds.ID_CHARS)
+    item_id: str | None = Field(default=None, max_length=Bounds.ID_CHARS)
     deadline: datetime | None = Field(
         default=None, description="timezone-aware: rate-limit waits end here instead of after the workers' "
                                   "DQ_RATE_LIMIT_MAX_WAIT_S, and the job fails rather than start a request after it")
-    db_type: str = Field(default="datus_sql", description="which SQL tool table to extract SQL contexts with")
-    metadata: dict[str, str | int | float | bool | None] = Field(default_factory=dict)
+    db_type: str = Field(default="datus_sql", max_length=64,
+                         description="which SQL tool table to extract SQL contexts with")
+    metadata: dict[str, str | int | float | bool | None] = Field(default_factory=dict, max_length=Bounds.METADATA_KEYS)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _not_too_deep(cls, data: Any) -> Any:
+        """Depth first, before any field is looked at: validating (or naming in an error) a value
+        nested thousands deep recurses until Python gives up."""
+        if isinstance(data, dict):
+            for key, value in data.items():
+                if _json_depth(value) > Bounds.JSON_DEPTH:
+                    name = key if isinstance(key, str) and _NAME.match(key) else "a field"
+                    raise ValueError(f"{name} nests deeper than {Bounds.JSON_DEPTH} levels")
+        return data
+
+    @field_validator("prompt", "instruction")
+    @classmethod
+    def _text_size(cls, text: str | None, info: Any) -> str | None:
+        if text is not None and _utf8_bytes(text) > Bounds.PROMPT_BYTES:
+            raise ValueError(f"at most {Bounds.PROMPT_BYTES} bytes (UTF-8)")
+        return text
+
+    @field_validator("messages")
+    @classmethod
+    def _messages_size(cls, messages: list[dict[str, Any]] | None) -> list[dict[str, Any]] | None:
+        if messages is None:
+            return None
+        if _json_depth(messages) > Bounds.JSON_DEPTH:
+            raise ValueError(f"nests deeper than {Bounds.JSON_DEPTH} levels")
+        if _strict_json_bytes(messages) > Bounds.PROMPT_BYTES:
+            raise ValueError(f"at most {Bounds.PROMPT_BYTES} bytes as JSON")
+        return messages
+
+    @field_validator("output_schema")
+    @classmethod
+    def _schema_size(cls, schema: dict[str, Any] | None) -> dict[str, Any] | None:
+        if schema is None:
+            return None
+        if _json_depth(schema) > Bounds.JSON_DEPTH:
+            raise ValueError(f"nests deeper than {Bounds.JSON_DEPTH} levels")
+        if _strict_json_bytes(schema) > Bounds.OUTPUT_SCHEMA_BYTES:
+            raise ValueError(f"at most {Bounds.OUTPUT_SCHEMA_BYTES} bytes as JSON")
+        return schema
 
     @field_validator("mcp_servers")
     @classmethod
@@ -111,7 +236,7 @@ class JobRequest(BaseModel):
         try:
             parsed = make_url(url)
         except ArgumentError:
-            raise ValueError(f"database is not a SQLAlchemy URL: {url[:80]!r}") from None
+            raise ValueError("database is not a SQLAlchemy URL (dialect+driver://user@host/db)") from None
         if parsed.password:
             raise ValueError("database URL carries a password, which would travel in every task message: "
                              "configure an MCP server for it in agent.mcp_servers (password as ${VAR}) and "
@@ -129,9 +254,22 @@ class JobRequest(BaseModel):
     @field_validator("metadata")
     @classmethod
     def _no_secrets(cls, metadata: dict[str, Any]) -> dict[str, Any]:
+        if any(len(key) > Bounds.METADATA_KEY_CHARS for key in metadata):
+            raise ValueError(f"a metadata key has at most {Bounds.METADATA_KEY_CHARS} characters")
+        try:  # before a key is named in an error below (pydantic cannot carry a lone surrogate in a message)
+            _strict_json_bytes(list(metadata))
+        except ValueError as exc:
+            raise ValueError(f"a key {exc}") from None
+        for value in metadata.values():
+            if isinstance(value, str) and len(value) > Bounds.METADATA_VALUE_CHARS:
+                raise ValueError(f"a metadata value has at most {Bounds.METADATA_VALUE_CHARS} characters")
+            if isinstance(value, int) and not isinstance(value, bool) and abs(value) > Bounds.INT:
+                raise ValueError("a metadata integer fits in 64 bits")
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ValueError("a metadata number is finite")
         bad = [key for key in metadata if _SECRETISH.search(key)]
         if bad:
-            raise ValueError(f"metadata must not carry secrets; remove {', '.join(bad)}")
+            raise ValueError(f"metadata must not carry secrets; remove {', '.join(bad)}")  # keys: bounded, UTF-8
         return metadata
 
     @model_validator(mode="after")
@@ -149,7 +287,33 @@ class JobRequest(BaseModel):
                              "give one or the other")
         if self.output_schema is not None and self.kind is JobKind.GENERATE:
             raise ValueError("output_schema applies to kind 'json' or 'tool_run'")
+        # what the store and the broker will do with it: strict UTF-8 JSON, or a refusal naming the field
+        for name in type(self).model_fields:  # the values as given: model_dump(mode="json") would mend a surrogate key
+            value = getattr(self, name)
+            try:
+                _strict_json_bytes(value.model_dump() if isinstance(value, BaseModel) else
+                                   value.isoformat() if isinstance(value, datetime) else value)
+            except ValueError as exc:
+                raise ValueError(f"{name} {exc}") from None
         return self
+
+    def check_submit(self, now: datetime | None = None, max_prompt_bytes: int | None = None) -> None:
+        """What only holds when a job is made (a queued job keeps its request as it was): a
+        ``deadline`` in the future, at most `Bounds.DEADLINE_DAYS` ahead, and the prompt within
+        the operator's ``DQ_MAX_PROMPT_BYTES``. ValueError naming the field and the bound."""
+        now = now or datetime.now(UTC)
+        if self.deadline is not None:
+            if self.deadline <= now:
+                raise ValueError("deadline: is in the past; give a time after now (timezone-aware)")
+            if (self.deadline - now).total_seconds() > Bounds.DEADLINE_DAYS * 86_400:
+                raise ValueError(f"deadline: at most {Bounds.DEADLINE_DAYS} days ahead")
+        if max_prompt_bytes is not None and max_prompt_bytes < Bounds.PROMPT_BYTES:
+            sizes = {"prompt": _utf8_bytes(self.prompt) if self.prompt is not None else 0,
+                     "instruction": _utf8_bytes(self.instruction),
+                     "messages": _strict_json_bytes(self.messages) if self.messages is not None else 0}
+            for name, size in sizes.items():
+                if size > max_prompt_bytes:
+                    raise ValueError(f"{name}: at most {max_prompt_bytes} bytes (UTF-8; DQ_MAX_PROMPT_BYTES)")
 
 
 class JobError(BaseModel):

@@ -86,6 +86,10 @@ class Settings(BaseSettings):
                                    "a client with it on puts its span's traceparent in each job message")
     schedule_dir: str = Field(default_factory=_default_schedule_dir,
                               description="where scheduled batches write their results and logs")
+    max_prompt_bytes: int = Field(
+        default=4_000_000, gt=0, le=4_000_000,
+        description="the largest prompt, instruction or messages (UTF-8 bytes) a submit accepts; at most "
+                    "tasks.schemas.Bounds.PROMPT_BYTES, which every worker accepts")
 
 
 @lru_cache(maxsize=1)

@@ -9,6 +9,11 @@ array) is a `BatchInputError`.
 
 ``id`` defaults to the number of the line the row starts on (what an editor or a spreadsheet
 shows), so it is stable across runs, which ``--resume`` relies on.
+
+A row is bounded as a job request is (`tasks.schemas.Bounds`): an ``id`` of more than
+``Bounds.ID_CHARS`` characters, a ``question`` of more than ``Bounds.PROMPT_BYTES`` bytes, text
+that is not valid Unicode (a lone surrogate such as ``"\\ud800"``) or JSON nested deeper than
+Python can read is a `BadRow` naming the field and the bound; the batch goes on.
 """
 
 from __future__ import annotations
@@ -21,6 +26,8 @@ from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
+
+from datus_queue.tasks.schemas import Bounds
 
 __all__ = ["BadRow", "BatchInputError", "Question", "iter_questions", "read_questions"]
 
@@ -135,6 +142,9 @@ def _jsonl_rows(file: Path) -> Iterator[_Row]:
             except json.JSONDecodeError as exc:
                 yield number, f"not JSON: {exc.msg} (column {exc.colno})", raw
                 continue
+            except (RecursionError, ValueError):  # nested too deep; a number of more than 4300 digits
+                yield number, "not JSON this reader takes: nested too deep or a number too long", raw
+                continue
             if not isinstance(value, dict):
                 yield number, f"not a JSON object but {_json_kind(value)}", raw
                 continue
@@ -186,6 +196,12 @@ def _question(line: int, fields: dict[str, Any], raw: str) -> Question | BadRow:
     def bad(reason: str) -> BadRow:
         return BadRow(line=line, reason=reason, raw=raw)
 
+    try:
+        json.dumps(fields, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        return bad("holds text that is not valid Unicode (a lone surrogate)")
+    except (ValueError, RecursionError):
+        return bad("a field is nested too deep")
     question = fields.get("question")
     if question is None:
         return bad("no 'question'")
@@ -193,6 +209,8 @@ def _question(line: int, fields: dict[str, Any], raw: str) -> Question | BadRow:
         return bad(f"'question' must be a string, not {_json_kind(question)}")
     if not question.strip():
         return bad("'question' is empty")
+    if len(question.encode("utf-8")) > Bounds.PROMPT_BYTES:
+        return bad(f"'question' is longer than {Bounds.PROMPT_BYTES} bytes")
     row_id = fields.get("id")
     # bool is an int to Python, but `"id": true` is a mistake, not the id "True"
     if isinstance(row_id, int) and not isinstance(row_id, bool):
@@ -201,6 +219,8 @@ def _question(line: int, fields: dict[str, Any], raw: str) -> Question | BadRow:
         row_id = row_id.strip() or None
     elif row_id is not None:
         return bad(f"'id' must be a string or an integer, not {_json_kind(row_id)}")
+    if row_id is not None and len(row_id) > Bounds.ID_CHARS:
+        return bad(f"'id' is longer than {Bounds.ID_CHARS} characters")
     optional: dict[str, str | None] = {}
     for name in _OPTIONAL:
         value = fields.get(name)

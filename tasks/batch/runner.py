@@ -5,9 +5,12 @@ that finished, scores each (extract the SQL, parse it for the dialect, run it re
 with the gold result set) and writes one JSON line per item. Items and their results live in
 the job store, so ``dq status BATCH_ID`` works from any machine.
 
-Every job's idempotency key is ``<batch>:<item>``: ``--resume`` (or a second run after Ctrl-C)
-submits again and gets the same job back, so no item ever runs twice; items already scored
-are skipped. The batch id is derived from the input, the model and the prompt, so the same
+Every job's idempotency key is ``<batch>:<item>`` (``<batch>:#<sha256 of item>`` for an id too
+long for a key, `item_key`): ``--resume`` (or a second run after Ctrl-C) submits again and gets
+the same job back, so no item ever runs twice; items already scored are skipped. An item whose
+request is refused (`InvalidJob`: over a bound of `tasks.schemas.Bounds`) fails on its own, with
+that error in its record; the batch goes on. ``--out`` never appends by surprise: a file that
+is there and not empty is an error unless ``--resume`` (append to it) or ``--force`` (replace it). The batch id is derived from the input, the model and the prompt, so the same
 command finds the same batch.
 """
 
@@ -27,10 +30,10 @@ from datus_queue.tasks.batch.input import Question, iter_questions
 from datus_queue.tasks.batch.report import BatchStats, ProgressView
 from datus_queue.tasks.batch.scoring import schema_text, score_item
 from datus_queue.tasks.client import InvalidJob, JobClient
-from datus_queue.tasks.schemas import JobStatus
+from datus_queue.tasks.schemas import Bounds, JobStatus
 from datus_queue.tasks.store import BatchStatus, StoredJob
 
-__all__ = ["DEFAULT_TEMPLATE", "BatchOptions", "BatchRunner", "batch_id_for"]
+__all__ = ["DEFAULT_TEMPLATE", "BatchOptions", "BatchRunner", "batch_id_for", "item_key"]
 
 SUBMIT_CHUNK = 100  # questions submitted together (one transaction, one producer)
 
@@ -59,6 +62,7 @@ class BatchOptions:
     tools: list[str] | None = None  # tool_run: MCP servers from agent.yml; None: the SQL tools on db_url
     out: Path | None = None
     resume: bool = False
+    force: bool = False  # replace an --out file that is there (without --resume: an error)
     budget_usd: float | None = None
     prompt_template: str | None = None
     max_in_flight: int = 200
@@ -88,6 +92,16 @@ def batch_id_for(options: BatchOptions, input_path: Path) -> str:
     if options.run_id:
         digest.update(b"\0run:" + options.run_id.encode())
     return f"b-{digest.hexdigest()[:16]}"
+
+
+def item_key(batch_id: str, item_id: str) -> str:
+    """The idempotency key of an item's job: ``<batch>:<item>``, or ``<batch>:#<sha256 of the
+    item id>`` when that is longer than a key may be — the same for the same id, so ``--resume``
+    finds the job again."""
+    key = f"{batch_id}:{item_id}"
+    if len(key) <= Bounds.IDEMPOTENCY_KEY_CHARS:
+        return key
+    return f"{batch_id}:#{hashlib.sha256(item_id.encode('utf-8', 'surrogatepass')).hexdigest()}"
 
 
 class BatchRunner:
@@ -123,8 +137,22 @@ class BatchRunner:
         resolve_provider(self.options.model, self.client.agent_config)
         self.client.validate(self._request("(check)", None, "(check)"))
 
+    def check_out(self) -> None:
+        """``--out`` that is there and not empty: FileExistsError unless --resume or --force."""
+        out = self.options.out
+        if self.options.resume and self.options.force:
+            raise ValueError("--resume appends to --out and --force replaces it: give one of them")
+        if out is None or self.options.resume or self.options.force:
+            return
+        if out.is_dir():
+            raise FileExistsError(f"--out {out} is a directory")
+        if out.exists() and out.stat().st_size > 0:
+            raise FileExistsError(f"--out {out} exists and is not empty: pass --resume to continue that batch "
+                                  "(results are appended), --force to replace the file, or another --out")
+
     def run(self, input_path: Path) -> tuple[str, BatchStats]:
         input_path = Path(input_path)
+        self.check_out()
         self.check()
         next(iter_questions(input_path), None)  # so does a missing or empty input file
         batch_id = self.batch_id(input_path)
@@ -183,7 +211,9 @@ class BatchRunner:
         in_flight: dict[str, Question] = {}
         questions = (q for q in iter_questions(input_path) if isinstance(q, Question) and q.id not in done_before)
         exhausted = False
-        out = self.options.out.open("a", encoding="utf-8") if self.options.out else None
+        # --force replaces the file; otherwise (new, empty, or --resume) results are appended
+        mode = "w" if self.options.force and not self.options.resume else "a"
+        out = self.options.out.open(mode, encoding="utf-8") if self.options.out else None
         try:
             while True:
                 if self.options.budget_usd is not None and self.stats.cost_usd >= self.options.budget_usd:
@@ -196,7 +226,7 @@ class BatchRunner:
                     chunk = list(islice(questions, room))
                     exhausted = len(chunk) < room
                     if chunk:
-                        in_flight.update(zip(self._submit(batch_id, chunk), chunk))
+                        in_flight.update(zip(*self._submit(batch_id, chunk, out)))
                 finished = self.client.store.final_jobs(in_flight)
                 for job in finished:
                     question = in_flight.pop(job.job_id)
@@ -216,21 +246,42 @@ class BatchRunner:
             if out is not None:
                 out.close()
 
-    def _submit(self, batch_id: str, questions: list[Question]) -> list[str]:
-        """Submit a chunk of questions (one transaction, one producer); their job ids."""
+    def _submit(self, batch_id: str, questions: list[Question], out: Any = None
+                ) -> tuple[list[str], list[Question]]:
+        """Submit a chunk of questions (one transaction, one producer); their job ids and the
+        questions submitted. A question whose request is refused fails on its own (recorded
+        now, ``invalid_request``); the others go."""
         requests: list[dict[str, Any]] = []
+        accepted: list[Question] = []
         for question in questions:
             text = self.template.format(dialect=self.options.dialect, schema=self.schema, question=question.question,
                                         evidence=f"Hint: {question.evidence}" if question.evidence else "")
-            requests.append(self._request(text, batch_id, question.id))
-        job_ids = self.client.submit_many(requests)
-        self.client.store.mark_items_submitted(batch_id, [(q.id, job_id) for q, job_id in zip(questions, job_ids)])
-        return job_ids
+            request = self._request(text, batch_id, question.id)
+            try:
+                self.client.validate(request)
+            except InvalidJob as exc:
+                self._refuse(batch_id, question, str(exc), out)
+                continue
+            requests.append(request)
+            accepted.append(question)
+        job_ids = self.client.submit_many(requests) if requests else []
+        self.client.store.mark_items_submitted(batch_id, [(q.id, job_id) for q, job_id in zip(accepted, job_ids)])
+        return job_ids, accepted
+
+    def _refuse(self, batch_id: str, question: Question, reason: str, out: Any) -> None:
+        """An item whose job could not be made: failed, with the reason, no job."""
+        record: dict[str, Any] = {
+            "id": question.id, "question": question.question, "sql": None, "valid": False, "executed": False,
+            "match": False if question.gold_sql else None, "error": reason, "error_code": "invalid_request",
+            "rows_returned": None, "usage": {}, "cost_usd": 0.0, "latency_ms": None, "attempts": 0, "job_id": None,
+            "status": JobStatus.FAILED.value}
+        self.client.store.set_item_result(batch_id, question.id, JobStatus.FAILED, record, 0.0)
+        self._write(record, out)
 
     def _request(self, prompt: str, batch_id: str | None, item_id: str) -> dict[str, Any]:
         request: dict[str, Any] = {"model": self.options.model, "prompt": prompt, "stream": False}
         if batch_id is not None:
-            request.update(batch_id=batch_id, item_id=item_id, idempotency_key=f"{batch_id}:{item_id}")
+            request.update(batch_id=batch_id, item_id=item_id, idempotency_key=item_key(batch_id, item_id))
         if self.options.mode == "tool_run" and self.options.tools:
             request.update(kind="tool_run", mcp_servers=self.options.tools)
         elif self.options.mode == "tool_run":
@@ -262,6 +313,9 @@ class BatchRunner:
         record.update(usage=usage, cost_usd=job.cost_usd, latency_ms=latency_ms, attempts=job.attempts,
                       job_id=job.job_id, status=job.status.value)
         self.client.store.set_item_result(batch_id, question.id, job.status, record, job.cost_usd)
+        self._write(record, out)
+
+    def _write(self, record: dict[str, Any], out: Any) -> None:
         if out is not None:
             out.write(json.dumps(record, ensure_ascii=False, default=str) + "\n")
             out.flush()

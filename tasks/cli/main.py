@@ -128,9 +128,10 @@ def cmd_batch(args: argparse.Namespace) -> int:
     template = Path(args.prompt_template).read_text(encoding="utf-8") if args.prompt_template else None
     options = BatchOptions(
         model=args.model, db_url=args.db, dialect=args.dialect, mode=args.mode, tools=args.tools,
-        out=Path(args.out) if args.out else None, resume=args.resume, budget_usd=args.budget_usd,
+        out=Path(args.out) if args.out else None, resume=args.resume, force=args.force, budget_usd=args.budget_usd,
         prompt_template=template, max_in_flight=args.max_in_flight, run_id=args.run_id)
     runner = BatchRunner(_client(), options, ProgressView())
+    runner.check_out()
     runner.check()
     if args.db:
         _check_db(args.db)
@@ -293,8 +294,12 @@ def build_parser() -> argparse.ArgumentParser:
     batch.add_argument("--mode", choices=["generate", "tool_run"], default="generate")
     batch.add_argument("--tools", action="append", help="MCP server name(s) from agent.yml for tool_run mode (default: the shipped read-only "
                             "SQL tools on --db)")
-    batch.add_argument("--out", help="write one JSON line per item here")
-    batch.add_argument("--resume", action="store_true", help="continue this batch; finished items are skipped")
+    batch.add_argument("--out", help="write one JSON line per item here (a file that is there and not empty: "
+                                     "give --resume to append to it or --force to replace it)")
+    resume_or_force = batch.add_mutually_exclusive_group()
+    resume_or_force.add_argument("--resume", action="store_true",
+                                 help="continue this batch; finished items are skipped, --out is appended to")
+    resume_or_force.add_argument("--force", action="store_true", help="replace the --out file if it is there")
     batch.add_argument("--budget-usd", type=float, default=None, help="stop submitting once this much is spent")
     batch.add_argument("--prompt-template", help="a file with {question} {schema} {evidence} {dialect}")
     batch.add_argument("--max-in-flight", type=int, default=200)

@@ -17,12 +17,21 @@ slot, resumable, and nothing runs twice even if the batch is started again. Resu
 batch's output go to ``DQ_SCHEDULE_DIR/<name>/<slot>.jsonl`` and ``.log``. The subprocess keeps
 the batch off the worker's event loop and out of its memory; the maintenance task waits for it
 in one of the worker's threads.
+
+Nothing in a schedule or a message can reach outside: a schedule's name is a slug
+(`SCHEDULE_NAME`, checked at config load and again at use), so its directory stays under
+``DQ_SCHEDULE_DIR``; its input and other values cannot become options of ``dq batch`` (the input
+goes as an absolute path, the values as ``--option=value``); and a ``dq.run_schedule`` message
+runs only a slot that is due (`check_slot`: a real slot of the cron, not in the future, not
+superseded by a later slot due more than `SLOT_GRACE_S` ago) — one forged with any other slot
+is refused with a log line and an error result.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import re
 import subprocess
 import sys
 from datetime import UTC, datetime, timedelta
@@ -35,10 +44,22 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from datus.models.config import AgentConfig, ConfigError, substitute_env
 from datus_queue.tasks.store import ScheduleRun
 
-__all__ = ["BatchSchedule", "latest_slot", "load_schedules", "run_schedule", "slot_label"]
+__all__ = ["SCHEDULE_NAME", "BatchSchedule", "SlotRefused", "check_slot", "latest_slot", "load_schedules",
+           "run_schedule", "slot_label"]
 
 logger = logging.getLogger("datus_queue.tasks.maintenance.schedules")
 _SEARCH_DAYS = 366 * 8 + 1  # a cron expression that fires at all fires within 8 years (29 Feb on a Monday…)
+SCHEDULE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")  # a directory name under DQ_SCHEDULE_DIR, never ..
+SLOT_GRACE_S = 600.0  # a slot's message may arrive this long after the next slot fell due (queued behind a busy worker)
+SLOT_CLOCK_SKEW_S = 60.0  # a slot this far ahead of this worker's clock is the beat's clock, not a forgery
+
+
+class SlotRefused(ValueError):
+    """A ``dq.run_schedule`` for a slot that is not due: not run."""
+
+
+def _name_ok(name: str) -> bool:
+    return isinstance(name, str) and SCHEDULE_NAME.match(name) is not None
 
 
 class BatchSchedule(BaseModel):
@@ -56,6 +77,28 @@ class BatchSchedule(BaseModel):
     max_in_flight: int = Field(default=200, ge=1)
     prompt_template: str | None = None
 
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        if not _name_ok(value):
+            raise ValueError("a schedule's name is letters, digits, _ . - (starting with a letter or digit, at most "
+                             "64): it names a directory under DQ_SCHEDULE_DIR")
+        return value
+
+    @field_validator("input", "model", "db", "dialect", "prompt_template")
+    @classmethod
+    def _not_an_option(cls, value: str | None) -> str | None:
+        if value is not None and value.startswith("-"):
+            raise ValueError("must not start with '-' (it would be read as an option of dq batch)")
+        return value
+
+    @field_validator("tools")
+    @classmethod
+    def _tools_not_options(cls, value: list[str] | None) -> list[str] | None:
+        if value and any(tool.startswith("-") for tool in value):
+            raise ValueError("must not start with '-' (it would be read as an option of dq batch)")
+        return value
+
     @field_validator("cron")
     @classmethod
     def _cron(cls, value: str) -> str:
@@ -70,18 +113,19 @@ class BatchSchedule(BaseModel):
         return parse_cron(self.cron)
 
     def command(self, run_id: str, results: Path) -> list[str]:
-        """``dq batch`` for one slot."""
-        args = [sys.executable, "-m", "datus_queue.tasks.cli", "batch", self.input, "--model", self.model, "--mode", self.mode,
-                "--dialect", self.dialect, "--max-in-flight", str(self.max_in_flight), "--run-id", run_id,
-                "--resume", "--out", str(results)]
+        """``dq batch`` for one slot. Every value goes as ``--option=value`` and the input as an
+        absolute path, so none of them can be read as an option."""
+        args = [sys.executable, "-m", "datus_queue.tasks.cli", "batch", str(Path(self.input).absolute()),
+                f"--model={self.model}", f"--mode={self.mode}", f"--dialect={self.dialect}",
+                f"--max-in-flight={self.max_in_flight}", f"--run-id={run_id}", "--resume", f"--out={results}"]
         if self.db:
-            args += ["--db", self.db]
+            args.append(f"--db={self.db}")
         for tool in self.tools or []:
-            args += ["--tools", tool]
+            args.append(f"--tools={tool}")
         if self.budget_usd is not None:
-            args += ["--budget-usd", str(self.budget_usd)]
+            args.append(f"--budget-usd={self.budget_usd}")
         if self.prompt_template:
-            args += ["--prompt-template", self.prompt_template]
+            args.append(f"--prompt-template={self.prompt_template}")
         return args
 
 
@@ -101,6 +145,10 @@ def load_schedules(agent_config: AgentConfig) -> dict[str, BatchSchedule]:
         raise ConfigError("agent.schedules must be a mapping of schedule names to their settings")
     schedules: dict[str, BatchSchedule] = {}
     for name, entry in raw.items():
+        if not _name_ok(name):
+            raise ConfigError(f"agent.schedules: a schedule's name is letters, digits, _ . - (starting with a letter "
+                              f"or digit, at most 64), not {str(name)[:80]!r}: it names a directory under "
+                              "DQ_SCHEDULE_DIR")
         if not isinstance(entry, dict):
             raise ConfigError(f"agent.schedules.{name}: expected a mapping (cron, input, model, ...)")
         missing: list[str] = []
@@ -142,23 +190,50 @@ def latest_slot(schedule: crontab, at: datetime) -> datetime:
     raise ValueError("it never fires")
 
 
+def check_slot(schedule: BatchSchedule, slot: datetime, now: datetime | None = None) -> None:
+    """SlotRefused unless ``slot`` is due for ``schedule`` at ``now``: a minute its cron fires
+    on, not in the future (beyond `SLOT_CLOCK_SKEW_S`), and not older than the catch-up the beat
+    makes — the latest slot, or the one before it while the latest has been due less than
+    `SLOT_GRACE_S` (its message may still be queued)."""
+    now = (now or datetime.now(UTC)).astimezone(UTC)
+    if slot.tzinfo is None:
+        raise SlotRefused(f"schedule {schedule.name}: slot has no timezone")
+    slot = slot.astimezone(UTC)
+    cron = schedule.crontab()
+    if slot.second or slot.microsecond or latest_slot(cron, slot) != slot:
+        raise SlotRefused(f"schedule {schedule.name}: {slot:%Y-%m-%dT%H:%M:%SZ} is not a slot of {schedule.cron!r}")
+    if (slot - now).total_seconds() > SLOT_CLOCK_SKEW_S:
+        raise SlotRefused(f"schedule {schedule.name}: slot {slot:%Y-%m-%dT%H:%MZ} is in the future")
+    if latest_slot(cron, now - timedelta(seconds=SLOT_GRACE_S)) > slot:
+        raise SlotRefused(f"schedule {schedule.name}: slot {slot:%Y-%m-%dT%H:%MZ} is not due: a later slot is "
+                          f"(a missed slot runs only as the latest one, within {SLOT_GRACE_S:.0f} s)")
+
+
 def slot_label(name: str, slot: datetime) -> str:
     return f"{name}@{slot.astimezone(UTC):%Y-%m-%dT%H:%MZ}"
 
 
 def run_schedule(store: Any, settings: Any, agent_config: AgentConfig, name: str,
-                 slot: datetime | None = None) -> ScheduleRun | None:
+                 slot: datetime | None = None, *, now: datetime | None = None) -> ScheduleRun | None:
     """Run ``name``'s batch for ``slot`` (default: its latest slot) unless that slot has run or
-    is running; the finished run, or None when it was not this call's to run."""
+    is running; the finished run, or None when it was not this call's to run. A slot that is not
+    due at ``now`` (`check_slot`) raises SlotRefused, and nothing runs."""
     from datus_queue.tasks.batch.runner import BatchOptions, batch_id_for
 
-    schedule = load_schedules(agent_config).get(name)
+    schedule = load_schedules(agent_config).get(name) if _name_ok(name) else None
     if schedule is None:
-        logger.error("no schedule %r in this worker's agent.yml (agent.schedules); nothing run", name)
+        logger.error("no schedule %r in this worker's agent.yml (agent.schedules); nothing run", str(name)[:80])
         return None
-    slot = latest_slot(schedule.crontab(), datetime.now(UTC)) if slot is None else slot.astimezone(UTC)
+    now = now or datetime.now(UTC)
+    if slot is None:
+        slot = latest_slot(schedule.crontab(), now)
+    check_slot(schedule, slot, now)
+    slot = slot.astimezone(UTC)
     label = slot_label(name, slot)
-    directory = Path(settings.schedule_dir).expanduser() / name
+    root = Path(settings.schedule_dir).expanduser().resolve()
+    directory = root / name
+    if directory.resolve().parent != root:  # the name is a slug; a symlink in its place is not followed out either
+        raise SlotRefused(f"schedule {name}: its directory {directory} is not under DQ_SCHEDULE_DIR {root}")
     directory.mkdir(parents=True, exist_ok=True)
     stamp = f"{slot:%Y-%m-%dT%H%MZ}"
     results, log = directory / f"{stamp}.jsonl", directory / f"{stamp}.log"

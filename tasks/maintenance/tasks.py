@@ -39,11 +39,23 @@ def prune_task() -> dict[str, Any]:
 
 @app.task(name="dq.run_schedule", ignore_result=True)
 def run_schedule_task(name: str, slot: str | None = None) -> dict[str, Any]:
-    """Run a scheduled batch for its slot, once (`tasks.maintenance.schedules`)."""
-    from datus_queue.tasks.maintenance.schedules import run_schedule
+    """Run a scheduled batch for its slot, once (`tasks.maintenance.schedules`). A slot that is
+    not due (a forged or stale message) is refused: a log line, and the refusal as the result."""
+    from datus_queue.tasks.maintenance.schedules import SlotRefused, logger, run_schedule
 
     ctx = get_context()
-    run = run_schedule(ctx.store, ctx.settings, ctx.agent_config, name,
-                       datetime.fromisoformat(slot) if slot else None)
+    try:
+        try:
+            when = datetime.fromisoformat(slot) if slot else None
+        except (ValueError, TypeError):
+            raise SlotRefused(f"schedule {str(name)[:80]}: slot is not an ISO time") from None
+        if when is not None and when.tzinfo is None:
+            raise SlotRefused(f"schedule {str(name)[:80]}: slot has no timezone")
+        run = run_schedule(ctx.store, ctx.settings, ctx.agent_config, name, when)
+    except SlotRefused as exc:
+        reason = str(exc)
+        logger.error("dq.run_schedule refused, nothing run: %s", reason)
+        return record_run(ctx.redis, "run_schedule", {"schedule": str(name)[:80], "slot": str(slot)[:40],
+                                                      "refused": reason})
     return record_run(ctx.redis, "run_schedule", {"schedule": name, "slot": slot,
                                                   "run": None if run is None else run.model_dump(mode="json")})

@@ -52,6 +52,9 @@ PG_URL = os.environ.get("DQ_TEST_POSTGRES_URL")
 WORKER_READY_S = 45.0
 _RUN_ID = uuid.uuid4().hex[:8]
 # the scheduler's settings in tests: seconds instead of minutes (workers, beats and clients alike)
+# Shortened recovery settings, for tests of what a sweep, a lease or a beat handover does (not how long
+# it takes): they wait seconds instead of the defaults' 10 s, 15 s and 30 s. Recovery with the defaults
+# is tested in test_recovery.py, the fault mix in test_ratelimit_fleet.py, both with no setting changed.
 SHORT_SCHEDULER = {"DQ_SWEEP_INTERVAL_S": "1", "DQ_LEASE_S": "2", "DQ_BEAT_LOCK_TIMEOUT_S": "3"}
 
 

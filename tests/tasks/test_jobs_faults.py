@@ -42,7 +42,9 @@ def test_a_worker_killed_mid_job_every_job_completes_exactly_once(worker: StartW
     visibility_s = 4  # longer than the 3 s call
     fake.latency_s = 3.0
     # a lease shorter than this test's 4 s visibility timeout (the defaults: 15 s and an hour), so the
-    # redelivery finds the dead worker's lease passed and takes the job over
+    # redelivery finds the dead worker's lease passed and takes the job over. This is the redelivery
+    # path; the same guarantee with the defaults (the sweep, no short visibility timeout) is
+    # test_recovery.py::test_a_killed_workers_jobs_run_again_on_another_worker_with_the_defaults_and_no_beat
     lease = {"DQ_LEASE_S": "2"}
     first = worker("openai", visibility_timeout_s=visibility_s, env=lease)
     jobs = [client.submit({"model": "openai", "prompt": f"kill-{i}", "stream": False}) for i in range(4)]

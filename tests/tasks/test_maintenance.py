@@ -104,7 +104,8 @@ def test_a_message_is_live_in_a_queue_list_or_freshly_taken_and_lost_elsewhere(c
 
 @pytest.mark.parametrize("job_db_url", BACKENDS, indirect=True)
 def test_a_sweep_sends_each_lost_job_once_and_leaves_live_ones_alone(job_env: JobEnv, client: JobClient) -> None:
-    # a grace of 0.3 s instead of DQ_RESEND_AFTER_S's 10 s: the test waits it out
+    # a grace of 0.3 s instead of DQ_RESEND_AFTER_S's 10 s: the test waits it out (the length does not
+    # change which jobs a sweep sends; with the defaults: test_recovery.py's lost-message test)
     settings = job_env.settings(resend_after_s=LEASE_S, dead_letter_threshold=2)
     store = client.store
     waiting = client.submit(_request("waiting"))
@@ -165,7 +166,8 @@ def test_one_worker_of_many_sweeps_per_interval_and_an_outage_is_one_line(
     from datus_queue.tasks.cli.services import free_port
     from datus_queue.tasks.maintenance.sweep_loop import SweepLoop
 
-    # a turn of 0.5 s instead of DQ_SWEEP_INTERVAL_S's 10 s: the test waits one out
+    # a turn of 0.5 s instead of DQ_SWEEP_INTERVAL_S's 10 s: the test waits one out (one sweep per turn
+    # holds at any length; the default turn is what test_recovery.py's worker tests run on)
     settings = job_env.settings(sweep_interval_s=0.5)
     loops = [SweepLoop(settings, client.store, client.app, node=f"worker-{n}") for n in range(3)]
     try:

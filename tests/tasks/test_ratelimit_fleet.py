@@ -24,9 +24,7 @@ from datus_queue.tasks.client import InvalidJob, JobClient
 from datus_queue.tasks.schemas import JobStatus
 from tests.tasks.conftest import (
     KNOWN_KEY,
-    SHORT_SCHEDULER,
     JobEnv,
-    StartBeat,
     StartWorker,
     Worker,
     generations,
@@ -189,7 +187,10 @@ def test_slots_of_a_worker_killed_holding_them_are_free_again_within_their_lease
         configure: Configure, worker: StartWorker, fake: FakeProviderServer) -> None:
     client = configure(models={"openai": {"rate_limits": {"max_concurrency": 3}}})
     lease_s = 3
-    # slots and job leases both shorter than the visibility timeout: the killed worker's jobs come back and run
+    # shortened so the test waits seconds, not DQ_RATE_LIMIT_SLOT_LEASE_S's 30 s: what is asserted (a dead
+    # worker's slots end within their lease, nobody renews them) does not depend on its length. The job
+    # leases are short too so that its jobs come back at the 6 s visibility timeout; with the defaults
+    # they come back through the sweep (test_recovery.py)
     env = {"DQ_RATE_LIMIT_SLOT_LEASE_S": str(lease_s), "DQ_LEASE_S": "2"}
     holder = worker("openai", concurrency=8, env=env, visibility_timeout_s=6)
     fake.hold()  # the calls get no answer: their slots stay taken
@@ -321,7 +322,7 @@ def test_an_interactive_job_goes_before_a_queued_batch_and_a_batch_retry_keeps_i
 @pytest.mark.slow
 @pytest.mark.timeout(400)
 def test_a_fault_mix_and_two_killed_workers_and_every_job_succeeds_with_default_settings(
-        configure: Configure, worker: StartWorker, beat: StartBeat, fake: FakeProviderServer) -> None:
+        configure: Configure, worker: StartWorker, fake: FakeProviderServer) -> None:
     # default retry settings: no max_retries, no retry_* (the fixture's models set small ones)
     client = configure(models={"plain": {"type": "openai", "model": MODEL, "api_key": KNOWN_KEY,
                                          "base_url": fake.openai_base_url}})
@@ -330,10 +331,9 @@ def test_a_fault_mix_and_two_killed_workers_and_every_job_succeeds_with_default_
     for every, fault in ((4, Fault("rate_limit")), (7, Fault("status", status=500)),
                          (11, Fault("status", status=503))):
         fake.script.add(fault, every=every, times=None)
-    visibility_s = 8  # the killed workers' messages come back after this (the default is an hour) ...
-    lease = dict(SHORT_SCHEDULER)  # ... their jobs' leases have run out by then, and the sweeper re-sends
-    beat()  # a job whose message a SIGKILL lost (kombu's gap between popping a message and recording it)
-    workers = start_fleet(worker, 3, concurrency=50, visibility_timeout_s=visibility_s, env=lease)
+    # recovery settings at their defaults too: a 15 s lease, the workers' own sweep, an hour's visibility
+    # timeout, no dq beat — the killed workers' jobs come back through their leases and the sweep
+    workers = start_fleet(worker, 3, concurrency=50)
     total = 500
     jobs = client.submit_many([{"model": "plain", "prompt": f"mix-{i}", "stream": False} for i in range(total)])
 
@@ -344,12 +344,12 @@ def test_a_fault_mix_and_two_killed_workers_and_every_job_succeeds_with_default_
         target = finished() + 60
         wait_for(lambda: finished() >= target, 120, "progress before the kill")  # noqa: B023 - called at once
         workers[victim].kill()
-        workers.append(worker("openai", concurrency=50, visibility_timeout_s=visibility_s, env=lease))
+        workers.append(worker("openai", concurrency=50))
     results = [client.result(job_id, timeout=240) for job_id in jobs]
 
     failed = [(r.job_id, r.error) for r in results if r.status is not JobStatus.SUCCEEDED]
     assert failed == [], failed[:5]
     assert len({request.body["messages"][0]["content"] for request in generations(fake, "mix-")}) == total
     assert sum(result.rate_limit_retries for result in results) > total / 10  # the 429s and 503s were retried
-    # the killed workers' jobs came back (restored after the visibility timeout, or re-sent by the sweeper)
+    # the killed workers' jobs came back (re-sent by the sweep once their leases ran out)
     assert sum(result.deliveries > 1 or result.resends > 0 for result in results) > 0

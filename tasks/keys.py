@@ -13,6 +13,7 @@ __all__ = [
     "job_events",
     "job_keys",
     "maintenance",
+    "ratelimit_input_log",
     "ratelimit_slots",
     "ratelimit_state",
 ]
@@ -78,3 +79,9 @@ def ratelimit_state(provider: str, key_fingerprint: str, model: str) -> str:
 def ratelimit_slots(provider: str, key_fingerprint: str, model: str) -> str:
     """A sorted set: the concurrency slots held, scored by when their lease runs out."""
     return f"{_ratelimit_tag(provider, key_fingerprint, model)}:slots"
+
+
+def ratelimit_input_log(provider: str, key_fingerprint: str, model: str) -> str:
+    """A sorted set: the input tokens of each request started in the last window, scored by
+    its start (the limiter's log for mixed request sizes, ``tasks.ratelimit_lua``)."""
+    return f"{_ratelimit_tag(provider, key_fingerprint, model)}:log:in"

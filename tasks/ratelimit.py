@@ -176,11 +176,16 @@ class ModelLimiter:
         self.limits = limits
         self.name = f"{provider}/{model}"
         self.provider, self.model = provider, model
-        self.keys = [keys.ratelimit_state(provider, fingerprint, model), keys.ratelimit_slots(provider, fingerprint, model)]
+        self.keys = [keys.ratelimit_state(provider, fingerprint, model), keys.ratelimit_slots(provider, fingerprint, model),
+                     keys.ratelimit_input_log(provider, fingerprint, model)]
         self._numbers = [limits.requests_per_minute or 0, limits.input_tokens_per_minute or 0,
                          limits.output_tokens_per_minute or 0]
+        # input tokens are also logged over the shortest window (one token a window at least), so
+        # a mix of request sizes stays inside it too (tasks/ratelimit_lua.py)
+        itpm = limits.input_tokens_per_minute or 0
+        self._log_window_us = round(max(_SHORTEST_WINDOW_S, 60 / itpm) * 1e6) if itpm else 0
         self._rate_limited_in_a_row = 0  # this process's 429s on this key since its last answer
-        # what the provider counts for a prompt, over what was counted offline (learnt from usage)
+        # what the provider counts for a prompt over what was counted offline, when more (learnt from usage)
         self._input_scale = 1.0
 
     # -- before ---------------------------------------------------------------------------
@@ -202,7 +207,7 @@ class ModelLimiter:
         while True:
             args = [*self._numbers, limits.max_concurrency or 0, n_in, n_out, lane, booked if paid else ticket,
                     1 if paid else 0, horizon_us, owner.burst_us, slot, owner.lease_s * 1e6, owner.share,
-                    owner.late_us if late_checks else -1]
+                    owner.late_us if late_checks else -1, self._log_window_us]
             sent = time.monotonic()
             code, wait_us, ticket_us, detail = await state.batch.call(
                 ACQUIRE, self.keys, args, orphan=self._orphan(slot, paid) if slot else None)
@@ -321,7 +326,9 @@ class ModelLimiter:
                 d_in = outcome.usage.input_tokens - permit.input_tokens
                 if permit.counted_input > 0 and outcome.usage.input_tokens > 0:
                     observed = outcome.usage.input_tokens / permit.counted_input
-                    self._input_scale = min(4.0, max(0.5, 0.8 * self._input_scale + 0.2 * observed))
+                    # only ever up: the offline count is already what the provider documents counting
+                    # (at least characters / 4), so a smaller answer never shrinks the next reservation
+                    self._input_scale = min(4.0, max(1.0, 0.8 * self._input_scale + 0.2 * observed))
             if self.limits.output_tokens_per_minute:
                 d_out = outcome.usage.output_tokens - permit.output_tokens
             self._rate_limited_in_a_row = 0

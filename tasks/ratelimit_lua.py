@@ -50,7 +50,15 @@ just under 98 %. The burst is therefore 0 by default: every microsecond of toler
 from the spread the fleet can absorb, and the old default (1 s: a second's worth at once) broke
 any 1 s window outright (10 + 10 requests at 600/min) and any 2 s one as soon as the spread was
 above zero. For token buckets the same holds with costs: with equal requests of cost c
-dividing R*W; with mixed sizes add the largest request to the burst side. A cooldown after a
+dividing R*W. With mixed sizes pacing alone does not: a request starts once the ones before it
+are paced out, and its own cost lands in that window on top (19 prompts of 50 tokens then one
+of 400, at 1,000 a second: 1,350 in one second). So input tokens are also logged
+(``keys.ratelimit_input_log``, a sorted set of what started when, ARGV[16] the window W): a
+request starts only once what started in the window W / share before it, plus its own cost
+(capped at R*W, as the providers let a request bigger than a window through alone), is at most
+R*W. Arrivals spread by up to the slack then never put more than R*W in any window of W; the
+throughput is the same share. Output tokens are counted by the providers as they are made and
+reconciled after the answer, so they are paced only. A cooldown after a
 429 restarts the request bucket empty, so the fleet does not stampede when it ends.
 
 Concurrency: the sorted set ``keys.ratelimit_slots`` holds the slots taken, scored by when
@@ -71,9 +79,10 @@ __all__ = ["ACQUIRE", "COOLDOWN", "GO", "LATE", "NO_SLOT", "RELEASE", "RENEW", "
 GO, COOLDOWN, NO_SLOT, TICKET, TOO_LARGE, LATE = 0, 1, 2, 3, 4, 5
 _STATE_TTL_MS = 7_200_000  # two hours: longer than any line a job waits on
 
-# KEYS: state, slots
+# KEYS: state, slots[, input-token log]
 # ARGV: rpm itpm otpm max_concurrency n_in n_out lane ticket_us paid horizon_us burst_us slot_id lease_us share late_us
-# (paid: ticket_us is the start booked; late_us < 0: no lateness check)
+#       [log_window_us]
+# (paid: ticket_us is the start booked; late_us < 0: no lateness check; log_window_us 0 or absent: no log)
 ACQUIRE = f"""
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
@@ -128,6 +137,25 @@ if not paid then
     if lane == 1 then line = math.max(line, n(6, 0)) end
     if line > start then start = line end
   end
+  -- the input-token log (KEYS[3], ARGV[16] the window in µs): what started in any window
+  -- stretched by the slack stays within what one window allows, whatever the sizes' mix
+  local logw = tonumber(ARGV[16] or '0')
+  if logw > 0 and KEYS[3] and costs[2] > 0 and limits[2] > 0 then
+    local cap = limits[2] * logw / 60000000
+    local cost = math.min(costs[2], cap)
+    local span = math.ceil(logw / share)
+    redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', now - span)
+    local log = redis.call('ZRANGEBYSCORE', KEYS[3], string.format('(%.0f', start - span), '+inf', 'WITHSCORES')
+    local total = 0
+    for j = 1, #log, 2 do total = total + tonumber(string.match(log[j], ':([%d.]+)$')) end
+    local j = 1
+    while total + cost > cap and j < #log do
+      total = total - tonumber(string.match(log[j], ':([%d.]+)$'))
+      local s = math.ceil(tonumber(log[j + 1])) + span
+      if s > start then start = s end
+      j = j + 2
+    end
+  end
   if start - now > horizon then
     local place = start
     if ticket > 0 then
@@ -162,6 +190,11 @@ if not paid then
   if pacing then
     writes[#writes + 1] = 'tp'
     writes[#writes + 1] = math.max(n(9, 0), start) + pace
+  end
+  if tonumber(ARGV[16] or '0') > 0 and KEYS[3] and costs[2] > 0 and limits[2] > 0 then
+    local seq = redis.call('HINCRBY', KEYS[1], 'ls', 1)
+    redis.call('ZADD', KEYS[3], start, seq .. ':' .. math.min(costs[2], limits[2] * tonumber(ARGV[16]) / 60000000))
+    redis.call('PEXPIRE', KEYS[3], {_STATE_TTL_MS})
   end
   if #writes > 0 then
     redis.call('HSET', KEYS[1], unpack(writes))

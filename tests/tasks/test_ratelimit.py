@@ -56,13 +56,22 @@ DEFAULTS = Settings()  # the burst and share a user gets
 
 def acquire(r: redis.Redis, rpm: float = 0, itpm: float = 0, n_in: int = 0, lane: int = 0, ticket: int = 0,
             maxc: int = 0, slot: str = "", horizon_s: float = 1.0, paid: bool = False, late_us: int = 7600,
-            burst_s: float = DEFAULTS.rate_limit_burst_s, share: float = DEFAULTS.rate_limit_share) -> list[int]:
+            burst_s: float = DEFAULTS.rate_limit_burst_s, share: float = DEFAULTS.rate_limit_share,
+            log_s: float = 0) -> list[int]:
     """One ACQUIRE, as the limiter sends it, with the default burst and share;
-    ``[code, wait_us, ticket_us, detail]`` (``paid``: ``ticket`` is the start booked)."""
+    ``[code, wait_us, ticket_us, detail]`` (``paid``: ``ticket`` is the start booked; ``log_s``:
+    the input-token log's window, 0 none)."""
     state, slots = keys.ratelimit_state("openai", "fp", "m"), keys.ratelimit_slots("openai", "fp", "m")
-    return [int(v) for v in r.eval(ACQUIRE, 2, state, slots, rpm, itpm, 0, maxc, n_in, 0, lane, ticket,
-                                   1 if paid else 0, horizon_s * 1e6, burst_s * 1e6, slot, 5e6,
-                                   share, late_us)]
+    log = [keys.ratelimit_input_log("openai", "fp", "m")] if log_s else []
+    return [int(v) for v in r.eval(ACQUIRE, 2 + len(log), state, slots, *log, rpm, itpm, 0, maxc, n_in, 0, lane,
+                                   ticket, 1 if paid else 0, horizon_s * 1e6, burst_s * 1e6, slot, 5e6,
+                                   share, late_us, *([log_s * 1e6] if log else []))]
+
+
+def heaviest_window(starts: list[tuple[int, int]], window_us: float) -> int:
+    """The most input tokens that start in any window of ``window_us`` (open at its start, closed
+    at its end, as the limiter counts): ``starts`` are (start µs, tokens)."""
+    return max(sum(n for t, n in starts if last - window_us < t <= last) for last, _ in starts)
 
 
 # -- the Lua answers ---------------------------------------------------------------------------------
@@ -82,6 +91,21 @@ def test_a_per_minute_limit_is_paced_at_its_share_one_request_at_a_time(dq_redis
     assert len(ticketed) == 30  # beyond the short wait: places in line, as far apart
     places = [a[2] for a in ticketed]
     assert all(abs(b - a - spacing) < 1000 for a, b in itertools.pairwise(places))
+
+
+def test_mixed_request_sizes_stay_inside_every_one_second_window(dq_redis: redis.Redis) -> None:
+    # 60,000 input tokens a minute, enforced as 1,000 a second: nineteen small prompts and a big one.
+    # Pacing alone lets the big one start right behind the small ones, 1,350 tokens in one second
+    sizes = [50] * 19 + [400] + [50] * 10 + [700] + [300, 20, 900]
+    paced = [(acquire(dq_redis, itpm=60_000, n_in=n, horizon_s=60)[2], n) for n in sizes]
+    assert heaviest_window(paced, 1e6) > 1000
+    dq_redis.flushdb()
+    # with the log (what the limiter sends), no window of the provider's second holds more than it allows,
+    # even with the arrivals spread by up to the slack (the window stretched to 1 s / share)
+    logged = [(acquire(dq_redis, itpm=60_000, n_in=n, horizon_s=60, log_s=1.0)[2], n) for n in sizes]
+    assert heaviest_window(logged, 1e6 / DEFAULTS.rate_limit_share) <= 1000
+    # only a request that would overflow is held back; the small one behind the 400 is paced as before
+    assert logged[20][0] - logged[19][0] == pytest.approx(400 * 60e6 / (60_000 * DEFAULTS.rate_limit_share), abs=2)
 
 
 def test_the_old_one_second_burst_sends_a_seconds_worth_at_once(dq_redis: redis.Redis) -> None:
@@ -255,7 +279,7 @@ async def test_low_remaining_budget_headers_set_a_pace_before_any_429(context: J
 
 
 def acquire_state(r: redis.Redis, bound: ModelLimiter) -> list[int]:
-    return [int(v) for v in r.eval(ACQUIRE, 2, *bound.keys, 0, 0, 0, 0, 0, 0, 0, 0, 0, 60e6, 0, "", 5e6,
+    return [int(v) for v in r.eval(ACQUIRE, 2, *bound.keys[:2], 0, 0, 0, 0, 0, 0, 0, 0, 0, 60e6, 0, "", 5e6,
                                    DEFAULTS.rate_limit_share, -1)]
 
 

@@ -16,7 +16,7 @@ import math
 import re
 from datetime import UTC, datetime
 from enum import Enum
-from typing import Any
+from typing import Any, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -99,6 +99,21 @@ def _strict_json_bytes(value: Any) -> int:
         raise ValueError("holds text that is not valid Unicode (a lone surrogate); send UTF-8") from None
     except (TypeError, ValueError, RecursionError):
         raise ValueError("is not plain JSON (finite numbers, string keys)") from None
+
+
+_J = TypeVar("_J")
+
+
+def _bounded_json(value: _J, max_bytes: int) -> _J:
+    """``value`` (None passes) if it nests at most `Bounds.JSON_DEPTH` levels (checked first: a
+    deep value would make the size check recurse) and is at most ``max_bytes`` of strict JSON."""
+    if value is None:
+        return value
+    if _json_depth(value) > Bounds.JSON_DEPTH:
+        raise ValueError(f"nests deeper than {Bounds.JSON_DEPTH} levels")
+    if _strict_json_bytes(value) > max_bytes:
+        raise ValueError(f"at most {max_bytes} bytes as JSON")
+    return value
 
 
 class JobKind(str, Enum):
@@ -198,24 +213,12 @@ class JobRequest(BaseModel):
     @field_validator("messages")
     @classmethod
     def _messages_size(cls, messages: list[dict[str, Any]] | None) -> list[dict[str, Any]] | None:
-        if messages is None:
-            return None
-        if _json_depth(messages) > Bounds.JSON_DEPTH:
-            raise ValueError(f"nests deeper than {Bounds.JSON_DEPTH} levels")
-        if _strict_json_bytes(messages) > Bounds.PROMPT_BYTES:
-            raise ValueError(f"at most {Bounds.PROMPT_BYTES} bytes as JSON")
-        return messages
+        return _bounded_json(messages, Bounds.PROMPT_BYTES)
 
     @field_validator("output_schema")
     @classmethod
     def _schema_size(cls, schema: dict[str, Any] | None) -> dict[str, Any] | None:
-        if schema is None:
-            return None
-        if _json_depth(schema) > Bounds.JSON_DEPTH:
-            raise ValueError(f"nests deeper than {Bounds.JSON_DEPTH} levels")
-        if _strict_json_bytes(schema) > Bounds.OUTPUT_SCHEMA_BYTES:
-            raise ValueError(f"at most {Bounds.OUTPUT_SCHEMA_BYTES} bytes as JSON")
-        return schema
+        return _bounded_json(schema, Bounds.OUTPUT_SCHEMA_BYTES)
 
     @field_validator("mcp_servers")
     @classmethod

@@ -122,31 +122,6 @@ def peak_rss_mb(pid: int) -> float:
     return float("nan")
 
 
-@contextlib.contextmanager
-def worker(env: dict[str, str], concurrency: int, log_path: Path, processes: int = 1,
-           metrics_port: int | None = None, loglevel: str = "WARNING") -> Iterator[subprocess.Popen[bytes]]:
-    """``dq worker -p openai`` as a user starts it (``--processes N`` when N > 1, ``--metrics-port``
-    when given); SIGTERM at the end (a soft shutdown)."""
-    from datus_queue.tasks.cli.services import dq_command
-
-    args = [*dq_command(), "worker", "-p", "openai", "-c", str(concurrency), "-l", loglevel]
-    if processes > 1:
-        args += ["--processes", str(processes)]
-    if metrics_port is not None:
-        args += ["--metrics-port", str(metrics_port)]
-    with log_path.open("ab") as log:
-        proc = subprocess.Popen(args, env={**os.environ, **env}, stdout=log, stderr=subprocess.STDOUT)
-        try:
-            yield proc
-        finally:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(5)
-
-
 def process_tree(pid: int) -> list[int]:
     """``pid`` and its descendants (from /proc)."""
     tree, todo = [], [pid]

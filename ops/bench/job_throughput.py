@@ -84,10 +84,9 @@ from _harness import (
     peak_rss_mb,
     process_tree,
     wait_until_final,
-    worker,
 )
 
-from datus_queue.tasks.cli.services import free_port
+from datus_queue.tasks.cli.services import free_port, worker_process
 
 RATE_LIMITS = "{requests_per_minute: 1000000}"  # the limiter is on and never binds
 STAGES = ("submit", "claim", "limiter", "call", "events", "store", "leases", "ack", "metrics", "redis, caller unseen",
@@ -136,7 +135,7 @@ def through_jobs(url: str, redis_url: str, total: int, concurrency: int, log: Pa
                  processes: int = 1, rate_limits: str | None = RATE_LIMITS, profile: bool = False) -> JobsRun:
     with job_system(url, redis_url, os.environ.get("DQ_BENCH_DATABASE_URL"), rate_limits) as (client, env):
         metrics_port = free_port()
-        with worker(env, concurrency, log, processes, metrics_port) as proc:
+        with worker_process(env, ["openai"], concurrency, log, processes=processes, metrics_port=metrics_port) as proc:
             if processes > 1:  # every child up: the parent's /metrics counts the children that answer
                 _wait_for_processes(metrics_port, processes)
             # warm-up: the worker is ready when its jobs complete

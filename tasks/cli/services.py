@@ -75,11 +75,17 @@ def local_redis(workdir: Path) -> Iterator[str]:
 
 @contextlib.contextmanager
 def worker_process(env: dict[str, str], providers: list[str], concurrency: int, log_path: Path,
-                   loglevel: str = "WARNING") -> Iterator[subprocess.Popen[bytes]]:
-    """``dq worker`` for ``providers``; SIGTERM (soft shutdown) at the end."""
+                   loglevel: str = "WARNING", processes: int = 1,
+                   metrics_port: int | None = None) -> Iterator[subprocess.Popen[bytes]]:
+    """``dq worker`` for ``providers`` as a user starts it (``--processes N`` when N > 1,
+    ``--metrics-port`` when given); SIGTERM (soft shutdown) at the end."""
     args = [*dq_command(), "worker", "-c", str(concurrency), "-l", loglevel]
     for provider in providers:
         args += ["--provider", provider]
+    if processes > 1:
+        args += ["--processes", str(processes)]
+    if metrics_port is not None:
+        args += ["--metrics-port", str(metrics_port)]
     with log_path.open("wb") as log:
         proc = subprocess.Popen(args, env={**os.environ, **env}, stdout=log, stderr=subprocess.STDOUT)
         try:
@@ -87,7 +93,7 @@ def worker_process(env: dict[str, str], providers: list[str], concurrency: int, 
         finally:
             proc.send_signal(signal.SIGTERM)
             try:
-                proc.wait(20)
+                proc.wait(30)
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait(5)

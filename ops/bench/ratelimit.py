@@ -3,7 +3,7 @@ one provider 429, and what the limiter costs the job system's throughput — eac
 baseline in the same run.
 
     python ops/bench/ratelimit.py [--part acquire|rate|throughput|all] [--redis-url URL]
-                                  [--limit 600] [--seconds 30] [--workers 3]
+                                  [--budget requests|tokens] [--limit N] [--seconds 30] [--workers 3]
                                   [--shapes quantized:1,token_bucket:1,sliding_window:2]
                                   [--jobs 2000] [--latency-ms 100] [--concurrency 200] [--rounds 3]
 
@@ -20,7 +20,8 @@ rate        ``--workers`` dq workers (concurrency 50 each) share ``requests_per_
             the whole limit), the baseline. Per run: the budget used over ``--seconds`` of steady
             state (requests the provider admitted, per minute, over the limit), the provider's
             429s, and the busiest window as the provider counted it. Target with the defaults:
-            >= 98 % used and no 429.
+            >= 98 % used and no 429. ``--budget tokens``: the same with ``input_tokens_per_minute``
+            (60,000 by default) and prompts of mixed sizes (30 to 400 tokens).
 throughput  job_throughput's run (``--jobs`` generate jobs, one worker) with limits configured far
             above the load, with the limiter on but no limits (cooldown checks only), and with
             the limiter off (``DQ_RATE_LIMITER=0``, the baseline): medians of alternating rounds.
@@ -51,6 +52,7 @@ from job_throughput import through_jobs
 from datus.models.config import AgentConfig, RateLimits
 from datus.models.limiter import PlannedRequest, RequestOutcome
 from datus.models.usage import Usage
+from datus.testing.protocols import _text_chars, _tokens
 from datus_queue.tasks.cli.services import local_redis, worker_process
 from datus_queue.tasks.client import JobClient
 from datus_queue.tasks.context import JobContext
@@ -130,13 +132,25 @@ OLD_DEFAULTS = {"DQ_RATE_LIMIT_BURST_S": "1", "DQ_RATE_LIMIT_SHARE": "1"}  # bef
 SETTLE_S = 5.0
 
 
+def sized(i: int) -> str:
+    """Prompt ``i`` of the tokens budget: a mix of sizes, 30 to 400 tokens as the fake counts them."""
+    head = f"t{i} "
+    return head + "x" * (4 * TOKEN_SIZES[i % len(TOKEN_SIZES)] - len(head))
+
+
+TOKEN_SIZES = (30, 400, 60, 120, 30, 250, 45, 90)  # mean 128 tokens
+
+
 def fleet_run(fake_url: str, url: str, limit: float, seconds: float, workers: int, enforcement: str,
-              window_s: float, settings_env: dict[str, str]) -> tuple[float, int, int, int]:
+              window_s: float, settings_env: dict[str, str], budget: str = "requests") -> tuple[float, int, int, float]:
     """One run: (share of the limit admitted in the steady state, provider 429s, jobs failed,
-    the most arrivals the provider admitted in one of its windows)."""
+    the most the provider admitted in one of its windows — requests, or input tokens)."""
     per_s = limit / 60
-    total = int(per_s * (seconds + SETTLE_S + 6))  # busy past the measured window
-    with job_system(fake_url, url, rate_limits=f"{{requests_per_minute: {limit:g}}}") as (client, env):
+    tokens = budget == "tokens"
+    unit = sum(TOKEN_SIZES) / len(TOKEN_SIZES) if tokens else 1
+    total = int(per_s / unit * (seconds + SETTLE_S + 6))  # busy past the measured window
+    field = "input_tokens_per_minute" if tokens else "requests_per_minute"
+    with job_system(fake_url, url, rate_limits=f"{{{field}: {limit:g}}}") as (client, env):
         logs = Path(tempfile.mkdtemp(prefix="dq-bench-rate-"))
         with contextlib.ExitStack() as stack:
             for i in range(workers):
@@ -144,18 +158,19 @@ def fleet_run(fake_url: str, url: str, limit: float, seconds: float, workers: in
                                                    loglevel="INFO"))
             warm = warm_up(client, [logs / f"worker-{i}.log" for i in range(workers)])
             httpx.post(f"{fake_url}/_fake/reset", timeout=10)
-            httpx.post(f"{fake_url}/_fake/limits", json={"requests_per_minute": limit, "window_s": window_s,
+            httpx.post(f"{fake_url}/_fake/limits", json={field: limit, "window_s": window_s,
                                                          "enforcement": enforcement}, timeout=10)
-            client.submit_many([{"model": "bench", "prompt": f"r{i}", "stream": False} for i in range(total)])
+            client.submit_many([{"model": "bench", "prompt": sized(i) if tokens else f"r{i}", "stream": False}
+                                for i in range(total)])
             wait_until_final(client, total + warm, timeout_s=seconds * 4 + 120)
             recorded = [r for r in httpx.get(f"{fake_url}/_fake/requests", timeout=30).json()["requests"]
                         if not r["path"].startswith("/_fake")]
             limited = httpx.get(f"{fake_url}/_fake/limits", timeout=10).json()["limited"]
             failed = client.store.count_by_status()["failed"]
-    admitted = admitted_arrivals(recorded)
-    start = admitted[0] + SETTLE_S
-    in_window = [at for at in admitted if start <= at < start + seconds]
-    return len(in_window) / (per_s * seconds), limited, failed, busiest(admitted, window_s)
+    admitted = admitted_arrivals(recorded, tokens)
+    start = admitted[0][0] + SETTLE_S
+    in_window = sum(cost for at, cost in admitted if start <= at < start + seconds)
+    return in_window / (per_s * seconds), limited, failed, busiest(admitted, window_s)
 
 
 def warm_up(client: JobClient, logs: list[Path]) -> int:
@@ -175,28 +190,36 @@ def warm_up(client: JobClient, logs: list[Path]) -> int:
     return run
 
 
-def admitted_arrivals(recorded: list[dict]) -> list[float]:
-    """When each admitted request arrived: a prompt's last arrival (those before it were answered
-    429 and retried; the fake scripts no other fault here)."""
-    last: dict[str, float] = {}
+def admitted_arrivals(recorded: list[dict], tokens: bool = False) -> list[tuple[float, float]]:
+    """When each admitted request arrived, and what it cost (1, or its input tokens as the fake
+    counts them): a prompt's last arrival (those before it were answered 429 and retried; the
+    fake scripts no other fault here)."""
+    last: dict[str, tuple[float, float]] = {}
     for request in recorded:
-        prompt = request["body"]["messages"][-1]["content"]
-        last[prompt] = max(last.get(prompt, 0.0), request["at"])
+        messages = request["body"]["messages"]
+        prompt = messages[-1]["content"]
+        cost = _tokens(_text_chars(messages)) if tokens else 1
+        last[prompt] = (max(last.get(prompt, (0.0, 0))[0], request["at"]), cost)
     return sorted(last.values())
 
 
-def busiest(arrivals: list[float], window_s: float) -> int:
-    """The most arrivals in any ``window_s`` (sliding: at least what any fixed window held)."""
-    most, first = 0, 0
-    for last, at in enumerate(arrivals):
-        while arrivals[first] <= at - window_s:
+def busiest(arrivals: list[tuple[float, float]], window_s: float) -> float:
+    """The most admitted in any ``window_s`` (sliding: at least what any fixed window held)."""
+    most, first, held = 0.0, 0, 0.0
+    for at, cost in arrivals:
+        held += cost
+        while arrivals[first][0] <= at - window_s:
+            held -= arrivals[first][1]
             first += 1
-        most = max(most, last - first + 1)
+        most = max(most, held)
     return most
 
 
-def budget_used(url: str, limit: float, seconds: float, workers: int, latency_ms: float, shapes: list[str]) -> None:
-    print(f"budget used: {workers} workers share requests_per_minute {limit:g}; {seconds:g} s of steady state; "
+def budget_used(url: str, limit: float, seconds: float, workers: int, latency_ms: float, shapes: list[str],
+                budget: str = "requests") -> None:
+    field = "input_tokens_per_minute" if budget == "tokens" else "requests_per_minute"
+    sizes = f" (prompts of {min(TOKEN_SIZES)} to {max(TOKEN_SIZES)} tokens, mixed)" if budget == "tokens" else ""
+    print(f"budget used: {workers} workers share {field} {limit:g}{sizes}; {seconds:g} s of steady state; "
           f"fake latency {latency_ms:.0f} ms")
     verdicts = []
     with fake_server_process(latency_ms) as fake_url:
@@ -207,9 +230,9 @@ def budget_used(url: str, limit: float, seconds: float, workers: int, latency_ms
             print(f"  the provider: {enforcement}, {window_s:g} s windows (at most {allowed:g} a window)")
             for name, settings_env in (("defaults", {}), ("old defaults (baseline)", OLD_DEFAULTS)):
                 used, limited, failed, most = fleet_run(fake_url, url, limit, seconds, workers, enforcement, window_s,
-                                                        settings_env)
+                                                        settings_env, budget)
                 print(f"    {name:24s} budget used {used:6.1%}   provider 429s {limited:3d}   "
-                      f"busiest window {most}/{allowed:g}   jobs failed {failed}")
+                      f"busiest window {most:g}/{allowed:g}   jobs failed {failed}")
                 if name == "defaults":
                     verdicts.append(used >= 0.98 and limited == 0)
     print(f"  target with the defaults (>= 98 % used, no 429): {'PASS' if all(verdicts) else 'FAIL'}")
@@ -250,7 +273,10 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--part", default="all", choices=["acquire", "rate", "throughput", "all"])
     parser.add_argument("--redis-url", default=os.environ.get("DQ_BENCH_REDIS_URL"))
-    parser.add_argument("--limit", type=float, default=600)
+    parser.add_argument("--budget", default="requests", choices=["requests", "tokens"],
+                        help="rate part: which per-minute limit binds (tokens: input tokens, prompts of mixed sizes)")
+    parser.add_argument("--limit", type=float, default=None,
+                        help="the per-minute limit (default 600 requests, or 60,000 input tokens)")
     parser.add_argument("--seconds", type=float, default=30)
     parser.add_argument("--workers", type=int, default=3)
     parser.add_argument("--shapes", default="quantized:1,token_bucket:1,sliding_window:2",
@@ -264,7 +290,8 @@ def main() -> int:
         if args.part in ("acquire", "all"):
             asyncio.run(acquire_cost(url))
         if args.part in ("rate", "all"):
-            budget_used(url, args.limit, args.seconds, args.workers, args.latency_ms, args.shapes.split(","))
+            limit = args.limit or (60_000 if args.budget == "tokens" else 600)
+            budget_used(url, limit, args.seconds, args.workers, args.latency_ms, args.shapes.split(","), args.budget)
         if args.part in ("throughput", "all"):
             throughput(url, args.jobs, args.latency_ms, args.concurrency, args.rounds)
     return 0

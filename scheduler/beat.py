@@ -33,13 +33,14 @@ from typing import Any
 import redis.exceptions
 from celery import Celery
 from redbeat import RedBeatScheduler
-from redbeat.schedulers import LUA_EXTEND_TO_SCRIPT, get_redis
+from redbeat.schedulers import LUA_EXTEND_TO_SCRIPT, REDBEAT_REDIS_KEY, get_redis
 
 from datus.models.config import AgentConfig
 from datus_queue.scheduler.schedule import RUN_SCHEDULE, beat_schedule
 from datus_queue.tasks import keys
 from datus_queue.tasks.maintenance.outages import Outage
 from datus_queue.tasks.maintenance.schedules import latest_slot
+from datus_queue.tasks.redis_connect import beat_client, where
 from datus_queue.tasks.settings import Settings
 
 __all__ = ["Scheduler", "configure"]
@@ -112,10 +113,13 @@ def configure(app: Celery, settings: Settings, agent_config: AgentConfig) -> Non
     lock_timeout = settings.beat_lock_timeout_s
     app.conf.update(
         beat_schedule=beat_schedule(settings, agent_config),
-        redbeat_redis_url=settings.redis_url,
+        redbeat_redis_url=where(settings.redis_url),  # shown in beat's banner only: the client is ours (below)
         redbeat_redis_options={},  # not the broker's transport options
         redbeat_key_prefix=keys.BEAT_PREFIX,
         redbeat_lock_timeout=lock_timeout,
         # the beat wakes (and renews its lock) at least this often; a standby retries the lock as often
         beat_max_loop_interval=max(0.1, lock_timeout / 5),
     )
+    # redbeat's client, made the one way every client is (TLS verified, Sentinel): redbeat uses
+    # the client it finds on the app instead of reading the URL itself
+    setattr(app, REDBEAT_REDIS_KEY, beat_client(settings))

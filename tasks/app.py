@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from celery import Celery
 
+from datus_queue.tasks.redis_connect import celery_config
 from datus_queue.tasks.routing import route_task
 from datus_queue.tasks.settings import Settings, get_settings
 
@@ -26,7 +27,12 @@ TASK_MODULES = ("datus_queue.tasks.generation", "datus_queue.tasks.tool_run", "d
 def create_app(settings: Settings | None = None) -> Celery:
     settings = settings or get_settings()
     visibility = settings.visibility_timeout_s
-    celery = Celery("datus_queue", broker=settings.redis_url, backend=settings.redis_url, include=list(TASK_MODULES))
+    # the URL → broker/backend settings (TLS verified by default, Sentinel, Cluster refused): tasks/redis_connect.py
+    redis = celery_config(settings)
+    celery = Celery("datus_queue", broker=redis["broker_url"], backend=redis["result_backend"],
+                    include=list(TASK_MODULES))
+    if "broker_use_ssl" in redis:
+        celery.conf.update(broker_use_ssl=redis["broker_use_ssl"], redis_backend_use_ssl=redis["redis_backend_use_ssl"])
     celery.conf.update(
         task_serializer="json",
         result_serializer="json",
@@ -36,7 +42,7 @@ def create_app(settings: Settings | None = None) -> Celery:
         task_reject_on_worker_lost=True,
         task_acks_on_failure_or_timeout=True,
         worker_prefetch_multiplier=1,
-        broker_transport="datus_queue.tasks.transport:Transport",  # Redis, surviving non-Celery bodies
+        broker_transport=redis["broker_transport"],  # Redis (or Sentinel), surviving non-Celery bodies
         broker_transport_options={
             "visibility_timeout": visibility,
             # sweep for a dead worker's unacknowledged messages often enough that they come
@@ -46,8 +52,9 @@ def create_app(settings: Settings | None = None) -> Celery:
             # a worker killed while it restores holds the restore lock until it expires (kombu's
             # default: 5 minutes, for every worker): keep that in proportion to the timeout
             "unacked_mutex_expire": max(10, min(300, visibility // 4)),
+            **redis["transport_options"],  # Sentinel: the master's name, the sentinels' own options
         },
-        result_backend_transport_options={"visibility_timeout": visibility},
+        result_backend_transport_options={"visibility_timeout": visibility, **redis["transport_options"]},
         visibility_timeout=visibility,
         worker_cancel_long_running_tasks_on_connection_loss=True,
         worker_deduplicate_successful_tasks=True,

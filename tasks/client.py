@@ -113,9 +113,9 @@ class JobClient:
 
             store = JobStore(self.settings.database_url)
         self.store = store
-        import redis
+        from datus_queue.tasks.redis_connect import connect
 
-        self.redis = redis.Redis.from_url(self.settings.redis_url)
+        self.redis = connect(self.settings)
 
     # ---- submitting ----------------------------------------------------------------------
 
@@ -214,11 +214,10 @@ class JobClient:
                       ) -> AsyncIterator[ActionHistory]:
         import asyncio
 
-        import redis.asyncio as aredis
-
         from datus_queue.tasks.events import afollow
+        from datus_queue.tasks.redis_connect import async_client
 
-        client = aredis.Redis.from_url(self.settings.redis_url)
+        client = async_client(self.settings)
         try:
             async for event in afollow(client, job_id, after_seq=after_seq, timeout_s=timeout,
                                        is_final=lambda job: asyncio.to_thread(self._is_final, job)):

@@ -75,9 +75,9 @@ class JobContext:
         """A synchronous Redis client (thread-safe; the maintenance tasks run in threads)."""
         with self._lock:
             if self._redis is None:
-                import redis
+                from datus_queue.tasks.redis_connect import connect
 
-                self._redis = redis.Redis.from_url(self.settings.redis_url)
+                self._redis = connect(self.settings)
             return self._redis
 
     @property
@@ -128,15 +128,12 @@ class JobContext:
         with self._lock:
             state = self._per_loop.get(loop)
             if state is None:
-                import redis.asyncio as aredis
-
                 from datus_queue.tasks.events import AsyncEventPublisher
+                from datus_queue.tasks.redis_connect import async_client
 
                 # blocking pool: at hundreds of jobs in flight, wait for a connection rather
                 # than fail (redis-py's default pool raises past 100 connections)
-                pool = aredis.BlockingConnectionPool.from_url(
-                    self.settings.redis_url, max_connections=self.settings.redis_max_connections, timeout=30)
-                client = aredis.Redis(connection_pool=pool)
+                client = async_client(self.settings, max_connections=self.settings.redis_max_connections, timeout=30)
                 state = {
                     "redis": client,
                     "publisher": AsyncEventPublisher(client, self.settings.event_ttl_s, self.settings.event_maxlen),

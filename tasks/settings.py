@@ -22,7 +22,14 @@ def _default_schedule_dir() -> str:
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="DQ_", extra="ignore")
 
-    redis_url: str = Field(default="redis://127.0.0.1:6379/0", description="broker, results and events")
+    redis_url: str = Field(default="redis://127.0.0.1:6379/0", description="broker, results and events: redis://, "
+                           "rediss:// (TLS, certificate verified) or sentinel://h:26379;sentinel://h2:26379/0"
+                           "?master_name=NAME (tasks/redis_connect.py); Redis Cluster is not supported")
+    # TLS of rediss:// (and sentinel://...?ssl=true); the URL's ssl_* query options win over these
+    redis_ca_certs: str | None = Field(default=None, description="CA file (PEM) that signs the Redis server's "
+                                                                 "certificate (default: the system CA bundle)")
+    redis_certfile: str | None = Field(default=None, description="client certificate (PEM) for Redis TLS")
+    redis_keyfile: str | None = Field(default=None, description="the client certificate's key (PEM)")
     database_url: str = Field(default_factory=_default_database_url, description="the job store; Postgres in production")
     config: str | None = Field(default=None, description="path of agent.yml (default conf/agent.yml if present)")
     visibility_timeout_s: int = Field(default=3600, gt=0,

@@ -29,7 +29,7 @@ from typing import Any
 import redis
 from kombu.transport import redis as kombu_redis
 
-__all__ = ["Transport"]
+__all__ = ["SentinelTransport", "Transport"]
 
 logger = logging.getLogger("datus_queue.tasks.transport")
 _BAD_BODY = (ValueError, KeyError, TypeError, AttributeError)
@@ -81,3 +81,15 @@ class GuardedChannel(kombu_redis.Channel):
 
 class Transport(kombu_redis.Transport):
     Channel = GuardedChannel
+
+
+class GuardedSentinelChannel(GuardedChannel, kombu_redis.SentinelChannel):
+    """kombu's Sentinel channel (it asks the sentinels for the master on every (re)connect) with
+    the three changes above: the method resolution order puts `GuardedChannel`'s overrides first
+    and `SentinelChannel`'s pools below them."""
+
+
+class SentinelTransport(kombu_redis.SentinelTransport):
+    """For ``sentinel://`` URLs (`tasks.redis_connect`)."""
+
+    Channel = GuardedSentinelChannel

@@ -346,8 +346,28 @@ def _version() -> str:
         return "unknown (not installed)"
 
 
+def _unsupported_redis_url() -> str | None:
+    """Why ``DQ_REDIS_URL`` cannot be used (`tasks.redis_connect`), or None."""
+    from datus_queue.tasks.redis_connect import UnsupportedRedisURL, parse
+    from datus_queue.tasks.settings import get_settings
+
+    try:
+        settings = get_settings()
+    except Exception:  # noqa: BLE001 - reported where the settings are used
+        return None
+    try:
+        parse(settings.redis_url, settings)
+    except UnsupportedRedisURL as exc:
+        return str(exc)
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
+    refused = _unsupported_redis_url() if argv[:1] not in ([], ["-h"], ["--help"]) else None
+    if refused:  # e.g. Redis Cluster: said at start, by every command, before anything connects
+        err.print(f"dq: {refused}", markup=False)
+        return 2
     if argv[:1] == ["worker"]:
         run_worker(argv[1:])
     if argv[:1] == ["beat"]:

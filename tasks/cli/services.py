@@ -51,13 +51,15 @@ def local_redis(workdir: Path) -> Iterator[str]:
     """A throwaway redis-server on a free loopback port, keeping nothing on disk."""
     import redis
 
+    from datus_queue.tasks.redis_connect import connect
+
     port = free_port()
     proc = subprocess.Popen([redis_server_binary(), "--port", str(port), "--bind", "127.0.0.1", "--save", "",
                              "--appendonly", "no", "--dir", str(workdir)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"redis://127.0.0.1:{port}/0"
     try:
-        client = redis.Redis.from_url(url)
+        client = connect(url)
         for _ in range(100):
             with contextlib.suppress(redis.exceptions.ConnectionError):
                 if client.ping():

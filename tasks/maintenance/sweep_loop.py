@@ -43,13 +43,12 @@ class SweepLoop:
     """The sweeps of one worker process. ``store`` is the process's `JobStore`, ``app`` its Celery app."""
 
     def __init__(self, settings: Settings, store: Any, app: Any, node: str | None = None) -> None:
-        import redis
+        from datus_queue.tasks.redis_connect import connect
 
         self.settings, self.store, self.app = settings, store, app
         self.node = node or f"{socket.gethostname()}:{os.getpid()}"
         # a client of its own with timeouts: a Redis that stops answering must not hang the loop
-        self.redis = redis.Redis.from_url(settings.redis_url, socket_timeout=30, socket_connect_timeout=5,
-                                          health_check_interval=30)
+        self.redis = connect(settings, socket_timeout=30, socket_connect_timeout=5, health_check_interval=30)
         self.every_s = max(0.05, settings.sweep_interval_s / 4)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -111,8 +110,7 @@ class SweepLoop:
 
 
 def _where(url: str) -> str:
-    """host:port/db of a Redis URL, without its password."""
-    from urllib.parse import urlsplit
+    """host:port/db of a Redis URL (each sentinel's), without its password."""
+    from datus_queue.tasks.redis_connect import where
 
-    parts = urlsplit(url)
-    return f"{parts.hostname or 'localhost'}:{parts.port or 6379}{parts.path or ''}"
+    return where(url)

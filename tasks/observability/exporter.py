@@ -121,17 +121,17 @@ class FleetCollector(Collector):
 
 def serve_fleet_metrics(port: int, addr: str = "0.0.0.0", stop: threading.Event | None = None) -> None:
     """Serve the fleet's gauges on ``addr:port`` until SIGTERM/SIGINT (or ``stop``)."""
-    import redis
     from prometheus_client import start_http_server
 
     from datus_queue.tasks.app import app
+    from datus_queue.tasks.redis_connect import connect
     from datus_queue.tasks.settings import get_settings
     from datus_queue.tasks.store import JobStore
 
     settings = get_settings()
     registry = CollectorRegistry()
     # timeouts: a scrape must not hang on a Redis that stops answering
-    client = redis.Redis.from_url(settings.redis_url, socket_timeout=5, socket_connect_timeout=2)
+    client = connect(settings, socket_timeout=5, socket_connect_timeout=2)
     make_store: Callable[[], Any] = lambda: JobStore(settings.database_url)
     registry.register(FleetCollector(client, make_store, dict(app.conf.broker_transport_options or {})))
     server, thread = start_http_server(port, addr=addr, registry=registry)

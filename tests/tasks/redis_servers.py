@@ -1,0 +1,195 @@
+"""Real Redis topologies for tests/tasks/test_redis_tls.py and test_redis_sentinel.py, each
+process on a free loopback port of its own, stopped (and waited for) by ``close()``:
+
+- `make_ca` / `TlsRedis`: a CA and a server certificate made here (the ``cryptography``
+  package), and a ``redis-server --port 0 --tls-port P`` that speaks TLS only;
+- `SentinelSet`: one master, one replica (``--replicaof``) and sentinels monitoring them as
+  ``mymaster``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import ipaddress
+import subprocess
+import time
+from pathlib import Path
+
+import redis
+
+from datus_queue.tasks.cli.services import free_port, redis_server_binary
+
+MASTER_NAME = "mymaster"
+
+
+# -- certificates -----------------------------------------------------------------------------
+
+
+def make_ca(directory: Path, name: str) -> tuple[Path, Path, Path]:
+    """A CA (``<name>-ca.pem``) and a server certificate it signs for 127.0.0.1 and localhost
+    (``<name>-server.pem`` + ``-server.key``)."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    directory.mkdir(parents=True, exist_ok=True)
+    now = datetime.datetime.now(datetime.UTC)
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"dq test CA {name}")])
+    ca = (x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name).public_key(ca_key.public_key())
+          .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))
+          .not_valid_after(now + datetime.timedelta(days=1))
+          .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+          .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True,
+                                       content_commitment=False, key_encipherment=False, data_encipherment=False,
+                                       key_agreement=False, encipher_only=False, decipher_only=False), critical=True)
+          .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), critical=False)
+          .sign(ca_key, hashes.SHA256()))
+    key = ec.generate_private_key(ec.SECP256R1())
+    server = (x509.CertificateBuilder()
+              .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")]))
+              .issuer_name(ca_name).public_key(key.public_key()).serial_number(x509.random_serial_number())
+              .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=1))
+              .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost"),
+                                                          x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+                             critical=False)
+              .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+              .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+              .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
+              .sign(ca_key, hashes.SHA256()))
+    ca_path, cert_path, key_path = (directory / f"{name}-ca.pem", directory / f"{name}-server.pem",
+                                    directory / f"{name}-server.key")
+    ca_path.write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    cert_path.write_bytes(server.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    return ca_path, cert_path, key_path
+
+
+# -- processes --------------------------------------------------------------------------------
+
+
+def _wait(check: "callable", proc: subprocess.Popen[bytes], what: str, timeout: float = 20.0) -> None:  # type: ignore[valid-type]
+    deadline = time.monotonic() + timeout
+    while True:
+        with contextlib.suppress(redis.exceptions.RedisError, OSError):
+            if check():
+                return
+        if proc.poll() is not None:
+            raise RuntimeError(f"{what} exited at start (code {proc.returncode})")
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{what} did not answer within {timeout}s")
+        time.sleep(0.05)
+
+
+class _Processes:
+    def __init__(self) -> None:
+        self.procs: list[subprocess.Popen[bytes]] = []
+
+    def spawn(self, args: list[str], log: Path) -> subprocess.Popen[bytes]:
+        with open(log, "wb") as out:
+            proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        self.procs.append(proc)
+        return proc
+
+    def close(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.terminate()
+        for proc in self.procs:
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(10)
+
+
+class TlsRedis(_Processes):
+    """A redis-server that speaks TLS only (``--port 0``), with ``cert``/``key`` signed by ``ca``."""
+
+    def __init__(self, directory: Path, ca: Path, cert: Path, key: Path) -> None:
+        super().__init__()
+        directory.mkdir(parents=True, exist_ok=True)
+        self.port = free_port()
+        self.url = f"rediss://127.0.0.1:{self.port}/0"
+        proc = self.spawn([redis_server_binary(), "--port", "0", "--tls-port", str(self.port), "--bind", "127.0.0.1",
+                           "--tls-cert-file", str(cert), "--tls-key-file", str(key), "--tls-ca-cert-file", str(ca),
+                           "--tls-auth-clients", "no", "--save", "", "--appendonly", "no", "--dir", str(directory)],
+                          directory / "redis.log")
+        client = redis.Redis(host="127.0.0.1", port=self.port, ssl=True, ssl_ca_certs=str(ca))
+        try:
+            _wait(client.ping, proc, "redis-server (TLS)")
+        finally:
+            client.close()
+
+
+class SentinelSet(_Processes):
+    """A master, a replica and ``sentinels`` sentinels (quorum ``quorum``) monitoring ``mymaster``."""
+
+    def __init__(self, directory: Path, sentinels: int = 3, quorum: int = 2) -> None:
+        super().__init__()
+        directory.mkdir(parents=True, exist_ok=True)
+        self.directory = directory
+        self.master_port, self.replica_port = free_port(), free_port()
+        common = ["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+        for name, port, extra in (("master", self.master_port, []),
+                                  ("replica", self.replica_port, ["--replicaof", "127.0.0.1", str(self.master_port)])):
+            (directory / name).mkdir(exist_ok=True)
+            proc = self.spawn([redis_server_binary(), "--port", str(port), *common, "--dir", str(directory / name),
+                               *extra], directory / f"{name}.log")
+            client = redis.Redis(port=port)
+            _wait(client.ping, proc, f"redis-server ({name})")
+            client.close()
+        replica = redis.Redis(port=self.replica_port)
+        _wait(lambda: replica.info("replication").get("master_link_status") == "up", self.procs[-1],
+              "the replica's link to the master")
+        replica.close()
+        self.sentinel_ports: list[int] = []
+        for number in range(sentinels):
+            port = free_port()
+            conf = directory / f"sentinel-{number}.conf"  # sentinels rewrite their config file
+            conf.write_text(f"port {port}\nbind 127.0.0.1\ndir {directory}\n"
+                            f"sentinel monitor {MASTER_NAME} 127.0.0.1 {self.master_port} {quorum}\n"
+                            f"sentinel down-after-milliseconds {MASTER_NAME} 1000\n"
+                            f"sentinel failover-timeout {MASTER_NAME} 10000\n"
+                            f"sentinel parallel-syncs {MASTER_NAME} 1\n", encoding="utf-8")
+            proc = self.spawn([redis_server_binary(), str(conf), "--sentinel"], directory / f"sentinel-{number}.log")
+            client = redis.Redis(port=port)
+            _wait(client.ping, proc, f"redis-sentinel {number}")
+            client.close()
+            self.sentinel_ports.append(port)
+        for port in self.sentinel_ports:  # each knows the replica and the other sentinels
+            client = redis.Redis(port=port, decode_responses=True)
+            _wait(lambda c=client: (int(c.sentinel_master(MASTER_NAME)["num-slaves"]) >= 1
+                                    and int(c.sentinel_master(MASTER_NAME)["num-other-sentinels"]) >= sentinels - 1),
+                  self.procs[-1], "the sentinels to find the replica and each other", timeout=30)
+            client.close()
+
+    def url(self, db: int = 0) -> str:
+        sentinels = ";".join(f"sentinel://127.0.0.1:{port}" for port in self.sentinel_ports)
+        return f"{sentinels}/{db}?master_name={MASTER_NAME}"
+
+    def master_port_now(self) -> int:
+        client = redis.Redis(port=self.sentinel_ports[0], decode_responses=True)
+        try:
+            return int(client.sentinel_get_master_addr_by_name(MASTER_NAME)[1])
+        finally:
+            client.close()
+
+    def failover(self) -> int:
+        """``SENTINEL FAILOVER``: the replica becomes the master, the old master its replica;
+        returns the new master's port once the sentinels announce it."""
+        old = self.master_port_now()
+        client = redis.Redis(port=self.sentinel_ports[0])
+        try:
+            client.execute_command("SENTINEL", "FAILOVER", MASTER_NAME)
+        finally:
+            client.close()
+        deadline = time.monotonic() + 30
+        while (new := self.master_port_now()) == old:
+            if time.monotonic() > deadline:
+                raise AssertionError("the sentinels did not announce a new master within 30 s")
+            time.sleep(0.05)
+        return new

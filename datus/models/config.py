@@ -118,6 +118,10 @@ class ModelConfig(BaseModel):
     save_llm_trace: bool = False
     trace_dir: str | None = Field(default=None, description="default ~/.datus/traces")
     context_length: int | None = Field(default=None, gt=0, description="override the known window")
+    max_tool_result_chars: int = Field(
+        default=65_536, gt=0, description="a tool's answer longer than this (characters) reaches the model cut "
+                                          "to this length, marked '[truncated: N of M characters; narrow the "
+                                          "query]'; its step says output['truncated']")
     prompt_cache: Literal["auto", "off"] = "auto"
     http_client: Literal["aiohttp", "httpx"] = Field(
         default="aiohttp", description="the async SDK client's HTTP stack (OpenAI-compatible and Claude)")

@@ -16,7 +16,8 @@ Steps (``action_type``), shaped as Datus-agent's callers read them:
 - one per tool call, named after the tool (TOOL): ``messages`` is ``Tool call: name('args...')``,
   ``input`` holds ``function_name``, ``arguments``, ``tool``, ``server``, ``call_id``; ``output``
   holds ``success``, ``raw_output`` (the tool's raw return value: a Datus function tool's dict,
-  an MCP tool's text), ``summary``, ``status_message``, ``error`` when it failed; SUCCESS
+  an MCP tool's text), ``summary``, ``status_message``, ``error`` when it failed, and
+  ``truncated`` (with ``original_chars``) when the answer was over the run's cap; SUCCESS
   once the tool answered, whatever it answered (a tool's failure goes back to the model, and
   ``output["success"]`` says it failed), ``end_time`` set. Live runs yield it first as
   PROCESSING, then again finished under the same ``action_id``;
@@ -24,6 +25,15 @@ Steps (``action_type``), shaped as Datus-agent's callers read them:
   answer's text), ``content`` (validated into the output type), ``sql_contexts``, ``usage``
   (`Usage.to_dict`: ``total_tokens`` and the other keys Datus reads), ``turns_used``, ``model``;
 - ``error`` (WORKFLOW, FAILED) — live runs only — just before a model error is raised.
+
+A tool's answer longer than ``max_tool_result_chars`` (the model config's, or a run's
+keyword; a journal's ``max_tool_result_chars`` lowers it) reaches the model cut to that many
+characters and marked ``[truncated: N of M characters; narrow the query]`` — MCP tools and
+Python function tools alike, plain and streamed, for every provider (the cut is made on the
+tool message every provider's message builder reads). The step's ``raw_output`` is bounded
+the same way (a text: exactly what the model read; a structured value: shrunk in place,
+`datus.models.output_bounds.shrink_json`), and the journal records what the model read, so a
+resumed run replays the same truncated text.
 
 A live run (``live_steps``: the job system's) yields every step; otherwise only finished steps
 are yielded, as Datus-agent's own model layer does. Every yielded step is added to the
@@ -60,6 +70,7 @@ from datus.models.hooks import RunHooks, hook_tool
 from datus.models.json_output import JsonOutputInvalid, normalize_response_format, parse_json_output
 from datus.models.mcp_result_extractors import extract_sql_contexts
 from datus.models.messages import ChatMessage, ToolCall
+from datus.models.output_bounds import DEFAULT_TOOL_RESULT_CHARS, cap_text, shrink_json
 from datus.models.run_journal import ResumeState, RunJournal, RunStart, RunStep, step_id, turn_id
 from datus.models.usage import Usage
 from datus.schemas.action_history import ActionHistory, ActionHistoryManager, ActionRole, ActionStatus
@@ -114,9 +125,15 @@ class ToolRun:
         journal: RunJournal | None = None,
         session_messages: int = 0,
         hooks: RunHooks | None = None,
+        max_tool_result_chars: int | None = DEFAULT_TOOL_RESULT_CHARS,
     ) -> None:
         if max_turns < 1:
             raise ValueError("max_turns must be at least 1")
+        # a journal that keeps results under a smaller cap lowers the model's: what the model
+        # reads is exactly what the journal holds, so a resumed run replays it faithfully
+        journal_cap = getattr(journal, "max_tool_result_chars", None)
+        caps = [int(cap) for cap in (max_tool_result_chars, journal_cap) if cap is not None]
+        self.max_tool_result_chars: int | None = min(caps) if caps else None
         self.model = model
         self.messages = list(messages)
         self.new_messages: list[ChatMessage] = []
@@ -344,13 +361,16 @@ class ToolRun:
             outcome = ToolOutcome(problem, is_error=True)
         else:
             outcome = await self._call_tool(tool, call, arguments or {}, action.action_id)
+        text, total = cap_text(outcome.text, self.max_tool_result_chars)
         output = _tool_output(outcome)
+        if total is not None:
+            _mark_truncated(output, outcome, text, total, self.max_tool_result_chars or 0)
         if resumed:
             output["resumed"] = True
         # the step is done either way: a tool's failure is an answer the model reads and works
         # with, not a failed run (Datus's API turns every FAILED step into an error event)
         status = ActionStatus.SUCCESS
-        message = ChatMessage(role="tool", tool_call_id=call.id, name=call.name, content=outcome.text)
+        message = ChatMessage(role="tool", tool_call_id=call.id, name=call.name, content=text)
         finished = self._finish_step(action, status, output)
         await self._checkpoint(RunStep(kind="tool", turn=turn, call=index, message=message,
                                        action=_json_safe(finished)))
@@ -403,6 +423,19 @@ def _tool_output(outcome: ToolOutcome) -> dict[str, Any]:
     if failed:
         output["error"] = reported or outcome.text
     return output
+
+
+def _mark_truncated(output: dict[str, Any], outcome: ToolOutcome, text: str, total: int, limit: int) -> None:
+    """A tool step whose answer was cut to ``text`` for the model: ``raw_output`` (and ``error``)
+    bounded alike, and the step says so."""
+    if outcome.raw is None or isinstance(outcome.raw, str):
+        output["raw_output"] = text  # exactly what the model read
+    else:  # keep a structured value's shape (Datus's read_query dict): its long parts are cut
+        output["raw_output"], _ = shrink_json(to_jsonable_python(outcome.raw, fallback=str), limit)
+    if "error" in output and isinstance(output["error"], str):
+        output["error"] = cap_text(output["error"], limit)[0]
+    output["truncated"] = True
+    output["original_chars"] = total
 
 
 def _summary(raw: Any, failed: bool, error: str) -> str:

@@ -16,6 +16,7 @@ from datus.models.function_tools import Tool, as_tools
 from datus.models.hooks import RunHooks
 from datus.models.json_output import normalize_response_format
 from datus.models.messages import ChatMessage, Prompt, to_messages
+from datus.models.output_bounds import DEFAULT_TOOL_RESULT_CHARS
 from datus.models.tool_loop import ToolRun, output_hint
 from datus.schemas.action_history import ActionHistoryManager
 
@@ -48,6 +49,9 @@ async def prepared_run(
     kwargs = dict(kwargs)
     db_type = kwargs.pop("db_type", "datus_sql")
     sql_functions = kwargs.pop("sql_functions", None)
+    # a tool's answer reaches the model cut to this many characters (tool_loop: the cap)
+    max_tool_result_chars = kwargs.pop("max_tool_result_chars", None) or getattr(
+        getattr(model, "model_config", None), "max_tool_result_chars", None) or DEFAULT_TOOL_RESULT_CHARS
     agent_config = getattr(model, "agent_config", None)
     if sql_functions is None and agent_config is not None:
         sql_functions = _configured_sql_functions(agent_config)
@@ -79,7 +83,7 @@ async def prepared_run(
             model, messages, by_name, options, output_type=output_type, max_turns=max_turns, stream=stream,
             live_steps=live_steps, manager=manager, db_type=db_type, sql_functions=sql_functions,
             user_text=user_text, journal=journal, session_messages=len(history),
-            hooks=RunHooks(hooks, run_context, agent),
+            hooks=RunHooks(hooks, run_context, agent), max_tool_result_chars=max_tool_result_chars,
         )
         yield run
     if run.result is not None and session_obj is not None:

@@ -2,9 +2,9 @@
 
     python tests/fakes/mcp_tool_server.py [--delay 1] [--transport streamable-http --port N] [--record FILE]
 
-Tools: ``echo``, ``pid`` (to kill it from a test), ``add_tool`` (adds a tool, and announces
-the change unless ``notify=False``), ``announce`` (announces a change), ``fail`` (a tool
-error), ``structured`` (structured content), ``exit_now`` (dies in the middle of a call),
+Tools: ``echo``, ``blob`` (a text of any size), ``pid`` (to kill it from a test), ``add_tool``
+(adds a tool, and announces the change unless ``notify=False``), ``announce`` (announces a
+change), ``fail`` (a tool error), ``structured`` (structured content), ``exit_now`` (dies in the middle of a call),
 ``record`` (appends ``call <tag> <pid>`` to the ``--record`` file; its first call of a tag holds ``hold_s``; the
 server appends ``start <pid>`` there when it starts: a test counts calls and processes).
 Change notices go out on both MCP eras: to ``subscriptions/listen`` streams (2026-07-28)
@@ -43,6 +43,12 @@ def _recorded(tag: str) -> bool:
 def echo(text: str) -> str:
     """Return the text."""
     return text
+
+
+@server.tool()
+def blob(size: int, char: str = "x") -> str:
+    """A text of `size` characters (an answer too big for the model's context)."""
+    return (char or "x")[0] * size
 
 
 @server.tool()

@@ -1,163 +1,75 @@
-"""A read-only SQL MCP server over any SQLAlchemy URL (SQLite, Postgres, ...)::
+"""A read-only SQL MCP server over any SQLAlchemy URL (SQLite, Postgres, MySQL/MariaDB, ...)::
 
-    python -m datus.mcp_servers.sql_server --url sqlite:///path/to.db [--max-rows 200] [--timeout-s 10]
+    python -m datus.mcp_servers.sql_server --url sqlite:///path/to.db [--max-rows 200] [--max-bytes 256000]
+        [--max-cell-bytes 16000] [--timeout-s 10]
     DQ_SQL_URL=postgresql://reader@db/warehouse python -m datus.mcp_servers.sql_server
 
-Tools: ``list_tables``, ``describe_table``, ``read_query``. Writes are refused twice over:
-each query is parsed (sqlglot) and must be exactly one read (SELECT, WITH ... SELECT, VALUES,
-or EXPLAIN of those), and it then runs where the database itself refuses writes: SQLite is
-opened ``mode=ro`` with ``PRAGMA query_only`` and no ATTACH, Postgres runs inside ``SET TRANSACTION READ
-ONLY``. Other databases get the parser check only, so give the server a read-only user
-there (and everywhere: a read can still be expensive, or call a function with side effects).
+Tools: ``list_tables``, ``describe_table``, ``read_query``. Queries run through the one read-only
+executor (`datus.models.sql_readonly`), shared with the batch scorer: the database refuses writes
+(SQLite ``mode=ro`` + ``PRAGMA query_only``, no ATTACH; Postgres ``SET TRANSACTION READ ONLY``;
+MySQL/MariaDB ``START TRANSACTION READ ONLY``), and the parser (sqlglot) is a second wall that
+takes exactly one read (SELECT, WITH ... SELECT, VALUES, EXPLAIN of those) and refuses MySQL
+executable comments. Give the server a read-only user all the same: a read can be expensive, or
+call a function with side effects, and a read-only transaction does not stop ``INTO OUTFILE``.
+
+Results are bounded in rows, bytes (as JSON) and per cell (``DQ_SQL_MAX_ROWS``,
+``DQ_SQL_MAX_BYTES``, ``DQ_SQL_MAX_CELL_BYTES`` or the options); a cut result says so
+(``"truncated": true`` with ``truncated_by`` and a ``reason``), a cut cell ends in
+``…[truncated N bytes]``. Fetching and serialising count against the timeout.
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime as dt
-import decimal
 import json
 import logging
-import math
 import os
-import re
-import sqlite3
 import sys
-import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Annotated, Any
 
-import sqlglot
-import sqlglot.errors
 from pydantic import Field
 from sqlalchemy import inspect, text
-from sqlalchemy.engine import URL, Engine, make_url
+from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import NoSuchTableError, SQLAlchemyError
-from sqlglot import exp
 
-from datus.models.sql_engines import create_read_only_engine, with_driver
+from datus.models.sql_readonly import (
+    OutputLimits,
+    ReadOnlyExecutor,
+    ReadOnlyViolation,
+    check_read_only,
+)
+from datus.models.sql_readonly import error_text as _error_text
 
 __all__ = ["ReadOnlyDatabase", "ReadOnlyViolation", "build_server", "check_read_only", "main", "stdio_config"]
 
 logger = logging.getLogger(__name__)
 
-
-class ReadOnlyViolation(ValueError):
-    """The SQL is not exactly one read statement (or does not parse)."""
-
-
-# Refused anywhere in the tree, not only at the top: Postgres' `WITH d AS (DELETE ...
-# RETURNING *) SELECT ...` is a SELECT at the root, `SELECT ... INTO t` creates a table.
-_FORBIDDEN: tuple[type[exp.Expression], ...] = tuple(
-    getattr(exp, name)
-    for name in (
-        "Insert", "Update", "Delete", "Merge", "Create", "Drop", "Alter", "TruncateTable", "Command",
-        "Pragma", "Attach", "Detach", "Copy", "Transaction", "Commit", "Rollback", "Set", "Use",
-        "Into", "Lock", "LoadData", "Grant", "Revoke", "Analyze", "Cache", "Uncache", "Refresh",
-        "Kill", "Comment", "Export", "Declare",
-    )
-    if hasattr(exp, name)
-)
-_READ_ROOTS = (exp.Select, exp.SetOperation, exp.Values, exp.Subquery)
-_KINDS = {"Into": "SELECT ... INTO", "Lock": "a locking clause (FOR UPDATE/SHARE)", "SetOperation": "a set operation"}
-# EXPLAIN options that only plan; ANALYZE would run the statement, so it is not here.
-_EXPLAIN_OPTIONS = frozenset({
-    "QUERY", "PLAN", "VERBOSE", "COSTS", "SETTINGS", "GENERIC_PLAN", "SUMMARY", "BUFFERS", "MEMORY",
-    "FORMAT", "JSON", "TEXT", "XML", "YAML", "TRUE", "FALSE", "ON", "OFF", "0", "1", "(", ")", ",",
-})
-_STATEMENT_START = frozenset({"SELECT", "WITH", "VALUES"})
-_SQLGLOT_DIALECTS = {
-    "postgresql": "postgres", "mssql": "tsql", "mariadb": "mysql", "sqlite": "sqlite", "mysql": "mysql",
-    "oracle": "oracle", "duckdb": "duckdb", "snowflake": "snowflake", "bigquery": "bigquery",
-    "trino": "trino", "clickhouse": "clickhouse", "redshift": "redshift", "databricks": "databricks",
-}
-_ANSI = re.compile(r"\x1b\[[0-9;]*m")
 _Schema = Annotated[str | None, Field(description="database schema; default: the connection's default schema")]
-
-
-def check_read_only(sql: str, dialect: str | None = None) -> str:
-    """Raise `ReadOnlyViolation` unless ``sql`` is exactly one read statement; return its kind,
-    ``"explain"`` or ``"query"``."""
-    try:
-        statements = [s for s in sqlglot.parse(sql, read=dialect) if s is not None]
-    except sqlglot.errors.SqlglotError as exc:
-        raise ReadOnlyViolation(f"could not parse the SQL: {_parse_message(exc)}") from None
-    if not statements:
-        raise ReadOnlyViolation("the query is empty")
-    if len(statements) > 1:
-        raise ReadOnlyViolation(f"one statement per query, found {len(statements)}")
-    statement = statements[0]
-    if isinstance(statement, exp.Command) and str(statement.this).upper() == "EXPLAIN":
-        _check_explain(statement.expression.name if statement.expression else "", dialect)
-        return "explain"
-    if isinstance(statement, exp.Condition) and not isinstance(statement, exp.Query):
-        # a bare expression ('selec', 'x + 1') is what sqlglot makes of a mistyped keyword
-        raise ReadOnlyViolation(f"{sql.strip()[:60]!r} is not a SQL statement")
-    if not isinstance(statement, _READ_ROOTS):
-        raise ReadOnlyViolation(
-            f"only reads are allowed (SELECT, WITH ... SELECT, VALUES, EXPLAIN), not {_kind(statement)}"
-        )
-    for node in statement.walk():
-        if isinstance(node, _FORBIDDEN):
-            raise ReadOnlyViolation(f"only reads are allowed; the query contains {_kind(node)}")
-    return "query"
-
-
-def _check_explain(rest: str, dialect: str | None) -> None:
-    # sqlglot keeps EXPLAIN's body as raw text: skip the planning options, then the body
-    # must itself pass as a read (tokens drop comments, so `/**/ ANALYZE` is still seen).
-    try:
-        tokens = sqlglot.tokenize(rest, read=dialect)
-    except sqlglot.errors.SqlglotError as exc:
-        raise ReadOnlyViolation(f"could not parse the SQL: {_parse_message(exc)}") from None
-    for index, token in enumerate(tokens):
-        word = token.text.upper()
-        following = tokens[index + 1].text.upper() if index + 1 < len(tokens) else ""
-        if word in _STATEMENT_START or (word == "(" and following in _STATEMENT_START):
-            check_read_only(rest[token.start:], dialect)
-            return
-        if word not in _EXPLAIN_OPTIONS:
-            raise ReadOnlyViolation(
-                f"EXPLAIN takes planning options (never ANALYZE) and a read statement, not {token.text!r}"
-            )
-    raise ReadOnlyViolation("EXPLAIN needs a SELECT, WITH ... SELECT or VALUES statement")
-
-
-def _kind(node: exp.Expression) -> str:
-    name = type(node).__name__
-    if isinstance(node, exp.Command):
-        return str(node.this).upper()
-    return _KINDS.get(name, name.upper())
-
-
-def _parse_message(exc: sqlglot.errors.SqlglotError) -> str:
-    errors = getattr(exc, "errors", None) or []
-    if errors:
-        first = errors[0]
-        where = f"line {first.get('line')}, column {first.get('col')}"
-        return f"{first.get('description')} near {first.get('highlight')!r} ({where})"
-    return _ANSI.sub("", str(exc)).strip()
 
 
 class ReadOnlyDatabase:
     """One database, opened so that it refuses writes wherever the database can."""
 
-    def __init__(self, url: str | URL, *, max_rows: int = 200, timeout_s: float = 10.0) -> None:
-        if max_rows < 1 or timeout_s <= 0:
+    def __init__(self, url: str | URL, *, max_rows: int | None = None, timeout_s: float = 10.0,
+                 max_bytes: int | None = None, max_cell_bytes: int | None = None) -> None:
+        if (max_rows is not None and max_rows < 1) or timeout_s <= 0:
             raise ValueError("max_rows must be at least 1 and timeout_s positive")
-        self.url = with_driver(url)
-        self.max_rows = max_rows
+        given = {name: value for name, value in (("max_rows", max_rows), ("max_bytes", max_bytes),
+                                                 ("max_cell_bytes", max_cell_bytes)) if value is not None}
+        self.limits = OutputLimits(**{**_asdict(OutputLimits.from_env()), **given})  # options over DQ_SQL_*
+        self.executor = ReadOnlyExecutor(url, timeout_s=timeout_s, limits=self.limits)
+        self.engine = self.executor.engine
+        self.url = self.executor.url
+        self.max_rows = self.limits.max_rows
         self.timeout_s = timeout_s
-        self.backend = self.url.get_backend_name()
-        self.dialect = _SQLGLOT_DIALECTS.get(self.backend)
-        self.engine = _create_engine(self.url)
+        self.backend = self.executor.backend
+        self.dialect = self.executor.dialect
 
     def ping(self) -> None:
         self.execute("SELECT 1")
 
     def dispose(self) -> None:
-        self.engine.dispose()
+        self.executor.dispose()
 
     def list_tables(self, schema: str | None = None) -> dict[str, list[str]]:
         inspector = inspect(self.engine)  # a fresh inspector: it caches, and tables change
@@ -205,64 +117,15 @@ class ReadOnlyDatabase:
         return described
 
     def execute(self, sql: str, *, stream: bool = True) -> dict[str, Any]:
-        """Run one statement where the database refuses writes; at most ``max_rows`` rows.
+        """Run one statement where the database refuses writes; its result within the limits.
 
-        No parsing here (that is `check_read_only`): this is the second wall. ``stream`` reads
-        Postgres rows through a server-side cursor (SELECT and VALUES only, not EXPLAIN)."""
-        # A raw DBAPI cursor: SQLAlchemy's text() would read ':name' as a bind parameter and
-        # psycopg2 would read '%' as a placeholder; the SQL must reach the database verbatim.
-        raw = self.engine.raw_connection()
-        try:
-            with self._read_only_transaction(raw):
-                # psycopg's plain cursor would fetch every row into memory, not just max_rows + 1.
-                named = stream and self.backend == "postgresql"
-                cursor = raw.cursor(name=f"datus_read_{os.getpid()}") if named else raw.cursor()
-                try:
-                    cursor.execute(sql)
-                    # a named cursor describes its columns only after the first fetch
-                    rows = list(cursor.fetchmany(self.max_rows + 1)) if named or cursor.description else []
-                    columns = [d[0] for d in cursor.description or ()]
-                finally:
-                    cursor.close()
-        finally:
-            try:
-                raw.rollback()
-            finally:
-                raw.close()
-        truncated = len(rows) > self.max_rows
-        kept = [[_json_value(value) for value in row] for row in rows[: self.max_rows]]
-        return {"columns": columns, "rows": kept, "row_count": len(kept), "truncated": truncated}
-
-    @contextmanager
-    def _read_only_transaction(self, raw: Any) -> Iterator[None]:
-        if self.backend == "postgresql":
-            setup = raw.cursor()
-            setup.execute("SET TRANSACTION READ ONLY")
-            setup.execute(f"SET LOCAL statement_timeout = {int(self.timeout_s * 1000)}")
-            setup.close()
-            yield
-        elif self.backend == "sqlite":
-            # sqlite3 has no statement timeout: a progress handler aborts the query at the deadline.
-            deadline = time.monotonic() + self.timeout_s
-            connection = raw.driver_connection
-            connection.set_progress_handler(lambda: int(time.monotonic() > deadline), 10_000)
-            try:
-                yield
-            except sqlite3.OperationalError as exc:
-                if "interrupted" in str(exc):
-                    raise TimeoutError(f"the query ran longer than {self.timeout_s:g}s and was stopped") from None
-                raise
-            finally:
-                connection.set_progress_handler(None, 0)
-        else:
-            yield
+        No parsing here (that is `check_read_only`): this is the database's wall alone. ``stream``
+        reads rows through a server-side / unbuffered cursor (reads only, not EXPLAIN)."""
+        return self.executor.execute(sql, stream=stream).to_dict()
 
 
-def _create_engine(url: URL) -> Engine:
-    if url.get_backend_name() not in ("sqlite", "postgresql"):
-        logger.warning("%s: writes are refused by the SQL check only; connect as a read-only user",
-                       url.get_backend_name())
-    return create_read_only_engine(url)
+def _asdict(limits: OutputLimits) -> dict[str, int]:
+    return {"max_rows": limits.max_rows, "max_bytes": limits.max_bytes, "max_cell_bytes": limits.max_cell_bytes}
 
 
 def _type_name(column_type: Any) -> str:
@@ -270,32 +133,6 @@ def _type_name(column_type: Any) -> str:
         return str(column_type)
     except Exception:  # some dialect types cannot compile without their dialect
         return type(column_type).__name__
-
-
-def _json_value(value: Any) -> Any:
-    if value is None or isinstance(value, (bool, int, str)):
-        return value
-    if isinstance(value, float):
-        return value if math.isfinite(value) else str(value)
-    if isinstance(value, decimal.Decimal):
-        if not value.is_finite():
-            return str(value)
-        return int(value) if value == value.to_integral_value() else float(value)
-    if isinstance(value, (dt.date, dt.time)):  # datetime is a date
-        return value.isoformat()
-    if isinstance(value, (bytes, bytearray, memoryview)):
-        return bytes(value).hex()
-    if isinstance(value, (list, tuple)):
-        return [_json_value(item) for item in value]
-    if isinstance(value, dict):
-        return {str(key): _json_value(item) for key, item in value.items()}
-    return str(value)
-
-
-def _error_text(exc: BaseException) -> str:
-    # The DBAPI's own message, without SQLAlchemy's "(Background on this error ...)" link.
-    original = getattr(exc, "orig", None) or exc
-    return " ".join(str(original).split()) or type(original).__name__
 
 
 def _shown_url(url: str) -> str:
@@ -320,7 +157,8 @@ def build_server(db: ReadOnlyDatabase) -> Any:
         "datus-sql",
         instructions=(
             f"Read-only access to a {db.backend} database. Find tables with list_tables, their columns with "
-            f"describe_table, then run one SELECT at a time with read_query (at most {db.max_rows} rows)."
+            f"describe_table, then run one SELECT at a time with read_query (at most {db.max_rows} rows and "
+            f"{db.limits.max_bytes} bytes of JSON; a longer cell is cut and ends in '…[truncated N bytes]')."
         ),
     )
 
@@ -347,10 +185,12 @@ def build_server(db: ReadOnlyDatabase) -> Any:
 
     @server.tool(annotations=reads, structured_output=False)
     def read_query(query: Annotated[str, Field(description="one SELECT, WITH ... SELECT, VALUES or EXPLAIN")]) -> str:
-        """Run one read-only SQL statement; JSON {"columns", "rows", "row_count", "truncated"}, rows capped."""
+        """Run one read-only SQL statement; JSON {"columns", "rows", "row_count", "truncated"} (when truncated,
+        also "truncated_by" and "reason"); rows, bytes and cells capped."""
         try:
-            kind = check_read_only(query, db.dialect)
-            return json.dumps(db.execute(query, stream=kind != "explain"))
+            # checked, fetched and serialised within the limits and the timeout: the dumps below is
+            # of at most max_bytes of rows
+            return json.dumps(db.executor.query(query).to_dict())
         except ReadOnlyViolation as exc:
             raise ToolError(f"refused: {exc}") from exc
         except TimeoutError as exc:
@@ -361,16 +201,29 @@ def build_server(db: ReadOnlyDatabase) -> Any:
     return server
 
 
-def stdio_config(url: str) -> dict[str, Any]:
+def stdio_config(url: str, limits: OutputLimits | None = None) -> dict[str, Any]:
     """The ``agent.mcp_servers`` entry that runs this server on ``url`` over stdio, with the
-    interpreter running now (so it finds this package)."""
-    return {"command": sys.executable, "args": ["-m", "datus.mcp_servers.sql_server", "--url", url]}
+    interpreter running now (so it finds this package), and the output limits (default: this
+    process's ``DQ_SQL_*``, which a stdio server's environment would not carry). The URL travels
+    in the server's environment (``DQ_SQL_URL``), not its command line, which ``ps`` shows."""
+    limits = limits or OutputLimits.from_env()
+    return {"command": sys.executable, "env": {"DQ_SQL_URL": url}, "args": [
+        "-m", "datus.mcp_servers.sql_server", "--max-rows", str(limits.max_rows),
+        "--max-bytes", str(limits.max_bytes), "--max-cell-bytes", str(limits.max_cell_bytes)]}
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m datus.mcp_servers.sql_server", description=__doc__.split("\n")[0])
     parser.add_argument("--url", default=os.environ.get("DQ_SQL_URL"), help="SQLAlchemy URL (default: $DQ_SQL_URL)")
-    parser.add_argument("--max-rows", type=int, default=200, help="rows returned per query at most")
+    defaults = OutputLimits()
+    parser.add_argument("--max-rows", type=int, default=None,
+                        help=f"rows returned per query at most (default: $DQ_SQL_MAX_ROWS or {defaults.max_rows})")
+    parser.add_argument("--max-bytes", type=int, default=None,
+                        help=f"bytes of rows (as JSON) per query at most (default: $DQ_SQL_MAX_BYTES or "
+                             f"{defaults.max_bytes})")
+    parser.add_argument("--max-cell-bytes", type=int, default=None,
+                        help=f"bytes of one cell at most, longer ones are cut (default: $DQ_SQL_MAX_CELL_BYTES or "
+                             f"{defaults.max_cell_bytes})")
     parser.add_argument("--timeout-s", type=float, default=10.0, help="time limit of one query")
     parser.add_argument("--transport", choices=("stdio", "streamable-http"), default="stdio")
     parser.add_argument("--host", default="127.0.0.1", help="streamable-http only")
@@ -380,7 +233,8 @@ def main(argv: list[str] | None = None) -> None:
         parser.error("no database: pass --url or set DQ_SQL_URL (a SQLAlchemy URL, e.g. sqlite:///path/to.db)")
     logging.getLogger("sqlglot").setLevel(logging.ERROR)  # its "falling back to Command" notices are ours to judge
     try:
-        db = ReadOnlyDatabase(args.url, max_rows=args.max_rows, timeout_s=args.timeout_s)
+        db = ReadOnlyDatabase(args.url, max_rows=args.max_rows, timeout_s=args.timeout_s, max_bytes=args.max_bytes,
+                              max_cell_bytes=args.max_cell_bytes)
         db.ping()  # fail at start, where the client reports it, not at the first tool call
     except Exception as exc:
         print(f"datus-sql: cannot open {_shown_url(args.url)}: {_error_text(exc)}", file=sys.stderr)

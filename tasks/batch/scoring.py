@@ -20,7 +20,6 @@ import json
 import math
 import os
 import re
-import sqlite3
 import threading
 import time
 from collections import Counter, OrderedDict
@@ -36,8 +35,15 @@ from sqlalchemy.engine import URL, Engine, make_url
 from sqlalchemy.engine.reflection import ObjectKind
 from sqlglot import exp
 
-from datus.mcp_servers.sql_server import ReadOnlyViolation, check_read_only
 from datus.models.sql_engines import SQLiteFileNotFoundError, create_read_only_engine, with_driver
+from datus.models.sql_readonly import (
+    ConnectionFailed,
+    OutputLimits,
+    ReadOnlyExecutor,
+    ReadOnlyViolation,
+    check_read_only,
+    sqlglot_dialect,
+)
 
 __all__ = [
     "DatabaseUnavailable", "ErrorCode", "ExecResult", "ScoreResult", "compare_results", "dialect_of",
@@ -49,7 +55,9 @@ Database = str | URL | Engine
 
 _FLOAT_DIGITS = 6  # significant digits compared: SUM/AVG differ in the last bits between plans
 _ENGINES_KEPT = 32
-_DIALECTS = {"postgresql": "postgres", "mssql": "tsql", "mariadb": "mysql"}  # SQLAlchemy name -> sqlglot's
+# the scorer's result caps: a gold result of 10,000 rows fits; 200 rows of 2 MB blobs do not
+SCORE_MAX_BYTES = 32_000_000
+SCORE_MAX_CELL_BYTES = 1_000_000
 
 
 class DatabaseUnavailable(RuntimeError):
@@ -143,13 +151,13 @@ def _clean(sql: str) -> str | None:
 def dialect_of(db: Database) -> str:
     """The sqlglot dialect of a SQLAlchemy URL or engine (``postgresql`` -> ``postgres``)."""
     backend = db.dialect.name if isinstance(db, Engine) else make_url(db).get_backend_name()
-    return _DIALECTS.get(backend, backend)
+    return sqlglot_dialect(backend) or backend
 
 
 def validate_sql(sql: str, dialect: str | None) -> str | None:
     """None when ``sql`` is exactly one query (SELECT, a set operation, WITH ... SELECT) in
     ``dialect``; else why not. An unknown dialect raises ValueError."""
-    dialect = _DIALECTS.get(dialect, dialect) if dialect else None
+    dialect = sqlglot_dialect(dialect)
     if dialect:
         sqlglot.Dialect.get_or_raise(dialect)  # a bad --dialect is the user's error, not the model's
     try:
@@ -188,6 +196,7 @@ class ExecResult:
     truncated: bool = False
     elapsed_ms: float = 0.0
     timed_out: bool = False
+    truncation: str | None = None  # why it was truncated (rows, bytes, cells cut)
 
 
 _engines: OrderedDict[str, Engine] = OrderedDict()
@@ -195,80 +204,35 @@ _engines_lock = threading.Lock()
 _engines_pid = os.getpid()
 
 
-def execute_sql(db: Database, sql: str, timeout_s: float = 10, max_rows: int = 10_000) -> ExecResult:
-    """Run ``sql`` read-only with a deadline; at most ``max_rows`` rows (``truncated`` if more).
+def execute_sql(db: Database, sql: str, timeout_s: float = 10, max_rows: int = 10_000,
+                max_bytes: int = SCORE_MAX_BYTES, max_cell_bytes: int = SCORE_MAX_CELL_BYTES) -> ExecResult:
+    """Run ``sql`` read-only with a deadline, through the one read-only executor
+    (`datus.models.sql_readonly`, the SQL server's too): at most ``max_rows`` rows and
+    ``max_bytes`` of them as JSON (``truncated`` if more), a cell longer than ``max_cell_bytes``
+    cut (``truncated`` too). No parsing here: that is `validate_sql`.
 
     A URL gets an engine of its own, cached: SQLite opened ``mode=ro`` with ``PRAGMA
-    query_only`` and no ATTACH, Postgres inside ``SET TRANSACTION READ ONLY``. An `Engine` of
-    the caller's is used as it is, with the same per-query guards."""
+    query_only`` and no ATTACH, Postgres inside ``SET TRANSACTION READ ONLY``, MySQL/MariaDB
+    inside ``START TRANSACTION READ ONLY``. An `Engine` of the caller's is used as it is, with
+    the same per-query guards."""
     if timeout_s <= 0 or max_rows < 1:
         raise ValueError("timeout_s must be positive and max_rows at least 1")
     engine = db if isinstance(db, Engine) else _engine(db)
-    backend = engine.dialect.name
-    try:
-        raw = engine.raw_connection()
-    except Exception as exc:  # the DBAPIs' errors share no base class
-        raise DatabaseUnavailable(f"cannot connect to {_shown(engine.url)}: {_error_text(exc)}") from exc
+    limits = OutputLimits(max_rows=max_rows, max_bytes=max_bytes, max_cell_bytes=max_cell_bytes)
+    executor = ReadOnlyExecutor(engine, timeout_s=timeout_s, limits=limits)
     started = time.monotonic()
-    deadline = started + timeout_s
-    restore: list[str] = []
     try:
-        if backend == "sqlite":
-            restore = _sqlite_guard(raw, deadline)
-        elif backend == "postgresql":
-            setup = raw.cursor()
-            setup.execute("SET TRANSACTION READ ONLY")
-            setup.execute(f"SET LOCAL statement_timeout = {max(1, int(timeout_s * 1000))}")
-            setup.close()
-        # a server-side cursor, or psycopg2 would hold every row of a huge result in memory
-        cursor = raw.cursor(name="dq_score") if backend == "postgresql" else raw.cursor()
-        try:
-            cursor.execute(sql)
-            rows = cursor.fetchmany(max_rows + 1) if backend == "postgresql" or cursor.description else []
-            columns = [column[0] for column in cursor.description or ()]
-        finally:
-            cursor.close()
-    except Exception as exc:  # noqa: BLE001 - whatever the SQL does wrong is the result, not a crash
+        result = executor.execute(sql, values="raw")
+    except ConnectionFailed as exc:
+        raise DatabaseUnavailable(str(exc)) from exc
+    except TimeoutError:
         elapsed = (time.monotonic() - started) * 1000
-        if _is_timeout(exc, backend, deadline):
-            message = f"the query ran longer than {timeout_s:g}s and was stopped"
-            return ExecResult([], [], message, elapsed_ms=elapsed, timed_out=True)
-        return ExecResult([], [], _error_text(exc), elapsed_ms=elapsed)
-    finally:
-        _release(raw, backend, restore)
-    elapsed = (time.monotonic() - started) * 1000
-    kept = [tuple(bytes(v) if isinstance(v, memoryview) else v for v in row) for row in rows[:max_rows]]
-    return ExecResult(kept, columns, truncated=len(rows) > max_rows, elapsed_ms=elapsed)
-
-
-def _sqlite_guard(raw: Any, deadline: float) -> list[str]:
-    connection = raw.driver_connection
-    # sqlite3 has no statement timeout: the progress handler aborts the statement at the deadline.
-    connection.set_progress_handler(lambda: int(time.monotonic() > deadline), 1_000)
-    was = connection.execute("PRAGMA query_only").fetchone()[0]
-    if not was:  # an engine of the caller's: guard this query, and give the connection back as it was
-        connection.execute("PRAGMA query_only = ON")
-        return ["PRAGMA query_only = OFF"]
-    return []
-
-
-def _release(raw: Any, backend: str, restore: list[str]) -> None:
-    try:
-        if backend == "sqlite":
-            raw.driver_connection.set_progress_handler(None, 0)
-            for statement in restore:
-                raw.driver_connection.execute(statement)
-        raw.rollback()
-    finally:
-        raw.close()
-
-
-def _is_timeout(exc: BaseException, backend: str, deadline: float) -> bool:
-    if backend == "postgresql":  # query_canceled: the statement_timeout (psycopg2 pgcode, psycopg 3 sqlstate)
-        return "57014" in (getattr(exc, "pgcode", None), getattr(exc, "sqlstate", None))
-    if backend == "sqlite":
-        return isinstance(exc, sqlite3.OperationalError) and "interrupt" in str(exc) and time.monotonic() >= deadline
-    return False
+        message = f"the query ran longer than {timeout_s:g}s and was stopped"
+        return ExecResult([], [], message, elapsed_ms=elapsed, timed_out=True)
+    except Exception as exc:  # noqa: BLE001 - whatever the SQL does wrong is the result, not a crash
+        return ExecResult([], [], _error_text(exc), elapsed_ms=(time.monotonic() - started) * 1000)
+    return ExecResult(result.rows, result.columns, truncated=result.truncated, elapsed_ms=result.elapsed_ms,
+                      truncation=result.reason)
 
 
 def _engine(db: str | URL) -> Engine:
@@ -330,7 +294,7 @@ def compare_results(
     value to 6 significant digits (1 == 1.0 == Decimal("1.000000001"))."""
     predicted = [tuple(_normal(value) for value in row) for row in predicted_rows]
     gold = [tuple(_normal(value) for value in row) for row in gold_rows]
-    if gold_sql and _orders(gold_sql, _DIALECTS.get(dialect, dialect) if dialect else None):
+    if gold_sql and _orders(gold_sql, sqlglot_dialect(dialect)):
         return predicted == gold
     return Counter(predicted) == Counter(gold)
 

@@ -81,12 +81,15 @@ def publish_job(app: Any, producer: Any, job_id: str, request: JobRequest, provi
 
         headers = outgoing_headers() or None
     priority = batch_priority if request.batch_id is not None else 0
-    payload = TaskPayload(provider=provider, request=request).model_dump(mode="json")
+    # no prompt, no URL, no metadata: the message carries what routing and operators need (the
+    # provider, the kind, the model's name); the worker reads the request from the job's row,
+    # written before this message is sent (`JobStore.create_job`). So `celery inspect
+    # active|reserved`, Flower's worker page and the raw message in Redis show nothing private.
+    payload = TaskPayload(provider=provider, kind=request.kind.value, model=request.model).model_dump(
+        mode="json", exclude_none=True)
     # ignore_result: results live in the job store; without it every submit leaves the client
     # subscribed to a Celery result channel (memory grows with the batch).
-    # argsrepr/kwargsrepr: what Celery shows of the arguments (task events, Flower). Left to
-    # Celery it is a repr of the whole request — prompt included — in every message header,
-    # computed on each submit.
+    # argsrepr/kwargsrepr: what Celery shows of the arguments (task events, Flower), short.
     app.send_task(TASK_NAMES[request.kind], args=(job_id, payload), task_id=job_id, queue=queue_for(provider),
                   ignore_result=True, producer=producer, retries=retries, priority=priority,
                   argsrepr=f"({job_id!r}, <{request.kind.value} request for {request.model}>)", kwargsrepr="{}",

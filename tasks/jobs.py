@@ -211,12 +211,21 @@ async def execute(job_id: str, payload: Any, retries: int = 0, context: JobConte
 
     cancel_requested = await ctx.aredis.exists(keys.job_cancel(job_id))
     run = retries + 1  # the store's guard against stale messages; limiter waits count here, not as attempts
+    # the claim hands back the job's request: the message carries none (a message of the previous
+    # format does, and it is ignored: the store is the truth)
     claimed = await ctx.store.amark_running(job_id, run, ctx.settings.lease_s)
     if claimed is None:
         return await _not_claimed(ctx, job_id, run)
-    job = traces.JobInfo(job_id, task_payload.provider, run, task_payload.request)
+    try:
+        request = JobRequest.model_validate(claimed.request)
+    except ValidationError as exc:  # a row written by hand, or by a version whose requests this one refuses
+        error = JobError(code="invalid_request", type="InvalidRequest",
+                         message=f"the job's stored request is invalid: {_first_error(exc)}")
+        return await _finish_failed(ctx, job_id, JobStatus.FAILED, error, run)
+    job = traces.JobInfo(job_id, task_payload.provider, run, request)
     with traces.traced_job(job, trace_context, ctx.settings) as trace:
-        outcome = await _claimed_run(ctx, job_id, task_payload, claimed, run, bool(cancel_requested))
+        outcome = await _claimed_run(ctx, job_id, task_payload.provider, request, claimed, run,
+                                     bool(cancel_requested))
         if trace is not None:
             trace.finish(outcome)
     return outcome
@@ -249,11 +258,10 @@ def _lease_wait(settings: Settings, lease_until: datetime | None) -> float:
     return min(max(remaining, 0.0) + COME_BACK_MARGIN_S, retry_ceiling(settings))
 
 
-async def _claimed_run(ctx: JobContext, job_id: str, task_payload: TaskPayload, claimed: StoredJob, run: int,
+async def _claimed_run(ctx: JobContext, job_id: str, provider: str, request: JobRequest, claimed: StoredJob, run: int,
                        cancel_requested: bool) -> Outcome:
     """The delivery holds the job's row: dead-letter it, refuse it, or run it."""
-    request = task_payload.request
-    provider, kind = task_payload.provider, request.kind.value
+    kind = request.kind.value
     # poison: the run was started (claimed, not merely delivered: a duplicate delivery that
     # found the job running or final comes back or is dropped above, and counts for nothing) too many times
     redeliveries = claimed.deliveries - 1

@@ -316,7 +316,21 @@ def send_again(app: Any, message: JobMessage, outcome: Retry | ComeBack) -> None
         retries, infra = message.retries + 1, outcome.infra_retries
     else:
         retries, infra = message.retries, message.infra_retries
-    app.send_task(message.task_name, args=(message.job_id, message.payload), task_id=message.task_id,
+    app.send_task(message.task_name, args=(message.job_id, _public(message.payload)), task_id=message.task_id,
                   queue=message.queue, retries=retries, countdown=outcome.countdown, priority=message.priority,
                   ignore_result=True, argsrepr=message.argsrepr, kwargsrepr="{}",
                   headers={**(message.trace_headers or {}), INFRA_HEADER: infra})
+
+
+def _public(payload: Any) -> Any:
+    """A payload fit to be sent again: one of the previous format (with the whole request) loses
+    the request, keeping its kind and model name (the worker reads the request from the store)."""
+    if not isinstance(payload, Mapping) or "request" not in payload:
+        return payload
+    request = payload.get("request")
+    public = {key: value for key, value in payload.items() if key != "request"}
+    if isinstance(request, Mapping):
+        for name in ("kind", "model"):
+            if isinstance(request.get(name), str):
+                public.setdefault(name, request[name])
+    return public

@@ -21,6 +21,7 @@ from typing import Any, TypeVar
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from datus.models.generation import CallOptions
+from datus.models.redact import redact
 
 __all__ = [
     "DATABASE_SERVER",
@@ -322,10 +323,15 @@ class JobRequest(BaseModel):
 class JobError(BaseModel):
     code: str
     type: str
-    message: str
+    message: str  # masked (`datus.models.redact`): it goes to the store, the events, logs and dq status
     provider: str | None = None
     status_code: int | None = None
     retryable: bool = False
+
+    @field_validator("message")
+    @classmethod
+    def _masked(cls, value: str) -> str:
+        return redact(value)
 
 
 class JobResult(BaseModel):
@@ -376,10 +382,15 @@ class JobEvent(BaseModel):
 
 
 class TaskPayload(BaseModel):
-    """The one argument (besides the job id) of ``dq.generate`` and ``dq.tool_run``."""
+    """The one argument (besides the job id) of ``dq.generate`` and ``dq.tool_run``: what
+    routing and operators need, nothing private. The request itself is read from the job's
+    row (the store is the truth); ``request`` is what messages of the previous format carried —
+    accepted, never used."""
 
     model_config = ConfigDict(extra="forbid", protected_namespaces=(), hide_input_in_errors=True)  # errors never echo a prompt or a URL
 
     schema_version: int = SCHEMA_VERSION
     provider: str
-    request: JobRequest
+    kind: str | None = None
+    model: str | None = None
+    request: dict[str, Any] | None = None  # the previous format's full request: ignored

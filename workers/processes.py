@@ -251,4 +251,7 @@ def _free_port() -> int:
 def supervise(argv: Callable[[int], list[str]], processes: int, metrics_port: int | None, metrics_addr: str) -> int:
     """Run ``processes`` children, child ``i`` (1..N) with the arguments ``argv(i)``."""
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s: %(levelname)s/dq-worker-parent] %(message)s")
+    from datus.models.redact import install_log_redaction
+
+    install_log_redaction()
     return Supervisor(argv, processes, metrics_port, metrics_addr).run()

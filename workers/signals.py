@@ -123,6 +123,9 @@ def connect() -> None:
     signals.worker_ready.connect(_start_sweeps, weak=False)
     signals.worker_shutdown.connect(_stop_sweeps, weak=False)
     signals.task_unknown.connect(_unknown, weak=False)
+    from datus.models.redact import install_log_redaction
+
+    install_log_redaction()  # no token, key or secret URL in any log line of the worker
     quiet = OutageLogFilter()
     for name in OutageLogFilter.LOGGERS:  # logger objects live as long as the process: the filter stays
         logging.getLogger(name).addFilter(quiet)

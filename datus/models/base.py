@@ -155,6 +155,9 @@ class LLMBaseModel(ABC):
                 f"{self.provider} needs an API key: set {where}, or api_key in the model's config",
                 provider=self.provider, model=self.model_name,
             )
+        from datus.models.redact import remember_secret
+
+        remember_secret(key)  # masked wherever a provider's error or a log line would echo it
         return key
 
     @abstractmethod

@@ -36,6 +36,7 @@ from collections.abc import Mapping
 from enum import Enum
 from typing import Any, ClassVar
 
+from datus.models.redact import redact
 from datus.utils.exceptions import DatusException, ErrorCode
 
 __all__ = [
@@ -108,7 +109,8 @@ class ModelError(DatusException):
         retry_after: float | None = None,
         details: dict[str, Any] | None = None,
     ) -> None:
-        self.reason = message or self.error_code.desc
+        # masked: a provider's message can echo a key (`datus.models.redact`), and it is stored and shown
+        self.reason = redact(message) or self.error_code.desc
         super().__init__(self.error_code, self.reason)  # type: ignore[arg-type]
         self.provider = provider
         self.model = model

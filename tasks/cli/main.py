@@ -289,7 +289,9 @@ def build_parser() -> argparse.ArgumentParser:
     batch = sub.add_parser("batch", help="turn a file of questions into SQL, checked and scored")
     batch.add_argument("input", help="JSONL or CSV with question, and optional id, evidence, gold_sql")
     batch.add_argument("--model", required=True, help="a model name from agent.yml, or provider:model")
-    batch.add_argument("--db", help="SQLAlchemy URL of the database (schema, execution, scoring)")
+    batch.add_argument("--db", default=os.environ.get("DQ_BATCH_DB") or None,
+                       help="SQLAlchemy URL of the database (schema, execution, scoring); default $DQ_BATCH_DB "
+                            "(an environment variable: a URL with a password on the command line is seen by ps)")
     batch.add_argument("--dialect", default="sqlite")
     batch.add_argument("--mode", choices=["generate", "tool_run"], default="generate")
     batch.add_argument("--tools", action="append", help="MCP server name(s) from agent.yml for tool_run mode (default: the shipped read-only "

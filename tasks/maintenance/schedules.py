@@ -114,12 +114,12 @@ class BatchSchedule(BaseModel):
 
     def command(self, run_id: str, results: Path) -> list[str]:
         """``dq batch`` for one slot. Every value goes as ``--option=value`` and the input as an
-        absolute path, so none of them can be read as an option."""
+        absolute path, so none of them can be read as an option. The database URL (a password,
+        as a rule) is not among them: anyone who runs ``ps`` sees a command line; it goes in
+        the child's environment (`environment`: ``DQ_BATCH_DB``, ``--db``'s default)."""
         args = [sys.executable, "-m", "datus_queue.tasks.cli", "batch", str(Path(self.input).absolute()),
                 f"--model={self.model}", f"--mode={self.mode}", f"--dialect={self.dialect}",
                 f"--max-in-flight={self.max_in_flight}", f"--run-id={run_id}", "--resume", f"--out={results}"]
-        if self.db:
-            args.append(f"--db={self.db}")
         for tool in self.tools or []:
             args.append(f"--tools={tool}")
         if self.budget_usd is not None:
@@ -127,6 +127,11 @@ class BatchSchedule(BaseModel):
         if self.prompt_template:
             args.append(f"--prompt-template={self.prompt_template}")
         return args
+
+
+    def environment(self) -> dict[str, str]:
+        """What the slot's ``dq batch`` gets in its environment rather than on its command line."""
+        return {"DQ_BATCH_DB": self.db} if self.db else {}
 
 
 def parse_cron(expression: str) -> crontab:
@@ -250,8 +255,11 @@ def run_schedule(store: Any, settings: Any, agent_config: AgentConfig, name: str
         return None
     logger.info("schedule %s: running batch %s for slot %s; log %s", name, batch_id, label, log)
     # the batch uses this worker's Redis, store and agent.yml, whatever the environment says
-    env = {**os.environ, "DQ_REDIS_URL": settings.redis_url, "DQ_DATABASE_URL": settings.database_url,
-           **({"DQ_CONFIG": settings.config} if settings.config else {}), "COLUMNS": "160"}  # a log, not a tty
+    # its database goes in DQ_BATCH_DB, not on the command line, which ps shows (never one inherited)
+    inherited = {key: value for key, value in os.environ.items() if key != "DQ_BATCH_DB"}
+    env = {**inherited, "DQ_REDIS_URL": settings.redis_url, "DQ_DATABASE_URL": settings.database_url,
+           **({"DQ_CONFIG": settings.config} if settings.config else {}), "COLUMNS": "160",  # a log, not a tty
+           **schedule.environment()}
     with log.open("ab") as out:
         code = subprocess.call(schedule.command(label, results), stdout=out, stderr=subprocess.STDOUT,
                                stdin=subprocess.DEVNULL, env=env)

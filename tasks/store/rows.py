@@ -5,6 +5,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
+from pydantic import Field
 from sqlalchemy.engine import Row
 
 from datus_queue.tasks.schemas import FINAL_STATUSES, JobError, JobResult, JobStatus
@@ -34,6 +35,9 @@ class StoredJob(JobResult):
     rate_limit_waits: int = 0  # runs that only waited for the limiter (not attempts: no request was made)
     rate_limited_since: datetime | None = None
     rate_ticket: int | None = None
+    # the job's request as stored (JSON), read with the claim (`JobStore.mark_running`) and
+    # nowhere else: never dumped, never shown
+    request: dict[str, Any] | None = Field(default=None, exclude=True, repr=False)
 
 
 def to_job(row: Row[Any]) -> StoredJob:
@@ -49,7 +53,7 @@ def to_job(row: Row[Any]) -> StoredJob:
         resends=m["resends"] or 0, replays=m["replays"] or 0, replayed_at=utc(m["replayed_at"]),
         rate_limit_retries=m["rate_limit_retries"] or 0, rate_limit_waits=m["rate_limit_waits"] or 0,
         rate_limited_since=utc(m["rate_limited_since"]),
-        rate_ticket=m["rate_ticket"],
+        rate_ticket=m["rate_ticket"], request=m.get("request"),
     )
 
 

@@ -142,7 +142,7 @@ _START = (
             started_at=func.coalesce(jobs.c.started_at, _AT),
             # the same run again (a redelivery, or a re-send after its worker died) counts
             deliveries=case((jobs.c.runs == _RUN, jobs.c.deliveries + 1), else_=1))
-    .returning(*RESULT_COLUMNS)
+    .returning(*RESULT_COLUMNS, jobs.c.request)  # the worker's request: its message carries none
 )
 _LEASE = (update(jobs).where(jobs.c.job_id.in_(_IDS), jobs.c.status == JobStatus.RUNNING.value)
           .values(lease_until=_UNTIL).returning(jobs.c.job_id))

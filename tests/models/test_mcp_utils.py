@@ -60,11 +60,12 @@ def test_server_from_config_substitutes_env_and_names_bad_keys(monkeypatch: pyte
     monkeypatch.setenv("DQ_TEST_SF_PASSWORD", "pw")
     monkeypatch.setenv("DQ_TEST_MCP_TOKEN", "tok")
     stdio = mcp_server_from_config("snowflake", {
-        "command": "mcp-server-snowflake", "args": ["--account", "${ACCT:-acme}"],
-        "env": {"SNOWFLAKE_PASSWORD": "${DQ_TEST_SF_PASSWORD}"},
+        "command": "mcp-server-snowflake", "args": ["--account", "acme"],
+        "env": {"SNOWFLAKE_PASSWORD": "${DQ_TEST_SF_PASSWORD}", "SNOWFLAKE_ACCOUNT": "${ACCT:-acme}"},
     })
     assert isinstance(stdio, MCPServerStdio) and stdio.name == "snowflake"
-    assert stdio.args == ["--account", "acme"] and stdio.env == {"SNOWFLAKE_PASSWORD": "pw"}
+    assert stdio.args == ["--account", "acme"]
+    assert stdio.env == {"SNOWFLAKE_PASSWORD": "pw", "SNOWFLAKE_ACCOUNT": "acme"}
     http = mcp_server_from_config("remote", {"url": "http://h/mcp",
                                              "headers": {"Authorization": "Bearer ${DQ_TEST_MCP_TOKEN}"}})
     assert isinstance(http, MCPServerStreamableHttp) and http.headers == {"Authorization": "Bearer tok"}
@@ -78,6 +79,21 @@ def test_server_from_config_substitutes_env_and_names_bad_keys(monkeypatch: pyte
         mcp_server_from_config("nothing", {"env": {}})
     with pytest.raises(ConfigError, match="unknown key.*'url'"):
         mcp_server_from_config("both", {"command": "x", "url": "http://h"})
+
+
+def test_a_variable_in_a_stdio_servers_command_line_is_refused_pointing_at_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``ps`` shows every process's arguments: a ``${VAR}`` (a secret, as a rule) goes in ``env:``."""
+    monkeypatch.setenv("DQ_TEST_SF_PASSWORD", "pw-never-in-argv")
+    for entry, place in (({"command": "srv", "args": ["--password", "${DQ_TEST_SF_PASSWORD}"]}, r"args\[1\]"),
+                         ({"command": "srv", "args": ["--dsn=u:${DQ_TEST_SF_PASSWORD}@h"]}, r"args\[0\]"),
+                         ({"command": "${DQ_TEST_SF_PASSWORD}/srv"}, "command")):
+        with pytest.raises(ConfigError, match=rf"mcp_servers\.sf\.{place}: \$\{{DQ_TEST_SF_PASSWORD\}} is not "
+                                              r"substituted.*ps.*env: \{DQ_TEST_SF_PASSWORD") as refused:
+            mcp_server_from_config("sf", entry)
+        assert "pw-never-in-argv" not in str(refused.value)
+    # in env (and an HTTP server's url and headers) it is substituted
+    spec = mcp_server_from_config("sf", {"command": "srv", "env": {"P": "${DQ_TEST_SF_PASSWORD}"}})
+    assert isinstance(spec, MCPServerStdio) and spec.env == {"P": "pw-never-in-argv"} and spec.args == []
 
 
 def test_resolve_accepts_dicts_names_and_none() -> None:

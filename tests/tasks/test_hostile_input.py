@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import random
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -170,7 +171,7 @@ def _assert_serialisable(job: JobRequest) -> None:
     text = job.model_dump_json()
     text.encode("utf-8")  # strict
     assert JobRequest.model_validate_json(text) == job  # a worker reads it back as it was
-    payload = TaskPayload(provider="openai", request=job).model_dump(mode="json")
+    payload = TaskPayload(provider="openai", kind=job.kind.value, model=job.model).model_dump(mode="json")
     json.dumps(payload, ensure_ascii=False, allow_nan=False).encode("utf-8")
 
 
@@ -477,7 +478,8 @@ def test_a_schedules_command_reads_back_as_exactly_its_values(tmp_path: Path) ->
     schedule = BatchSchedule(name="nightly", cron="0 2 * * *", input="in put.jsonl", model="m",
                              db="sqlite:///w.db", tools=["a", "b"], budget_usd=5, prompt_template="t.txt")
     results_path = tmp_path / "out.jsonl"
-    args = build_parser().parse_args(schedule.command("nightly@2026-01-02T02:00Z", results_path)[3:])
+    with mock.patch.dict(os.environ, schedule.environment()):  # the database: in dq batch's environment
+        args = build_parser().parse_args(schedule.command("nightly@2026-01-02T02:00Z", results_path)[3:])
     assert args.input == str(Path("in put.jsonl").absolute()) and Path(args.input).is_absolute()
     assert (args.model, args.db, args.tools, args.out, args.run_id, args.resume, args.force) == (
         "m", "sqlite:///w.db", ["a", "b"], str(results_path), "nightly@2026-01-02T02:00Z", True, False)

@@ -139,7 +139,9 @@ def test_malformed_job_messages_are_dead_lettered_and_acknowledged_and_the_next_
     made: dict[str, str] = {}
 
     def job(name: str) -> str:
-        made[name] = client.store.create_job(f"job-{name}", JobRequest(model="openai", prompt="never asked"),
+        # the row's request is what a job runs with (the store is the truth); a message's own
+        # request (the previous format's `payload()`, "never asked") is never used
+        made[name] = client.store.create_job(f"job-{name}", JobRequest(model="openai", prompt=f"row of {name}"),
                                              "openai")[0]
         return made[name]
 
@@ -167,6 +169,7 @@ def test_malformed_job_messages_are_dead_lettered_and_acknowledged_and_the_next_
                 assert row.error is not None and row.error.code in ("invalid_message", "invalid_payload"), message.name
     asked = {json.dumps(request.body) for request in generations(fake)}
     assert len(asked) == 3 and not any("never asked" in body for body in asked)  # the good job and the two that ran
+    assert sum("row of embed-links" in body or "row of body-a-mapping" in body for body in asked) == 2
 
 
 # what kombu's Redis transport reads off the list before Celery sees a task message

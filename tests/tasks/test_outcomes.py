@@ -94,7 +94,7 @@ async def test_a_retryable_model_error_is_a_retry_and_a_permanent_one_fails(ctx:
 
     fake.script.add(Fault("status", status=503), match="flaky")
     fake.script.add(Fault("status", status=401), match="denied")
-    flaky, denied = queued(ctx, "j-flaky"), queued(ctx, "j-denied")
+    flaky, denied = queued(ctx, "j-flaky", "flaky"), queued(ctx, "j-denied", "denied")  # the store is the truth
     outcome = await execute(flaky, payload("flaky"), context=ctx)
     assert isinstance(outcome, Retry) and outcome.infra_retries == 0 and outcome.error.retryable
     assert ctx.store.get(flaky).status is JobStatus.RETRYING
@@ -106,9 +106,9 @@ async def test_a_request_the_worker_cannot_run_fails_at_once_as_an_internal_erro
         ctx: JobContext, fake: FakeProviderServer, caplog: pytest.LogCaptureFixture) -> None:
     """A message whose content is not text passes the client's checks and breaks the model layer's
     `to_messages` (ValueError): a bug's stand-in, with no code changed for the test."""
-    job_id = queued(ctx, "j-bug")
-    bad = {"provider": "openai", "request": {"model": "openai", "messages": [{"role": "user", "content": 42}]}}
-    message = JobMessage(task_name="dq.generate", task_id=job_id, job_id=job_id, payload=bad)
+    bad = {"model": "openai", "messages": [{"role": "user", "content": 42}]}
+    job_id = ctx.store.create_job("j-bug", JobRequest.model_validate(bad), "openai")[0]  # the store is the truth
+    message = JobMessage(task_name="dq.generate", task_id=job_id, job_id=job_id, payload={"provider": "openai"})
 
     with caplog.at_level("WARNING", logger="datus_queue.tasks.jobs"):
         assert await run_message(message, ctx) == Finished(JobStatus.FAILED, "internal_error")

@@ -15,7 +15,6 @@ import json
 import logging
 import math
 import os
-import re
 import tempfile
 from collections.abc import Awaitable, Callable, Mapping
 from contextlib import AbstractAsyncContextManager
@@ -346,10 +345,19 @@ def _timeout_reason(connection: MCPConnection, timeout_s: float) -> str:
         errors = connection.stream_errors
         reason += f"; it wrote {len(errors)} line(s) that are not MCP, first {errors[0]}"
     tail = connection._stderr.tail() if connection._stderr else ""
-    return reason + (f"; its stderr ends with: {tail}" if tail else "")
+    from datus.models.redact import redact
+
+    return redact(reason + (f"; its stderr ends with: {tail}" if tail else ""))
 
 
 def _failure_reason(spec: MCPServerSpec, exc: BaseException, stderr: _StderrLog | None) -> tuple[str, bool]:
+    from datus.models.redact import redact
+
+    reason, retryable = _failure(spec, exc, stderr)
+    return redact(reason), retryable  # an HTTP error names the URL, a server's stderr may echo a token
+
+
+def _failure(spec: MCPServerSpec, exc: BaseException, stderr: _StderrLog | None) -> tuple[str, bool]:
     from datus.models.mcp import sdk
     from datus.models.mcp.servers import MCPServerStdio
 
@@ -391,5 +399,8 @@ def _leaf(exc: BaseException) -> BaseException:
 
 
 def safe_url(url: str) -> str:
-    """The URL with any user:password@ masked, fit for messages and reprs."""
-    return re.sub(r"//[^/@]*@", "//***@", url)
+    """The URL fit for messages and reprs: `datus.models.redact.redact` (userinfo and every query
+    value masked, key shapes and remembered secrets too)."""
+    from datus.models.redact import redact
+
+    return redact(url)

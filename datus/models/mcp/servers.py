@@ -21,7 +21,8 @@ Errors (`DatusException`, code ``model_tool_error``)::
     └── MCPToolNotFoundError        no tool of that name in the group
 
 A tool that fails is not an exception: `call_tool` returns a `ToolResult` with ``is_error``.
-Config mistakes (unknown server name, unknown key, unset ``${VAR}``) raise `ConfigError`.
+Config mistakes (unknown server name, unknown key, unset ``${VAR}``, a ``${VAR}`` in a stdio
+server's ``command``/``args``, which ``ps`` would show: it goes in ``env:``) raise `ConfigError`.
 """
 
 from __future__ import annotations
@@ -166,16 +167,45 @@ def mcp_server_from_config(name: str, section: Mapping[str, Any]) -> MCPServerSp
         hints = [f"{key!r} (did you mean {close[0]!r}?)" if (close := difflib.get_close_matches(key, allowed, 1))
                  else repr(key) for key in unknown]
         raise ConfigError(f"{where}: unknown key(s) {', '.join(hints)}; a {kind} server takes: {', '.join(allowed)}")
+    if cls is MCPServerStdio:
+        _no_variables_in_argv(where, data)
     missing: list[str] = []
     data = _substitute(data, missing)
     if missing:
         raise ConfigError(f"{where} needs environment variable(s) {', '.join(dict.fromkeys(missing))}: "
                           "set them, or change the server's entry in agent.yml")
+    from datus.models.redact import remember_secret
+
+    for secret_values in (data.get("env"), data.get("headers")):  # masked wherever they would be echoed
+        if isinstance(secret_values, Mapping):
+            for secret in secret_values.values():
+                remember_secret(secret)
     try:
         return cls.model_validate({**data, "name": name})  # type: ignore[return-value]
     except ValidationError as exc:
         problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
         raise ConfigError(f"{where}: {problems}") from None
+
+
+_VARIABLE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)")
+
+
+def _no_variables_in_argv(where: str, data: Mapping[str, Any]) -> None:
+    """A stdio server's ``command`` and ``args`` become its process's command line, which anyone
+    on the machine sees with ``ps``: a ``${VAR}`` there (a secret, as a rule) is refused, pointing
+    at ``env:``, which the process alone sees."""
+    args = data.get("args")
+    places = [("command", data.get("command"))] + (
+        [(f"args[{index}]", arg) for index, arg in enumerate(args)] if isinstance(args, list) else [])
+    for place, value in places:
+        found = _VARIABLE.search(value) if isinstance(value, str) else None
+        if found:
+            name = found.group(1)
+            raise ConfigError(
+                f"{where}.{place}: ${{{name}}} is not substituted in a stdio server's command line — anyone who "
+                f"runs ps would see its value. Pass it in the server's environment instead (env: {{{name}: "
+                f"\"${{{name}}}\"}}) and have the server read it there; a value that is not secret can be "
+                "written out literally")
 
 
 def _substitute(value: Any, missing: list[str]) -> Any:

@@ -25,6 +25,14 @@ redelivery after a crash, a SIGTERM requeue, a retry — the rows in order. ``se
 this step published by an earlier delivery? When not, the runner is about to publish it, and
 the next start row records that.
 
+Every row is bounded (``DQ_MAX_CHECKPOINT_BYTES``, 1 MiB by default, not counting the
+conversation the run began with, which the first turn's row carries whole and submit bounds
+by ``DQ_MAX_PROMPT_BYTES``): the journal lowers the run's tool result cap to a sixteenth of it
+(``max_tool_result_chars``, also ``DQ_MAX_TOOL_RESULT_CHARS``), so the result the model read
+always fits in its row whole, and a resumed run replays exactly the truncated text the model
+got. What else a row holds — the tool step's display copy, a long answer — is cut to fit
+(`datus.models.output_bounds`), each cut marked.
+
 Two deliveries of one job running at once (a redelivery while the first still runs) cannot
 both write a position: the second insert fails, and that delivery stops (`RunSuperseded`),
 leaving the job to the one that got there first.
@@ -37,7 +45,9 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 from sqlalchemy.exc import IntegrityError
 
+from datus.models.output_bounds import cap_text, json_bytes, shrink_json
 from datus.models.run_journal import ResumeState, RunStep
+from datus_queue.tasks.settings import get_settings
 
 if TYPE_CHECKING:
     from datus_queue.tasks.context import JobContext
@@ -74,6 +84,11 @@ class StoreJournal:
         self.replayed_steps = 0
         self._position = 0
         self._unconfirmed: list[Published] = []  # published by this delivery since its last start row
+        settings = get_settings()
+        self.max_bytes = settings.max_checkpoint_bytes
+        # the tool loop cuts a tool's answer to this before the model reads it (tool_loop: the cap)
+        caps = [self.max_bytes // 16, settings.max_tool_result_chars]
+        self.max_tool_result_chars = min(cap for cap in caps if cap is not None)
 
     async def load(self) -> ResumeState:
         if not self.resuming:
@@ -89,7 +104,7 @@ class StoreJournal:
         return ResumeState(steps, frozenset(started))
 
     async def record(self, step: RunStep) -> None:
-        await self._write(step.kind, step.model_dump(mode="json", exclude_defaults=True))
+        await self._write(step.kind, bounded_row(step.model_dump(mode="json", exclude_defaults=True), self.max_bytes))
 
     async def starting(self, action_id: str) -> None:
         row = StartRow(action_id=action_id, published=self._unconfirmed)
@@ -113,6 +128,41 @@ class StoreJournal:
             raise RunSuperseded(f"job {self.job_id}: position {self._position} of its run was written by another "
                                 "delivery") from exc
         self._position += 1
+
+
+def bounded_row(row: dict[str, Any], max_bytes: int) -> dict[str, Any]:
+    """A step's row within ``max_bytes`` of JSON besides its ``start``: the tool step's display
+    copy (``action``) is cut first, marked ``truncated`` in its output; the message only when
+    it alone is over the cap (never a tool result the tool loop capped to the journal's
+    ``max_tool_result_chars``)."""
+    start = row.get("start")
+    rest = {key: value for key, value in row.items() if key != "start"}
+    if json_bytes(rest) <= max_bytes:
+        return row
+    action = rest.get("action")
+    if isinstance(action, dict):
+        others = json_bytes({key: value for key, value in rest.items() if key != "action"})
+        room = max(max_bytes - others - 1024, 2048)
+        action = dict(action)
+        for key, share in (("messages", 8), ("input", 4), ("output", 2)):  # the output gets what is left
+            if key in action:
+                left = room - json_bytes({k: v for k, v in action.items() if k != key})
+                action[key], _ = shrink_json(action[key], max(min(room // share, left), 512))
+        if isinstance(action.get("output"), dict):
+            action["output"] = {**action["output"], "truncated": True}
+        rest["action"] = action
+    message = rest.get("message")
+    if json_bytes(rest) > max_bytes and isinstance(message, dict) and isinstance(message.get("content"), str):
+        over = json_bytes(rest) - max_bytes
+        content = message["content"]
+        keep = max(0, len(content) - over - 256)
+        while True:  # characters, not bytes: cut until the row fits
+            cut, _ = cap_text(content, keep)
+            rest["message"] = {**message, "content": cut}
+            if json_bytes(rest) <= max_bytes or keep == 0:
+                break
+            keep //= 2
+    return rest if start is None else {**rest, "start": start}
 
 
 def _value(status: Any) -> str:

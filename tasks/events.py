@@ -11,12 +11,20 @@ reads pub/sub, skipping seqs it has already yielded: anything published after th
 reaches the subscription, anything before it is in the stream, so nothing falls between.
 Pub/sub is only the low-latency path; the stream is the truth. A seq gap in a live message, or
 a quiet spell, sends the follower back to the stream.
+
+Every event is bounded (``DQ_MAX_EVENT_BYTES``, 256 KiB by default): a bigger one — a huge
+prompt in a ``user_input`` step, a caller's own step — is published with its long fields cut
+(`datus.models.output_bounds.shrink_json`, each cut marked ``[truncated: ...]``) and
+``"truncated": true`` in the step and in its ``output``; it is never dropped and publishing it
+never raises for its size. Text deltas and ordinary steps are far below the cap and go out as
+they are (a tool's answer is capped in the tool loop before it becomes a step).
 """
 
 from __future__ import annotations
 
 import asyncio
 import inspect
+import json
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
@@ -28,6 +36,7 @@ import redis.asyncio
 from pydantic import ValidationError
 from pydantic_core import to_jsonable_python
 
+from datus.models.output_bounds import json_bytes, shrink_json
 from datus.schemas.action_history import ActionHistory
 from datus_queue.tasks import keys
 from datus_queue.tasks.redis_batch import RedisBatch
@@ -68,8 +77,13 @@ IsFinal = Callable[[str], bool]
 AsyncIsFinal = Callable[[str], "bool | Awaitable[bool]"]
 
 
-def _prepare(job_id: str, step: Step, terminal: bool, status: JobStatus | str | None) -> tuple[JobEvent, str]:
-    """The event (seq still a placeholder) and its JSON without ``seq``, which the script adds."""
+_SEQ_ROOM = 32  # what the script adds: '"seq":<n>,'
+
+
+def _prepare(job_id: str, step: Step, terminal: bool, status: JobStatus | str | None,
+             max_bytes: int | None = None) -> tuple[JobEvent, str]:
+    """The event (seq still a placeholder) and its JSON without ``seq``, which the script adds;
+    an event over ``max_bytes`` has its step's long fields cut and says ``truncated``."""
     # JSON-ready before validation, so the publisher's copy equals what every reader decodes
     # (datetimes as ISO strings, enums as values).
     data = step.model_dump(mode="json") if isinstance(step, ActionHistory) else to_jsonable_python(step)
@@ -77,11 +91,46 @@ def _prepare(job_id: str, step: Step, terminal: bool, status: JobStatus | str | 
         raise TypeError(f"an event step is an ActionHistory or a dict, not {type(step).__name__}")
     event = JobEvent(job_id=job_id, seq=1, step=data, terminal=terminal,
                      status=JobStatus(status) if status is not None else None)
-    return event, event.model_dump_json(exclude={"seq"})
+    body = event.model_dump_json(exclude={"seq"})
+    if max_bytes is not None and _size(body) + _SEQ_ROOM > max_bytes:
+        envelope = _size(body) - _size(json.dumps(data, ensure_ascii=False, separators=(",", ":"), default=str))
+        event = event.model_copy(update={"step": _bounded_step(data, max_bytes - max(envelope, 0) - _SEQ_ROOM - 256)})
+        body = event.model_dump_json(exclude={"seq"})
+        if _size(body) + _SEQ_ROOM > max_bytes:  # still too big (thousands of keys): the step's identity only
+            event = event.model_copy(update={"step": {
+                key: data.get(key) for key in ("action_id", "role", "action_type", "status") if key in data} | {
+                "output": {"truncated": True}, "truncated": True}})
+            body = event.model_dump_json(exclude={"seq"})
+    return event, body
+
+
+def _size(text: str) -> int:
+    """UTF-8 bytes (ASCII text needs no encoding to tell)."""
+    return len(text) if text.isascii() else len(text.encode("utf-8", "surrogatepass"))
+
+
+def _bounded_step(data: dict[str, Any], room: int) -> dict[str, Any]:
+    """``data`` cut to about ``room`` bytes of JSON, marked: the step keeps its keys (a reader
+    still validates it as an ActionHistory), its long values are cut."""
+    room = max(room, 1024)
+    step = dict(data)
+    share = room
+    for _ in range(16):
+        large = [key for key, value in step.items() if json_bytes(value) > 256]
+        if not large or json_bytes(step) <= room - 64:
+            break
+        each = max(share // len(large), 256)
+        step = {key: shrink_json(value, each)[0] if key in large else value for key, value in step.items()}
+        share //= 2
+    if isinstance(step.get("output"), dict):
+        step["output"] = {**step["output"], "truncated": True}
+    step["truncated"] = True
+    return step
 
 
 class _PublisherBase:
-    def __init__(self, redis_client: Any, ttl_s: int | None = None, maxlen: int | None = None) -> None:
+    def __init__(self, redis_client: Any, ttl_s: int | None = None, maxlen: int | None = None,
+                 max_bytes: int | None = None) -> None:
         if ttl_s is None or maxlen is None:
             settings = get_settings()
             ttl_s = settings.event_ttl_s if ttl_s is None else ttl_s
@@ -89,10 +138,11 @@ class _PublisherBase:
         self.ttl_s, self.maxlen = int(ttl_s), int(maxlen)
         if self.ttl_s <= 0 or self.maxlen <= 0:
             raise ValueError("ttl_s and maxlen must be positive")
+        self.max_bytes = int(max_bytes) if max_bytes is not None else get_settings().max_event_bytes
         self._script = redis_client.register_script(_PUBLISH_LUA)
 
     def _call(self, job_id: str, step: Step, terminal: bool, status: JobStatus | str | None) -> tuple[JobEvent, dict]:
-        event, body = _prepare(job_id, step, terminal, status)
+        event, body = _prepare(job_id, step, terminal, status, self.max_bytes)
         call = {"keys": [keys.job_events(job_id), keys.job_event_seq(job_id)],
                 "args": [body, self.ttl_s, self.maxlen, keys.job_channel(job_id)]}
         return event, call
@@ -114,8 +164,9 @@ class AsyncEventPublisher(_PublisherBase):
     about 45 µs of CPU per event instead of 130 with hundreds of jobs in flight (measured: 4,000
     events, 100 at a time). A job's own events stay in order: each publish waits for its seq."""
 
-    def __init__(self, redis_client: Any, ttl_s: int | None = None, maxlen: int | None = None) -> None:
-        super().__init__(redis_client, ttl_s, maxlen)
+    def __init__(self, redis_client: Any, ttl_s: int | None = None, maxlen: int | None = None,
+                 max_bytes: int | None = None) -> None:
+        super().__init__(redis_client, ttl_s, maxlen, max_bytes)
         self._batch = RedisBatch(redis_client)
 
     async def publish(self, job_id: str, step: Step, terminal: bool = False,

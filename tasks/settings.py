@@ -36,6 +36,20 @@ class Settings(BaseSettings):
                                       description="longer than the longest call plus the longest retry countdown")
     event_ttl_s: int = Field(default=86_400, gt=0, description="how long a job's event stream is kept")
     event_maxlen: int = Field(default=10_000, gt=0, description="cap of a job's event stream")
+    # output bounds (issue 19): what a run hands on is capped, and the cut is marked
+    max_event_bytes: int = Field(
+        default=262_144, ge=4096, description="the largest event (UTF-8 JSON) published to a job's stream and "
+                                              "channel; a bigger one goes out with its long fields cut and "
+                                              "'truncated': true (in the step and its output)")
+    max_checkpoint_bytes: int = Field(
+        default=1_048_576, ge=4096, description="the largest checkpoint row (UTF-8 JSON, besides the conversation "
+                                                "the run began with, bounded by max_prompt_bytes); a bigger one is "
+                                                "stored with its long fields cut, the tool result the model read "
+                                                "kept whole")
+    max_tool_result_chars: int | None = Field(
+        default=None, gt=0, description="caps a tool's answer (characters) on its way into the model's context "
+                                        "for every job, below the model config's max_tool_result_chars "
+                                        "(default 65,536); unset: the model config's")
     dead_letter_threshold: int = Field(default=5, gt=0, description="deliveries (not retries) before dead-lettering")
     result_expires_s: int = Field(default=86_400, gt=0)
     worker_concurrency: int = Field(default=200, gt=0, description="jobs in flight per worker process")

@@ -193,3 +193,27 @@ class SentinelSet(_Processes):
                 raise AssertionError("the sentinels did not announce a new master within 30 s")
             time.sleep(0.05)
         return new
+
+    def wait_failover_done(self, new: int, timeout: float = 30.0) -> None:
+        """Until every sentinel names ``new`` as the master and the old one serves as its replica
+        (until then the old master, still up, accepts writes that the failover will drop)."""
+        deadline = time.monotonic() + timeout
+        while not self._settled(new):
+            if time.monotonic() > deadline:
+                raise AssertionError(f"the failover to port {new} did not settle within {timeout}s")
+            time.sleep(0.1)
+
+    def _settled(self, new: int) -> bool:
+        for port in self.sentinel_ports:
+            with redis.Redis(port=port, decode_responses=True) as client:
+                if int(client.sentinel_get_master_addr_by_name(MASTER_NAME)[1]) != new:
+                    return False
+                state = client.sentinel_master(MASTER_NAME)
+                if not state.get("is_master") or state.get("is_sdown") or state.get("is_odown"):
+                    return False
+        for port in (self.master_port, self.replica_port):
+            if port != new:
+                with redis.Redis(port=port, decode_responses=True) as client:
+                    if client.info("replication")["role"] != "slave":
+                        return False
+        return True

@@ -66,6 +66,7 @@ class LLMBaseModel(ABC):
         "qwen": "QwenModel",
         "gemini": "GeminiModel",
         "fake": "FakeModel",
+        "queue": "QueueModel",  # not a provider: every call is a job on the fleet (datus/models/queue_model.py)
     }
 
     # Where the key comes from when the config has none (first set variable wins); providers
@@ -678,8 +679,9 @@ class LLMBaseModel(ABC):
         self.session_manager.delete_session(session_id)
 
 
-# Every provider a model config may name, in the registry's order.
-PROVIDERS: tuple[str, ...] = tuple(LLMBaseModel.MODEL_TYPE_MAP)
+# Every provider a model config may name, in the registry's order ("queue" is a model type, not a
+# provider: no queue, key or limits of its own).
+PROVIDERS: tuple[str, ...] = tuple(name for name in LLMBaseModel.MODEL_TYPE_MAP if name != "queue")
 
 
 _Item = TypeVar("_Item")

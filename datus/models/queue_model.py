@@ -1,0 +1,611 @@
+"""`QueueModel`: a model whose every call is a job on the fleet (``type: queue`` in agent.yml).
+
+An agent switches a model to the fleet with one change of its agent.yml entry::
+
+    agent:
+      models:
+        sql-writer:
+          type: queue           # was: type: openai, api_key: ${OPENAI_API_KEY}, ...
+          model: openai         # a model the fleet's workers serve (a name in the fleet's agent.yml)
+
+``create_model(config, "sql-writer")`` then returns this class: the same methods, arguments,
+return values, streamed ``ActionHistory`` steps and `ModelError` subclasses as the in-process
+model, with every call submitted through the job system's `JobClient` (Redis and the job store
+from the usual ``DQ_`` settings, ``datus_queue.tasks.settings``) and answered by a ``dq worker``.
+The caller holds no provider key; the fleet's limits, retries, durability and metrics apply.
+
+How each call maps onto a job:
+
+- ``generate`` / ``acomplete`` — a ``generate`` job (not streamed); ``astream`` /
+  ``agenerate_stream`` — a streamed ``generate`` job, its ``assistant_delta`` events as
+  `StreamDelta`s; ``generate_with_json_output`` — a ``json`` job with the response format's
+  schema (a pydantic model is validated again here, as in-process);
+- ``generate_with_tools`` / ``generate_with_tools_stream`` — a ``tool_run`` job. MCP servers
+  are named (a name, a list of names, a dict keyed by name, or server objects by ``.name``): the
+  workers run the servers the fleet's agent.yml defines under those names. The steps come from
+  the job's Redis events; without ``live_steps`` the job system's own steps (``user_input``,
+  text deltas, tool calls under way, ``retry``, ``resumed``...) are left out, so the caller sees
+  the in-process model's steps. ``session`` (an id or a session object) is the id of a session
+  in the fleet's shared store (``DQ_SESSION_URL`` for the workers and the caller alike);
+- a failed job raises the `ModelError` subclass the worker's model raised (the stored error's
+  type and code), with ``details["job_id"]``; the job system's own failures map to the nearest
+  class (`_JOB_CODES`);
+- usage and cost come from the job's result and are recorded (``track_usage``) as one record
+  per call (a tool run's is the sum over its turns, as ``generate_with_tools`` returns it);
+- a caller that closes the stream early, or whose call is cancelled, cancels the job.
+
+Not carried over (yet): the caller's own Python tools (``tools=``: they would have to run in the
+caller, issue 20's second part — refused with `ModelConfigError`), openai-agents ``hooks``
+(ignored, logged once), reasoning text of a plain ``generate`` (the job stores the answer's text),
+``journal`` and ``mcp_pool`` (the fleet's own journal makes the run durable; its pool lends the
+servers). Token counting is the served model's offline tokenizer (``token_count``: no job).
+
+The job system (``datus_queue``) is imported when a queue model is first used, so
+``datus.models`` imports without it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import logging
+import threading
+from collections.abc import AsyncIterator, Mapping
+from typing import Any
+
+from pydantic import ValidationError
+
+from datus.models.base import LLMBaseModel
+from datus.models.errors import (
+    BadRequestError,
+    ModelConfigError,
+    ModelConnectionError,
+    ModelError,
+    ModelOutputError,
+    ModelTimeoutError,
+    RateLimitError,
+    ServerError,
+    error_from_dict,
+)
+from datus.models.generation import CallOptions, Generation, ModelRequest, StreamDelta
+from datus.models.json_output import JsonOutputInvalid, normalize_response_format, parse_json_output
+from datus.models.messages import Prompt, to_messages
+from datus.models.usage import Usage, record_usage
+
+__all__ = ["QueueModel"]
+
+logger = logging.getLogger(__name__)
+
+# what the job system's own error codes (not a model's) become for the caller
+_JOB_CODES: dict[str, type[ModelError]] = {
+    "rate_limit_wait_exceeded": RateLimitError,
+    "deadline_exceeded": ModelTimeoutError,
+    "infrastructure_error": ModelConnectionError,
+    "dead_letter": ServerError,
+    "model_not_allowed": ModelConfigError,
+    "invalid_request": BadRequestError,
+    "invalid_message": BadRequestError,
+    "invalid_payload": BadRequestError,
+}
+# the steps a live tool run publishes that the in-process model does not yield without live_steps
+_LIVE_ONLY = frozenset({"user_input", "assistant_delta", "error", "resumed", "retry", "rate_limit_wait", "cancelled"})
+# keyword arguments of the tool methods that are the model layer's, not call options
+_RUN_KEYWORDS = ("db_type", "sql_functions", "max_tool_result_chars")
+_warned_hooks = False
+
+
+class QueueModel(LLMBaseModel):
+    """An `LLMBaseModel` whose calls are jobs; see the module's docstring."""
+
+    REQUIRES_API_KEY = False
+
+    def __init__(self, model_config: Any, **kwargs: Any) -> None:
+        self._caller_config: Any = None
+        self._setup_lock = threading.Lock()
+        self._fleet: tuple[Any, Any] | None = None  # (settings, the fleet's AgentConfig)
+        self._jobs: Any = None  # the JobClient, made on the first call
+        self.recent_jobs: collections.deque[str] = collections.deque(maxlen=100)  # the latest calls' job ids
+        self._served_config: Any = None
+        super().__init__(model_config, **kwargs)
+        self.served = self.model_config.model  # the name the fleet serves
+        self._resolve_quietly()
+
+    # agent_config (set by create_model after __init__): the caller's config; the fleet's is
+    # read from DQ_CONFIG when set, else the caller's is taken as the fleet's
+    @property  # type: ignore[override]
+    def agent_config(self) -> Any:
+        return self._caller_config
+
+    @agent_config.setter
+    def agent_config(self, value: Any) -> None:
+        self._caller_config = value
+        if getattr(self, "served", None) is not None and self._fleet is None:
+            self._resolve_quietly()
+
+    def __repr__(self) -> str:
+        return f"QueueModel(served={self.served!r}, provider={self.provider!r}, model={self.model_name!r})"
+
+    # ---- the fleet ------------------------------------------------------------------------
+
+    def _resolve_quietly(self) -> None:
+        """Learn the served model's provider and name now if the configuration allows (for
+        ``model_name``, token counts, context length); errors wait for the first call."""
+        with contextlib.suppress(ModelError):
+            self._resolve()
+
+    def _resolve(self) -> tuple[Any, Any]:
+        """(the ``DQ_`` settings, the fleet's `AgentConfig`), read once; the served model's
+        config adopted."""
+        fleet = self._fleet
+        if fleet is not None:
+            return fleet
+        with self._setup_lock:
+            if self._fleet is None:
+                try:
+                    from datus_queue.tasks.settings import Settings
+                except ImportError as exc:
+                    raise ModelConfigError(
+                        f"model type 'queue' needs the job system (the datus_queue package of datus-queue): {exc}",
+                        provider="queue", model=self.served) from None
+                settings = Settings()  # read now: the DQ_ variables as they are when the model is first used
+                config = self._fleet_config(settings)
+                served = self._served(config)
+                self._served_config = served
+                self._adopt(served)
+                self._fleet = (settings, config)
+            return self._fleet
+
+    def _job_client(self) -> Any:
+        """The `JobClient` of this model, made on the first call."""
+        client = self._jobs
+        if client is not None:
+            return client
+        settings, config = self._resolve()
+        with self._setup_lock:
+            if self._jobs is None:
+                from datus_queue.tasks.app import create_app
+                from datus_queue.tasks.client import JobClient
+
+                # an app of this model's own: the module's default app has the settings of import time
+                self._jobs = JobClient(settings=settings, agent_config=config, app=create_app(settings))
+            return self._jobs
+
+    def _fleet_config(self, settings: Any) -> Any:
+        from datus.models.config import AgentConfig, ModelConfig
+
+        if settings.config:
+            return AgentConfig.from_file(settings.config)
+        caller = self._caller_config
+        if isinstance(caller, AgentConfig):
+            return caller
+        from pathlib import Path
+
+        if Path("conf/agent.yml").is_file():
+            return AgentConfig.from_file("conf/agent.yml")
+        config = AgentConfig()
+        for name, model in (getattr(caller, "models", None) or {}).items():  # Datus-agent's AgentConfig
+            with contextlib.suppress(Exception):
+                config.models[name] = ModelConfig.coerce(model)
+        return config
+
+    def _served(self, fleet: Any) -> Any:
+        from datus.models.config import ModelConfig
+
+        name = self.served
+        if name in fleet.models:
+            config = fleet.models[name]
+        elif name in ("", "default") and fleet.target:
+            config = fleet.models[fleet.target]
+        elif ":" in name:
+            provider, _, model = name.partition(":")
+            config = ModelConfig(type=provider, model=model)
+        else:
+            configured = ", ".join(sorted(fleet.models)) or "(none)"
+            raise ModelConfigError(
+                f"queue model {name!r}: the fleet's agent.yml (DQ_CONFIG) has no model of that name; it has "
+                f"{configured} (or name one as provider:model)", provider="queue", model=name)
+        if str(config.type) == "queue":
+            raise ModelConfigError(f"queue model {name!r} names another queue model: name a model the workers "
+                                   "serve with a provider type", provider="queue", model=name)
+        return config
+
+    def _adopt(self, served: Any) -> None:
+        from datus.models.pricing import find_pricing
+        from datus.models.profiles import find_profile
+
+        self.provider = str(served.type)
+        self.model_name = served.model
+        self.profile = find_profile(self.provider, self.model_name)
+        self.pricing = served.pricing or find_pricing(self.provider, self.model_name)
+
+    # ---- what the in-process model computes locally ------------------------------------------
+
+    def token_count(self, prompt: str) -> int:
+        """The served model's offline tokenizer (no job): the same count as in-process."""
+        from datus.models.tokens import count_tokens
+
+        return int(count_tokens(prompt, self.provider, self.model_name))
+
+    def context_length(self) -> int | None:
+        served = self._served_config
+        return (served.context_length if served is not None else None) or self.profile.context_length
+
+    def max_tokens(self) -> int:
+        window = self.context_length() or 32_768
+        served = self._served_config
+        room = (served.max_tokens if served is not None else None) or self.model_config.max_tokens or 4_096
+        return max(window - room, window // 2)
+
+    # ---- the abstract hooks: a queue model sends no provider request itself ------------------
+
+    def _create_client(self) -> Any:
+        """An async Redis client for the running loop (the job's events are read with it)."""
+        from datus_queue.tasks.redis_connect import async_client
+
+        return async_client(self._resolve()[0])
+
+    @staticmethod
+    async def _close_client(client: Any) -> None:
+        await client.aclose()
+
+    async def _complete(self, client: Any, request: ModelRequest) -> Generation:
+        raise NotImplementedError("a queue model's requests are jobs")
+
+    def _stream(self, client: Any, request: ModelRequest) -> AsyncIterator[StreamDelta | Generation]:
+        raise NotImplementedError("a queue model's requests are jobs")
+
+    def _map_error(self, exc: Exception) -> ModelError:
+        return exc if isinstance(exc, ModelError) else ModelError(str(exc), provider=self.provider,
+                                                                  model=self.model_name)
+
+    # ---- jobs -------------------------------------------------------------------------------
+
+    def _job_options(self, kwargs: dict[str, Any], enable_thinking: bool | None = None) -> dict[str, Any]:
+        """The call's options as the in-process model takes them (unknown ones are a TypeError);
+        defaults are the served model's, on the worker, except what this queue entry sets itself."""
+        from datus.models.base import _CONFIG_DEFAULTS
+
+        unknown = sorted(set(kwargs) - set(CallOptions.model_fields))
+        if unknown:
+            raise TypeError(f"unknown option(s) {', '.join(map(repr, unknown))}; "
+                            f"known: {', '.join(CallOptions.model_fields)}")
+        options = {key: getattr(self.model_config, key) for key in _CONFIG_DEFAULTS
+                   if key in self.model_config.model_fields_set}
+        if enable_thinking is not None:
+            options["enable_thinking"] = enable_thinking
+        options.update({key: value for key, value in kwargs.items() if value is not None})
+        if options.get("extra_body"):
+            raise ModelConfigError("extra_body cannot be sent to the fleet (a job carries no raw provider fields)",
+                                   provider=self.provider, model=self.model_name)
+        options.pop("extra_body", None)
+        try:
+            CallOptions(**options)  # the in-process model's checks, before anything is sent
+        except ValidationError as exc:
+            raise ValueError(f"invalid option: {exc.errors()[0]['loc'][0]}: {exc.errors()[0]['msg']}") from None
+        return {key: value for key, value in options.items() if value is not None}
+
+    @staticmethod
+    def _prompt_fields(prompt: Prompt) -> dict[str, Any]:
+        if isinstance(prompt, str):
+            return {"prompt": prompt}
+        return {"messages": [message.model_dump(exclude_none=True) for message in to_messages(prompt)]}
+
+    async def _submit(self, request: dict[str, Any]) -> str:
+        client = self._job_client()
+        from datus_queue.tasks.client import InvalidJob
+
+        try:
+            return await asyncio.to_thread(client.submit, {"model": self.served, **request})
+        except InvalidJob as exc:
+            text = str(exc)
+            cls = ModelConfigError if any(word in text for word in ("unknown model", "not allowed", "unknown MCP",
+                                                                     "unknown provider")) else BadRequestError
+            raise cls(text, provider=self.provider, model=self.model_name) from None
+
+    def _cancel(self, job_id: str) -> None:
+        """Cancel the job (the caller went away): a queued one never runs, a running one stops at
+        its next step. Synchronous, so it also runs where nothing can be awaited any more."""
+        try:
+            self._job_client().cancel(job_id)
+        except Exception as exc:  # noqa: BLE001 - the caller is leaving; say so, do not mask why
+            logger.warning("could not cancel job %s: %s: %s", job_id, type(exc).__name__, exc)
+
+    async def _job(self, request: dict[str, Any], end: _End) -> AsyncIterator[Any]:
+        """Submit a job and yield its steps (``ActionHistory``) as they are published, all but
+        the terminal one, which goes into ``end`` with the job's status; the job is cancelled if
+        this generator is closed or cancelled before the job is final."""
+        from datus.schemas.action_history import ActionHistory
+        from datus_queue.tasks.events import afollow
+
+        job_id = await self._submit(request)
+        end.job_id = job_id
+        self.recent_jobs.append(job_id)
+        client = self._job_client()
+        final = False
+        try:
+            async with contextlib.aclosing(afollow(
+                    self._client(), job_id,
+                    is_final=lambda job: asyncio.to_thread(client._is_final, job))) as events:
+                async for event in events:
+                    if event.terminal:
+                        end.step, end.status = event.step, event.status
+                        final = True
+                        break
+                    yield ActionHistory.model_validate(event.step)
+            if not final or end.step.get("truncated") or (end.step.get("output") or {}).get("truncated"):
+                end.result = await asyncio.to_thread(client.get, job_id)  # the store has it whole
+                final = end.result.final
+        finally:
+            if not final:
+                self._cancel(job_id)
+
+    async def _run(self, request: dict[str, Any]) -> tuple[_End, Any]:
+        """A job to its end: (its end, the output); raises the job's error."""
+        end = _End()
+        async with contextlib.aclosing(self._job(request, end)) as steps:
+            async for _ in steps:
+                pass
+        return end, self._outcome(end)
+
+    def _outcome(self, end: _End, steps: list[Any] | None = None) -> Any:
+        """The job's output, its usage recorded; or its error raised."""
+        from datus_queue.tasks.schemas import JobStatus
+
+        result = end.result
+        status = result.status if result is not None else JobStatus(end.status) if end.status else None
+        if status is JobStatus.SUCCEEDED:
+            if result is not None:
+                output, usage = result.output, result.usage
+            else:
+                data = end.step.get("output") or {}
+                output, usage = data.get("content"), data.get("usage")
+            end.usage = Usage.model_validate(usage) if usage else Usage(provider=self.provider, model=self.model_name)
+            record_usage(end.usage)
+            return output
+        error = result.error.model_dump() if result is not None and result.error is not None else (
+            end.step.get("output") if isinstance(end.step.get("output"), dict) else None)
+        raise self._error(end.job_id, status, error, steps)
+
+    def _error(self, job_id: str | None, status: Any, error: Mapping[str, Any] | None,
+               steps: list[Any] | None) -> ModelError:
+        details: dict[str, Any] = {"job_id": job_id}
+        if steps is not None:
+            details["steps"] = [step.model_dump(mode="json") for step in steps]
+        if error is None:
+            what = getattr(status, "value", status) or "gone"
+            return ModelError(f"job {job_id} ended {what}", provider=self.provider, model=self.model_name,
+                              details=details)
+        details["job_error_code"] = error.get("code")
+        if error.get("type") and error_from_dict({"type": error["type"]}).__class__.__name__ == error["type"]:
+            return error_from_dict({"type": error["type"], "message": error.get("message", ""),
+                                    "provider": error.get("provider") or self.provider, "model": self.model_name,
+                                    "status_code": error.get("status_code"), "details": details})
+        cls = _JOB_CODES.get(str(error.get("code")), ModelError)
+        return cls(str(error.get("message") or error.get("code")), provider=error.get("provider") or self.provider,
+                   model=self.model_name, status_code=error.get("status_code"), details=details)
+
+    # ---- the public interface ------------------------------------------------------------
+
+    async def acomplete(self, prompt: Prompt, enable_thinking: bool | None = None, **kwargs: Any) -> Generation:
+        """The answer as a `Generation` (text, usage; ``finish_reason`` "stop": the job keeps
+        only the text)."""
+        request = {"kind": "generate", "stream": False, "options": self._job_options(kwargs, enable_thinking),
+                   **self._prompt_fields(prompt)}
+        end, output = await self._run(request)
+        return Generation(text=output if isinstance(output, str) else str(output), finish_reason="stop",
+                          usage=end.usage or Usage())
+
+    async def agenerate_with_json_output(self, prompt: Prompt, response_format: Any = None,
+                                         **kwargs: Any) -> dict[str, Any]:
+        json_format = normalize_response_format(response_format)
+        if json_format.schema is None:
+            schema = None
+        elif isinstance(response_format, dict):
+            schema = response_format
+        else:  # a pydantic model: its schema, validated by the worker; the model checks it again here
+            schema = {"type": "json_schema", "json_schema": {"name": json_format.name, "schema": json_format.schema}}
+        request = {"kind": "json", "options": self._job_options(kwargs), "output_schema": schema,
+                   **self._prompt_fields(prompt)}
+        _, output = await self._run(request)
+        if json_format.pydantic_model is not None and isinstance(output, dict):
+            import json
+
+            try:
+                return parse_json_output(json.dumps(output), json_format)
+            except JsonOutputInvalid as exc:
+                raise ModelOutputError(str(exc), provider=self.provider, model=self.model_name) from None
+        return output
+
+    async def astream(self, prompt: Prompt, enable_thinking: bool | None = None,
+                      **kwargs: Any) -> AsyncIterator[StreamDelta | Generation]:
+        """The job's text deltas as `StreamDelta`s, then the final `Generation` with usage."""
+        request = {"kind": "generate", "stream": True, "options": self._job_options(kwargs, enable_thinking),
+                   **self._prompt_fields(prompt)}
+        end = _End()
+        async with contextlib.aclosing(self._job(request, end)) as steps:
+            async for step in steps:
+                if step.action_type == "assistant_delta" and isinstance(step.output, dict):
+                    yield StreamDelta(text=step.output.get("text") or "", reasoning=step.output.get("reasoning") or "")
+        output = self._outcome(end)
+        yield Generation(text=output if isinstance(output, str) else str(output), finish_reason="stop",
+                         usage=end.usage or Usage())
+
+    async def generate_with_tools(
+        self,
+        prompt: Prompt,
+        mcp_servers: Any = None,
+        tools: Any = None,
+        instruction: str = "",
+        output_type: Any = str,
+        max_turns: int = 10,
+        session: Any = None,
+        journal: Any = None,
+        mcp_pool: Any = None,
+        hooks: Any = None,
+        action_history_manager: Any = None,
+        agent_name: str | None = None,
+        **kwargs: Any,
+    ) -> dict[str, Any]:
+        """A ``tool_run`` job: ``content``, ``sql_contexts`` (`SQLContext`), ``usage``,
+        ``turns_used``, ``model`` — what the in-process model returns."""
+        end = _End()
+        async with contextlib.aclosing(self._tool_run(
+                prompt, tools=tools, mcp_servers=mcp_servers, instruction=instruction, output_type=output_type,
+                max_turns=max_turns, session=session, hooks=hooks, manager=action_history_manager,
+                live_steps=False, kwargs=kwargs, end=end)) as steps:
+            async for _ in steps:
+                pass
+        return end.result_dict
+
+    async def generate_with_tools_stream(
+        self,
+        prompt: Prompt,
+        tools: Any = None,
+        mcp_servers: Any = None,
+        instruction: str = "",
+        output_type: Any = str,
+        max_turns: int = 10,
+        action_history_manager: Any = None,
+        session: Any = None,
+        journal: Any = None,
+        mcp_pool: Any = None,
+        hooks: Any = None,
+        agent_name: str | None = None,
+        live_steps: bool = False,
+        **kwargs: Any,
+    ) -> AsyncIterator[Any]:
+        """The job's steps as the in-process model yields them (``live_steps``: every step the
+        job publishes); closing it early cancels the job."""
+        end = _End()
+        async with contextlib.aclosing(self._tool_run(
+                prompt, tools=tools, mcp_servers=mcp_servers, instruction=instruction, output_type=output_type,
+                max_turns=max_turns, session=session, hooks=hooks, manager=action_history_manager,
+                live_steps=live_steps, kwargs=kwargs, end=end)) as steps:
+            async for step in steps:
+                yield step
+
+    async def _tool_run(self, prompt: Prompt, *, tools: Any, mcp_servers: Any, instruction: str, output_type: Any,
+                        max_turns: int, session: Any, hooks: Any, manager: Any, live_steps: bool,
+                        kwargs: dict[str, Any], end: _End) -> AsyncIterator[Any]:
+        from datus.schemas.action_history import ActionHistory, ActionRole, ActionStatus
+
+        if tools:
+            raise ModelConfigError(
+                "a queue model runs tools on the fleet's workers: name MCP servers from the fleet's agent.yml "
+                "(mcp_servers=); the caller's own Python tools (tools=) are not supported yet",
+                provider=self.provider, model=self.model_name)
+        if hooks is not None:
+            global _warned_hooks
+            if not _warned_hooks:
+                _warned_hooks = True
+                logger.warning("a queue model does not call openai-agents hooks: the run happens on a worker")
+        kwargs = dict(kwargs)
+        db_type = kwargs.pop("db_type", None)
+        for name in _RUN_KEYWORDS[1:]:
+            kwargs.pop(name, None)  # the workers' agent.yml and model config decide these
+        output_format = None if output_type in (str, None) else normalize_response_format(output_type)
+        request: dict[str, Any] = {
+            "kind": "tool_run", "instruction": instruction or "", "max_turns": max_turns,
+            "options": self._job_options(kwargs), "mcp_servers": _server_names(mcp_servers),
+            **self._prompt_fields(prompt)}
+        if output_format is not None and output_format.schema is not None:
+            request["output_schema"] = output_format.schema
+        elif output_format is not None:
+            request["output_schema"] = {"type": "object"}
+        if db_type:
+            request["db_type"] = db_type
+        session_id = session if isinstance(session, str) or session is None else getattr(session, "session_id", None)
+        if session is not None and not session_id:
+            raise ModelConfigError("a queue model's session is a session id (or a session object with one)",
+                                   provider=self.provider, model=self.model_name)
+        if session_id:
+            request["session_id"] = session_id
+        seen: list[Any] = []
+        async with contextlib.aclosing(self._job(request, end)) as steps:
+            async for step in steps:
+                if not live_steps and not _in_process_step(step):
+                    continue
+                if step.action_type not in _LIVE_ONLY:
+                    seen.append(step)
+                if manager is not None:
+                    _add_to(manager, step, live_steps)
+                yield step
+        content = self._outcome(end, seen)
+        final_output = dict(end.step.get("output") or {}) if end.result is None else {}
+        if end.result is not None:  # read from the store: the terminal event was cut
+            final_output = {"success": True, "raw_output": content if isinstance(content, str) else "",
+                            "content": content, "sql_contexts": end.result.sql_contexts,
+                            "turns_used": None, "model": self.model_name}
+        usage = (end.usage or Usage()).to_dict(self.context_length())
+        final_output["usage"] = usage
+        if output_format is not None and output_format.pydantic_model is not None and isinstance(content, dict):
+            content = output_format.pydantic_model.model_validate(content)
+        from datus.schemas.node_models import SQLContext
+
+        end.result_dict = {
+            "content": content,
+            "sql_contexts": [SQLContext.model_validate(item) for item in final_output.get("sql_contexts") or []],
+            "usage": usage,
+            "turns_used": final_output.get("turns_used"),
+            "model": final_output.get("model") or self.model_name,
+        }
+        final = ActionHistory.model_validate({**end.step, "output": final_output}) if end.step else \
+            ActionHistory.create_action(ActionRole.ASSISTANT, "final_response", str(content), None, final_output,
+                                        ActionStatus.SUCCESS)
+        if manager is not None:
+            manager.add_action(final)
+        yield final
+
+
+class _End:
+    """How a job ended: its terminal step and status, its stored result when the step was not
+    enough, its usage, and a tool run's result dict."""
+
+    __slots__ = ("job_id", "result", "result_dict", "status", "step", "usage")
+
+    def __init__(self) -> None:
+        self.job_id: str | None = None
+        self.step: dict[str, Any] = {}
+        self.status: Any = None
+        self.result: Any = None
+        self.usage: Usage | None = None
+        self.result_dict: dict[str, Any] = {}
+
+
+def _in_process_step(step: Any) -> bool:
+    """Whether the in-process model (``live_steps=False``) yields this step: finished steps only,
+    no job-system steps, no ``message`` of reasoning alone."""
+    if step.action_type in _LIVE_ONLY or step.status == "processing":
+        return False
+    return not (step.action_type == "message" and not (step.messages or "").strip())
+
+
+def _add_to(manager: Any, step: Any, live: bool) -> None:
+    """As the tool loop does: a step once; a live tool step again, finished, under its id."""
+    if live and step.status != "processing":
+        existing = getattr(manager, "find_action_by_id", None)
+        if callable(existing) and existing(step.action_id) is not None:
+            manager.update_action_by_id(step.action_id, status=step.status, output=step.output,
+                                        end_time=step.end_time)
+            return
+    manager.add_action(step)
+
+
+def _server_names(mcp_servers: Any) -> list[str]:
+    """The names of the MCP servers a run asks for (the fleet's agent.yml defines them)."""
+    if mcp_servers is None:
+        return []
+    if isinstance(mcp_servers, str):
+        return [mcp_servers]
+    if isinstance(mcp_servers, Mapping):
+        return [str(name) for name in mcp_servers]
+    items = mcp_servers if isinstance(mcp_servers, (list, tuple, set, frozenset)) else [mcp_servers]
+    names = []
+    for item in items:
+        name = item if isinstance(item, str) else getattr(item, "name", None)
+        if not isinstance(name, str) or not name:
+            raise ModelConfigError("a queue model names its MCP servers (names from the fleet's agent.yml); "
+                                   f"got {type(item).__name__}")
+        names.append(name)
+    return names

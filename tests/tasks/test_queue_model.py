@@ -1,0 +1,268 @@
+"""A model that runs on the fleet (issue 20): an agent.yml entry ``{type: queue, model: NAME}``
+makes `create_model` return a `QueueModel` whose every call is a job run by real ``dq worker``
+processes against the fake provider server. Each method is compared with the in-process model
+of the same name on the same fake: the same return values, the same steps, the same errors."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pydantic import BaseModel
+
+from datus.models.base import LLMBaseModel
+from datus.models.config import AgentConfig
+from datus.models.errors import AuthenticationError, BadRequestError, ModelConfigError
+from datus.models.generation import Generation, StreamDelta
+from datus.models.scripted import Fault, Reply, ScriptedToolCall
+from datus.models.usage import track_usage
+from datus.schemas.action_history import ActionHistoryManager
+from datus.testing.fake_server import FakeProviderServer
+from datus_queue.tasks.client import JobClient
+from datus_queue.tasks.schemas import JobStatus
+from tests.tasks.conftest import JobEnv, StartWorker, generations, tool_run_skip_reason
+
+ANSWER_SCHEMA = {"type": "object", "properties": {"sql": {"type": "string"}}, "required": ["sql"]}
+
+
+class Answer(BaseModel):
+    sql: str
+
+
+@pytest.fixture
+def sessions_url(tmp_path: Path) -> str:
+    return f"sqlite:///{tmp_path / 'sessions.db'}"
+
+
+@pytest.fixture
+def caller(job_env: JobEnv, sessions_url: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[AgentConfig]:
+    """The caller's side: the usual DQ_ settings (the fleet's Redis, store and agent.yml), the
+    shared session store, no provider key, and an agent.yml whose models are queue models."""
+    for name, value in {"DQ_REDIS_URL": job_env.redis_url, "DQ_DATABASE_URL": job_env.database_url,
+                        "DQ_CONFIG": str(job_env.agent_yml), "DQ_SESSION_URL": sessions_url}.items():
+        monkeypatch.setenv(name, value)
+    yield AgentConfig.from_dict({"agent": {"target": "fleet", "models": {
+        "fleet": {"type": "queue", "model": "openai"},
+        "fleet-badkey": {"type": "queue", "model": "openai-badkey"},
+        "fleet-gemini": {"type": "queue", "model": "gemini"},
+    }}})
+
+
+@pytest.fixture
+def fleet(worker: StartWorker, sessions_url: str) -> None:
+    worker("openai", "gemini", env={"DQ_SESSION_URL": sessions_url})
+
+
+def local(job_env: JobEnv, name: str = "openai") -> LLMBaseModel:
+    """The in-process model the fleet serves under ``name``."""
+    return LLMBaseModel.create_model(AgentConfig.from_file(job_env.agent_yml), name)
+
+
+def same_usage(a: dict[str, Any] | Any, b: dict[str, Any] | Any) -> None:
+    a = a if isinstance(a, dict) else a.model_dump()
+    b = b if isinstance(b, dict) else b.model_dump()
+    for key in ("input_tokens", "output_tokens", "total_tokens", "cost_usd", "provider", "model", "requests"):
+        if key in a or key in b:
+            assert a.get(key) == b.get(key), (key, a, b)
+
+
+def test_create_model_returns_a_queue_model_without_the_job_system_imported_and_without_a_key(
+        caller: AgentConfig) -> None:
+    from datus.models.queue_model import QueueModel
+
+    model = LLMBaseModel.create_model(caller, "fleet")
+    assert isinstance(model, QueueModel) and model.REQUIRES_API_KEY is False
+    # the served model's name, tokenizer and window, read from the fleet's agent.yml
+    assert (model.provider, model.model_name) == ("openai", "gpt-4o-mini")
+    assert model.token_count("how many orders are there?") == local_token_count(caller)
+    assert model.context_length() == 128_000
+    assert LLMBaseModel.create_model(caller, "queue:openai").model_name == "gpt-4o-mini"  # provider:model strings too
+    with pytest.raises(ModelConfigError, match="no model of that name"):
+        asyncio.run(LLMBaseModel.create_model(caller, "queue:nope").agenerate("hi"))
+
+
+def local_token_count(caller: AgentConfig) -> int:
+    from datus.models.tokens import count_tokens
+
+    return int(count_tokens("how many orders are there?", "openai", "gpt-4o-mini"))
+
+
+def test_generate_json_and_stream_are_the_in_process_models(job_env: JobEnv, caller: AgentConfig, fleet: None,
+                                                            fake: FakeProviderServer) -> None:
+    queued, inproc = LLMBaseModel.create_model(caller, "fleet"), local(job_env)
+    fake.script.add(Reply(text="SELECT count(*) FROM orders", input_tokens=20, output_tokens=8), match="q-gen",
+                    times=2)
+    fake.script.add(Reply(text=json.dumps({"sql": "SELECT 1"}), input_tokens=12, output_tokens=5), match="q-json",
+                    times=4)
+    fake.script.add(Reply(text="streamed answer in a few words", input_tokens=9, output_tokens=6), match="q-stream",
+                    times=2)
+
+    answers, usages = [], []
+    for model in (inproc, queued):
+        with track_usage() as calls:
+            answers.append(model.generate("q-gen: how many orders?", temperature=0.1))
+        usages.append(calls)
+    assert answers[0] == answers[1] == "SELECT count(*) FROM orders"
+    assert len(usages[1]) == 1 and usages[1][0].input_tokens == 20 and usages[1][0].output_tokens == 8
+    same_usage(usages[0][0], usages[1][0])
+
+    for response_format in (ANSWER_SCHEMA, Answer):
+        got = [model.generate_with_json_output("q-json: one query", response_format) for model in (inproc, queued)]
+        assert got[0] == got[1] == {"sql": "SELECT 1"}
+
+    async def stream(model: LLMBaseModel) -> list[Any]:
+        return [item async for item in model.astream([{"role": "user", "content": "q-stream: say it"}])]
+
+    local_items, queue_items = asyncio.run(stream(inproc)), asyncio.run(stream(queued))
+    deltas = [[item.text for item in items if isinstance(item, StreamDelta)] for items in (local_items, queue_items)]
+    assert deltas[0] == deltas[1] and len(deltas[1]) >= 2
+    assert isinstance(queue_items[-1], Generation) and queue_items[-1].text == local_items[-1].text
+    same_usage(local_items[-1].usage, queue_items[-1].usage)
+    # every call was one job, and the fake saw each prompt once per model
+    assert len(queued.recent_jobs) == 4
+    assert len(generations(fake, "q-gen")) == 2 and len(generations(fake, "q-stream")) == 2
+
+
+def test_other_served_providers_and_options(caller: AgentConfig, fleet: None, fake: FakeProviderServer) -> None:
+    fake.script.add(Reply(text="gemini says hi"), match="q-gemini")
+    queued = LLMBaseModel.create_model(caller, "fleet-gemini")
+    assert queued.generate("q-gemini: hello", max_tokens=50) == "gemini says hi"
+    [request] = generations(fake, "q-gemini")
+    assert "gemini-2.5-flash" in request.path and "50" in json.dumps(request.body)  # the option reached the wire
+    with pytest.raises(TypeError, match="unknown option"):
+        queued.generate("hi", temprature=0.1)
+
+
+@pytest.mark.skipif(tool_run_skip_reason() is not None, reason=str(tool_run_skip_reason()))
+def test_tool_runs_are_the_in_process_models_with_sessions_in_the_shared_store(
+        job_env: JobEnv, caller: AgentConfig, fleet: None, fake: FakeProviderServer) -> None:
+    queued, inproc = LLMBaseModel.create_model(caller, "fleet"), local(job_env)
+    query = "SELECT count(*) AS n FROM orders"
+
+    def script() -> None:  # one run's three turns, added again before each run
+        fake.script.add(Reply(text="Let me look.", tool_calls=[ScriptedToolCall("list_tables", {})],
+                              input_tokens=30, output_tokens=4),
+                        Reply(tool_calls=[ScriptedToolCall("read_query", {"query": query})], input_tokens=40,
+                              output_tokens=6),
+                        Reply(text="There are 5 orders.", input_tokens=50, output_tokens=7), match="q-tools")
+
+    async def run(model: LLMBaseModel) -> dict[str, Any]:
+        script()
+        return await model.generate_with_tools("q-tools: how many orders?", mcp_servers=["shop"],
+                                               instruction="You are a SQL assistant.")
+
+    results = [asyncio.run(run(model)) for model in (inproc, queued)]
+    for key in ("content", "turns_used", "model"):
+        assert results[0][key] == results[1][key], key
+    assert results[1]["content"] == "There are 5 orders." and results[1]["turns_used"] == 3
+    assert [c.model_dump() for c in results[0]["sql_contexts"]] == [c.model_dump() for c in results[1]["sql_contexts"]]
+    assert type(results[1]["sql_contexts"][0]).__name__ == "SQLContext"
+    assert set(results[0]["usage"]) == set(results[1]["usage"])
+    same_usage(results[0]["usage"], results[1]["usage"])
+
+    servers = AgentConfig.from_file(job_env.agent_yml).mcp_servers  # a dict keyed by name, as Datus passes it
+
+    async def steps(model: LLMBaseModel, **kwargs: Any) -> tuple[list[Any], ActionHistoryManager]:
+        manager = ActionHistoryManager()
+        script()
+        found = [step async for step in model.generate_with_tools_stream(
+            "q-tools: how many orders?", mcp_servers={"shop": servers["shop"]}, instruction="You are a SQL assistant.",
+            action_history_manager=manager, **kwargs)]
+        return found, manager
+
+    (local_steps, local_manager), (queue_steps, queue_manager) = asyncio.run(steps(inproc)), asyncio.run(steps(queued))
+
+    def shape(items: list[Any]) -> list[tuple[Any, ...]]:
+        return [(s.role, s.action_type, s.status, s.messages, json.dumps((s.output or {}).get("raw_output"),
+                                                                        default=str)) for s in items]
+
+    assert shape(local_steps) == shape(queue_steps)
+    assert [s.action_type for s in queue_steps] == ["message", "list_tables", "read_query", "final_response"]
+    final = queue_steps[-1].output
+    assert set(final) == set(local_steps[-1].output) and final["content"] == "There are 5 orders."
+    same_usage(local_steps[-1].output["usage"], final["usage"])
+    assert shape(local_manager.get_actions()) == shape(queue_manager.get_actions())
+
+    # live steps: what the job published, the user's step first
+    fake.script.add(Reply(text="Five."), match="q-live")
+    live = asyncio.run(collect(queued.generate_with_tools_stream("q-live: count", live_steps=True)))
+    assert live[0].action_type == "user_input" and live[-1].action_type == "final_response"
+
+    # a session by id: the worker's run lands in the shared store the caller reads
+    fake.script.add(Reply(text="first"), Reply(text="second"), match="q-session")
+    session = queued.create_session("q-chat")
+    asyncio.run(queued.generate_with_tools("q-session: one", session="q-chat"))
+    asyncio.run(queued.generate_with_tools("q-session: two", session=session))
+    info = queued.get_session_info("q-chat")
+    assert info["exists"] and info["item_count"] == 4, info
+    second = generations(fake, "q-session: two")[0]
+    assert "q-session: one" in json.dumps(second.body) and "first" in json.dumps(second.body)  # history sent
+
+    # the caller's own Python tools are not run on the fleet (issue 20's second part)
+    with pytest.raises(ModelConfigError, match="Python tools"):
+        asyncio.run(queued.generate_with_tools("q-x", tools=[lambda: 1]))
+
+
+async def collect(stream: Any) -> list[Any]:
+    return [item async for item in stream]
+
+
+def test_errors_are_the_same_model_error_subclasses_with_the_same_codes(
+        job_env: JobEnv, caller: AgentConfig, fleet: None, fake: FakeProviderServer) -> None:
+    raised = []
+    for model in (local(job_env, "openai-badkey"), LLMBaseModel.create_model(caller, "fleet-badkey")):
+        with pytest.raises(AuthenticationError) as caught:
+            model.generate("q-401: who am I?")
+        raised.append(caught.value)
+    in_process, queued = raised
+    assert (queued.code, queued.slug, queued.status_code, queued.retryable) == (
+        in_process.code, in_process.slug, in_process.status_code, in_process.retryable) == (
+        in_process.error_code, "model_authentication_error", 401, False)
+    assert queued.details["job_id"] and queued.details["job_error_code"] == "model_authentication_error"
+
+    # a scripted 400 on a tool run, and an unknown MCP server refused before anything is queued
+    fake.script.add(Fault(kind="status", status=400, message="bad tool request"), match="q-400", times=2)
+    queue_model = LLMBaseModel.create_model(caller, "fleet")
+    for model in (local(job_env), queue_model):
+        with pytest.raises(BadRequestError) as bad:
+            asyncio.run(model.generate_with_tools("q-400: go", mcp_servers=["shop"]))
+        assert bad.value.status_code == 400
+    with pytest.raises(ModelConfigError, match="unknown MCP server"):
+        asyncio.run(queue_model.generate_with_tools("q-x", mcp_servers=["nope"]))
+
+
+def test_a_stream_closed_or_a_call_cancelled_by_the_caller_cancels_the_job(
+        job_env: JobEnv, caller: AgentConfig, fleet: None, fake: FakeProviderServer, client: JobClient) -> None:
+    queued = LLMBaseModel.create_model(caller, "fleet")
+    fake.latency_s = 1.5
+    fake.script.add(Reply(tool_calls=[ScriptedToolCall("list_tables", {})]), Reply(text="never said"),
+                    match="q-close")
+
+    async def close_after_first_step() -> str:
+        stream = queued.generate_with_tools_stream("q-close: count", mcp_servers=["shop"], live_steps=True)
+        async with contextlib.aclosing(stream):
+            first = await anext(stream)
+            assert first.action_type == "user_input"
+        return queued.recent_jobs[-1]
+
+    job_id = asyncio.run(close_after_first_step())
+    result = client.result(job_id, timeout=20)
+    assert result.status is JobStatus.CANCELLED and result.output is None
+    assert len(generations(fake, "q-close")) <= 1  # stopped at its next step: no tool, no second turn
+
+    async def cancel_a_call() -> str:  # a streamed call: a plain generate job has no step left to stop at
+        task = asyncio.create_task(collect(queued.astream("q-cancel: slow")))
+        while not generations(fake, "q-cancel"):
+            await asyncio.sleep(0.02)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        return queued.recent_jobs[-1]
+
+    job_id = asyncio.run(cancel_a_call())
+    assert client.result(job_id, timeout=20).status is JobStatus.CANCELLED

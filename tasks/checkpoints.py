@@ -84,7 +84,7 @@ class StoreJournal:
         self.replayed_steps = 0
         self._position = 0
         self._unconfirmed: list[Published] = []  # published by this delivery since its last start row
-        settings = get_settings()
+        settings = getattr(ctx, "settings", None) or get_settings()
         self.max_bytes = settings.max_checkpoint_bytes
         # the tool loop cuts a tool's answer to this before the model reads it (tool_loop: the cap)
         caps = [self.max_bytes // 16, settings.max_tool_result_chars]

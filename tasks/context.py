@@ -136,7 +136,8 @@ class JobContext:
                 client = async_client(self.settings, max_connections=self.settings.redis_max_connections, timeout=30)
                 state = {
                     "redis": client,
-                    "publisher": AsyncEventPublisher(client, self.settings.event_ttl_s, self.settings.event_maxlen),
+                    "publisher": AsyncEventPublisher(client, self.settings.event_ttl_s, self.settings.event_maxlen,
+                                                     self.settings.max_event_bytes),
                 }
                 self._per_loop[loop] = state
             return state

@@ -235,7 +235,7 @@ def test_a_planted_secret_is_nowhere_and_a_planted_prompt_only_in_the_jobs_own_c
         assert any(KNOWN_KEY in json.dumps(request.headers) for request in generations(fake))
         seen = command_lines.close()
         assert any("datus.mcp_servers.sql_server" in line for line in seen), "ps saw the stdio MCP server"
-        statuses = [subprocess.run([*dq_command(), "status", job_id], env=_environment(
+        statuses = [subprocess.run([*dq_command(), "status", job_id], check=False, env=_environment(
             job_env, {"DQ_TEST_VAULT_TOKEN": ENV_SECRET}), cwd=job_env.dir, capture_output=True, text=True,
             timeout=60) for job_id in [*jobs.values(), waiting]]
         after = task_messages(dq_redis)
@@ -252,7 +252,7 @@ def test_a_planted_secret_is_nowhere_and_a_planted_prompt_only_in_the_jobs_own_c
     messages = in_flight + after
     assert messages
     for where, message in messages:
-        job_id, payload = message["body"][0]
+        _, payload = message["body"][0]
         assert set(payload) <= {"schema_version", "provider", "kind", "model"}, payload
         assert_no_secret(f"the task message in {where}", json.dumps(message))
         assert_no_prompt(f"the task message in {where}", json.dumps(message))

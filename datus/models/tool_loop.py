@@ -50,6 +50,7 @@ retryable `ToolServerLostError` (the run is resumed later) instead of a failed r
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import uuid
 from collections import deque
@@ -390,8 +391,9 @@ class ToolRun:
         try:
             with observe.tool_call(call.name, arguments, call.id, meta.get("server")) as spans:
                 outcome = await tool.call(arguments, ctx)
-                if spans is not None:
-                    spans.end(outcome)
+                if spans is not None:  # a trace shows what the model reads, cut as it is
+                    text, total = cap_text(outcome.text, self.max_tool_result_chars)
+                    spans.end(outcome if total is None else dataclasses.replace(outcome, text=text))
         except Exception as exc:
             if self.journal is not None and getattr(exc, "server_lost", False):
                 # a durable run resumes once the server is back, and makes this call again

@@ -203,3 +203,36 @@ def test_cap_text_and_shrink_json_bound_any_value() -> None:
     assert shrink_json({"a": 1}, 100) == ({"a": 1}, False)
     shaped, _ = shrink_json({"success": 1, "result": {"rows": 10, "data": "z" * 100_000}}, 5000)
     assert shaped["success"] == 1 and shaped["result"]["rows"] == 10
+
+
+class ToolSpans:
+    """An observer keeping what each tool span was ended with (what a tracer exports)."""
+
+    def __init__(self) -> None:
+        self.ended: list[Any] = []
+
+    def model_call(self, call: Any) -> None:
+        return None
+
+    def tool_call(self, call: Any) -> Any:
+        spans = self
+
+        class Span:
+            def end(self, result: Any, error: BaseException | None) -> None:
+                spans.ended.append(result)
+
+        return Span()
+
+
+async def test_a_trace_of_the_tool_call_shows_the_cut_text(fake_server: FakeProviderServer,
+                                                           make_model: MakeModel) -> None:
+    from datus.models.observe import observing
+
+    model = make_model("openai", config(fake_server))
+    fake_server.script.add(*exchange())
+    spans = ToolSpans()
+    with observing(spans):
+        await model.generate_with_tools("Fetch everything.", tools=[big_rows], mcp_servers=["tools"])
+    mcp, fn = spans.ended  # in the order of the calls
+    assert mcp.text == "x" * CAP + "\n" + MARKER
+    assert "[truncated:" in fn.text[-80:] and len(fn.text) < CAP + 100

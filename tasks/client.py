@@ -116,6 +116,7 @@ class JobClient:
 
             store = JobStore(self.settings.database_url)
         self.store = store
+        self._databases_allowed: set[str] = set()  # fingerprints of URLs `allow_database` was given
         from datus_queue.tasks.redis_connect import connect
 
         self.redis = connect(self.settings)
@@ -145,7 +146,37 @@ class JobClient:
         if unknown:
             configured = ", ".join(sorted(self.agent_config.mcp_servers)) or "(none)"
             raise InvalidJob(f"unknown MCP server(s) {', '.join(unknown)}; configured in agent.mcp_servers: {configured}")
+        if job.database is not None:  # the operator's databases only (tasks/databases.py); again on the worker
+            from datus_queue.tasks.databases import DatabaseNotAllowed, resolve_database
+
+            try:
+                resolve_database(job.database, self.agent_config, self.settings,
+                                 getattr(self, "_databases_allowed", ()))
+            except DatabaseNotAllowed as exc:
+                raise InvalidJob(f"invalid job request: {exc}") from None
         return job, provider
+
+    def allow_database(self, url: str, batch_id: str | None = None) -> None:
+        """The operator's own database for this client's jobs (``dq batch --db URL``: the CLI is
+        the operator): accepted at submit from now on, and on the workers for ``batch_id``'s jobs
+        (registered in Redis, as a fingerprint). Never the job store."""
+        from datus_queue.tasks.databases import (
+            DatabaseNotAllowed,
+            fingerprint,
+            refuse_stores,
+            register_for_batch,
+        )
+
+        try:
+            refuse_stores(url, self.settings)
+            allowed = fingerprint(url)
+        except DatabaseNotAllowed as exc:
+            raise InvalidJob(str(exc)) from None
+        except Exception:  # noqa: BLE001 - not a URL: the request's own check says so, naming the field
+            return
+        self._databases_allowed.add(allowed)
+        if batch_id is not None:
+            register_for_batch(self.redis, batch_id, url)
 
     def submit(self, request: JobRequest | dict[str, Any], job_id: str | None = None) -> str:
         """Queue a job; returns its id. The same idempotency key returns the same job."""

@@ -54,6 +54,7 @@ from datus.schemas.action_history import ActionHistory, ActionRole, ActionStatus
 from datus_queue.tasks import keys
 from datus_queue.tasks.checkpoints import RunSuperseded
 from datus_queue.tasks.context import JobContext, get_context
+from datus_queue.tasks.databases import database_refusal
 from datus_queue.tasks.execution import run_coroutine
 from datus_queue.tasks.messages import JobMessage, Malformed, error_step, parse_job, reject, send_again
 from datus_queue.tasks.observability import metrics, traces
@@ -276,6 +277,9 @@ async def _claimed_run(ctx: JobContext, job_id: str, provider: str, request: Job
         error = JobError(code="model_not_allowed", type="ModelNotAllowed",
                          message=f"model {request.model!r} is not allowed on this worker (agent.allowed_models: "
                                  f"{allowed})")
+        outcome = await _finish_failed(ctx, job_id, JobStatus.FAILED, error, run)
+    elif (refusal := await database_refusal(ctx, request)) is not None:  # sent around a client, or config changed
+        error = JobError(code="database_not_allowed", type="DatabaseNotAllowed", message=refusal)
         outcome = await _finish_failed(ctx, job_id, JobStatus.FAILED, error, run)
     else:
         # any start but the very first may find steps of an earlier delivery to resume from (a

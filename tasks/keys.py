@@ -5,6 +5,7 @@ from __future__ import annotations
 __all__ = [
     "BEAT_PREFIX",
     "PREFIX",
+    "batch_databases",
     "beat_entry",
     "beat_lock",
     "job_cancel",
@@ -22,6 +23,12 @@ PREFIX = "dq"
 # redbeat's keys (dq beat): its entries are BEAT_PREFIX + name, its lock and schedule index
 # BEAT_PREFIX + ":lock" / ":schedule" (redbeat joins them with a second colon)
 BEAT_PREFIX = f"{PREFIX}:beat:"
+
+
+def batch_databases(batch_id: str) -> str:
+    """Fingerprints of the database URLs ``dq batch --db`` registered for its batch's tool runs
+    (tasks/databases.py); a set, expiring."""
+    return f"{PREFIX}:batch:{batch_id}:databases"
 
 
 def job_events(job_id: str) -> str:

@@ -100,13 +100,22 @@ class JobRunner:
         request = self.request
         model = self.ctx.model(request.model, in_process_retries=True)
         steps = model.generate_with_tools_stream(
-            prompt, mcp_servers=servers(request, self.ctx.agent_config), instruction=request.instruction,
+            prompt, mcp_servers=servers(request, self.ctx.agent_config, await self._database_url()),
+            instruction=request.instruction,
             output_type=request.output_schema or str, max_turns=request.max_turns,
             session=request.session_id, db_type=request.db_type, journal=self.journal, mcp_pool=self.ctx.mcp_pool,
             live_steps=True, **options)  # live: every step is published, deltas and tool calls under way included
         # aclosing: a cancelled or failed job closes the run (and its MCP servers) in this task
         async with contextlib.aclosing(steps):
             return await self._follow_tool_run(steps)
+
+    async def _database_url(self) -> str | None:
+        """The URL to open for ``request.database``, checked again right before it is opened."""
+        if not self.request.database:
+            return None
+        from datus_queue.tasks.databases import resolve_on_worker
+
+        return await resolve_on_worker(self.ctx, self.request)
 
     async def _follow_tool_run(self, steps: Any) -> tuple[Any, list[dict[str, Any]]]:
         request = self.request
@@ -132,15 +141,22 @@ class JobRunner:
         raise RuntimeError("the tool run ended without a final answer")
 
 
-def servers(request: JobRequest, agent_config: Any) -> dict[str, Any] | None:
+def servers(request: JobRequest, agent_config: Any, database_url: str | None = None) -> dict[str, Any] | None:
     """The tool run's MCP servers: those it names from agent.mcp_servers, and the shipped SQL
-    server opened on ``request.database``."""
+    server opened on ``request.database`` — on ``database_url``, what the operator's allow-list
+    made of it (`tasks.databases.resolve_on_worker`); without one it is resolved here, with no
+    batch registrations."""
     from datus.mcp_servers.sql_server import stdio_config
     from datus.models.mcp_utils import resolve_mcp_servers
 
     found: dict[str, Any] = dict(resolve_mcp_servers(request.mcp_servers, agent_config)) if request.mcp_servers else {}
     if request.database:
-        found[DATABASE_SERVER] = stdio_config(request.database)
+        if database_url is None:
+            from datus_queue.tasks.databases import resolve_database
+            from datus_queue.tasks.settings import get_settings
+
+            database_url = resolve_database(request.database, agent_config, get_settings())
+        found[DATABASE_SERVER] = stdio_config(database_url)
     return found or None
 
 

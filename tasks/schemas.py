@@ -174,8 +174,9 @@ class JobRequest(BaseModel):
                                    description="names from agent.mcp_servers")
     database: str | None = Field(
         default=None, max_length=Bounds.DATABASE_CHARS,
-        description="tool runs: a SQLAlchemy URL the worker opens with the shipped read-only SQL tools "
-                    "(server 'sql'); no password in it — configure a server in agent.yml for that")
+        description="tool runs: a database the operator configured (agent.namespace in agent.yml, DQ_DATABASES), "
+                    "by name or by its URL, that the worker opens with the shipped read-only SQL tools (server "
+                    "'sql'); no password in it (tasks/databases.py)")
     output_schema: dict[str, Any] | None = Field(default=None, description="JSON schema of the answer")
     max_turns: int = Field(default=10, ge=1, le=Bounds.MAX_TURNS)
     session_id: str | None = Field(
@@ -234,18 +235,21 @@ class JobRequest(BaseModel):
     def _database_url(cls, url: str | None) -> str | None:
         if url is None:
             return None
+        if "://" not in url and _NAME.match(url):
+            return url  # a name the operator configured: checked at submit and on the worker (tasks/databases.py)
         from sqlalchemy.engine import make_url
         from sqlalchemy.exc import ArgumentError
 
         try:
             parsed = make_url(url)
         except ArgumentError:
-            raise ValueError("database is not a SQLAlchemy URL (dialect+driver://user@host/db)") from None
+            raise ValueError("database is neither a configured database's name nor a SQLAlchemy URL "
+                             "(dialect+driver://user@host/db)") from None
         if parsed.password:
             raise ValueError("database URL carries a password, which would travel in every task message: "
-                             "configure an MCP server for it in agent.mcp_servers (password as ${VAR}) and "
-                             "name it in mcp_servers / --tools, or let the workers' libpq find it (PGPASSWORD, "
-                             "~/.pgpass)")
+                             "name a database the operator configured with its password as ${VAR} (agent.namespace, "
+                             "DQ_DATABASES), or configure an MCP server for it in agent.mcp_servers and name it in "
+                             "mcp_servers / --tools, or let the workers' libpq find it (PGPASSWORD, ~/.pgpass)")
         return url
 
     @field_validator("deadline")

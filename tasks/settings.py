@@ -32,6 +32,9 @@ class Settings(BaseSettings):
     redis_keyfile: str | None = Field(default=None, description="the client certificate's key (PEM)")
     database_url: str = Field(default_factory=_default_database_url, description="the job store; Postgres in production")
     config: str | None = Field(default=None, description="path of agent.yml (default conf/agent.yml if present)")
+    databases: dict[str, str] = Field(
+        default_factory=dict, description="databases tool runs may open, as JSON {name: SQLAlchemy URL} (values may "
+                                          "hold ${VAR}); besides agent.namespace in agent.yml (tasks/databases.py)")
     visibility_timeout_s: int = Field(default=3600, gt=0,
                                       description="longer than the longest call plus the longest retry countdown")
     event_ttl_s: int = Field(default=86_400, gt=0, description="how long a job's event stream is kept")

@@ -135,7 +135,12 @@ class BatchRunner:
         from datus_queue.tasks.client import resolve_provider
 
         resolve_provider(self.options.model, self.client.agent_config)
+        if self._sends_database():  # the CLI is the operator: its --db is allowed for its own batch
+            self.client.allow_database(self.options.db_url)
         self.client.validate(self._request("(check)", None, "(check)"))
+
+    def _sends_database(self) -> bool:
+        return self.options.mode == "tool_run" and not self.options.tools and bool(self.options.db_url)
 
     def check_out(self) -> None:
         """``--out`` that is there and not empty: FileExistsError unless --resume or --force."""
@@ -156,6 +161,8 @@ class BatchRunner:
         self.check()
         next(iter_questions(input_path), None)  # so does a missing or empty input file
         batch_id = self.batch_id(input_path)
+        if self._sends_database():  # ... and on the workers, for this batch's jobs (tasks/databases.py)
+            self.client.allow_database(self.options.db_url, batch_id=batch_id)
         store = self.client.store
         batch, created = store.create_batch(batch_id, model=self.options.model, prompt_hash=self.prompt_hash(),
                                             mode=self.options.mode,

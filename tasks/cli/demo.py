@@ -116,7 +116,9 @@ def run_demo(console: Console | None = None, model: str | None = None, quick: bo
         config_path, model_name = _config(workdir, fake_url, model)
         redis_url = stack.enter_context(_redis(workdir, console))
         env = {"DQ_CONFIG": str(config_path), "DQ_REDIS_URL": redis_url,
-               "DQ_DATABASE_URL": f"sqlite:///{workdir / 'jobs.db'}"}
+               "DQ_DATABASE_URL": f"sqlite:///{workdir / 'jobs.db'}",
+               # the databases tool runs may open, by name (tasks/databases.py)
+               "DQ_DATABASES": json.dumps({"sample": db_url})}
         os.environ.update(env)
         from datus_queue.tasks.settings import get_settings
 
@@ -167,7 +169,7 @@ def _stream_one(console: Console, client: Any, model: str, db_url: str) -> None:
                  if line.strip()]
     question = next((q["question"] for q in questions if "JOIN" in q.get("gold_sql", "").upper()),
                     questions[0]["question"])
-    job_id = client.submit({"model": model, "kind": "tool_run", "database": db_url, "prompt": question,
+    job_id = client.submit({"model": model, "kind": "tool_run", "database": "sample", "prompt": question,
                             "instruction": "Answer with SQL; use the tools to look at the data first."})
     console.print(f"job {job_id}: {question}")
     for step in client.stream(job_id, timeout=60):

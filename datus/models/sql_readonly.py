@@ -57,6 +57,7 @@ CELL_MARKER = "…[truncated {} bytes]"  # ends a cell that was cut; {} is the b
 _EXECUTABLE_COMMENT = re.compile(r"/\*M?!", re.IGNORECASE)
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 _MAX_CHUNK = 256
+_FETCH_BUDGET = 4_000_000  # the driver's values held at once, about
 
 # SQLAlchemy backend name -> sqlglot dialect (the one map: the server's and the scorer's differed)
 _SQLGLOT_DIALECTS = {
@@ -454,6 +455,7 @@ def _fetch(cursor: Any, limits: OutputLimits, values: str, deadline: float,
     cells_cut = 0
     stop: str | None = None
     chunk = 1
+    fetched = 0  # the driver's bytes of the rows kept, about
     columns: list[str] | None = None
     if cursor.description is None and not _is_named(cursor):
         return QueryResult([], []), True  # a statement without rows
@@ -471,6 +473,8 @@ def _fetch(cursor: Any, limits: OutputLimits, values: str, deadline: float,
             if len(rows) >= limits.max_rows:
                 stop = "rows"
                 break
+            fetched += sum(len(value) if isinstance(value, (str, bytes, bytearray, memoryview)) else 16
+                           for value in row)
             converted = [convert(value, cap) for value in row]
             cut = sum(1 for _, was_cut in converted if was_cut)
             kept = [value for value, _ in converted]
@@ -483,7 +487,11 @@ def _fetch(cursor: Any, limits: OutputLimits, values: str, deadline: float,
             used += size
             cells_cut += cut
         average = used / max(1, len(rows))
-        chunk = int(max(1, min(_MAX_CHUNK, limits.max_rows + 1 - len(rows), (limits.max_bytes - used) // average)))
+        # as many rows as the byte budget left takes, and no more than _FETCH_BUDGET of the
+        # driver's values at once (cells are cut after the driver has read them whole)
+        raw_average = fetched / max(1, len(rows))
+        chunk = int(max(1, min(_MAX_CHUNK, limits.max_rows + 1 - len(rows), (limits.max_bytes - used) // average,
+                               _FETCH_BUDGET // max(1.0, raw_average))))
     truncated_by: list[str] = []
     reasons: list[str] = []
     if stop == "rows":

@@ -69,7 +69,7 @@ def test_200_zeroblobs_stay_under_the_byte_cap(db: str) -> None:
     first_blob = result.rows[0][1]
     assert first_blob.startswith("0000") and first_blob.endswith(CELL_MARKER.format(2_000_000 - 8_000))
     assert "bytes as JSON" in result.reason and "cut" in result.reason
-    assert grown_mb < 150, f"peak RSS grew by {grown_mb:.0f} MB"
+    assert grown_mb < 64, f"peak RSS grew by {grown_mb:.0f} MB"
 
 
 def test_the_scorer_is_bounded_too(db: str) -> None:
@@ -78,7 +78,7 @@ def test_the_scorer_is_bounded_too(db: str) -> None:
     grown_mb = (_peak_rss_kb() - before) / 1024
     assert result.error is None and result.truncated and "bytes as JSON" in (result.truncation or "")
     assert 0 < len(result.rows) < 200 and all(len(row[1]) == 100_000 for row in result.rows)
-    assert grown_mb < 150, f"peak RSS grew by {grown_mb:.0f} MB"
+    assert grown_mb < 64, f"peak RSS grew by {grown_mb:.0f} MB"
     scoring.dispose_engines()
 
 

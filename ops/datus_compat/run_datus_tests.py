@@ -2,6 +2,13 @@
 
     python ops/datus_compat/run_datus_tests.py --mode standalone|replaced|baseline \\
         --datus-src PATH|SDIST.tar.gz|pypi [--python PATH | --venv DIR] [-- PYTEST_ARGS...]
+    python ops/datus_compat/run_datus_tests.py --mode queue --redis-url redis://HOST:6379/N --datus-src ...
+
+``--mode queue`` is ``standalone`` with every model the tests make queue-backed: a
+``dq worker`` (this interpreter's) serves the tests' agent.yml (``DQ_CONFIG``) on the Redis
+database ``--redis-url`` names (flushed) and a job store in the work directory, and the plugin
+``queue_plugin/datus_queue_backed.py`` turns each ``ClaudeModel(...)``/``OpenAIModel(...)``... of
+the tests into a ``QueueModel`` serving that entry (issue 20).
 
 Run it with an interpreter that has this project installed (``.venv/bin/python``): it runs the
 fake provider server and seeds tiktoken's cache. What it does (README.md beside it has more):
@@ -23,6 +30,7 @@ The exit status is pytest's.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -30,6 +38,8 @@ import sqlite3
 import subprocess
 import sys
 import tempfile
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from fakes import FakeServerProcess
@@ -46,6 +56,7 @@ _CLEARED_PREFIXES = ("LANGSMITH_", "LANGCHAIN_", "DQ_", "OPENAI_", "ANTHROPIC_",
 # matches no file; the bird namespaces want one under ~/benchmark/bird/...
 _BIRD_DB = "benchmark/bird/dev_20240627/dev_databases/california_schools/california_schools.sqlite"
 DEFAULT_VENVS = Path("~/.cache/datus-queue/datus-compat").expanduser()
+HERE = Path(__file__).resolve().parent
 
 
 def _home(work: Path) -> Path:
@@ -78,7 +89,7 @@ def _environment(work: Path) -> dict[str, str]:
 def _python(args: argparse.Namespace, source: Path) -> str:
     if args.python:
         return args.python
-    if args.mode == "standalone":
+    if args.mode in ("standalone", "queue"):
         venv = args.venv or DEFAULT_VENVS / "venv-standalone"
         return str(ensure_standalone_venv(venv))
     venv = args.venv or DEFAULT_VENVS / "venv-datus"
@@ -92,6 +103,37 @@ def _has_timeout_plugin(python: str) -> bool:
     return subprocess.run([python, "-c", "import pytest_timeout"], capture_output=True, check=False).returncode == 0
 
 
+@contextlib.contextmanager
+def _fleet(args: argparse.Namespace, work: Path, tree: Path, env: dict[str, str]) -> Iterator[dict[str, str]]:
+    """--mode queue: a dq worker serving the tests' agent.yml; yields the DQ_ settings the tests
+    (the callers) need too. Without --mode queue: nothing."""
+    if args.mode != "queue":
+        yield {}
+        return
+    if not args.redis_url:
+        raise SystemExit("--mode queue needs --redis-url (a Redis database this run may flush)")
+    import redis
+
+    from datus_queue.tasks.cli.services import worker_process
+
+    redis.Redis.from_url(args.redis_url).flushdb()
+    settings = {"DQ_CONFIG": str(tree / "tests" / "conf" / "agent.yml"), "DQ_REDIS_URL": args.redis_url,
+                "DQ_DATABASE_URL": f"sqlite:///{work / 'jobs.db'}",
+                "DQ_SESSION_URL": f"sqlite:///{work / 'sessions.db'}"}
+    log = work / "worker.log"
+    with worker_process({**env, **settings, "PYTHONPATH": ""}, [], concurrency=16, log_path=log,
+                        loglevel="INFO") as proc:
+        deadline = time.monotonic() + 60
+        while " ready." not in log.read_text(errors="replace"):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise SystemExit(f"the dq worker did not start; see {log}:\n{log.read_text(errors='replace')[-2000:]}")
+            time.sleep(0.1)
+        try:
+            yield {**settings, "PYTHONPATH": str(HERE / "queue_plugin")}
+        finally:
+            redis.Redis.from_url(args.redis_url).flushdb()
+
+
 def run(args: argparse.Namespace) -> int:
     work = Path(args.workdir or tempfile.mkdtemp(prefix=f"datus-compat-{args.mode}-")).resolve()
     work.mkdir(parents=True, exist_ok=True)
@@ -101,15 +143,17 @@ def run(args: argparse.Namespace) -> int:
     try:
         source = resolve_source(args.datus_src, work, args.python or sys.executable)
         python = _python(args, source)
-        build_tree(args.mode, source, tree)
+        build_tree("standalone" if args.mode == "queue" else args.mode, source, tree)
         env = _environment(work)
         junit = work / "junit.xml"
-        with FakeServerProcess(sys.executable, work / "fake_server.log") as fakes:
+        with FakeServerProcess(sys.executable, work / "fake_server.log") as fakes, contextlib.ExitStack() as stack:
             pointed = point_at_fakes(tree / "tests" / "conf" / "agent.yml", fakes.url)
+            queued = stack.enter_context(_fleet(args, work, tree, env))
+            env = {**env, **queued}
             # live logging into pytest.log: some failures the tests only log (report.logged_failures)
             command = [python, "-m", "pytest", "-p", "no:cacheprovider", *MODEL_TEST_FILES, "-o", "addopts=",
                        "-o", "log_cli=true", "-o", "log_cli_level=INFO", "-rfEs", "--tb=short",
-                       f"--junitxml={junit}"]
+                       f"--junitxml={junit}"] + (["-p", "datus_queue_backed"] if queued else [])
             if _has_timeout_plugin(python):
                 command.append(f"--timeout={args.timeout}")
             command += args.pytest_args
@@ -138,7 +182,8 @@ def run(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--mode", required=True, choices=["standalone", "replaced", "baseline"])
+    parser.add_argument("--mode", required=True, choices=["standalone", "replaced", "baseline", "queue"])
+    parser.add_argument("--redis-url", default=None, help="--mode queue: a Redis database the run may flush")
     parser.add_argument("--datus-src", required=True,
                         help="a Datus-agent source directory, its sdist (.tar.gz), or 'pypi' (datus-agent==0.2.2)")
     parser.add_argument("--python", default=None, help="the interpreter to run pytest with (a ready venv's)")

@@ -206,9 +206,10 @@ def reject(ctx: JobContext, reason: str, job_id: str | None, *, queue: str | Non
     """Dead-letter a message that cannot run, and fail the job it names if that job waits for
     its message. Synchronous: the consumer thread calls it as it is; the event loop from a
     thread (`tasks.jobs`). Raises what the store raises (the caller acknowledges regardless)."""
+    from datus.models.redact import redact
     from datus_queue.tasks.store.dead_letters import message_id
 
-    reason = "".join(char if char.isprintable() else "?" for char in reason)[:500]
+    reason = redact("".join(char if char.isprintable() else "?" for char in reason))[:500]  # dq dead show/list
     dead_id = job_id or message_id()
     ctx.store.record_dead_letter(dead_id, reason, job_id=job_id, queue=queue)
     logger.warning("message %s dead-lettered: %s", dead_id, reason)

@@ -185,3 +185,46 @@ def test_a_batch_registers_its_url_in_redis(files: dict[str, Path]) -> None:
     finally:
         client.delete(f"dq:batch:{batch_id}:databases")
         client.close()
+
+
+# -- through a real worker ----------------------------------------------------------------------
+
+
+def test_a_worker_opens_a_named_database_and_refuses_a_forged_one(job_env: Any, worker: Any, client: Any,
+                                                                   fake: Any) -> None:
+    """A job names the operator's database and its run reads it through the SQL tools; a job
+    written around the client (row and message forged) with another URL fails
+    ``database_not_allowed`` before the model is asked anything; the job store is refused at submit."""
+    import json as _json
+
+    from datus.models.scripted import Reply, ScriptedToolCall
+    from datus_queue.tasks.client import publish_job
+    from datus_queue.tasks.schemas import JobStatus
+    from tests.tasks.conftest import generations, make_shop_db
+
+    databases = {"shopdb": f"sqlite:///{job_env.shop_db}"}
+    worker("openai", env={"DQ_DATABASES": _json.dumps(databases)})
+    client.settings = job_env.settings(databases=databases)  # the client reads the same operator list
+    query = "SELECT count(*) AS n FROM orders"
+    fake.script.add(Reply(tool_calls=[ScriptedToolCall("read_query", {"query": query})]),
+                    Reply(text="There are 5 orders."), match=lambda request: "named-db:" in _json.dumps(request.body))
+    named = client.submit({"model": "openai", "kind": "tool_run", "database": "shopdb",
+                           "prompt": "named-db: how many orders?"})
+    with pytest.raises(InvalidJob, match="database: .*own store"):
+        client.submit({"model": "openai", "kind": "tool_run", "database": job_env.database_url.split("?")[0],
+                       "prompt": "store-db: read the jobs"})
+
+    other = make_shop_db(job_env.dir / "other.db")
+    forged = JobRequest(model="openai", kind="tool_run", prompt="forged-db: hi", database=f"sqlite:///{other}")
+    forged_id = uuid.uuid4().hex
+    client.store.create_job(forged_id, forged, "openai")
+    with client.app.producer_or_acquire() as producer:
+        publish_job(client.app, producer, forged_id, forged, "openai")
+
+    result = client.result(named, timeout=60)
+    assert result.status is JobStatus.SUCCEEDED, result.error
+    assert result.output == "There are 5 orders." and [c["sql_query"] for c in result.sql_contexts] == [query]
+    refused = client.result(forged_id, timeout=60)
+    assert refused.status is JobStatus.FAILED and refused.error is not None
+    assert refused.error.code == "database_not_allowed" and "refused on the worker" in refused.error.message
+    assert generations(fake, "forged-db:") == []  # the model was never asked

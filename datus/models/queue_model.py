@@ -423,10 +423,16 @@ class QueueModel(LLMBaseModel):
         request = {"kind": "generate", "stream": True, "options": self._job_options(kwargs, enable_thinking),
                    **self._prompt_fields(prompt)}
         end = _End()
+        emitted = False
         async with contextlib.aclosing(self._job(request, end)) as steps:
             async for step in steps:
                 if step.action_type == "assistant_delta" and isinstance(step.output, dict):
+                    emitted = True
                     yield StreamDelta(text=step.output.get("text") or "", reasoning=step.output.get("reasoning") or "")
+                elif step.action_type == "retry" and emitted and isinstance(step.output, dict):
+                    # as in-process: an error after a delta is raised, since what the caller saw cannot be
+                    # taken back (the job would stream its next attempt from the start); the job is cancelled
+                    raise self._error(end.job_id, None, step.output.get("error") or {}, None)
         output = self._outcome(end)
         yield Generation(text=output if isinstance(output, str) else str(output), finish_reason="stop",
                          usage=end.usage or Usage())

@@ -266,3 +266,41 @@ def test_a_stream_closed_or_a_call_cancelled_by_the_caller_cancels_the_job(
 
     job_id = asyncio.run(cancel_a_call())
     assert client.result(job_id, timeout=20).status is JobStatus.CANCELLED
+
+
+def test_a_stream_cut_after_its_first_deltas_raises_as_in_process_and_the_job_is_cancelled(
+        job_env: JobEnv, caller: AgentConfig, fleet: None, fake: FakeProviderServer, client: JobClient) -> None:
+    queued = LLMBaseModel.create_model(caller, "fleet")
+    fake.script.add(Fault(kind="cut_stream", after_chunks=3), match="q-cut", times=2)
+    raised = []
+    for model in (local(job_env), queued):
+        seen: list[Any] = []
+
+        async def consume(model: LLMBaseModel = model, seen: list[Any] = seen) -> None:
+            async for item in model.astream("q-cut: tell me a long story about orders"):
+                seen.append(item)
+
+        with pytest.raises(Exception) as caught:  # which class: compared below
+            asyncio.run(consume())
+        assert seen and all(isinstance(item, StreamDelta) for item in seen), "deltas came before the error"
+        raised.append(caught.value)
+    assert type(raised[0]) is type(raised[1]) and raised[1].retryable, raised
+    assert raised[0].code == raised[1].code
+    # the job would have streamed its next attempt from the start: it is cancelled instead
+    assert client.result(queued.recent_jobs[-1], timeout=10).status is JobStatus.CANCELLED
+
+
+@pytest.mark.parametrize(("code", "expected"), [
+    ("rate_limit_wait_exceeded", "RateLimitError"), ("deadline_exceeded", "ModelTimeoutError"),
+    ("infrastructure_error", "ModelConnectionError"), ("model_not_allowed", "ModelConfigError"),
+    ("internal_error", "ModelError")])
+def test_the_job_systems_own_error_codes_map_to_the_nearest_model_error(code: str, expected: str) -> None:
+    model = LLMBaseModel.create_model(None, "queue:openai:gpt-4o-mini")
+    error = model._error("job-1", JobStatus.FAILED, {"code": code, "type": "NotAModelError", "message": "why"}, None)
+    assert type(error).__name__ == expected and error.reason == "why"
+    assert error.details == {"job_id": "job-1", "job_error_code": code}
+    # a model's own error comes back as its class, status and code
+    stored = {"code": "model_rate_limit", "type": "RateLimitError", "message": "slow down", "status_code": 429,
+              "provider": "openai", "retryable": True}
+    again = model._error("job-2", JobStatus.FAILED, stored, None)
+    assert type(again).__name__ == "RateLimitError" and again.status_code == 429 and again.slug == "model_rate_limit"

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import base64
 import json
+import shutil
 import subprocess
 import sys
 import threading
@@ -180,6 +181,7 @@ def add_servers(job_env: JobEnv, mcp_port: int) -> None:
 
 @pytest.mark.slow
 @pytest.mark.skipif(tool_run_skip_reason() is not None, reason=str(tool_run_skip_reason()))
+@pytest.mark.skipif(shutil.which("ps") is None, reason="needs ps (procps) to read every process's command line")
 def test_a_planted_secret_is_nowhere_and_a_planted_prompt_only_in_the_jobs_own_conversation(
         job_env: JobEnv, worker: StartWorker, dq_redis: redis.Redis, fake: FakeProviderServer,
         monkeypatch: pytest.MonkeyPatch) -> None:
@@ -194,7 +196,7 @@ def test_a_planted_secret_is_nowhere_and_a_planted_prompt_only_in_the_jobs_own_c
     subscriber = Subscriber(job_env.redis_url)
     command_lines = CommandLines()
     try:
-        fake.script.add(Reply(text="a plain answer", latency_s=2.0), match=f"slow {PROMPT}")
+        fake.script.add(Reply(text="a plain answer", latency_s=5.0), match=f"slow {PROMPT}")
         fake.script.add(Reply(text="another plain answer"), match=f"generate {PROMPT}")
         fake.script.add(Fault("status", status=401, message=(
             f"Incorrect API key provided: {KNOWN_KEY}. See https://fake.example/keys?token={ERROR_TOKEN}")),
@@ -209,7 +211,11 @@ def test_a_planted_secret_is_nowhere_and_a_planted_prompt_only_in_the_jobs_own_c
         slow = client.submit({"model": "openai", "prompt": f"slow {PROMPT}", "metadata": {"owner": PROMPT}})
         wait_for(lambda: client.status(slow) is JobStatus.RUNNING, 20, "the slow job to run")
         in_flight = task_messages(dq_redis)  # the slow one is taken, not yet acknowledged
-        inspected = app.control.inspect(timeout=3).active() or {}  # as `celery inspect active` asks the worker
+        inspected: dict[str, Any] = {}
+        for _ in range(3):  # as `celery inspect active` asks the worker (a busy machine may answer late)
+            inspected = app.control.inspect(timeout=2).active() or {}
+            if any(slow in json.dumps(active, default=str) for active in inspected.values()):
+                break
         assert {where for where, _ in in_flight} >= {"unacked"}, in_flight
         assert any(message["headers"]["id"] == waiting for _, message in in_flight)
 

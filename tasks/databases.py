@@ -180,7 +180,7 @@ def resolve_database(value: str, agent_config: Any, settings: Any,
     names = ", ".join(sorted(configured)) or "(none configured)"
     if not is_url(value):
         if value not in configured:
-            raise DatabaseNotAllowed(f"database: no database named {value[:60]!r} is configured; known: {names} "
+            raise DatabaseNotAllowed(f"database: no database of that name is configured; known: {names} "
                                      f"(the operator names databases in {_WHERE})")
         url = _expand(value, configured[value])
         refuse_stores(url, settings)

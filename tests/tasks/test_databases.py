@@ -79,9 +79,9 @@ def test_a_url_must_match_a_configured_one(config: AgentConfig, settings: Settin
                     "postgresql://reader@db.internal/dw?options=-c%20default_transaction_read_only%3Doff"):
         with pytest.raises(DatabaseNotAllowed, match="^database: .*agent.namespace in agent.yml or DQ_DATABASES"):
             resolve_database(refused, config, settings)
-    with pytest.raises(DatabaseNotAllowed, match="no database named 'nope' is configured; known: dw, jobs, reports, shop"):
+    with pytest.raises(DatabaseNotAllowed, match="no database of that name is configured; known: dw, jobs, reports, shop"):
         resolve_database("nope", config, settings)
-    with pytest.raises(DatabaseNotAllowed, match="no database named 'lake'"):
+    with pytest.raises(DatabaseNotAllowed, match="no database of that name"):
         resolve_database("lake", config, settings)
 
 
@@ -117,7 +117,7 @@ def test_submit_refuses_what_the_operator_did_not_allow(config: AgentConfig, set
         assert client.validate({**request, "database": f"sqlite:///{files['shop']}"})
         for value, expected in ((f"sqlite:///{files['jobs']}", "own store"), ("jobs", "own store"),
                                 (f"sqlite:///{files['other']}", "not a database the operator allows"),
-                                ("warehouse", "no database named 'warehouse'")):
+                                ("warehouse", "no database of that name")):
             with pytest.raises(InvalidJob, match=f"invalid job request: database: .*{expected}"):
                 client.validate({**request, "database": value})
         # the operator (dq batch --db) allows its own URL, never the store

@@ -51,6 +51,7 @@ import collections
 import contextlib
 import logging
 import threading
+import uuid
 from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
@@ -291,12 +292,21 @@ class QueueModel(LLMBaseModel):
             return {"prompt": prompt}
         return {"messages": [message.model_dump(exclude_none=True) for message in to_messages(prompt)]}
 
-    async def _submit(self, request: dict[str, Any]) -> str:
+    async def _submit(self, request: dict[str, Any], job_id: str) -> None:
+        """Submit the job under ``job_id``. Cancelled meanwhile, the submit (in a thread) is let
+        finish and the job cancelled, so no job runs for a caller that is gone."""
         client = self._job_client()
         from datus_queue.tasks.client import InvalidJob
 
+        submit = asyncio.ensure_future(asyncio.to_thread(client.submit, {"model": self.served, **request}, job_id))
         try:
-            return await asyncio.to_thread(client.submit, {"model": self.served, **request})
+            await asyncio.shield(submit)
+        except asyncio.CancelledError:
+            with contextlib.suppress(BaseException):
+                await submit
+            if submit.done() and not submit.cancelled() and submit.exception() is None:
+                self._cancel(job_id)
+            raise
         except InvalidJob as exc:
             text = str(exc)
             cls = ModelConfigError if any(word in text for word in ("unknown model", "not allowed", "unknown MCP",
@@ -318,7 +328,8 @@ class QueueModel(LLMBaseModel):
         from datus.schemas.action_history import ActionHistory
         from datus_queue.tasks.events import afollow
 
-        job_id = await self._submit(request)
+        job_id = uuid.uuid4().hex
+        await self._submit(request, job_id)
         end.job_id = job_id
         self.recent_jobs.append(job_id)
         client = self._job_client()

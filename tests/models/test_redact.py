@@ -86,3 +86,13 @@ def test_log_records_are_redacted_message_arguments_and_traceback(caplog: pytest
             logger.exception("failed")
     text = caplog.text + "".join(record.exc_text or "" for record in caplog.records)
     assert "SEKRIT" not in text and "api_key=***" in text
+
+
+def test_an_mcp_servers_env_values_and_credential_headers_are_remembered() -> None:
+    from datus.models.mcp.servers import mcp_server_from_config
+
+    mcp_server_from_config("vault", {"command": "srv", "env": {"VAULT_PASS": "vault-pass-0042"}})
+    mcp_server_from_config("remote", {"url": "http://h/mcp", "headers": {
+        "X-Api-Key": "header-key-0042", "Accept": "application/x-dq-test-0042"}})
+    assert redact("vault-pass-0042 header-key-0042 application/x-dq-test-0042") == \
+        "*** *** application/x-dq-test-0042"  # a header that carries no credential stays readable

@@ -176,10 +176,13 @@ def mcp_server_from_config(name: str, section: Mapping[str, Any]) -> MCPServerSp
                           "set them, or change the server's entry in agent.yml")
     from datus.models.redact import remember_secret
 
-    for secret_values in (data.get("env"), data.get("headers")):  # masked wherever they would be echoed
-        if isinstance(secret_values, Mapping):
-            for secret in secret_values.values():
-                remember_secret(secret)
+    env, headers = data.get("env"), data.get("headers")
+    # masked wherever they would be echoed: every env value; the headers that carry credentials
+    secrets = [*(env.values() if isinstance(env, Mapping) else ()),
+               *(value for name, value in (headers.items() if isinstance(headers, Mapping) else ())
+                 if _CREDENTIAL_HEADER.search(str(name)))]
+    for secret in secrets:
+        remember_secret(secret)
     try:
         return cls.model_validate({**data, "name": name})  # type: ignore[return-value]
     except ValidationError as exc:
@@ -188,6 +191,7 @@ def mcp_server_from_config(name: str, section: Mapping[str, Any]) -> MCPServerSp
 
 
 _VARIABLE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)")
+_CREDENTIAL_HEADER = re.compile(r"(?i)auth|key|token|secret|cookie|session|signature|password")
 
 
 def _no_variables_in_argv(where: str, data: Mapping[str, Any]) -> None:

@@ -8,6 +8,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -84,6 +86,14 @@ def test_create_model_returns_a_queue_model_without_the_job_system_imported_and_
     assert LLMBaseModel.create_model(caller, "queue:openai").model_name == "gpt-4o-mini"  # provider:model strings too
     with pytest.raises(ModelConfigError, match="no model of that name"):
         asyncio.run(LLMBaseModel.create_model(caller, "queue:nope").agenerate("hi"))
+
+    # datus.models imports, and a queue model is made, without Celery, Redis or the job store
+    code = ("import sys; from datus.models.base import LLMBaseModel; "
+            "m = LLMBaseModel.create_model(None, 'queue:openai:gpt-4o-mini'); m.token_count('x'); "
+            "print(sorted(n for n in ('celery', 'redis', 'datus_queue.tasks.client', 'datus_queue.tasks.store') "
+            "if n in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[]", done.stdout + done.stderr
 
 
 def local_token_count(caller: AgentConfig) -> int:

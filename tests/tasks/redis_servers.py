@@ -126,23 +126,31 @@ class TlsRedis(_Processes):
 
 
 class SentinelSet(_Processes):
-    """A master, a replica and ``sentinels`` sentinels (quorum ``quorum``) monitoring ``mymaster``."""
+    """A master, a replica and ``sentinels`` sentinels (quorum ``quorum``) monitoring ``mymaster``;
+    with ``tls`` (CA, certificate, key), every one of them speaks TLS only, replication included."""
 
-    def __init__(self, directory: Path, sentinels: int = 3, quorum: int = 2) -> None:
+    def __init__(self, directory: Path, sentinels: int = 3, quorum: int = 2,
+                 tls: tuple[Path, Path, Path] | None = None) -> None:
         super().__init__()
         directory.mkdir(parents=True, exist_ok=True)
-        self.directory = directory
+        self.directory, self.tls = directory, tls
         self.master_port, self.replica_port = free_port(), free_port()
         common = ["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+        tls_options: dict[str, str] = {}
+        if tls is not None:
+            tls_options = {"tls-cert-file": str(tls[1]), "tls-key-file": str(tls[2]), "tls-ca-cert-file": str(tls[0]),
+                           "tls-auth-clients": "no", "tls-replication": "yes"}
+        tls_args = [arg for key, value in tls_options.items() for arg in (f"--{key}", value)]
         for name, port, extra in (("master", self.master_port, []),
                                   ("replica", self.replica_port, ["--replicaof", "127.0.0.1", str(self.master_port)])):
             (directory / name).mkdir(exist_ok=True)
-            proc = self.spawn([redis_server_binary(), "--port", str(port), *common, "--dir", str(directory / name),
+            ports = ["--port", "0", "--tls-port", str(port)] if tls else ["--port", str(port)]
+            proc = self.spawn([redis_server_binary(), *ports, *common, *tls_args, "--dir", str(directory / name),
                                *extra], directory / f"{name}.log")
-            client = redis.Redis(port=port)
+            client = self.client(port)
             _wait(client.ping, proc, f"redis-server ({name})")
             client.close()
-        replica = redis.Redis(port=self.replica_port)
+        replica = self.client(self.replica_port)
         _wait(lambda: replica.info("replication").get("master_link_status") == "up", self.procs[-1],
               "the replica's link to the master")
         replica.close()
@@ -150,29 +158,36 @@ class SentinelSet(_Processes):
         for number in range(sentinels):
             port = free_port()
             conf = directory / f"sentinel-{number}.conf"  # sentinels rewrite their config file
-            conf.write_text(f"port {port}\nbind 127.0.0.1\ndir {directory}\n"
-                            f"sentinel monitor {MASTER_NAME} 127.0.0.1 {self.master_port} {quorum}\n"
+            listen = f"port 0\ntls-port {port}\n" if tls else f"port {port}\n"
+            conf.write_text(f"{listen}bind 127.0.0.1\ndir {directory}\n"
+                            + "".join(f"{key} {value}\n" for key, value in tls_options.items())
+                            + f"sentinel monitor {MASTER_NAME} 127.0.0.1 {self.master_port} {quorum}\n"
                             f"sentinel down-after-milliseconds {MASTER_NAME} 1000\n"
                             f"sentinel failover-timeout {MASTER_NAME} 10000\n"
                             f"sentinel parallel-syncs {MASTER_NAME} 1\n", encoding="utf-8")
             proc = self.spawn([redis_server_binary(), str(conf), "--sentinel"], directory / f"sentinel-{number}.log")
-            client = redis.Redis(port=port)
+            client = self.client(port)
             _wait(client.ping, proc, f"redis-sentinel {number}")
             client.close()
             self.sentinel_ports.append(port)
         for port in self.sentinel_ports:  # each knows the replica and the other sentinels
-            client = redis.Redis(port=port, decode_responses=True)
+            client = self.client(port, decode_responses=True)
             _wait(lambda c=client: (int(c.sentinel_master(MASTER_NAME)["num-slaves"]) >= 1
                                     and int(c.sentinel_master(MASTER_NAME)["num-other-sentinels"]) >= sentinels - 1),
                   self.procs[-1], "the sentinels to find the replica and each other", timeout=30)
             client.close()
 
+    def client(self, port: int, **options: object) -> redis.Redis:
+        if self.tls is not None:
+            options.update(ssl=True, ssl_ca_certs=str(self.tls[0]))
+        return redis.Redis(host="127.0.0.1", port=port, **options)  # type: ignore[arg-type]
+
     def url(self, db: int = 0) -> str:
         sentinels = ";".join(f"sentinel://127.0.0.1:{port}" for port in self.sentinel_ports)
-        return f"{sentinels}/{db}?master_name={MASTER_NAME}"
+        return f"{sentinels}/{db}?master_name={MASTER_NAME}" + ("&ssl=true" if self.tls else "")
 
     def master_port_now(self) -> int:
-        client = redis.Redis(port=self.sentinel_ports[0], decode_responses=True)
+        client = self.client(self.sentinel_ports[0], decode_responses=True)
         try:
             return int(client.sentinel_get_master_addr_by_name(MASTER_NAME)[1])
         finally:
@@ -182,7 +197,7 @@ class SentinelSet(_Processes):
         """``SENTINEL FAILOVER``: the replica becomes the master, the old master its replica;
         returns the new master's port once the sentinels announce it."""
         old = self.master_port_now()
-        client = redis.Redis(port=self.sentinel_ports[0])
+        client = self.client(self.sentinel_ports[0])
         try:
             client.execute_command("SENTINEL", "FAILOVER", MASTER_NAME)
         finally:
@@ -205,7 +220,7 @@ class SentinelSet(_Processes):
 
     def _settled(self, new: int) -> bool:
         for port in self.sentinel_ports:
-            with redis.Redis(port=port, decode_responses=True) as client:
+            with self.client(port, decode_responses=True) as client:
                 if int(client.sentinel_get_master_addr_by_name(MASTER_NAME)[1]) != new:
                     return False
                 state = client.sentinel_master(MASTER_NAME)
@@ -213,7 +228,7 @@ class SentinelSet(_Processes):
                     return False
         for port in (self.master_port, self.replica_port):
             if port != new:
-                with redis.Redis(port=port, decode_responses=True) as client:
+                with self.client(port, decode_responses=True) as client:
                     if client.info("replication")["role"] != "slave":
                         return False
         return True

@@ -44,8 +44,8 @@ def sentinels(tmp_path: Path) -> Iterator[SentinelSet]:
 def sentinel_client(job_env: JobEnv) -> Iterator[Any]:
     made: list[tuple[JobClient, Any]] = []
 
-    def make(redis_url: str) -> JobClient:
-        settings = job_env.settings(redis_url=redis_url)
+    def make(redis_url: str, **overrides: Any) -> JobClient:
+        settings = job_env.settings(redis_url=redis_url, **overrides)
         app = create_app(settings)
         job_client = JobClient(settings=settings, agent_config=AgentConfig.from_file(job_env.agent_yml), app=app)
         made.append((job_client, app))
@@ -175,3 +175,31 @@ def _sets(client: Any) -> bool:
         return bool(client.set("dq:test:after", "1"))
     except redis.exceptions.RedisError:
         return False
+
+
+@pytest.mark.slow
+def test_sentinel_over_tls_runs_jobs_and_refuses_a_certificate_it_cannot_verify(
+        tmp_path: Path, worker: StartWorker, sentinel_client: Any, fake: FakeProviderServer, job_env: JobEnv) -> None:
+    """``?ssl=true``: the master, the replica and the sentinel speak TLS only; the worker and the client
+    verify them against ``DQ_REDIS_CA_CERTS``, and a CA that did not sign them is refused."""
+    from tests.tasks.redis_servers import make_ca
+
+    ca, cert, key = make_ca(tmp_path / "certs", "trusted")
+    rogue_ca, _, _ = make_ca(tmp_path / "certs", "rogue")
+    servers = SentinelSet(tmp_path / "tls-sentinel", sentinels=1, quorum=1, tls=(ca, cert, key))
+    try:
+        url = servers.url(db=0)
+        assert url.endswith("&ssl=true")
+        running = worker("openai", concurrency=4, env={"DQ_REDIS_URL": url, "DQ_REDIS_CA_CERTS": str(ca)})
+        client = sentinel_client(url, redis_ca_certs=str(ca))
+        jobs = client.submit_many([{"model": "openai", "prompt": f"tls-sentinel-{i}.", "stream": False}
+                                   for i in range(4)])
+        results = [client.result(job_id, timeout=60) for job_id in jobs]
+        assert [r.output for r in results] == [f"echo: tls-sentinel-{i}." for i in range(4)], running.log()[-3000:]
+
+        refused = connect(job_env.settings(redis_url=url, redis_ca_certs=str(rogue_ca)), socket_connect_timeout=5)
+        with pytest.raises(redis.exceptions.ConnectionError, match="CERTIFICATE_VERIFY_FAILED"):
+            refused.ping()
+        refused.close()
+    finally:
+        servers.close()

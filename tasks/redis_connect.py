@@ -43,6 +43,7 @@ _CERT_REQS = {"required": ssl.CERT_REQUIRED, "cert_required": ssl.CERT_REQUIRED,
               "optional": ssl.CERT_OPTIONAL, "cert_optional": ssl.CERT_OPTIONAL,
               "none": ssl.CERT_NONE, "cert_none": ssl.CERT_NONE}
 _TRUE, _FALSE = {"1", "true", "yes", "on"}, {"0", "false", "no", "off"}
+_WARNED: set[str] = set()
 
 UNSUPPORTED_CLUSTER = (
     "Redis Cluster is not supported by the job system: kombu (Celery's Redis broker) has no Cluster "
@@ -98,7 +99,8 @@ def _tls_options(query: dict[str, str], settings: Any) -> dict[str, Any]:
             options[key] = value
     check = query.get("ssl_check_hostname")
     options["ssl_check_hostname"] = reqs != ssl.CERT_NONE and (check is None or _bool("ssl_check_hostname", check))
-    if reqs != ssl.CERT_REQUIRED:
+    if reqs != ssl.CERT_REQUIRED and reqs_text not in _WARNED:  # once per process
+        _WARNED.add(reqs_text)
         logger.warning("DQ_REDIS_URL: ssl_cert_reqs=%s: the Redis server's certificate is %s", reqs_text,
                        "not verified" if reqs == ssl.CERT_NONE else "verified only if it sends one")
     return options

@@ -351,10 +351,10 @@ def _version() -> str:
 def _unsupported_redis_url() -> str | None:
     """Why ``DQ_REDIS_URL`` cannot be used (`tasks.redis_connect`), or None."""
     from datus_queue.tasks.redis_connect import UnsupportedRedisURL, parse
-    from datus_queue.tasks.settings import get_settings
+    from datus_queue.tasks.settings import Settings
 
     try:
-        settings = get_settings()
+        settings = Settings()  # not get_settings(): nothing cached before the command runs
     except Exception:  # noqa: BLE001 - reported where the settings are used
         return None
     try:
@@ -366,7 +366,8 @@ def _unsupported_redis_url() -> str | None:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    refused = _unsupported_redis_url() if argv[:1] not in ([], ["-h"], ["--help"]) else None
+    # `dq demo` starts a Redis of its own
+    refused = _unsupported_redis_url() if argv[:1] not in ([], ["-h"], ["--help"], ["demo"]) else None
     if refused:  # e.g. Redis Cluster: said at start, by every command, before anything connects
         err.print(f"dq: {refused}", markup=False)
         return 2

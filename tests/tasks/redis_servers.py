@@ -14,6 +14,7 @@ import datetime
 import ipaddress
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import redis
@@ -71,7 +72,7 @@ def make_ca(directory: Path, name: str) -> tuple[Path, Path, Path]:
 # -- processes --------------------------------------------------------------------------------
 
 
-def _wait(check: "callable", proc: subprocess.Popen[bytes], what: str, timeout: float = 20.0) -> None:  # type: ignore[valid-type]
+def _wait(check: Callable[[], object], proc: subprocess.Popen[bytes], what: str, timeout: float = 20.0) -> None:
     deadline = time.monotonic() + timeout
     while True:
         with contextlib.suppress(redis.exceptions.RedisError, OSError):

@@ -28,7 +28,7 @@ from datus_queue.tasks.client import JobClient
 from datus_queue.tasks.redis_connect import UnsupportedRedisURL, celery_config, connect, parse
 from datus_queue.tasks.schemas import JobStatus
 from tests.tasks.conftest import JobEnv, StartWorker, generations, wait_for
-from tests.tasks.redis_servers import MASTER_NAME, SentinelSet
+from tests.tasks.redis_servers import SentinelSet
 
 pytestmark = pytest.mark.skipif(shutil.which("redis-server") is None, reason="needs redis-server on PATH")
 

@@ -27,8 +27,14 @@ from datus.testing.fake_server import FakeProviderServer
 from datus_queue.tasks.app import create_app
 from datus_queue.tasks.cli.services import dq_command
 from datus_queue.tasks.client import JobClient
-from datus_queue.tasks.redis_connect import (UnsupportedRedisURL, async_client, beat_client, celery_config,
-                                             connect, parse)
+from datus_queue.tasks.redis_connect import (
+    UnsupportedRedisURL,
+    async_client,
+    beat_client,
+    celery_config,
+    connect,
+    parse,
+)
 from datus_queue.tasks.schemas import JobStatus
 from tests.tasks.conftest import JobEnv, StartWorker, _environment
 from tests.tasks.redis_servers import TlsRedis, make_ca
@@ -91,9 +97,7 @@ def test_a_job_submitted_through_rediss_runs_on_a_real_worker(
     assert {r.status for r in results.values()} == {JobStatus.SUCCEEDED}, running.log()[-3000:]
     assert [results[job_id].output for job_id in jobs] == [f"echo: tls-{i}." for i in range(6)]
     assert streamed
-    log = running.log()
-    assert "rediss://" in log or "127.0.0.1" in log
-    assert "not verified" not in log  # verified: no opt-out warning
+    assert "not verified" not in running.log()  # verified: no opt-out warning
     # the result backend, the events' client and redbeat's connect over TLS as well
     app = create_app(client.settings)
     try:
@@ -115,10 +119,9 @@ def test_a_server_whose_certificate_the_trusted_ca_did_not_sign_is_refused_by_ev
         client.close()
         app = create_app(settings)
         try:
-            with pytest.raises(Exception, match="CERTIFICATE_VERIFY_FAILED"):  # the broker: not plaintext
-                with app.connection_for_write() as conn:
-                    conn.ensure_connection(max_retries=1)
-                    conn.default_channel.client.ping()
+            with pytest.raises(Exception, match="CERTIFICATE_VERIFY_FAILED"), app.connection_for_write() as conn:
+                conn.ensure_connection(max_retries=1)  # the broker: refused, not plaintext
+                conn.default_channel.client.ping()
             with pytest.raises(redis.exceptions.ConnectionError, match="CERTIFICATE_VERIFY_FAILED"):
                 app.backend.client.ping()
         finally:
@@ -178,7 +181,7 @@ def test_rediss_verifies_by_default_and_options_come_from_the_url_or_the_environ
 def test_a_redis_cluster_url_is_refused_at_start_saying_why(url: str, job_env: JobEnv) -> None:
     with pytest.raises(UnsupportedRedisURL, match="Redis Cluster is not supported.*kombu"):
         create_app(job_env.settings(redis_url=url))
-    done = subprocess.run([*dq_command(), "worker"], env=_environment(job_env, {"DQ_REDIS_URL": url}),
+    done = subprocess.run([*dq_command(), "worker"], check=False, env=_environment(job_env, {"DQ_REDIS_URL": url}),
                           capture_output=True, text=True, timeout=60, cwd=job_env.dir)
     assert done.returncode == 2
     said = " ".join((done.stdout + done.stderr).split())

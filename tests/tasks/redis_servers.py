@@ -136,6 +136,7 @@ class SentinelSet(_Processes):
         directory.mkdir(parents=True, exist_ok=True)
         self.directory, self.tls = directory, tls
         self.master_port, self.replica_port = free_port(), free_port()
+        self.servers: dict[int, subprocess.Popen[bytes]] = {}
         common = ["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
         tls_options: dict[str, str] = {}
         if tls is not None:
@@ -148,6 +149,7 @@ class SentinelSet(_Processes):
             ports = ["--port", "0", "--tls-port", str(port)] if tls else ["--port", str(port)]
             proc = self.spawn([redis_server_binary(), *ports, *common, *tls_args, "--dir", str(directory / name),
                                *extra], directory / f"{name}.log")
+            self.servers[port] = proc
             client = self.client(port)
             _wait(client.ping, proc, f"redis-server ({name})")
             client.close()
@@ -207,6 +209,19 @@ class SentinelSet(_Processes):
         while (new := self.master_port_now()) == old:
             if time.monotonic() > deadline:
                 raise AssertionError("the sentinels did not announce a new master within 30 s")
+            time.sleep(0.05)
+        return new
+
+    def kill_master(self) -> int:
+        """SIGKILL the master, as if its machine died; returns the new master's port once the
+        sentinels (down after 1 s, quorum) have elected it."""
+        old = self.master_port_now()
+        self.servers[old].kill()
+        self.servers[old].wait(10)
+        deadline = time.monotonic() + 30
+        while (new := self.master_port_now()) == old:
+            if time.monotonic() > deadline:
+                raise AssertionError("the sentinels did not fail over within 30 s of the master's death")
             time.sleep(0.05)
         return new
 

@@ -3,8 +3,9 @@ for the broker, results, events, the limiter, the sweep and the client, against 
 master ``redis-server``, a replica (``--replicaof``) and three sentinels (quorum 2) on free ports.
 
 The failover test submits jobs through a real ``dq worker`` (every recovery setting at its default),
-makes the sentinels fail over mid-run (``SENTINEL FAILOVER``: the replica becomes the master, the old
-master its replica, every client connection to it closed) and asserts every job ends SUCCEEDED with
+makes the sentinels fail over mid-run — ``SENTINEL FAILOVER`` (the replica becomes the master, the old
+master its replica, every client connection to it closed), or the master SIGKILLed (the sentinels
+find it down after 1 s and elect the replica) — and asserts every job ends SUCCEEDED with
 its output, none stuck, each answered by the provider at most twice (a call cut off by the failover
 may be made again), and that the worker lived on and followed the new master.
 """
@@ -86,8 +87,9 @@ def test_the_sentinel_transport_carries_our_channel_fixes() -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("how", ["sentinel failover", "master killed"])
 def test_jobs_through_sentinel_survive_a_failover_mid_run(
-        sentinels: SentinelSet, worker: StartWorker, sentinel_client: Any, fake: FakeProviderServer) -> None:
+        how: str, sentinels: SentinelSet, worker: StartWorker, sentinel_client: Any, fake: FakeProviderServer) -> None:
     url = sentinels.url(db=0)
     fake.latency_s = 0.3
     running = worker("openai", concurrency=8, env={"DQ_REDIS_URL": url})
@@ -96,7 +98,8 @@ def test_jobs_through_sentinel_survive_a_failover_mid_run(
                                for i in range(40)])
     wait_for(lambda: len(generations(fake, "failover-")) >= 8, 30, "the run to be under way")
     old_master = sentinels.master_port_now()
-    new_master = sentinels.failover()  # mid-run: calls in flight, messages queued, acknowledgements due
+    # mid-run: calls in flight, messages queued, acknowledgements due
+    new_master = sentinels.failover() if how == "sentinel failover" else sentinels.kill_master()
     assert new_master != old_master
 
     started = time.monotonic()

@@ -68,6 +68,8 @@ def test_the_sentinel_url_form() -> None:
     assert config["result_backend"] == config["broker_url"]
     assert config["broker_transport"] == "datus_queue.tasks.transport:SentinelTransport"
     assert config["transport_options"] == {"master_name": "main"}
+    secured = celery_config(parse("sentinel://:pw@h1:26379/0?master_name=m&sentinel_password=spw"))
+    assert secured["transport_options"] == {"master_name": "m", "sentinel_kwargs": {"password": "spw"}}
     with pytest.raises(UnsupportedRedisURL, match="master_name"):
         parse("sentinel://h1:26379/0")
     with pytest.raises(UnsupportedRedisURL, match="sentinel://"):

@@ -94,18 +94,19 @@ def test_a_per_minute_limit_is_paced_at_its_share_one_request_at_a_time(dq_redis
 
 
 def test_mixed_request_sizes_stay_inside_every_one_second_window(dq_redis: redis.Redis) -> None:
-    # 60,000 input tokens a minute, enforced as 1,000 a second: nineteen small prompts and a big one.
-    # Pacing alone lets the big one start right behind the small ones, 1,350 tokens in one second
-    sizes = [50] * 19 + [400] + [50] * 10 + [700] + [300, 20, 900]
-    paced = [(acquire(dq_redis, itpm=60_000, n_in=n, horizon_s=60)[2], n) for n in sizes]
-    assert heaviest_window(paced, 1e6) > 1000
+    # 600 input tokens a minute, enforced as 10 a second (small numbers, so every start is booked
+    # ahead of Redis's clock, however slowly this test runs): nine small prompts and a big one.
+    # Pacing alone lets the big one start right behind the small ones, 13 tokens in one second
+    sizes = [1] * 9 + [4] + [1] * 5 + [7] + [3, 1, 9]
+    paced = [(acquire(dq_redis, itpm=600, n_in=n, horizon_s=60)[2], n) for n in sizes]
+    assert heaviest_window(paced, 1e6) > 10
     dq_redis.flushdb()
     # with the log (what the limiter sends), no window of the provider's second holds more than it allows,
     # even with the arrivals spread by up to the slack (the window stretched to 1 s / share)
-    logged = [(acquire(dq_redis, itpm=60_000, n_in=n, horizon_s=60, log_s=1.0)[2], n) for n in sizes]
-    assert heaviest_window(logged, 1e6 / DEFAULTS.rate_limit_share) <= 1000
-    # only a request that would overflow is held back; the small one behind the 400 is paced as before
-    assert logged[20][0] - logged[19][0] == pytest.approx(400 * 60e6 / (60_000 * DEFAULTS.rate_limit_share), abs=2)
+    logged = [(acquire(dq_redis, itpm=600, n_in=n, horizon_s=60, log_s=1.0)[2], n) for n in sizes]
+    assert heaviest_window(logged, 1e6 / DEFAULTS.rate_limit_share) <= 10
+    # only a request that would overflow is held back; the small one behind the 4 is paced as before
+    assert logged[10][0] - logged[9][0] == pytest.approx(4 * 60e6 / (600 * DEFAULTS.rate_limit_share), abs=2)
 
 
 def test_the_old_one_second_burst_sends_a_seconds_worth_at_once(dq_redis: redis.Redis) -> None:

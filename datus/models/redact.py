@@ -21,6 +21,7 @@ arguments and traceback), whichever logger or handler writes it.
 
 from __future__ import annotations
 
+import functools
 import logging
 import re
 import threading
@@ -91,6 +92,10 @@ def redact(text: Any) -> Any:
 _installed = False
 
 
+def _redacted_message(record: logging.LogRecord) -> str:
+    return redact(type(record).getMessage(record))
+
+
 def install_log_redaction() -> None:
     """From now on every log record made in this process is redacted when it is made: its
     message with its arguments, its traceback and stack. Idempotent."""
@@ -102,11 +107,10 @@ def install_log_redaction() -> None:
 
         def factory(*args: Any, **kwargs: Any) -> logging.LogRecord:
             record = previous(*args, **kwargs)
-            try:
-                message = record.getMessage()
-            except Exception:  # noqa: BLE001 - a bad format string is logging's to report, as it would
-                return record
-            record.msg, record.args = redact(message), None
+            # the message is redacted when it is formatted: ``msg`` and ``args`` stay as logged, so
+            # filters that know a logger's messages by their format string still find them
+            # (`workers.signals.OutageLogFilter`), and a record no handler formats costs nothing
+            record.getMessage = functools.partial(_redacted_message, record)  # type: ignore[method-assign]
             if record.exc_info and not record.exc_text:
                 record.exc_text = redact(logging.Formatter().formatException(record.exc_info))
             if record.stack_info:

@@ -42,6 +42,8 @@ def create_app(settings: Settings | None = None) -> Celery:
         task_reject_on_worker_lost=True,
         task_acks_on_failure_or_timeout=True,
         worker_prefetch_multiplier=1,
+        # messages Celery cannot take are acknowledged and dead-lettered, their bodies never logged
+        worker_consumer="datus_queue.workers.consumer:Consumer",
         broker_transport=redis["broker_transport"],  # Redis (or Sentinel), surviving non-Celery bodies
         broker_transport_options={
             "visibility_timeout": visibility,

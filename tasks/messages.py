@@ -18,9 +18,11 @@ bad producer, a hand-pushed list entry — and no message may stop a worker, so:
   ours runs (``id``, ``eta``, ``expires``, ``timelimit``, ``priority``, …) and guarded, so a
   message that would make Celery raise — leaving it unacknowledged, or discarding it with its
   body in the log — is dead-lettered and acknowledged here instead.
-- `connect_signals`: a message whose task no worker knows, or whose headers are not a mapping,
-  never reaches a task's strategy; Celery rejects (acknowledges) it and sends a signal, on which
-  it is dead-lettered.
+- `reject_delivered`: a message that never reaches a task's strategy — no task name, a task no
+  worker knows, a body that does not decode, headers Celery finds invalid — is dead-lettered by
+  the worker's consumer (`workers.consumer.Consumer`, Celery's with those four handlers
+  replaced: Celery's logged the body and, for an unknown task without a string ``id``, raised
+  before it acknowledged).
 
 `send_again` publishes a `JobMessage` once more — a `Retry` (the next run) or a `ComeBack`
 (the same run later) — built from its checked parts, never by copying the delivered headers.
@@ -41,8 +43,8 @@ from datus_queue.tasks.schemas import JobError, JobStatus
 if TYPE_CHECKING:
     from datus_queue.tasks.context import JobContext
 
-__all__ = ["JobMessage", "Malformed", "connect_signals", "error_step", "header_problem", "job_strategy",
-           "parse_delivery", "parse_job", "reject", "send_again", "valid_id"]
+__all__ = ["JobMessage", "Malformed", "error_step", "header_problem", "job_strategy",
+           "parse_delivery", "parse_job", "reject", "reject_delivered", "send_again", "valid_id"]
 
 logger = logging.getLogger("datus_queue.tasks.messages")
 
@@ -243,7 +245,7 @@ def error_step(error: JobError) -> ActionHistory:
                                        error.model_dump(), ActionStatus.FAILED)
 
 
-def _reject_delivered(message: Any, reason: str) -> None:
+def reject_delivered(message: Any, reason: str) -> None:
     """Dead-letter a message Celery handed to us or already rejected; never raises."""
     from datus_queue.tasks.context import get_context
 
@@ -271,7 +273,6 @@ def job_strategy(task: Any, app: Any, consumer: Any, **options: Any) -> Callable
     handle = default(task, app, consumer, **options)
     connection_errors = tuple(consumer.connection_errors)
     max_eta_s = float(get_context().settings.visibility_timeout_s)
-    connect_signals()
 
     def on_message(message: Any, body: Any, ack: Any, reject_: Any, callbacks: Any, **rest: Any) -> Any:
         problem = header_problem(message.headers, message.properties, max_eta_s)
@@ -282,28 +283,10 @@ def job_strategy(task: Any, app: Any, consumer: Any, **options: Any) -> Callable
                 if is_infrastructure(exc) or isinstance(exc, connection_errors) or message.acknowledged:
                     raise  # Redis failing is not the message's fault: the consumer reconnects
                 problem = f"{type(exc).__name__}: {exc}"
-        _reject_delivered(message, f"invalid job message: {problem}")
+        reject_delivered(message, f"invalid job message: {problem}")
         message.ack_log_error(logger, connection_errors)
 
     return on_message
-
-
-def connect_signals() -> None:
-    """Dead-letter what Celery rejects before a task's strategy sees it (idempotent)."""
-    from celery import signals
-
-    signals.task_unknown.connect(_on_unknown_task, dispatch_uid="dq-dead-letter-unknown-task", weak=False)
-    signals.task_rejected.connect(_on_rejected, dispatch_uid="dq-dead-letter-rejected", weak=False)
-
-
-def _on_unknown_task(sender: Any = None, message: Any = None, name: Any = None, **_: Any) -> None:
-    shown = name if isinstance(name, str) and name.isprintable() else type(name).__name__
-    _reject_delivered(message, f"unknown task {str(shown)[:100]!r}: no worker runs it")
-
-
-def _on_rejected(sender: Any = None, message: Any = None, exc: BaseException | None = None, **_: Any) -> None:
-    why = "not a task message" if exc is None else f"{type(exc).__name__}: {exc}"
-    _reject_delivered(message, f"invalid task message: {why}")
 
 
 # ---- sending a job message again -----------------------------------------------------------------

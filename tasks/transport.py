@@ -32,7 +32,7 @@ from kombu.transport import redis as kombu_redis
 __all__ = ["SentinelTransport", "Transport"]
 
 logger = logging.getLogger("datus_queue.tasks.transport")
-_BAD_BODY = (ValueError, KeyError, TypeError, AttributeError)
+_BAD_BODY = (ValueError, KeyError, TypeError, AttributeError, RecursionError)  # RecursionError: JSON nested too deep
 
 
 class GuardedChannel(kombu_redis.Channel):

@@ -104,10 +104,6 @@ def _stop(**_: Any) -> None:
     traces.shutdown()  # send the spans and runs still queued
 
 
-def _unknown(sender: Any = None, name: str | None = None, id: str | None = None, **_: Any) -> None:
-    logger.warning("rejected a message for unknown task %r (id %s)", name, id)
-
-
 def connect() -> None:
     """prefork children start their runtime after fork; the threads pool starts it in the
     main process. Both stop it at shutdown."""
@@ -122,7 +118,6 @@ def connect() -> None:
     signals.worker_shutdown.connect(_stop, weak=False)
     signals.worker_ready.connect(_start_sweeps, weak=False)
     signals.worker_shutdown.connect(_stop_sweeps, weak=False)
-    signals.task_unknown.connect(_unknown, weak=False)
     from datus.models.redact import install_log_redaction
 
     install_log_redaction()  # no token, key or secret URL in any log line of the worker

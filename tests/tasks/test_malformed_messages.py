@@ -182,8 +182,6 @@ TRANSPORT_CASES = [
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="needs the change to tasks/transport.py described in issue 18's job-path "
-                                       "report: the transport acknowledges what Celery's consumer raised on")
 def test_messages_celery_cannot_take_are_dead_lettered_and_acknowledged(
         worker: StartWorker, client: JobClient) -> None:
     raw = [b"\x00 not an envelope", b'["an envelope", "that is a list"]',

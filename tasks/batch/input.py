@@ -151,8 +151,16 @@ def _jsonl_rows(file: Path) -> Iterator[_Row]:
             yield number, value, raw
 
 
+# the csv module refuses a cell over 131,072 characters by default, and refuses it by aborting the
+# whole file: a question over the prompt bound must instead fail its own row (`_question`), so
+# cells get room well past that bound; a cell past this is a file the reader gives up on
+_CSV_CELL_CHARS = 4 * Bounds.PROMPT_BYTES
+
+
 def _csv_rows(file: Path) -> Iterator[_Row]:
     # newline="" lets the csv module see quoted newlines and CRLF itself; utf-8-sig drops a BOM.
+    if csv.field_size_limit() < _CSV_CELL_CHARS:
+        csv.field_size_limit(_CSV_CELL_CHARS)
     with file.open("r", encoding="utf-8-sig", newline="") as handle:
         reader = csv.reader(handle)
         end = 0  # line_num is the line a record ends on; the next one starts after it

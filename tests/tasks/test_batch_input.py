@@ -155,6 +155,17 @@ def test_csv_bad_rows_with_their_lines(tmp_path: Path) -> None:
     assert next(row for row in bad if row.line == 7).raw == "c,x,SELECT 4,extra"
 
 
+def test_a_csv_cell_past_the_csv_modules_default_limit_fails_its_row_alone(tmp_path: Path) -> None:
+    from datus_queue.tasks.schemas import Bounds
+
+    long_ok = "y" * 200_000  # past the csv module's 131,072-character default, within the prompt bound
+    too_long = "z" * (Bounds.PROMPT_BYTES + 1)
+    text = f"id,question\na,{long_ok}\nb,{too_long}\nc,last\n"
+    questions, bad = read_questions(write(tmp_path / "q.csv", text))
+    assert [(q.id, len(q.question)) for q in questions] == [("a", 200_000), ("c", 4)]
+    assert bad_lines(bad) == {3: f"'question' is longer than {Bounds.PROMPT_BYTES} bytes"}
+
+
 def test_csv_without_a_question_column_is_an_error(tmp_path: Path) -> None:
     path = write(tmp_path / "q.csv", "id,text\n1,hello\n")
     with pytest.raises(BatchInputError, match=r"no 'question' column \(it has: id, text\)") as info:

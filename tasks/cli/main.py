@@ -366,6 +366,9 @@ def _unsupported_redis_url() -> str | None:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
+    from datus.models.redact import install_log_redaction, redact
+
+    install_log_redaction()  # every dq command (beat, batch, …): no token, key or secret URL in a log line
     # `dq demo` starts a Redis of its own
     refused = _unsupported_redis_url() if argv[:1] not in ([], ["-h"], ["--help"], ["demo"]) else None
     if refused:  # e.g. Redis Cluster: said at start, by every command, before anything connects
@@ -395,7 +398,8 @@ def main(argv: list[str] | None = None) -> int:
 
         said = getattr(exc, "reason", None) or str(exc)  # a model-layer error's words, without Datus's code prefix
         text = said if isinstance(exc, _user_errors()) else f"{type(exc).__name__}: {said}"
-        err.print("[red]error:[/red]", escape(" ".join(text.split())), soft_wrap=True)  # one line, whatever it says
+        # one line, whatever it says, and no secret in it
+        err.print("[red]error:[/red]", escape(" ".join(redact(text).split())), soft_wrap=True)
         return 1
 
 

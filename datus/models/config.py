@@ -125,6 +125,9 @@ class ModelConfig(BaseModel):
     prompt_cache: Literal["auto", "off"] = "auto"
     http_client: Literal["aiohttp", "httpx"] = Field(
         default="aiohttp", description="the async SDK client's HTTP stack (OpenAI-compatible and Claude)")
+    api: Literal["chat_completions", "responses"] | None = Field(
+        default=None, description="type: openai only: the API spoken; unset: responses for the models that "
+                                  "answer only there (o1-pro, o3-pro, gpt-5-pro, codex), else chat_completions")
     pricing: Pricing | None = None
     rate_limits: RateLimits | None = Field(default=None, description="this model's budget on its API key")
     missing_env: tuple[str, ...] = Field(default=(), exclude=True, repr=False)

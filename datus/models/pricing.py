@@ -43,6 +43,11 @@ PRICES: dict[str, dict[str, Pricing]] = {
         "o3": _p(2.00, 8.00, 0.50),
         "o3-mini": _p(1.10, 4.40, 0.55),
         "o4-mini": _p(1.10, 4.40, 0.275),
+        # the Responses-API-only models (datus.models.openai_responses); gpt-5-codex is gpt-5's price
+        "o1-pro": _p(150.00, 600.00),
+        "o3-pro": _p(20.00, 80.00),
+        "gpt-5-pro": _p(15.00, 120.00),
+        "codex-mini": _p(1.50, 6.00, 0.375),
     },
     "deepseek": {
         "deepseek-chat": _p(0.28, 0.42, 0.028),

@@ -38,6 +38,7 @@ PROFILES: dict[str, dict[str, ModelProfile]] = {
         "o1": _OPENAI_REASONING,
         "o3": _OPENAI_REASONING,
         "o4": _OPENAI_REASONING,
+        "codex-mini": _OPENAI_REASONING,  # Responses API only (datus.models.openai_responses)
     },
     "deepseek": {
         "": ModelProfile(context_length=128_000, json_schema=False, reasoning_field="reasoning_content",

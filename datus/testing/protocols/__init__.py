@@ -189,5 +189,6 @@ def default_protocols() -> list[WireProtocol]:
     from datus.testing.protocols.anthropic_messages import AnthropicMessagesProtocol
     from datus.testing.protocols.gemini import GeminiProtocol
     from datus.testing.protocols.openai_chat import OpenAIChatProtocol
+    from datus.testing.protocols.openai_responses import OpenAIResponsesProtocol
 
-    return [OpenAIChatProtocol(), AnthropicMessagesProtocol(), GeminiProtocol()]
+    return [OpenAIChatProtocol(), OpenAIResponsesProtocol(), AnthropicMessagesProtocol(), GeminiProtocol()]

@@ -1,0 +1,340 @@
+"""OpenAI's Responses API (``POST /v1/responses``), both ways, for `OpenAIModel`.
+
+An OpenAI model speaks it when its config says ``api: responses``, or — ``api`` unset — when
+the model answers only there (`needs_responses_api`: the ``-pro`` reasoning models such as
+``o1-pro``, ``o3-pro``, ``gpt-5-pro``, and the ``codex`` models). Everything else stays on Chat
+Completions (`datus.models.openai_compatible`), which is the default.
+
+Requests. Neutral ``ChatMessage``s become input items::
+
+    system, user   {"role": "system"|"user", "content": <text>}
+    assistant      its reasoning items, replayed as they came (``reasoning_details`` entries of
+                   type "reasoning": id, summary, encrypted_content), then
+                   {"role": "assistant", "content": <text>} when it said something, then one
+                   {"type": "function_call", "call_id", "name", "arguments"} per tool call
+    tool           {"type": "function_call_output", "call_id", "output": <text>}
+
+``store`` is false unless the call's ``extra_body`` says otherwise: OpenAI keeps nothing, and
+a reasoning model's items come back with ``encrypted_content`` (``include:
+["reasoning.encrypted_content"]``), which is what the next turn of a tool run sends back.
+Reasoning items ride in ``ChatMessage.reasoning_details`` — the carrier Claude's thinking
+blocks and Gemini's thought signatures use — so the tool loop's conversation, a run's
+journal (resume from checkpoints) and sessions keep and replay them with no code of their
+own. The Claude and Gemini builders ignore entries of this type, the chat-completions
+builder ignores ``reasoning_details`` altogether.
+
+Answers. A whole ``Response`` — returned, or the one ``response.completed`` (or
+``response.incomplete``) carries at the end of a stream — becomes a ``Generation`` through
+one mapping (`generation_of`), so streaming and non-streaming cannot drift apart; the stream's
+``response.output_text.delta`` and ``response.reasoning_summary_text.delta`` events are the
+deltas on the way. ``response.failed`` and ``error`` events become the error tree's classes by
+their codes.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from collections.abc import AsyncIterator, Mapping, Sequence
+from typing import Any, Literal
+
+from datus.models.errors import (
+    ContentFilterError,
+    InvalidResponseError,
+    ModelError,
+    error_from_status,
+)
+from datus.models.generation import Generation, ModelRequest, StreamDelta
+from datus.models.messages import ChatMessage, ToolCall
+from datus.models.rate_limit_headers import openai_budget
+from datus.models.usage import Usage
+
+__all__ = [
+    "REASONING_DETAIL",
+    "ResponsesAPI",
+    "generation_of",
+    "needs_responses_api",
+    "responses_params",
+    "usage_of",
+    "wire_input",
+]
+
+logger = logging.getLogger(__name__)
+
+ApiName = Literal["chat_completions", "responses"]
+#: The ``reasoning_details`` entries that are Responses API reasoning items.
+REASONING_DETAIL = "reasoning"
+# Models that answer only on the Responses API: the -pro reasoning models and the codex models.
+_RESPONSES_ONLY = re.compile(r"^(o\d+|gpt-[\w.]+?)-pro(-|$)|codex", re.IGNORECASE)
+# What a replayed reasoning item keeps (the API rejects output-only fields such as a null status).
+_REASONING_KEYS = ("type", "id", "summary", "encrypted_content", "content")
+# The codes a failed response or an ``error`` event carries -> the HTTP status that says the same.
+_CODE_STATUS = {
+    "rate_limit_exceeded": 429,
+    "insufficient_quota": 429,
+    "server_error": 500,
+    "server_is_overloaded": 503,
+    "slow_down": 503,
+    "invalid_prompt": 400,
+    "context_length_exceeded": 400,
+    "content_filter": 400,
+    "invalid_api_key": 401,
+    "model_not_found": 404,
+}
+
+
+def needs_responses_api(model: str) -> bool:
+    """Whether ``model`` answers only on the Responses API (o1-pro, o3-pro, gpt-5-pro, codex)."""
+    return bool(_RESPONSES_ONLY.search(model.split("/")[-1]))
+
+
+def api_of(configured: str | None, model: str) -> ApiName:
+    if configured in ("responses", "chat_completions"):
+        return configured  # type: ignore[return-value]
+    return "responses" if needs_responses_api(model) else "chat_completions"
+
+
+# ---- requests ---------------------------------------------------------------------------
+
+
+def wire_input(messages: Sequence[ChatMessage]) -> list[dict[str, Any]]:
+    """The input items for a conversation (see the module docstring)."""
+    items: list[dict[str, Any]] = []
+    for message in messages:
+        if message.role == "tool":
+            items.append({"type": "function_call_output", "call_id": message.tool_call_id or "",
+                          "output": message.content})
+        elif message.role != "assistant":
+            items.append({"role": message.role, "content": message.content})
+        else:
+            items += [_reasoning_item(detail) for detail in message.reasoning_details or ()
+                      if detail.get("type") == REASONING_DETAIL]
+            if message.content or not message.tool_calls:
+                items.append({"role": "assistant", "content": message.content})
+            items += [{"type": "function_call", "call_id": call.id, "name": call.name,
+                       "arguments": call.arguments or "{}"} for call in message.tool_calls]
+    return items
+
+
+def _reasoning_item(detail: Mapping[str, Any]) -> dict[str, Any]:
+    item = {key: detail[key] for key in _REASONING_KEYS if detail.get(key) is not None}
+    item.setdefault("summary", [])
+    if not item.get("content"):
+        item.pop("content", None)
+    return item
+
+
+def responses_params(request: ModelRequest, model: str, *, temperature: bool, reasoning: bool,
+                     json_schema: bool = True) -> dict[str, Any]:
+    """The keyword arguments of ``client.responses.create`` for ``request``. ``temperature``:
+    the model takes temperature/top_p; ``reasoning``: it is a reasoning model (its encrypted
+    reasoning is asked for when nothing is stored)."""
+    options = request.options
+    extra_body: dict[str, Any] = dict(options.extra_body or {})
+    store = bool(extra_body.pop("store", False))
+    items = wire_input(request.messages)
+    params: dict[str, Any] = {"model": model, "input": items, "store": store}
+    if reasoning and not store:
+        params["include"] = ["reasoning.encrypted_content"]
+    if reasoning and options.enable_thinking:
+        params["reasoning"] = {"summary": "auto"}
+    if temperature:
+        if options.temperature is not None:
+            params["temperature"] = options.temperature
+        if options.top_p is not None:
+            params["top_p"] = options.top_p
+    if options.max_tokens is not None:
+        params["max_output_tokens"] = options.max_tokens
+    if options.stop or options.seed is not None:
+        logger.debug("%s: the Responses API takes no stop sequences or seed; not sent", model)
+    if options.timeout_s is not None:
+        params["timeout"] = options.timeout_s
+    fmt = request.json_format
+    if fmt is not None:
+        if fmt.schema is not None and json_schema:
+            params["text"] = {"format": {"type": "json_schema", "name": _schema_name(fmt.name),
+                                         "schema": fmt.schema, "strict": fmt.strict}}
+        else:
+            params["text"] = {"format": {"type": "json_object"}}
+            _add_system_hint(items, _json_hint(fmt.schema))
+    if request.tools:
+        # strict: False — the API's default is strict, which MCP tools' schemas rarely satisfy
+        params["tools"] = [{"type": "function", "name": tool.name, "description": tool.description,
+                            "parameters": tool.parameters, "strict": False} for tool in request.tools]
+        if options.tool_choice in ("auto", "none", "required"):
+            params["tool_choice"] = options.tool_choice
+        elif options.tool_choice:
+            params["tool_choice"] = {"type": "function", "name": options.tool_choice}
+    if extra_body:
+        params["extra_body"] = extra_body
+    return params
+
+
+# ---- answers ----------------------------------------------------------------------------
+
+
+def _get(obj: Any, name: str, default: Any = None) -> Any:
+    if isinstance(obj, Mapping):
+        return obj.get(name, default)
+    value = getattr(obj, name, None)
+    if value is None:
+        extra = getattr(obj, "model_extra", None) or {}
+        value = extra.get(name)
+    return default if value is None else value
+
+
+def _plain(obj: Any) -> Any:
+    """An SDK model (or anything) as plain JSON data."""
+    if hasattr(obj, "model_dump"):
+        return obj.model_dump(mode="json", exclude_none=True)
+    return obj
+
+
+def usage_of(usage: Any) -> Usage:
+    if usage is None:
+        return Usage()
+    input_details = _get(usage, "input_tokens_details")
+    output_details = _get(usage, "output_tokens_details")
+    return Usage(
+        input_tokens=_get(usage, "input_tokens", 0) or 0,
+        output_tokens=_get(usage, "output_tokens", 0) or 0,
+        cached_tokens=_get(input_details, "cached_tokens", 0) or 0,
+        reasoning_tokens=_get(output_details, "reasoning_tokens", 0) or 0,
+    )
+
+
+def generation_of(response: Any, *, provider: str, model: str, rate_limits: Any = None) -> Generation:
+    """A whole ``Response`` (an SDK object or its JSON) as a ``Generation``; a failed one, or
+    one the content filter stopped, raises."""
+    status = _get(response, "status")
+    if status == "failed":
+        raise response_error(_get(response, "error") or {}, provider=provider, model=model)
+    finish_reason: str | None = None
+    if status == "incomplete":
+        reason = _get(_get(response, "incomplete_details"), "reason")
+        if reason == "content_filter":
+            raise ContentFilterError("the provider's content filter stopped the answer", provider=provider,
+                                     model=model)
+        finish_reason = "length"
+    text: list[str] = []
+    summaries: list[str] = []
+    details: list[dict[str, Any]] = []
+    calls: list[ToolCall] = []
+    for item in _get(response, "output", []) or []:
+        kind = _get(item, "type")
+        if kind == "reasoning":
+            detail = {key: value for key, value in (_plain(item) or {}).items() if key in _REASONING_KEYS}
+            detail["type"] = REASONING_DETAIL
+            details.append(detail)
+            summaries += [str(_get(part, "text", "")) for part in _get(item, "summary", []) or []]
+        elif kind == "message":
+            for part in _get(item, "content", []) or []:
+                if _get(part, "type") == "output_text":
+                    text.append(str(_get(part, "text", "")))
+                elif _get(part, "type") == "refusal":
+                    text.append(str(_get(part, "refusal", "")))
+        elif kind == "function_call":
+            calls.append(ToolCall(id=str(_get(item, "call_id") or _get(item, "id") or ""),
+                                  name=str(_get(item, "name") or ""),
+                                  arguments=_get(item, "arguments") or "{}"))
+    if finish_reason is None:
+        finish_reason = "tool_calls" if calls else "stop"
+    summary = "\n\n".join(part for part in summaries if part)
+    return Generation(
+        text="".join(text),
+        reasoning=summary or None,
+        reasoning_details=details or None,
+        tool_calls=calls,
+        finish_reason=finish_reason,
+        usage=usage_of(_get(response, "usage")),
+        response_id=_get(response, "id"),
+        rate_limits=rate_limits,
+    )
+
+
+def response_error(error: Any, *, provider: str, model: str) -> ModelError:
+    """A failed response's ``error`` (or an ``error`` stream event) in the error tree."""
+    code = _get(error, "code")
+    message = str(_get(error, "message") or code or "the response failed")
+    status = _CODE_STATUS.get(str(code), 500)
+    return error_from_status(status, message, codes=(None if code is None else str(code),),
+                             provider=provider, model=model)
+
+
+# ---- the adapter ------------------------------------------------------------------------
+
+
+class ResponsesAPI:
+    """`OpenAIModel`'s requests on the Responses API: its ``_complete`` and ``_stream`` when
+    the model's ``api`` is ``responses``. Errors are the SDK's, mapped by the model's own
+    ``_map_error`` (the same ``openai`` exceptions as Chat Completions)."""
+
+    def __init__(self, model: Any) -> None:
+        self.model = model
+
+    def params(self, request: ModelRequest) -> dict[str, Any]:
+        profile = self.model.profile
+        return responses_params(request, self.model.model_name, temperature=profile.temperature,
+                                reasoning=profile.always_reasons, json_schema=profile.json_schema)
+
+    def _where(self) -> dict[str, str]:
+        return {"provider": self.model.provider, "model": self.model.model_name}
+
+    async def complete(self, client: Any, request: ModelRequest) -> Generation:
+        raw = await client.responses.with_raw_response.create(**self.params(request))
+        response = raw.parse()
+        if _get(response, "output") is None:
+            raise InvalidResponseError("the response has no output", **self._where())
+        return generation_of(response, rate_limits=openai_budget(raw.headers), **self._where())
+
+    async def stream(self, client: Any, request: ModelRequest) -> AsyncIterator[StreamDelta | Generation]:
+        stream = await client.responses.create(**self.params(request), stream=True)
+        final: Any = None
+        try:
+            async for event in stream:
+                kind = _get(event, "type")
+                if kind == "response.output_text.delta":
+                    if delta := _get(event, "delta", ""):
+                        yield StreamDelta(text=delta)
+                elif kind in ("response.reasoning_summary_text.delta", "response.reasoning_text.delta"):
+                    if delta := _get(event, "delta", ""):
+                        yield StreamDelta(reasoning=delta)
+                elif kind in ("response.completed", "response.incomplete", "response.failed"):
+                    final = _get(event, "response")
+                    break
+                elif kind == "error":
+                    raise response_error(event, **self._where())
+        finally:
+            await stream.close()
+        if final is None:
+            raise InvalidResponseError("the stream ended before the response was complete", **self._where())
+        headers = getattr(getattr(stream, "response", None), "headers", None)
+        yield generation_of(final, rate_limits=openai_budget(headers), **self._where())
+
+    def count_extra_tokens(self, request: ModelRequest) -> int:
+        """Tokens the base count cannot see: replayed encrypted reasoning (opaque; about four
+        base64 characters a token) — an estimate for the limiter's reservation."""
+        chars = sum(len(str(detail.get("encrypted_content") or ""))
+                    for message in request.messages for detail in message.reasoning_details or ()
+                    if detail.get("type") == REASONING_DETAIL)
+        return -(-chars // 4)
+
+
+def _schema_name(name: str) -> str:
+    cleaned = "".join(ch if ch.isalnum() or ch in "_-" else "_" for ch in name)[:64]
+    return cleaned or "response"
+
+
+def _json_hint(schema: dict[str, Any] | None) -> str:
+    if schema is None:
+        return "Reply with a single JSON object and nothing else."
+    return ("Reply with a single JSON object and nothing else. It must match this JSON schema:\n"
+            + json.dumps(schema, ensure_ascii=False))
+
+
+def _add_system_hint(items: list[dict[str, Any]], hint: str) -> None:
+    if items and items[0].get("role") == "system":
+        items[0] = {**items[0], "content": f"{items[0]['content']}\n\n{hint}".strip()}
+    else:
+        items.insert(0, {"role": "system", "content": hint})

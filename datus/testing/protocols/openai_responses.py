@@ -1,0 +1,274 @@
+"""OpenAI's Responses API wire format (``POST /v1/responses``), non-streamed and SSE-streamed.
+
+Shapes follow the official API as the `openai` SDK parses them (`Response`, its output items
+``reasoning`` / ``message`` / ``function_call``, `ResponseUsage` with ``input_tokens_details``
+and ``output_tokens_details``, the stream's typed events from ``response.created`` to
+``response.completed``). Authentication, error bodies, faults and rate-limit headers are the
+chat-completions module's: one OpenAI.
+
+Reasoning. A `Reply` with ``reasoning`` answers with a reasoning item first: its summary text
+when the request asked for one (``reasoning.summary``), and its ``encrypted_content`` when the
+request asked for that (``include: ["reasoning.encrypted_content"]``). Like the real service
+with ``store: false``, a request that replays a reasoning item must carry the
+``encrypted_content`` this server issued for it, intact: otherwise it is answered 400 (so a
+test that passes has replayed reasoning faithfully). ``ScriptedRequest.messages`` is the
+input rewritten in the chat shape (instructions as a system message, function calls as an
+assistant's ``tool_calls``, function-call outputs as ``tool`` messages, an assistant's
+replayed reasoning items under ``reasoning_items``), so matchers and the agent fallback read
+it as they read any OpenAI request; ``tools`` are the request's own (flat ``name`` /
+``parameters``).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import secrets
+import time
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import BaseRoute
+
+from datus.models.scripted import Reply, ScriptedRequest
+from datus.testing.protocols import ProtocolError, Usage, estimate_usage, split_text, sse
+from datus.testing.protocols.openai_chat import OpenAIChatProtocol, _error
+
+__all__ = ["ENCRYPTED_PREFIX", "OpenAIResponsesProtocol", "decrypt", "encrypt"]
+
+#: Every ``encrypted_content`` this server issues starts so; the rest is base64 of the reasoning.
+ENCRYPTED_PREFIX = "gAAAAfake:"
+
+
+def encrypt(reasoning: str, model: str) -> str:
+    payload = json.dumps({"model": model, "reasoning": reasoning}, ensure_ascii=False).encode()
+    return ENCRYPTED_PREFIX + base64.b64encode(payload).decode()
+
+
+def decrypt(content: Any) -> dict[str, Any] | None:
+    """What an ``encrypted_content`` this server issued holds; None for anything else."""
+    if not isinstance(content, str) or not content.startswith(ENCRYPTED_PREFIX):
+        return None
+    try:
+        value = json.loads(base64.b64decode(content[len(ENCRYPTED_PREFIX):], validate=True))
+    except (binascii.Error, ValueError):
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def _new_id(prefix: str) -> str:
+    return prefix + secrets.token_hex(12)
+
+
+def _invalid(message: str, param: str | None = None, code: str | None = None) -> ProtocolError:
+    return ProtocolError(_error(400, message, "invalid_request_error", code, param))
+
+
+class OpenAIResponsesProtocol(OpenAIChatProtocol):
+    name = "openai_responses"
+    paths = ("/v1/responses", "/responses")
+
+    def extra_routes(self) -> list[BaseRoute]:
+        return []  # /v1/models is the chat-completions module's
+
+    # -- requests -------------------------------------------------------------------------
+
+    def parse(self, request: Request, body: Any) -> ScriptedRequest:
+        if not isinstance(body, dict):
+            raise _invalid("Request body must be a JSON object.")
+        if not body.get("model"):
+            raise _invalid("Missing required parameter: 'model'.", "model", "missing_required_parameter")
+        raw = body.get("input")
+        if raw is None or raw == [] or raw == "":
+            raise _invalid("Missing required parameter: 'input'.", "input", "missing_required_parameter")
+        items = [{"role": "user", "content": raw}] if isinstance(raw, str) else raw
+        if not isinstance(items, list):
+            raise _invalid("Invalid 'input': expected a string or an array of items.", "input", "invalid_type")
+        messages: list[dict[str, Any]] = []
+        if body.get("instructions"):
+            messages.append({"role": "system", "content": str(body["instructions"])})
+        store = body.get("store", True) is not False
+        for index, item in enumerate(items):
+            if not isinstance(item, dict):
+                raise _invalid(f"Invalid 'input[{index}]': expected an object.", f"input[{index}]", "invalid_type")
+            _read_item(item, index, messages, store)
+        tools = body.get("tools") or []
+        for index, tool in enumerate(tools):
+            if isinstance(tool, dict) and tool.get("type") == "function" and "function" in tool:
+                # the chat-completions spelling is an error here, as on the real service
+                raise _invalid(f"Missing required parameter: 'tools[{index}].name'.", f"tools[{index}].name",
+                               "missing_required_parameter")
+        return ScriptedRequest(protocol=self.name, model=str(body["model"]), messages=messages,
+                               stream=bool(body.get("stream")), tools=list(tools), body=body)
+
+    # -- answers --------------------------------------------------------------------------
+
+    def render_json(self, reply: Reply, request: ScriptedRequest) -> Response:
+        body = self._response(reply, request, _output(reply, request), estimate_usage(request, reply))
+        return JSONResponse(body, headers={"x-request-id": _new_id("req_")})
+
+    def stream_frames(self, reply: Reply, request: ScriptedRequest) -> list[bytes]:
+        output = _output(reply, request)
+        sequence = iter(range(1_000_000))
+        frames: list[bytes] = []
+
+        def event(kind: str, **fields: Any) -> None:
+            frames.append(sse({"type": kind, "sequence_number": next(sequence), **fields}, event=kind))
+
+        started = self._response(reply, request, [], None, status="in_progress")
+        event("response.created", response=started)
+        event("response.in_progress", response=started)
+        for index, item in enumerate(output):
+            where = {"item_id": item["id"], "output_index": index}
+            if item["type"] == "reasoning":
+                event("response.output_item.added", output_index=index, item={**item, "summary": []})
+                for number, part in enumerate(item["summary"]):
+                    event("response.reasoning_summary_part.added", **where, summary_index=number,
+                          part={"type": "summary_text", "text": ""})
+                    for piece in split_text(part["text"]):
+                        event("response.reasoning_summary_text.delta", **where, summary_index=number, delta=piece)
+                    event("response.reasoning_summary_text.done", **where, summary_index=number, text=part["text"])
+                    event("response.reasoning_summary_part.done", **where, summary_index=number, part=part)
+            elif item["type"] == "message":
+                event("response.output_item.added", output_index=index,
+                      item={**item, "status": "in_progress", "content": []})
+                [part] = item["content"]
+                event("response.content_part.added", **where, content_index=0,
+                      part={**part, "text": ""})
+                for piece in split_text(part["text"]):
+                    event("response.output_text.delta", **where, content_index=0, delta=piece, logprobs=[])
+                event("response.output_text.done", **where, content_index=0, text=part["text"], logprobs=[])
+                event("response.content_part.done", **where, content_index=0, part=part)
+            else:
+                event("response.output_item.added", output_index=index,
+                      item={**item, "status": "in_progress", "arguments": ""})
+                for piece in split_text(item["arguments"]):
+                    event("response.function_call_arguments.delta", **where, delta=piece)
+                event("response.function_call_arguments.done", **where, arguments=item["arguments"])
+            event("response.output_item.done", output_index=index, item=item)
+        final = self._response(reply, request, output, estimate_usage(request, reply))
+        event("response.incomplete" if final["status"] == "incomplete" else "response.completed", response=final)
+        return frames
+
+    def malformed_frame(self, request: ScriptedRequest) -> bytes:
+        return sse('{"type": "response.output_text.delta", "delta": ', event="response.output_text.delta")
+
+    def _response(self, reply: Reply, request: ScriptedRequest, output: list[dict[str, Any]],
+                  usage: Usage | None, status: str | None = None) -> dict[str, Any]:
+        body = request.body
+        incomplete = None
+        if status is None:
+            status = "completed"
+            if reply.finish_reason in ("length", "content_filter"):
+                status = "incomplete"
+                incomplete = {"reason": "max_output_tokens" if reply.finish_reason == "length" else "content_filter"}
+        text = body.get("text") if isinstance(body.get("text"), dict) else {"format": {"type": "text"}}
+        return {
+            "id": _new_id("resp_"),
+            "object": "response",
+            "created_at": int(time.time()),
+            "status": status,
+            "background": False,
+            "error": None,
+            "incomplete_details": incomplete,
+            "instructions": body.get("instructions"),
+            "max_output_tokens": body.get("max_output_tokens"),
+            "model": request.model,
+            "output": output,
+            "parallel_tool_calls": body.get("parallel_tool_calls", True),
+            "previous_response_id": body.get("previous_response_id"),
+            "reasoning": {"effort": (body.get("reasoning") or {}).get("effort"),
+                          "summary": (body.get("reasoning") or {}).get("summary")},
+            "service_tier": "default",
+            "store": body.get("store", True),
+            "temperature": body.get("temperature", 1.0),
+            "text": text,
+            "tool_choice": body.get("tool_choice", "auto"),
+            "tools": body.get("tools") or [],
+            "top_p": body.get("top_p", 1.0),
+            "truncation": "disabled",
+            "usage": None if usage is None else _usage(usage),
+            "user": None,
+            "metadata": {},
+        }
+
+
+def _read_item(item: dict[str, Any], index: int, messages: list[dict[str, Any]], store: bool) -> None:
+    kind = item.get("type") or ("message" if "role" in item else None)
+    last = messages[-1] if messages else None
+    open_turn = last is not None and last["role"] == "assistant"
+    fresh = open_turn and not last["content"] and not last.get("tool_calls")  # type: ignore[index]
+    if kind == "reasoning":
+        if not store and decrypt(item.get("encrypted_content")) is None:
+            if item.get("encrypted_content") is None:
+                raise _invalid(f"Item with id '{item.get('id')}' not found. Items are not persisted when `store` "
+                               "is set to false. Try again with `store` set to true, or remove this item from "
+                               "your input.", f"input[{index}]")
+            raise _invalid(f"The encrypted content for item {item.get('id')} could not be verified.",
+                           f"input[{index}].encrypted_content", "invalid_encrypted_content")
+        if open_turn and fresh:
+            last.setdefault("reasoning_items", []).append(item)  # type: ignore[union-attr]
+        else:
+            messages.append({"role": "assistant", "content": "", "reasoning_items": [item]})
+    elif kind == "message":
+        role = item.get("role")
+        if role not in ("user", "assistant", "system", "developer"):
+            raise _invalid(f"Invalid 'input[{index}].role': {role!r}.", f"input[{index}].role", "invalid_value")
+        content = _text(item.get("content"))
+        if role == "assistant" and fresh:
+            last["content"] = content  # type: ignore[index]
+        else:
+            messages.append({"role": role, "content": content})
+    elif kind == "function_call":
+        call = {"id": item.get("call_id"), "type": "function",
+                "function": {"name": item.get("name"), "arguments": item.get("arguments") or ""}}
+        if open_turn:
+            last.setdefault("tool_calls", []).append(call)  # type: ignore[union-attr]
+        else:
+            messages.append({"role": "assistant", "content": "", "tool_calls": [call]})
+    elif kind == "function_call_output":
+        output = item.get("output")
+        messages.append({"role": "tool", "tool_call_id": item.get("call_id"),
+                         "content": output if isinstance(output, str) else json.dumps(output)})
+    else:
+        raise _invalid(f"Invalid 'input[{index}].type': {kind!r}.", f"input[{index}].type", "invalid_value")
+
+
+def _text(content: Any) -> str:
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return "".join(str(part.get("text", "")) for part in content if isinstance(part, dict))
+    return ""
+
+
+def _output(reply: Reply, request: ScriptedRequest) -> list[dict[str, Any]]:
+    body = request.body
+    output: list[dict[str, Any]] = []
+    if reply.reasoning:
+        item: dict[str, Any] = {"id": _new_id("rs_"), "type": "reasoning", "summary": []}
+        if (body.get("reasoning") or {}).get("summary"):
+            item["summary"] = [{"type": "summary_text", "text": reply.reasoning}]
+        if "reasoning.encrypted_content" in (body.get("include") or []):
+            item["encrypted_content"] = encrypt(reply.reasoning, request.model)
+        output.append(item)
+    if reply.text or not reply.tool_calls:
+        output.append({"id": _new_id("msg_"), "type": "message", "role": "assistant", "status": "completed",
+                       "content": [{"type": "output_text", "text": reply.text, "annotations": [], "logprobs": []}]})
+    for call in reply.tool_calls:
+        output.append({"id": _new_id("fc_"), "type": "function_call", "status": "completed",
+                       "call_id": call.id or _new_id("call_"), "name": call.name,
+                       "arguments": call.arguments_json()})
+    return output
+
+
+def _usage(usage: Usage) -> dict[str, Any]:
+    return {
+        "input_tokens": usage.input_tokens,
+        "input_tokens_details": {"cached_tokens": usage.cached_tokens},
+        "output_tokens": usage.output_tokens,
+        "output_tokens_details": {"reasoning_tokens": usage.reasoning_tokens},
+        "total_tokens": usage.total_tokens,
+    }

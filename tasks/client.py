@@ -269,6 +269,51 @@ class JobClient:
         result = self.store.get(job_id)
         return result is None or result.final
 
+    # ---- the caller's own tools (tasks/caller_tools.py) ------------------------------------
+
+    def send_tool_result(self, job_id: str, call_id: str, text: str, is_error: bool = False, raw: Any = None) -> bool:
+        """The answer of the caller's tool to call ``call_id`` of job ``job_id`` (a
+        ``caller_tool_request`` step's ``output["call_id"]``): cut like any tool's answer
+        (``DQ_MAX_TOOL_RESULT_CHARS``, else 65,536 characters; marked), stored once per call id in
+        the job's Redis hash (a second answer is ignored: False), then the job is sent again so
+        its next run resumes with it at once. Raises `JobNotFound` for an unknown job."""
+        import json
+
+        from datus_queue.tasks.caller_tools import bounded_result
+
+        if not isinstance(call_id, str) or not 0 < len(call_id) <= 255:
+            raise InvalidJob("a tool call's id is a string of 1-255 characters")
+        result = bounded_result(text if isinstance(text, str) else str(text), is_error, raw,
+                                self.settings.max_tool_result_chars)
+        key = keys.job_caller(job_id)
+        stored = bool(self.redis.hsetnx(key, f"result:{call_id}", json.dumps(result, ensure_ascii=False)))
+        self.redis.expire(key, max(int(self.settings.event_ttl_s), int(self.settings.caller_tool_timeout_s * 2) + 60))
+        self.resume(job_id)
+        return stored
+
+    def caller_heartbeat(self, job_id: str) -> None:
+        """The caller is alive and still running one of its tools for ``job_id``: the job waits
+        ``DQ_CALLER_TOOL_TIMEOUT_S`` from now before it counts the caller as gone."""
+        key = keys.job_caller(job_id)
+        self.redis.hset(key, "beat", repr(time.time()))
+        self.redis.expire(key, max(int(self.settings.event_ttl_s), int(self.settings.caller_tool_timeout_s * 2) + 60))
+
+    def resume(self, job_id: str) -> bool:
+        """Send a job that waits (``retrying``) again now, as its next run; True if it was sent.
+        A job that is running or final is left as it is (a running one finds the answer itself)."""
+        stored = self.store.get(job_id)
+        if stored is None:
+            raise JobNotFound(job_id)
+        if stored.status is not JobStatus.RETRYING:
+            return False
+        request = self.store.get_request(job_id)
+        if request is None:
+            return False
+        with self.app.producer_or_acquire() as producer:
+            publish_job(self.app, producer, job_id, request, stored.provider or "", retries=stored.runs,
+                        batch_priority=self.settings.batch_priority, trace=self.settings.otel_tracing)
+        return True
+
     # ---- cancelling ----------------------------------------------------------------------
 
     def cancel(self, job_id: str) -> JobStatus:

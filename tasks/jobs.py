@@ -52,6 +52,7 @@ from datus.models.retry import RetryPolicy, is_rate_limited
 from datus.models.usage import Usage, track_usage
 from datus.schemas.action_history import ActionHistory, ActionRole, ActionStatus
 from datus_queue.tasks import keys
+from datus_queue.tasks.caller_tools import REQUEST_STEP, CallerGone, CallerToolWait
 from datus_queue.tasks.checkpoints import RunSuperseded
 from datus_queue.tasks.context import JobContext, get_context
 from datus_queue.tasks.databases import database_refusal
@@ -171,7 +172,8 @@ async def _fail(ctx: JobContext, job_id: str, error: JobError, run: int) -> Fini
     return Finished(JobStatus.FAILED, error.code)
 
 
-_CODES = {RateLimitWaitExceeded: "rate_limit_wait_exceeded", DeadlineExceeded: "deadline_exceeded"}
+_CODES = {RateLimitWaitExceeded: "rate_limit_wait_exceeded", DeadlineExceeded: "deadline_exceeded",
+          CallerGone: "caller_gone"}
 
 
 def job_error(exc: BaseException) -> JobError:
@@ -341,7 +343,9 @@ async def _run(ctx: JobContext, job_id: str, request: JobRequest, stored: Stored
         return Dropped(DropReason.FINAL)
     except Deferred as deferred:
         return await _deferred(ctx, job_id, stored, run, deferred)
-    except (ModelError, RateLimitWaitExceeded, DeadlineExceeded) as exc:
+    except CallerToolWait as wait:
+        return await _caller_wait(ctx, job_id, stored, run, wait)
+    except (ModelError, RateLimitWaitExceeded, DeadlineExceeded, CallerGone) as exc:
         return await _failed(ctx, job_id, request, stored, run, exc)
     finally:
         current_job.reset(token)
@@ -382,8 +386,30 @@ async def _deferred(ctx: JobContext, job_id: str, stored: StoredJob, run: int, d
     return Retry(countdown, error)
 
 
+async def _caller_wait(ctx: JobContext, job_id: str, stored: StoredJob, run: int, wait: CallerToolWait) -> Outcome:
+    """The model called one of the caller's own tools (`tasks.caller_tools`): the job is handed
+    back, holding no slot, until the caller's answer re-sends it (`JobClient.send_tool_result`)
+    or the wait is over (the caller is then gone, and the next run fails it). Marked retrying
+    *before* the request is published, so the caller's re-send always finds the job waiting. Not
+    an attempt: no model request was made."""
+    countdown = min(max(wait.wait_s, 0.0) + COME_BACK_MARGIN_S, retry_ceiling(ctx.settings))
+    error = JobError(code="caller_tool_wait", type="CallerToolWait", message=str(wait), provider=stored.provider,
+                     retryable=True)
+    if not await ctx.store.amark_retrying(job_id, run, error, countdown, rate_limit_retries=stored.rate_limit_retries,
+                                          rate_limit_waits=stored.rate_limit_waits + 1,
+                                          rate_limited_since=stored.rate_limited_since):
+        return Dropped(DropReason.FINAL)  # cancelled meanwhile: do not come back
+    await ctx.publisher.publish(job_id, ActionHistory.create_action(
+        ActionRole.WORKFLOW, REQUEST_STEP, f"the caller runs its tool {wait.name}", None,
+        {"call_id": wait.call_id, "name": wait.name, "arguments": wait.arguments, "timeout_s": wait.timeout_s,
+         "run": run}, ActionStatus.PROCESSING))
+    logger.info("job %s: waiting for the caller's tool %s (call %s); back in %.2fs at the latest", job_id, wait.name,
+                wait.call_id, countdown)
+    return Retry(countdown, error)
+
+
 async def _failed(ctx: JobContext, job_id: str, request: JobRequest, stored: StoredJob, run: int,
-                  exc: ModelError | RateLimitWaitExceeded | DeadlineExceeded) -> Outcome:
+                  exc: ModelError | RateLimitWaitExceeded | DeadlineExceeded | CallerGone) -> Outcome:
     """The model failed: a retry if the error is retryable and the job's budget allows, else
     the job fails with the provider's message."""
     error = job_error(exc)

@@ -8,6 +8,7 @@ __all__ = [
     "batch_databases",
     "beat_entry",
     "beat_lock",
+    "job_caller",
     "job_cancel",
     "job_channel",
     "job_event_seq",
@@ -51,9 +52,16 @@ def job_cancel(job_id: str) -> str:
     return f"{PREFIX}:job:{job_id}:cancel"
 
 
+def job_caller(job_id: str) -> str:
+    """A hash of the job's calls of the caller's own tools (tasks/caller_tools.py): per call id,
+    when the worker first asked (``asked:ID``) and the caller's result, stored once
+    (``result:ID``); and the caller's last heartbeat (``beat``). Expiring."""
+    return f"{PREFIX}:job:{job_id}:caller"
+
+
 def job_keys(job_id: str) -> list[str]:
     """Every key of one job (a replay starts it afresh)."""
-    return [job_events(job_id), job_event_seq(job_id), job_cancel(job_id)]
+    return [job_events(job_id), job_event_seq(job_id), job_cancel(job_id), job_caller(job_id)]
 
 
 def maintenance(task: str) -> str:

@@ -99,8 +99,13 @@ class JobRunner:
     async def _tool_run(self, prompt: Any, options: dict[str, Any]) -> tuple[Any, list[dict[str, Any]]]:
         request = self.request
         model = self.ctx.model(request.model, in_process_retries=True)
+        extra: dict[str, Any] = {}
+        if request.caller_tools:  # the caller's own tools: each call is handed back to the caller
+            from datus_queue.tasks.caller_tools import caller_tools
+
+            extra["tools"] = caller_tools(self.ctx, self.job_id, request.caller_tools)
         steps = model.generate_with_tools_stream(
-            prompt, mcp_servers=servers(request, self.ctx.agent_config, await self._database_url()),
+            prompt, **extra, mcp_servers=servers(request, self.ctx.agent_config, await self._database_url()),
             instruction=request.instruction,
             output_type=request.output_schema or str, max_turns=request.max_turns,
             session=request.session_id, db_type=request.db_type, journal=self.journal, mcp_pool=self.ctx.mcp_pool,

@@ -25,9 +25,10 @@ from datus.models.redact import redact
 
 __all__ = [
     "DATABASE_SERVER",
-    "Bounds",
     "FINAL_STATUSES",
     "SCHEMA_VERSION",
+    "Bounds",
+    "CallerToolSpec",
     "JobError",
     "JobEvent",
     "JobKind",
@@ -68,6 +69,9 @@ class Bounds:
     TIMEOUT_S = 86_400.0      # timeout_s: finite, a day at most
     DEADLINE_DAYS = 30        # deadline: not in the past, at most this far ahead (at submit)
     MAX_TURNS = 100
+    CALLER_TOOLS = 64         # caller_tools: declarations of the caller's own tools (run in the caller)
+    CALLER_TOOL_DESCRIPTION_CHARS = 10_000
+    CALLER_TOOL_SCHEMA_BYTES = 100_000  # each tool's parameters (a JSON schema), as JSON
 
 
 def _utf8_bytes(text: str) -> int:
@@ -159,6 +163,38 @@ class JobOptions(CallOptions):
         return stop
 
 
+_TOOL_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")  # what every provider accepts as a function's name
+
+
+class CallerToolSpec(BaseModel):
+    """A tool the caller runs itself (a Python function, an openai-agents ``FunctionTool``),
+    declared to the model next to the workers' MCP tools: its name, description and the JSON
+    schema of its arguments. The worker hands each call of it back to the caller
+    (`tasks.caller_tools`)."""
+
+    model_config = ConfigDict(extra="forbid", hide_input_in_errors=True)
+
+    name: str = Field(description="letters, digits, _ and -, at most 64 characters")
+    description: str = Field(default="", max_length=Bounds.CALLER_TOOL_DESCRIPTION_CHARS)
+    parameters: dict[str, Any] = Field(default_factory=lambda: {"type": "object", "properties": {}},
+                                       description="the JSON schema of the tool's arguments (an object)")
+
+    @field_validator("name")
+    @classmethod
+    def _tool_name(cls, name: str) -> str:
+        if not _TOOL_NAME.match(name):
+            raise ValueError("a caller tool's name has 1-64 letters, digits, _ or -")
+        return name
+
+    @field_validator("parameters")
+    @classmethod
+    def _schema(cls, schema: dict[str, Any]) -> dict[str, Any]:
+        _bounded_json(schema, Bounds.CALLER_TOOL_SCHEMA_BYTES)
+        if schema.get("type", "object") != "object":
+            raise ValueError("a caller tool's parameters are a JSON schema of type 'object'")
+        return schema
+
+
 class JobRequest(BaseModel):
     model_config = ConfigDict(extra="forbid", protected_namespaces=(), hide_input_in_errors=True)  # errors never echo a prompt or a URL
 
@@ -192,6 +228,11 @@ class JobRequest(BaseModel):
     db_type: str = Field(default="datus_sql", max_length=64,
                          description="which SQL tool table to extract SQL contexts with")
     metadata: dict[str, str | int | float | bool | None] = Field(default_factory=dict, max_length=Bounds.METADATA_KEYS)
+    caller_tools: list[CallerToolSpec] | None = Field(
+        default=None, max_length=Bounds.CALLER_TOOLS, exclude_if=lambda value: value is None,
+        description="tool runs: the caller's own tools, declared (name, description, JSON schema); the model may "
+                    "call them next to the MCP tools, and each call is handed back to the caller, who runs it and "
+                    "sends the result (JobClient.send_tool_result; tasks/caller_tools.py)")
 
     @model_validator(mode="before")
     @classmethod
@@ -293,11 +334,19 @@ class JobRequest(BaseModel):
         if self.database and DATABASE_SERVER in self.mcp_servers:
             raise ValueError(f"mcp_servers names {DATABASE_SERVER!r}, the name of the server for 'database'; "
                              "give one or the other")
+        if self.caller_tools is not None:
+            if self.kind is not JobKind.TOOL_RUN:
+                raise ValueError("caller_tools only apply to kind 'tool_run'")
+            names = [tool.name for tool in self.caller_tools]
+            if len(names) != len(set(names)):
+                raise ValueError("caller_tools: each tool has a name of its own")
         if self.output_schema is not None and self.kind is JobKind.GENERATE:
             raise ValueError("output_schema applies to kind 'json' or 'tool_run'")
         # what the store and the broker will do with it: strict UTF-8 JSON, or a refusal naming the field
         for name in type(self).model_fields:  # the values as given: model_dump(mode="json") would mend a surrogate key
             value = getattr(self, name)
+            if name == "caller_tools" and value is not None:
+                value = [tool.model_dump() for tool in value]
             try:
                 _strict_json_bytes(value.model_dump() if isinstance(value, BaseModel) else
                                    value.isoformat() if isinstance(value, datetime) else value)

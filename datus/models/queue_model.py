@@ -34,8 +34,16 @@ How each call maps onto a job:
   per call (a tool run's is the sum over its turns, as ``generate_with_tools`` returns it);
 - a caller that closes the stream early, or whose call is cancelled, cancels the job.
 
-Not carried over (yet): the caller's own Python tools (``tools=``: they would have to run in the
-caller, issue 20's second part — refused with `ModelConfigError`), openai-agents ``hooks``
+The caller's own tools (``tools=``: Python functions, openai-agents ``FunctionTool`` objects) run
+here, in the caller: the job carries their declarations (``caller_tools``: name, description,
+JSON schema), the model is offered them next to the MCP tools, and when it calls one the job
+hands the call back (a ``caller_tool_request`` step; the job holds no worker slot meanwhile,
+`datus_queue.tasks.caller_tools`). This model runs the tool, with a heartbeat while it runs,
+and sends the answer with `JobClient.send_tool_result` (capped like any tool result, stored once
+per call id), which sends the job on. A tool that raises answers the model with the error, as
+in-process.
+
+Not carried over (yet): openai-agents ``hooks``
 (ignored, logged once), reasoning text of a plain ``generate`` (the job stores the answer's text),
 ``journal`` and ``mcp_pool`` (the fleet's own journal makes the run durable; its pool lends the
 servers). Token counting is the served model's offline tokenizer (``token_count``: no job).
@@ -88,9 +96,11 @@ _JOB_CODES: dict[str, type[ModelError]] = {
     "invalid_request": BadRequestError,
     "invalid_message": BadRequestError,
     "invalid_payload": BadRequestError,
+    "caller_gone": ModelTimeoutError,
 }
 # the steps a live tool run publishes that the in-process model does not yield without live_steps
-_LIVE_ONLY = frozenset({"user_input", "assistant_delta", "error", "resumed", "retry", "rate_limit_wait", "cancelled"})
+_LIVE_ONLY = frozenset({"user_input", "assistant_delta", "error", "resumed", "retry", "rate_limit_wait", "cancelled",
+                        "caller_tool_request"})
 # keyword arguments of the tool methods that are the model layer's, not call options
 _RUN_KEYWORDS = ("db_type", "sql_functions", "max_tool_result_chars")
 _warned_hooks = False
@@ -507,11 +517,24 @@ class QueueModel(LLMBaseModel):
                         kwargs: dict[str, Any], end: _End) -> AsyncIterator[Any]:
         from datus.schemas.action_history import ActionHistory, ActionRole, ActionStatus
 
-        if tools:
-            raise ModelConfigError(
-                "a queue model runs tools on the fleet's workers: name MCP servers from the fleet's agent.yml "
-                "(mcp_servers=); the caller's own Python tools (tools=) are not supported yet",
-                provider=self.provider, model=self.model_name)
+        local_tools: dict[str, Any] = {}
+        if tools:  # the caller's own tools: declared to the job, run here when the model calls them
+            from datus.models.function_tools import as_tools
+
+            try:
+                for tool in as_tools(tools):
+                    local_tools[tool.spec.name] = tool
+            except (TypeError, ValueError) as exc:
+                raise ModelConfigError(f"a queue model's tools=: {exc}", provider=self.provider,
+                                       model=self.model_name) from None
+            import re
+
+            bad = [name for name in local_tools if not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", name)]
+            if bad:  # a lambda's name, say: the job declares each tool to the model by its name
+                raise ModelConfigError(
+                    f"a queue model declares the caller's own Python tools (tools=) to the fleet by name: "
+                    f"{', '.join(map(repr, bad))} is not a tool name (1-64 letters, digits, _ or -)",
+                    provider=self.provider, model=self.model_name)
         if hooks is not None:
             global _warned_hooks
             if not _warned_hooks:
@@ -532,6 +555,10 @@ class QueueModel(LLMBaseModel):
             request["output_schema"] = {"type": "object"}
         if db_type:
             request["db_type"] = db_type
+        if local_tools:
+            request["caller_tools"] = [{"name": tool.spec.name, "description": tool.spec.description or "",
+                                        "parameters": tool.spec.parameters or {"type": "object", "properties": {}}}
+                                       for tool in local_tools.values()]
         session_id = session if isinstance(session, str) or session is None else getattr(session, "session_id", None)
         if session is not None and not session_id:
             raise ModelConfigError("a queue model's session is a session id (or a session object with one)",
@@ -539,8 +566,11 @@ class QueueModel(LLMBaseModel):
         if session_id:
             request["session_id"] = session_id
         seen: list[Any] = []
+        answered: set[str] = set()
         async with contextlib.aclosing(self._job(request, end)) as steps:
             async for step in steps:
+                if step.action_type == "caller_tool_request" and isinstance(step.output, dict):
+                    await self._run_caller_tool(end.job_id, step.output, local_tools, answered)
                 if not live_steps and not _in_process_step(step):
                     continue
                 if step.action_type not in _LIVE_ONLY:
@@ -573,6 +603,55 @@ class QueueModel(LLMBaseModel):
         if manager is not None:
             manager.add_action(final)
         yield final
+
+
+    async def _run_caller_tool(self, job_id: str | None, asked: Mapping[str, Any], tools: Mapping[str, Any],
+                               answered: set[str]) -> None:
+        """Run the caller's tool the job asks for, once per call id, and send its answer back
+        (which sends the job on). A call asked again (the job came back before it read the
+        answer) is only sent on again."""
+        import json
+
+        from pydantic_core import to_jsonable_python
+
+        from datus.models.function_tools import ToolContext, ToolOutcome
+
+        client = self._job_client()
+        call_id, name = str(asked.get("call_id") or ""), str(asked.get("name") or "")
+        if not job_id or not call_id:
+            return
+        if call_id in answered:
+            await asyncio.to_thread(client.resume, job_id)
+            return
+        answered.add(call_id)
+        arguments = asked.get("arguments") if isinstance(asked.get("arguments"), dict) else {}
+        tool = tools.get(name)
+        if tool is None:
+            outcome = ToolOutcome(f"there is no tool named {name!r}; available: {', '.join(tools) or 'none'}",
+                                  is_error=True)
+        else:
+            beat = asyncio.ensure_future(self._heartbeat(client, job_id))
+            try:
+                outcome = await tool.call(arguments, ToolContext(name, call_id, json.dumps(arguments)))
+            except Exception as exc:  # noqa: BLE001 - a tool's failure is an answer for the model, as in-process
+                outcome = ToolOutcome(f"{type(exc).__name__}: {exc}", is_error=True)
+            finally:
+                beat.cancel()
+                with contextlib.suppress(BaseException):
+                    await beat
+        try:
+            raw = None if outcome.raw is None else to_jsonable_python(outcome.raw, fallback=str)
+        except Exception:  # noqa: BLE001 - not JSON: the text is all the job gets
+            raw = None
+        await asyncio.to_thread(client.send_tool_result, job_id, call_id, outcome.text, outcome.is_error, raw)
+
+    async def _heartbeat(self, client: Any, job_id: str) -> None:
+        """While the caller's tool runs: the job does not count the caller as gone."""
+        interval = max(0.5, min(float(client.settings.caller_tool_timeout_s) / 3, 10.0))
+        while True:
+            with contextlib.suppress(Exception):
+                await asyncio.to_thread(client.caller_heartbeat, job_id)
+            await asyncio.sleep(interval)
 
 
 class _End:

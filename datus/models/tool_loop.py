@@ -55,6 +55,7 @@ import json
 import uuid
 from collections import deque
 from collections.abc import AsyncIterator, Mapping
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
@@ -71,7 +72,7 @@ from datus.models.hooks import RunHooks, hook_tool
 from datus.models.json_output import JsonOutputInvalid, normalize_response_format, parse_json_output
 from datus.models.mcp_result_extractors import extract_sql_contexts
 from datus.models.messages import ChatMessage, ToolCall
-from datus.models.output_bounds import DEFAULT_TOOL_RESULT_CHARS, cap_text, shrink_json
+from datus.models.output_bounds import DEFAULT_TOOL_RESULT_CHARS, cap_text, shrink_json, truncation_marker
 from datus.models.run_journal import ResumeState, RunJournal, RunStart, RunStep, step_id, turn_id
 from datus.models.usage import Usage
 from datus.schemas.action_history import ActionHistory, ActionHistoryManager, ActionRole, ActionStatus
@@ -79,7 +80,11 @@ from datus.schemas.action_history import ActionHistory, ActionHistoryManager, Ac
 if TYPE_CHECKING:
     from datus.models.base import LLMBaseModel
 
-__all__ = ["ToolRun", "ToolRunResult"]
+__all__ = ["CURRENT_CALL", "ToolRun", "ToolRunResult"]
+
+# the action id of the tool call under way (stable in a durable run): a tool that answers from
+# elsewhere (the job system's caller tools) keys the call's answer by it
+CURRENT_CALL: ContextVar[str | None] = ContextVar("datus_tool_call", default=None)
 
 _PREVIEW_CHARS = 80
 
@@ -362,11 +367,11 @@ class ToolRun:
             outcome = ToolOutcome(problem, is_error=True)
         else:
             outcome = await self._call_tool(tool, call, arguments or {}, action.action_id)
-        text, total = cap_text(outcome.text, self.max_tool_result_chars)
+        text, total = _capped(outcome, self.max_tool_result_chars)
         output = _tool_output(outcome)
         if total is not None:
             _mark_truncated(output, outcome, text, total, self.max_tool_result_chars or 0)
-        if resumed:
+        if resumed and not getattr(tool, "answers_once", False):  # such a tool's answer is kept: it ran once
             output["resumed"] = True
         # the step is done either way: a tool's failure is an answer the model reads and works
         # with, not a failed run (Datus's API turns every FAILED step into an error event)
@@ -390,11 +395,17 @@ class ToolRun:
             await self.journal.starting(action_id)
         try:
             with observe.tool_call(call.name, arguments, call.id, meta.get("server")) as spans:
-                outcome = await tool.call(arguments, ctx)
+                token = CURRENT_CALL.set(action_id)
+                try:
+                    outcome = await tool.call(arguments, ctx)
+                finally:
+                    CURRENT_CALL.reset(token)
                 if spans is not None:  # a trace shows what the model reads, cut as it is
                     text, total = cap_text(outcome.text, self.max_tool_result_chars)
                     spans.end(outcome if total is None else dataclasses.replace(outcome, text=text))
         except Exception as exc:
+            if getattr(exc, "suspends_run", False):  # the run stops here and is resumed later (caller tools)
+                raise
             if self.journal is not None and getattr(exc, "server_lost", False):
                 # a durable run resumes once the server is back, and makes this call again
                 raise ToolServerLostError(f"tool {call.name!r}: {exc}", provider=self.model.provider,
@@ -413,6 +424,17 @@ class ToolRun:
             return None, str(exc)
         model_cls = self.output_format.pydantic_model
         return (model_cls.model_validate(value) if model_cls else value), None
+
+
+def _capped(outcome: ToolOutcome, limit: int | None) -> tuple[str, int | None]:
+    """`cap_text` of the tool's answer; an answer that arrives cut already (``meta["cut_from_chars"]``:
+    the first characters of an answer that long, as the job system's caller tools send it) is cut
+    and marked as the whole answer would have been."""
+    whole = outcome.meta.get("cut_from_chars") if outcome.meta else None
+    if not isinstance(whole, int) or whole <= len(outcome.text):
+        return cap_text(outcome.text, limit)
+    keep = len(outcome.text) if limit is None else min(len(outcome.text), max(0, int(limit)))
+    return f"{outcome.text[:keep]}\n{truncation_marker(keep, whole)}", whole
 
 
 def _tool_output(outcome: ToolOutcome) -> dict[str, Any]:

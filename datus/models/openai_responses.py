@@ -98,8 +98,10 @@ def api_of(configured: str | None, model: str) -> ApiName:
 # ---- requests ---------------------------------------------------------------------------
 
 
-def wire_input(messages: Sequence[ChatMessage]) -> list[dict[str, Any]]:
-    """The input items for a conversation (see the module docstring)."""
+def wire_input(messages: Sequence[ChatMessage], model: str | None = None) -> list[dict[str, Any]]:
+    """The input items for a conversation (see the module docstring). Reasoning items another
+    model produced (a session continued on a different model) are left out: encrypted
+    reasoning is only for the model that wrote it."""
     items: list[dict[str, Any]] = []
     for message in messages:
         if message.role == "tool":
@@ -109,7 +111,8 @@ def wire_input(messages: Sequence[ChatMessage]) -> list[dict[str, Any]]:
             items.append({"role": message.role, "content": message.content})
         else:
             items += [_reasoning_item(detail) for detail in message.reasoning_details or ()
-                      if detail.get("type") == REASONING_DETAIL]
+                      if detail.get("type") == REASONING_DETAIL
+                      and (model is None or detail.get("model") in (None, model))]
             if message.content or not message.tool_calls:
                 items.append({"role": "assistant", "content": message.content})
             items += [{"type": "function_call", "call_id": call.id, "name": call.name,
@@ -133,7 +136,7 @@ def responses_params(request: ModelRequest, model: str, *, temperature: bool, re
     options = request.options
     extra_body: dict[str, Any] = dict(options.extra_body or {})
     store = bool(extra_body.pop("store", False))
-    items = wire_input(request.messages)
+    items = wire_input(request.messages, model)
     params: dict[str, Any] = {"model": model, "input": items, "store": store}
     if reasoning and not store:
         params["include"] = ["reasoning.encrypted_content"]
@@ -226,6 +229,7 @@ def generation_of(response: Any, *, provider: str, model: str, rate_limits: Any 
         if kind == "reasoning":
             detail = {key: value for key, value in (_plain(item) or {}).items() if key in _REASONING_KEYS}
             detail["type"] = REASONING_DETAIL
+            detail["model"] = model  # whose it is: replayed to this model only (not sent)
             details.append(detail)
             summaries += [str(_get(part, "text", "")) for part in _get(item, "summary", []) or []]
         elif kind == "message":

@@ -17,14 +17,16 @@ from datus.models.base import LLMBaseModel
 from datus.models.config import AgentConfig, ModelConfig
 from datus.models.errors import (
     AuthenticationError,
+    BadRequestError,
     ContentFilterError,
+    ContextLengthExceededError,
     QuotaExceededError,
     RateLimitError,
     TransientModelError,
 )
 from datus.models.generation import Generation, StreamDelta
 from datus.models.openai_model import OpenAIModel
-from datus.models.openai_responses import needs_responses_api
+from datus.models.openai_responses import generation_of, needs_responses_api, response_error
 from datus.models.scripted import Fault, Reply
 from datus.models.scripted import ScriptedToolCall as Call
 from datus.schemas.action_history import ActionStatus
@@ -437,10 +439,51 @@ async def test_a_reasoning_item_replayed_without_its_encrypted_content_is_refuse
               {"role": "assistant", "content": "a",
                "reasoning_details": [{"type": "reasoning", "id": "rs_x", "summary": [], "encrypted_content": "zz"}]},
               {"role": "user", "content": "q2"}]
-    from datus.models.errors import BadRequestError
-
     try:
         with pytest.raises(BadRequestError, match="could not be verified"):
             await model.acomplete(broken)
     finally:
         await model.aclose()
+
+
+async def test_reasoning_another_model_wrote_is_not_replayed(fake_server: FakeProviderServer) -> None:
+    """A conversation continued on a different model (a session moved from o3-pro to gpt-5-pro)
+    sends the other model's encrypted reasoning to nobody."""
+    first, second = model_of(fake_server, "o3-pro"), model_of(fake_server, "gpt-5-pro")
+    fake_server.script.add(Reply(text="a", reasoning="mine"), Reply(text="b", reasoning="theirs"), Reply(text="c"))
+    try:
+        answer = await first.acomplete("q1")
+        history = [{"role": "user", "content": "q1"}, answer.message().model_dump(), {"role": "user", "content": "q2"}]
+        assert (await second.acomplete(history)).text == "b"
+        assert (await first.acomplete(history)).text == "c"
+    finally:
+        await first.aclose()
+        await second.aclose()
+    _, to_other, to_same = (r.body for r in fake_server.requests)
+    assert reasoning_items(to_other) == []
+    assert [decrypt(item["encrypted_content"])["reasoning"] for item in reasoning_items(to_same)] == ["mine"]
+
+
+@pytest.mark.parametrize(("code", "expected"), [
+    ("rate_limit_exceeded", RateLimitError), ("server_error", TransientModelError),
+    ("insufficient_quota", QuotaExceededError), ("invalid_prompt", BadRequestError),
+    ("context_length_exceeded", ContextLengthExceededError),
+])
+def test_a_failed_response_or_an_error_event_maps_by_its_code(code: str, expected: type[Exception]) -> None:
+    failed = {"id": "resp_1", "status": "failed", "output": [], "error": {"code": code, "message": "no"}}
+    with pytest.raises(expected):
+        generation_of(failed, provider="openai", model="o3-pro")
+    assert isinstance(response_error({"type": "error", "code": code, "message": "no"}, provider="openai",
+                                     model="o3-pro"), expected)
+
+
+@pytest.mark.parametrize("fault", [Fault("cut_stream", after_chunks=4), Fault("malformed_json")])
+async def test_a_broken_stream_is_retried_like_any_request(fault: Fault, fake_server: FakeProviderServer) -> None:
+    model = model_of(fake_server)
+    fake_server.script.add(fault, Reply(text="whole this time"))
+    try:
+        items = [item async for item in model.astream("q")]
+    finally:
+        await model.aclose()
+    final = items[-1]
+    assert isinstance(final, Generation) and final.text == "whole this time" and final.usage.attempts == 2

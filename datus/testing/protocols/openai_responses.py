@@ -10,8 +10,8 @@ Reasoning. A `Reply` with ``reasoning`` answers with a reasoning item first: its
 when the request asked for one (``reasoning.summary``), and its ``encrypted_content`` when the
 request asked for that (``include: ["reasoning.encrypted_content"]``). Like the real service
 with ``store: false``, a request that replays a reasoning item must carry the
-``encrypted_content`` this server issued for it, intact: otherwise it is answered 400 (so a
-test that passes has replayed reasoning faithfully). ``ScriptedRequest.messages`` is the
+``encrypted_content`` this server issued for it, intact, to the same model: otherwise it is
+answered 400 (so a test that passes has replayed reasoning faithfully). ``ScriptedRequest.messages`` is the
 input rewritten in the chat shape (instructions as a system message, function calls as an
 assistant's ``tool_calls``, function-call outputs as ``tool`` messages, an assistant's
 replayed reasoning items under ``reasoning_items``), so matchers and the agent fallback read
@@ -93,7 +93,7 @@ class OpenAIResponsesProtocol(OpenAIChatProtocol):
         for index, item in enumerate(items):
             if not isinstance(item, dict):
                 raise _invalid(f"Invalid 'input[{index}]': expected an object.", f"input[{index}]", "invalid_type")
-            _read_item(item, index, messages, store)
+            _read_item(item, index, messages, store, str(body["model"]))
         tools = body.get("tools") or []
         for index, tool in enumerate(tools):
             if isinstance(tool, dict) and tool.get("type") == "function" and "function" in tool:
@@ -195,13 +195,14 @@ class OpenAIResponsesProtocol(OpenAIChatProtocol):
         }
 
 
-def _read_item(item: dict[str, Any], index: int, messages: list[dict[str, Any]], store: bool) -> None:
+def _read_item(item: dict[str, Any], index: int, messages: list[dict[str, Any]], store: bool, model: str) -> None:
     kind = item.get("type") or ("message" if "role" in item else None)
     last = messages[-1] if messages else None
     open_turn = last is not None and last["role"] == "assistant"
     fresh = open_turn and not last["content"] and not last.get("tool_calls")  # type: ignore[index]
     if kind == "reasoning":
-        if not store and decrypt(item.get("encrypted_content")) is None:
+        decrypted = decrypt(item.get("encrypted_content"))
+        if not store and (decrypted is None or decrypted.get("model") != model):
             if item.get("encrypted_content") is None:
                 raise _invalid(f"Item with id '{item.get('id')}' not found. Items are not persisted when `store` "
                                "is set to false. Try again with `store` set to true, or remove this item from "

@@ -2,7 +2,8 @@
 openai queue) runs a streamed generate job and a tool-run job for ``o3-pro`` — a model that
 answers only on ``/v1/responses`` — against the fake server over HTTP; the tool run's second
 and third turns carry the first turn's encrypted reasoning item (the fake refuses anything
-else)."""
+else). And a tool-run job retried after its second turn failed resumes from the job store's
+checkpoints, replaying that item."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from typing import Any
 import pytest
 import yaml
 
-from datus.models.scripted import Reply, ScriptedToolCall
+from datus.models.scripted import Fault, Reply, ScriptedToolCall
 from datus.testing.fake_server import FakeProviderServer
 from datus.testing.protocols.openai_responses import decrypt
 from datus_queue.tasks.client import JobClient
@@ -72,3 +73,29 @@ def test_generate_and_tool_run_jobs_on_the_responses_api(pro_env: JobEnv, worker
         assert decrypt(item["encrypted_content"]) == {"model": "o3-pro", "reasoning": "look at the tables first"}
     assert "row_count" in json.dumps(turns[2].body)
     assert f"[{job}] received" in running.log()
+
+
+@pytest.mark.skipif(bool(tool_run_skip_reason()), reason=str(tool_run_skip_reason()))
+def test_a_job_retry_resumes_from_its_checkpoints_replaying_the_reasoning_item(
+        pro_env: JobEnv, worker: StartWorker, client: JobClient, fake: FakeProviderServer) -> None:
+    """Five 500s on the second turn outlast the model's four in-process retries: the job is
+    retried, and the run resumes from the job store's checkpoints — turn 1 (with its encrypted
+    reasoning item) is not asked again, and every turn-2 request, before and after the retry,
+    carries that item intact."""
+    fake.script.add(Reply(reasoning="tables first", tool_calls=[ScriptedToolCall("list_tables", {}, id="c1")]),
+                    *[Fault("status", status=500)] * 5, Reply(text="Two tables."), match="resume-pro")
+    worker("openai")
+    job = client.submit({"model": PRO, "kind": "tool_run", "mcp_servers": ["shop"],
+                         "prompt": "resume-pro: which tables?"})
+    result = client.result(job, timeout=60)
+    assert result.status is JobStatus.SUCCEEDED, result.error
+    assert result.attempts == 2 and result.output == "Two tables."
+    turns = generations(fake, "resume-pro")
+    first = [t for t in turns if not any(i.get("type") == "function_call_output" for i in t.body["input"])]
+    later = [t for t in turns if t not in first]
+    assert len(first) == 1 and len(later) == 6  # turn 1 once; turn 2: five 500s, then the answer
+    for turn in later:
+        [item] = [item for item in turn.body["input"] if item.get("type") == "reasoning"]
+        assert decrypt(item["encrypted_content"]) == {"model": "o3-pro", "reasoning": "tables first"}
+    steps = [event.step for event in recorded_events(client, job)]
+    assert [s["action_type"] for s in steps if s["role"] == "workflow"] == ["retry", "resumed"]

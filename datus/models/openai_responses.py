@@ -110,14 +110,27 @@ def wire_input(messages: Sequence[ChatMessage], model: str | None = None) -> lis
         elif message.role != "assistant":
             items.append({"role": message.role, "content": message.content})
         else:
-            items += [_reasoning_item(detail) for detail in message.reasoning_details or ()
-                      if detail.get("type") == REASONING_DETAIL
-                      and (model is None or detail.get("model") in (None, model))]
+            said: list[dict[str, Any]] = []
             if message.content or not message.tool_calls:
-                items.append({"role": "assistant", "content": message.content})
-            items += [{"type": "function_call", "call_id": call.id, "name": call.name,
-                       "arguments": call.arguments or "{}"} for call in message.tool_calls]
+                said.append({"role": "assistant", "content": message.content})
+            said += [{"type": "function_call", "call_id": call.id, "name": call.name,
+                      "arguments": call.arguments or "{}"} for call in message.tool_calls]
+            # each reasoning item back where it was: before the item that followed it in the answer
+            # (``follows``: how many text and call items came before it; none said: first)
+            reasoning = [detail for detail in message.reasoning_details or ()
+                         if detail.get("type") == REASONING_DETAIL
+                         and (model is None or detail.get("model") in (None, model))]
+            for index, item in enumerate(said + [None]):
+                items += [_reasoning_item(detail) for detail in reasoning
+                          if min(_follows(detail), len(said)) == index]
+                if item is not None:
+                    items.append(item)
     return items
+
+
+def _follows(detail: Mapping[str, Any]) -> int:
+    value = detail.get("follows")
+    return value if isinstance(value, int) and value >= 0 else 0
 
 
 def _reasoning_item(detail: Mapping[str, Any]) -> dict[str, Any]:
@@ -230,6 +243,7 @@ def generation_of(response: Any, *, provider: str, model: str, rate_limits: Any 
             detail = {key: value for key, value in (_plain(item) or {}).items() if key in _REASONING_KEYS}
             detail["type"] = REASONING_DETAIL
             detail["model"] = model  # whose it is: replayed to this model only (not sent)
+            detail["follows"] = len(calls) + bool("".join(text))  # its place among the answer's items (not sent)
             details.append(detail)
             summaries += [str(_get(part, "text", "")) for part in _get(item, "summary", []) or []]
         elif kind == "message":

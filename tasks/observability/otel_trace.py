@@ -119,11 +119,15 @@ class _JobSpan:
 
     def finish(self, status: str, output: Any, error: Any) -> None:
         self.span.set_attribute("dq.job.status", status)
-        if status in ("failed", "dead", "error") or (status == "retrying" and _code(error) != "rate_limit_wait"):
+        if status in ("failed", "dead", "error") or (status == "retrying" and _code(error) not in _WAITS):
             code = _code(error) or status
             self.span.set_attribute("error.type", code)
             self.span.set_status(Status(StatusCode.ERROR, code))
         self.span.end()
+
+
+# hand-backs that are waits, not failures: the limiter's, and the caller's own tools'
+_WAITS = frozenset({"rate_limit_wait", "caller_tool_wait"})
 
 
 class _CallSpan:

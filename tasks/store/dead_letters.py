@@ -125,8 +125,8 @@ def reset_for_replay(conn: Connection, job_id: str, now: datetime) -> tuple[str,
     dead or failed."""
     row = conn.execute(update(jobs).where(jobs.c.job_id == job_id, jobs.c.status.in_(REPLAYABLE)).values(
         status=JobStatus.QUEUED.value, runs=0, deliveries=0, resends=0, output=None, sql_contexts=None,
-        # attempts are runs - rate_limit_waits: the waits start afresh with the runs (and the wait budget)
-        rate_limit_retries=0, rate_limit_waits=0, rate_limited_since=None, rate_ticket=None,
+        # attempts are runs - rate_limit_waits - caller_waits: the waits start afresh with the runs (and the wait budget)
+        rate_limit_retries=0, rate_limit_waits=0, rate_limited_since=None, rate_ticket=None, caller_waits=0,
         usage=None, cost_usd=0.0, error=None, retry_at=None, lease_until=None, started_at=None, finished_at=None,
         updated_at=now, replays=jobs.c.replays + 1, replayed_at=now,
     ).returning(jobs.c.provider, jobs.c.request)).first()

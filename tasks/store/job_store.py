@@ -558,7 +558,7 @@ def _job_row(job_id: str, request: JobRequest, provider: str, now: datetime) -> 
             "request": request.model_dump(mode="json"), "cost_usd": 0.0, "runs": 0, "deliveries": 0, "resends": 0,
             "replays": 0,
             "batch_id": request.batch_id, "item_id": request.item_id, "created_at": now, "updated_at": now,
-            "rate_limit_retries": 0, "rate_limit_waits": 0}
+            "rate_limit_retries": 0, "rate_limit_waits": 0, "caller_waits": 0}
 
 
 def _batch(row: Row[Any]) -> BatchInfo:

@@ -44,9 +44,8 @@ from sqlalchemy import (
     select,
     text,
 )
-from sqlalchemy.engine import make_url
-from sqlalchemy.exc import ArgumentError
 
+from datus.models.redact import redact
 from datus.models.sql_engines import create_store_engine as _create_engine
 from datus.models.sql_engines import with_driver
 
@@ -93,7 +92,7 @@ jobs = Table(
     Column("cost_usd", Float, nullable=False, default=0.0),
     Column("error", _Json),
     # the current run's number (migration 5 renamed it from attempts): each start of the job from a
-    # message is a run, limiter-only waits included; attempts = runs - rate_limit_waits
+    # message is a run, limiter-only waits included; attempts = runs - rate_limit_waits - caller_waits
     Column("runs", Integer, nullable=False, default=0),
     Column("deliveries", Integer, nullable=False, default=0),  # starts of the current run
     Column("retry_at", _Time),  # when the pending retry is due
@@ -109,6 +108,8 @@ jobs = Table(
     Column("rate_limit_waits", Integer, server_default=text("0")),
     Column("rate_limited_since", _Time),  # the first rate-limit answer or cooldown: the wait budget's start
     Column("rate_ticket", BigInteger),  # the job's place in its limiter's line (µs of Redis time)
+    # migration 6: runs that only waited for the caller's own tools (no request: not attempts)
+    Column("caller_waits", Integer, server_default=text("0")),
     # migration 3: the sweeper's bookkeeping
     Column("lease_until", _Time),  # running: the worker renews it; past it the job counts as abandoned
     Column("resends", Integer, nullable=False, default=0, server_default=text("0")),  # by the sweeper
@@ -313,6 +314,10 @@ def _v2(conn: Connection) -> None:
     add_columns(conn, jobs, "rate_limit_retries", "rate_limit_waits", "rate_limited_since", "rate_ticket")
 
 
+def _v6(conn: Connection) -> None:
+    add_columns(conn, jobs, "caller_waits")
+
+
 def _v3(conn: Connection) -> None:
     """The scheduler's columns and tables: job leases, re-send and replay counts, dead letters
     in the store, and the claims that run each scheduled batch slot once. New tables are frozen
@@ -355,6 +360,7 @@ MIGRATIONS: tuple[Migration, ...] = (
     Migration(3, "job leases, re-sends and replays; dead_letters; schedule_runs", _v3),
     Migration(4, "job_checkpoints: the steps of tool runs, to resume from", _v4),
     Migration(5, "jobs.attempts -> runs, job_checkpoints.attempt -> run: the run number", _v5),
+    Migration(6, "jobs.caller_waits: runs that only waited for the caller's own tools", _v6),
 )
 SCHEMA_VERSION = max(migration.version for migration in MIGRATIONS)
 
@@ -390,11 +396,5 @@ def create_store_engine(url: str, busy_timeout_s: float = 30.0) -> Engine:
             raise ValueError("the job store runs on SQLite or Postgres")  # it relies on ON CONFLICT
         return _create_engine(url, busy_timeout_s=busy_timeout_s, write_option=WRITE_OPTION)
     except Exception as exc:  # ArgumentError, NoSuchModuleError, ImportError, OSError, ValueError
-        raise StoreError(f"cannot use job store {_masked(url)!r}: {exc} (set DQ_DATABASE_URL)") from exc
+        raise StoreError(f"cannot use job store {redact(url)!r}: {exc} (set DQ_DATABASE_URL)") from exc
 
-
-def _masked(url: str) -> str:
-    try:
-        return make_url(url).render_as_string(hide_password=True)
-    except ArgumentError:
-        return "<unparseable URL>"

@@ -21,7 +21,8 @@ first. Once the lease has passed, the worker holding it counts as gone and the d
 the job over. A newer run (a retry the running delivery asked for) always may start.
 
 ``run`` is the store's run number (``jobs.runs``): each start of the job from a message is a run,
-the limiter's waits included (``attempts`` as read = runs - rate_limit_waits).
+the limiter's and the caller's waits included (``attempts`` as read = runs - rate_limit_waits -
+caller_waits).
 """
 
 from __future__ import annotations
@@ -68,15 +69,19 @@ def lease(job_id: str, lease_s: float | None) -> JobWrite:
 
 def retrying(job_id: str, run: int, error: JobError, countdown_s: float, *,
              rate_limit_retries: int | None = None, rate_limit_waits: int | None = None,
-             rate_limited_since: datetime | None = None, rate_ticket: int | None = None) -> JobWrite:
+             rate_limited_since: datetime | None = None, rate_ticket: int | None = None,
+             caller_waits: int | None = None) -> JobWrite:
     """Record a retryable failure of run ``run``; True unless the job is already final. A
     retry that waits for a provider's limits also records how many such retries the job has
     had (they are not counted against its max_retries), the runs that only waited, since when
-    it is rate limited, and its ticket in the limiter's line."""
+    it is rate limited, and its ticket in the limiter's line; a hand-back to wait for the
+    caller's own tools counts in ``caller_waits`` (not attempts either)."""
     values: dict[str, Any] = {"error": error.model_dump(mode="json"), "rate_ticket": rate_ticket}
     if rate_limit_retries is not None:
         values.update(rate_limit_retries=rate_limit_retries, rate_limit_waits=rate_limit_waits or 0,
                       rate_limited_since=rate_limited_since)
+    if caller_waits is not None:  # a hand-back to wait for the caller's own tools
+        values["caller_waits"] = caller_waits
     return JobWrite("retrying", job_id, run, values, max(0.0, countdown_s))
 
 

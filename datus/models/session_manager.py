@@ -43,6 +43,7 @@ from sqlalchemy.engine import Connection
 
 from datus.models.errors import ModelConfigError, ModelError, ModelErrorCode
 from datus.models.messages import ChatMessage
+from datus.models.redact import redact
 from datus.models.session_items import item_kind, items_to_messages, messages_to_items, user_text
 from datus.models.session_store import (
     FileStore,
@@ -51,7 +52,6 @@ from datus.models.session_store import (
     agent_messages,
     agent_sessions,
     is_valid_session_id,
-    mask_url,
 )
 from datus.utils.exceptions import ErrorCode
 
@@ -235,7 +235,7 @@ class SessionManager:
             self._store = SharedStore(url, busy_timeout)
         except (sa.exc.ArgumentError, sa.exc.NoSuchModuleError, ImportError, ValueError, OSError) as exc:
             hint = f"(pass another URL or set {SESSION_URL_ENV})"
-            raise SessionStoreError(f"cannot use session store {mask_url(url)!r}: {exc} {hint}") from exc
+            raise SessionStoreError(f"cannot use session store {redact(url)!r}: {exc} {hint}") from exc
         self.url = self._store.location
 
     def close(self) -> None:

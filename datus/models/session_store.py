@@ -62,7 +62,7 @@ except ImportError:  # pragma: no cover
 
 __all__ = [
     "SESSION_ID_PATTERN", "FileStore", "NoSuchSession", "SharedStore", "agent_messages", "agent_sessions",
-    "is_valid_session_id", "mask_url",
+    "is_valid_session_id",
 ]
 
 T = TypeVar("T")
@@ -373,5 +373,3 @@ def _code(exc: Exception) -> int | None:
     return getattr(getattr(exc, "orig", exc), "sqlite_errorcode", None)
 
 
-def mask_url(url: str) -> str:
-    return re.sub(r"(://[^:/@]*:)[^@]*@", r"\1***@", url)

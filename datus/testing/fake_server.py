@@ -28,6 +28,12 @@ Other processes (Celery workers, the demo) drive it over HTTP:
     GET  /_fake/requests  {"requests": [{"method", "path", "headers", "body", "protocol", "at"}]}
     POST /_fake/latency   {"latency_s": 0.2} or {"latency_ms": 200}
     GET  /_fake/health    {"status": "ok", "in_flight", "max_in_flight", ...}
+    POST /_fake/batches   the provider batch APIs' clock and limits (`batch_jobs.BatchSettings`),
+                          e.g. {"run_s": 2, "expire_after": 3}; {"reset": true} first restores them
+
+The providers' batch APIs (OpenAI's Files + Batch API, Anthropic's Message Batches) are served
+by `datus.testing.protocols.openai_batches` / `anthropic_batches` on the engine `server.batches`
+(`datus.testing.protocols.batch_jobs`); each batch item is answered as an online request would be.
 
 So that tests can check concurrency by what happened rather than by how long it took, the
 server counts the generation requests it is handling (`in_flight`: received and not answered
@@ -78,6 +84,9 @@ from datus.models.scripted import (
 from datus.testing.agent_fallback import agent_handler
 from datus.testing.limits import LimitEnforcer, ProviderLimits
 from datus.testing.protocols import ProtocolError, WireProtocol, default_protocols, estimate_usage
+from datus.testing.protocols.anthropic_batches import anthropic_batch_routes
+from datus.testing.protocols.batch_jobs import BatchEngine
+from datus.testing.protocols.openai_batches import openai_batch_routes
 
 __all__ = ["FALLBACKS", "FakeProviderServer", "RecordedRequest", "answer_from_json", "answer_to_json"]
 
@@ -133,6 +142,7 @@ class FakeProviderServer:
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._closing: asyncio.Event | None = None
+        self.batches = BatchEngine(self)  # the provider batch APIs' batches and files
         self.app = self._build_app()
         self.api_key = api_key
 
@@ -284,6 +294,7 @@ class FakeProviderServer:
         self.clear_requests()
         self.latency_s = self._initial_latency_s
         self.set_limits(None)
+        self.batches.reset()
 
     # -- the app ----------------------------------------------------------------------------
 
@@ -295,11 +306,15 @@ class FakeProviderServer:
             Route("/_fake/requests", self._admin_requests, methods=["GET"]),
             Route("/_fake/latency", self._admin_latency, methods=["POST"]),
             Route("/_fake/health", self._admin_health, methods=["GET"]),
+            Route("/_fake/batches", self._admin_batches, methods=["POST"]),
         ]
         for protocol in self.protocols:
             endpoint = self._endpoint(protocol)
             routes += [Route(path, endpoint, methods=["POST"]) for path in protocol.paths]
             routes += protocol.extra_routes()
+        # before the protocols' own routes would not matter: no path is shared
+        routes += openai_batch_routes(self.batches, self.protocols)
+        routes += anthropic_batch_routes(self.batches, self.protocols)
         return Starlette(routes=routes)
 
     def _endpoint(self, protocol: WireProtocol) -> Callable[[Request], Awaitable[Response]]:
@@ -432,6 +447,16 @@ class FakeProviderServer:
             return JSONResponse({"error": f"expected latency_s or latency_ms: {exc}"}, status_code=400)
         self.latency_s = seconds
         return JSONResponse({"latency_s": seconds})
+
+    async def _admin_batches(self, request: Request) -> Response:
+        try:
+            payload = dict(await request.json())
+            if payload.pop("reset", False):
+                self.batches.reset()
+            settings = self.batches.configure(**payload)
+        except (ValueError, TypeError) as exc:
+            return JSONResponse({"error": f"bad batch settings: {exc}"}, status_code=400)
+        return JSONResponse(dataclasses.asdict(settings))
 
     async def _admin_health(self, request: Request) -> Response:
         return JSONResponse(

@@ -191,7 +191,8 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"a venv to use, built when missing (default under {DEFAULT_VENVS})")
     parser.add_argument("--from-venv", type=Path, default=None,
                         help="replaced/baseline: build the venv as a copy of this Datus venv (left untouched)")
-    parser.add_argument("--base-python", default="python3.12", help="interpreter for a fresh Datus venv")
+    parser.add_argument("--base-python", default=None,
+                        help="interpreter for a fresh Datus venv (default: a Python 3.12 on PATH or in pyenv)")
     parser.add_argument("--timeout", type=int, default=120, help="per test, in seconds (pytest-timeout)")
     parser.add_argument("--workdir", default=None, help="default: a new temporary directory")
     parser.add_argument("--keep", action="store_true", help="keep the work directory (tree, logs, junit.xml)")

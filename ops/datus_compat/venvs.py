@@ -70,8 +70,25 @@ def _installed(python: Path) -> dict[str, str]:
     return {_name(name): version for name, version in pins.items()}
 
 
+def python312() -> str:
+    """A Python 3.12 (Datus-agent 0.2.2 needs it): ``python3.12`` on PATH when it runs, else the
+    newest pyenv 3.12.x (a pyenv shim for a version not selected is on PATH but exits 127)."""
+    import glob
+    import shutil
+
+    found = shutil.which("python3.12")
+    if found and subprocess.run([found, "-V"], capture_output=True, check=False).returncode == 0:
+        return found
+    candidates = sorted(glob.glob(str(Path("~/.pyenv/versions/3.12.*/bin/python3.12").expanduser())),
+                        key=lambda path: [int(part) for part in Path(path).parts[-3].split(".")])
+    if not candidates:
+        raise SystemExit("no Python 3.12 found (python3.12 on PATH or ~/.pyenv/versions/3.12.*): "
+                         "pass --base-python")
+    return candidates[-1]
+
+
 def ensure_datus_venv(venv: Path, *, from_venv: Path | None = None, datus_source: Path | None = None,
-                      base_python: str = "python3.12") -> Path:
+                      base_python: str | None = None) -> Path:
     python = venv_python(venv)
     if python.exists():
         return python
@@ -80,7 +97,7 @@ def ensure_datus_venv(venv: Path, *, from_venv: Path | None = None, datus_source
         # still name the original, so the harness only ever calls `python -m`)
         _run("cp", "-a", from_venv, venv)
     elif datus_source is not None:
-        _run(base_python, "-m", "venv", venv)
+        _run(base_python or python312(), "-m", "venv", venv)
         _run(python, "-m", "pip", "install", "-q", datus_source, "pytest", "pytest-asyncio")
     else:
         raise ValueError("a Datus venv needs from_venv (a venv to copy) or datus_source (a tree to install)")
@@ -111,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
         python = ensure_standalone_venv(args.venv, args.base_python or sys.executable)
     else:
         python = ensure_datus_venv(args.venv, from_venv=args.from_venv, datus_source=args.datus_src,
-                                   base_python=args.base_python or "python3.12")
+                                   base_python=args.base_python)
     print(python)
     return 0
 

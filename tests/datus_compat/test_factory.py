@@ -19,6 +19,7 @@ from datus.testing.fake_server import FakeProviderServer
 from tests.datus_compat.conftest import KEY, DatusModelConfig, agent_yml
 
 
+@pytest.mark.in_process_only("the model's class is the provider's")
 def test_agentic_node_factory_with_a_node_model_or_none(datus_config: Any) -> None:
     """datus/agent/node/agentic_node.py:81-84: create_model(model_name=<node's model or None>,
     agent_config=...), then context_length()."""
@@ -29,6 +30,7 @@ def test_agentic_node_factory_with_a_node_model_or_none(datus_config: Any) -> No
     assert isinstance(default.context_length(), int) and default.context_length() > 0
 
 
+@pytest.mark.in_process_only("model_config is the provider's entry")
 def test_workflow_node_factory_default_and_empty_name(datus_config: Any) -> None:
     """datus/agent/node/node.py:184-187 (model_name "" from a NodeConfig without a model),
     agent.py:167 (model_name="default"); node.py:161 checks isinstance(model, LLMBaseModel);
@@ -50,6 +52,7 @@ def test_unknown_model_name_is_an_error_naming_the_configured_ones(datus_config:
         LLMBaseModel.create_model(datus_config, "nope")
 
 
+@pytest.mark.in_process_only("model classes built directly")
 @pytest.mark.parametrize(("name", "cls"), [
     ("deepseek", DeepSeekModel), ("deepseek-r1", DeepSeekModel), ("qwen", QwenModel), ("anthropic", ClaudeModel),
     ("openai-4o-mini", OpenAIModel), ("gemini-2.5", GeminiModel),
@@ -67,6 +70,7 @@ def test_model_classes_built_directly_from_datus_model_configs(datus_config: Any
     assert getattr(module, cls.__name__) is cls
 
 
+@pytest.mark.in_process_only("a model class built directly")
 def test_datus_config_subscript_and_base_url(datus_config: Any, server: FakeProviderServer) -> None:
     """tests/test_claude_model.py:25-26 config["anthropic"]; test_other_models.py:41-44,
     :213-216 assert model_config.model/.type/.base_url as configured."""
@@ -75,6 +79,7 @@ def test_datus_config_subscript_and_base_url(datus_config: Any, server: FakeProv
     assert model.model_config.base_url == server.openai_base_url
 
 
+@pytest.mark.in_process_only("a model class built directly")
 def test_an_unset_variable_is_an_error_naming_it_when_that_model_is_built(datus_config: Any) -> None:
     """Datus's loader turns an unset ${VAR} into "<MISSING:VAR>" (agent_config.py:616-628);
     the other models still load (test_other_models.py:201-208 skips Kimi when its key is unset)."""

@@ -51,6 +51,19 @@ from tests.models.agents_shapes import strict_schema
 
 # one model per wire format: OpenAI-style (DeepSeek), Anthropic, Gemini
 PROVIDERS = ["deepseek", "anthropic", "gemini-2.5"]
+# where a queue-backed model (conftest.py: place "queue") differs from the in-process one
+NO_HOOKS = ("openai-agents hooks are not called (queue_model.py ignores hooks=, logging once): no "
+            "on_tool_start/on_tool_end for the worker's tools nor for the caller's own, and nothing a hook raises "
+            "can stop the run")
+SERVER_OBJECT_AS_NAME = ("an MCP server object is sent as its name alone (queue_model._server_names): the fleet's "
+                         "server of that name runs with every tool it has, the object's tool_filter "
+                         "(allowed_tool_names) is not applied, so the hidden list_tables clashes with the function "
+                         "tool of that name and the job fails ('two tools are named 'list_tables''); the object is "
+                         "never connected")
+MCP_TEXT_ONLY = ("an MCP tool step's raw_output is the bare text of the fleet's server (queue-backed, the server "
+                 "object is replaced by the fleet's configured server of that name), not the content item "
+                 "openai-agents gives for the object ('{\"type\": \"text\", \"text\": ...}'), which Datus's CLI "
+                 "screens parse: they show no items")
 ANSWER = json.dumps({"sql": CITY_SQL, "output": "Berlin and Lisbon have 15 customers each."})
 ALL_COORDINATES = {"catalog": None, "database": None, "schema_name": None, "include_views": True}
 
@@ -162,6 +175,7 @@ def test_chat_node_turns_on_one_manager(datus_config: Any, server: FakeProviderS
     assert "How many customers per city?" in said_to_model(server)  # the session's history went along
 
 
+@pytest.mark.queue_xfail(SERVER_OBJECT_AS_NAME)
 def test_gen_sql_node_with_an_mcp_server_object(datus_config: Any, server: FakeProviderServer,
                                                 db_tools: DatusDBTools) -> None:
     """gen_sql_agentic_node.py:513-545 (CP-9b): tools plus mcp_servers={"name": <server object>}
@@ -194,6 +208,59 @@ def test_gen_sql_node_with_an_mcp_server_object(datus_config: Any, server: FakeP
     assert len(sql_mcp.filter_contexts) == 2  # the filter got openai-agents' (run_context, agent) each run
 
 
+def test_gen_sql_node_with_an_mcp_server_object_beside_a_function_tool(datus_config: Any, server: FakeProviderServer,
+                                                                      db_tools: DatusDBTools, place: str) -> None:
+    """gen_sql_agentic_node.py:513-545 (CP-9b) with a server object whose tools no function tool
+    shadows: the shipped SQL server (describe_table, read_query) beside Datus's get_table_ddl
+    function tool, in one run. Queue-backed, the object is named to the fleet, whose agent.yml
+    runs the same server under that name (conftest.fleet_agent_yml): the MCP tools run on the
+    worker, the function tool in the caller; the steps are the in-process ones."""
+    sql_mcp = sql_server_object(db_tools.db, name="sql")
+    tools = [tool for tool in db_tools.available_tools() if tool.name == "get_table_ddl"]
+    server.script.add(
+        Reply(text="Checking the columns.", tool_calls=[Call("describe_table", {"table_name": "customers"})]),
+        Reply(tool_calls=[Call("get_table_ddl", {"table_name": "customers"})]),
+        Reply(tool_calls=[Call("read_query", {"query": CITY_SQL})]),
+        Reply(text=ANSWER),
+    )
+    model = LLMBaseModel.create_model(datus_config)
+    manager = node_manager("customers per city?")
+    steps = asyncio.run(run_stream(model, prompt="customers per city?", tools=tools, mcp_servers={"sql": sql_mcp},
+                                   instruction="Write SQL.", max_turns=30, session=None,
+                                   action_history_manager=manager))
+    assert gen_sql_answer(steps) == ANSWER
+    assert [a.action_type for a in steps] == ["message", "describe_table", "get_table_ddl", "read_query",
+                                              "final_response"]
+    described, ddl, rows = [a for a in steps if a.role == ActionRole.TOOL]
+    assert all(a.status == ActionStatus.SUCCESS for a in (described, ddl, rows))
+    assert isinstance(described.output["raw_output"], str) and "city" in described.output["raw_output"]
+    assert ddl.output["raw_output"]["result"]["definition"].startswith("CREATE TABLE customers")  # the caller's dict
+    assert db_tools.calls and json.loads(db_tools.calls[-1][1]) == {"table_name": "customers"}
+    assert "Berlin" in rows.output["raw_output"] and "15" in rows.output["raw_output"]
+    assert manager.get_actions()[2:] == steps
+    offered = server.requests[0].body["tools"]
+    assert sorted(tool["function"]["name"] for tool in offered) == ["describe_table", "get_table_ddl", "list_tables",
+                                                                    "read_query"]
+    # in-process the object is connected for the run and left clean; the fleet runs its own server of that name
+    assert sql_mcp.kinds() == (["connect", "cleanup"] if place == "in-process" else [])
+
+
+@pytest.mark.queue_xfail(MCP_TEXT_ONLY)
+def test_an_mcp_tool_step_as_the_cli_shows_it(datus_config: Any, server: FakeProviderServer,
+                                              db_tools: DatusDBTools) -> None:
+    """cli/screen/action_display_app.py:226-314: an MCP tool's raw_output is what openai-agents
+    gives for the server object's tool, the content item as JSON text (``{"type": "text", "text":
+    ...}``); the CLI parses it and shows the items of its ``text``."""
+    server.script.add(Reply(tool_calls=[Call("describe_table", {"table_name": "customers"})]), Reply(text=ANSWER))
+    model = LLMBaseModel.create_model(datus_config)
+    steps = asyncio.run(run_stream(model, prompt="columns?", mcp_servers={"sql": sql_server_object(db_tools.db)},
+                                   instruction="Write SQL.", max_turns=5, action_history_manager=node_manager("?")))
+    [described] = [a for a in steps if a.role == ActionRole.TOOL]
+    assert json.loads(described.output["raw_output"])["type"] == "text"
+    assert tool_view(described)["items"]["table"] == "customers"
+
+
+@pytest.mark.queue_xfail(SERVER_OBJECT_AS_NAME)
 def test_web_ui_drives_the_stream_one_step_per_run_until_complete(datus_config: Any, server: FakeProviderServer,
                                                                   db_tools: DatusDBTools) -> None:
     """cli/web/chat_executor.py:64-118: the node's stream wrapped in an async generator and
@@ -268,6 +335,7 @@ def test_web_ui_turn_leaves_no_connection_on_its_closed_loop(datus_config: Any, 
     assert (left_open, destroyed) == (0, [])
 
 
+@pytest.mark.queue_xfail(NO_HOOKS)
 def test_sql_summary_and_semantic_nodes_with_generation_hooks(datus_config: Any, server: FakeProviderServer,
                                                              db_tools: DatusDBTools, tmp_path: Path) -> None:
     """sql_summary_agentic_node.py:424-458 and semantic_agentic_node.py:457-491 (CP-9c/d):
@@ -407,6 +475,7 @@ async def test_reasoning_stream_with_a_list_prompt(datus_config: Any, server: Fa
 # ---------------------------------------------------------------- CP-15: plan mode's hooks
 
 
+@pytest.mark.queue_xfail(NO_HOOKS)
 @pytest.mark.parametrize(("choice", "raised"), [("replan", "REPLAN_REQUIRED"), ("cancel", "User cancelled")])
 @pytest.mark.parametrize("name", ["deepseek", "anthropic"])
 async def test_plan_mode_hooks_stop_the_stream(datus_config: Any, server: FakeProviderServer, db_tools: DatusDBTools,

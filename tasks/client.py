@@ -272,31 +272,45 @@ class JobClient:
     # ---- the caller's own tools (tasks/caller_tools.py) ------------------------------------
 
     def send_tool_result(self, job_id: str, call_id: str, text: str, is_error: bool = False, raw: Any = None) -> bool:
-        """The answer of the caller's tool to call ``call_id`` of job ``job_id`` (a
-        ``caller_tool_request`` step's ``output["call_id"]``): cut like any tool's answer
-        (``DQ_MAX_TOOL_RESULT_CHARS``, else 65,536 characters; marked), stored once per call id in
-        the job's Redis hash (a second answer is ignored: False), then the job is sent again so
-        its next run resumes with it at once. Raises `JobNotFound` for an unknown job."""
+        """One answer (`send_tool_results`); False if the call had one already."""
+        from datus_queue.tasks.caller_tools import CallerToolResult
+
+        return self.send_tool_results(job_id, [CallerToolResult(call_id, text, is_error, raw)])[call_id]
+
+    def send_tool_results(self, job_id: str, results: Iterable[Any]) -> dict[str, bool]:
+        """The answers of the caller's tools (`tasks.caller_tools.CallerToolResult`) to the calls
+        of job ``job_id`` (a ``caller_tool_request`` step's ``output["calls"]``): each cut like any
+        tool's answer (``DQ_MAX_TOOL_RESULT_CHARS``, else 65,536 characters; marked) and stored
+        once per call id in the job's Redis hash (a second answer is ignored: False), then the job
+        is sent again, once, so its next run resumes with them at once. Raises `JobNotFound` for an
+        unknown job."""
         import json
 
-        from datus_queue.tasks.caller_tools import bounded_result
+        from datus_queue.tasks.caller_tools import bounded_result, hash_ttl
 
-        if not isinstance(call_id, str) or not 0 < len(call_id) <= 255:
-            raise InvalidJob("a tool call's id is a string of 1-255 characters")
-        result = bounded_result(text if isinstance(text, str) else str(text), is_error, raw,
-                                self.settings.max_tool_result_chars)
+        answers = list(results)
+        for answer in answers:
+            if not isinstance(answer.call_id, str) or not 0 < len(answer.call_id) <= 255:
+                raise InvalidJob("a tool call's id is a string of 1-255 characters")
         key = keys.job_caller(job_id)
-        stored = bool(self.redis.hsetnx(key, f"result:{call_id}", json.dumps(result, ensure_ascii=False)))
-        self.redis.expire(key, max(int(self.settings.event_ttl_s), int(self.settings.caller_tool_timeout_s * 2) + 60))
+        with self.redis.pipeline(transaction=False) as pipe:
+            for answer in answers:
+                text = answer.text if isinstance(answer.text, str) else str(answer.text)
+                result = bounded_result(text, answer.is_error, answer.raw, self.settings.max_tool_result_chars)
+                pipe.hsetnx(key, f"result:{answer.call_id}", json.dumps(result, ensure_ascii=False))
+            pipe.expire(key, hash_ttl(self.settings))
+            stored = pipe.execute()[:-1]
         self.resume(job_id)
-        return stored
+        return {answer.call_id: bool(done) for answer, done in zip(answers, stored, strict=True)}
 
     def caller_heartbeat(self, job_id: str) -> None:
-        """The caller is alive and still running one of its tools for ``job_id``: the job waits
-        ``DQ_CALLER_TOOL_TIMEOUT_S`` from now before it counts the caller as gone."""
-        key = keys.job_caller(job_id)
-        self.redis.hset(key, "beat", repr(time.time()))
-        self.redis.expire(key, max(int(self.settings.event_ttl_s), int(self.settings.caller_tool_timeout_s * 2) + 60))
+        """The caller of ``job_id`` is alive. A caller that follows a job with caller tools calls
+        this every sixth of ``DQ_CALLER_LIVENESS_S`` (`tasks.caller_tools.beat_interval`), from
+        before the submit: once it has beaten, a wait with no beat for that long fails the job
+        (``caller_gone``)."""
+        from datus_queue.tasks.caller_tools import heartbeat
+
+        heartbeat(self.redis, job_id, self.settings)
 
     def resume(self, job_id: str) -> bool:
         """Send a job that waits (``retrying``) again now, as its next run; True if it was sent.

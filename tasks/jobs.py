@@ -52,7 +52,7 @@ from datus.models.retry import RetryPolicy, is_rate_limited
 from datus.models.usage import Usage, track_usage
 from datus.schemas.action_history import ActionHistory, ActionRole, ActionStatus
 from datus_queue.tasks import keys
-from datus_queue.tasks.caller_tools import REQUEST_STEP, CallerGone, CallerToolWait
+from datus_queue.tasks.caller_tools import REQUEST_STEP, CallerGone, CallerToolTimeout, CallerToolWait, mark_sent
 from datus_queue.tasks.checkpoints import RunSuperseded
 from datus_queue.tasks.context import JobContext, get_context
 from datus_queue.tasks.databases import database_refusal
@@ -173,7 +173,7 @@ async def _fail(ctx: JobContext, job_id: str, error: JobError, run: int) -> Fini
 
 
 _CODES = {RateLimitWaitExceeded: "rate_limit_wait_exceeded", DeadlineExceeded: "deadline_exceeded",
-          CallerGone: "caller_gone"}
+          CallerGone: "caller_gone", CallerToolTimeout: "caller_tool_timeout"}
 
 
 def job_error(exc: BaseException) -> JobError:
@@ -387,22 +387,26 @@ async def _deferred(ctx: JobContext, job_id: str, stored: StoredJob, run: int, d
 
 
 async def _caller_wait(ctx: JobContext, job_id: str, stored: StoredJob, run: int, wait: CallerToolWait) -> Outcome:
-    """The model called one of the caller's own tools (`tasks.caller_tools`): the job is handed
-    back, holding no slot, until the caller's answer re-sends it (`JobClient.send_tool_result`)
-    or the wait is over (the caller is then gone, and the next run fails it). Marked retrying
-    *before* the request is published, so the caller's re-send always finds the job waiting. Not
-    an attempt: no model request was made."""
+    """The model called the caller's own tools (`tasks.caller_tools`): the job is handed back,
+    holding no slot, until the caller's answers re-send it (`JobClient.send_tool_results`) or
+    the wait's bound is due (then the next run looks again: the caller still beating, it waits
+    on; gone, past its tool's bound or the job's deadline, the job fails). Marked retrying
+    *before* the request is published, so the caller's re-send always finds the job waiting.
+    Counted in ``caller_waits``, not as an attempt: no model request was made. The turn's calls
+    not requested yet go out in one step; a later look publishes nothing."""
     countdown = min(max(wait.wait_s, 0.0) + COME_BACK_MARGIN_S, retry_ceiling(ctx.settings))
     error = JobError(code="caller_tool_wait", type="CallerToolWait", message=str(wait), provider=stored.provider,
                      retryable=True)
     if not await ctx.store.amark_retrying(job_id, run, error, countdown, caller_waits=stored.caller_waits + 1):
         return Dropped(DropReason.FINAL)  # cancelled meanwhile: do not come back
-    await ctx.publisher.publish(job_id, ActionHistory.create_action(
-        ActionRole.WORKFLOW, REQUEST_STEP, f"the caller runs its tool {wait.name}", None,
-        {"call_id": wait.call_id, "name": wait.name, "arguments": wait.arguments, "timeout_s": wait.timeout_s,
-         "run": run}, ActionStatus.PROCESSING))
-    logger.info("job %s: waiting for the caller's tool %s (call %s); back in %.2fs at the latest", job_id, wait.name,
-                wait.call_id, countdown)
+    unsent = [call for call in wait.calls if not call.sent]
+    if unsent:
+        await ctx.publisher.publish(job_id, ActionHistory.create_action(
+            ActionRole.WORKFLOW, REQUEST_STEP, f"the caller runs its tool(s) {', '.join(c.name for c in unsent)}",
+            None, {"calls": [call.asked() for call in unsent], "timeout_s": ctx.settings.caller_tool_timeout_s,
+                   "liveness_s": ctx.settings.caller_liveness_s, "run": run}, ActionStatus.PROCESSING))
+        await mark_sent(ctx, job_id, unsent)
+    logger.info("job %s: %s; back in %.2fs at the latest", job_id, wait, countdown)
     return Retry(countdown, error)
 
 

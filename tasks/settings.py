@@ -53,10 +53,17 @@ class Settings(BaseSettings):
         default=None, gt=0, description="caps a tool's answer (characters) on its way into the model's context "
                                         "for every job, below the model config's max_tool_result_chars "
                                         "(default 65,536); unset: the model config's")
+    # the caller's own tools (tasks/caller_tools.py): a live caller's tool may take this long; a
+    # dead caller is noticed within about the liveness window
     caller_tool_timeout_s: float = Field(
-        default=300.0, gt=0, description="how long a tool run waits for the caller to answer a call of one of its own "
-                                         "tools (caller_tools), from the request or the caller's last heartbeat; "
-                                         "then the job fails with 'caller_gone' (tasks/caller_tools.py)")
+        default=300.0, gt=0, description="how long a call of one of the caller's own tools (caller_tools) may take, "
+                                         "from the request to the answer, while the caller is alive; then the job "
+                                         "fails with 'caller_tool_timeout' (tasks/caller_tools.py)")
+    caller_liveness_s: float = Field(
+        default=30.0, gt=0, description="a caller that follows a job with caller_tools beats a heartbeat every sixth "
+                                        "of this; a waiting job whose caller has not beaten for this long fails "
+                                        "with 'caller_gone' (the caller died or lost Redis). Workers and callers "
+                                        "should share it")
     dead_letter_threshold: int = Field(default=5, gt=0, description="deliveries (not retries) before dead-lettering")
     result_expires_s: int = Field(default=86_400, gt=0)
     worker_concurrency: int = Field(default=200, gt=0, description="jobs in flight per worker process")

@@ -36,12 +36,13 @@ How each call maps onto a job:
 
 The caller's own tools (``tools=``: Python functions, openai-agents ``FunctionTool`` objects) run
 here, in the caller: the job carries their declarations (``caller_tools``: name, description,
-JSON schema), the model is offered them next to the MCP tools, and when it calls one the job
-hands the call back (a ``caller_tool_request`` step; the job holds no worker slot meanwhile,
-`datus_queue.tasks.caller_tools`). This model runs the tool, with a heartbeat while it runs,
-and sends the answer with `JobClient.send_tool_result` (capped like any tool result, stored once
-per call id), which sends the job on. A tool that raises answers the model with the error, as
-in-process.
+JSON schema), the model is offered them next to the MCP tools, and when it calls them the job
+hands the turn's calls back together (one ``caller_tool_request`` step; the job holds no worker
+slot meanwhile, `datus_queue.tasks.caller_tools`). This model runs them (concurrently) and sends
+the answers with `JobClient.send_tool_results` (capped like any tool result, stored once per call
+id), which sends the job on. A tool that raises answers the model with the error, as in-process.
+While it follows such a job this model beats a heartbeat (every sixth of
+``DQ_CALLER_LIVENESS_S``), so a caller that dies is noticed within that window (``caller_gone``).
 
 Not carried over (yet): openai-agents ``hooks``
 (ignored, logged once), reasoning text of a plain ``generate`` (the job stores the answer's text),
@@ -97,6 +98,7 @@ _JOB_CODES: dict[str, type[ModelError]] = {
     "invalid_message": BadRequestError,
     "invalid_payload": BadRequestError,
     "caller_gone": ModelTimeoutError,
+    "caller_tool_timeout": ModelTimeoutError,
 }
 # the steps a live tool run publishes that the in-process model does not yield without live_steps
 _LIVE_ONLY = frozenset({"user_input", "assistant_delta", "error", "resumed", "retry", "rate_limit_wait", "cancelled",
@@ -331,18 +333,31 @@ class QueueModel(LLMBaseModel):
         except Exception as exc:  # noqa: BLE001 - the caller is leaving; say so, do not mask why
             logger.warning("could not cancel job %s: %s: %s", job_id, type(exc).__name__, exc)
 
-    async def _job(self, request: dict[str, Any], end: _End) -> AsyncIterator[Any]:
+    async def _job(self, request: dict[str, Any], end: _End, beat: bool = False) -> AsyncIterator[Any]:
         """Submit a job and yield its steps (``ActionHistory``) as they are published, all but
         the terminal one, which goes into ``end`` with the job's status; the job is cancelled if
-        this generator is closed or cancelled before the job is final."""
+        this generator is closed or cancelled before the job is final. ``beat`` (a job with
+        caller tools): this caller's heartbeat goes with the job from before its submit to its
+        end, so a waiting job notices within ``DQ_CALLER_LIVENESS_S`` that the caller died."""
         from datus.schemas.action_history import ActionHistory
         from datus_queue.tasks.events import afollow
 
         job_id = uuid.uuid4().hex
-        await self._submit(request, job_id)
+        client = self._job_client()
+        beating = None
+        if beat:
+            from datus_queue.tasks.caller_tools import heartbeat
+
+            await heartbeat(self._client(), job_id, client.settings)  # alive before the job can ask anything
+            beating = asyncio.ensure_future(self._heartbeat(job_id))
+        try:
+            await self._submit(request, job_id)
+        except BaseException:
+            if beating is not None:
+                beating.cancel()
+            raise
         end.job_id = job_id
         self.recent_jobs.append(job_id)
-        client = self._job_client()
         final = False
         try:
             async with contextlib.aclosing(afollow(
@@ -358,8 +373,23 @@ class QueueModel(LLMBaseModel):
                 end.result = await asyncio.to_thread(client.get, job_id)  # the store has it whole
                 final = end.result.final
         finally:
+            if beating is not None:
+                beating.cancel()
             if not final:
                 self._cancel(job_id)
+
+    async def _heartbeat(self, job_id: str) -> None:
+        """Beat for ``job_id`` until cancelled (`tasks.caller_tools.heartbeat`); a beat that fails
+        (Redis away a moment) is tried again at the next one."""
+        from datus_queue.tasks.caller_tools import beat_interval, heartbeat
+
+        settings = self._job_client().settings
+        while True:
+            await asyncio.sleep(beat_interval(settings))
+            try:
+                await heartbeat(self._client(), job_id, settings)
+            except Exception as exc:  # noqa: BLE001 - the next beat may get through; the window allows a few
+                logger.debug("heartbeat of job %s failed: %s: %s", job_id, type(exc).__name__, exc)
 
     async def _run(self, request: dict[str, Any]) -> tuple[_End, Any]:
         """A job to its end: (its end, the output); raises the job's error."""
@@ -567,10 +597,10 @@ class QueueModel(LLMBaseModel):
             request["session_id"] = session_id
         seen: list[Any] = []
         answered: set[str] = set()
-        async with contextlib.aclosing(self._job(request, end)) as steps:
+        async with contextlib.aclosing(self._job(request, end, beat=bool(local_tools))) as steps:
             async for step in steps:
                 if step.action_type == "caller_tool_request" and isinstance(step.output, dict):
-                    await self._run_caller_tool(end.job_id, step.output, local_tools, answered)
+                    await self._run_caller_tools(end.job_id, step.output, local_tools, answered)
                 if not live_steps and not _in_process_step(step):
                     continue
                 if step.action_type not in _LIVE_ONLY:
@@ -605,53 +635,52 @@ class QueueModel(LLMBaseModel):
         yield final
 
 
-    async def _run_caller_tool(self, job_id: str | None, asked: Mapping[str, Any], tools: Mapping[str, Any],
-                               answered: set[str]) -> None:
-        """Run the caller's tool the job asks for, once per call id, and send its answer back
-        (which sends the job on). A call asked again (the job came back before it read the
-        answer) is only sent on again."""
+    async def _run_caller_tools(self, job_id: str | None, asked: Mapping[str, Any], tools: Mapping[str, Any],
+                                answered: set[str]) -> None:
+        """Run the calls of the caller's tools the job asks for (a turn's calls together,
+        concurrently), each once per call id, and send their answers back in one go (which
+        sends the job on). Calls asked again (the job came back before it read the answers)
+        are only sent on again."""
+        from datus_queue.tasks.caller_tools import CallerToolResult
+
+        calls = [call for call in asked.get("calls") or [] if isinstance(call, Mapping) and call.get("call_id")]
+        if not job_id or not calls:
+            return
+        client = self._job_client()
+        new = [call for call in calls if str(call["call_id"]) not in answered]
+        if not new:
+            await asyncio.to_thread(client.resume, job_id)
+            return
+        answered.update(str(call["call_id"]) for call in new)
+        results = await asyncio.gather(*(self._caller_tool(call, tools) for call in new))
+        await asyncio.to_thread(client.send_tool_results, job_id,
+                                [CallerToolResult(str(call["call_id"]), *result) for call, result in zip(new, results)])
+
+    @staticmethod
+    async def _caller_tool(asked: Mapping[str, Any], tools: Mapping[str, Any]) -> tuple[str, bool, Any]:
+        """One call of the caller's tools: (text, is_error, raw JSON value or None)."""
         import json
 
         from pydantic_core import to_jsonable_python
 
         from datus.models.function_tools import ToolContext, ToolOutcome
 
-        client = self._job_client()
-        call_id, name = str(asked.get("call_id") or ""), str(asked.get("name") or "")
-        if not job_id or not call_id:
-            return
-        if call_id in answered:
-            await asyncio.to_thread(client.resume, job_id)
-            return
-        answered.add(call_id)
+        call_id, name = str(asked.get("call_id")), str(asked.get("name") or "")
         arguments = asked.get("arguments") if isinstance(asked.get("arguments"), dict) else {}
         tool = tools.get(name)
         if tool is None:
             outcome = ToolOutcome(f"there is no tool named {name!r}; available: {', '.join(tools) or 'none'}",
                                   is_error=True)
         else:
-            beat = asyncio.ensure_future(self._heartbeat(client, job_id))
             try:
                 outcome = await tool.call(arguments, ToolContext(name, call_id, json.dumps(arguments)))
             except Exception as exc:  # noqa: BLE001 - a tool's failure is an answer for the model, as in-process
                 outcome = ToolOutcome(f"{type(exc).__name__}: {exc}", is_error=True)
-            finally:
-                beat.cancel()
-                with contextlib.suppress(BaseException):
-                    await beat
         try:
             raw = None if outcome.raw is None else to_jsonable_python(outcome.raw, fallback=str)
         except Exception:  # noqa: BLE001 - not JSON: the text is all the job gets
             raw = None
-        await asyncio.to_thread(client.send_tool_result, job_id, call_id, outcome.text, outcome.is_error, raw)
-
-    async def _heartbeat(self, client: Any, job_id: str) -> None:
-        """While the caller's tool runs: the job does not count the caller as gone."""
-        interval = max(0.5, min(float(client.settings.caller_tool_timeout_s) / 3, 10.0))
-        while True:
-            with contextlib.suppress(Exception):
-                await asyncio.to_thread(client.caller_heartbeat, job_id)
-            await asyncio.sleep(interval)
+        return outcome.text, outcome.is_error, raw
 
 
 class _End:

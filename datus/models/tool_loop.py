@@ -45,7 +45,10 @@ announced (``journal.starting``) before it is made; a run on a journal that alre
 steps replays them — yielding their steps again, with the same action ids, but asking no
 model, calling no tool and no hook — then goes on. A tool call an earlier run had started is
 made again and its result says ``resumed: true``. A tool server that dies mid-call is then a
-retryable `ToolServerLostError` (the run is resumed later) instead of a failed result.
+retryable `ToolServerLostError` (the run is resumed later) instead of a failed result. A tool
+whose answer comes from elsewhere (the job system's caller tools) may stop the run with an
+exception that ``suspends_run``; one that can also ``merge`` has the turn's later calls of such
+tools asked first, so one stop hands out all the calls of the turn.
 """
 
 from __future__ import annotations
@@ -280,9 +283,20 @@ class ToolRun:
                         said.action_id = self._id(f"t{turn}m")
                         said.end_time = said.start_time
                         yield self._record(said)
+                    suspended: BaseException | None = None
                     for index, call in enumerate(generation.tool_calls):
-                        async for step in self._run_tool(turn, index, call):
-                            yield step
+                        if suspended is not None:  # the run stops after this turn: gather what else it waits for
+                            suspended = await self._ask_ahead(turn, index, call, suspended)
+                            continue
+                        try:
+                            async for step in self._run_tool(turn, index, call):
+                                yield step
+                        except Exception as exc:
+                            if not callable(getattr(exc, "merge", None)):
+                                raise
+                            suspended = exc
+                    if suspended is not None:
+                        raise suspended
                     continue
                 content, problem = self._final_content(generation.text)
                 if problem is not None and turn < self.max_turns:
@@ -382,6 +396,31 @@ class ToolRun:
                                        action=_json_safe(finished)))
         yield finished
         self._append(message)
+
+    async def _ask_ahead(self, turn: int, index: int, call: ToolCall, suspended: BaseException) -> BaseException:
+        """A later call of a turn whose run stops at an earlier call that waits for an answer from
+        elsewhere (an exception that ``suspends_run`` and can ``merge``: the job system's caller
+        tools). A call of such a tool (``answers_once``) is asked now, so one hand-back carries
+        all the turn's calls; its wait merges into ``suspended``. It records nothing: the next
+        run makes each call in order (an answer already there is read then), other tools included."""
+        tool = self.tools.get(call.name)
+        merge = getattr(suspended, "merge", None)
+        if tool is None or not getattr(tool, "answers_once", False) or not callable(merge):
+            return suspended
+        try:
+            arguments = call.parsed_arguments()
+        except ValueError:
+            return suspended  # answered as a failed call when the run comes to it
+        token = CURRENT_CALL.set(self._id(f"t{turn}c{index}"))
+        try:
+            await tool.call(arguments, self.hooks.run_context.for_call(call.name, call.id, call.arguments))
+        except Exception as exc:  # noqa: BLE001 - sorted below: a stop merges, a failure waits its turn
+            if not getattr(exc, "suspends_run", False):
+                return suspended  # the tool's own failure: the run meets it when it comes to the call
+            return merge(exc)
+        finally:
+            CURRENT_CALL.reset(token)
+        return suspended
 
     async def _call_tool(self, tool: Tool, call: ToolCall, arguments: dict[str, Any], action_id: str) -> ToolOutcome:
         """Run one tool between its hooks. The tool's own failures become a failed outcome; what

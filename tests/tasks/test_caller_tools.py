@@ -9,10 +9,14 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import subprocess
+import sys
 import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -108,8 +112,10 @@ def test_a_caller_tool_that_returns_and_one_that_raises_are_the_in_process_runs(
     assert result.status is JobStatus.SUCCEEDED
     # handing the job back to wait for the caller is not an attempt: the run counts as one, as uninterrupted
     assert result.attempts == 1
-    steps = [step.action_type for step in client.stream(job_id)]
-    assert steps.count("caller_tool_request") == 2
+    requests = [step for step in client.stream(job_id) if step.action_type == "caller_tool_request"]
+    # the turn's two calls went to the caller together: one request, one hand-back, its own count
+    assert len(requests) == 1 and [call["name"] for call in requests[0].output["calls"]] == ["lookup", "broken"]
+    assert (result.caller_waits, result.rate_limit_waits) == (1, 0)
 
 
 def test_a_slow_caller_tool_holds_no_worker_slot(
@@ -173,37 +179,143 @@ def test_a_huge_caller_tool_answer_is_bounded_like_any_tool_result(
     assert all(len(value) < 70_000 for value in stored.values())  # the answer was cut before it was stored
 
 
-def test_a_caller_that_went_away_fails_the_job_caller_gone(
-        caller: AgentConfig, worker: StartWorker, fake: FakeProviderServer, client: JobClient) -> None:
-    # shortened from the 300 s default so the test waits seconds: the worker counts the caller
-    # gone once neither its request nor the caller's last heartbeat is younger than this
+def test_a_caller_tool_past_its_bound_fails_the_job_while_the_caller_lives(
+        job_env: JobEnv, caller: AgentConfig, worker: StartWorker, fake: FakeProviderServer,
+        client: JobClient) -> None:
+    # DQ_CALLER_TOOL_TIMEOUT_S shortened from its 300 s default so the test waits seconds, not
+    # minutes: it bounds one tool's run while the caller is alive (beating all along here)
     worker("openai", env={"DQ_CALLER_TOOL_TIMEOUT_S": "2"})
     fake.script.add(Reply(tool_calls=[ScriptedToolCall("lookup", {"key": "k"}, id="g1")]), Reply(text="never"),
-                    match="cq-gone")
-    # a caller that declared its tool, saw the request, beat once and died (nothing answers)
-    job_id = client.submit({"model": "openai", "kind": "tool_run", "prompt": "cq-gone: go",
-                            "caller_tools": [{"name": "lookup", "description": "d",
-                                              "parameters": {"type": "object", "properties": {}}}]})
-    asked = None
-    for step in client.stream(job_id, timeout=30):
-        if step.action_type == "caller_tool_request":
-            asked = step
-            client.caller_heartbeat(job_id)
-        if step.action_type in ("final_response", "error") or step.status == "failed":
-            break
-    assert asked is not None and asked.output["name"] == "lookup"
-    result = client.result(job_id, timeout=30)
+                    match="cq-bound")
+    ran: Counter[str] = Counter()
+
+    def lookup(key: str) -> str:
+        """A lookup that outlives the bound: it returns once the job has failed."""
+        ran[key] += 1
+        wait_for(lambda: client.get(queued.recent_jobs[-1]).final, 60, "the job to give up on the tool")
+        return "too late"
+
+    queued = LLMBaseModel.create_model(caller, "fleet")
+    with pytest.raises(ModelTimeoutError) as raised:
+        asyncio.run(queued.generate_with_tools("cq-bound: go", tools=[lookup]))
+    assert raised.value.details["job_error_code"] == "caller_tool_timeout"
+    result = client.get(queued.recent_jobs[-1])
     assert result.status is JobStatus.FAILED and result.error is not None
-    assert result.error.code == "caller_gone" and "DQ_CALLER_TOOL_TIMEOUT_S" in result.error.message
-    assert len(generations(fake, "cq-gone")) == 1  # no second turn
+    assert result.error.code == "caller_tool_timeout" and "DQ_CALLER_TOOL_TIMEOUT_S" in result.error.message
+    assert ran == Counter(k=1) and len(generations(fake, "cq-bound")) == 1  # no second turn
+    # the caller beat all along: while it lives, only the tool's own bound ends the wait
+    assert client.redis.hget(keys.job_caller(result.job_id), "beat") is not None
 
-    # through a queue model the caller sees it as a timeout, with the job's code
-    from datus.models.queue_model import QueueModel
 
-    model = LLMBaseModel.create_model(caller, "fleet")
-    assert isinstance(model, QueueModel)
-    error = model._error(job_id, JobStatus.FAILED, result.error.model_dump(), None)
-    assert isinstance(error, ModelTimeoutError) and error.details["job_error_code"] == "caller_gone"
+CALLER_SCRIPT = """
+import asyncio, sys, time
+from datus.models.base import LLMBaseModel
+from datus.models.config import AgentConfig
+
+config = AgentConfig.from_dict({"agent": {"models": {"fleet": {"type": "queue", "model": "openai"}}}})
+model = LLMBaseModel.create_model(config, "fleet")
+
+def inventory(sku: str) -> str:
+    \"\"\"Count the stock of a SKU in the caller's own warehouse (slow).\"\"\"
+    print(model.recent_jobs[-1], flush=True)  # the tool runs: the test may kill this caller now
+    time.sleep(3600)
+    return "never"
+
+asyncio.run(model.generate_with_tools("cq-dies: how many?", tools=[inventory]))
+"""
+
+
+def test_a_caller_killed_mid_wait_fails_the_job_caller_gone_with_default_settings(
+        job_env: JobEnv, worker: StartWorker, fake: FakeProviderServer, client: JobClient) -> None:
+    """Every setting at its default: the caller's heartbeat, not the 300 s tool bound, is what
+    notices it died."""
+    worker("openai")
+    fake.script.add(Reply(tool_calls=[ScriptedToolCall("inventory", {"sku": "A-1"}, id="i1")]),
+                    Reply(text="never"), match="cq-dies")
+    env = {**os.environ, "DQ_REDIS_URL": job_env.redis_url, "DQ_DATABASE_URL": job_env.database_url,
+           "DQ_CONFIG": str(job_env.agent_yml)}
+    env = {name: value for name, value in env.items() if not name.startswith("DQ_CALLER")}
+    process = subprocess.Popen([sys.executable, "-c", CALLER_SCRIPT], env=env, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    try:
+        line = process.stdout.readline() if process.stdout else ""
+        assert line.strip(), f"the caller's tool never ran: {process.stderr.read() if process.stderr else ''}"
+        job_id = line.strip()
+        assert client.get(job_id).status is JobStatus.RETRYING  # waiting for the caller, in no worker's hands
+    finally:
+        process.kill()  # SIGKILL: no cancel, no goodbye; its heartbeat just stops
+        process.communicate(timeout=30)
+    result = client.result(job_id, timeout=120)
+    assert result.status is JobStatus.FAILED and result.error is not None
+    assert result.error.code == "caller_gone", result.error
+    assert "no heartbeat" in result.error.message and "DQ_CALLER_LIVENESS_S=30" in result.error.message
+    assert len(generations(fake, "cq-dies")) == 1  # the model was not asked again
+    assert result.attempts == 1 and result.caller_waits >= 1
+
+
+def test_a_turns_caller_calls_go_to_the_caller_in_one_round_trip_and_each_runs_once(
+        caller: AgentConfig, worker: StartWorker, fake: FakeProviderServer, client: JobClient) -> None:
+    worker("openai")
+    together = threading.Barrier(3, timeout=30)  # passes only if the three calls run at the same time
+    ran: Counter[str] = Counter()
+
+    def make(name: str) -> Any:
+        def tool(key: str) -> str:
+            together.wait()
+            ran[name] += 1
+            return f"{name}:{key}"
+        tool.__name__, tool.__doc__ = name, f"Look {name} up."
+        return tool
+
+    # caller, MCP (the fleet's shop server), caller, caller: all in one model turn
+    fake.script.add(Reply(tool_calls=[ScriptedToolCall("alpha", {"key": "1"}, id="m1"),
+                                      ScriptedToolCall("list_tables", {}, id="m2"),
+                                      ScriptedToolCall("beta", {"key": "2"}, id="m3"),
+                                      ScriptedToolCall("gamma", {"key": "3"}, id="m4")]),
+                    Reply(text="all four"), match="cq-many")
+    queued = LLMBaseModel.create_model(caller, "fleet")
+    result = asyncio.run(queued.generate_with_tools("cq-many: go", mcp_servers=["shop"],
+                                                    tools=[make("alpha"), make("beta"), make("gamma")]))
+    assert result["content"] == "all four"
+    assert ran == Counter(alpha=1, beta=1, gamma=1)  # concurrently (the barrier), once each
+    answers = [m["content"] for m in tool_messages(fake, "cq-many")]
+    assert answers[0] == "alpha:1" and answers[2:] == ["beta:2", "gamma:3"] and "orders" in answers[1]
+    assert turn_one_requests(fake, "cq-many") == 1
+    job_id = queued.recent_jobs[-1]
+    requests = [step for step in client.stream(job_id) if step.action_type == "caller_tool_request"]
+    assert len(requests) == 1
+    calls = requests[0].output["calls"]
+    assert [call["name"] for call in calls] == ["alpha", "beta", "gamma"] and len({c["call_id"] for c in calls}) == 3
+    done = client.get(job_id)
+    assert (done.status, done.attempts, done.caller_waits) == (JobStatus.SUCCEEDED, 1, 1)  # one re-send
+
+
+def test_a_caller_wait_ends_at_the_jobs_deadline(
+        worker: StartWorker, fake: FakeProviderServer, client: JobClient) -> None:
+    worker("openai")
+    fake.script.add(Reply(tool_calls=[ScriptedToolCall("lookup", {"key": "k"}, id="d1")]), Reply(text="never"),
+                    match="cq-deadline")
+    deadline = datetime.now(UTC) + timedelta(seconds=5)
+    job_id = client.submit({"model": "openai", "kind": "tool_run", "prompt": "cq-deadline: go",
+                            "deadline": deadline.isoformat(), "caller_tools": [{"name": "lookup"}]})
+    stop = threading.Event()
+
+    def alive() -> None:  # a live caller that never answers: neither liveness nor the tool bound ends the wait
+        while not stop.wait(0.5):
+            client.caller_heartbeat(job_id)
+
+    client.caller_heartbeat(job_id)
+    beating = threading.Thread(target=alive, daemon=True)
+    beating.start()
+    try:
+        result = client.result(job_id, timeout=60)
+    finally:
+        stop.set()
+        beating.join(5)
+    assert result.status is JobStatus.FAILED and result.error is not None
+    assert result.error.code == "deadline_exceeded" and "waited for the caller" in result.error.message
+    assert "caller_tool_request" in [step.action_type for step in client.stream(job_id)]
+    assert len(generations(fake, "cq-deadline")) == 1
 
 
 def test_a_worker_killed_while_the_callers_tool_runs_the_tool_runs_once_and_the_job_finishes(

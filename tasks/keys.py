@@ -54,8 +54,9 @@ def job_cancel(job_id: str) -> str:
 
 def job_caller(job_id: str) -> str:
     """A hash of the job's calls of the caller's own tools (tasks/caller_tools.py): per call id,
-    when the worker first asked (``asked:ID``) and the caller's result, stored once
-    (``result:ID``); and the caller's last heartbeat (``beat``). Expiring."""
+    when the worker first asked (``asked:ID``), whether a request step carried it (``sent:ID``)
+    and the caller's result, stored once (``result:ID``); and the caller's last heartbeat
+    (``beat``; times on Redis's clock). Expiring."""
     return f"{PREFIX}:job:{job_id}:caller"
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field
 
-__all__ = ["PRICES", "Pricing", "cost_usd", "find_pricing"]
+__all__ = ["BATCH_DISCOUNTS", "PRICES", "Pricing", "batch_pricing", "cost_usd", "find_pricing"]
 
 
 class Pricing(BaseModel):
@@ -79,6 +79,21 @@ PRICES: dict[str, dict[str, Pricing]] = {
     },
     "fake": {"": _p(1.00, 2.00, 0.10, 1.25)},  # so the demo and tests show real arithmetic
 }
+
+
+# provider -> the share of the online price its batch API charges, every token kind alike (cache
+# reads and writes included), as each provider documents it: OpenAI's Batch API ("50% discount"),
+# Anthropic's Message Batches ("50% of standard API prices", stacking with prompt caching), Gemini's
+# batch mode (50 %), DashScope's batch inference for Qwen (50 % of real-time). DeepSeek has no batch API.
+BATCH_DISCOUNTS: dict[str, float] = {"openai": 0.5, "claude": 0.5, "gemini": 0.5, "qwen": 0.5}
+
+
+def batch_pricing(provider: str, pricing: Pricing | None) -> Pricing | None:
+    """``pricing`` at ``provider``'s batch rates; None when either is unknown."""
+    share = BATCH_DISCOUNTS.get(provider)
+    if pricing is None or share is None:
+        return None
+    return Pricing(**{name: None if rate is None else rate * share for name, rate in pricing.model_dump().items()})
 
 
 def find_pricing(provider: str, model: str) -> Pricing | None:

@@ -27,6 +27,8 @@ class BatchStats:
     input_tokens: int = 0
     output_tokens: int = 0
     cost_usd: float = 0.0
+    online_cost_usd: float = 0.0  # what the same tokens cost online (= cost_usd for online items)
+    via_batch_api: int = 0  # items answered by a provider batch
     errors: Counter[str] = field(default_factory=Counter)
     latencies_ms: list[float] = field(default_factory=list)
     bad_rows: list[Any] = field(default_factory=list)
@@ -50,6 +52,11 @@ class BatchStats:
         self.input_tokens += int(usage.get("input_tokens", 0) or 0)
         self.output_tokens += int(usage.get("output_tokens", 0) or 0)
         self.cost_usd += float(record.get("cost_usd") or 0.0)
+        if record.get("via") == "batch-api":
+            self.via_batch_api += 1
+            self.online_cost_usd += float(record.get("online_cost_usd") or 0.0)
+        else:
+            self.online_cost_usd += float(record.get("cost_usd") or 0.0)
         if record.get("latency_ms") is not None:
             self.latencies_ms.append(float(record["latency_ms"]))
 
@@ -79,6 +86,10 @@ class BatchStats:
         table.add_row("errors by code", ", ".join(f"{code} {n}" for code, n in self.errors.most_common()) or "none")
         table.add_row("tokens in / out", f"{self.input_tokens:,} / {self.output_tokens:,}")
         table.add_row("cost", f"${self.cost_usd:.4f}")
+        if self.via_batch_api:
+            saved = self.online_cost_usd - self.cost_usd
+            table.add_row("cost online (same tokens)", f"${self.online_cost_usd:.4f}  (saved ${saved:.4f}, "
+                          f"{self.via_batch_api} item(s) by batch API)")
         p50, p95 = self.percentile(0.5), self.percentile(0.95)
         table.add_row("latency p50 / p95", f"{p50 / 1000:.2f} s / {p95 / 1000:.2f} s" if p50 is not None else "-")
         elapsed = time.monotonic() - self.started
@@ -102,12 +113,13 @@ class ProgressView:
             TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
             TextColumn("[red]{task.fields[failed]} failed[/red]"), TextColumn("{task.fields[rate]}"),
             TextColumn("{task.fields[tokens]} tok"), TextColumn("${task.fields[cost]}"),
+            TextColumn("{task.fields[provider]}"),
             TimeElapsedColumn(), TimeRemainingColumn(), console=self.console, transient=False,
             disable=not self.console.is_terminal,
         )
         self.progress.start()
         self.task = self.progress.add_task("batch", total=total, completed=done_before, failed=0, rate="",
-                                           tokens=0, cost="0.0000")
+                                           tokens=0, cost="0.0000", provider="")
 
     def advance(self, stats: BatchStats) -> None:
         if self.progress is None:
@@ -119,6 +131,14 @@ class ProgressView:
     def idle(self, stats: BatchStats) -> None:
         if self.progress is not None:
             self.progress.refresh()
+
+    def provider_progress(self, done: int | None, total: int, batches: int) -> None:
+        """The provider's own count of answered requests in the open provider batches (None:
+        the provider does not report it)."""
+        if self.progress is None:
+            return
+        said = f"{done}/{total}" if done is not None else "not reported by the provider"
+        self.progress.update(self.task, provider=f"provider: {said} in {batches} batch(es)")
 
     def bad_row(self, row: Any) -> None:
         self.console.print(f"[yellow]skipped line {row.line}:[/yellow] {row.reason}")

@@ -21,12 +21,13 @@ import json
 import signal
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from itertools import islice
 from pathlib import Path
 from typing import Any
 
 from datus_queue.tasks.batch.input import Question, iter_questions
+from datus_queue.tasks.batch.provider_batches import ProviderBatchOptions
 from datus_queue.tasks.batch.report import BatchStats, ProgressView
 from datus_queue.tasks.batch.scoring import schema_text, score_item
 from datus_queue.tasks.client import InvalidJob, JobClient
@@ -70,6 +71,8 @@ class BatchOptions:
     poll_s: float = 0.2
     name: str | None = None
     run_id: str | None = None  # makes this run a batch of its own (a scheduled slot); the same id resumes it
+    via: str = "online"  # online (a job per item) | batch-api (the provider's batch API: tasks/batch/provider_batches.py)
+    api: ProviderBatchOptions = field(default_factory=lambda: ProviderBatchOptions())
 
 
 def template_for(options: BatchOptions) -> str:
@@ -108,6 +111,14 @@ class BatchRunner:
     def __init__(self, client: JobClient, options: BatchOptions, view: ProgressView | None = None) -> None:
         if options.mode not in ("generate", "tool_run"):
             raise ValueError(f"--mode must be generate or tool_run, not {options.mode!r}")
+        if options.via not in ("online", "batch-api"):
+            raise ValueError(f"--via must be online or batch-api, not {options.via!r}")
+        if options.via == "batch-api" and options.mode != "generate":
+            raise InvalidJob("--via batch-api runs --mode generate only (a tool run is many turns, each waiting "
+                             "on the last: not one batch request)")
+        if options.via == "batch-api" and options.budget_usd is not None:
+            raise InvalidJob("--budget-usd is not enforced with --via batch-api yet (a provider batch is paid "
+                             "as a whole): leave one of them out")
         if options.mode == "tool_run" and not options.tools and not options.db_url:
             raise InvalidJob("--mode tool_run needs --db (the workers open it with the shipped read-only SQL "
                              "tools) or --tools NAME (an MCP server from agent.mcp_servers)")
@@ -118,6 +129,8 @@ class BatchRunner:
         self.stats = BatchStats()
         self.interrupted = False
         self.budget_hit = False
+        # --force replaces the --out file (once, at the first open); otherwise results are appended
+        self._out_mode = "w" if options.force and not options.resume else "a"
 
     # ---- identity ------------------------------------------------------------------------
 
@@ -135,6 +148,11 @@ class BatchRunner:
         from datus_queue.tasks.client import resolve_provider
 
         resolve_provider(self.options.model, self.client.agent_config)
+        if self.options.via == "batch-api":  # a provider with no batch API here: said now
+            from datus.models.base import LLMBaseModel
+            from datus.models.batch_apis import batch_api
+
+            batch_api(LLMBaseModel.create_model(self.client.agent_config, self.options.model)).close()
         if self._sends_database():  # the CLI is the operator: its --db is allowed for its own batch
             self.client.allow_database(self.options.db_url)
         self.client.validate(self._request("(check)", None, "(check)"))
@@ -172,6 +190,11 @@ class BatchRunner:
             if not self.options.resume and store.final_item_ids(batch_id):
                 raise ValueError(f"batch {batch_id} already ran for this input, model and prompt; "
                                  "pass --resume to continue it (finished items are skipped)")
+            from datus_queue.tasks.batch.provider_batches import open_provider_batches
+
+            if self.options.via == "online" and open_provider_batches(store, batch_id):
+                raise InvalidJob(f"batch {batch_id} has provider batches in flight: continue it with --via batch-api; "
+                                 "online jobs would run their items a second time")
             store.resume_batch(batch_id)
         if self.options.mode == "generate" and self.options.db_url:
             self.schema = schema_text(self.options.db_url, max_tokens=self._schema_budget())
@@ -181,7 +204,16 @@ class BatchRunner:
         self.view.start(batch_id, total, len(done_before))
         previous = signal.signal(signal.SIGINT, self._on_interrupt)
         try:
-            self._loop(batch_id, input_path, done_before)
+            if self.options.via == "batch-api":
+                from datus_queue.tasks.batch.provider_batches import ProviderBatchRun
+
+                online = ProviderBatchRun(self, batch_id).run(input_path)
+                if online and not self.interrupted:  # what the batch API could not do in its rounds
+                    self.view.note(f"{len(online)} item(s) left after the batch API's rounds: running them online")
+                    every = {q.id for q in iter_questions(input_path) if isinstance(q, Question)}
+                    self._loop(batch_id, input_path, every - online)
+            else:
+                self._loop(batch_id, input_path, done_before)
         finally:
             signal.signal(signal.SIGINT, previous)
             self.view.stop()
@@ -218,9 +250,7 @@ class BatchRunner:
         in_flight: dict[str, Question] = {}
         questions = (q for q in iter_questions(input_path) if isinstance(q, Question) and q.id not in done_before)
         exhausted = False
-        # --force replaces the file; otherwise (new, empty, or --resume) results are appended
-        mode = "w" if self.options.force and not self.options.resume else "a"
-        out = self.options.out.open(mode, encoding="utf-8") if self.options.out else None
+        out = self.open_out()
         try:
             while True:
                 if self.options.budget_usd is not None and self.stats.cost_usd >= self.options.budget_usd:
@@ -253,6 +283,19 @@ class BatchRunner:
             if out is not None:
                 out.close()
 
+    def open_out(self) -> Any:
+        """The --out file for writing, or None: replaced at the first open under --force, else appended to."""
+        if self.options.out is None:
+            return None
+        handle = self.options.out.open(self._out_mode, encoding="utf-8")
+        self._out_mode = "a"
+        return handle
+
+    def prompt(self, question: Question) -> str:
+        """An item's prompt: the same whether it goes as a job or in a provider batch."""
+        return self.template.format(dialect=self.options.dialect, schema=self.schema, question=question.question,
+                                    evidence=f"Hint: {question.evidence}" if question.evidence else "")
+
     def _submit(self, batch_id: str, questions: list[Question], out: Any = None
                 ) -> tuple[list[str], list[Question]]:
         """Submit a chunk of questions (one transaction, one producer); their job ids and the
@@ -261,9 +304,7 @@ class BatchRunner:
         requests: list[dict[str, Any]] = []
         accepted: list[Question] = []
         for question in questions:
-            text = self.template.format(dialect=self.options.dialect, schema=self.schema, question=question.question,
-                                        evidence=f"Hint: {question.evidence}" if question.evidence else "")
-            request = self._request(text, batch_id, question.id)
+            request = self._request(self.prompt(question), batch_id, question.id)
             try:
                 self.client.validate(request)
             except InvalidJob as exc:
@@ -297,11 +338,23 @@ class BatchRunner:
 
     def _record(self, batch_id: str, question: Question, job: StoredJob, out: Any) -> None:
         answer = job.output if isinstance(job.output, str) else json.dumps(job.output or "")
-        usage = job.usage or {}
         latency_ms = ((job.finished_at - job.created_at).total_seconds() * 1000.0
                       if job.finished_at and job.created_at else None)
+        error = job.error
+        self.record_result(batch_id, question, job.status, out, answer=answer,
+                           error=(error.message if error else job.status.value),
+                           error_code=(error.code if error else job.status.value), usage=job.usage or {},
+                           cost_usd=job.cost_usd, latency_ms=latency_ms, attempts=job.attempts, job_id=job.job_id)
+
+    def record_result(self, batch_id: str, question: Question, status: JobStatus, out: Any, *, answer: str | None,
+                      error: str | None, error_code: str | None, usage: dict[str, Any], cost_usd: float,
+                      latency_ms: float | None, attempts: int, job_id: str | None,
+                      extra: dict[str, Any] | None = None, once: bool = False) -> bool:
+        """Score one item's answer and record it (store, --out, stats): the one way an item ends,
+        whether its answer came from a job or from a provider batch. ``once``: write nothing and
+        return False when the item was final already (a provider batch's answer seen again)."""
         record: dict[str, Any] = {"id": question.id, "question": question.question}
-        if job.status is JobStatus.SUCCEEDED:
+        if status is JobStatus.SUCCEEDED:
             score = score_item(answer, question.gold_sql, self.options.db_url, self.options.dialect,
                                self.options.timeout_s) if self.options.db_url else None
             match = score.match if score else None
@@ -313,14 +366,14 @@ class BatchRunner:
                 error=score.error if score else None, error_code=score.error_code if score else None,
                 rows_returned=score.rows_returned if score else None)
         else:
-            error = job.error
             record.update(sql=None, valid=False, executed=False, match=False if question.gold_sql else None,
-                          error=error.message if error else job.status.value,
-                          error_code=error.code if error else job.status.value, rows_returned=None)
-        record.update(usage=usage, cost_usd=job.cost_usd, latency_ms=latency_ms, attempts=job.attempts,
-                      job_id=job.job_id, status=job.status.value)
-        self.client.store.set_item_result(batch_id, question.id, job.status, record, job.cost_usd)
+                          error=error, error_code=error_code, rows_returned=None)
+        record.update(usage=usage, cost_usd=cost_usd, latency_ms=latency_ms, attempts=attempts,
+                      job_id=job_id, status=status.value, **(extra or {}))
+        if not self.client.store.set_item_result(batch_id, question.id, status, record, cost_usd) and once:
+            return False
         self._write(record, out)
+        return True
 
     def _write(self, record: dict[str, Any], out: Any) -> None:
         if out is not None:

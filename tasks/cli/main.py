@@ -89,6 +89,14 @@ def cmd_status(args: argparse.Namespace) -> int:
         counts = ", ".join(f"{k} {v}" for k, v in batch.counts.items() if v)
         console.print(f"batch {args.id} [{info.status.value if info else '?'}] model={info.model if info else '?'}: "
                       f"{batch.done}/{batch.total} done ({counts}), cost ${batch.cost_usd:.4f}", markup=False)
+        from datus_queue.tasks.store.provider_batches import ProviderBatchStore
+
+        for part in ProviderBatchStore(client.store).parts(args.id):
+            counts = ", ".join(f"{k} {v}" for k, v in (part.request_counts or {}).items() if k != "error")
+            console.print(f"  provider batch {part.provider_batch_id or '(not created)'}  {part.state.value}"
+                          f"  {part.provider_status or '-'}  {part.items} items  round {part.round}"
+                          + (f"  ({counts})" if counts else "") + (f"  error: {part.error}" if part.error else ""),
+                          markup=False, highlight=False)
         return 0
     from datus_queue.tasks.client import JobNotFound
 
@@ -124,6 +132,7 @@ def _sweeper_line(client: Any) -> str:
 def cmd_batch(args: argparse.Namespace) -> int:
     from pathlib import Path
 
+    from datus_queue.tasks.batch.provider_batches import ProviderBatchOptions
     from datus_queue.tasks.batch.report import ProgressView
     from datus_queue.tasks.batch.runner import BatchOptions, BatchRunner
 
@@ -131,7 +140,10 @@ def cmd_batch(args: argparse.Namespace) -> int:
     options = BatchOptions(
         model=args.model, db_url=args.db, dialect=args.dialect, mode=args.mode, tools=args.tools,
         out=Path(args.out) if args.out else None, resume=args.resume, force=args.force, budget_usd=args.budget_usd,
-        prompt_template=template, max_in_flight=args.max_in_flight, run_id=args.run_id)
+        prompt_template=template, max_in_flight=args.max_in_flight, run_id=args.run_id, via=args.via,
+        api=ProviderBatchOptions(max_requests=args.api_max_requests,
+                                 max_bytes=int(args.api_max_mb * 1024 * 1024) if args.api_max_mb else None,
+                                 poll_s=args.api_poll_s, rounds=args.api_rounds))
     runner = BatchRunner(_client(), options, ProgressView())
     runner.check_out()
     runner.check()
@@ -237,7 +249,16 @@ def _age(text: str) -> Any:
 
 
 def cmd_cancel(args: argparse.Namespace) -> int:
-    console.print(_client().cancel(args.job_id).value)
+    client = _client()
+    if client.store.get_batch(args.job_id) is not None:  # a batch: its provider batches (dq batch --via batch-api)
+        from datus_queue.tasks.batch.provider_batches import cancel_provider_batches
+
+        lines = cancel_provider_batches(client, args.job_id)
+        for line in lines:
+            console.print(line, markup=False, highlight=False)
+        console.print(f"{len(lines)} provider batch(es) cancelled" if lines else "no provider batches open")
+        return 0
+    console.print(client.cancel(args.job_id).value)
     return 0
 
 
@@ -285,8 +306,8 @@ def build_parser() -> argparse.ArgumentParser:
     status = sub.add_parser("status", help="a job's or a batch's status (no id: counts of all jobs)")
     status.add_argument("id", nargs="?", default=None)
     status.set_defaults(func=cmd_status)
-    cancel = sub.add_parser("cancel", help="cancel a job")
-    cancel.add_argument("job_id")
+    cancel = sub.add_parser("cancel", help="cancel a job, or a batch's provider batches")
+    cancel.add_argument("job_id", metavar="ID")
     cancel.set_defaults(func=cmd_cancel)
     batch = sub.add_parser("batch", help="turn a file of questions into SQL, checked and scored")
     batch.add_argument("input", help="JSONL or CSV with question, and optional id, evidence, gold_sql")
@@ -309,6 +330,17 @@ def build_parser() -> argparse.ArgumentParser:
     batch.add_argument("--max-in-flight", type=int, default=200)
     batch.add_argument("--run-id", help="make this run a batch of its own (e.g. a nightly slot); the same id "
                                         "continues it")
+    batch.add_argument("--via", choices=["online", "batch-api"], default="online",
+                       help="online: a job per item (default); batch-api: the provider's batch API at batch prices "
+                            "(OpenAI, Claude; answers may take up to 24 h; this command waits, --resume picks up)")
+    batch.add_argument("--api-max-requests", type=int, default=None, metavar="N",
+                       help="batch-api: at most N requests per provider batch (default and ceiling: the provider's)")
+    batch.add_argument("--api-max-mb", type=float, default=None, metavar="MB",
+                       help="batch-api: at most MB megabytes per provider batch (default and ceiling: the provider's)")
+    batch.add_argument("--api-poll-s", type=float, default=5.0, metavar="S",
+                       help="batch-api: the first wait between polls; it grows by half each time, to 60 s")
+    batch.add_argument("--api-rounds", type=int, default=3, metavar="N",
+                       help="batch-api: submissions of a failed or expired item before it runs online instead")
     batch.set_defaults(func=cmd_batch)
     dead = sub.add_parser("dead", help="dead letters: jobs and messages that could not run")
     dead_sub = dead.add_subparsers(dest="dead_command", required=True)

@@ -65,6 +65,8 @@ __all__ = [
     "jobs",
     "metadata",
     "migrate",
+    "provider_batch_items",
+    "provider_batches",
     "schedule_runs",
     "schema_version",
 ]
@@ -191,6 +193,41 @@ schedule_runs = Table(
     Column("log", Text),
     Column("started_at", _Time, nullable=False),
     Column("finished_at", _Time),
+)
+
+provider_batches = Table(
+    # migration 7: one row per provider batch (OpenAI batch, Anthropic message batch) a `dq batch
+    # --via batch-api` run made or is making: what --resume, dq status and dq cancel find again
+    "provider_batches", metadata,
+    Column("part_id", String(255), primary_key=True),  # <batch>:<round>:<n>, ours, made before any upload
+    Column("batch_id", String(255), ForeignKey("batches.batch_id", ondelete="CASCADE"), nullable=False),
+    Column("provider", String(64), nullable=False),
+    Column("round", Integer, nullable=False),  # 1: the first submission; 2, 3...: retries of failed items
+    Column("state", String(16), nullable=False),  # tasks.batch.provider_batches.PartState
+    Column("provider_batch_id", String(255)),
+    Column("input_file_id", String(255)),
+    Column("output_file_id", String(255)),
+    Column("error_file_id", String(255)),
+    Column("provider_status", String(32)),  # as the provider spells it
+    Column("request_counts", _Json),
+    Column("items", Integer, nullable=False),
+    Column("bytes", BigInteger, nullable=False),
+    Column("error", Text),
+    Column("created_at", _Time, nullable=False),
+    Column("updated_at", _Time, nullable=False),
+    Index("ix_provider_batches_batch_id", "batch_id"),
+)
+
+provider_batch_items = Table(
+    # migration 7: which batch item each custom_id of a provider batch stands for
+    "provider_batch_items", metadata,
+    Column("batch_id", String(255), ForeignKey("batches.batch_id", ondelete="CASCADE"), nullable=False),
+    Column("custom_id", String(64), nullable=False),
+    Column("item_id", String(255), nullable=False),
+    Column("part_id", String(255), nullable=False),
+    Column("state", String(16), nullable=False),  # pending | succeeded | failed (then retried in a new row)
+    PrimaryKeyConstraint("batch_id", "custom_id", name="pk_provider_batch_items"),
+    Index("ix_provider_batch_items_part", "part_id"),
 )
 
 schema_version = Table(
@@ -353,6 +390,13 @@ def _v3(conn: Connection) -> None:
     frozen.create_all(conn, checkfirst=True)
 
 
+def _v7(conn: Connection) -> None:
+    """Provider batches (``dq batch --via batch-api``) and their items' custom_ids: the live
+    tables, as this is the migration that made them (a later change must freeze them here)."""
+    provider_batches.create(conn, checkfirst=True)
+    provider_batch_items.create(conn, checkfirst=True)
+
+
 # numbers are the issues' order of work (a database may get 2 after 3 and 4: each only adds)
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "jobs, batches, batch_items", _v1),
@@ -361,6 +405,7 @@ MIGRATIONS: tuple[Migration, ...] = (
     Migration(4, "job_checkpoints: the steps of tool runs, to resume from", _v4),
     Migration(5, "jobs.attempts -> runs, job_checkpoints.attempt -> run: the run number", _v5),
     Migration(6, "jobs.caller_waits: runs that only waited for the caller's own tools", _v6),
+    Migration(7, "provider_batches, provider_batch_items: dq batch --via batch-api", _v7),
 )
 SCHEMA_VERSION = max(migration.version for migration in MIGRATIONS)
 

@@ -1,0 +1,296 @@
+"""``dq batch --via batch-api``: a batch's items as provider batches, at the providers' batch prices.
+
+The items of the run (one model, so one provider) are built into the very requests their online
+jobs would send (`BatchRunner.prompt`, then the adapter's request building:
+`datus.models.batch_apis`), split into parts that fit the provider's limits (or lower ones given
+in `ProviderBatchOptions`), and each part becomes one provider batch. Every step is recorded in
+the job store before the next (`tasks.store.provider_batches`: the part and its custom_ids
+before the upload, the file id, the create, the provider's batch id, the end), so a client that
+exits at any point loses nothing: ``--resume`` goes on from the last recorded step, and a create
+whose answer never arrived is found again (OpenAI: by the part id in the batch's metadata;
+Anthropic, whose batches carry none: by time and size, `AnthropicBatchAPI.find`).
+
+The parts are polled with back-off (``poll_s`` growing by half each time to ``poll_max_s``);
+the provider's counts drive the progress bar. A part that ended is collected: each answer,
+matched to its item by custom_id (results come in any order), is scored and recorded exactly as
+an online job's answer (`BatchRunner.record_result`), once — an item final already is never
+recorded again. Items the provider failed, expired or cancelled go out again in a new part
+(a new custom_id each time) for up to ``rounds`` submissions and while ``deadline`` allows; what
+is left after that runs online, as jobs. The cost recorded is at batch prices, with the online
+price of the same tokens beside it (``online_cost_usd``).
+
+Not done yet: Gemini and DashScope (the model layer raises for them), prompt caching across a
+batch's items, metrics, a ``--by`` deadline on the command line (the option is here).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from datus_queue.tasks.batch.input import Question, iter_questions
+from datus_queue.tasks.schemas import JobStatus
+from datus_queue.tasks.store import BatchStatus
+from datus_queue.tasks.store.provider_batches import OPEN_STATES, PartRow, PartState, ProviderBatchStore
+
+if TYPE_CHECKING:
+    from datus.models.batch_apis import BatchAPI, BatchLimits, Progress
+    from datus_queue.tasks.batch.runner import BatchRunner
+
+__all__ = ["ProviderBatchOptions", "ProviderBatchRun", "cancel_provider_batches", "custom_id_for", "plan_parts"]
+
+
+@dataclass
+class ProviderBatchOptions:
+    max_requests: int | None = None  # per provider batch; None: the provider's limit (never above it)
+    max_bytes: int | None = None
+    poll_s: float = 5.0  # the first wait between polls of a provider batch
+    poll_max_s: float = 60.0
+    rounds: int = 3  # provider submissions of one item before it runs online instead
+    deadline: datetime | None = None  # after it no new provider batch is made: what is left runs online
+
+
+def custom_id_for(item_id: str, attempt: int) -> str:
+    """A custom_id both providers accept (``^[a-zA-Z0-9_-]{1,64}$``), new for each submission
+    of the item, the same for the same one."""
+    digest = hashlib.sha256(item_id.encode("utf-8", "surrogatepass")).hexdigest()[:24]
+    return f"i{digest}-{attempt}"
+
+
+def plan_parts(sizes: list[int], limits: BatchLimits, overhead: int) -> list[range]:
+    """The items' split into provider batches (`datus.models.batch_apis.split`)."""
+    from datus.models.batch_apis import split
+
+    return split(sizes, limits, overhead)
+
+
+class ProviderBatchRun:
+    def __init__(self, runner: BatchRunner, batch_id: str) -> None:
+        from datus.models.base import LLMBaseModel
+        from datus.models.batch_apis import BatchLimits, batch_api
+
+        self.runner, self.batch_id = runner, batch_id
+        self.options = runner.options.api
+        self.parts_store = ProviderBatchStore(runner.client.store)
+        self.api: BatchAPI = batch_api(LLMBaseModel.create_model(runner.client.agent_config, runner.options.model))
+        limits = self.api.default_limits
+        self.limits = BatchLimits(min(self.options.max_requests or limits.max_requests, limits.max_requests),
+                                  min(self.options.max_bytes or limits.max_bytes, limits.max_bytes))
+        self._bodies: dict[str, bytes] = {}  # custom_id -> line, for the parts made in this process
+
+    # ---- the run ---------------------------------------------------------------------------
+
+    def run(self, input_path: Path) -> set[str]:
+        """Run the batch's open items through provider batches; the ids of the items left to
+        run online (none when interrupted: --resume goes on)."""
+        questions = {q.id: q for q in iter_questions(input_path) if isinstance(q, Question)}
+        store = self.runner.client.store
+        out = self.runner.open_out()
+        try:
+            while not self._stopped():
+                final = store.final_item_ids(self.batch_id)
+                waiting = self.parts_store.items_in_open_parts(self.batch_id)
+                sent = self.parts_store.rounds_by_item(self.batch_id)
+                todo = [q for item_id, q in questions.items() if item_id not in final and item_id not in waiting]
+                late = self.options.deadline is not None and datetime.now(UTC) >= self.options.deadline
+                online = {q.id for q in todo if late or sent.get(q.id, 0) >= self.options.rounds}
+                self._make_parts([q for q in todo if q.id not in online], sent)
+                open_parts = self.parts_store.parts(self.batch_id, OPEN_STATES)
+                if not open_parts:
+                    return online
+                self._send(open_parts, questions)
+                self._follow(questions, out)
+            return set()
+        finally:
+            if out is not None:
+                out.close()
+            self.api.close()
+
+    def _make_parts(self, questions: list[Question], sent: dict[str, int]) -> None:
+        if not questions:
+            return
+        ids = [custom_id_for(q.id, sent.get(q.id, 0) + 1) for q in questions]
+        lines = [self.api.line(custom_id, self._body(q)) for custom_id, q in zip(ids, questions)]
+        for span in plan_parts([len(line) for line in lines], self.limits, self.api.item_overhead):
+            round_ = 1 + max(sent.get(questions[i].id, 0) for i in span)
+            part_id = f"{self.batch_id}-r{round_}-{uuid.uuid4().hex[:12]}"
+            size = sum(len(lines[i]) + self.api.item_overhead for i in span)
+            self.parts_store.add_part(part_id, self.batch_id, self.api.model.provider, round_,
+                                      ((ids[i], questions[i].id) for i in span), size)
+            self._bodies.update((ids[i], lines[i]) for i in span)
+
+    def _body(self, question: Question) -> dict[str, Any]:
+        body, _forced = self.api.body(self.runner.prompt(question))  # dq batch asks for text: nothing forced
+        return body
+
+    def _lines(self, part: PartRow, questions: dict[str, Question]) -> list[bytes]:
+        """The part's request lines: made in this process, or built again from the stored
+        custom_ids (the same prompt and options give the same request)."""
+        lines = []
+        for custom_id, item_id in sorted(self.parts_store.part_items(part.part_id).items()):
+            line = self._bodies.get(custom_id)
+            lines.append(line if line is not None else self.api.line(custom_id, self._body(questions[item_id])))
+        return lines
+
+    # ---- sending ---------------------------------------------------------------------------
+
+    def _send(self, parts: list[PartRow], questions: dict[str, Question]) -> None:
+        from datus.models.errors import ModelError
+
+        for part in parts:
+            if part.state is PartState.SUBMITTED or self.runner.interrupted:
+                continue
+            try:
+                self._send_part(part, questions)
+            except ModelError as exc:
+                if exc.retryable:  # the provider is away: the next pass tries again
+                    self.runner.view.note(f"provider batch {part.part_id}: {exc.reason} (will retry)")
+                    time.sleep(self.options.poll_s)
+                    continue
+                # refused (too large, invalid): its items count this round and go again, or online
+                self.parts_store.update_part(part.part_id, state=PartState.REFUSED, error=exc.reason[:2000])
+                self.parts_store.set_items_state(self.batch_id, list(self.parts_store.part_items(part.part_id)),
+                                                 "failed")
+                self.runner.view.note(f"provider batch {part.part_id} refused: {exc.reason}")
+
+    def _send_part(self, part: PartRow, questions: dict[str, Question]) -> None:
+        api, store = self.api, self.parts_store
+        lines: list[bytes] | None = None
+        file_id = part.input_file_id
+        provider_id: str | None = None
+        if part.state is PartState.CREATING:  # sent before an exit: did the provider make it?
+            provider_id = api.find(part.part_id, part.items, part.updated_at)
+        if provider_id is None:
+            lines = self._lines(part, questions)
+            if part.state is PartState.PREPARING:
+                file_id = api.upload(lines, part.part_id)
+                if file_id is not None:
+                    store.update_part(part.part_id, state=PartState.UPLOADED, input_file_id=file_id)
+            store.update_part(part.part_id, state=PartState.CREATING)
+            provider_id = api.create(part.part_id, lines, file_id)
+        store.update_part(part.part_id, state=PartState.SUBMITTED, provider_batch_id=provider_id)
+
+    # ---- following -------------------------------------------------------------------------
+
+    def _follow(self, questions: dict[str, Question], out: Any) -> None:
+        """Poll the submitted parts with back-off until each has ended and been collected."""
+        from datus.models.errors import ModelError
+
+        delay = self.options.poll_s
+        while not self._stopped():
+            parts = self.parts_store.parts(self.batch_id, [PartState.SUBMITTED])
+            if not parts:
+                return
+            done = total = 0
+            for part in parts:
+                try:
+                    progress = self.api.retrieve(part.provider_batch_id or "")
+                    self.parts_store.update_part(part.part_id, provider_status=progress.status,
+                                                 request_counts=progress.counts)
+                    if progress.ended:
+                        self._collect(part, progress, questions, out)
+                        delay = self.options.poll_s
+                except ModelError as exc:
+                    if not exc.retryable:
+                        raise
+                    self.runner.view.note(f"provider batch {part.provider_batch_id}: {exc.reason} (polling on)")
+                    continue
+                done, total = done + progress.done, total + progress.total
+            self.runner.view.provider_progress(done, total, len(parts))
+            if self.parts_store.parts(self.batch_id, [PartState.SUBMITTED]):
+                self._sleep(delay)
+                delay = min(delay * 1.5, self.options.poll_max_s)
+
+    def _stopped(self) -> bool:
+        """Ctrl-C, or ``dq cancel`` from anywhere (it closes the batch as interrupted)."""
+        if not self.runner.interrupted:
+            info = self.runner.client.store.get_batch(self.batch_id)
+            if info is not None and info.status is not BatchStatus.RUNNING:
+                self.runner.view.note(f"batch {self.batch_id} was {info.status.value} (dq cancel): stopping; "
+                                      "--resume collects what the provider answered and sends the rest again")
+                self.runner.interrupted = True
+        return self.runner.interrupted
+
+    def _sleep(self, seconds: float) -> None:
+        until = time.monotonic() + seconds
+        while not self.runner.interrupted and (left := until - time.monotonic()) > 0:
+            time.sleep(min(left, 0.2))
+
+    def _collect(self, part: PartRow, progress: Progress, questions: dict[str, Question], out: Any) -> None:
+        """Copy a part's results into its items (each answer once), then mark it collected."""
+        mapping = self.parts_store.part_items(part.part_id)
+        succeeded: list[str] = []
+        failed: list[str] = []
+        latency_ms = (datetime.now(UTC) - _aware(part.created_at)).total_seconds() * 1000.0
+        for result in self._results(progress):
+            item_id = mapping.get(result.custom_id)
+            if item_id is None or item_id not in questions:
+                continue  # not ours (or no longer in the input)
+            if result.generation is None:
+                failed.append(result.custom_id)
+                continue
+            usage = result.generation.usage
+            extra = {"via": "batch-api", "provider_batch_id": progress.provider_batch_id,
+                     "custom_id": result.custom_id, "online_cost_usd": result.online_cost_usd}
+            self.runner.record_result(
+                self.batch_id, questions[item_id], JobStatus.SUCCEEDED, out, answer=result.generation.text,
+                error=None, error_code=None, usage=usage.model_dump(exclude_none=True), cost_usd=usage.cost_usd or 0.0,
+                latency_ms=latency_ms, attempts=part.round, job_id=None, extra=extra, once=True)
+            succeeded.append(result.custom_id)
+        unanswered = set(mapping) - set(succeeded) - set(failed)  # a failed batch has no lines at all
+        self.parts_store.set_items_state(self.batch_id, succeeded, "succeeded")
+        self.parts_store.set_items_state(self.batch_id, failed + sorted(unanswered), "failed")
+        self.parts_store.update_part(part.part_id, state=PartState.COLLECTED, output_file_id=progress.output_file_id,
+                                     error_file_id=progress.error_file_id, provider_status=progress.status,
+                                     request_counts=progress.counts)
+
+    def _results(self, progress: Progress) -> Iterator[Any]:
+        return self.api.results(progress)
+
+
+def _aware(moment: datetime) -> datetime:
+    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)  # SQLite hands it back naive
+
+
+def open_provider_batches(store: Any, batch_id: str) -> int:
+    """How many provider batches of the batch are not finished (an online run must not start
+    items that are in one)."""
+    return len(ProviderBatchStore(store).parts(batch_id, OPEN_STATES))
+
+
+def cancel_provider_batches(client: Any, batch_id: str) -> list[str]:
+    """Cancel the batch's provider batches (``dq cancel BATCH_ID``); the lines to show. The
+    batch is closed as interrupted, which stops a ``dq batch`` following it. Parts not sent yet
+    are cancelled here, sent ones at the provider; ``--resume`` later collects what the provider
+    answered before the cancel and sends the rest again."""
+    from datus.models.base import LLMBaseModel
+    from datus.models.batch_apis import batch_api
+
+    info = client.store.get_batch(batch_id)
+    parts_store = ProviderBatchStore(client.store)
+    parts = parts_store.parts(batch_id, OPEN_STATES)
+    if info is None or not parts:
+        return []
+    client.store.finish_batch(batch_id, BatchStatus.INTERRUPTED)
+    shown = []
+    api = None
+    try:
+        for part in parts:
+            if part.state is PartState.SUBMITTED and part.provider_batch_id:
+                api = api or batch_api(LLMBaseModel.create_model(client.agent_config, info.model))
+                api.cancel(part.provider_batch_id)
+                parts_store.update_part(part.part_id, provider_status="cancelling")
+                shown.append(f"{part.provider_batch_id}: cancelling")
+            elif part.state is not PartState.CREATING:  # a create in flight may have made it: --resume finds it
+                parts_store.update_part(part.part_id, state=PartState.CANCELLED)
+                shown.append(f"{part.part_id}: cancelled before it was sent")
+    finally:
+        if api is not None:
+            api.close()
+    return shown

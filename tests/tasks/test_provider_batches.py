@@ -1,0 +1,289 @@
+"""``dq batch --via batch-api``: a batch's items as provider batches, through the official SDKs
+against the fake provider server over HTTP.
+
+The sample batch (20 questions, the bundled shop database, the demo's `SampleModel` answers)
+runs as OpenAI batches and as Anthropic message batches; clients are killed (SIGKILL) at chosen
+steps with the fake's hold points and ``--resume`` finishes the run. "No item ran twice" is the
+fake's own record: every item it answered, by custom_id (the fake answers each batch item with
+the online logic, so a second run of an item would be a second answer).
+
+Two settings are lowered in every run, and why: ``--api-poll-s 0.05`` (the default first wait
+of 5 s is for hours-long real batches; the fake's batches end in well under a second) and the
+fake's own clock (`BatchSettings`: validate 0.05 s, run 0.3 s, finalize 0.05 s — its default).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import time
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from datus.models.batch_apis import AnthropicBatchAPI, BatchLimits, OpenAIBatchAPI, split
+from datus.testing.fake_server import FakeProviderServer
+from datus_queue.tasks.batch.sample import build_sample_db, sample_questions_path
+from datus_queue.tasks.cli.demo import SampleModel
+from datus_queue.tasks.cli.main import main
+from datus_queue.tasks.cli.services import dq_command
+from datus_queue.tasks.settings import get_settings
+from datus_queue.tasks.store import JobStore
+from datus_queue.tasks.store.provider_batches import PartState, ProviderBatchStore
+
+KEY = "sk-dq-provider-batches-not-real"
+DQ = dq_command()
+SAMPLE_MATCHED = 16  # the sample's scripted answers: q09 does not parse, q11, q16, q17 answer something else
+REDIS_URL = os.environ.get("DQ_TEST_REDIS_URL", "redis://127.0.0.1:6379/10")
+FAST = ["--api-poll-s", "0.05"]  # see the module docstring
+
+
+@dataclass
+class Run:
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+@dataclass
+class Env:
+    dir: Path
+    env: dict[str, str]
+    fake: FakeProviderServer
+    shop_url: str
+    store_url: str
+    capsys: pytest.CaptureFixture[str]
+
+    def dq(self, *args: str) -> Run:
+        """``dq *args`` in this process (its entry point, the settings from the environment): a
+        fresh interpreter per call would spend seconds importing the SDKs on a loaded machine."""
+        get_settings.cache_clear()
+        self.capsys.readouterr()
+        try:
+            code = main(list(args))
+        finally:
+            get_settings.cache_clear()
+        captured = self.capsys.readouterr()
+        return Run(code, captured.out, captured.err)
+
+    def start(self, *args: str) -> subprocess.Popen[str]:
+        return subprocess.Popen([*DQ, *args], env=self.env, cwd=self.dir, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True, start_new_session=True)
+
+    def batch(self, model: str, *extra: str, out: str = "out.jsonl") -> list[str]:
+        return ["batch", str(sample_questions_path()), "--model", model, "--db", self.shop_url, "--out",
+                str(self.dir / out), "--via", "batch-api", *FAST, *extra]
+
+    def results(self, out: str = "out.jsonl") -> list[dict[str, Any]]:
+        return [json.loads(line) for line in (self.dir / out).read_text(encoding="utf-8").splitlines() if line]
+
+    def answered_ok(self) -> Counter[str]:
+        """Successful answers the fake gave, per item (custom_id without its attempt suffix)."""
+        return Counter(record.custom_id.rsplit("-", 1)[0] for record in self.fake.batches.answered
+                       if record.outcome == "succeeded")
+
+
+@pytest.fixture
+def env(tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> Iterator[Env]:
+    shop_url = build_sample_db(tmp_path / "shop.db")
+    with FakeProviderServer(api_key=KEY) as fake:
+        fake.script.reset(fallback=SampleModel())
+        agent = {"agent": {"target": "gpt", "models": {
+            "gpt": {"type": "openai", "model": "gpt-4o-mini", "api_key": KEY, "base_url": fake.openai_base_url},
+            "claude": {"type": "claude", "model": "claude-haiku-4-5", "api_key": KEY, "base_url": fake.url},
+            "ds": {"type": "deepseek", "model": "deepseek-chat", "api_key": KEY, "base_url": fake.openai_base_url},
+        }}}
+        config = tmp_path / "agent.yml"
+        config.write_text(yaml.safe_dump(agent), encoding="utf-8")
+        store_url = f"sqlite:///{tmp_path / 'jobs.db'}"
+        env = {key: value for key, value in os.environ.items() if not key.startswith("DQ_")}
+        env.update(DQ_CONFIG=str(config), DQ_REDIS_URL=REDIS_URL, DQ_DATABASE_URL=store_url, PYTHONUNBUFFERED="1",
+                   COLUMNS="250")
+        for key, value in env.items():
+            if key.startswith("DQ_") or key == "COLUMNS":
+                monkeypatch.setenv(key, value)
+        yield Env(tmp_path, env, fake, shop_url, store_url, capsys)
+
+
+def batch_id_of(text: str) -> str:
+    return next(word for word in text.replace(":", " ").split() if word.startswith("b-"))
+
+
+def parts(env: Env, batch_id: str) -> list[Any]:
+    store = JobStore(env.store_url)
+    try:
+        return ProviderBatchStore(store).parts(batch_id)
+    finally:
+        store.close()
+
+
+def wait_for(check: Any, timeout: float = 30.0) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = check()
+        if value:
+            return value
+        time.sleep(0.02)
+    raise AssertionError("timed out waiting")
+
+
+# ---- whole runs ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("model", ["gpt", "claude"])
+def test_the_sample_batch_scores_as_online_at_half_the_price(env: Env, model: str) -> None:
+    env.fake.batches.configure(seed=5)  # a fixed answering order: the results do come back shuffled
+    run = env.dq(*env.batch(model))
+    assert run.returncode == 0, run.stdout + run.stderr
+    records = env.results()
+    assert sorted(r["id"] for r in records) == sorted(f"q{i:02d}" for i in range(1, 21))
+    assert [r["id"] for r in records] != sorted(r["id"] for r in records)  # written as they came
+    assert sum(bool(r["match"]) for r in records) == SAMPLE_MATCHED
+    assert all(r["via"] == "batch-api" and r["status"] == "succeeded" and r["job_id"] is None for r in records)
+    for record in records:  # batch price: half the online price of the same tokens
+        assert record["cost_usd"] == pytest.approx(record["online_cost_usd"] / 2)
+        assert record["usage"]["input_tokens"] > 0
+    assert "cost online (same tokens)" in run.stdout and "by batch API" in run.stdout
+    assert set(env.answered_ok().values()) == {1} and len(env.answered_ok()) == 20
+    store = JobStore(env.store_url)
+    try:
+        assert not any(store.count_by_status().values())  # no job: nothing went through the workers
+    finally:
+        store.close()
+    batch_id = batch_id_of(run.stdout)
+    [part] = parts(env, batch_id)
+    assert part.state is PartState.COLLECTED and part.items == 20 and part.provider_batch_id
+    status = env.dq("status", batch_id)
+    assert part.provider_batch_id in status.stdout and "collected" in status.stdout
+
+
+def test_a_batch_split_across_a_size_limit(env: Env) -> None:
+    # a lowered limit, so 20 requests make three batches (the real ones are 50,000 requests / 200 MB per
+    # file); the fake enforces the same lowered limit, so a part over it would fail there
+    env.fake.batches.configure(openai_max_requests=8)
+    run = env.dq(*env.batch("gpt", "--api-max-requests", "8"))
+    assert run.returncode == 0, run.stdout + run.stderr
+    sizes = sorted(part.items for part in parts(env, batch_id_of(run.stdout)))
+    assert sizes == [4, 8, 8]
+    assert len(env.results()) == 20 and set(env.answered_ok().values()) == {1}
+    assert len(env.fake.batches.jobs) == 3
+
+
+def test_the_split_at_the_providers_real_limits() -> None:
+    # the arithmetic only: uploading 50,000 lines per test would take minutes
+    assert OpenAIBatchAPI.default_limits == BatchLimits(50_000, 200 * 1024 * 1024)
+    assert AnthropicBatchAPI.default_limits == BatchLimits(100_000, 256 * 1024 * 1024)
+    small = split([600] * 120_000, OpenAIBatchAPI.default_limits, overhead=1)
+    assert [len(part) for part in small] == [50_000, 50_000, 20_000]
+    assert [len(part) for part in split([600] * 120_000, AnthropicBatchAPI.default_limits, 1)] == [100_000, 20_000]
+    big = split([1_000_000] * 450, OpenAIBatchAPI.default_limits, overhead=1)  # 1 MB requests: bytes decide
+    assert [len(part) for part in big] == [209, 209, 32]
+    assert all(sum(1_000_001 for _ in part) <= 200 * 1024 * 1024 for part in big)
+    assert [len(part) for part in split([300 * 1024 * 1024, 10], AnthropicBatchAPI.default_limits)] == [1, 1]
+    assert sum(len(part) for part in big) == 450 and big[1].start == big[0].stop
+
+
+def test_expired_items_go_again_and_never_run_twice(env: Env) -> None:
+    env.fake.batches.configure(expire_after=7)  # every batch answers 7 items, the rest expire
+    run = env.dq(*env.batch("claude"))
+    assert run.returncode == 0, run.stdout + run.stderr
+    rounds = sorted((part.round, part.items, (part.request_counts or {}).get("expired"))
+                    for part in parts(env, batch_id_of(run.stdout)))
+    assert rounds == [(1, 20, 13), (2, 13, 6), (3, 6, 0)]
+    assert len(env.results()) == 20 and set(env.answered_ok().values()) == {1}
+    assert Counter(r["attempts"] for r in env.results()) == {1: 7, 2: 7, 3: 6}
+
+
+def test_failed_items_are_retried_by_the_batch_api(env: Env) -> None:
+    env.fake.script.add(__import__("datus.models.scripted", fromlist=["Fault"]).Fault("status", status=500),
+                        match="How many customers", times=1)
+    run = env.dq(*env.batch("gpt"))
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert len(env.results()) == 20 and set(env.answered_ok().values()) == {1}
+    assert [part.round for part in parts(env, batch_id_of(run.stdout))] == [1, 2]
+
+
+# ---- clients killed, batches cancelled ------------------------------------------------------------
+
+
+def kill(proc: subprocess.Popen[str]) -> None:
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=10)
+
+
+@pytest.mark.parametrize(("model", "point"), [("gpt", "create"), ("gpt", "created"), ("gpt", "results"),
+                                              ("claude", "created")])
+def test_a_client_killed_mid_batch_resumes_and_runs_nothing_twice(env: Env, model: str, point: str) -> None:
+    # create: killed between upload and create (the create never reached the provider);
+    # created: the provider made the batch, the client never learnt its id;
+    # results: the batch was recorded and ended, the client died downloading its results
+    env.fake.batches.hold(point)
+    proc = env.start(*env.batch(model))
+    try:
+        wait_for(lambda: env.fake.batches.waiting.get(point))
+    finally:
+        kill(proc)
+    env.fake.batches.release()
+    run = env.dq(*env.batch(model, "--resume"))
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert sorted(r["id"] for r in env.results()) == sorted(f"q{i:02d}" for i in range(1, 21))
+    assert set(env.answered_ok().values()) == {1} and len(env.answered_ok()) == 20
+    made = [job for job in env.fake.batches.jobs.values() if job.items]
+    assert len(made) == 1  # the create that did reach the provider was found again, not repeated
+    [part] = parts(env, batch_id_of(run.stdout))
+    assert part.state is PartState.COLLECTED and part.provider_batch_id == made[0].batch_id
+
+
+def test_dq_cancel_cancels_the_provider_batches(env: Env) -> None:
+    env.fake.batches.configure(run_s=60)  # a long batch, so it is in progress when cancelled
+    proc = env.start(*env.batch("gpt"))
+    try:
+        batch_id = wait_for(lambda: next((p.batch_id for p in _all_parts(env) if p.state is PartState.SUBMITTED),
+                                         None))
+        cancelled = env.dq("cancel", batch_id)
+        assert cancelled.returncode == 0 and "cancelling" in cancelled.stdout, cancelled.stdout + cancelled.stderr
+        [job] = env.fake.batches.jobs.values()
+        assert job.cancelled_at is not None
+        output, _ = proc.communicate(timeout=30)  # the running dq batch stops by itself
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 130 and "dq cancel" in output, output
+    assert len(env.fake.batches.jobs) == 1  # nothing sent again after the cancel
+    status = env.dq("status", batch_id)
+    assert "[interrupted]" in status.stdout and "cancel" in status.stdout, status.stdout
+    online = env.dq(*[arg for arg in env.batch("gpt", "--resume") if arg not in ("--via", "batch-api")])
+    assert online.returncode == 1 and "provider batches in flight" in online.stderr  # would run items twice
+    # --resume: what was answered before the cancel is kept, the rest goes again
+    env.fake.batches.configure(run_s=0.3)
+    run = env.dq(*env.batch("gpt", "--resume"))
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert len(env.results()) == 20 and set(env.answered_ok().values()) == {1}
+
+
+def _all_parts(env: Env) -> list[Any]:
+    store = JobStore(env.store_url)
+    try:
+        from sqlalchemy import select
+
+        from datus_queue.tasks.store.schema import provider_batches
+
+        with store._begin() as conn:
+            ids = set(conn.execute(select(provider_batches.c.batch_id)).scalars())
+        return [part for batch_id in ids for part in ProviderBatchStore(store).parts(batch_id)]
+    finally:
+        store.close()
+
+
+def test_a_provider_without_a_batch_api_is_refused(env: Env) -> None:
+    run = env.dq("batch", str(sample_questions_path()), "--model", "ds", "--db", env.shop_url, "--via", "batch-api")
+    assert run.returncode == 1 and "deepseek has no batch API here yet" in " ".join(run.stderr.split()), run.stderr
+    assert not _all_parts(env) and not env.fake.batches.jobs

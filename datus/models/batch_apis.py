@@ -1,7 +1,7 @@
 """The providers' batch APIs: the same requests as online calls, sent as a batch at batch prices.
 
 `batch_api(model)` gives the batch API of a model's provider (OpenAI's Files + Batch API,
-Anthropic's Message Batches), or raises `ModelConfigError` for a provider without one here yet.
+DashScope's OpenAI-compatible one for Qwen, Anthropic's Message Batches), or raises `ModelConfigError` for a provider without one here yet.
 It builds each item's request body with the adapter's own request building (`_request`, then
 `_params`: exactly what an online call of the same prompt and options sends, minus the client's
 timeout), reads each answer with the adapter's own response mapping, prices it at the
@@ -245,6 +245,16 @@ class OpenAIBatchAPI(BatchAPI):
         self._call(self.client.batches.cancel, provider_batch_id)
 
 
+class DashScopeBatchAPI(OpenAIBatchAPI):
+    """DashScope's OpenAI-compatible Batch API, for Qwen (the same calls at the model's
+    ``base_url``, compatible-mode/v1)."""
+
+    provider_family = "qwen"
+    # https://help.aliyun.com/zh/dashscope/developer-reference/openai-batch-interface: at most 50,000
+    # requests per batch, an input file of at most 100 MB
+    default_limits = BatchLimits(max_requests=50_000, max_bytes=100 * 1024 * 1024)
+
+
 class AnthropicBatchAPI(BatchAPI):
     """Anthropic's Message Batches."""
 
@@ -319,7 +329,7 @@ class AnthropicBatchAPI(BatchAPI):
         self._call(self.client.messages.batches.cancel, provider_batch_id)
 
 
-_APIS: dict[str, type[BatchAPI]] = {"openai": OpenAIBatchAPI, "claude": AnthropicBatchAPI}
+_APIS: dict[str, type[BatchAPI]] = {"openai": OpenAIBatchAPI, "claude": AnthropicBatchAPI, "qwen": DashScopeBatchAPI}
 
 
 def batch_api(model: Any) -> BatchAPI:
@@ -328,6 +338,6 @@ def batch_api(model: Any) -> BatchAPI:
     if cls is None:
         raise ModelConfigError(
             f"--via batch-api: {model.provider} has no batch API here yet (done: {', '.join(sorted(_APIS))}; "
-            "Gemini and DashScope are not written yet, DeepSeek has none)", provider=model.provider,
+            "Gemini's is not written yet, DeepSeek has none)", provider=model.provider,
             model=model.model_name)
     return cls(model)

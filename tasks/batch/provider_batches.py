@@ -19,8 +19,8 @@ recorded again. Items the provider failed, expired or cancelled go out again in 
 is left after that runs online, as jobs. The cost recorded is at batch prices, with the online
 price of the same tokens beside it (``online_cost_usd``).
 
-Not done yet: Gemini and DashScope (the model layer raises for them), prompt caching across a
-batch's items, metrics, a ``--by`` deadline on the command line (the option is here).
+Not done yet: Gemini (the model layer raises for it), prompt caching across a batch's items,
+metrics, a ``--by`` deadline on the command line (the option is here).
 """
 
 from __future__ import annotations

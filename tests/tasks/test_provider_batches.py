@@ -38,6 +38,7 @@ from datus_queue.tasks.cli.services import dq_command
 from datus_queue.tasks.settings import get_settings
 from datus_queue.tasks.store import JobStore
 from datus_queue.tasks.store.provider_batches import PartState, ProviderBatchStore
+from tests.tasks.test_store import PG_URL, _pg_schema
 
 KEY = "sk-dq-provider-batches-not-real"
 DQ = dq_command()
@@ -91,8 +92,23 @@ class Env:
                        if record.outcome == "succeeded")
 
 
+_BACKENDS = ["sqlite", pytest.param("postgres", marks=pytest.mark.skipif(
+    not PG_URL, reason="set DQ_TEST_POSTGRES_URL to run on Postgres"))]
+
+
 @pytest.fixture
-def env(tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> Iterator[Env]:
+def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """The job store: SQLite, or a Postgres schema of its own for tests that ask (``indirect``)."""
+    if getattr(request, "param", "sqlite") == "sqlite":
+        yield f"sqlite:///{tmp_path / 'jobs.db'}"
+    else:
+        with _pg_schema("dq_provider_batches") as url:
+            yield url
+
+
+@pytest.fixture
+def env(tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
+        store_url: str) -> Iterator[Env]:
     shop_url = build_sample_db(tmp_path / "shop.db")
     with FakeProviderServer(api_key=KEY) as fake:
         fake.script.reset(fallback=SampleModel())
@@ -100,10 +116,10 @@ def env(tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.
             "gpt": {"type": "openai", "model": "gpt-4o-mini", "api_key": KEY, "base_url": fake.openai_base_url},
             "claude": {"type": "claude", "model": "claude-haiku-4-5", "api_key": KEY, "base_url": fake.url},
             "ds": {"type": "deepseek", "model": "deepseek-chat", "api_key": KEY, "base_url": fake.openai_base_url},
+            "qwen": {"type": "qwen", "model": "qwen-plus", "api_key": KEY, "base_url": fake.openai_base_url},
         }}}
         config = tmp_path / "agent.yml"
         config.write_text(yaml.safe_dump(agent), encoding="utf-8")
-        store_url = f"sqlite:///{tmp_path / 'jobs.db'}"
         env = {key: value for key, value in os.environ.items() if not key.startswith("DQ_")}
         env.update(DQ_CONFIG=str(config), DQ_REDIS_URL=REDIS_URL, DQ_DATABASE_URL=store_url, PYTHONUNBUFFERED="1",
                    COLUMNS="250")
@@ -165,6 +181,7 @@ def test_the_sample_batch_scores_as_online_at_half_the_price(env: Env, model: st
     assert part.provider_batch_id in status.stdout and "collected" in status.stdout
 
 
+@pytest.mark.parametrize("store_url", _BACKENDS, indirect=True)
 def test_a_batch_split_across_a_size_limit(env: Env) -> None:
     # a lowered limit, so 20 requests make three batches (the real ones are 50,000 requests / 200 MB per
     # file); the fake enforces the same lowered limit, so a part over it would fail there
@@ -209,6 +226,43 @@ def test_failed_items_are_retried_by_the_batch_api(env: Env) -> None:
     assert run.returncode == 0, run.stdout + run.stderr
     assert len(env.results()) == 20 and set(env.answered_ok().values()) == {1}
     assert [part.round for part in parts(env, batch_id_of(run.stdout))] == [1, 2]
+
+
+def test_qwen_on_dashscopes_openai_compatible_batch_api(env: Env) -> None:
+    # DashScope's Batch API is OpenAI's, at the model's base_url; the fake speaks it at its OpenAI paths
+    run = env.dq(*env.batch("qwen"))
+    assert run.returncode == 0, run.stdout + run.stderr
+    records = env.results()
+    assert len(records) == 20 and sum(bool(r["match"]) for r in records) == SAMPLE_MATCHED
+    assert all(r["cost_usd"] == pytest.approx(r["online_cost_usd"] / 2) for r in records)
+    [job] = env.fake.batches.jobs.values()
+    assert job.items[0].body["model"] == "qwen-plus"
+
+
+@pytest.mark.parametrize("store_url", _BACKENDS, indirect=True)
+def test_the_parts_in_the_store(store_url: str) -> None:
+    store = JobStore(store_url)
+    try:
+        store.create_batch("b-1", model="gpt", prompt_hash="h", mode="generate")
+        parts_store = ProviderBatchStore(store)
+        parts_store.add_part("b-1-r1-a", "b-1", "openai", 1, [("c1", "q1"), ("c2", "q2")], 300)
+        parts_store.add_part("b-1-r1-b", "b-1", "openai", 1, [("c3", "q3")], 100)
+        parts_store.update_part("b-1-r1-a", state=PartState.SUBMITTED, provider_batch_id="batch_x",
+                                request_counts={"completed": 1, "failed": 0, "total": 2})
+        parts_store.update_part("b-1-r1-b", state=PartState.COLLECTED)
+        first, second = parts_store.parts("b-1")
+        assert (first.state, first.provider_batch_id, first.items, first.request_counts["total"]) == (
+            PartState.SUBMITTED, "batch_x", 2, 2)
+        assert second.state is PartState.COLLECTED and not second.open
+        assert parts_store.part_items("b-1-r1-a") == {"c1": "q1", "c2": "q2"}
+        assert parts_store.items_in_open_parts("b-1") == {"q1", "q2"}
+        parts_store.add_part("b-1-r2-c", "b-1", "openai", 2, [("c1-2", "q1")], 150)
+        assert parts_store.rounds_by_item("b-1") == {"q1": 2, "q2": 1, "q3": 1}
+        with pytest.raises(Exception):  # noqa: B017 - the same custom_id twice in a batch: the key refuses it
+            parts_store.add_part("b-1-r2-d", "b-1", "openai", 2, [("c3", "q3")], 100)
+        assert [part.part_id for part in parts_store.parts("b-1", [PartState.SUBMITTED])] == ["b-1-r1-a"]
+    finally:
+        store.close()
 
 
 # ---- clients killed, batches cancelled ------------------------------------------------------------

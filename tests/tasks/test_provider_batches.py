@@ -30,6 +30,7 @@ import pytest
 import yaml
 
 from datus.models.batch_apis import AnthropicBatchAPI, BatchLimits, OpenAIBatchAPI, split
+from datus.models.scripted import Fault
 from datus.testing.fake_server import FakeProviderServer
 from datus_queue.tasks.batch.sample import build_sample_db, sample_questions_path
 from datus_queue.tasks.cli.demo import SampleModel
@@ -38,6 +39,7 @@ from datus_queue.tasks.cli.services import dq_command
 from datus_queue.tasks.settings import get_settings
 from datus_queue.tasks.store import JobStore
 from datus_queue.tasks.store.provider_batches import PartState, ProviderBatchStore
+from tests.tasks.conftest import Worker
 from tests.tasks.test_store import PG_URL, _pg_schema
 
 KEY = "sk-dq-provider-batches-not-real"
@@ -220,12 +222,35 @@ def test_expired_items_go_again_and_never_run_twice(env: Env) -> None:
 
 
 def test_failed_items_are_retried_by_the_batch_api(env: Env) -> None:
-    env.fake.script.add(__import__("datus.models.scripted", fromlist=["Fault"]).Fault("status", status=500),
-                        match="How many customers", times=1)
+    env.fake.script.add(Fault("status", status=500), match="How many customers", times=1)
     run = env.dq(*env.batch("gpt"))
     assert run.returncode == 0, run.stdout + run.stderr
     assert len(env.results()) == 20 and set(env.answered_ok().values()) == {1}
     assert [part.round for part in parts(env, batch_id_of(run.stdout))] == [1, 2]
+
+
+def test_what_the_batch_api_could_not_do_runs_online(env: Env) -> None:
+    # --api-rounds 1: an item the provider batch failed goes online at once (default: after 3 submissions)
+    env.fake.script.add(Fault("status", status=500), match="How many customers", times=1)
+    log = env.dir / "worker.log"
+    with log.open("wb") as handle:
+        proc = subprocess.Popen([*DQ, "worker", "--provider", "openai", "-c", "2"], env=env.env, cwd=env.dir,
+                                stdout=handle, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                start_new_session=True)
+    worker = Worker(proc, log, ("openai",))
+    try:
+        worker.wait_ready()
+        run = env.dq(*env.batch("gpt", "--api-rounds", "1"))
+    finally:
+        worker.stop()
+    assert run.returncode == 0, run.stdout + run.stderr
+    records = {r["id"]: r for r in env.results()}
+    assert len(records) == 20 and sum(bool(r["match"]) for r in records.values()) == SAMPLE_MATCHED
+    online = [r for r in records.values() if r.get("via") != "batch-api"]
+    assert len(online) == 1 and online[0]["job_id"] and online[0]["status"] == "succeeded"
+    assert "running them online" in run.stderr
+    assert set(env.answered_ok().values()) == {1} and len(env.answered_ok()) == 19  # the 20th: online
+    assert sum(1 for r in env.fake.requests if r.path == "/v1/chat/completions") == 1
 
 
 def test_qwen_on_dashscopes_openai_compatible_batch_api(env: Env) -> None:

@@ -15,6 +15,7 @@ __all__ = [
     "job_events",
     "job_keys",
     "maintenance",
+    "model_catalog",
     "ratelimit_input_log",
     "ratelimit_slots",
     "ratelimit_state",
@@ -68,6 +69,12 @@ def job_keys(job_id: str) -> list[str]:
 def maintenance(task: str) -> str:
     """A hash of the maintenance task's runs: how many, the last one's time and report."""
     return f"{PREFIX}:maintenance:{task}"
+
+
+def model_catalog() -> str:
+    """A hash of the models the fleet's workers serve (tasks/catalog.py): agent.yml name -> what a
+    caller may know of it (type, model id...; never a key). Written by each worker at start."""
+    return f"{PREFIX}:models"
 
 
 def beat_entry(name: str) -> str:

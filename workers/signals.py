@@ -4,7 +4,8 @@ Celery's log readable while the broker is away.
 - The runtime (the process's event loop) starts at worker init (prefork: in each child after the
   fork) and stops at shutdown.
 - The sweeps (`tasks.maintenance.sweep_loop`) start once the worker consumes (``worker_ready``,
-  in the main process under every pool) and stop at shutdown: recovery needs no `dq beat`.
+  in the main process under every pool) and stop at shutdown: recovery needs no `dq beat`. Then
+  too the worker publishes its models to the fleet's catalogue (`tasks.catalog`).
 - While Redis is away Celery's consumer logs every reconnect attempt and, for each running job it
   stops, a line and a traceback: hundreds of lines for one outage. `OutageLogFilter` keeps the
   first line of the outage and the line that ends it, and says there how many jobs were stopped.
@@ -89,6 +90,18 @@ def _start_sweeps(**_: Any) -> None:
             _sweeps.start()
 
 
+def _publish_catalog(**_: Any) -> None:
+    """The models this worker serves, for callers' queue models (`tasks.catalog`)."""
+    from datus_queue.tasks.catalog import publish
+    from datus_queue.tasks.context import get_context
+
+    try:
+        ctx = get_context()
+        logger.info("published %d model(s) to the fleet's catalogue", publish(ctx.redis, ctx.agent_config))
+    except Exception as exc:  # noqa: BLE001 - callers then fall back to the names; the worker serves on
+        logger.warning("could not publish the model catalogue: %s: %s", type(exc).__name__, exc)
+
+
 def _stop_sweeps(**_: Any) -> None:
     global _sweeps
     with _sweeps_lock:
@@ -117,6 +130,7 @@ def connect() -> None:
     signals.worker_init.connect(_start_unless_prefork, weak=False)
     signals.worker_shutdown.connect(_stop, weak=False)
     signals.worker_ready.connect(_start_sweeps, weak=False)
+    signals.worker_ready.connect(_publish_catalog, weak=False)
     signals.worker_shutdown.connect(_stop_sweeps, weak=False)
     from datus.models.redact import install_log_redaction
 

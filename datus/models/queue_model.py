@@ -119,9 +119,10 @@ class QueueModel(LLMBaseModel):
         self._fleet: tuple[Any, Any] | None = None  # (settings, the fleet's AgentConfig)
         self._jobs: Any = None  # the JobClient, made on the first call
         self.recent_jobs: collections.deque[str] = collections.deque(maxlen=100)  # the latest calls' job ids
-        self._served_config: Any = None
+        self._served_config: Any = None  # the served model as the caller may know it (tasks.catalog.CatalogEntry)
         super().__init__(model_config, **kwargs)
-        self.served = self.model_config.model  # the name the fleet serves
+        self.entry = self.model_config  # this agent.yml entry, as written ({type: queue, model: NAME, ...})
+        self.served = self.entry.model  # the name the fleet serves
         self._resolve_quietly()
 
     # agent_config (set by create_model after __init__): the caller's config; the fleet's is
@@ -163,7 +164,7 @@ class QueueModel(LLMBaseModel):
                         provider="queue", model=self.served) from None
                 settings = Settings()  # read now: the DQ_ variables as they are when the model is first used
                 config = self._fleet_config(settings)
-                served = self._served(config)
+                config, served = self._served(config, settings)
                 self._served_config = served
                 self._adopt(served)
                 self._fleet = (settings, config)
@@ -202,8 +203,12 @@ class QueueModel(LLMBaseModel):
                 config.models[name] = ModelConfig.coerce(model)
         return config
 
-    def _served(self, fleet: Any) -> Any:
+    def _served(self, fleet: Any, settings: Any) -> tuple[Any, Any]:
+        """(the fleet's config, knowing this model's name; the served model as the caller may
+        know it, a `CatalogEntry`): from the fleet's agent.yml, else from the catalogue the
+        workers publish in Redis (`datus_queue.tasks.catalog`)."""
         from datus.models.config import ModelConfig
+        from datus_queue.tasks.catalog import entry_of
 
         name = self.served
         if name in fleet.models:
@@ -213,24 +218,55 @@ class QueueModel(LLMBaseModel):
         elif ":" in name:
             provider, _, model = name.partition(":")
             config = ModelConfig(type=provider, model=model)
+        elif (published := self._published(settings)) is not None:
+            import copy
+
+            fleet = copy.copy(fleet)  # the caller's own config, maybe: the name is added to a copy
+            fleet.models = {**fleet.models, name: ModelConfig(type=published.type, model=published.model)}
+            return fleet, published
         else:
             configured = ", ".join(sorted(fleet.models)) or "(none)"
             raise ModelConfigError(
-                f"queue model {name!r}: the fleet's agent.yml (DQ_CONFIG) has no model of that name; it has "
-                f"{configured} (or name one as provider:model)", provider="queue", model=name)
+                f"queue model {name!r}: the fleet's agent.yml (DQ_CONFIG) has no model of that name, nor has a "
+                f"worker published one (is a dq worker serving it running?); it has {configured} (or name one as "
+                "provider:model)", provider="queue", model=name)
         if str(config.type) == "queue":
             raise ModelConfigError(f"queue model {name!r} names another queue model: name a model the workers "
                                    "serve with a provider type", provider="queue", model=name)
-        return config
+        return fleet, entry_of(config)
+
+    def _published(self, settings: Any) -> Any:
+        """The catalogue's entry of this model's name, or None (none published, Redis away)."""
+        from datus_queue.tasks.catalog import read
+        from datus_queue.tasks.redis_connect import connect
+
+        try:
+            redis = connect(settings)
+            try:
+                return read(redis, self.served)
+            finally:
+                redis.close()
+        except Exception as exc:  # noqa: BLE001 - Redis away: the name alone, errors at the first call
+            logger.debug("queue model %r: the fleet's catalogue is unreadable: %s: %s", self.served,
+                         type(exc).__name__, exc)
+            return None
 
     def _adopt(self, served: Any) -> None:
+        """Take the served model's identity: ``provider``, ``model_name`` and a ``model_config``
+        as Datus reads it — the served provider, model id, vendor, window and base URL (one
+        without credentials), and what this queue entry sets itself — holding no key. The
+        entry as written stays in ``entry``."""
+        from datus.models.config import ModelConfig
         from datus.models.pricing import find_pricing
         from datus.models.profiles import find_profile
 
         self.provider = str(served.type)
         self.model_name = served.model
         self.profile = find_profile(self.provider, self.model_name)
-        self.pricing = served.pricing or find_pricing(self.provider, self.model_name)
+        own = {key: getattr(self.entry, key) for key in self.entry.model_fields_set
+               if key not in ("type", "model", "vendor", "api_key", "base_url", "missing_env")}
+        self.model_config = ModelConfig(**{**served.model_dump(exclude_none=True), **own})
+        self.pricing = self.model_config.pricing or find_pricing(self.provider, self.model_name)
 
     # ---- what the in-process model computes locally ------------------------------------------
 
@@ -247,7 +283,7 @@ class QueueModel(LLMBaseModel):
     def max_tokens(self) -> int:
         window = self.context_length() or 32_768
         served = self._served_config
-        room = (served.max_tokens if served is not None else None) or self.model_config.max_tokens or 4_096
+        room = (served.max_tokens if served is not None else None) or self.entry.max_tokens or 4_096
         return max(window - room, window // 2)
 
     # ---- the abstract hooks: a queue model sends no provider request itself ------------------
@@ -283,8 +319,8 @@ class QueueModel(LLMBaseModel):
         if unknown:
             raise TypeError(f"unknown option(s) {', '.join(map(repr, unknown))}; "
                             f"known: {', '.join(CallOptions.model_fields)}")
-        options = {key: getattr(self.model_config, key) for key in _CONFIG_DEFAULTS
-                   if key in self.model_config.model_fields_set}
+        options = {key: getattr(self.entry, key) for key in _CONFIG_DEFAULTS
+                   if key in self.entry.model_fields_set}
         if enable_thinking is not None:
             options["enable_thinking"] = enable_thinking
         options.update({key: value for key, value in kwargs.items() if value is not None})

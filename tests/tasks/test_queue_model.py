@@ -25,9 +25,10 @@ from datus.models.scripted import Fault, Reply, ScriptedToolCall
 from datus.models.usage import track_usage
 from datus.schemas.action_history import ActionHistoryManager
 from datus.testing.fake_server import FakeProviderServer
+from datus_queue.tasks import keys
 from datus_queue.tasks.client import JobClient
 from datus_queue.tasks.schemas import JobStatus
-from tests.tasks.conftest import JobEnv, StartWorker, generations, tool_run_skip_reason
+from tests.tasks.conftest import KNOWN_KEY, JobEnv, StartWorker, generations, tool_run_skip_reason
 
 ANSWER_SCHEMA = {"type": "object", "properties": {"sql": {"type": "string"}}, "required": ["sql"]}
 
@@ -94,6 +95,45 @@ def test_create_model_returns_a_queue_model_without_the_job_system_imported_and_
             "if n in sys.modules))")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "[]", done.stdout + done.stderr
+
+
+def test_a_queue_models_config_is_the_served_model_the_workers_publish(
+        job_env: JobEnv, worker: StartWorker, fake: FakeProviderServer, client: JobClient, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Datus reads ``model_config.model`` and ``.type`` as the provider's; a caller without the
+    fleet's agent.yml learns them from the catalogue the workers publish in Redis."""
+    for name, value in {"DQ_REDIS_URL": job_env.redis_url, "DQ_DATABASE_URL": job_env.database_url}.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.delenv("DQ_CONFIG", raising=False)
+    monkeypatch.chdir(tmp_path)  # no conf/agent.yml here either
+    config = AgentConfig.from_dict({"agent": {"models": {"sql": {"type": "queue", "model": "deepseek",
+                                                                 "temperature": 0.2}}}})
+    unpublished = LLMBaseModel.create_model(config, "sql")
+    assert unpublished.model_config.model == "deepseek"  # no worker has published: the fleet's name is all it has
+
+    worker("deepseek")  # publishes every model of the fleet's agent.yml as it starts
+    model = LLMBaseModel.create_model(config, "sql")
+    assert (model.model_config.type, model.model_config.model) == ("deepseek", "deepseek-chat")
+    assert (model.provider, model.model_name) == ("deepseek", "deepseek-chat")
+    assert model.model_config.temperature == 0.2 and model.model_config.api_key is None  # its own setting, no key
+    assert model.model_config.base_url == fake.openai_base_url
+    assert (model.entry.type, model.entry.model) == ("queue", "deepseek")
+    catalogue = client.redis.hgetall(keys.model_catalog())
+    assert {b"openai", b"deepseek", b"gemini"} <= set(catalogue)
+    assert all(b"api_key" not in value and KNOWN_KEY.encode() not in value for value in catalogue.values())
+    # the name known from the catalogue alone, its calls run on the fleet
+    fake.script.add(Reply(text="catalogued"), match="q-catalogue")
+    assert model.generate("q-catalogue: hi") == "catalogued"
+
+
+def test_the_catalogue_shows_no_credentials() -> None:
+    from datus.models.config import ModelConfig
+    from datus_queue.tasks.catalog import entry_of
+
+    plain = entry_of(ModelConfig(type="openai", model="gpt-4o", api_key="sk-x", base_url="https://api.example/v1"))
+    assert plain.base_url == "https://api.example/v1" and "sk-x" not in plain.model_dump_json()
+    for url in ("https://user:pw@api.example/v1", "https://api.example/v1?key=sk-x", "https://tok@api.example/v1"):
+        assert entry_of(ModelConfig(type="openai", model="gpt-4o", base_url=url)).base_url is None, url
 
 
 def local_token_count(caller: AgentConfig) -> int:

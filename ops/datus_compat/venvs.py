@@ -8,8 +8,9 @@
   Python >= 3.12. Either a copy of an existing Datus venv (``from_venv``; the original is never
   touched) or a fresh venv with the Datus source installed. Then the packages our model layer
   imports that are missing there are added, constrained to what is installed so Datus's pins
-  never move, plus pytest-timeout (Datus's venv has no per-test timeout, and a provider SDK
-  retrying a host it cannot reach would hang the run).
+  never move, plus the test packages it lacks (a Datus user's venv has no pytest or
+  pytest-asyncio; none has pytest-timeout, without which a provider SDK retrying a host it
+  cannot reach would hang the run).
 
     python ops/datus_compat/venvs.py standalone DIR [--base-python python3.11]
     python ops/datus_compat/venvs.py datus DIR --from-venv /path/to/datus-venv
@@ -103,7 +104,7 @@ def ensure_datus_venv(venv: Path, *, from_venv: Path | None = None, datus_source
         raise ValueError("a Datus venv needs from_venv (a venv to copy) or datus_source (a tree to install)")
     installed = _installed(python)
     missing = [item for item in model_layer_requirements() if _name(item) not in installed]
-    missing += [item for item in ("pytest-timeout",) if item not in installed]
+    missing += [item for item in TEST_PACKAGES if item not in installed]  # a venv of Datus users has no pytest
     with tempfile.NamedTemporaryFile("w", suffix=".txt", delete=False) as pins:
         pins.write("".join(f"{name}=={version}\n" for name, version in installed.items()))
     try:

@@ -208,7 +208,7 @@ def test_a_caller_tool_past_its_bound_fails_the_job_while_the_caller_lives(
 
 
 CALLER_SCRIPT = """
-import asyncio, sys, time
+import asyncio, time
 from datus.models.base import LLMBaseModel
 from datus.models.config import AgentConfig
 

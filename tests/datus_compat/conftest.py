@@ -244,6 +244,9 @@ def datus_config(request: pytest.FixtureRequest, place: str, server: FakeProvide
     if request.param == "datus-agent" and not datus_installed():
         pytest.skip("Datus-agent is not installed here (CI's Python 3.12 leg installs it)")
     if place == "queue":
+        if request.param == "datus-shaped" and datus_installed():
+            pytest.skip("queue-backed, Datus-agent's own config serves where it is installed (the Datus-shaped "
+                        "one runs queue-backed where it is not)")
         fleet: Fleet = request.getfixturevalue("fleet")
         fleet.caller(request.getfixturevalue("monkeypatch"))
         if request.param == "datus-agent":
@@ -293,10 +296,13 @@ def place(request: pytest.FixtureRequest) -> str:
 
 
 def queue_agent_yml(server: FakeProviderServer) -> str:
-    """`agent_yml` once every model is switched to the fleet: one change per entry, the other
-    sections as they were."""
+    """`agent_yml` once every model is switched to the fleet, the other sections as they were.
+    Datus-agent's loader reads ``base_url`` and ``api_key`` of every entry (agent_config.py:631-639:
+    ``data["base_url"]``, a KeyError when absent), so a queue entry keeps them, empty: a queue
+    model uses neither."""
     head, _, rest = agent_yml(server).partition("  models:\n")
-    entries = "".join(f"    {name}:\n      type: queue\n      model: {name}\n" for name in MODEL_NAMES)
+    entries = "".join(f"    {name}:\n      type: queue\n      model: {name}\n      base_url: ''\n"
+                      f"      api_key: ''\n" for name in MODEL_NAMES)
     return f"{head}  models:\n{entries}  nodes:\n{rest.partition('  nodes:' + chr(10))[2]}"
 
 

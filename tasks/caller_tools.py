@@ -56,8 +56,8 @@ if TYPE_CHECKING:
     from datus_queue.tasks.settings import Settings
 
 __all__ = ["BEATS_PER_WINDOW", "REQUEST_STEP", "SERVER", "CallerGone", "CallerTool", "CallerToolResult",
-           "CallerToolTimeout", "CallerToolWait", "PendingCall", "beat_interval", "bounded_result", "caller_tools",
-           "hash_ttl", "heartbeat", "mark_sent"]
+           "CallerToolTimeout", "CallerToolWait", "PendingCall", "all_answered", "beat_interval", "bounded_result",
+           "caller_tools", "hash_ttl", "heartbeat", "mark_sent"]
 
 REQUEST_STEP = "caller_tool_request"  # the action_type of the step that hands calls to the caller
 SERVER = "caller"  # a caller tool's ``server`` in its tool step's input
@@ -242,6 +242,13 @@ async def mark_sent(ctx: JobContext, job_id: str, calls: Iterable[PendingCall]) 
     fields = {f"sent:{call.call_id}": "1" for call in calls}
     if fields:
         await ctx.aredis.hset(keys.job_caller(job_id), mapping=fields)
+
+
+async def all_answered(ctx: JobContext, job_id: str, calls: list[PendingCall]) -> bool:
+    """Whether the caller has answered every one of ``calls`` (meanwhile: its re-send may have
+    found the job still running, and sent nothing)."""
+    stored = await ctx.aredis.hmget(keys.job_caller(job_id), [f"result:{call.call_id}" for call in calls])
+    return bool(calls) and all(value is not None for value in stored)
 
 
 def _seconds(value: Any, default: float) -> float:

@@ -52,7 +52,14 @@ from datus.models.retry import RetryPolicy, is_rate_limited
 from datus.models.usage import Usage, track_usage
 from datus.schemas.action_history import ActionHistory, ActionRole, ActionStatus
 from datus_queue.tasks import keys
-from datus_queue.tasks.caller_tools import REQUEST_STEP, CallerGone, CallerToolTimeout, CallerToolWait, mark_sent
+from datus_queue.tasks.caller_tools import (
+    REQUEST_STEP,
+    CallerGone,
+    CallerToolTimeout,
+    CallerToolWait,
+    all_answered,
+    mark_sent,
+)
 from datus_queue.tasks.checkpoints import RunSuperseded
 from datus_queue.tasks.context import JobContext, get_context
 from datus_queue.tasks.databases import database_refusal
@@ -406,6 +413,8 @@ async def _caller_wait(ctx: JobContext, job_id: str, stored: StoredJob, run: int
             None, {"calls": [call.asked() for call in unsent], "timeout_s": ctx.settings.caller_tool_timeout_s,
                    "liveness_s": ctx.settings.caller_liveness_s, "run": run}, ActionStatus.PROCESSING))
         await mark_sent(ctx, job_id, unsent)
+    if await all_answered(ctx, job_id, wait.calls):  # while this run looked: the caller's re-send found it running
+        countdown = 0.0
     logger.info("job %s: %s; back in %.2fs at the latest", job_id, wait, countdown)
     return Retry(countdown, error)
 

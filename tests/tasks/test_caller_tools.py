@@ -207,6 +207,33 @@ def test_a_caller_tool_past_its_bound_fails_the_job_while_the_caller_lives(
     assert client.redis.hget(keys.job_caller(result.job_id), "beat") is not None
 
 
+def test_a_live_callers_tool_may_outlast_the_liveness_window(
+        caller: AgentConfig, worker: StartWorker, fake: FakeProviderServer, client: JobClient,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # DQ_CALLER_LIVENESS_S shortened from 30 s (worker and caller alike) so the tool outlives
+    # several windows in seconds: the job comes back each window, finds the caller beating, and
+    # waits on without asking again
+    monkeypatch.setenv("DQ_CALLER_LIVENESS_S", "2")
+    worker("openai", env={"DQ_CALLER_LIVENESS_S": "2"})
+    fake.script.add(Reply(tool_calls=[ScriptedToolCall("audit", {"table": "orders"}, id="l1")]),
+                    Reply(text="audited"), match="cq-long")
+    ran: Counter[str] = Counter()
+
+    def audit(table: str) -> str:
+        """A long audit of a table of the caller's."""
+        ran[table] += 1
+        # the job came back to look, found the caller alive, and was handed back again, twice
+        wait_for(lambda: client.get(queued.recent_jobs[-1]).caller_waits >= 3, 60, "the job to look again")
+        return "clean"
+
+    queued = LLMBaseModel.create_model(caller, "fleet")
+    result = asyncio.run(queued.generate_with_tools("cq-long: audit orders", tools=[audit]))
+    assert result["content"] == "audited" and ran == Counter(orders=1)
+    job_id = queued.recent_jobs[-1]
+    assert [step.action_type for step in client.stream(job_id)].count("caller_tool_request") == 1
+    assert turn_one_requests(fake, "cq-long") == 1 and client.get(job_id).attempts == 1
+
+
 CALLER_SCRIPT = """
 import asyncio, time
 from datus.models.base import LLMBaseModel

@@ -1,7 +1,8 @@
 """The providers' batch APIs: the same requests as online calls, sent as a batch at batch prices.
 
 `batch_api(model)` gives the batch API of a model's provider (OpenAI's Files + Batch API,
-DashScope's OpenAI-compatible one for Qwen, Anthropic's Message Batches), or raises `ModelConfigError` for a provider without one here yet.
+DashScope's OpenAI-compatible one for Qwen, Anthropic's Message Batches, Gemini's batch mode),
+or raises `ModelConfigError` for a provider without one here yet.
 It builds each item's request body with the adapter's own request building (`_request`, then
 `_params`: exactly what an online call of the same prompt and options sends, minus the client's
 timeout), reads each answer with the adapter's own response mapping, prices it at the
@@ -52,6 +53,7 @@ class Progress:
     output_file_id: str | None = None
     error_file_id: str | None = None
     counts: dict[str, int] = field(default_factory=dict)
+    reported: bool = True  # False: the provider (its SDK) does not say how far the batch is
 
 
 @dataclass(frozen=True)
@@ -329,7 +331,95 @@ class AnthropicBatchAPI(BatchAPI):
         self._call(self.client.messages.batches.cancel, provider_batch_id)
 
 
-_APIS: dict[str, type[BatchAPI]] = {"openai": OpenAIBatchAPI, "claude": AnthropicBatchAPI, "qwen": DashScopeBatchAPI}
+class GeminiBatchAPI(BatchAPI):
+    """Gemini's batch mode (google-genai ``client.batches``), with inline requests; the
+    request is the adapter's ``generate_content`` arguments (`_arguments`), the answer read by
+    its `ResponseFolder`. The batch's ``display_name`` is the part id (how `find` knows it).
+    Its stats are not in the SDK's `BatchJob`: progress is not reported (the bar says so)."""
+
+    provider_family = "gemini"
+    # https://ai.google.dev/gemini-api/docs/batch-mode: inline requests while their total stays under
+    # 20 MB (larger batches go through an uploaded file, not written here); the request count is ours
+    default_limits = BatchLimits(max_requests=50_000, max_bytes=20 * 1024 * 1024)
+    _ENDED = ("JOB_STATE_SUCCEEDED", "JOB_STATE_FAILED", "JOB_STATE_CANCELLED", "JOB_STATE_EXPIRED")
+
+    def _create_client(self) -> Any:
+        from google import genai
+        from google.genai import types
+
+        from datus.models.gemini_model import split_api_version
+
+        model = self.model
+        base_url, api_version = split_api_version(model.model_config.base_url, model.API_VERSION)
+        options = types.HttpOptions(base_url=base_url, api_version=api_version,
+                                    timeout=int(model.model_config.timeout_s * 1000))
+        return genai.Client(vertexai=False, api_key=model._get_api_key(), http_options=options)
+
+    def body(self, prompt: Any, instruction: str | None = None, **options: Any) -> tuple[dict[str, Any], str | None]:
+        arguments = self.model._arguments(self.model._request(to_messages(prompt, instruction), options))
+        config = arguments["config"].model_dump(mode="json", exclude_none=True,
+                                                exclude={"http_options", "automatic_function_calling"})
+        contents = [content.model_dump(mode="json", exclude_none=True) for content in arguments["contents"]]
+        return {"contents": contents, "config": config}, None
+
+    def line(self, custom_id: str, body: dict[str, Any]) -> bytes:
+        return json.dumps({"key": custom_id, **body}, ensure_ascii=False, separators=(",", ":")).encode()
+
+    def upload(self, lines: list[bytes], name: str) -> str | None:
+        return None  # inline requests travel in the create
+
+    def create(self, part_id: str, lines: list[bytes], file_id: str | None) -> str:
+        from google.genai import types
+
+        requests = []
+        for raw in lines:
+            entry = json.loads(raw)
+            requests.append(types.InlinedRequest(contents=entry["contents"], metadata={"key": entry["key"]},
+                                                 config=types.GenerateContentConfig(**entry["config"])))
+        batch = self._call(self.client.batches.create, model=self.model.model_name, src=requests,
+                           config={"display_name": part_id[:128]})
+        return batch.name
+
+    def find(self, part_id: str, items: int, since: datetime) -> str | None:
+        for batch in self._call(self.client.batches.list, config={"page_size": 100}):
+            if batch.display_name == part_id[:128]:
+                return batch.name
+        return None
+
+    def retrieve(self, provider_batch_id: str) -> Progress:
+        batch = self._call(self.client.batches.get, name=provider_batch_id)
+        state = getattr(batch.state, "value", str(batch.state))
+        self._last = batch  # the inline answers ride on the batch itself
+        return Progress(batch.name, state, state in self._ENDED, 0, 0, 0, reported=False)
+
+    def results(self, progress: Progress) -> Iterator[ItemResult]:
+        from datus.models.gemini_contents import ResponseFolder
+
+        batch = getattr(self, "_last", None)
+        if batch is None or batch.name != progress.provider_batch_id:
+            batch = self._call(self.client.batches.get, name=progress.provider_batch_id)
+        for entry in (batch.dest.inlined_responses if batch.dest else None) or []:
+            custom_id = str((entry.metadata or {}).get("key"))
+            if entry.response is None:  # the SDK's JobError: a google.rpc.Status (code, message)
+                code = getattr(entry.error, "code", None)
+                message = getattr(entry.error, "message", None) or "no answer"
+                yield ItemResult(custom_id, error_code=f"http_{code}" if code else "batch_error", error=str(message))
+                continue
+            folder = ResponseFolder(self.model.provider, self.model.model_name)
+            folder.add(entry.response)
+            try:
+                generation = folder.result()
+            except ModelError as exc:  # a safety block, as online
+                yield ItemResult(custom_id, error_code=exc.slug, error=exc.reason)
+                continue
+            yield self.priced(custom_id, generation)
+
+    def cancel(self, provider_batch_id: str) -> None:
+        self._call(self.client.batches.cancel, name=provider_batch_id)
+
+
+_APIS: dict[str, type[BatchAPI]] = {"openai": OpenAIBatchAPI, "claude": AnthropicBatchAPI, "qwen": DashScopeBatchAPI,
+                                    "gemini": GeminiBatchAPI}
 
 
 def batch_api(model: Any) -> BatchAPI:
@@ -338,6 +428,6 @@ def batch_api(model: Any) -> BatchAPI:
     if cls is None:
         raise ModelConfigError(
             f"--via batch-api: {model.provider} has no batch API here yet (done: {', '.join(sorted(_APIS))}; "
-            "Gemini's is not written yet, DeepSeek has none)", provider=model.provider,
+            "DeepSeek has none)", provider=model.provider,
             model=model.model_name)
     return cls(model)

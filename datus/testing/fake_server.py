@@ -31,8 +31,9 @@ Other processes (Celery workers, the demo) drive it over HTTP:
     POST /_fake/batches   the provider batch APIs' clock and limits (`batch_jobs.BatchSettings`),
                           e.g. {"run_s": 2, "expire_after": 3}; {"reset": true} first restores them
 
-The providers' batch APIs (OpenAI's Files + Batch API, Anthropic's Message Batches) are served
-by `datus.testing.protocols.openai_batches` / `anthropic_batches` on the engine `server.batches`
+The providers' batch APIs (OpenAI's Files + Batch API, Anthropic's Message Batches, Gemini's
+batch mode) are served by `datus.testing.protocols.openai_batches` / `anthropic_batches` /
+`gemini_batches` on the engine `server.batches`
 (`datus.testing.protocols.batch_jobs`); each batch item is answered as an online request would be.
 
 So that tests can check concurrency by what happened rather than by how long it took, the
@@ -86,6 +87,7 @@ from datus.testing.limits import LimitEnforcer, ProviderLimits
 from datus.testing.protocols import ProtocolError, WireProtocol, default_protocols, estimate_usage
 from datus.testing.protocols.anthropic_batches import anthropic_batch_routes
 from datus.testing.protocols.batch_jobs import BatchEngine
+from datus.testing.protocols.gemini_batches import gemini_batch_routes
 from datus.testing.protocols.openai_batches import openai_batch_routes
 
 __all__ = ["FALLBACKS", "FakeProviderServer", "RecordedRequest", "answer_from_json", "answer_to_json"]
@@ -315,6 +317,7 @@ class FakeProviderServer:
         # before the protocols' own routes would not matter: no path is shared
         routes += openai_batch_routes(self.batches, self.protocols)
         routes += anthropic_batch_routes(self.batches, self.protocols)
+        routes += gemini_batch_routes(self.batches, self.protocols)
         return Starlette(routes=routes)
 
     def _endpoint(self, protocol: WireProtocol) -> Callable[[Request], Awaitable[Response]]:

@@ -19,8 +19,8 @@ recorded again. Items the provider failed, expired or cancelled go out again in 
 is left after that runs online, as jobs. The cost recorded is at batch prices, with the online
 price of the same tokens beside it (``online_cost_usd``).
 
-Not done yet: Gemini (the model layer raises for it), prompt caching across a batch's items,
-metrics, a ``--by`` deadline on the command line (the option is here).
+Not done yet: prompt caching across a batch's items, metrics, a ``--by`` deadline on the command
+line (the option is here), Gemini's file input (inline requests only: 20 MB a batch).
 """
 
 from __future__ import annotations
@@ -80,6 +80,9 @@ class ProviderBatchRun:
         self.parts_store = ProviderBatchStore(runner.client.store)
         self.api: BatchAPI = batch_api(LLMBaseModel.create_model(runner.client.agent_config, runner.options.model))
         limits = self.api.default_limits
+        for name in ("max_requests", "max_bytes"):
+            if (getattr(self.options, name) or 1) <= 0:
+                raise ValueError(f"--api-{name.replace('_', '-').replace('bytes', 'mb')} must be positive")
         self.limits = BatchLimits(min(self.options.max_requests or limits.max_requests, limits.max_requests),
                                   min(self.options.max_bytes or limits.max_bytes, limits.max_bytes))
         self._bodies: dict[str, bytes] = {}  # custom_id -> line, for the parts made in this process
@@ -188,6 +191,7 @@ class ProviderBatchRun:
             if not parts:
                 return
             done = total = 0
+            reported = True
             for part in parts:
                 try:
                     progress = self.api.retrieve(part.provider_batch_id or "")
@@ -202,7 +206,8 @@ class ProviderBatchRun:
                     self.runner.view.note(f"provider batch {part.provider_batch_id}: {exc.reason} (polling on)")
                     continue
                 done, total = done + progress.done, total + progress.total
-            self.runner.view.provider_progress(done, total, len(parts))
+                reported = reported and progress.reported
+            self.runner.view.provider_progress(done if reported else None, total, len(parts))
             if self.parts_store.parts(self.batch_id, [PartState.SUBMITTED]):
                 self._sleep(delay)
                 delay = min(delay * 1.5, self.options.poll_max_s)

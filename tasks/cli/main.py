@@ -249,16 +249,21 @@ def _age(text: str) -> Any:
 
 
 def cmd_cancel(args: argparse.Namespace) -> int:
-    client = _client()
-    if client.store.get_batch(args.job_id) is not None:  # a batch: its provider batches (dq batch --via batch-api)
-        from datus_queue.tasks.batch.provider_batches import cancel_provider_batches
+    from datus_queue.tasks.client import JobNotFound
 
-        lines = cancel_provider_batches(client, args.job_id)
-        for line in lines:
-            console.print(line, markup=False, highlight=False)
-        console.print(f"{len(lines)} provider batch(es) cancelled" if lines else "no provider batches open")
+    client = _client()
+    try:  # a job first: cancelling a running job is a race against its end
+        console.print(client.cancel(args.job_id).value)
         return 0
-    console.print(client.cancel(args.job_id).value)
+    except JobNotFound:
+        if client.store.get_batch(args.job_id) is None:
+            raise JobNotFound(args.job_id, "job or batch") from None
+    from datus_queue.tasks.batch.provider_batches import cancel_provider_batches
+
+    lines = cancel_provider_batches(client, args.job_id)  # a batch: its provider batches (--via batch-api)
+    for line in lines:
+        console.print(line, markup=False, highlight=False)
+    console.print(f"{len(lines)} provider batch(es) cancelled" if lines else "no provider batches open")
     return 0
 
 

@@ -119,6 +119,7 @@ def env(tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.
             "claude": {"type": "claude", "model": "claude-haiku-4-5", "api_key": KEY, "base_url": fake.url},
             "ds": {"type": "deepseek", "model": "deepseek-chat", "api_key": KEY, "base_url": fake.openai_base_url},
             "qwen": {"type": "qwen", "model": "qwen-plus", "api_key": KEY, "base_url": fake.openai_base_url},
+            "gemini": {"type": "gemini", "model": "gemini-2.5-flash", "api_key": KEY, "base_url": fake.url},
         }}}
         config = tmp_path / "agent.yml"
         config.write_text(yaml.safe_dump(agent), encoding="utf-8")
@@ -253,6 +254,20 @@ def test_what_the_batch_api_could_not_do_runs_online(env: Env) -> None:
     assert sum(1 for r in env.fake.requests if r.path == "/v1/chat/completions") == 1
 
 
+def test_gemini_batch_mode(env: Env) -> None:
+    run = env.dq(*env.batch("gemini"))
+    assert run.returncode == 0, run.stdout + run.stderr
+    records = env.results()
+    assert len(records) == 20 and sum(bool(r["match"]) for r in records) == SAMPLE_MATCHED
+    assert all(r["cost_usd"] == pytest.approx(r["online_cost_usd"] / 2) and r["usage"]["input_tokens"] > 0
+               for r in records)
+    assert set(env.answered_ok().values()) == {1} and len(env.answered_ok()) == 20
+    [job] = env.fake.batches.jobs.values()
+    assert "systemInstruction" not in job.items[0].body  # the prompt is one user message, as online
+    [part] = parts(env, batch_id_of(run.stdout))
+    assert part.state is PartState.COLLECTED and part.provider_batch_id.startswith("batches/")
+
+
 def test_qwen_on_dashscopes_openai_compatible_batch_api(env: Env) -> None:
     # DashScope's Batch API is OpenAI's, at the model's base_url; the fake speaks it at its OpenAI paths
     run = env.dq(*env.batch("qwen"))
@@ -299,7 +314,7 @@ def kill(proc: subprocess.Popen[str]) -> None:
 
 
 @pytest.mark.parametrize(("model", "point"), [("gpt", "create"), ("gpt", "created"), ("gpt", "results"),
-                                              ("claude", "created")])
+                                              ("claude", "created"), ("gemini", "created")])
 def test_a_client_killed_mid_batch_resumes_and_runs_nothing_twice(env: Env, model: str, point: str) -> None:
     # create: killed between upload and create (the create never reached the provider);
     # created: the provider made the batch, the client never learnt its id;
@@ -318,7 +333,8 @@ def test_a_client_killed_mid_batch_resumes_and_runs_nothing_twice(env: Env, mode
     made = [job for job in env.fake.batches.jobs.values() if job.items]
     assert len(made) == 1  # the create that did reach the provider was found again, not repeated
     [part] = parts(env, batch_id_of(run.stdout))
-    assert part.state is PartState.COLLECTED and part.provider_batch_id == made[0].batch_id
+    # Gemini names a batch batches/<id>
+    assert part.state is PartState.COLLECTED and part.provider_batch_id.removeprefix("batches/") == made[0].batch_id
 
 
 def test_dq_cancel_cancels_the_provider_batches(env: Env) -> None:

@@ -62,6 +62,7 @@ class BatchSettings:
     openai_max_file_bytes: int = 200 * 1024 * 1024
     anthropic_max_requests: int = 100_000  # per batch
     anthropic_max_bytes: int = 256 * 1024 * 1024
+    gemini_max_bytes: int = 20 * 1024 * 1024  # inline requests, all of them together
     seed: int | None = None  # the order items are answered in (None: random)
 
     @classmethod
@@ -284,14 +285,18 @@ class BatchEngine:
 
     def _answer(self, job: BatchJob, item: BatchItem) -> None:
         """The online answer to one item: parse, script, render."""
-        status, body = self.answer_body(job.protocol, job.headers, item.body)
+        status, body = self.answer_body(job.protocol, job.headers, item.body, job.extra.get("path_params"))
         item.status, item.answer = status, body
         item.outcome = "succeeded" if status == 200 else "errored"
         self.answered.append(Answered(job.batch_id, item.custom_id, item.outcome))
 
-    def answer_body(self, protocol: WireProtocol, headers: dict[str, str], body: Any) -> tuple[int, dict[str, Any]]:
-        scope = {"type": "http", "method": "POST", "path": protocol.paths[0], "headers":
-                 [(k.encode("latin-1"), v.encode("latin-1")) for k, v in headers.items()]}
+    def answer_body(self, protocol: WireProtocol, headers: dict[str, str], body: Any,
+                    path_params: dict[str, str] | None = None) -> tuple[int, dict[str, Any]]:
+        """An online request's answer (status, JSON body), as if ``body`` came on the protocol's
+        first path (``path_params`` fill it in: Gemini's model)."""
+        path = protocol.paths[0].format(**(path_params or {})) if path_params else protocol.paths[0]
+        scope = {"type": "http", "method": "POST", "path": path, "query_string": b"", "path_params": path_params or {},
+                 "headers": [(k.encode("latin-1"), v.encode("latin-1")) for k, v in headers.items()]}
         request = Request(scope)
         try:
             scripted = protocol.parse(request, body)

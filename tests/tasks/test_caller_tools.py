@@ -28,9 +28,10 @@ from datus.models.errors import ModelTimeoutError
 from datus.models.scripted import Reply, ScriptedToolCall
 from datus.testing.fake_server import FakeProviderServer
 from datus_queue.tasks import keys
+from datus_queue.tasks.cli.services import dq_command
 from datus_queue.tasks.client import InvalidJob, JobClient
 from datus_queue.tasks.schemas import JobRequest, JobStatus
-from tests.tasks.conftest import JobEnv, StartWorker, generations, wait_for
+from tests.tasks.conftest import JobEnv, StartWorker, _environment, generations, wait_for
 
 
 @pytest.fixture
@@ -281,7 +282,7 @@ def test_a_caller_killed_mid_wait_fails_the_job_caller_gone_with_default_setting
 
 
 def test_a_turns_caller_calls_go_to_the_caller_in_one_round_trip_and_each_runs_once(
-        caller: AgentConfig, worker: StartWorker, fake: FakeProviderServer, client: JobClient) -> None:
+        job_env: JobEnv, caller: AgentConfig, worker: StartWorker, fake: FakeProviderServer, client: JobClient) -> None:
     worker("openai")
     together = threading.Barrier(3, timeout=30)  # passes only if the three calls run at the same time
     ran: Counter[str] = Counter()
@@ -315,6 +316,10 @@ def test_a_turns_caller_calls_go_to_the_caller_in_one_round_trip_and_each_runs_o
     assert [call["name"] for call in calls] == ["alpha", "beta", "gamma"] and len({c["call_id"] for c in calls}) == 3
     done = client.get(job_id)
     assert (done.status, done.attempts, done.caller_waits) == (JobStatus.SUCCEEDED, 1, 1)  # one re-send
+    # dq status shows the wait under its own name, not as an attempt or a rate-limit wait
+    shown = subprocess.run([*dq_command(), "status", job_id], env=_environment(job_env, None), cwd=job_env.dir,
+                           capture_output=True, text=True, timeout=60, check=True).stdout
+    assert "attempts=1" in shown and "caller_waits=1" in shown and "rate_limit" not in shown, shown
 
 
 def test_a_caller_wait_ends_at_the_jobs_deadline(

@@ -250,8 +250,15 @@ def datus_config(request: pytest.FixtureRequest, place: str, server: FakeProvide
         fleet: Fleet = request.getfixturevalue("fleet")
         fleet.caller(request.getfixturevalue("monkeypatch"))
         if request.param == "datus-agent":
-            return real_datus_config(server, tmp_path, queue=True)
-        return DatusAgentConfig({name: DatusModelConfig("queue", "", "", name) for name in MODEL_NAMES}, "deepseek")
+            config = real_datus_config(server, tmp_path, queue=True)
+        else:
+            config = DatusAgentConfig({name: DatusModelConfig("queue", "", "", name) for name in MODEL_NAMES},
+                                      "deepseek")
+        from datus.models.base import LLMBaseModel
+        from datus.models.queue_model import QueueModel
+
+        assert isinstance(LLMBaseModel.create_model(config), QueueModel)  # so no case passes in-process unseen
+        return config
     if request.param == "datus-agent":
         return real_datus_config(server, tmp_path)
     return datus_shaped(server)

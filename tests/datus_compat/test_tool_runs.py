@@ -47,6 +47,7 @@ from tests.datus_compat.datus_tools import (
     tool_stats,
     tool_view,
 )
+from tests.datus_compat.conftest import DatusAgentConfig, DatusModelConfig, Fleet, datus_shaped
 from tests.models.agents_shapes import strict_schema
 
 # one model per wire format: OpenAI-style (DeepSeek), Anthropic, Gemini
@@ -679,3 +680,75 @@ async def test_max_turns_is_datus_max_turns_error(datus_config: Any, server: Fak
             await model.generate_with_tools(**kwargs)
     assert caught.value.code == ErrorCode.MODEL_MAX_TURNS_EXCEEDED
     assert [a.action_type for a in manager.get_actions()[2:]] == ["list_tables", "list_tables"]
+
+
+# ---------------------------------------------------------------- in-process and queue-backed, side by side
+
+
+def step_view(action: ActionHistory) -> tuple[Any, ...]:
+    """Everything of a step Datus's nodes, CLI and web UI read: not its id and times, nor the
+    usage's ``latency_ms``; nor a function tool's ``input["server"]``, which differs queue-backed
+    (test_a_function_tool_step_names_no_server)."""
+    given = dict(action.input) if isinstance(action.input, dict) else action.input
+    if isinstance(given, dict) and given.get("server") == "caller":
+        given["server"] = None
+    output = json.loads(json.dumps(action.output, default=str))
+    if isinstance(output, dict) and isinstance(output.get("usage"), dict):
+        output["usage"].pop("latency_ms", None)
+    return (action.role, action.action_type, action.status, action.messages,
+            json.dumps(given, sort_keys=True, default=str), json.dumps(output, sort_keys=True))
+
+
+@pytest.mark.parametrize("name", PROVIDERS)
+def test_a_chat_turn_is_the_same_in_process_and_queue_backed(fleet: Fleet, monkeypatch: pytest.MonkeyPatch, env: None,
+                                                             db_tools: DatusDBTools, name: str) -> None:
+    """CP-9a's turn (chat_agentic_node.py:617-626) and CP-7's call (reasoning_sql.py:166-213) on
+    the same fake with the same script, once on the in-process model and once on its queue-backed
+    twin (the caller's FunctionTools run in the caller both times): the same steps, field for
+    field, in the node's manager too, and the same result dict."""
+    fleet.caller(monkeypatch)
+    server = fleet.server
+    server.reset()
+    models = {"in-process": LLMBaseModel.create_model(datus_shaped(server), name),
+              "queue": LLMBaseModel.create_model(
+                  DatusAgentConfig({name: DatusModelConfig("queue", "", "", name)}, name), name)}
+    assert type(models["queue"]).__name__ == "QueueModel" and type(models["in-process"]).__name__ != "QueueModel"
+
+    steps, managers, results = {}, {}, {}
+    for place, model in models.items():
+        server.script.add(*sql_exchange())
+        managers[place] = node_manager("How many customers per city?")
+        steps[place] = asyncio.run(run_stream(model, prompt="How many customers per city?",
+                                              tools=db_tools.available_tools(), mcp_servers={},
+                                              instruction="You are Datus.", max_turns=30,
+                                              action_history_manager=managers[place]))
+        server.script.add(*sql_exchange())
+        results[place] = asyncio.run(model.generate_with_tools(
+            prompt=[{"role": "user", "content": "How many customers per city?"}], mcp_servers={},
+            instruction="You reason in SQL.", tools=db_tools.available_tools(), output_type=str, max_turns=5))
+    assert [step_view(a) for a in steps["queue"]] == [step_view(a) for a in steps["in-process"]]
+    assert [a.action_type for a in steps["queue"]] == ["message", "list_tables", "read_query", "final_response"]
+    assert [step_view(a) for a in managers["queue"].get_actions()] == \
+        [step_view(a) for a in managers["in-process"].get_actions()]
+    local, queued = results["in-process"], results["queue"]
+    assert queued["content"] == local["content"] == ANSWER
+    assert [c.model_dump() for c in queued["sql_contexts"]] == [c.model_dump() for c in local["sql_contexts"]]
+    for usage in (queued["usage"], local["usage"]):
+        usage.pop("latency_ms", None)
+    assert (queued["usage"], queued["turns_used"], queued["model"]) == (local["usage"], local["turns_used"],
+                                                                       local["model"])
+
+
+@pytest.mark.queue_xfail("a caller-side function tool's step has input[\"server\"] == \"caller\" (in-process: None); "
+                         "the web UI's line shows the step's input less function_name (chat_executor.py:125-176)")
+def test_a_function_tool_step_names_no_server(datus_config: Any, server: FakeProviderServer,
+                                              db_tools: DatusDBTools) -> None:
+    """A function tool's step as the web UI reads it (cli/web/chat_executor.py:125-176): its input
+    less ``function_name`` — arguments, call id, tool, and no server (the tool is no MCP server's)."""
+    server.script.add(Reply(tool_calls=[Call("read_query", {"sql": "SELECT 1"}, id="c_1")]), Reply(text="one"))
+    model = LLMBaseModel.create_model(datus_config)
+    steps = asyncio.run(run_stream(model, prompt="one?", tools=db_tools.available_tools(), mcp_servers={},
+                                   instruction="SQL.", max_turns=5, action_history_manager=node_manager("one?")))
+    [tool] = [a for a in steps if a.role == ActionRole.TOOL]
+    assert tool.input["arguments"] == {"sql": "SELECT 1"} and tool.input["call_id"] == "c_1"
+    assert tool.input.get("server") is None

@@ -128,6 +128,10 @@ class ModelConfig(BaseModel):
     api: Literal["chat_completions", "responses"] | None = Field(
         default=None, description="type: openai only: the API spoken; unset: responses for the models that "
                                   "answer only there (o1-pro, o3-pro, gpt-5-pro, codex), else chat_completions")
+    store: bool = Field(
+        default=False, description="type: openai, api: responses only: OpenAI keeps the responses (30 days; not "
+                                   "for zero-data-retention projects) and later turns send previous_response_id "
+                                   "and only their new items instead of the whole conversation")
     pricing: Pricing | None = None
     rate_limits: RateLimits | None = Field(default=None, description="this model's budget on its API key")
     missing_env: tuple[str, ...] = Field(default=(), exclude=True, repr=False)

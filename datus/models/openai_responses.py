@@ -14,9 +14,22 @@ Requests. Neutral ``ChatMessage``s become input items::
                    {"type": "function_call", "call_id", "name", "arguments"} per tool call
     tool           {"type": "function_call_output", "call_id", "output": <text>}
 
-``store`` is false unless the call's ``extra_body`` says otherwise: OpenAI keeps nothing, and
-a reasoning model's items come back with ``encrypted_content`` (``include:
-["reasoning.encrypted_content"]``), which is what the next turn of a tool run sends back.
+``store`` is false unless the model's config (``store: true``) or the call's ``extra_body``
+says otherwise: OpenAI keeps nothing, and a reasoning model's items come back with
+``encrypted_content`` (``include: ["reasoning.encrypted_content"]``, asked for whatever
+``store`` says), which is what the next turn of a tool run sends back.
+
+``previous_response_id``. With ``store`` on, each answer's assistant message also carries a
+``reasoning_details`` entry of type ``openai_response``: the response's id, the model, and a
+digest of the whole input it answered (never sent). A later request — the next turn of a tool
+run, a resumed run (the journal holds the message), the next question of a session — whose
+conversation holds such a message, and whose items before it still have that digest, sends
+``previous_response_id`` and only the items after it: OpenAI holds the rest, reasoning items
+included. Anything else (the digest differs: a session cut or edited, another system prompt;
+no entry: an answer made with ``store`` off, or by another model) is sent whole. So is a
+request the service answers 400 ``previous_response_not_found`` (deleted, expired after 30
+days, another project's key): it is sent again at once, whole — which is why the encrypted
+reasoning is asked for even when stored, so that the whole conversation still carries it.
 Reasoning items ride in ``ChatMessage.reasoning_details`` — the carrier Claude's thinking
 blocks and Gemini's thought signatures use — so the tool loop's conversation, a run's
 journal (resume from checkpoints) and sessions keep and replay them with no code of their
@@ -33,6 +46,8 @@ their codes.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import re
 from collections.abc import AsyncIterator, Mapping, Sequence
@@ -52,6 +67,7 @@ from datus.models.usage import Usage
 
 __all__ = [
     "REASONING_DETAIL",
+    "RESPONSE_DETAIL",
     "ResponsesAPI",
     "generation_of",
     "needs_responses_api",
@@ -65,6 +81,8 @@ logger = logging.getLogger(__name__)
 ApiName = Literal["chat_completions", "responses"]
 #: The ``reasoning_details`` entries that are Responses API reasoning items.
 REASONING_DETAIL = "reasoning"
+#: The ``reasoning_details`` entry naming the stored response an assistant message came from.
+RESPONSE_DETAIL = "openai_response"
 # Models that answer only on the Responses API: the -pro reasoning models and the codex models.
 _RESPONSES_ONLY = re.compile(r"^(o\d+|gpt-[\w.]+?)-pro(-|$)|codex", re.IGNORECASE)
 # What a replayed reasoning item keeps (the API rejects output-only fields such as a null status).
@@ -141,17 +159,39 @@ def _reasoning_item(detail: Mapping[str, Any]) -> dict[str, Any]:
     return item
 
 
+def input_digest(messages: Sequence[ChatMessage], model: str) -> str:
+    """A digest of the input items ``messages`` make for ``model``: what a stored response answered."""
+    text = json.dumps(wire_input(messages, model), sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def chain_point(messages: Sequence[ChatMessage], model: str) -> tuple[str, int] | None:
+    """``(response id, index)`` of the latest assistant message that a stored response of
+    ``model`` made, when the messages before it are still the input that response answered;
+    None when there is none (the conversation is then sent whole)."""
+    for index in range(len(messages) - 1, -1, -1):
+        message = messages[index]
+        for detail in message.reasoning_details or () if message.role == "assistant" else ():
+            if detail.get("type") == RESPONSE_DETAIL and detail.get("model") == model and detail.get("id"):
+                if detail.get("input") == input_digest(messages[:index], model):
+                    return str(detail["id"]), index
+                return None
+    return None
+
+
 def responses_params(request: ModelRequest, model: str, *, temperature: bool, reasoning: bool,
-                     json_schema: bool = True) -> dict[str, Any]:
+                     json_schema: bool = True, store: bool = False, chain: bool = True) -> dict[str, Any]:
     """The keyword arguments of ``client.responses.create`` for ``request``. ``temperature``:
     the model takes temperature/top_p; ``reasoning``: it is a reasoning model (its encrypted
-    reasoning is asked for when nothing is stored)."""
+    reasoning is asked for); ``store``: the model's default (a call's ``extra_body`` wins);
+    ``chain``: with ``store`` on, continue a stored response with ``previous_response_id``
+    where the conversation allows (`chain_point`)."""
     options = request.options
     extra_body: dict[str, Any] = dict(options.extra_body or {})
-    store = bool(extra_body.pop("store", False))
+    store = bool(extra_body.pop("store", store))
     items = wire_input(request.messages, model)
     params: dict[str, Any] = {"model": model, "input": items, "store": store}
-    if reasoning and not store:
+    if reasoning:
         params["include"] = ["reasoning.encrypted_content"]
     if reasoning and options.enable_thinking:
         params["reasoning"] = {"summary": "auto"}
@@ -174,6 +214,7 @@ def responses_params(request: ModelRequest, model: str, *, temperature: bool, re
         else:
             params["text"] = {"format": {"type": "json_object"}}
             _add_system_hint(items, _json_hint(fmt.schema))
+            chain = False  # the hint rides on the first item: not in a chain's new items
     if request.tools:
         # strict: False — the API's default is strict, which MCP tools' schemas rarely satisfy
         params["tools"] = [{"type": "function", "name": tool.name, "description": tool.description,
@@ -182,9 +223,21 @@ def responses_params(request: ModelRequest, model: str, *, temperature: bool, re
             params["tool_choice"] = options.tool_choice
         elif options.tool_choice:
             params["tool_choice"] = {"type": "function", "name": options.tool_choice}
+    if store and chain and "previous_response_id" not in extra_body:
+        point = chain_point(request.messages, model)
+        if point is not None:
+            params["previous_response_id"] = point[0]
+            params["input"] = wire_input(request.messages[point[1] + 1:], model)
     if extra_body:
         params["extra_body"] = extra_body
     return params
+
+
+def _previous_gone(exc: BaseException) -> bool:
+    """The service's answer to a ``previous_response_id`` it does not hold (API error code
+    ``previous_response_not_found``, HTTP 400)."""
+    return getattr(exc, "code", None) == "previous_response_not_found" or (
+        getattr(exc, "param", None) == "previous_response_id" and getattr(exc, "status_code", None) in (400, 404))
 
 
 # ---- answers ----------------------------------------------------------------------------
@@ -291,23 +344,48 @@ class ResponsesAPI:
     def __init__(self, model: Any) -> None:
         self.model = model
 
-    def params(self, request: ModelRequest) -> dict[str, Any]:
+    def params(self, request: ModelRequest, chain: bool = True) -> dict[str, Any]:
         profile = self.model.profile
         return responses_params(request, self.model.model_name, temperature=profile.temperature,
-                                reasoning=profile.always_reasons, json_schema=profile.json_schema)
+                                reasoning=profile.always_reasons, json_schema=profile.json_schema,
+                                store=bool(getattr(self.model.model_config, "store", False)), chain=chain)
 
     def _where(self) -> dict[str, str]:
         return {"provider": self.model.provider, "model": self.model.model_name}
 
+    async def _create(self, create: Any, request: ModelRequest, **extra: Any) -> tuple[Any, dict[str, Any]]:
+        """``create`` with the request's params; a chained request whose previous response the
+        service no longer holds is sent again at once, whole (not a retry: nothing failed)."""
+        params = self.params(request)
+        try:
+            return await create(**params, **extra), params
+        except Exception as exc:
+            if "previous_response_id" not in params or not _previous_gone(exc):
+                raise
+            logger.info("%s: previous response %s is gone; the conversation is sent whole", self.model.model_name,
+                        params["previous_response_id"])
+            params = self.params(request, chain=False)
+            return await create(**params, **extra), params
+
+    def _stored(self, generation: Generation, request: ModelRequest, params: Mapping[str, Any]) -> Generation:
+        """With ``store`` on, the answer names its response for a later ``previous_response_id``."""
+        if params.get("store") and generation.response_id:
+            model = self.model.model_name
+            generation.reasoning_details = [*(generation.reasoning_details or ()), {
+                "type": RESPONSE_DETAIL, "id": generation.response_id, "model": model,
+                "input": input_digest(request.messages, model)}]
+        return generation
+
     async def complete(self, client: Any, request: ModelRequest) -> Generation:
-        raw = await client.responses.with_raw_response.create(**self.params(request))
+        raw, params = await self._create(client.responses.with_raw_response.create, request)
         response = raw.parse()
         if _get(response, "output") is None:
             raise InvalidResponseError("the response has no output", **self._where())
-        return generation_of(response, rate_limits=openai_budget(raw.headers), **self._where())
+        generation = generation_of(response, rate_limits=openai_budget(raw.headers), **self._where())
+        return self._stored(generation, request, params)
 
     async def stream(self, client: Any, request: ModelRequest) -> AsyncIterator[StreamDelta | Generation]:
-        stream = await client.responses.create(**self.params(request), stream=True)
+        stream, params = await self._create(client.responses.create, request, stream=True)
         final: Any = None
         try:
             async for event in stream:
@@ -328,7 +406,7 @@ class ResponsesAPI:
         if final is None:
             raise InvalidResponseError("the stream ended before the response was complete", **self._where())
         headers = getattr(getattr(stream, "response", None), "headers", None)
-        yield generation_of(final, rate_limits=openai_budget(headers), **self._where())
+        yield self._stored(generation_of(final, rate_limits=openai_budget(headers), **self._where()), request, params)
 
     def count_extra_tokens(self, request: ModelRequest) -> int:
         """Tokens the base count cannot see: replayed encrypted reasoning (opaque; about four

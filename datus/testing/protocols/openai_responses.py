@@ -17,6 +17,22 @@ assistant's ``tool_calls``, function-call outputs as ``tool`` messages, an assis
 replayed reasoning items under ``reasoning_items``), so matchers and the agent fallback read
 it as they read any OpenAI request; ``tools`` are the request's own (flat ``name`` /
 ``parameters``).
+
+Stored responses and ``previous_response_id``. As on the service (API reference, "Create a
+model response": ``store`` defaults to true; ``previous_response_id`` "to create multi-turn
+conversations"; conversation-state guide), a response made with ``store`` on is kept — here for
+the server's lifetime, there for 30 days — with its whole context: its input (resolved through
+its own ``previous_response_id``) then its output. A request naming it continues that context
+with its own input; an id this server never stored, or one deleted (``DELETE
+/v1/responses/{id}``, which the tests use as expiry), is answered 400 ``previous_response_not_found``
+("Previous response with id '...' not found.", param ``previous_response_id``), the shape the
+service sends. Input items are checked against the resolved context as the service checks them:
+an item id already there (a reasoning item replayed on top of the chain that holds it) is
+"Duplicate item found with id ..."; a reasoning item with no ``encrypted_content`` must name an
+item this server stored ("Item with id '...' not found."); a function-call output needs its
+call ("No tool call found for function call output with call_id ...") and a call its output
+("No tool output found for function call ..."). So a test that passes has sent a consistent
+chain. Unlike the other protocols this one keeps state: the stored responses.
 """
 
 from __future__ import annotations
@@ -26,11 +42,12 @@ import binascii
 import json
 import secrets
 import time
+from dataclasses import dataclass, field
 from typing import Any
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
-from starlette.routing import BaseRoute
+from starlette.routing import BaseRoute, Route
 
 from datus.models.scripted import Reply, ScriptedRequest
 from datus.testing.protocols import ProtocolError, Usage, estimate_usage, split_text, sse
@@ -66,12 +83,55 @@ def _invalid(message: str, param: str | None = None, code: str | None = None) ->
     return ProtocolError(_error(400, message, "invalid_request_error", code, param))
 
 
+@dataclass(frozen=True)
+class _ResponsesRequest(ScriptedRequest):
+    #: the resolved input items: the previous response's whole context, then this request's input
+    context: list[dict[str, Any]] = field(default_factory=list)
+
+
 class OpenAIResponsesProtocol(OpenAIChatProtocol):
     name = "openai_responses"
     paths = ("/v1/responses", "/responses")
 
+    def __init__(self) -> None:
+        # response id -> {"body": the response, "context": its input items then its output items}
+        self._stored: dict[str, dict[str, Any]] = {}
+        self._items: dict[str, dict[str, Any]] = {}  # every stored response's output items, by id
+
     def extra_routes(self) -> list[BaseRoute]:
-        return []  # /v1/models is the chat-completions module's
+        # /v1/models is the chat-completions module's
+        return [Route(path, self._one_response, methods=["GET", "DELETE"])
+                for path in ("/v1/responses/{response_id}", "/responses/{response_id}")]
+
+    async def _one_response(self, request: Request) -> Response:
+        """``GET`` / ``DELETE /v1/responses/{id}`` on stored responses (API reference: "Get a model
+        response", "Delete a model response")."""
+        denied = self.authenticate(request, request.app.state.api_key)
+        if denied is not None:
+            return denied
+        response_id = request.path_params["response_id"]
+        stored = self._stored.get(response_id)
+        if stored is None:
+            return _error(404, f"Response with id '{response_id}' not found.", "invalid_request_error", None,
+                          "response_id")
+        if request.method == "DELETE":
+            self.forget(response_id)
+            return JSONResponse({"id": response_id, "object": "response.deleted", "deleted": True})
+        return JSONResponse(stored["body"])
+
+    def forget(self, response_id: str) -> None:
+        """Drop a stored response and its items (as deletion or expiry does on the service)."""
+        stored = self._stored.pop(response_id, None)
+        for item in (stored or {}).get("output", ()):
+            self._items.pop(item.get("id"), None)
+
+    def _keep(self, response: dict[str, Any], request: ScriptedRequest) -> None:
+        if response.get("store") is False or response["status"] == "in_progress":
+            return
+        context = [*getattr(request, "context", ()), *response["output"]]
+        self._stored[response["id"]] = {"body": response, "context": context, "output": response["output"]}
+        for item in response["output"]:
+            self._items[item["id"]] = item
 
     # -- requests -------------------------------------------------------------------------
 
@@ -86,27 +146,52 @@ class OpenAIResponsesProtocol(OpenAIChatProtocol):
         items = [{"role": "user", "content": raw}] if isinstance(raw, str) else raw
         if not isinstance(items, list):
             raise _invalid("Invalid 'input': expected a string or an array of items.", "input", "invalid_type")
+        chain: list[dict[str, Any]] = []
+        previous = body.get("previous_response_id")
+        if previous is not None:
+            stored = self._stored.get(str(previous))
+            if stored is None:
+                raise ProtocolError(_error(400, f"Previous response with id '{previous}' not found.",
+                                           "invalid_request_error", "previous_response_not_found",
+                                           "previous_response_id"))
+            chain = stored["context"]
         messages: list[dict[str, Any]] = []
-        if body.get("instructions"):
+        if body.get("instructions"):  # a previous response's instructions are not carried over
             messages.append({"role": "system", "content": str(body["instructions"])})
         store = body.get("store", True) is not False
+        for item in chain:  # this server's own items: nothing to check
+            _read_item(item, 0, messages, True, str(body["model"]))
+        seen = {str(item["id"]) for item in chain if item.get("id")}
         for index, item in enumerate(items):
             if not isinstance(item, dict):
                 raise _invalid(f"Invalid 'input[{index}]': expected an object.", f"input[{index}]", "invalid_type")
-            _read_item(item, index, messages, store, str(body["model"]))
+            if item.get("id"):
+                if str(item["id"]) in seen:
+                    raise _invalid(f"Duplicate item found with id {item['id']}. Remove duplicate items from your "
+                                   "input and try again.", "input")
+                seen.add(str(item["id"]))
+            if item.get("type") == "reasoning" and item.get("encrypted_content") is None and store \
+                    and item.get("id") not in self._items:
+                raise _invalid(f"Item with id '{item.get('id')}' not found.", "input")
+            known = item.get("type") == "reasoning" and item.get("encrypted_content") is None \
+                and item.get("id") in self._items
+            _read_item(item, index, messages, known, str(body["model"]))
+        _check_calls([*chain, *items])
         tools = body.get("tools") or []
         for index, tool in enumerate(tools):
             if isinstance(tool, dict) and tool.get("type") == "function" and "function" in tool:
                 # the chat-completions spelling is an error here, as on the real service
                 raise _invalid(f"Missing required parameter: 'tools[{index}].name'.", f"tools[{index}].name",
                                "missing_required_parameter")
-        return ScriptedRequest(protocol=self.name, model=str(body["model"]), messages=messages,
-                               stream=bool(body.get("stream")), tools=list(tools), body=body)
+        return _ResponsesRequest(protocol=self.name, model=str(body["model"]), messages=messages,
+                                 stream=bool(body.get("stream")), tools=list(tools), body=body,
+                                 context=[*chain, *items])
 
     # -- answers --------------------------------------------------------------------------
 
     def render_json(self, reply: Reply, request: ScriptedRequest) -> Response:
         body = self._response(reply, request, _output(reply, request), estimate_usage(request, reply))
+        self._keep(body, request)
         return JSONResponse(body, headers={"x-request-id": _new_id("req_")})
 
     def stream_frames(self, reply: Reply, request: ScriptedRequest) -> list[bytes]:
@@ -149,6 +234,7 @@ class OpenAIResponsesProtocol(OpenAIChatProtocol):
                 event("response.function_call_arguments.done", **where, arguments=item["arguments"])
             event("response.output_item.done", output_index=index, item=item)
         final = self._response(reply, request, output, estimate_usage(request, reply))
+        self._keep(final, request)
         event("response.incomplete" if final["status"] == "incomplete" else "response.completed", response=final)
         return frames
 
@@ -195,14 +281,16 @@ class OpenAIResponsesProtocol(OpenAIChatProtocol):
         }
 
 
-def _read_item(item: dict[str, Any], index: int, messages: list[dict[str, Any]], store: bool, model: str) -> None:
+def _read_item(item: dict[str, Any], index: int, messages: list[dict[str, Any]], known: bool, model: str) -> None:
+    """One input item into the chat-shaped ``messages``. ``known``: a reasoning item this server
+    stored (or its own context's): nothing to verify."""
     kind = item.get("type") or ("message" if "role" in item else None)
     last = messages[-1] if messages else None
     open_turn = last is not None and last["role"] == "assistant"
     fresh = open_turn and not last["content"] and not last.get("tool_calls")  # type: ignore[index]
     if kind == "reasoning":
         decrypted = decrypt(item.get("encrypted_content"))
-        if not store and (decrypted is None or decrypted.get("model") != model):
+        if not known and (decrypted is None or decrypted.get("model") != model):
             if item.get("encrypted_content") is None:
                 raise _invalid(f"Item with id '{item.get('id')}' not found. Items are not persisted when `store` "
                                "is set to false. Try again with `store` set to true, or remove this item from "
@@ -235,6 +323,23 @@ def _read_item(item: dict[str, Any], index: int, messages: list[dict[str, Any]],
                          "content": output if isinstance(output, str) else json.dumps(output)})
     else:
         raise _invalid(f"Invalid 'input[{index}].type': {kind!r}.", f"input[{index}].type", "invalid_value")
+
+
+def _check_calls(items: list[dict[str, Any]]) -> None:
+    """Every function-call output answers a call before it, every call has its output."""
+    calls: list[str] = []
+    answered: set[str] = set()
+    for item in items:
+        if item.get("type") == "function_call":
+            calls.append(str(item.get("call_id")))
+        elif item.get("type") == "function_call_output":
+            if str(item.get("call_id")) not in calls:
+                raise _invalid(f"No tool call found for function call output with call_id {item.get('call_id')}.",
+                               "input")
+            answered.add(str(item.get("call_id")))
+    for call_id in calls:
+        if call_id not in answered:
+            raise _invalid(f"No tool output found for function call {call_id}.", "input")
 
 
 def _text(content: Any) -> str:

@@ -15,12 +15,15 @@ the provider's counts drive the progress bar. A part that ended is collected: ea
 matched to its item by custom_id (results come in any order), is scored and recorded exactly as
 an online job's answer (`BatchRunner.record_result`), once — an item final already is never
 recorded again. Items the provider failed, expired or cancelled go out again in a new part
-(a new custom_id each time) for up to ``rounds`` submissions and while ``deadline`` allows; what
-is left after that runs online, as jobs. The cost recorded is at batch prices, with the online
+(a new custom_id each time) for up to ``rounds`` submissions; what is left after that runs
+online, as jobs. The cost recorded is at batch prices, with the online
 price of the same tokens beside it (``online_cost_usd``).
 
-Not done yet: prompt caching across a batch's items, metrics, a ``--by`` deadline on the command
-line (the option is here), Gemini's file input (inline requests only: 20 MB a batch).
+``--by`` (``deadline``) bounds the wait: at it the open provider batches are cancelled, what
+they answered is collected, nothing new is sent, and the rest runs online.
+
+Not done yet: prompt caching across a batch's items, metrics, ``--by`` choosing between the
+batch API and online by itself, Gemini's file input (inline requests only: 20 MB a batch).
 """
 
 from __future__ import annotations
@@ -43,7 +46,8 @@ if TYPE_CHECKING:
     from datus.models.batch_apis import BatchAPI, BatchLimits, Progress
     from datus_queue.tasks.batch.runner import BatchRunner
 
-__all__ = ["ProviderBatchOptions", "ProviderBatchRun", "cancel_provider_batches", "custom_id_for", "plan_parts"]
+__all__ = ["ProviderBatchOptions", "ProviderBatchRun", "cancel_provider_batches", "custom_id_for", "deadline_from",
+           "plan_parts"]
 
 
 @dataclass
@@ -53,7 +57,26 @@ class ProviderBatchOptions:
     poll_s: float = 5.0  # the first wait between polls of a provider batch
     poll_max_s: float = 60.0
     rounds: int = 3  # provider submissions of one item before it runs online instead
-    deadline: datetime | None = None  # after it no new provider batch is made: what is left runs online
+    # --by: at it the open provider batches are cancelled (what they answered is kept), no new one
+    # is made, and what is left runs online
+    deadline: datetime | None = None
+
+
+def deadline_from(text: str, now: datetime | None = None) -> datetime:
+    """``--by``: a duration from now (``90s``, ``30m``, ``6h``, ``2d``) or an ISO 8601 time (UTC
+    unless it says otherwise)."""
+    from datus_queue.tasks.maintenance.dead_letters import parse_age
+
+    now = now or datetime.now(UTC)
+    try:
+        return now + parse_age(text)
+    except ValueError:
+        pass
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError:
+        raise ValueError(f"--by {text!r}: give a duration (90s, 30m, 6h, 2d) or a time (2026-12-08T06:00)") from None
+    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
 
 
 def custom_id_for(item_id: str, attempt: int) -> str:
@@ -101,7 +124,7 @@ class ProviderBatchRun:
                 waiting = self.parts_store.items_in_open_parts(self.batch_id)
                 sent = self.parts_store.rounds_by_item(self.batch_id)
                 todo = [q for item_id, q in questions.items() if item_id not in final and item_id not in waiting]
-                late = self.options.deadline is not None and datetime.now(UTC) >= self.options.deadline
+                late = self._late()
                 online = {q.id for q in todo if late or sent.get(q.id, 0) >= self.options.rounds}
                 self._make_parts([q for q in todo if q.id not in online], sent)
                 open_parts = self.parts_store.parts(self.batch_id, OPEN_STATES)
@@ -114,6 +137,9 @@ class ProviderBatchRun:
             if out is not None:
                 out.close()
             self.api.close()
+
+    def _late(self) -> bool:
+        return self.options.deadline is not None and datetime.now(UTC) >= self.options.deadline
 
     def _make_parts(self, questions: list[Question], sent: dict[str, int]) -> None:
         if not questions:
@@ -148,6 +174,14 @@ class ProviderBatchRun:
 
         for part in parts:
             if part.state is PartState.SUBMITTED or self.runner.interrupted:
+                continue
+            if self._late():  # past --by: not sent (a create that may have reached the provider is looked for)
+                found = self.api.find(part.part_id, part.items, part.updated_at) \
+                    if part.state is PartState.CREATING else None
+                if found is None:
+                    self.parts_store.update_part(part.part_id, state=PartState.CANCELLED, error="past --by")
+                    continue
+                self.parts_store.update_part(part.part_id, state=PartState.SUBMITTED, provider_batch_id=found)
                 continue
             try:
                 self._send_part(part, questions)
@@ -190,6 +224,8 @@ class ProviderBatchRun:
             parts = self.parts_store.parts(self.batch_id, [PartState.SUBMITTED])
             if not parts:
                 return
+            if self._late():
+                self._cancel_at_deadline(parts)
             done = total = 0
             reported = True
             for part in parts:
@@ -211,6 +247,22 @@ class ProviderBatchRun:
             if self.parts_store.parts(self.batch_id, [PartState.SUBMITTED]):
                 self._sleep(delay)
                 delay = min(delay * 1.5, self.options.poll_max_s)
+
+    def _cancel_at_deadline(self, parts: list[PartRow]) -> None:
+        """--by has come: cancel the open provider batches once each; they are collected as they
+        end (what they answered is kept) and the rest runs online."""
+        from datus.models.errors import ModelError
+
+        for part in parts:
+            if part.provider_status in ("cancelling", "canceling") or part.error == "cancelled at --by":
+                continue
+            try:
+                self.api.cancel(part.provider_batch_id or "")
+            except ModelError as exc:  # it ended meanwhile (nothing to cancel), or the provider is away
+                self.runner.view.note(f"provider batch {part.provider_batch_id}: cancel at --by: {exc.reason}")
+            self.parts_store.update_part(part.part_id, error="cancelled at --by")
+            self.runner.view.note(f"--by reached: provider batch {part.provider_batch_id} cancelled; what it "
+                                  "answered is kept, the rest runs online")
 
     def _stopped(self) -> bool:
         """Ctrl-C, or ``dq cancel`` from anywhere (it closes the batch as interrupted)."""

@@ -132,7 +132,7 @@ def _sweeper_line(client: Any) -> str:
 def cmd_batch(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from datus_queue.tasks.batch.provider_batches import ProviderBatchOptions
+    from datus_queue.tasks.batch.provider_batches import ProviderBatchOptions, deadline_from
     from datus_queue.tasks.batch.report import ProgressView
     from datus_queue.tasks.batch.runner import BatchOptions, BatchRunner
 
@@ -143,7 +143,10 @@ def cmd_batch(args: argparse.Namespace) -> int:
         prompt_template=template, max_in_flight=args.max_in_flight, run_id=args.run_id, via=args.via,
         api=ProviderBatchOptions(max_requests=args.api_max_requests,
                                  max_bytes=int(args.api_max_mb * 1024 * 1024) if args.api_max_mb else None,
-                                 poll_s=args.api_poll_s, rounds=args.api_rounds))
+                                 poll_s=args.api_poll_s, rounds=args.api_rounds,
+                                 deadline=deadline_from(args.by) if args.by else None))
+    if args.by and args.via != "batch-api":
+        raise ValueError("--by goes with --via batch-api (an online batch has no provider batches to cancel)")
     runner = BatchRunner(_client(), options, ProgressView())
     runner.check_out()
     runner.check()
@@ -344,6 +347,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="batch-api: at most MB megabytes per provider batch (default and ceiling: the provider's)")
     batch.add_argument("--api-poll-s", type=float, default=5.0, metavar="S",
                        help="batch-api: the first wait between polls; it grows by half each time, to 60 s")
+    batch.add_argument("--by", metavar="WHEN", default=None,
+                       help="batch-api: finish by WHEN (90s, 30m, 6h, 2d, or an ISO time): then the open provider "
+                            "batches are cancelled, what they answered is kept, and the rest runs online (workers)")
     batch.add_argument("--api-rounds", type=int, default=3, metavar="N",
                        help="batch-api: submissions of a failed or expired item before it runs online instead")
     batch.set_defaults(func=cmd_batch)

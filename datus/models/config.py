@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from datus.models.errors import ModelConfigError
 from datus.models.pricing import Pricing
@@ -94,6 +94,11 @@ class RateLimits(BaseModel):
         return all(getattr(self, name) is None for name in RateLimits.model_fields)
 
 
+#: OpenAI's hosted tools a model config may name (Responses API)
+_HOSTED_TOOLS = ("web_search", "web_search_preview", "web_search_2025_08_26", "web_search_preview_2025_03_11",
+                 "file_search", "code_interpreter")
+
+
 class ModelConfig(BaseModel):
     """One model: provider, model name, credentials and generation settings."""
 
@@ -132,6 +137,11 @@ class ModelConfig(BaseModel):
         default=False, description="type: openai, api: responses only: OpenAI keeps the responses (30 days; not "
                                    "for zero-data-retention projects) and later turns send previous_response_id "
                                    "and only their new items instead of the whole conversation")
+    hosted_tools: list[dict[str, Any]] | None = Field(
+        default=None, description="type: openai, api: responses only: OpenAI's own tools, run by OpenAI inside "
+                                  "the response and sent as written beside the function tools, e.g. "
+                                  "[{type: web_search}, {type: file_search, vector_store_ids: [vs_1]}, "
+                                  "{type: code_interpreter, container: {type: auto}}]")
     pricing: Pricing | None = None
     rate_limits: RateLimits | None = Field(default=None, description="this model's budget on its API key")
     missing_env: tuple[str, ...] = Field(default=(), exclude=True, repr=False)
@@ -158,6 +168,14 @@ class ModelConfig(BaseModel):
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(exclude={"missing_env"})
+
+    @field_validator("hosted_tools")
+    @classmethod
+    def _known_hosted_tools(cls, tools: list[dict[str, Any]] | None) -> list[dict[str, Any]] | None:
+        for tool in tools or ():
+            if tool.get("type") not in _HOSTED_TOOLS:
+                raise ValueError(f"hosted_tools: unknown type {tool.get('type')!r}; known: {', '.join(_HOSTED_TOOLS)}")
+        return tools
 
     @model_validator(mode="before")
     @classmethod

@@ -36,6 +36,17 @@ journal (resume from checkpoints) and sessions keep and replay them with no code
 own. The Claude and Gemini builders ignore entries of this type, the chat-completions
 builder ignores ``reasoning_details`` altogether.
 
+Hosted tools. OpenAI's own tools (``web_search``, ``file_search``, ``code_interpreter``) come
+from the model's config (``hosted_tools``: each entry sent as written, beside the function
+tools) and are run by OpenAI inside the response, never by this project's loop; their results
+are asked for (``include``: ``web_search_call.action.sources``, ``file_search_call.results``,
+``code_interpreter_call.outputs``). Each of their output items (``web_search_call``, …) is kept
+verbatim in ``reasoning_details`` as an entry of type ``hosted_tool_call`` — with the
+provider-neutral ``name``, ``call_id``, ``status``, ``input`` and ``output`` that the tool loop
+turns into a TOOL step, and ``model``/``follows`` as for reasoning items — and is replayed,
+where it was among the answer's items, to the same model on every later request sent whole
+(a chained request has it at OpenAI already).
+
 Answers. A whole ``Response`` — returned, or the one ``response.completed`` (or
 ``response.incomplete``) carries at the end of a stream — becomes a ``Generation`` through
 one mapping (`generation_of`), so streaming and non-streaming cannot drift apart; the stream's
@@ -66,6 +77,7 @@ from datus.models.rate_limit_headers import openai_budget
 from datus.models.usage import Usage
 
 __all__ = [
+    "HOSTED_DETAIL",
     "REASONING_DETAIL",
     "RESPONSE_DETAIL",
     "ResponsesAPI",
@@ -83,6 +95,14 @@ ApiName = Literal["chat_completions", "responses"]
 REASONING_DETAIL = "reasoning"
 #: The ``reasoning_details`` entry naming the stored response an assistant message came from.
 RESPONSE_DETAIL = "openai_response"
+#: The ``reasoning_details`` entries that are calls of a tool the provider ran (the tool loop's name).
+HOSTED_DETAIL = "hosted_tool_call"
+# A hosted call's output item -> the tool's name
+_HOSTED_CALLS = {"web_search_call": "web_search", "file_search_call": "file_search",
+                 "code_interpreter_call": "code_interpreter"}
+# What to ask for so a hosted call's item holds its results
+_HOSTED_INCLUDE = {"web_search": "web_search_call.action.sources", "file_search": "file_search_call.results",
+                   "code_interpreter": "code_interpreter_call.outputs"}
 # Models that answer only on the Responses API: the -pro reasoning models and the codex models.
 _RESPONSES_ONLY = re.compile(r"^(o\d+|gpt-[\w.]+?)-pro(-|$)|codex", re.IGNORECASE)
 # What a replayed reasoning item keeps (the API rejects output-only fields such as a null status).
@@ -133,14 +153,14 @@ def wire_input(messages: Sequence[ChatMessage], model: str | None = None) -> lis
                 said.append({"role": "assistant", "content": message.content})
             said += [{"type": "function_call", "call_id": call.id, "name": call.name,
                       "arguments": call.arguments or "{}"} for call in message.tool_calls]
-            # each reasoning item back where it was: before the item that followed it in the answer
-            # (``follows``: how many text and call items came before it; none said: first)
-            reasoning = [detail for detail in message.reasoning_details or ()
-                         if detail.get("type") == REASONING_DETAIL
-                         and (model is None or detail.get("model") in (None, model))]
+            # each reasoning item and hosted call back where it was: before the item that followed
+            # it in the answer (``follows``: how many text and call items came before it; none said: first)
+            replayed = [detail for detail in message.reasoning_details or ()
+                        if detail.get("type") in (REASONING_DETAIL, HOSTED_DETAIL)
+                        and (model is None or detail.get("model") in (None, model))]
             for index, item in enumerate(said + [None]):
-                items += [_reasoning_item(detail) for detail in reasoning
-                          if min(_follows(detail), len(said)) == index]
+                items += [_reasoning_item(detail) if detail["type"] == REASONING_DETAIL else dict(detail["item"])
+                          for detail in replayed if min(_follows(detail), len(said)) == index]
                 if item is not None:
                     items.append(item)
     return items
@@ -180,19 +200,24 @@ def chain_point(messages: Sequence[ChatMessage], model: str) -> tuple[str, int] 
 
 
 def responses_params(request: ModelRequest, model: str, *, temperature: bool, reasoning: bool,
-                     json_schema: bool = True, store: bool = False, chain: bool = True) -> dict[str, Any]:
+                     json_schema: bool = True, store: bool = False, chain: bool = True,
+                     hosted_tools: Sequence[Mapping[str, Any]] = ()) -> dict[str, Any]:
     """The keyword arguments of ``client.responses.create`` for ``request``. ``temperature``:
     the model takes temperature/top_p; ``reasoning``: it is a reasoning model (its encrypted
     reasoning is asked for); ``store``: the model's default (a call's ``extra_body`` wins);
     ``chain``: with ``store`` on, continue a stored response with ``previous_response_id``
-    where the conversation allows (`chain_point`)."""
+    where the conversation allows (`chain_point`); ``hosted_tools``: OpenAI's own tools, sent
+    as given."""
     options = request.options
     extra_body: dict[str, Any] = dict(options.extra_body or {})
     store = bool(extra_body.pop("store", store))
     items = wire_input(request.messages, model)
     params: dict[str, Any] = {"model": model, "input": items, "store": store}
-    if reasoning:
-        params["include"] = ["reasoning.encrypted_content"]
+    include = ["reasoning.encrypted_content"] if reasoning else []
+    include += [_HOSTED_INCLUDE[name] for name in dict.fromkeys(_hosted_name(tool) for tool in hosted_tools)
+                if name in _HOSTED_INCLUDE]
+    if include:
+        params["include"] = include
     if reasoning and options.enable_thinking:
         params["reasoning"] = {"summary": "auto"}
     if temperature:
@@ -215,10 +240,11 @@ def responses_params(request: ModelRequest, model: str, *, temperature: bool, re
             params["text"] = {"format": {"type": "json_object"}}
             _add_system_hint(items, _json_hint(fmt.schema))
             chain = False  # the hint rides on the first item: not in a chain's new items
-    if request.tools:
+    if request.tools or hosted_tools:
         # strict: False — the API's default is strict, which MCP tools' schemas rarely satisfy
         params["tools"] = [{"type": "function", "name": tool.name, "description": tool.description,
                             "parameters": tool.parameters, "strict": False} for tool in request.tools]
+        params["tools"] += [dict(tool) for tool in hosted_tools]
         if options.tool_choice in ("auto", "none", "required"):
             params["tool_choice"] = options.tool_choice
         elif options.tool_choice:
@@ -231,6 +257,11 @@ def responses_params(request: ModelRequest, model: str, *, temperature: bool, re
     if extra_body:
         params["extra_body"] = extra_body
     return params
+
+
+def _hosted_name(tool: Mapping[str, Any]) -> str:
+    kind = str(tool.get("type", ""))
+    return "web_search" if kind.startswith("web_search") else kind
 
 
 def _previous_gone(exc: BaseException) -> bool:
@@ -305,6 +336,8 @@ def generation_of(response: Any, *, provider: str, model: str, rate_limits: Any 
                     text.append(str(_get(part, "text", "")))
                 elif _get(part, "type") == "refusal":
                     text.append(str(_get(part, "refusal", "")))
+        elif kind in _HOSTED_CALLS:
+            details.append(_hosted_detail(_plain(item) or {}, model, len(calls) + bool("".join(text))))
         elif kind == "function_call":
             calls.append(ToolCall(id=str(_get(item, "call_id") or _get(item, "id") or ""),
                                   name=str(_get(item, "name") or ""),
@@ -322,6 +355,23 @@ def generation_of(response: Any, *, provider: str, model: str, rate_limits: Any 
         response_id=_get(response, "id"),
         rate_limits=rate_limits,
     )
+
+
+def _hosted_detail(item: dict[str, Any], model: str, follows: int) -> dict[str, Any]:
+    """A hosted call's output item as a ``reasoning_details`` entry: verbatim (``item``, replayed)
+    and in the tool loop's neutral terms (``name``, ``input``, ``output``)."""
+    name = _HOSTED_CALLS[item["type"]]
+    if name == "web_search":
+        action = dict(item.get("action") or {})
+        sources = action.pop("sources", None)
+        step_input, step_output = action, {"sources": sources or []}
+    elif name == "file_search":
+        step_input, step_output = {"queries": item.get("queries") or []}, {"results": item.get("results") or []}
+    else:
+        step_input = {"code": item.get("code"), "container_id": item.get("container_id")}
+        step_output = {"outputs": item.get("outputs") or []}
+    return {"type": HOSTED_DETAIL, "name": name, "call_id": item.get("id"), "status": item.get("status"),
+            "input": step_input, "output": step_output, "item": item, "model": model, "follows": follows}
 
 
 def response_error(error: Any, *, provider: str, model: str) -> ModelError:
@@ -348,7 +398,8 @@ class ResponsesAPI:
         profile = self.model.profile
         return responses_params(request, self.model.model_name, temperature=profile.temperature,
                                 reasoning=profile.always_reasons, json_schema=profile.json_schema,
-                                store=bool(getattr(self.model.model_config, "store", False)), chain=chain)
+                                store=bool(getattr(self.model.model_config, "store", False)), chain=chain,
+                                hosted_tools=getattr(self.model.model_config, "hosted_tools", None) or ())
 
     def _where(self) -> dict[str, str]:
         return {"provider": self.model.provider, "model": self.model.model_name}
@@ -410,9 +461,10 @@ class ResponsesAPI:
 
     def count_extra_tokens(self, request: ModelRequest) -> int:
         """Tokens the base count cannot see: replayed encrypted reasoning (opaque; about four
-        base64 characters a token) — an estimate for the limiter's reservation."""
-        chars = sum(len(str(detail.get("encrypted_content") or ""))
+        base64 characters a token) and hosted calls — an estimate for the limiter's reservation."""
+        chars = sum(len(str(detail.get("encrypted_content") or "")) if detail.get("type") == REASONING_DETAIL
+                    else len(json.dumps(detail.get("item"), ensure_ascii=False))
                     for message in request.messages for detail in message.reasoning_details or ()
-                    if detail.get("type") == REASONING_DETAIL)
+                    if detail.get("type") in (REASONING_DETAIL, HOSTED_DETAIL))
         return -(-chars // 4)
 

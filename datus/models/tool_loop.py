@@ -21,6 +21,11 @@ Steps (``action_type``), shaped as Datus-agent's callers read them:
   once the tool answered, whatever it answered (a tool's failure goes back to the model, and
   ``output["success"]`` says it failed), ``end_time`` set. Live runs yield it first as
   PROCESSING, then again finished under the same ``action_id``;
+- one per call of a tool the provider ran inside the answer (OpenAI's hosted ``web_search``,
+  ``file_search``, ``code_interpreter``; TOOL, SUCCESS, before the answer's other steps):
+  ``input`` holds ``function_name``, ``arguments`` (e.g. the search action), ``call_id`` and
+  ``hosted: true``; ``output`` holds ``success``, ``raw_output`` (e.g. the sources) and
+  ``hosted: true``;
 - ``final_response`` (ASSISTANT, SUCCESS): ``output`` holds ``success``, ``raw_output`` (the
   answer's text), ``content`` (validated into the output type), ``sql_contexts``, ``usage``
   (`Usage.to_dict`: ``total_tokens`` and the other keys Datus reads), ``turns_used``, ``model``;
@@ -271,6 +276,8 @@ class ToolRun:
                 self.usage = self.usage + generation.usage
                 self.hooks.run_context.usage.set(self.usage)
                 self._append(generation.message())
+                for index, hosted in enumerate(_hosted_calls(generation)):  # run by the provider, in the answer
+                    yield self._record(self._hosted_step(turn, index, hosted))
                 if generation.tool_calls:
                     # reasoning alone is a step of live runs only: Datus's CLI shows each step as a line of text
                     if generation.text.strip() or (self.live_steps and generation.reasoning):
@@ -341,6 +348,20 @@ class ToolRun:
         self.result = ToolRunResult(content, sql_contexts, self.usage, turn, self.model.model_name, self.steps,
                                     context_length)
         return self._record(final)
+
+    def _hosted_step(self, turn: int, index: int, hosted: Mapping[str, Any]) -> ActionHistory:
+        name = str(hosted.get("name") or "hosted_tool")
+        arguments = hosted.get("input") or {}
+        succeeded = hosted.get("status") in (None, "completed")
+        output = {"success": succeeded, "raw_output": hosted.get("output"), "hosted": True,
+                  "status_message": str(hosted.get("status") or "completed")}
+        step = ActionHistory.create_action(
+            ActionRole.TOOL, name, _call_message(name, arguments, json.dumps(arguments)),
+            {"function_name": name, "tool": name, "server": None, "arguments": arguments,
+             "call_id": hosted.get("call_id"), "hosted": True}, output, ActionStatus.SUCCESS)
+        step.action_id = self._id(f"t{turn}h{index}")
+        step.end_time = step.start_time
+        return step
 
     def _append(self, message: ChatMessage) -> None:
         self.messages.append(message)
@@ -463,6 +484,13 @@ class ToolRun:
             return None, str(exc)
         model_cls = self.output_format.pydantic_model
         return (model_cls.model_validate(value) if model_cls else value), None
+
+
+def _hosted_calls(generation: Generation) -> list[Mapping[str, Any]]:
+    """The calls of tools the provider ran within the answer (OpenAI's web search, …): entries
+    of ``reasoning_details`` of type ``hosted_tool_call`` with ``name``, ``call_id``, ``status``,
+    ``input`` and ``output``; their steps are TOOL steps with ``input["hosted"]``."""
+    return [detail for detail in generation.reasoning_details or () if detail.get("type") == "hosted_tool_call"]
 
 
 def _capped(outcome: ToolOutcome, limit: int | None) -> tuple[str, int | None]:

@@ -33,6 +33,19 @@ item this server stored ("Item with id '...' not found."); a function-call outpu
 call ("No tool call found for function call output with call_id ...") and a call its output
 ("No tool output found for function call ..."). So a test that passes has sent a consistent
 chain. Unlike the other protocols this one keeps state: the stored responses.
+
+Hosted tools (API reference "Tools"; the web search, file search and code interpreter guides).
+A request's ``tools`` may hold OpenAI's own tools (``{"type": "web_search"}``, ``{"type":
+"file_search", "vector_store_ids": [...]}`` — required, ``{"type": "code_interpreter",
+"container": ...}`` — required). OpenAI runs them inside the one response: a scripted call
+named ``web_search`` (``file_search``, ``code_interpreter``) while the request offers that
+hosted tool becomes its output item — ``web_search_call`` (``action``: ``search`` with the
+call's ``query``; ``sources`` when ``include`` asks for ``web_search_call.action.sources``),
+``file_search_call`` (``queries``; ``results`` when asked for), ``code_interpreter_call``
+(``code``, ``container_id``; ``outputs`` when asked for) — with canned, deterministic results,
+followed by the message, whose text cites the first web source (``url_citation``). Streamed,
+each has its ``response.<kind>.in_progress`` / ``searching`` (``interpreting``) /
+``completed`` events. Such items replayed in a later input are taken as the assistant's.
 """
 
 from __future__ import annotations
@@ -179,6 +192,10 @@ class OpenAIResponsesProtocol(OpenAIChatProtocol):
         _check_calls([*chain, *items])
         tools = body.get("tools") or []
         for index, tool in enumerate(tools):
+            required = _HOSTED_REQUIRED.get(tool.get("type")) if isinstance(tool, dict) else None
+            if required and required not in tool:
+                raise _invalid(f"Missing required parameter: 'tools[{index}].{required}'.", f"tools[{index}].{required}",
+                               "missing_required_parameter")
             if isinstance(tool, dict) and tool.get("type") == "function" and "function" in tool:
                 # the chat-completions spelling is an error here, as on the real service
                 raise _invalid(f"Missing required parameter: 'tools[{index}].name'.", f"tools[{index}].name",
@@ -226,6 +243,13 @@ class OpenAIResponsesProtocol(OpenAIChatProtocol):
                     event("response.output_text.delta", **where, content_index=0, delta=piece, logprobs=[])
                 event("response.output_text.done", **where, content_index=0, text=part["text"], logprobs=[])
                 event("response.content_part.done", **where, content_index=0, part=part)
+            elif item["type"] in _HOSTED_ITEMS:
+                kind = item["type"]
+                event("response.output_item.added", output_index=index, item={**item, "status": "in_progress"})
+                event(f"response.{kind}.in_progress", **where)
+                event(f"response.{kind}.{'interpreting' if kind == 'code_interpreter_call' else 'searching'}",
+                      **where)
+                event(f"response.{kind}.completed", **where)
             else:
                 event("response.output_item.added", output_index=index,
                       item={**item, "status": "in_progress", "arguments": ""})
@@ -317,6 +341,11 @@ def _read_item(item: dict[str, Any], index: int, messages: list[dict[str, Any]],
             last.setdefault("tool_calls", []).append(call)  # type: ignore[union-attr]
         else:
             messages.append({"role": "assistant", "content": "", "tool_calls": [call]})
+    elif kind in _HOSTED_ITEMS:  # run by OpenAI within the answer: the assistant's
+        if open_turn:
+            last.setdefault("hosted_calls", []).append(item)  # type: ignore[union-attr]
+        else:
+            messages.append({"role": "assistant", "content": "", "hosted_calls": [item]})
     elif kind == "function_call_output":
         output = item.get("output")
         messages.append({"role": "tool", "tool_call_id": item.get("call_id"),
@@ -350,9 +379,57 @@ def _text(content: Any) -> str:
     return ""
 
 
+#: hosted tool -> the parameter its config requires (API reference, "Tools")
+_HOSTED_REQUIRED = {"file_search": "vector_store_ids", "code_interpreter": "container"}
+#: the output items of hosted tools -> their prefix of ids
+_HOSTED_ITEMS = {"web_search_call": "ws_", "file_search_call": "fs_", "code_interpreter_call": "ci_"}
+
+
+def _hosted(request: ScriptedRequest) -> set[str]:
+    """The hosted tools the request offers, by the name a scripted call uses for them."""
+    names = set()
+    for tool in request.tools:
+        kind = str(tool.get("type", "")) if isinstance(tool, dict) else ""
+        if kind.startswith("web_search"):  # web_search, web_search_preview, dated versions
+            names.add("web_search")
+        elif kind in _HOSTED_REQUIRED:
+            names.add(kind)
+    return names
+
+
+def _source(query: str) -> dict[str, str]:
+    slug = "-".join("".join(c if c.isalnum() else " " for c in query.lower()).split()) or "search"
+    return {"type": "url", "url": f"https://example.org/{slug}"}
+
+
+def _hosted_item(call: Any, include: list[str]) -> dict[str, Any]:
+    arguments = call.arguments if isinstance(call.arguments, dict) else {}
+    kind = f"{call.name}_call"
+    item: dict[str, Any] = {"id": _new_id(_HOSTED_ITEMS[kind]), "type": kind, "status": "completed"}
+    if call.name == "web_search":
+        query = str(arguments.get("query", ""))
+        item["action"] = {"type": "search", "query": query}
+        if "web_search_call.action.sources" in include:
+            item["action"]["sources"] = [_source(query)]
+    elif call.name == "file_search":
+        query = str(arguments.get("query", ""))
+        item["queries"] = [query]
+        item["results"] = [{"file_id": "file-fake0001", "filename": "notes.md", "score": 0.9,
+                            "text": f"Notes about {query}.", "attributes": {}}] \
+            if "file_search_call.results" in include else None
+    else:
+        item["code"] = str(arguments.get("code", ""))
+        item["container_id"] = "cntr_fake0001"
+        item["outputs"] = [{"type": "logs", "logs": "42\n"}] if "code_interpreter_call.outputs" in include else None
+    return item
+
+
 def _output(reply: Reply, request: ScriptedRequest) -> list[dict[str, Any]]:
     body = request.body
     output: list[dict[str, Any]] = []
+    hosted = _hosted(request)
+    include = list(body.get("include") or [])
+    functions = [call for call in reply.tool_calls if call.name not in hosted]
     if reply.reasoning:
         item: dict[str, Any] = {"id": _new_id("rs_"), "type": "reasoning", "summary": []}
         if (body.get("reasoning") or {}).get("summary"):
@@ -360,10 +437,16 @@ def _output(reply: Reply, request: ScriptedRequest) -> list[dict[str, Any]]:
         if "reasoning.encrypted_content" in (body.get("include") or []):
             item["encrypted_content"] = encrypt(reply.reasoning, request.model)
         output.append(item)
-    if reply.text or not reply.tool_calls:
+    output += [_hosted_item(call, include) for call in reply.tool_calls if call.name in hosted]
+    searched = [item["action"]["query"] for item in output if item["type"] == "web_search_call"]
+    if reply.text or not functions:
+        annotations = [{"type": "url_citation", "start_index": 0, "end_index": len(reply.text),
+                        "title": f"About {searched[0]}", "url": _source(searched[0])["url"]}] \
+            if searched and reply.text else []
         output.append({"id": _new_id("msg_"), "type": "message", "role": "assistant", "status": "completed",
-                       "content": [{"type": "output_text", "text": reply.text, "annotations": [], "logprobs": []}]})
-    for call in reply.tool_calls:
+                       "content": [{"type": "output_text", "text": reply.text, "annotations": annotations,
+                                    "logprobs": []}]})
+    for call in functions:
         output.append({"id": _new_id("fc_"), "type": "function_call", "status": "completed",
                        "call_id": call.id or _new_id("call_"), "name": call.name,
                        "arguments": call.arguments_json()})

@@ -588,10 +588,17 @@ def test_cancel_a_queued_and_a_running_job(stack: Stack) -> None:
     result = dq(stack, "result", queued, "--timeout", "5")
     assert result.returncode == 1 and json.loads(result.stdout)["status"] == "cancelled"
 
-    running = dq(stack, "submit", "(cancel-2) slow=1.5s How many customers does the shop have?",
-                 "--model", MODEL).stdout.strip()
-    wait_for(lambda: stack.store.get(running).status.value == "running", 15, "the job to start")
-    signalled = dq(stack, "cancel", running)
+    # the fake holds the running job's model call until the cancel has been given (no race with
+    # how long a fresh dq process takes to start): the job is running, and in its call, when cancelled
+    stack.fake.hold()
+    try:
+        running = dq(stack, "submit", "(cancel-2) How many customers does the shop have?",
+                     "--model", MODEL).stdout.strip()
+        wait_for(lambda: stack.store.get(running).status.value == "running" and stack.fake.in_flight >= 1, 15,
+                 "the job to start and call the model")
+        signalled = dq(stack, "cancel", running)
+    finally:
+        stack.fake.release()
     assert signalled.returncode == 0 and signalled.stdout.strip() == "running", signalled.stderr
     result = dq(stack, "result", running, "--timeout", "20")
     assert result.returncode == 1 and json.loads(result.stdout)["status"] == "cancelled", result.stdout

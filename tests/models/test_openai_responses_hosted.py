@@ -12,6 +12,7 @@ import pytest
 from pydantic import ValidationError
 
 from datus.models.config import ModelConfig
+from datus.models.errors import ModelConfigError
 from datus.models.generation import Generation
 from datus.models.openai_responses import HOSTED_DETAIL
 from datus.models.scripted import Reply
@@ -128,6 +129,8 @@ async def test_file_search_and_code_interpreter_calls_are_kept_with_their_result
 async def test_hosted_tool_settings_are_checked(fake_server: FakeProviderServer) -> None:
     with pytest.raises(ValidationError, match="unknown type 'web_serch'"):
         ModelConfig(type="openai", model="o3-pro", hosted_tools=[{"type": "web_serch"}])
+    with pytest.raises(ModelConfigError, match="hosted_tools need the Responses API"):
+        model_of(fake_server, "gpt-4o", hosted_tools=WEB)  # Chat Completions has no hosted tools
     # the service's own check, held by the fake: file search needs its vector stores
     client = openai.AsyncOpenAI(api_key=KEY, base_url=fake_server.openai_base_url, max_retries=0)
     try:

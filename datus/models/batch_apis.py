@@ -23,7 +23,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any, ClassVar
 
 from datus.models.errors import ModelConfigError, ModelError
@@ -31,7 +31,7 @@ from datus.models.generation import Generation
 from datus.models.messages import to_messages
 from datus.models.pricing import batch_pricing, cost_usd
 
-__all__ = ["BatchAPI", "BatchLimits", "ItemResult", "Progress", "batch_api", "split"]
+__all__ = ["BatchAPI", "BatchLimits", "ItemResult", "Progress", "batch_api", "batch_window", "split"]
 
 
 @dataclass(frozen=True)
@@ -87,6 +87,9 @@ def split(sizes: list[int], limits: BatchLimits, overhead: int = 0) -> list[rang
 class BatchAPI:
     provider_family: ClassVar[str]
     default_limits: ClassVar[BatchLimits]
+    # how long the provider may take to answer a batch (its documented turnaround: OpenAI's and
+    # DashScope's completion_window "24h", Anthropic's "within 24 hours", Gemini's "24-hour target")
+    window: ClassVar[timedelta] = timedelta(hours=24)
     item_overhead: ClassVar[int] = 1  # bytes around each encoded line (a newline, a comma)
 
     def __init__(self, model: Any) -> None:
@@ -420,6 +423,12 @@ class GeminiBatchAPI(BatchAPI):
 
 _APIS: dict[str, type[BatchAPI]] = {"openai": OpenAIBatchAPI, "claude": AnthropicBatchAPI, "qwen": DashScopeBatchAPI,
                                     "gemini": GeminiBatchAPI}
+
+
+def batch_window(provider: str) -> timedelta | None:
+    """How long ``provider``'s batch API may take to answer a batch; None: it has none here."""
+    cls = _APIS.get(provider)
+    return None if cls is None else cls.window
 
 
 def batch_api(model: Any) -> BatchAPI:

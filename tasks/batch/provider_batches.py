@@ -20,10 +20,10 @@ online, as jobs. The cost recorded is at batch prices, with the online
 price of the same tokens beside it (``online_cost_usd``).
 
 ``--by`` (``deadline``) bounds the wait: at it the open provider batches are cancelled, what
-they answered is collected, nothing new is sent, and the rest runs online.
+they answered is collected, nothing new is sent, and the rest runs online. Given without
+``--via``, it chooses (`choose_via`): the batch API when the provider's batch window fits before it.
 
-Not done yet: prompt caching across a batch's items, metrics, ``--by`` choosing between the
-batch API and online by itself, Gemini's file input (inline requests only: 20 MB a batch).
+Not done yet: Gemini's file input (inline requests only: 20 MB a batch).
 """
 
 from __future__ import annotations
@@ -46,8 +46,8 @@ if TYPE_CHECKING:
     from datus.models.batch_apis import BatchAPI, BatchLimits, Progress
     from datus_queue.tasks.batch.runner import BatchRunner
 
-__all__ = ["ProviderBatchOptions", "ProviderBatchRun", "cancel_provider_batches", "custom_id_for", "deadline_from",
-           "plan_parts"]
+__all__ = ["ProviderBatchOptions", "ProviderBatchRun", "ViaChoice", "cancel_provider_batches", "choose_via",
+           "custom_id_for", "deadline_from", "plan_parts"]
 
 
 @dataclass
@@ -77,6 +77,38 @@ def deadline_from(text: str, now: datetime | None = None) -> datetime:
     except ValueError:
         raise ValueError(f"--by {text!r}: give a duration (90s, 30m, 6h, 2d) or a time (2026-12-08T06:00)") from None
     return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
+
+
+@dataclass(frozen=True)
+class ViaChoice:
+    via: str  # online | batch-api
+    reason: str
+
+
+def choose_via(provider: str, deadline: datetime, now: datetime | None = None, in_flight: bool = False) -> ViaChoice:
+    """``dq batch --by WHEN`` without ``--via``: the batch API when the provider's whole batch
+    window (`datus.models.batch_apis.batch_window`, 24 h for all four) fits before WHEN, so the
+    provider may take all the time it is allowed and still answer by then; else online, since a
+    batch cancelled at WHEN pays for nothing it saves and the rest runs online anyway. A batch
+    whose provider batches are in flight goes on with them (online would run their items twice)."""
+    from datus.models.batch_apis import batch_window
+
+    window = batch_window(provider)
+    if window is None:
+        return ViaChoice("online", f"{provider} has no batch API here")
+    if in_flight:
+        return ViaChoice("batch-api", "this batch has provider batches in flight")
+    left = deadline - (now or datetime.now(UTC))
+    hours = window.total_seconds() / 3600
+    if left >= window:
+        return ViaChoice("batch-api", f"--by is {_span(left)} away, at least {provider}'s {hours:g} h batch window: "
+                                      "half price")
+    return ViaChoice("online", f"--by is {_span(left)} away, less than {provider}'s {hours:g} h batch window")
+
+
+def _span(delta: Any) -> str:
+    seconds = max(0.0, delta.total_seconds())
+    return f"{seconds / 3600:.1f} h" if seconds >= 3600 else f"{seconds / 60:.0f} min"
 
 
 def custom_id_for(item_id: str, attempt: int) -> str:

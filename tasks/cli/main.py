@@ -145,9 +145,14 @@ def cmd_batch(args: argparse.Namespace) -> int:
                                  max_bytes=int(args.api_max_mb * 1024 * 1024) if args.api_max_mb else None,
                                  poll_s=args.api_poll_s, rounds=args.api_rounds,
                                  deadline=deadline_from(args.by) if args.by else None))
-    if args.by and args.via != "batch-api":
+    client = _client()
+    if args.via is None:  # --by lets the tool choose; without it, online
+        options.via = "online"
+        if options.api.deadline is not None:
+            options.via = _choose_via(client, options, Path(args.input))
+    elif args.by and args.via != "batch-api":
         raise ValueError("--by goes with --via batch-api (an online batch has no provider batches to cancel)")
-    runner = BatchRunner(_client(), options, ProgressView())
+    runner = BatchRunner(client, options, ProgressView())
     runner.check_out()
     runner.check()
     if args.db:
@@ -157,6 +162,20 @@ def cmd_batch(args: argparse.Namespace) -> int:
     if args.out:
         console.print(f"results: {args.out}")
     return 130 if stats.status == "interrupted" else 0
+
+
+def _choose_via(client: Any, options: Any, input_path: Any) -> str:
+    """--by without --via: the batch API when the provider's batch window fits before it; says which and why."""
+    from datus_queue.tasks.batch.provider_batches import choose_via, open_provider_batches
+    from datus_queue.tasks.batch.runner import batch_id_for
+    from datus_queue.tasks.client import resolve_provider
+
+    provider = resolve_provider(options.model, client.agent_config)
+    in_flight = bool(options.resume and input_path.exists()
+                     and open_provider_batches(client.store, batch_id_for(options, input_path)))
+    choice = choose_via(provider, options.api.deadline, in_flight=in_flight)
+    console.print(f"via {choice.via}: {choice.reason}", markup=False)
+    return choice.via
 
 
 def _check_db(url: str) -> None:
@@ -338,8 +357,9 @@ def build_parser() -> argparse.ArgumentParser:
     batch.add_argument("--max-in-flight", type=int, default=200)
     batch.add_argument("--run-id", help="make this run a batch of its own (e.g. a nightly slot); the same id "
                                         "continues it")
-    batch.add_argument("--via", choices=["online", "batch-api"], default="online",
-                       help="online: a job per item (default); batch-api: the provider's batch API at batch prices "
+    batch.add_argument("--via", choices=["online", "batch-api"], default=None,
+                       help="online: a job per item (default; with --by: chosen, see --by); batch-api: the provider's "
+                            "batch API at batch prices "
                             "(OpenAI, Claude; answers may take up to 24 h; this command waits, --resume picks up)")
     batch.add_argument("--api-max-requests", type=int, default=None, metavar="N",
                        help="batch-api: at most N requests per provider batch (default and ceiling: the provider's)")
@@ -349,7 +369,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="batch-api: the first wait between polls; it grows by half each time, to 60 s")
     batch.add_argument("--by", metavar="WHEN", default=None,
                        help="batch-api: finish by WHEN (90s, 30m, 6h, 2d, or an ISO time): then the open provider "
-                            "batches are cancelled, what they answered is kept, and the rest runs online (workers)")
+                            "batches are cancelled, what they answered is kept, and the rest runs online (workers); "
+                            "without --via: batch-api when WHEN is at least the provider's batch window (24 h) away, "
+                            "else online")
     batch.add_argument("--api-rounds", type=int, default=3, metavar="N",
                        help="batch-api: submissions of a failed or expired item before it runs online instead")
     batch.set_defaults(func=cmd_batch)

@@ -35,7 +35,7 @@ from rich.console import Console
 from datus.models.batch_apis import AnthropicBatchAPI, BatchLimits, OpenAIBatchAPI, split
 from datus.models.scripted import Fault
 from datus.testing.fake_server import FakeProviderServer
-from datus_queue.tasks.batch.provider_batches import deadline_from
+from datus_queue.tasks.batch.provider_batches import choose_via, deadline_from
 from datus_queue.tasks.batch.report import ProgressView
 from datus_queue.tasks.batch.sample import build_sample_db, sample_questions_path
 from datus_queue.tasks.cli.demo import SampleModel
@@ -237,6 +237,28 @@ def test_by_reads_a_duration_or_a_time() -> None:
     assert deadline_from("2026-12-08T06:00+08:00", now) == datetime(2026, 12, 7, 22, 0, tzinfo=UTC)
     with pytest.raises(ValueError, match="--by 'soon'"):
         deadline_from("soon", now)
+
+
+def test_by_without_via_picks_the_batch_api_when_its_window_fits() -> None:
+    now = datetime(2026, 12, 7, 12, 0, tzinfo=UTC)
+    for provider in ("openai", "claude", "gemini", "qwen"):  # each one's batch window: 24 h
+        assert choose_via(provider, now + timedelta(hours=24), now).via == "batch-api"
+        late = choose_via(provider, now + timedelta(hours=23, minutes=59), now)
+        assert late.via == "online" and "less than" in late.reason and "24 h batch window" in late.reason
+    assert choose_via("deepseek", now + timedelta(days=3), now) == choose_via("deepseek", now, now)
+    assert "no batch API" in choose_via("deepseek", now, now).reason
+    # a resumed batch with provider batches in flight stays on them whatever --by says (online would
+    # run their items twice)
+    assert choose_via("openai", now + timedelta(hours=1), now, in_flight=True).via == "batch-api"
+
+
+def test_by_without_via_runs_on_the_batch_api_and_says_why(env: Env) -> None:
+    args = [arg for arg in env.batch("gpt", "--by", "2d") if arg not in ("--via", "batch-api")]
+    run = env.dq(*args)
+    assert run.returncode == 0, run.stdout + run.stderr
+    said = " ".join(run.stdout.split())
+    assert "via batch-api: --by is 48.0 h away, at least openai's 24 h batch window" in said, said
+    assert len(env.results()) == 20 and all(r["via"] == "batch-api" for r in env.results())
 
 
 def test_expired_items_go_again_and_never_run_twice(env: Env) -> None:

@@ -213,7 +213,13 @@ class ModelLimiter:
                 ACQUIRE, self.keys, args, orphan=self._orphan(slot, paid) if slot else None)
             received = time.monotonic()
             wait = wait_us / 1e6
-            if code == GO and (paid or wait <= 0):  # granted (a slot too, if any): send at its start
+            # granted (a slot too, if any): send at its start. Booked less than the paid lead ahead
+            # with no slot to take, it goes too: the acquire "just before its start" would be sent
+            # now, the same cooldown check again, one more round trip that a busy loop makes late
+            # (saturated, a request took 6 acquires, most of them booking again after a late one)
+            if code == GO and (paid or wait <= 0 or (wait <= _PAID_LEAD_S and not slot)):
+                if wait > 0 and not paid:
+                    metrics.rate_limit_wait(self.provider, self.model, wait, deferred=False)
                 go_at = (sent + received) / 2 + wait  # the script ran between sent and received
                 if go_at > received:
                     await self._sleep(job, go_at - received, record=False)

@@ -241,6 +241,37 @@ async def test_a_request_whose_loop_stalls_past_its_start_books_again_instead_of
     assert float(dq_redis.hget(bound.keys[0], "tr")) >= first + 0.3e6 + spacing
 
 
+def _acquires(ctx: JobContext) -> list[bool]:
+    """Every ACQUIRE the running loop's limiter sends from now on: whether it was the paid one
+    (the second call of a booked request, just before its start)."""
+    batch, sent = ctx.limiter.loop_state().batch, []
+    call = batch.call
+
+    def counting(script: str, keys: list[str], args: list[Any], orphan: Any = None) -> Any:
+        if script == ACQUIRE:
+            sent.append(args[8] == 1)
+        return call(script, keys, args, orphan)
+
+    batch.call = counting
+    return sent
+
+
+async def test_a_request_booked_within_the_paid_lead_goes_without_asking_again(context: JobContext) -> None:
+    near = limiter(context, requests_per_minute=30_000)  # one per 2.03 ms: the next is booked under 5 ms ahead
+    sent = _acquires(context)
+    await asyncio.gather(near.before(planned()), near.before(planned()))
+    assert len(sent) >= 2 and not any(sent)  # no second call for either (one late books again: unpaid too)
+    far = limiter(context, requests_per_minute=600)  # one per 101.5 ms: booked that far, it asks again
+    await asyncio.gather(far.before(planned()), far.before(planned()))
+    assert any(sent)  # the cooldown check just before its start
+    slotted = limiter(context, requests_per_minute=30_000, max_concurrency=5)  # a slot is taken in that call
+    sent.clear()
+    permits = await asyncio.gather(slotted.before(planned()), slotted.before(planned()))
+    assert any(sent)
+    for permit in permits:
+        await slotted.after(permit, RequestOutcome())
+
+
 async def test_slots_wait_for_a_release_in_this_process(context: JobContext, dq_redis: redis.Redis) -> None:
     bound = limiter(context, max_concurrency=1)
     first = await bound.before(planned())

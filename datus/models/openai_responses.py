@@ -420,7 +420,8 @@ class ResponsesAPI:
 
     def _stored(self, generation: Generation, request: ModelRequest, params: Mapping[str, Any]) -> Generation:
         """With ``store`` on, the answer names its response for a later ``previous_response_id``."""
-        if params.get("store") and generation.response_id:
+        hinted = (params.get("text") or {}).get("format", {}).get("type") == "json_object"  # its context differs
+        if params.get("store") and generation.response_id and not hinted:
             model = self.model.model_name
             generation.reasoning_details = [*(generation.reasoning_details or ()), {
                 "type": RESPONSE_DETAIL, "id": generation.response_id, "model": model,

@@ -156,7 +156,8 @@ def wire_input(messages: Sequence[ChatMessage], model: str | None = None) -> lis
             # each reasoning item and hosted call back where it was: before the item that followed
             # it in the answer (``follows``: how many text and call items came before it; none said: first)
             replayed = [detail for detail in message.reasoning_details or ()
-                        if detail.get("type") in (REASONING_DETAIL, HOSTED_DETAIL)
+                        if (detail.get("type") == REASONING_DETAIL
+                            or (detail.get("type") == HOSTED_DETAIL and isinstance(detail.get("item"), Mapping)))
                         and (model is None or detail.get("model") in (None, model))]
             for index, item in enumerate(said + [None]):
                 items += [_reasoning_item(detail) if detail["type"] == REASONING_DETAIL else dict(detail["item"])

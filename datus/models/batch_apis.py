@@ -65,6 +65,7 @@ class ItemResult:
     error_code: str | None = None
     error: str | None = None
     online_cost_usd: float | None = None  # what the same tokens cost online
+    cache_savings_usd: float | None = None  # what the prompt cache saved, at batch prices
 
 
 def split(sizes: list[int], limits: BatchLimits, overhead: int = 0) -> list[range]:
@@ -133,11 +134,21 @@ class BatchAPI:
     def _params(self, request: Any) -> tuple[dict[str, Any], str | None]:
         raise NotImplementedError
 
+    def cache_prefix(self, body: dict[str, Any], prefix: str) -> dict[str, Any]:
+        """``body`` with ``prefix`` (the start of its prompt that every item shares) made a
+        prompt-cache prefix, where the provider wants it marked. By default nothing to do: OpenAI
+        and DashScope cache a repeated prefix by themselves (from 1,024 tokens), and the prompt
+        already starts with it; Gemini's implicit caching likewise."""
+        return body
+
     def line(self, custom_id: str, body: dict[str, Any]) -> bytes:
         raise NotImplementedError
 
     def priced(self, custom_id: str, generation: Generation) -> ItemResult:
-        """The answer with its cost at batch prices (``usage.cost_usd``) and online (beside it)."""
+        """The answer with its cost at batch prices (``usage.cost_usd``) and online (beside it),
+        and what the prompt cache saved at batch prices: the same tokens uncached, less what
+        they cost (reads at the cache-read rate, writes at the cache-write rate: negative when
+        a write was never read back)."""
         model, usage = self.model, generation.usage
         tokens = {"input_tokens": usage.input_tokens, "output_tokens": usage.output_tokens,
                   "cached_tokens": usage.cached_tokens, "cache_write_tokens": usage.cache_write_tokens}
@@ -145,10 +156,13 @@ class BatchAPI:
         batch_rates = batch_pricing(model.provider, model.pricing)
         update: dict[str, Any] = {"provider": model.provider, "model": model.model_name, "attempts": 1,
                                   "requests": 1, "priced": batch_rates is not None}
+        savings = None
         if batch_rates is not None:
             update["cost_usd"] = cost_usd(batch_rates, **tokens)
+            savings = cost_usd(batch_rates, input_tokens=usage.input_tokens,
+                               output_tokens=usage.output_tokens) - update["cost_usd"]
         generation.usage = usage.model_copy(update=update)
-        return ItemResult(custom_id, generation=generation, online_cost_usd=online)
+        return ItemResult(custom_id, generation=generation, online_cost_usd=online, cache_savings_usd=savings)
 
 
 class OpenAIBatchAPI(BatchAPI):
@@ -277,6 +291,28 @@ class AnthropicBatchAPI(BatchAPI):
 
     def _params(self, request: Any) -> tuple[dict[str, Any], str | None]:
         return self.model._params(request)
+
+    def cache_prefix(self, body: dict[str, Any], prefix: str) -> dict[str, Any]:
+        """The shared prefix as a content block of its own, marked ``cache_control`` (the 5-minute
+        ephemeral kind), ahead of the item's own text in the same user turn: the same text
+        as online, in two blocks, so every request of the batch repeats the cached prefix
+        exactly. The adapter's breakpoint on the whole turn goes (it would cache each
+        item's question, which no other item repeats). Nothing when the model's
+        ``prompt_cache`` is off or the prompt does not start with the prefix."""
+        from datus.models.claude_messages import EPHEMERAL
+
+        messages = body.get("messages") or []
+        if not prefix or self.model.model_config.prompt_cache != "auto" or len(messages) != 1:
+            return body
+        content = messages[0].get("content")
+        blocks = [{"type": "text", "text": content}] if isinstance(content, str) else list(content or [])
+        if len(blocks) != 1 or blocks[0].get("type") != "text" or not blocks[0].get("text", "").startswith(prefix):
+            return body
+        text = blocks[0]["text"]
+        split = [{"type": "text", "text": prefix, "cache_control": dict(EPHEMERAL)}]
+        if text[len(prefix):]:
+            split.append({"type": "text", "text": text[len(prefix):]})
+        return {**body, "messages": [{**messages[0], "content": split}]}
 
     def line(self, custom_id: str, body: dict[str, Any]) -> bytes:
         return json.dumps({"custom_id": custom_id, "params": body}, ensure_ascii=False,

@@ -187,8 +187,9 @@ class ProviderBatchRun:
             self._bodies.update((ids[i], lines[i]) for i in span)
 
     def _body(self, question: Question) -> dict[str, Any]:
-        body, _forced = self.api.body(self.runner.prompt(question))  # dq batch asks for text: nothing forced
-        return body
+        prompt = self.runner.prompt(question)
+        body, _forced = self.api.body(prompt)  # dq batch asks for text: nothing forced
+        return self.api.cache_prefix(body, self.runner.shared_prefix(prompt))
 
     def _lines(self, part: PartRow, questions: dict[str, Question]) -> list[bytes]:
         """The part's request lines: made in this process, or built again from the stored
@@ -326,7 +327,8 @@ class ProviderBatchRun:
                 continue
             usage = result.generation.usage
             extra = {"via": "batch-api", "provider_batch_id": progress.provider_batch_id,
-                     "custom_id": result.custom_id, "online_cost_usd": result.online_cost_usd}
+                     "custom_id": result.custom_id, "online_cost_usd": result.online_cost_usd,
+                     "cache_savings_usd": result.cache_savings_usd}
             self.runner.record_result(
                 self.batch_id, questions[item_id], JobStatus.SUCCEEDED, out, answer=result.generation.text,
                 error=None, error_code=None, usage=usage.model_dump(exclude_none=True), cost_usd=usage.cost_usd or 0.0,

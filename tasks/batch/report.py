@@ -29,6 +29,8 @@ class BatchStats:
     cost_usd: float = 0.0
     online_cost_usd: float = 0.0  # what the same tokens cost online (= cost_usd for online items)
     via_batch_api: int = 0  # items answered by a provider batch
+    cache_savings_usd: float = 0.0  # what the prompt cache saved the provider batches (batch prices)
+    cached_tokens: int = 0  # input tokens read from the provider's prompt cache (provider batches)
     errors: Counter[str] = field(default_factory=Counter)
     latencies_ms: list[float] = field(default_factory=list)
     bad_rows: list[Any] = field(default_factory=list)
@@ -55,6 +57,8 @@ class BatchStats:
         if record.get("via") == "batch-api":
             self.via_batch_api += 1
             self.online_cost_usd += float(record.get("online_cost_usd") or 0.0)
+            self.cache_savings_usd += float(record.get("cache_savings_usd") or 0.0)
+            self.cached_tokens += int(usage.get("cached_tokens", 0) or 0)
         else:
             self.online_cost_usd += float(record.get("cost_usd") or 0.0)
         if record.get("latency_ms") is not None:
@@ -90,6 +94,8 @@ class BatchStats:
             saved = self.online_cost_usd - self.cost_usd
             table.add_row("cost online (same tokens)", f"${self.online_cost_usd:.4f}  (saved ${saved:.4f}, "
                           f"{self.via_batch_api} item(s) by batch API)")
+            table.add_row("cache savings", f"${self.cache_savings_usd:.4f}  ({self.cached_tokens:,} input tokens "
+                          "read from the prompt cache)")
         p50, p95 = self.percentile(0.5), self.percentile(0.95)
         table.add_row("latency p50 / p95", f"{p50 / 1000:.2f} s / {p95 / 1000:.2f} s" if p50 is not None else "-")
         elapsed = time.monotonic() - self.started

@@ -296,6 +296,25 @@ class BatchRunner:
         return self.template.format(dialect=self.options.dialect, schema=self.schema, question=question.question,
                                     evidence=f"Hint: {question.evidence}" if question.evidence else "")
 
+    def shared_prefix(self, prompt: str) -> str:
+        """The start of ``prompt`` that every item's prompt shares: the template rendered up to
+        its first per-item field ({question} or {evidence}); with the default template, the
+        instructions and the schema. A provider batch marks it for the prompt cache."""
+        import string
+
+        head = []
+        for literal, name, spec, conversion in string.Formatter().parse(self.template):
+            head.append(literal)
+            if name is None:
+                break
+            if name not in ("dialect", "schema"):
+                break
+            value = {"dialect": self.options.dialect, "schema": self.schema}[name]
+            head.append(format(value if conversion is None else repr(value) if conversion == "r" else str(value),
+                               spec or ""))
+        prefix = "".join(head)
+        return prefix if prompt.startswith(prefix) else ""
+
     def _submit(self, batch_id: str, questions: list[Question], out: Any = None
                 ) -> tuple[list[str], list[Question]]:
         """Submit a chunk of questions (one transaction, one producer); their job ids and the

@@ -82,6 +82,14 @@ def cmd_status(args: argparse.Namespace) -> int:
         dead = len(client.store.dead_letters())
         if dead:
             console.print(f"dead letters: {dead} (dq dead list)", markup=False, highlight=False)
+        from datus_queue.tasks.store.provider_batches import METRIC_STATES, ProviderBatchStore
+
+        parts: dict[str, int] = {}
+        for (_provider, state), n in ProviderBatchStore(client.store).count_by_state().items():
+            parts[state] = parts.get(state, 0) + n
+        if parts:
+            console.print("provider batches: " + ", ".join(f"{state} {parts[state]}" for state in METRIC_STATES
+                                                           if parts.get(state)), markup=False, highlight=False)
         return 0
     batch = client.store.batch_summary(args.id)
     if batch is not None:

@@ -7,6 +7,7 @@
     dq_dead_letters                   dead letters in the store (``dq dead list``)
     dq_store_jobs{status}             jobs in the store by status
     dq_redis_up, dq_store_up          1 when that part answered this scrape, else 0
+    dq_provider_batches{provider,state}   provider batches by state (`metrics_provider_batches`)
 
 One exporter serves the whole fleet (the workers each serve their own counters); a scrape
 costs one pipeline of LLEN/HLEN/HGET and two indexed queries.
@@ -133,7 +134,11 @@ def serve_fleet_metrics(port: int, addr: str = "0.0.0.0", stop: threading.Event 
     # timeouts: a scrape must not hang on a Redis that stops answering
     client = connect(settings, socket_timeout=5, socket_connect_timeout=2)
     make_store: Callable[[], Any] = lambda: JobStore(settings.database_url)
-    registry.register(FleetCollector(client, make_store, dict(app.conf.broker_transport_options or {})))
+    fleet = FleetCollector(client, make_store, dict(app.conf.broker_transport_options or {}))
+    registry.register(fleet)
+    from datus_queue.tasks.observability.metrics_provider_batches import ProviderBatchCollector
+
+    registry.register(ProviderBatchCollector(lambda: fleet.store))
     server, thread = start_http_server(port, addr=addr, registry=registry)
     stop = stop or threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):

@@ -20,12 +20,12 @@ from enum import Enum
 from typing import Any
 
 from pydantic import BaseModel
-from sqlalchemy import insert, select, update
+from sqlalchemy import func, insert, select, update
 
 from datus_queue.tasks.store.job_store import JobStore
 from datus_queue.tasks.store.schema import provider_batch_items, provider_batches
 
-__all__ = ["PartRow", "PartState", "ProviderBatchStore"]
+__all__ = ["METRIC_STATES", "PartRow", "PartState", "ProviderBatchStore", "metric_state"]
 
 
 class PartState(str, Enum):
@@ -64,6 +64,28 @@ class PartRow(BaseModel):
         return self.state in OPEN_STATES
 
 
+# what the metrics and dq status call a part: a closed set, low-cardinality
+METRIC_STATES = ("preparing", "submitted", "in_progress", "done", "failed", "cancelled")
+_NOT_STARTED = {None, "validating", "JOB_STATE_PENDING", "JOB_STATE_QUEUED"}  # at the provider, not yet running
+_FAILED = {"failed", "expired", "JOB_STATE_FAILED", "JOB_STATE_EXPIRED"}
+_CANCELLED = {"cancelled", "canceled", "cancelling", "canceling", "JOB_STATE_CANCELLED"}
+
+
+def metric_state(state: PartState, provider_status: str | None) -> str:
+    """A part's state as `METRIC_STATES` spells it: preparing (not at the provider yet),
+    submitted (there, not started), in_progress, done, failed (refused by the provider, or
+    ended failed or expired), cancelled."""
+    if state in (PartState.PREPARING, PartState.UPLOADED, PartState.CREATING):
+        return "preparing"
+    if state is PartState.SUBMITTED:
+        return "submitted" if provider_status in _NOT_STARTED else "in_progress"
+    if state is PartState.REFUSED or provider_status in _FAILED:
+        return "failed"
+    if state is PartState.CANCELLED or provider_status in _CANCELLED:
+        return "cancelled"
+    return "done"
+
+
 def _now() -> datetime:
     return datetime.now(UTC)
 
@@ -100,6 +122,19 @@ class ProviderBatchStore:
         with self.store._begin() as conn:
             rows = conn.execute(query.order_by(provider_batches.c.created_at, provider_batches.c.part_id)).all()
         return [PartRow.model_validate(dict(row._mapping)) for row in rows]
+
+    def count_by_state(self) -> dict[tuple[str, str], int]:
+        """Parts of every batch by ``(provider, metric_state)`` (``dq metrics``)."""
+        query = select(provider_batches.c.provider, provider_batches.c.state, provider_batches.c.provider_status,
+                       func.count()).group_by(provider_batches.c.provider, provider_batches.c.state,
+                                              provider_batches.c.provider_status)
+        with self.store._begin() as conn:
+            rows = conn.execute(query).all()
+        counts: dict[tuple[str, str], int] = {}
+        for provider, state, provider_status, n in rows:
+            key = (provider, metric_state(PartState(state), provider_status))
+            counts[key] = counts.get(key, 0) + int(n)
+        return counts
 
     def part_items(self, part_id: str) -> dict[str, str]:
         """custom_id -> item_id for one part."""

@@ -44,7 +44,7 @@ from datus_queue.tasks.cli.services import dq_command
 from datus_queue.tasks.settings import get_settings
 from datus_queue.tasks.store import JobStore
 from datus_queue.tasks.store.provider_batches import PartState, ProviderBatchStore
-from tests.tasks.conftest import Worker
+from tests.tasks.conftest import Worker, free_port
 from tests.tasks.test_store import PG_URL, _pg_schema
 
 KEY = "sk-dq-provider-batches-not-real"
@@ -261,6 +261,58 @@ def test_by_without_via_runs_on_the_batch_api_and_says_why(env: Env) -> None:
     assert len(env.results()) == 20 and all(r["via"] == "batch-api" for r in env.results())
 
 
+def wide_shop(env: Env) -> str:
+    """The sample shop plus 40 unused tables: a schema of some 2,000 tokens, over the 1,024 a prompt
+    cache keeps at least (the shop's own, about 250, is under it: nothing would be cached)."""
+    import sqlite3
+
+    path = env.dir / "wide-shop.db"
+    build_sample_db(path)
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        for n in range(40):
+            conn.execute(f"CREATE TABLE archive_{n:02d} (id INTEGER PRIMARY KEY, region TEXT NOT NULL, "
+                         "amount_cents INTEGER, noted_at TEXT, customer_ref TEXT)")
+        conn.commit()
+    return f"sqlite:///{path}"
+
+
+def test_prompt_caching_of_the_shared_schema_prefix(env: Env) -> None:
+    env.shop_url = wide_shop(env)
+    env.fake.batches.configure(seed=3)
+    claude = env.dq(*env.batch("claude", out="claude.jsonl"))
+    assert claude.returncode == 0, claude.stdout + claude.stderr
+    gpt = env.dq(*env.batch("gpt", out="gpt.jsonl"))
+    assert gpt.returncode == 0, gpt.stdout + gpt.stderr
+    claude_job, gpt_job = sorted(env.fake.batches.jobs.values(), key=lambda job: job.created_at)
+
+    # the same prompt both ways: Claude's in two blocks of one user turn (the shared prefix marked for
+    # the cache), OpenAI's as the online request sends it (its cache needs no mark)
+    online_text = {item.custom_id: item.body["messages"][0]["content"] for item in gpt_job.items}
+    for item in claude_job.items:
+        [turn] = item.body["messages"]
+        prefix, rest = turn["content"]
+        assert prefix["cache_control"] == {"type": "ephemeral"} and "cache_control" not in rest
+        assert prefix["text"].startswith("You are an expert sqlite SQL writer") and "archive_39" in prefix["text"]
+        assert prefix["text"] + rest["text"] == online_text[item.custom_id]
+        assert prefix["text"] == claude_job.items[0].body["messages"][0]["content"][0]["text"]
+
+    for name, run in (("claude", claude), ("gpt", gpt)):
+        records = env.results(f"{name}.jsonl")
+        assert len(records) == 20 and sum(bool(r["match"]) for r in records) == SAMPLE_MATCHED  # scored as online
+        usage = [r["usage"] for r in records]
+        # the first request answered writes the prefix (Claude) or just sees it (OpenAI); the other 19 read it
+        assert sum(1 for u in usage if u.get("cached_tokens")) == 19
+        assert sum(1 for u in usage if u.get("cache_write_tokens")) == (1 if name == "claude" else 0)
+        assert all(u.get("cached_tokens", 0) > 1024 for u in usage if u.get("cached_tokens"))
+        for record in records:
+            assert record["cost_usd"] == pytest.approx(record["online_cost_usd"] / 2)
+        savings = sum(r["cache_savings_usd"] for r in records)
+        assert savings > 0
+        said = " ".join(run.stdout.split())
+        read = sum(u.get("cached_tokens", 0) for u in usage)
+        assert f"cache savings │ ${savings:.4f} ({read:,} input tokens read from the prompt cache)" in said, said
+
+
 def test_expired_items_go_again_and_never_run_twice(env: Env) -> None:
     env.fake.batches.configure(expire_after=7)  # every batch answers 7 items, the rest expire
     run = env.dq(*env.batch("claude"))
@@ -418,6 +470,7 @@ def test_dq_cancel_cancels_the_provider_batches(env: Env) -> None:
     try:
         batch_id = wait_for(lambda: next((p.batch_id for p in _all_parts(env) if p.state is PartState.SUBMITTED),
                                          None))
+        assert provider_batch_gauges(env)[("openai", "in_progress")] == 1
         cancelled = env.dq("cancel", batch_id)
         assert cancelled.returncode == 0 and "cancelling" in cancelled.stdout, cancelled.stdout + cancelled.stderr
         [job] = env.fake.batches.jobs.values()
@@ -437,6 +490,41 @@ def test_dq_cancel_cancels_the_provider_batches(env: Env) -> None:
     run = env.dq(*env.batch("gpt", "--resume"))
     assert run.returncode == 0, run.stdout + run.stderr
     assert len(env.results()) == 20 and set(env.answered_ok().values()) == {1}
+    # the fleet's view: dq status and dq metrics (its exporter, scraped over HTTP)
+    assert "provider batches: done 1, cancelled 1" in env.dq("status").stdout
+    port = free_port()
+    exporter = subprocess.Popen([*DQ, "metrics", "--port", str(port), "--addr", "127.0.0.1"], env=env.env,
+                                cwd=env.dir, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    try:
+        samples = wait_for(lambda: _try_scrape(port), 30)
+    finally:
+        exporter.terminate()
+        exporter.wait(20)
+    gauges = {dict(labels)["state"]: n for (name, labels), n in samples.items()
+              if name == "dq_provider_batches" and dict(labels)["provider"] == "openai"}
+    assert gauges == {"preparing": 0, "submitted": 0, "in_progress": 0, "done": 1, "failed": 0, "cancelled": 1}
+    assert samples[("dq_provider_batches", (("provider", "claude"), ("state", "done")))] == 0
+
+
+def provider_batch_gauges(env: Env) -> dict[tuple[str, str], float]:
+    """``dq_provider_batches`` as the exporter's collector reads it from the store now."""
+    from datus_queue.tasks.observability.metrics_provider_batches import ProviderBatchCollector
+
+    store = JobStore(env.store_url)
+    try:
+        [family] = ProviderBatchCollector(lambda: store).collect()
+        return {(s.labels["provider"], s.labels["state"]): s.value for s in family.samples}
+    finally:
+        store.close()
+
+
+def _try_scrape(port: int) -> dict[Any, float] | None:
+    from tests.tasks.test_metrics import scrape
+
+    try:
+        return scrape(port)
+    except OSError:
+        return None
 
 
 def _all_parts(env: Env) -> list[Any]:

@@ -106,3 +106,24 @@ async def test_the_async_client(fake_server: FakeProviderServer) -> None:
             await asyncio.sleep(0.02)
         results = [result async for result in await client.messages.batches.results(batch.id)]
         assert sorted(result.custom_id for result in results) == ["item-0", "item-1"]
+
+
+def test_a_cache_control_prefix_is_written_once_then_read(api: anthropic.Anthropic,
+                                                          fake_server: FakeProviderServer) -> None:
+    shared = "You know this schema by heart. " * 200  # about 1,500 tokens: over the 1,024 minimum
+    fake_server.batches.configure(seed=1)
+    batch = api.messages.batches.create(requests=[
+        {"custom_id": f"c-{i}", "params": {"model": MODEL, "max_tokens": 64, "messages": [{"role": "user", "content": [
+            {"type": "text", "text": shared, "cache_control": {"type": "ephemeral"}},
+            {"type": "text", "text": f"question {i}"}]}]}} for i in range(4)]
+        + [{"custom_id": "short", "params": {"model": MODEL, "max_tokens": 64, "messages": [{"role": "user", "content": [
+            {"type": "text", "text": "too short to cache", "cache_control": {"type": "ephemeral"}}]}]}}])
+    wait_ended(api, batch.id)
+    usage = {result.custom_id: result.result.message.usage for result in api.messages.batches.results(batch.id)}
+    writes = [u.cache_creation_input_tokens for key, u in usage.items() if key != "short"]
+    reads = [u.cache_read_input_tokens for key, u in usage.items() if key != "short"]
+    assert sorted(writes) == [0, 0, 0, max(writes)] and max(writes) > 1024
+    assert sorted(reads) == [0, max(writes), max(writes), max(writes)]  # the writer reads nothing
+    # Anthropic's input_tokens is the uncached rest: the question, not the prefix
+    assert all(u.input_tokens < 20 for key, u in usage.items() if key != "short")
+    assert usage["short"].cache_creation_input_tokens == usage["short"].cache_read_input_tokens == 0

@@ -155,3 +155,17 @@ def test_a_wrong_key_is_refused(fake_server: FakeProviderServer) -> None:
     with (openai.OpenAI(base_url=fake_server.openai_base_url, api_key="sk-wrong", max_retries=0) as client,
           pytest.raises(openai.AuthenticationError)):
         client.files.create(file=("in.jsonl", lines(1)), purpose="batch")
+
+
+def test_a_repeated_prefix_is_read_from_the_cache(api: openai.OpenAI, fake_server: FakeProviderServer) -> None:
+    # OpenAI caches by itself: the longest prefix seen before, from 1,024 tokens in 128-token steps
+    shared = "You know this schema by heart. " * 200  # about 1,500 tokens
+    content = "\n".join(json.dumps({"custom_id": f"c-{i}", "method": "POST", "url": ENDPOINT, "body": {
+        "model": "gpt-4o", "messages": [{"role": "user", "content": shared + f"question {i}"}]}}) for i in range(4))
+    fake_server.batches.configure(seed=1)
+    batch = wait_final(api, run(api, content.encode()).id)
+    usage = {line["custom_id"]: line["response"]["body"]["usage"] for line in read(api, batch.output_file_id)}
+    cached = sorted(u["prompt_tokens_details"]["cached_tokens"] for u in usage.values())
+    assert cached[0] == 0 and len(set(cached[1:])) == 1 and 1024 <= cached[1] <= len(shared) / 4
+    assert cached[1] % 128 == 0
+    assert all(u["prompt_tokens"] > cached[1] for u in usage.values())

@@ -17,6 +17,15 @@ looked at (no background task):
     ended        completed (OpenAI) / ended (Anthropic); or expired: a batch created while
                  ``expire_after`` is n answers its first n items only, the others expire
 
+Prompt caching, as the providers report it: an Anthropic request whose blocks carry
+``cache_control`` writes its prefix up to the last such block the first time that prefix is seen
+(``cache_creation_input_tokens``) and reads it after (``cache_read_input_tokens``); an OpenAI
+chat request reads, automatically, the longest prefix of its messages' text already seen, from
+1,024 tokens up in 128-token steps (``prompt_tokens_details.cached_tokens``). Prefixes under
+``cache_min_tokens`` are not cached (the providers' minimum: 1,024 tokens for OpenAI and most
+Claude models). The cache lives as long as the engine (no 5-minute expiry: the fake's batches
+take seconds). A reply that sets its own cache counts keeps them.
+
 A cancel moves a batch to cancelling/canceling for finalize_s; the items not answered by then
 are cancelled. ``hold("create")`` keeps create requests waiting (a client killed meanwhile is
 gone: its batch is never made); ``hold("created")`` makes the batch, then keeps the answer
@@ -28,6 +37,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import hashlib
 import json
 import math
 import random
@@ -40,7 +50,7 @@ from typing import Any, Literal
 from starlette.requests import Request
 
 from datus.models.scripted import Fault, Reply, echo_handler
-from datus.testing.protocols import ProtocolError, WireProtocol
+from datus.testing.protocols import ProtocolError, WireProtocol, _text_chars, _tokens
 
 __all__ = ["Answered", "BatchEngine", "BatchItem", "BatchJob", "BatchSettings", "StoredFile"]
 
@@ -64,6 +74,7 @@ class BatchSettings:
     anthropic_max_bytes: int = 256 * 1024 * 1024
     gemini_max_bytes: int = 20 * 1024 * 1024  # inline requests, all of them together
     seed: int | None = None  # the order items are answered in (None: random)
+    cache_min_tokens: int = 1024  # the shortest prefix the prompt cache keeps (module docstring)
 
     @classmethod
     def from_json(cls, payload: dict[str, Any], base: BatchSettings | None = None) -> BatchSettings:
@@ -157,6 +168,7 @@ class BatchEngine:
         self._lock = threading.RLock()
         self._holds: dict[str, asyncio.Event] = {}
         self.waiting: dict[str, int] = {}  # requests held now, by hold point
+        self._cached: set[str] = set()  # the prompt cache: digests of the prefixes seen
 
     # -- test controls -------------------------------------------------------------------
 
@@ -173,6 +185,7 @@ class BatchEngine:
             self.jobs.clear()
             self.files.clear()
             self.answered.clear()
+            self._cached.clear()
 
     def hold(self, *points: HoldPoint) -> None:
         with self._lock:
@@ -285,13 +298,15 @@ class BatchEngine:
 
     def _answer(self, job: BatchJob, item: BatchItem) -> None:
         """The online answer to one item: parse, script, render."""
-        status, body = self.answer_body(job.protocol, job.headers, item.body, job.extra.get("path_params"))
+        status, body = self.answer_body(job.protocol, job.headers, item.body, job.extra.get("path_params"),
+                                        job.settings)
         item.status, item.answer = status, body
         item.outcome = "succeeded" if status == 200 else "errored"
         self.answered.append(Answered(job.batch_id, item.custom_id, item.outcome))
 
     def answer_body(self, protocol: WireProtocol, headers: dict[str, str], body: Any,
-                    path_params: dict[str, str] | None = None) -> tuple[int, dict[str, Any]]:
+                    path_params: dict[str, str] | None = None,
+                    settings: BatchSettings | None = None) -> tuple[int, dict[str, Any]]:
         """An online request's answer (status, JSON body), as if ``body`` came on the protocol's
         first path (``path_params`` fill it in: Gemini's model)."""
         path = protocol.paths[0].format(**(path_params or {})) if path_params else protocol.paths[0]
@@ -309,5 +324,54 @@ class BatchEngine:
             reply = answer if isinstance(answer, Reply) else self.server.script.fallback(scripted)
             if not isinstance(reply, Reply):
                 reply = echo_handler(scripted)
+            if not reply.cached_tokens and not reply.cache_write_tokens:
+                read, write = self._prompt_cache(protocol.name, body, settings or self.settings)
+                reply = dataclasses.replace(reply, cached_tokens=read, cache_write_tokens=write)
             response = protocol.render_json(reply, scripted)
         return response.status_code, json.loads(bytes(response.body))
+
+    def _prompt_cache(self, protocol: str, body: Any, settings: BatchSettings) -> tuple[int, int]:
+        """(tokens read from the cache, tokens written to it) for one request (module docstring)."""
+        if not isinstance(body, dict):
+            return 0, 0
+        model = str(body.get("model"))
+        if protocol == "anthropic":
+            pieces: list[Any] = list(body.get("tools") or [])
+            system = body.get("system")
+            pieces += [{"type": "text", "text": system}] if isinstance(system, str) else list(system or [])
+            for message in body.get("messages") or []:
+                content = message.get("content")
+                blocks = [{"type": "text", "text": content}] if isinstance(content, str) else list(content or [])
+                pieces += [{"role": message.get("role"), **block} for block in blocks]
+            marked = [i for i, piece in enumerate(pieces) if isinstance(piece, dict) and "cache_control" in piece]
+            if not marked:
+                return 0, 0
+            prefix = pieces[: marked[-1] + 1]
+            tokens = _tokens(_text_chars(prefix))
+            if tokens < settings.cache_min_tokens:
+                return 0, 0
+            key = hashlib.sha256(json.dumps([model, prefix], sort_keys=True).encode()).hexdigest()
+            with self._lock:
+                if key in self._cached:
+                    return tokens, 0
+                self._cached.add(key)
+                return 0, tokens
+        if protocol == "openai":
+            text = "".join(_message_text(message) for message in body.get("messages") or [])
+            first, step = settings.cache_min_tokens * 4, 128 * 4  # in characters, four to a token
+            cached, hit = 0, True
+            with self._lock:
+                for end in range(first, len(text) + 1, step):  # a prefix is cached only if its shorter ones are
+                    key = hashlib.sha256(f"{model}\0{text[:end]}".encode()).hexdigest()
+                    hit = hit and key in self._cached
+                    cached = end if hit else cached
+                    self._cached.add(key)
+            return (_tokens(cached) if cached else 0), 0
+        return 0, 0
+
+
+def _message_text(message: dict[str, Any]) -> str:
+    content = message.get("content")
+    if isinstance(content, str):
+        return content
+    return "".join(part.get("text") or "" for part in content or [] if isinstance(part, dict))

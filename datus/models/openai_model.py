@@ -27,11 +27,12 @@ class OpenAIModel(OpenAICompatibleModel):
         #: "chat_completions" or "responses": the API this model's requests go to
         self.api = api_of(self.model_config.api, self.model_name)
         self._responses = ResponsesAPI(self) if self.api == "responses" else None
-        if self._responses is None and self.model_config.hosted_tools:
+        responses_only = [key for key in ("hosted_tools", "store") if getattr(self.model_config, key)]
+        if self._responses is None and responses_only:
             from datus.models.errors import ModelConfigError
 
-            raise ModelConfigError(f"model {self.model_name!r}: hosted_tools need the Responses API; set api: responses",
-                                   provider=self.provider, model=self.model_name)
+            raise ModelConfigError(f"model {self.model_name!r}: {' and '.join(responses_only)} need the Responses "
+                                   "API; set api: responses", provider=self.provider, model=self.model_name)
 
     async def _complete(self, client: Any, request: ModelRequest) -> Generation:
         if self._responses is not None:

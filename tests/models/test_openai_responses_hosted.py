@@ -131,6 +131,8 @@ async def test_hosted_tool_settings_are_checked(fake_server: FakeProviderServer)
         ModelConfig(type="openai", model="o3-pro", hosted_tools=[{"type": "web_serch"}])
     with pytest.raises(ModelConfigError, match="hosted_tools need the Responses API"):
         model_of(fake_server, "gpt-4o", hosted_tools=WEB)  # Chat Completions has no hosted tools
+    with pytest.raises(ModelConfigError, match="store need the Responses API"):
+        model_of(fake_server, "gpt-4o", store=True)  # nor previous_response_id
     # the service's own check, held by the fake: file search needs its vector stores
     client = openai.AsyncOpenAI(api_key=KEY, base_url=fake_server.openai_base_url, max_retries=0)
     try:

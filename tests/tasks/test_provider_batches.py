@@ -262,15 +262,16 @@ def test_by_without_via_runs_on_the_batch_api_and_says_why(env: Env) -> None:
 
 
 def wide_shop(env: Env) -> str:
-    """The sample shop plus 40 unused tables: a schema of some 2,000 tokens, over the 1,024 a prompt
-    cache keeps at least (the shop's own, about 250, is under it: nothing would be cached)."""
+    """The sample shop plus 130 unused tables: a schema of some 5,000 tokens, over the 4,096 that
+    claude-haiku-4-5's prompt cache keeps at least (1,024 for gpt-4o-mini; the shop's own schema,
+    about 250 tokens, is under both: nothing would be cached)."""
     import sqlite3
 
     path = env.dir / "wide-shop.db"
     build_sample_db(path)
     with contextlib.closing(sqlite3.connect(path)) as conn:
-        for n in range(40):
-            conn.execute(f"CREATE TABLE archive_{n:02d} (id INTEGER PRIMARY KEY, region TEXT NOT NULL, "
+        for n in range(130):
+            conn.execute(f"CREATE TABLE archive_{n:03d} (id INTEGER PRIMARY KEY, region TEXT NOT NULL, "
                          "amount_cents INTEGER, noted_at TEXT, customer_ref TEXT)")
         conn.commit()
     return f"sqlite:///{path}"
@@ -292,7 +293,7 @@ def test_prompt_caching_of_the_shared_schema_prefix(env: Env) -> None:
         [turn] = item.body["messages"]
         prefix, rest = turn["content"]
         assert prefix["cache_control"] == {"type": "ephemeral"} and "cache_control" not in rest
-        assert prefix["text"].startswith("You are an expert sqlite SQL writer") and "archive_39" in prefix["text"]
+        assert prefix["text"].startswith("You are an expert sqlite SQL writer") and "archive_129" in prefix["text"]
         assert prefix["text"] + rest["text"] == online_text[item.custom_id]
         assert prefix["text"] == claude_job.items[0].body["messages"][0]["content"][0]["text"]
 
@@ -303,7 +304,7 @@ def test_prompt_caching_of_the_shared_schema_prefix(env: Env) -> None:
         # the first request answered writes the prefix (Claude) or just sees it (OpenAI); the other 19 read it
         assert sum(1 for u in usage if u.get("cached_tokens")) == 19
         assert sum(1 for u in usage if u.get("cache_write_tokens")) == (1 if name == "claude" else 0)
-        assert all(u.get("cached_tokens", 0) > 1024 for u in usage if u.get("cached_tokens"))
+        assert all(u.get("cached_tokens", 0) > 4096 for u in usage if u.get("cached_tokens"))
         for record in records:
             assert record["cost_usd"] == pytest.approx(record["online_cost_usd"] / 2)
         savings = sum(r["cache_savings_usd"] for r in records)

@@ -117,13 +117,17 @@ def test_a_cache_control_prefix_is_written_once_then_read(api: anthropic.Anthrop
             {"type": "text", "text": shared, "cache_control": {"type": "ephemeral"}},
             {"type": "text", "text": f"question {i}"}]}]}} for i in range(4)]
         + [{"custom_id": "short", "params": {"model": MODEL, "max_tokens": 64, "messages": [{"role": "user", "content": [
-            {"type": "text", "text": "too short to cache", "cache_control": {"type": "ephemeral"}}]}]}}])
+            {"type": "text", "text": "too short to cache", "cache_control": {"type": "ephemeral"}}]}]}},
+           # Haiku 4.5 caches from 4,096 tokens: the same prefix is too short there
+           {"custom_id": "haiku", "params": {"model": "claude-haiku-4-5", "max_tokens": 64, "messages": [
+               {"role": "user", "content": [{"type": "text", "text": shared, "cache_control": {"type": "ephemeral"}}]}]}}])
     wait_ended(api, batch.id)
     usage = {result.custom_id: result.result.message.usage for result in api.messages.batches.results(batch.id)}
-    writes = [u.cache_creation_input_tokens for key, u in usage.items() if key != "short"]
-    reads = [u.cache_read_input_tokens for key, u in usage.items() if key != "short"]
+    writes = [u.cache_creation_input_tokens for key, u in usage.items() if key.startswith("c-")]
+    reads = [u.cache_read_input_tokens for key, u in usage.items() if key.startswith("c-")]
     assert sorted(writes) == [0, 0, 0, max(writes)] and max(writes) > 1024
     assert sorted(reads) == [0, max(writes), max(writes), max(writes)]  # the writer reads nothing
     # Anthropic's input_tokens is the uncached rest: the question, not the prefix
-    assert all(u.input_tokens < 20 for key, u in usage.items() if key != "short")
-    assert usage["short"].cache_creation_input_tokens == usage["short"].cache_read_input_tokens == 0
+    assert all(u.input_tokens < 20 for key, u in usage.items() if key.startswith("c-"))
+    for key in ("short", "haiku"):
+        assert usage[key].cache_creation_input_tokens == usage[key].cache_read_input_tokens == 0

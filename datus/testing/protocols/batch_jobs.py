@@ -22,8 +22,9 @@ Prompt caching, as the providers report it: an Anthropic request whose blocks ca
 (``cache_creation_input_tokens``) and reads it after (``cache_read_input_tokens``); an OpenAI
 chat request reads, automatically, the longest prefix of its messages' text already seen, from
 1,024 tokens up in 128-token steps (``prompt_tokens_details.cached_tokens``). Prefixes under
-``cache_min_tokens`` are not cached (the providers' minimum: 1,024 tokens for OpenAI and most
-Claude models). The cache lives as long as the engine (no 5-minute expiry: the fake's batches
+the model's minimum are not cached, as documented: 1,024 tokens for OpenAI's models and most
+Claude models, 2,048 for Claude Haiku 3 and 3.5, 4,096 for Claude Haiku 4.5 and Opus 4.5
+(`cache_min_tokens` overrides it for every model). The cache lives as long as the engine (no 5-minute expiry: the fake's batches
 take seconds). A reply that sets its own cache counts keeps them.
 
 A cancel moves a batch to cancelling/canceling for finalize_s; the items not answered by then
@@ -74,7 +75,7 @@ class BatchSettings:
     anthropic_max_bytes: int = 256 * 1024 * 1024
     gemini_max_bytes: int = 20 * 1024 * 1024  # inline requests, all of them together
     seed: int | None = None  # the order items are answered in (None: random)
-    cache_min_tokens: int = 1024  # the shortest prefix the prompt cache keeps (module docstring)
+    cache_min_tokens: int | None = None  # the shortest prefix cached; None: the model's (module docstring)
 
     @classmethod
     def from_json(cls, payload: dict[str, Any], base: BatchSettings | None = None) -> BatchSettings:
@@ -348,7 +349,7 @@ class BatchEngine:
                 return 0, 0
             prefix = pieces[: marked[-1] + 1]
             tokens = _tokens(_text_chars(prefix))
-            if tokens < settings.cache_min_tokens:
+            if tokens < _cache_minimum(model, settings):
                 return 0, 0
             key = hashlib.sha256(json.dumps([model, prefix], sort_keys=True).encode()).hexdigest()
             with self._lock:
@@ -358,7 +359,7 @@ class BatchEngine:
                 return 0, tokens
         if protocol == "openai":
             text = "".join(_message_text(message) for message in body.get("messages") or [])
-            first, step = settings.cache_min_tokens * 4, 128 * 4  # in characters, four to a token
+            first, step = _cache_minimum(model, settings) * 4, 128 * 4  # in characters, four to a token
             cached, hit = 0, True
             with self._lock:
                 for end in range(first, len(text) + 1, step):  # a prefix is cached only if its shorter ones are
@@ -368,6 +369,20 @@ class BatchEngine:
                     self._cached.add(key)
             return (_tokens(cached) if cached else 0), 0
         return 0, 0
+
+
+# Anthropic's minimum cacheable prompt lengths (docs: prompt caching, "cache limitations"); the
+# longest matching model-name prefix wins; every other model 1,024 (OpenAI's too)
+_CACHE_MINIMUMS = {"claude-haiku-4-5": 4096, "claude-opus-4-5": 4096, "claude-3-5-haiku": 2048,
+                   "claude-3-haiku": 2048}
+
+
+def _cache_minimum(model: str, settings: BatchSettings) -> int:
+    if settings.cache_min_tokens is not None:
+        return settings.cache_min_tokens
+    name = model.split("/")[-1]
+    best = max((prefix for prefix in _CACHE_MINIMUMS if name.startswith(prefix)), key=len, default=None)
+    return 1024 if best is None else _CACHE_MINIMUMS[best]
 
 
 def _message_text(message: dict[str, Any]) -> str:

@@ -167,7 +167,7 @@ class AsyncEventPublisher(_PublisherBase):
     def __init__(self, redis_client: Any, ttl_s: int | None = None, maxlen: int | None = None,
                  max_bytes: int | None = None) -> None:
         super().__init__(redis_client, ttl_s, maxlen, max_bytes)
-        self._batch = RedisBatch(redis_client)
+        self._batch = RedisBatch.of(redis_client)  # shared with the loop's limiter and cancel-flag reads
 
     async def publish(self, job_id: str, step: Step, terminal: bool = False,
                       status: JobStatus | str | None = None) -> JobEvent:

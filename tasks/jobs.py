@@ -51,7 +51,6 @@ from datus.models.errors import ModelError
 from datus.models.retry import RetryPolicy, is_rate_limited
 from datus.models.usage import Usage, track_usage
 from datus.schemas.action_history import ActionHistory, ActionRole, ActionStatus
-from datus_queue.tasks import keys
 from datus_queue.tasks.caller_tools import (
     REQUEST_STEP,
     CallerGone,
@@ -68,7 +67,7 @@ from datus_queue.tasks.messages import JobMessage, Malformed, error_step, parse_
 from datus_queue.tasks.observability import metrics, traces
 from datus_queue.tasks.outcomes import ComeBack, Dropped, DropReason, Finished, Outcome, Retry, is_infrastructure
 from datus_queue.tasks.ratelimit import DeadlineExceeded, Deferred, JobWait, RateLimitWaitExceeded, current_job
-from datus_queue.tasks.runner import JobCancelled, JobRunner
+from datus_queue.tasks.runner import JobCancelled, JobRunner, cancel_flag_set
 from datus_queue.tasks.schemas import JobError, JobRequest, JobStatus, TaskPayload
 from datus_queue.tasks.settings import Settings
 
@@ -219,7 +218,7 @@ async def execute(job_id: str, payload: Any, retries: int = 0, context: JobConte
         await asyncio.to_thread(reject, ctx, f"invalid payload: {_first_error(exc)}", job_id, code="invalid_payload")
         return Dropped(DropReason.REJECTED)
 
-    cancel_requested = await ctx.aredis.exists(keys.job_cancel(job_id))
+    cancel_requested = await cancel_flag_set(ctx, job_id)  # in the loop turn's Redis pipeline
     run = retries + 1  # the store's guard against stale messages; limiter waits count here, not as attempts
     # the claim hands back the job's request: the message carries none (a message of the previous
     # format does, and it is ignored: the store is the truth)

@@ -153,7 +153,7 @@ class RedisLimiter:
         loop = asyncio.get_running_loop()
         state = self._per_loop.get(loop)
         if state is None:
-            state = self._per_loop[loop] = _LoopState(RedisBatch(self.context.aredis), self)
+            state = self._per_loop[loop] = _LoopState(RedisBatch.of(self.context.aredis), self)
         return state
 
     def next_slot_id(self) -> str:

@@ -471,7 +471,9 @@ def test_dq_cancel_cancels_the_provider_batches(env: Env) -> None:
     try:
         batch_id = wait_for(lambda: next((p.batch_id for p in _all_parts(env) if p.state is PartState.SUBMITTED),
                                          None))
-        assert provider_batch_gauges(env)[("openai", "in_progress")] == 1
+        # submitted until dq batch's first poll records the provider's in_progress
+        gauges = wait_for(lambda: (now := provider_batch_gauges(env))[("openai", "in_progress")] == 1 and now)
+        assert sum(n for (provider, _), n in gauges.items() if provider == "openai") == 1
         cancelled = env.dq("cancel", batch_id)
         assert cancelled.returncode == 0 and "cancelling" in cancelled.stdout, cancelled.stdout + cancelled.stderr
         [job] = env.fake.batches.jobs.values()

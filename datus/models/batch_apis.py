@@ -296,19 +296,21 @@ class AnthropicBatchAPI(BatchAPI):
         """The shared prefix as a content block of its own, marked ``cache_control`` (the 5-minute
         ephemeral kind), ahead of the item's own text in the same user turn: the same text
         as online, in two blocks, so every request of the batch repeats the cached prefix
-        exactly. The adapter's breakpoint on the whole turn goes (it would cache each
-        item's question, which no other item repeats). Nothing when the model's
-        ``prompt_cache`` is off or the prompt does not start with the prefix."""
+        exactly. The adapter's breakpoint on the whole turn goes, with a prefix or without
+        (it would write each item's whole prompt to the cache, at the write premium, and no
+        other item repeats it). Nothing when the model's ``prompt_cache`` is off."""
         from datus.models.claude_messages import EPHEMERAL
 
         messages = body.get("messages") or []
-        if not prefix or self.model.model_config.prompt_cache != "auto" or len(messages) != 1:
+        if self.model.model_config.prompt_cache != "auto" or len(messages) != 1:
             return body
         content = messages[0].get("content")
         blocks = [{"type": "text", "text": content}] if isinstance(content, str) else list(content or [])
-        if len(blocks) != 1 or blocks[0].get("type") != "text" or not blocks[0].get("text", "").startswith(prefix):
+        if len(blocks) != 1 or blocks[0].get("type") != "text":
             return body
-        text = blocks[0]["text"]
+        text = blocks[0].get("text") or ""
+        if not prefix or not text.startswith(prefix):
+            return {**body, "messages": [{**messages[0], "content": [{"type": "text", "text": text}]}]}
         split = [{"type": "text", "text": prefix, "cache_control": dict(EPHEMERAL)}]
         if text[len(prefix):]:
             split.append({"type": "text", "text": text[len(prefix):]})

@@ -314,6 +314,27 @@ def test_prompt_caching_of_the_shared_schema_prefix(env: Env) -> None:
         assert f"cache savings │ ${savings:.4f} ({read:,} input tokens read from the prompt cache)" in said, said
 
 
+@pytest.mark.parametrize("prompt_cache", ["auto", "off"])
+def test_anthropic_cache_marks_only_a_shared_prefix(prompt_cache: str) -> None:
+    from datus.models.base import LLMBaseModel
+    from datus.models.config import AgentConfig
+
+    config = AgentConfig.from_dict({"models": {"c": {"type": "claude", "model": "claude-haiku-4-5", "api_key": "k",
+                                                     "base_url": "http://127.0.0.1:9", "prompt_cache": prompt_cache}}})
+    api = AnthropicBatchAPI(LLMBaseModel.create_model(config, "c"))
+    body, _ = api.body("SCHEMA...\nQuestion: how many?")
+    shared = api.cache_prefix(body, "SCHEMA...\n")["messages"][0]["content"]
+    alone = api.cache_prefix(body, "")["messages"][0]["content"]  # a template whose first field is {question}
+    if prompt_cache == "off":  # the model's setting holds: nothing marked either way
+        assert "cache_control" not in json.dumps([body, shared, alone])
+        return
+    assert shared == [{"type": "text", "text": "SCHEMA...\n", "cache_control": {"type": "ephemeral"}},
+                      {"type": "text", "text": "Question: how many?"}]
+    # no shared prefix: no breakpoint (the adapter's on the whole turn would pay the cache-write premium
+    # for a prompt no other item repeats)
+    assert alone == [{"type": "text", "text": "SCHEMA...\nQuestion: how many?"}]
+
+
 def test_expired_items_go_again_and_never_run_twice(env: Env) -> None:
     env.fake.batches.configure(expire_after=7)  # every batch answers 7 items, the rest expire
     run = env.dq(*env.batch("claude"))

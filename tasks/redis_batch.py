@@ -1,4 +1,4 @@
-"""Lua calls made during one turn of an event loop, sent to Redis in one pipeline.
+"""The Redis calls made during one turn of an event loop (Lua scripts, plain commands), sent in one pipeline.
 
 A worker keeps hundreds of requests in flight and the limiter makes a call before and after
 each. Awaited one by one, a call costs about 75 µs of the worker's CPU (measured here,

@@ -166,12 +166,22 @@ class BatchAPI:
 
 
 class OpenAIBatchAPI(BatchAPI):
-    """OpenAI's Batch API over ``/v1/chat/completions`` (DashScope's is the same shape)."""
+    """OpenAI's Batch API over ``/v1/chat/completions``, or ``/v1/responses`` for a model that
+    speaks the Responses API (`datus.models.openai_responses`; the Batch API takes both
+    endpoints). DashScope's is the same shape."""
 
     provider_family = "openai"
     # https://platform.openai.com/docs/guides/batch: 50,000 requests and 200 MB per input file
     default_limits = BatchLimits(max_requests=50_000, max_bytes=200 * 1024 * 1024)
-    endpoint = "/v1/chat/completions"
+
+    @property
+    def _responses(self) -> Any:
+        """The model's Responses-API adapter, or None (Chat Completions)."""
+        return getattr(self.model, "_responses", None)
+
+    @property
+    def endpoint(self) -> str:
+        return "/v1/responses" if self._responses is not None else "/v1/chat/completions"
 
     def _create_client(self) -> Any:
         import openai
@@ -181,6 +191,8 @@ class OpenAIBatchAPI(BatchAPI):
                              timeout=model.model_config.timeout_s)
 
     def _params(self, request: Any) -> tuple[dict[str, Any], str | None]:
+        if self._responses is not None:  # each item stands alone: never chained to a stored response
+            return self._responses.params(request, chain=False), None
         return self.model._params(request), None
 
     def line(self, custom_id: str, body: dict[str, Any]) -> bytes:
@@ -250,6 +262,10 @@ class OpenAIBatchAPI(BatchAPI):
         from datus.models.openai_compatible import _usage_of
 
         model = self.model
+        if self._responses is not None:
+            from datus.models.openai_responses import generation_of
+
+            return generation_of(body, provider=model.provider, model=model.model_name)
         response = ChatCompletion.model_validate(body)
         choice = response.choices[0]
         message = choice.message

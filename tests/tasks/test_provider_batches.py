@@ -121,6 +121,8 @@ def env(tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.
         fake.script.reset(fallback=SampleModel())
         agent = {"agent": {"target": "gpt", "models": {
             "gpt": {"type": "openai", "model": "gpt-4o-mini", "api_key": KEY, "base_url": fake.openai_base_url},
+            "gpt-responses": {"type": "openai", "model": "gpt-4o-mini", "api": "responses", "api_key": KEY,
+                              "base_url": fake.openai_base_url},
             "claude": {"type": "claude", "model": "claude-haiku-4-5", "api_key": KEY, "base_url": fake.url},
             "ds": {"type": "deepseek", "model": "deepseek-chat", "api_key": KEY, "base_url": fake.openai_base_url},
             "qwen": {"type": "qwen", "model": "qwen-plus", "api_key": KEY, "base_url": fake.openai_base_url},
@@ -415,6 +417,22 @@ def test_gemini_batch_mode(env: Env) -> None:
     assert "systemInstruction" not in job.items[0].body  # the prompt is one user message, as online
     [part] = parts(env, batch_id_of(run.stdout))
     assert part.state is PartState.COLLECTED and part.provider_batch_id.startswith("batches/")
+
+
+def test_a_responses_api_model_batches_over_v1_responses(env: Env) -> None:
+    # OpenAI's Batch API takes /v1/responses as its endpoint: a model with api: responses sends
+    # its online request body (input items, not messages) there, and reads Response objects back
+    run = env.dq(*env.batch("gpt-responses"))
+    assert run.returncode == 0, run.stdout + run.stderr
+    records = env.results()
+    assert len(records) == 20 and sum(bool(r["match"]) for r in records) == SAMPLE_MATCHED
+    assert all(r["cost_usd"] == pytest.approx(r["online_cost_usd"] / 2) and r["usage"]["input_tokens"] > 0
+               for r in records)
+    assert set(env.answered_ok().values()) == {1} and len(env.answered_ok()) == 20
+    [job] = env.fake.batches.jobs.values()
+    assert job.extra["endpoint"] == "/v1/responses" and job.protocol.name == "openai_responses"
+    body = job.items[0].body
+    assert "input" in body and "messages" not in body and "previous_response_id" not in body
 
 
 def test_qwen_on_dashscopes_openai_compatible_batch_api(env: Env) -> None:

@@ -9,7 +9,8 @@
     POST /v1/batches/{id}/cancel      Batch (cancelling)
 
 Shapes are the `openai` SDK's (`FileObject`, `Batch`, `BatchRequestCounts`): each input line is
-``{"custom_id", "method": "POST", "url": "/v1/chat/completions", "body"}``; an output line is
+``{"custom_id", "method": "POST", "url": "/v1/chat/completions", "body"}`` (or ``/v1/responses``,
+answered by the Responses protocol when the server speaks it); an output line is
 ``{"id", "custom_id", "response": {"status_code", "request_id", "body"}, "error": null}``. Items
 answered 200 go to ``output_file_id``, the others to ``error_file_id`` (an HTTP error keeps its
 ``response``; an expired or cancelled item has ``response: null`` and an ``error`` with code
@@ -34,7 +35,9 @@ from datus.testing.protocols.batch_jobs import BatchEngine, BatchItem, BatchJob
 
 __all__ = ["openai_batch_routes"]
 
-_ENDPOINTS = ("/v1/chat/completions",)
+# https://platform.openai.com/docs/api-reference/batch/create: the endpoint of every request in
+# the batch; /v1/chat/completions and /v1/responses are the two whose answers this server renders
+_PROTOCOL_OF_ENDPOINT = {"/v1/chat/completions": "openai", "/v1/responses": "openai_responses"}
 _WINDOW_S = 24 * 3600
 
 
@@ -44,8 +47,8 @@ def _error(status: int, message: str, code: str | None = None, param: str | None
 
 
 class _OpenAIBatches:
-    def __init__(self, engine: BatchEngine, chat: WireProtocol) -> None:
-        self.engine, self.chat = engine, chat
+    def __init__(self, engine: BatchEngine, chat: WireProtocol, by_endpoint: dict[str, WireProtocol]) -> None:
+        self.engine, self.chat, self.by_endpoint = engine, chat, by_endpoint
 
     def routes(self) -> list[BaseRoute]:
         return [
@@ -112,9 +115,9 @@ class _OpenAIBatches:
         for field in ("input_file_id", "endpoint", "completion_window"):
             if not body.get(field):
                 return _error(400, f"Missing required parameter: '{field}'.", param=field)
-        if body["endpoint"] not in _ENDPOINTS:
+        if body["endpoint"] not in self.by_endpoint:
             return _error(400, f"Invalid value for 'endpoint': {body['endpoint']!r}; this server supports "
-                          f"{', '.join(_ENDPOINTS)}.", param="endpoint")
+                          f"{', '.join(self.by_endpoint)}.", param="endpoint")
         if body["completion_window"] != "24h":
             return _error(400, "Invalid value for 'completion_window': only '24h' is supported.",
                           param="completion_window")
@@ -126,7 +129,8 @@ class _OpenAIBatches:
         if not await self.engine.gate("create", request):
             return Response(status_code=499)
         items, errors = self._items(stored.content, body["endpoint"])
-        job = self.engine.create("batch_", self.chat, request, items, endpoint=body["endpoint"],
+        job = self.engine.create("batch_", self.by_endpoint[body["endpoint"]], request, items,
+                                 endpoint=body["endpoint"],
                                  input_file_id=stored.file_id, metadata=body.get("metadata"))
         if errors:
             job.failed = errors
@@ -284,5 +288,7 @@ def _file_object(file_id: str, filename: str, purpose: str, size: int, created_a
 
 def openai_batch_routes(engine: BatchEngine, protocols: list[WireProtocol]) -> list[BaseRoute]:
     """The routes, when the server speaks OpenAI's chat protocol (which answers the items)."""
-    chat = next((protocol for protocol in protocols if protocol.name == "openai"), None)
-    return _OpenAIBatches(engine, chat).routes() if chat is not None else []
+    named = {protocol.name: protocol for protocol in protocols}
+    by_endpoint = {endpoint: named[name] for endpoint, name in _PROTOCOL_OF_ENDPOINT.items() if name in named}
+    chat = named.get("openai")
+    return _OpenAIBatches(engine, chat, by_endpoint).routes() if chat is not None else []

@@ -73,13 +73,16 @@ class LLMBaseModel(ABC):
     # that need no key (the scripted fake) set REQUIRES_API_KEY = False.
     API_KEY_ENVS: ClassVar[tuple[str, ...]] = ()
     REQUIRES_API_KEY: ClassVar[bool] = True
+    # config keys this class never reads: an unset ${VAR} there is no error (the queue model's
+    # api_key and base_url, kept in a Datus user's entry)
+    UNUSED_CONFIG_KEYS: ClassVar[frozenset[str]] = frozenset()
 
     def __init__(self, model_config: Any, **kwargs: Any) -> None:
         from datus.models.config import ModelConfig
 
         # this layer's ModelConfig, or Datus-agent's (fields it lacks take their defaults)
         model_config = ModelConfig.coerce(model_config)
-        model_config.require_env()
+        self._require_env(model_config)
         self.model_config = model_config
         self.model_name = model_config.model
         self.provider = str(model_config.type)
@@ -129,10 +132,18 @@ class LLMBaseModel(ABC):
             raise ModelConfigError(
                 f"unknown model {model_name!r}; configured models: {', '.join(sorted(known)) or '(none)'}"
                 " (or pass 'provider:model', e.g. 'openai:gpt-4o-mini')")
-        config.require_env(model_name or "default")
-        model = cls.model_class(config.type)(model_config=config)
+        model_class = cls.model_class(config.type)
+        model_class._require_env(config, model_name or "default")
+        model = model_class(model_config=config)
         model.agent_config = agent_config  # MCP servers by name, SQL function table, sessions
         return model
+
+    @classmethod
+    def _require_env(cls, config: Any, where: str = "") -> None:
+        """`ModelConfig.require_env`, but for unset variables only in keys this class never reads."""
+        keys = set(config.missing_env_keys)
+        if not (keys and keys <= cls.UNUSED_CONFIG_KEYS):
+            config.require_env(where)
 
     @classmethod
     def model_class(cls, provider: str) -> type[LLMBaseModel]:

@@ -45,6 +45,7 @@ __all__ = ["AgentConfig", "ConfigError", "ModelConfig", "RateLimits", "substitut
 _ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 # what Datus-agent's loader leaves where ${VAR} was not set
 _DATUS_MISSING = re.compile(r"<MISSING:([^>]+)>")
+_MISSING_FIELDS = ("missing_env", "missing_env_keys")  # what a config records about itself, not agent.yml keys
 
 
 class ConfigError(ModelConfigError):
@@ -145,6 +146,8 @@ class ModelConfig(BaseModel):
     pricing: Pricing | None = None
     rate_limits: RateLimits | None = Field(default=None, description="this model's budget on its API key")
     missing_env: tuple[str, ...] = Field(default=(), exclude=True, repr=False)
+    # the keys whose values named them (a queue model needs no api_key or base_url of its own)
+    missing_env_keys: tuple[str, ...] = Field(default=(), exclude=True, repr=False)
 
     @classmethod
     def coerce(cls, config: Any) -> "ModelConfig":
@@ -157,17 +160,18 @@ class ModelConfig(BaseModel):
         if isinstance(config, dict):
             return cls.model_validate(config)
         values = {name: getattr(config, name) for name in cls.model_fields
-                  if name != "missing_env" and getattr(config, name, None) is not None}
+                  if name not in _MISSING_FIELDS and getattr(config, name, None) is not None}
         missing = [match.group(1) for value in values.values() if isinstance(value, str)
                    for match in _DATUS_MISSING.finditer(value)]
+        keys = [name for name, value in values.items() if isinstance(value, str) and _DATUS_MISSING.search(value)]
         values = {name: value for name, value in values.items()
                   if not (isinstance(value, str) and _DATUS_MISSING.fullmatch(value))}
         if "type" in values:
             values["type"] = getattr(values["type"], "value", values["type"])  # Datus's LLMProvider enum
-        return cls.model_validate({**values, "missing_env": tuple(missing)})
+        return cls.model_validate({**values, "missing_env": tuple(missing), "missing_env_keys": tuple(keys)})
 
     def to_dict(self) -> dict[str, Any]:
-        return self.model_dump(exclude={"missing_env"})
+        return self.model_dump(exclude=set(_MISSING_FIELDS))
 
     @field_validator("hosted_tools")
     @classmethod
@@ -190,16 +194,21 @@ class ModelConfig(BaseModel):
                 for key in unknown
             ]
             raise ValueError(f"unknown model config key(s): {', '.join(hints)}; known keys: "
-                             f"{', '.join(sorted(k for k in cls.model_fields if k != 'missing_env'))}")
+                             f"{', '.join(sorted(k for k in cls.model_fields if k not in _MISSING_FIELDS))}")
         missing: list[str] = list(data.get("missing_env", ()))
+        keys: list[str] = list(data.get("missing_env_keys", ()))
         out: dict[str, Any] = {}
         for key, value in data.items():
             if isinstance(value, str):
+                before = len(missing)
                 value = substitute_env(value, missing)
+                if len(missing) > before:
+                    keys.append(key)
                 if value is None:
                     continue
             out[key] = value
         out["missing_env"] = tuple(dict.fromkeys(missing))
+        out["missing_env_keys"] = tuple(dict.fromkeys(keys))
         return out
 
     def require_env(self, where: str = "") -> None:

@@ -112,6 +112,7 @@ class QueueModel(LLMBaseModel):
     """An `LLMBaseModel` whose calls are jobs; see the module's docstring."""
 
     REQUIRES_API_KEY = False
+    UNUSED_CONFIG_KEYS = frozenset({"api_key", "base_url"})  # the workers hold the keys
 
     def __init__(self, model_config: Any, **kwargs: Any) -> None:
         self._caller_config: Any = None
@@ -264,7 +265,7 @@ class QueueModel(LLMBaseModel):
         self.model_name = served.model
         self.profile = find_profile(self.provider, self.model_name)
         own = {key: getattr(self.entry, key) for key in self.entry.model_fields_set
-               if key not in ("type", "model", "vendor", "api_key", "base_url", "missing_env")}
+               if key not in ("type", "model", "vendor", "api_key", "base_url", "missing_env", "missing_env_keys")}
         self.model_config = ModelConfig(**{**served.model_dump(exclude_none=True), **own})
         self.pricing = self.model_config.pricing or find_pricing(self.provider, self.model_name)
 

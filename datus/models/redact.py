@@ -43,8 +43,12 @@ _PARAM = re.compile(r"([?&#;][^=&#?\s]*=)[^&#\s]*")
 # (``x_api_key``, ``access-token``, ``db.password``; not ``max_tokens`` or ``author``)
 _SECRET_WORD = (r"(?:api[_\-]?key|apikey|access[_\-]?key|private[_\-]?key|secret|token|password|passwd|pwd|"
                 r"credentials?|signature|sig|auth|authorization|session[_\-]?id|key)")
+# a word that says what state a secret is in is no secret: "OPENAI_API_KEY: set them, ...",
+# "api_key: missing", "token=none" stay readable (the whole value must be the word)
+_STATE_WORD = r"(?:set|unset|missing|required|empty|none|null|not)(?=[\s\"'&,;}\]]|$)"
 _NAMED = re.compile(rf"""(?i)(["']?\b(?:[A-Za-z0-9]+[_\-.])*{_SECRET_WORD}(?:[_\-][A-Za-z0-9]*(?:key|token|secret))?"""
-                    rf"""["']?\s*[=:]\s*["']?)(?!\*\*\*)(?!Bearer\b|Basic\b|Token\b)([^\s"'&,;}}\]]+)""")
+                    rf"""["']?\s*[=:]\s*["']?)(?!\*\*\*)(?!Bearer\b|Basic\b|Token\b)(?!{_STATE_WORD})"""
+                    rf"""([^\s"'&,;}}\]]+)""")
 _SHAPES = re.compile(
     r"\bsk-[A-Za-z0-9_\-]{8,}"
     r"|\bAIza[0-9A-Za-z_\-]{20,}"

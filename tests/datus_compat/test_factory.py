@@ -117,9 +117,6 @@ def test_model_to_dict(datus_config: Any) -> None:
     assert LLMBaseModel.create_model(datus_config).to_dict() == {"model_name": "deepseek-chat"}
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "queue model: create_model (datus/models/base.py:132, ModelConfig.require_env) raises ModelConfigError for an "
-    "unset ${VAR} in any entry, a queue entry's api_key/base_url included, though a queue model uses neither"))
 @pytest.mark.parametrize("form", ["datus-shaped", "datus-agent", "agent.yml"])
 def test_a_queue_entry_keeping_its_key_variable_needs_no_key_on_the_caller(
         fleet: Fleet, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, form: str) -> None:
@@ -148,3 +145,17 @@ def test_a_queue_entry_keeping_its_key_variable_needs_no_key_on_the_caller(
         config = AgentConfig.from_dict({"agent": {"models": {"sql-writer": entry}}})
     model = LLMBaseModel.create_model(config, "sql-writer")
     assert "Hello from the caller" in model.generate("Hello from the caller")
+
+
+def test_a_queue_entry_still_needs_the_variables_of_the_keys_it_uses(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Only a queue entry's ``api_key`` and ``base_url`` may name an unset variable (the queue
+    model uses neither); one in a key it sends with each job (``temperature``) is refused as
+    in any entry, the error naming it — readable, not masked."""
+    monkeypatch.delenv("DATUS_COMPAT_UNSET_KEY", raising=False)
+    monkeypatch.delenv("DATUS_COMPAT_UNSET_TEMPERATURE", raising=False)
+    config = AgentConfig.from_dict({"agent": {"models": {"sql-writer": {
+        "type": "queue", "model": "openai-4o-mini", "api_key": "${DATUS_COMPAT_UNSET_KEY}",
+        "temperature": "${DATUS_COMPAT_UNSET_TEMPERATURE}"}}}})
+    with pytest.raises(ModelConfigError) as caught:
+        LLMBaseModel.create_model(config, "sql-writer")
+    assert "DATUS_COMPAT_UNSET_KEY, DATUS_COMPAT_UNSET_TEMPERATURE: set them" in str(caught.value)

@@ -96,3 +96,18 @@ def test_an_mcp_servers_env_values_and_credential_headers_are_remembered() -> No
         "X-Api-Key": "header-key-0042", "Accept": "application/x-dq-test-0042"}})
     assert redact("vault-pass-0042 header-key-0042 application/x-dq-test-0042") == \
         "*** *** application/x-dq-test-0042"  # a header that carries no credential stays readable
+
+
+def test_a_word_saying_what_state_a_secret_is_in_is_not_masked() -> None:
+    """``NAME: value`` masks the value when NAME looks secret; the error create_model raises for
+    an unset variable reads ``OPENAI_API_KEY: set them, ...`` and must stay readable — so must
+    ``api_key: missing``. Only the whole value being such a word is spared."""
+    from datus.models.config import ModelConfig
+    from datus.models.errors import ModelConfigError
+
+    config = ModelConfig.model_validate({"type": "openai", "model": "gpt-4o-mini", "api_key": "${DQ_TEST_UNSET_API_KEY}"})
+    with pytest.raises(ModelConfigError) as caught:
+        config.require_env("sql-writer")
+    assert "DQ_TEST_UNSET_API_KEY: set them, or change" in str(caught.value)
+    assert redact("api_key: missing, token=none; password: required") == "api_key: missing, token=none; password: required"
+    assert redact("api_key: settled-value password: set-me") == "api_key: *** password: ***"

@@ -587,3 +587,30 @@ def test_a_provider_without_a_batch_api_is_refused(env: Env) -> None:
     run = env.dq("batch", str(sample_questions_path()), "--model", "ds", "--db", env.shop_url, "--via", "batch-api")
     assert run.returncode == 1 and "deepseek has no batch API here yet" in " ".join(run.stderr.split()), run.stderr
     assert not _all_parts(env) and not env.fake.batches.jobs
+
+
+def test_ten_thousand_items_across_both_size_limits(env: Env) -> None:
+    # 10,000 questions, with limits lowered so both bind in one run (the real ones, 50,000 requests
+    # and 200 MB per file, would need 50,000 lines to bind: test_the_split_at_the_providers_real_limits
+    # checks that arithmetic): at most 3,000 requests and 2 MB a batch; the fake enforces the same
+    # request limit, so a part over it would fail there
+    env.fake.batches.configure(openai_max_requests=3_000)
+    questions = env.dir / "ten_thousand.jsonl"
+    with questions.open("w", encoding="utf-8") as out:
+        for n in range(10_000):
+            out.write(json.dumps({"id": f"t{n:05d}", "question": f"How many orders did customer {n} place? "
+                                  + "Count them." * (0 if n < 6_000 else 40)}) + "\n")
+    run = env.dq("batch", str(questions), "--model", "gpt", "--out", str(env.dir / "out.jsonl"),
+                 "--via", "batch-api", "--api-max-requests", "3000", "--api-max-mb", "2", *FAST)
+    assert run.returncode == 0, run.stdout + run.stderr
+    found = parts(env, batch_id_of(run.stdout))
+    assert sum(part.items for part in found) == 10_000 and all(part.items <= 3_000 for part in found)
+    # the short questions first: the count bound cuts them; the long ones last: the megabyte bound
+    assert found[0].items == 3_000 and any(part.items < 3_000 for part in found[:-1])
+    for job in env.fake.batches.jobs.values():  # each file the client uploaded fits both limits
+        assert len(job.items) <= 3_000
+        assert sum(len(json.dumps(item.body)) for item in job.items) <= 2 * 1024 * 1024
+    records = env.results()
+    assert len(records) == 10_000 and {r["id"] for r in records} == {f"t{n:05d}" for n in range(10_000)}
+    assert all(r["status"] == "succeeded" for r in records)
+    assert len(env.answered_ok()) == 10_000 and set(env.answered_ok().values()) == {1}  # none ran twice

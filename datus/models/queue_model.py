@@ -636,6 +636,8 @@ class QueueModel(LLMBaseModel):
         answered: set[str] = set()
         async with contextlib.aclosing(self._job(request, end, beat=bool(local_tools))) as steps:
             async for step in steps:
+                if step.role == ActionRole.TOOL and isinstance(step.input, dict):
+                    _as_in_process(step, local_tools)
                 if step.action_type == "caller_tool_request" and isinstance(step.output, dict):
                     await self._run_caller_tools(end.job_id, step.output, local_tools, answered)
                 if not live_steps and not _in_process_step(step):
@@ -733,6 +735,17 @@ class _End:
         self.result: Any = None
         self.usage: Usage | None = None
         self.result_dict: dict[str, Any] = {}
+
+
+def _as_in_process(step: Any, local_tools: Mapping[str, Any]) -> None:
+    """A step of one of the caller's tools as the in-process loop makes it: the worker marks
+    its ``server`` "caller"; in-process it is the tool's own (None for a function, the server
+    object's name for its MCP tools) and ``tool`` the MCP tool's own name."""
+    tool = local_tools.get(step.action_type)
+    if tool is None or step.input.get("server") != "caller":
+        return
+    meta = getattr(tool, "meta", None) or {}
+    step.input = {**step.input, "tool": meta.get("tool", step.action_type), "server": meta.get("server")}
 
 
 def _in_process_step(step: Any) -> bool:

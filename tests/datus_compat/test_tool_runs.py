@@ -687,11 +687,8 @@ async def test_max_turns_is_datus_max_turns_error(datus_config: Any, server: Fak
 
 def step_view(action: ActionHistory) -> tuple[Any, ...]:
     """Everything of a step Datus's nodes, CLI and web UI read: not its id and times, nor the
-    usage's ``latency_ms``; nor a function tool's ``input["server"]``, which differs queue-backed
-    (test_a_function_tool_step_names_no_server)."""
-    given = dict(action.input) if isinstance(action.input, dict) else action.input
-    if isinstance(given, dict) and given.get("server") == "caller":
-        given["server"] = None
+    usage's ``latency_ms``."""
+    given = action.input
     output = json.loads(json.dumps(action.output, default=str))
     if isinstance(output, dict) and isinstance(output.get("usage"), dict):
         output["usage"].pop("latency_ms", None)
@@ -739,8 +736,6 @@ def test_a_chat_turn_is_the_same_in_process_and_queue_backed(fleet: Fleet, monke
                                                                        local["model"])
 
 
-@pytest.mark.queue_xfail("a caller-side function tool's step has input[\"server\"] == \"caller\" (in-process: None); "
-                         "the web UI's line shows the step's input less function_name (chat_executor.py:125-176)")
 def test_a_function_tool_step_names_no_server(datus_config: Any, server: FakeProviderServer,
                                               db_tools: DatusDBTools) -> None:
     """A function tool's step as the web UI reads it (cli/web/chat_executor.py:125-176): its input

@@ -449,3 +449,29 @@ def test_a_caller_that_answers_twice_is_stored_once(client: JobClient) -> None:
     stored = client.redis.hget(keys.job_caller(job_id), "result:call-1")
     assert json.loads(stored)["text"] == "first"
     wait_for(lambda: client.redis.ttl(keys.job_caller(job_id)) > 0, 2, "an expiry on the caller hash")
+
+
+def test_a_caller_tools_step_is_made_as_in_process() -> None:
+    """The worker marks a caller tool's step ``server: "caller"``; the queue model hands it out
+    as the in-process loop makes it: a function's step names no server, an MCP server object's
+    names the object and its tool's own name."""
+    from datus.models.function_tools import as_tools
+    from datus.models.queue_model import _as_in_process
+    from datus.schemas.action_history import ActionHistory, ActionRole
+
+    class MCPLike:  # a server object's tool as `datus.models.agents_mcp.AgentsMCPTool` has it
+        meta = {"server": "fs", "tool": "read"}
+
+    def lookup(key: str) -> str:
+        return key
+
+    tools = {"lookup": as_tools([lookup])[0], "fs__read": MCPLike()}
+    steps = {name: ActionHistory.create_action(ActionRole.TOOL, name, "", {
+        "function_name": name, "tool": name, "server": "caller", "arguments": {}, "call_id": "c1"}) for name in tools}
+    for step in steps.values():
+        _as_in_process(step, tools)
+    assert (steps["lookup"].input["server"], steps["lookup"].input["tool"]) == (None, "lookup")
+    assert (steps["fs__read"].input["server"], steps["fs__read"].input["tool"]) == ("fs", "read")
+    fleet = ActionHistory.create_action(ActionRole.TOOL, "list_tables", "", {"server": "shop", "tool": "list_tables"})
+    _as_in_process(fleet, tools)
+    assert fleet.input["server"] == "shop"

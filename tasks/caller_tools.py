@@ -145,11 +145,15 @@ def bounded_result(text: str, is_error: bool, raw: Any, max_chars: int | None) -
     """A caller tool's answer as it is stored and sent: ``text`` cut to its first ``max_chars``
     characters (``original_chars``: how long it was; the worker's tool loop marks the cut as it
     marks any tool's answer, `datus.models.tool_loop`), ``raw`` (the return value, for the
-    step's ``raw_output``) shrunk to about as much JSON, ``is_error``."""
+    step's ``raw_output``) shrunk to about as much JSON (a string unlike the text, such as an
+    MCP tool's content item, cut like it), ``is_error``."""
     limit = max_chars or DEFAULT_TOOL_RESULT_CHARS
     result: dict[str, Any] = {"text": text[:limit], "is_error": bool(is_error)}
     total = len(text) if len(text) > limit else None
-    if raw is not None and not isinstance(raw, str):
+    if isinstance(raw, str):  # an MCP tool's content item as JSON text (Datus's CLI parses it); else text is all
+        if raw != text:
+            result["raw"] = raw[:limit]
+    elif raw is not None:
         try:
             json.dumps(raw, allow_nan=False)
         except (TypeError, ValueError, RecursionError):

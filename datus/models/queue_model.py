@@ -21,8 +21,11 @@ How each call maps onto a job:
   `StreamDelta`s; ``generate_with_json_output`` — a ``json`` job with the response format's
   schema (a pydantic model is validated again here, as in-process);
 - ``generate_with_tools`` / ``generate_with_tools_stream`` — a ``tool_run`` job. MCP servers
-  are named (a name, a list of names, a dict keyed by name, or server objects by ``.name``): the
-  workers run the servers the fleet's agent.yml defines under those names. The steps come from
+  named (a name, a list of names, a dict keyed by name) are the fleet's: the workers run the
+  servers its agent.yml defines under those names. MCP server *objects* (openai-agents
+  ``MCPServerStdio`` and the like, `datus.models.agents_mcp`) are the caller's: connected here
+  for the run as in-process (their ``tool_filter`` applied), their tools declared to the job and
+  run here like the caller's own tools, their steps as in-process. The steps come from
   the job's Redis events; without ``live_steps`` the job system's own steps (``user_input``,
   text deltas, tool calls under way, ``retry``, ``resumed``...) are left out, so the caller sees
   the in-process model's steps. ``session`` (an id or a session object) is the id of a session
@@ -44,10 +47,11 @@ id), which sends the job on. A tool that raises answers the model with the error
 While it follows such a job this model beats a heartbeat (every sixth of
 ``DQ_CALLER_LIVENESS_S``), so a caller that dies is noticed within that window (``caller_gone``).
 
-Not carried over (yet): openai-agents ``hooks``
-(ignored, logged once), reasoning text of a plain ``generate`` (the job stores the answer's text),
-``journal`` and ``mcp_pool`` (the fleet's own journal makes the run durable; its pool lends the
-servers). Token counting is the served model's offline tokenizer (``token_count``: no job).
+Not carried over (yet): openai-agents ``hooks`` (ignored, logged once); ``save_llm_trace``
+traces (none is written for a queue model's call).
+Not carried over: ``journal`` and ``mcp_pool`` (the fleet's own journal makes the run durable;
+its pool lends the servers). Token counting is the served model's offline tokenizer
+(``token_count``: no job).
 
 The job system (``datus_queue``) is imported when a queue model is first used, so
 ``datus.models`` imports without it.
@@ -547,7 +551,7 @@ class QueueModel(LLMBaseModel):
         async with contextlib.aclosing(self._tool_run(
                 prompt, tools=tools, mcp_servers=mcp_servers, instruction=instruction, output_type=output_type,
                 max_turns=max_turns, session=session, hooks=hooks, manager=action_history_manager,
-                live_steps=False, kwargs=kwargs, end=end)) as steps:
+                live_steps=False, kwargs=kwargs, end=end, agent_name=agent_name)) as steps:
             async for _ in steps:
                 pass
         return end.result_dict
@@ -575,38 +579,68 @@ class QueueModel(LLMBaseModel):
         async with contextlib.aclosing(self._tool_run(
                 prompt, tools=tools, mcp_servers=mcp_servers, instruction=instruction, output_type=output_type,
                 max_turns=max_turns, session=session, hooks=hooks, manager=action_history_manager,
-                live_steps=live_steps, kwargs=kwargs, end=end)) as steps:
+                live_steps=live_steps, kwargs=kwargs, end=end, agent_name=agent_name)) as steps:
             async for step in steps:
                 yield step
 
     async def _tool_run(self, prompt: Prompt, *, tools: Any, mcp_servers: Any, instruction: str, output_type: Any,
                         max_turns: int, session: Any, hooks: Any, manager: Any, live_steps: bool,
-                        kwargs: dict[str, Any], end: _End) -> AsyncIterator[Any]:
-        from datus.schemas.action_history import ActionHistory, ActionRole, ActionStatus
+                        kwargs: dict[str, Any], end: _End, agent_name: str | None = None) -> AsyncIterator[Any]:
+        from datus.models.agents_compat import DEFAULT_AGENT_NAME, AgentInfo, RunContext
+        from datus.models.agents_mcp import server_object_tools, split_servers
+        from datus.models.hooks import RunHooks
+        from datus.models.tool_runs import _enabled
 
-        local_tools: dict[str, Any] = {}
-        if tools:  # the caller's own tools: declared to the job, run here when the model calls them
-            from datus.models.function_tools import as_tools
-
-            try:
-                for tool in as_tools(tools):
-                    local_tools[tool.spec.name] = tool
-            except (TypeError, ValueError) as exc:
-                raise ModelConfigError(f"a queue model's tools=: {exc}", provider=self.provider,
-                                       model=self.model_name) from None
-            import re
-
-            bad = [name for name in local_tools if not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", name)]
-            if bad:  # a lambda's name, say: the job declares each tool to the model by its name
-                raise ModelConfigError(
-                    f"a queue model declares the caller's own Python tools (tools=) to the fleet by name: "
-                    f"{', '.join(map(repr, bad))} is not a tool name (1-64 letters, digits, _ or -)",
-                    provider=self.provider, model=self.model_name)
+        named, objects = split_servers(mcp_servers)  # server objects are the caller's: connected and run here
+        run_context = RunContext()
+        agent = AgentInfo(name=agent_name or DEFAULT_AGENT_NAME, instructions=instruction or "",
+                          tools=list(tools) if isinstance(tools, (list, tuple)) else [] if tools is None else [tools],
+                          mcp_servers=list(objects.values()), output_type=output_type)
         if hooks is not None:
             global _warned_hooks
             if not _warned_hooks:
                 _warned_hooks = True
                 logger.warning("a queue model does not call openai-agents hooks: the run happens on a worker")
+        run_hooks = RunHooks(None, run_context, agent)  # hooks=: not called yet
+        function_tools = self._function_tools(tools)
+        function_tools = [tool for tool in function_tools if await _enabled(tool, run_context, agent)]
+        async with server_object_tools(objects, run_context, agent) as object_tools:
+            local_tools: dict[str, Any] = {}
+            for tool in [*function_tools, *object_tools]:
+                if tool.spec.name in local_tools:  # as in-process
+                    raise ValueError(f"two tools are named {tool.spec.name!r}; rename one of them")
+                local_tools[tool.spec.name] = tool
+            self._check_tool_names(local_tools)
+            request = self._tool_run_request(prompt, local_tools, named, instruction, output_type, max_turns,
+                                             session, kwargs)
+            await run_hooks.start()  # before the job: what it raises sends nothing
+            async with contextlib.aclosing(self._tool_run_steps(
+                    request, local_tools, run_hooks, manager, live_steps, end)) as steps:
+                async for step in steps:
+                    yield step
+
+    def _function_tools(self, tools: Any) -> list[Any]:
+        from datus.models.function_tools import as_tools
+
+        try:
+            return as_tools(tools)
+        except (TypeError, ValueError) as exc:
+            raise ModelConfigError(f"a queue model's tools=: {exc}", provider=self.provider,
+                                   model=self.model_name) from None
+
+    def _check_tool_names(self, local_tools: Mapping[str, Any]) -> None:
+        import re
+
+        bad = [name for name in local_tools if not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", name)]
+        if bad:  # a lambda's name, say: the job declares each tool to the model by its name
+            raise ModelConfigError(
+                f"a queue model declares the caller's own Python tools (tools=, and MCP server objects' tools) to the "
+                f"fleet by name: "
+                f"{', '.join(map(repr, bad))} is not a tool name (1-64 letters, digits, _ or -)",
+                provider=self.provider, model=self.model_name)
+
+    def _tool_run_request(self, prompt: Prompt, local_tools: Mapping[str, Any], named: Any, instruction: str,
+                          output_type: Any, max_turns: int, session: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
         kwargs = dict(kwargs)
         db_type = kwargs.pop("db_type", None)
         for name in _RUN_KEYWORDS[1:]:
@@ -614,7 +648,7 @@ class QueueModel(LLMBaseModel):
         output_format = None if output_type in (str, None) else normalize_response_format(output_type)
         request: dict[str, Any] = {
             "kind": "tool_run", "instruction": instruction or "", "max_turns": max_turns,
-            "options": self._job_options(kwargs), "mcp_servers": _server_names(mcp_servers),
+            "options": self._job_options(kwargs), "mcp_servers": _server_names(named),
             **self._prompt_fields(prompt)}
         if output_format is not None and output_format.schema is not None:
             request["output_schema"] = output_format.schema
@@ -632,14 +666,29 @@ class QueueModel(LLMBaseModel):
                                    provider=self.provider, model=self.model_name)
         if session_id:
             request["session_id"] = session_id
+        request["_output_format"] = output_format
+        return request
+
+    async def _tool_run_steps(self, request: dict[str, Any], local_tools: Mapping[str, Any], hooks: Any,
+                              manager: Any, live_steps: bool, end: _End) -> AsyncIterator[Any]:
+        """The job's steps as the in-process run yields them; the caller's tools run as asked,
+        ``hooks`` called for every tool as in-process (the workers' tools from their steps)."""
+        from datus.schemas.action_history import ActionHistory, ActionRole, ActionStatus
+
+        output_format = request.pop("_output_format")
         seen: list[Any] = []
         answered: set[str] = set()
+        calls: dict[str, dict[str, Any]] = {}  # action id -> a tool step's input, as the worker published it
+        hooked: dict[str, Any] = {}  # action id -> the ToolContext of a worker's tool whose start hook ran
         async with contextlib.aclosing(self._job(request, end, beat=bool(local_tools))) as steps:
             async for step in steps:
                 if step.role == ActionRole.TOOL and isinstance(step.input, dict):
                     _as_in_process(step, local_tools)
+                    calls.setdefault(step.action_id, dict(step.input))
+                    if hooks and step.action_type not in local_tools and not step.input.get("hosted"):
+                        await _worker_tool_hooks(hooks, step, hooked)
                 if step.action_type == "caller_tool_request" and isinstance(step.output, dict):
-                    await self._run_caller_tools(end.job_id, step.output, local_tools, answered)
+                    await self._run_caller_tools(end.job_id, step.output, local_tools, answered, hooks, calls)
                 if not live_steps and not _in_process_step(step):
                     continue
                 if step.action_type not in _LIVE_ONLY:
@@ -669,52 +718,75 @@ class QueueModel(LLMBaseModel):
         final = ActionHistory.model_validate({**end.step, "output": final_output}) if end.step else \
             ActionHistory.create_action(ActionRole.ASSISTANT, "final_response", str(content), None, final_output,
                                         ActionStatus.SUCCESS)
+        if hooks:
+            if end.usage is not None:
+                hooks.run_context.usage.set(end.usage)
+            await hooks.end(content)  # as in-process: before the final step is handed out
         if manager is not None:
             manager.add_action(final)
         yield final
 
-
     async def _run_caller_tools(self, job_id: str | None, asked: Mapping[str, Any], tools: Mapping[str, Any],
-                                answered: set[str]) -> None:
+                                answered: set[str], hooks: Any = None,
+                                calls: Mapping[str, Mapping[str, Any]] | None = None) -> None:
         """Run the calls of the caller's tools the job asks for (a turn's calls together,
-        concurrently), each once per call id, and send their answers back in one go (which
-        sends the job on). Calls asked again (the job came back before it read the answers)
-        are only sent on again."""
+        concurrently; one after the other between their hooks when there are ``hooks``, as
+        in-process: a hook that raises stops the run before the later calls), each once per
+        call id, and send their answers back in one go (which sends the job on). Calls asked
+        again (the job came back before it read the answers) are only sent on again."""
         from datus_queue.tasks.caller_tools import CallerToolResult
 
-        calls = [call for call in asked.get("calls") or [] if isinstance(call, Mapping) and call.get("call_id")]
-        if not job_id or not calls:
+        asked_calls = [call for call in asked.get("calls") or [] if isinstance(call, Mapping) and call.get("call_id")]
+        if not job_id or not asked_calls:
             return
         client = self._job_client()
-        new = [call for call in calls if str(call["call_id"]) not in answered]
+        new = [call for call in asked_calls if str(call["call_id"]) not in answered]
         if not new:
             await asyncio.to_thread(client.resume, job_id)
             return
+        known = calls or {}
+        if hooks:
+            results = [await self._caller_tool(call, tools, hooks, known.get(str(call["call_id"]))) for call in new]
+        else:
+            results = list(await asyncio.gather(*(self._caller_tool(call, tools, None, known.get(str(call["call_id"])))
+                                                  for call in new)))
         answered.update(str(call["call_id"]) for call in new)
-        results = await asyncio.gather(*(self._caller_tool(call, tools) for call in new))
         await asyncio.to_thread(client.send_tool_results, job_id,
                                 [CallerToolResult(str(call["call_id"]), *result) for call, result in zip(new, results)])
 
     @staticmethod
-    async def _caller_tool(asked: Mapping[str, Any], tools: Mapping[str, Any]) -> tuple[str, bool, Any]:
-        """One call of the caller's tools: (text, is_error, raw JSON value or None)."""
+    async def _caller_tool(asked: Mapping[str, Any], tools: Mapping[str, Any], hooks: Any = None,
+                           step_input: Mapping[str, Any] | None = None) -> tuple[str, bool, Any]:
+        """One call of the caller's tools, between its hooks: (text, is_error, raw JSON value or
+        None). What a hook raises is raised (the run stops, as in-process)."""
         import json
 
         from pydantic_core import to_jsonable_python
 
-        from datus.models.function_tools import ToolContext, ToolOutcome
+        from datus.models.agents_compat import RunContext
+        from datus.models.function_tools import ToolOutcome
+        from datus.models.hooks import hook_tool
 
         call_id, name = str(asked.get("call_id")), str(asked.get("name") or "")
         arguments = asked.get("arguments") if isinstance(asked.get("arguments"), dict) else {}
         tool = tools.get(name)
+        # the model's call id, as the tool step carries it (the job's call id is the step's id)
+        model_call_id = str((step_input or {}).get("call_id") or call_id)
+        run_context = hooks.run_context if hooks else RunContext()
+        ctx = run_context.for_call(name, model_call_id, json.dumps(arguments))
         if tool is None:
             outcome = ToolOutcome(f"there is no tool named {name!r}; available: {', '.join(tools) or 'none'}",
                                   is_error=True)
         else:
+            target = hook_tool(tool, name) if hooks else None
+            if hooks:
+                await hooks.tool_start(ctx, target)
             try:
-                outcome = await tool.call(arguments, ToolContext(name, call_id, json.dumps(arguments)))
+                outcome = await tool.call(arguments, ctx)
             except Exception as exc:  # noqa: BLE001 - a tool's failure is an answer for the model, as in-process
                 outcome = ToolOutcome(f"{type(exc).__name__}: {exc}", is_error=True)
+            if hooks:
+                await hooks.tool_end(ctx, target, outcome.raw if outcome.raw is not None else outcome.text)
         try:
             raw = None if outcome.raw is None else to_jsonable_python(outcome.raw, fallback=str)
         except Exception:  # noqa: BLE001 - not JSON: the text is all the job gets
@@ -748,6 +820,29 @@ def _as_in_process(step: Any, local_tools: Mapping[str, Any]) -> None:
     step.input = {**step.input, "tool": meta.get("tool", step.action_type), "server": meta.get("server")}
 
 
+async def _worker_tool_hooks(hooks: Any, step: Any, hooked: dict[str, Any]) -> None:
+    """``on_tool_start`` / ``on_tool_end`` for a tool the worker runs (an MCP server of the
+    fleet), from its steps: the start when its step comes out under way (the tool already runs
+    there: a start hook that raises stops the run, not that call), the end, with the step's
+    ``raw_output``, when it comes out finished. Once each per step."""
+    import json
+
+    from datus.models.agents_compat import ToolRef
+
+    state = hooked.get(step.action_id)
+    if state is None:
+        arguments = step.input.get("arguments")
+        text = arguments if isinstance(arguments, str) else json.dumps(arguments)
+        ctx = hooks.run_context.for_call(step.action_type, str(step.input.get("call_id") or ""), text)
+        ref = ToolRef(name=step.action_type, server=step.input.get("server"))
+        state = hooked[step.action_id] = [ctx, ref, False]
+        await hooks.tool_start(ctx, ref)
+    if step.status != "processing" and not state[2]:
+        state[2] = True
+        output = step.output if isinstance(step.output, dict) else {}
+        await hooks.tool_end(state[0], state[1], output.get("raw_output"))
+
+
 def _in_process_step(step: Any) -> bool:
     """Whether the in-process model (``live_steps=False``) yields this step: finished steps only,
     no job-system steps, no ``message`` of reasoning alone."""
@@ -768,7 +863,8 @@ def _add_to(manager: Any, step: Any, live: bool) -> None:
 
 
 def _server_names(mcp_servers: Any) -> list[str]:
-    """The names of the MCP servers a run asks for (the fleet's agent.yml defines them)."""
+    """The names of the MCP servers a run asks of the fleet (its agent.yml defines them);
+    server objects are split off before (`datus.models.agents_mcp.split_servers`)."""
     if mcp_servers is None:
         return []
     if isinstance(mcp_servers, str):

@@ -56,15 +56,6 @@ PROVIDERS = ["deepseek", "anthropic", "gemini-2.5"]
 NO_HOOKS = ("openai-agents hooks are not called (queue_model.py ignores hooks=, logging once): no "
             "on_tool_start/on_tool_end for the worker's tools nor for the caller's own, and nothing a hook raises "
             "can stop the run")
-SERVER_OBJECT_AS_NAME = ("an MCP server object is sent as its name alone (queue_model._server_names): the fleet's "
-                         "server of that name runs with every tool it has, the object's tool_filter "
-                         "(allowed_tool_names) is not applied, so the hidden list_tables clashes with the function "
-                         "tool of that name and the job fails ('two tools are named 'list_tables''); the object is "
-                         "never connected")
-MCP_TEXT_ONLY = ("an MCP tool step's raw_output is the bare text of the fleet's server (queue-backed, the server "
-                 "object is replaced by the fleet's configured server of that name), not the content item "
-                 "openai-agents gives for the object ('{\"type\": \"text\", \"text\": ...}'), which Datus's CLI "
-                 "screens parse: they show no items")
 ANSWER = json.dumps({"sql": CITY_SQL, "output": "Berlin and Lisbon have 15 customers each."})
 ALL_COORDINATES = {"catalog": None, "database": None, "schema_name": None, "include_views": True}
 
@@ -176,7 +167,6 @@ def test_chat_node_turns_on_one_manager(datus_config: Any, server: FakeProviderS
     assert "How many customers per city?" in said_to_model(server)  # the session's history went along
 
 
-@pytest.mark.queue_xfail(SERVER_OBJECT_AS_NAME)
 def test_gen_sql_node_with_an_mcp_server_object(datus_config: Any, server: FakeProviderServer,
                                                 db_tools: DatusDBTools) -> None:
     """gen_sql_agentic_node.py:513-545 (CP-9b): tools plus mcp_servers={"name": <server object>}
@@ -210,7 +200,7 @@ def test_gen_sql_node_with_an_mcp_server_object(datus_config: Any, server: FakeP
 
 
 def test_gen_sql_node_with_an_mcp_server_object_beside_a_function_tool(datus_config: Any, server: FakeProviderServer,
-                                                                      db_tools: DatusDBTools, place: str) -> None:
+                                                                      db_tools: DatusDBTools) -> None:
     """gen_sql_agentic_node.py:513-545 (CP-9b) with a server object whose tools no function tool
     shadows: the shipped SQL server (describe_table, read_query) beside Datus's get_table_ddl
     function tool, in one run. Queue-backed, the object is named to the fleet, whose agent.yml
@@ -242,11 +232,10 @@ def test_gen_sql_node_with_an_mcp_server_object_beside_a_function_tool(datus_con
     offered = server.requests[0].body["tools"]
     assert sorted(tool["function"]["name"] for tool in offered) == ["describe_table", "get_table_ddl", "list_tables",
                                                                     "read_query"]
-    # in-process the object is connected for the run and left clean; the fleet runs its own server of that name
-    assert sql_mcp.kinds() == (["connect", "cleanup"] if place == "in-process" else [])
+    assert sql_mcp.kinds() == ["connect", "cleanup"]  # connected for the run (in the caller) and left clean
+    assert described.input["server"] == "sql" and ddl.input["server"] is None
 
 
-@pytest.mark.queue_xfail(MCP_TEXT_ONLY)
 def test_an_mcp_tool_step_as_the_cli_shows_it(datus_config: Any, server: FakeProviderServer,
                                               db_tools: DatusDBTools) -> None:
     """cli/screen/action_display_app.py:226-314: an MCP tool's raw_output is what openai-agents
@@ -261,7 +250,6 @@ def test_an_mcp_tool_step_as_the_cli_shows_it(datus_config: Any, server: FakePro
     assert tool_view(described)["items"]["table"] == "customers"
 
 
-@pytest.mark.queue_xfail(SERVER_OBJECT_AS_NAME)
 def test_web_ui_drives_the_stream_one_step_per_run_until_complete(datus_config: Any, server: FakeProviderServer,
                                                                   db_tools: DatusDBTools) -> None:
     """cli/web/chat_executor.py:64-118: the node's stream wrapped in an async generator and

@@ -451,6 +451,19 @@ def test_a_caller_that_answers_twice_is_stored_once(client: JobClient) -> None:
     wait_for(lambda: client.redis.ttl(keys.job_caller(job_id)) > 0, 2, "an expiry on the caller hash")
 
 
+def test_a_string_raw_unlike_the_text_is_kept_for_the_steps_raw_output() -> None:
+    """`bounded_result`: an MCP tool run in the caller (a server object's) answers the model
+    with its text and the step with openai-agents' content item as JSON text (its ``raw``): that
+    string is kept, cut like the text; a raw equal to the text adds nothing."""
+    from datus_queue.tasks.caller_tools import bounded_result
+
+    item = json.dumps({"type": "text", "text": "city,n"})
+    assert bounded_result("city,n", False, item, None) == {"text": "city,n", "is_error": False, "raw": item}
+    assert bounded_result("plain", False, "plain", None) == {"text": "plain", "is_error": False}
+    cut = bounded_result("x" * 50, False, "y" * 60, 10)
+    assert (cut["text"], cut["raw"], cut["original_chars"]) == ("x" * 10, "y" * 10, 50)
+
+
 def test_a_caller_tools_step_is_made_as_in_process() -> None:
     """The worker marks a caller tool's step ``server: "caller"``; the queue model hands it out
     as the in-process loop makes it: a function's step names no server, an MCP server object's

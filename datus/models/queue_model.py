@@ -47,8 +47,13 @@ id), which sends the job on. A tool that raises answers the model with the error
 While it follows such a job this model beats a heartbeat (every sixth of
 ``DQ_CALLER_LIVENESS_S``), so a caller that dies is noticed within that window (``caller_gone``).
 
-Not carried over (yet): openai-agents ``hooks`` (ignored, logged once); ``save_llm_trace``
-traces (none is written for a queue model's call).
+openai-agents ``hooks`` are called here, in the caller: ``on_start`` before the job,
+``on_tool_start``/``on_tool_end`` around each of the caller's tools and, for the workers' tools,
+from their steps (start when the step comes out under way, end with its ``raw_output``),
+``on_end`` with the answer; what a hook raises ends the call as it is and cancels the job. Not
+called: ``on_llm_start``/``on_llm_end`` (the model turns happen on the worker); a start hook of
+a workers' tool cannot keep it from running (it already runs there).
+Not carried over (yet): ``save_llm_trace`` traces (none is written for a queue model's call).
 Not carried over: ``journal`` and ``mcp_pool`` (the fleet's own journal makes the run durable;
 its pool lends the servers). Token counting is the served model's offline tokenizer
 (``token_count``: no job).
@@ -109,7 +114,6 @@ _LIVE_ONLY = frozenset({"user_input", "assistant_delta", "error", "resumed", "re
                         "caller_tool_request"})
 # keyword arguments of the tool methods that are the model layer's, not call options
 _RUN_KEYWORDS = ("db_type", "sql_functions", "max_tool_result_chars")
-_warned_hooks = False
 
 
 class QueueModel(LLMBaseModel):
@@ -596,12 +600,7 @@ class QueueModel(LLMBaseModel):
         agent = AgentInfo(name=agent_name or DEFAULT_AGENT_NAME, instructions=instruction or "",
                           tools=list(tools) if isinstance(tools, (list, tuple)) else [] if tools is None else [tools],
                           mcp_servers=list(objects.values()), output_type=output_type)
-        if hooks is not None:
-            global _warned_hooks
-            if not _warned_hooks:
-                _warned_hooks = True
-                logger.warning("a queue model does not call openai-agents hooks: the run happens on a worker")
-        run_hooks = RunHooks(None, run_context, agent)  # hooks=: not called yet
+        run_hooks = RunHooks(hooks, run_context, agent)
         function_tools = self._function_tools(tools)
         function_tools = [tool for tool in function_tools if await _enabled(tool, run_context, agent)]
         async with server_object_tools(objects, run_context, agent) as object_tools:

@@ -52,10 +52,6 @@ from tests.models.agents_shapes import strict_schema
 
 # one model per wire format: OpenAI-style (DeepSeek), Anthropic, Gemini
 PROVIDERS = ["deepseek", "anthropic", "gemini-2.5"]
-# where a queue-backed model (conftest.py: place "queue") differs from the in-process one
-NO_HOOKS = ("openai-agents hooks are not called (queue_model.py ignores hooks=, logging once): no "
-            "on_tool_start/on_tool_end for the worker's tools nor for the caller's own, and nothing a hook raises "
-            "can stop the run")
 ANSWER = json.dumps({"sql": CITY_SQL, "output": "Berlin and Lisbon have 15 customers each."})
 ALL_COORDINATES = {"catalog": None, "database": None, "schema_name": None, "include_views": True}
 
@@ -324,7 +320,6 @@ def test_web_ui_turn_leaves_no_connection_on_its_closed_loop(datus_config: Any, 
     assert (left_open, destroyed) == (0, [])
 
 
-@pytest.mark.queue_xfail(NO_HOOKS)
 def test_sql_summary_and_semantic_nodes_with_generation_hooks(datus_config: Any, server: FakeProviderServer,
                                                              db_tools: DatusDBTools, tmp_path: Path) -> None:
     """sql_summary_agentic_node.py:424-458 and semantic_agentic_node.py:457-491 (CP-9c/d):
@@ -464,7 +459,6 @@ async def test_reasoning_stream_with_a_list_prompt(datus_config: Any, server: Fa
 # ---------------------------------------------------------------- CP-15: plan mode's hooks
 
 
-@pytest.mark.queue_xfail(NO_HOOKS)
 @pytest.mark.parametrize(("choice", "raised"), [("replan", "REPLAN_REQUIRED"), ("cancel", "User cancelled")])
 @pytest.mark.parametrize("name", ["deepseek", "anthropic"])
 async def test_plan_mode_hooks_stop_the_stream(datus_config: Any, server: FakeProviderServer, db_tools: DatusDBTools,

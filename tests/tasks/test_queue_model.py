@@ -262,6 +262,66 @@ async def collect(stream: Any) -> list[Any]:
     return [item async for item in stream]
 
 
+class HookLog:
+    """openai-agents-style hooks recording what a tool run calls (on_llm_* left out: a queue
+    model does not call them); ``stop_at``: on_tool_start of that tool raises."""
+
+    def __init__(self, stop_at: str | None = None) -> None:
+        self.calls: list[tuple[Any, ...]] = []
+        self.stop_at = stop_at
+
+    async def on_start(self, context: Any, agent: Any) -> None:
+        self.calls.append(("start", agent.name))
+
+    async def on_tool_start(self, context: Any, agent: Any, tool: Any) -> None:
+        self.calls.append(("tool_start", tool.name, json.loads(context.tool_arguments), bool(context.tool_call_id)))
+        if tool.name == self.stop_at:
+            raise RuntimeError(f"the hook stops at {tool.name}")
+
+    def on_tool_end(self, context: Any, agent: Any, tool: Any, result: Any) -> None:  # a plain function works too
+        self.calls.append(("tool_end", tool.name, json.dumps(result, sort_keys=True, default=str)))
+
+    async def on_end(self, context: Any, agent: Any, output: Any) -> None:
+        self.calls.append(("end", output, context.usage.total_tokens > 0))
+
+
+@pytest.mark.skipif(tool_run_skip_reason() is not None, reason=str(tool_run_skip_reason()))
+def test_hooks_are_called_for_the_fleets_tools_and_the_callers_as_in_process(
+        job_env: JobEnv, caller: AgentConfig, fleet: None, fake: FakeProviderServer) -> None:
+    """hooks=: on_start, on_tool_start/on_tool_end of the fleet's MCP tools (from the job's
+    steps, with the step's raw_output) and of the caller's own tool (around its run here),
+    on_end with the answer — the same calls, in the same order, as in-process; a hook that
+    raises ends the run with that exception and cancels the job."""
+    queued, inproc = LLMBaseModel.create_model(caller, "fleet"), local(job_env)
+
+    def shout(text: str) -> str:
+        """Upper-case a text."""
+        return text.upper()
+
+    async def run(model: LLMBaseModel, hooks: HookLog, tag: str) -> list[Any]:
+        fake.script.add(Reply(text="Let me look.", tool_calls=[ScriptedToolCall("list_tables", {})]),
+                        Reply(tool_calls=[ScriptedToolCall("shout", {"text": "five"})]),
+                        Reply(text="FIVE orders."), match=tag)
+        return [step async for step in model.generate_with_tools_stream(
+            f"{tag}: how many orders?", tools=[shout], mcp_servers=["shop"], instruction="SQL.", hooks=hooks,
+            agent_name="counter")]
+
+    logs = {}
+    for place, model in (("in-process", inproc), ("queue", queued)):
+        logs[place] = HookLog()
+        asyncio.run(run(model, logs[place], f"q-hooks-{place}"))
+    assert logs["queue"].calls == logs["in-process"].calls
+    assert [call[:2] for call in logs["queue"].calls] == [
+        ("start", "counter"), ("tool_start", "list_tables"), ("tool_end", "list_tables"), ("tool_start", "shout"),
+        ("tool_end", "shout"), ("end", "FIVE orders.")]
+
+    stopping = HookLog(stop_at="shout")
+    with pytest.raises(RuntimeError, match="the hook stops at shout"):
+        asyncio.run(run(queued, stopping, "q-hooks-stop"))
+    assert stopping.calls[-1][:2] == ("tool_start", "shout")
+    assert queued._job_client().get(queued.recent_jobs[-1]).status is JobStatus.CANCELLED
+
+
 def test_errors_are_the_same_model_error_subclasses_with_the_same_codes(
         job_env: JobEnv, caller: AgentConfig, fleet: None, fake: FakeProviderServer) -> None:
     raised = []

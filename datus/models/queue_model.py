@@ -52,8 +52,10 @@ openai-agents ``hooks`` are called here, in the caller: ``on_start`` before the 
 from their steps (start when the step comes out under way, end with its ``raw_output``),
 ``on_end`` with the answer; what a hook raises ends the call as it is and cancels the job. Not
 called: ``on_llm_start``/``on_llm_end`` (the model turns happen on the worker); a start hook of
-a workers' tool cannot keep it from running (it already runs there).
-Not carried over (yet): ``save_llm_trace`` traces (none is written for a queue model's call).
+a workers' tool cannot keep it from running (it already runs there). ``save_llm_trace`` traces
+(and Datus's trajectory trace under ``set_context``) are written here: one per call, a traced
+``generate`` submitted as a streamed job for the reasoning its deltas carry; a tool run's one, at
+its end, records the conversation as sent (no session history, no per-turn records).
 Not carried over: ``journal`` and ``mcp_pool`` (the fleet's own journal makes the run durable;
 its pool lends the servers). Token counting is the served model's offline tokenizer
 (``token_count``: no job).
@@ -69,6 +71,7 @@ import collections
 import contextlib
 import logging
 import threading
+import time
 import uuid
 from collections.abc import AsyncIterator, Mapping
 from typing import Any
@@ -440,9 +443,29 @@ class QueueModel(LLMBaseModel):
         """A job to its end: (its end, the output); raises the job's error."""
         end = _End()
         async with contextlib.aclosing(self._job(request, end)) as steps:
-            async for _ in steps:
-                pass
+            async for step in steps:  # a streamed job's reasoning, for the trace; an attempt retried starts anew
+                if step.action_type == "assistant_delta" and isinstance(step.output, dict):
+                    end.reasoning += step.output.get("reasoning") or ""
+                elif step.action_type == "retry":
+                    end.reasoning = ""
         return end, self._outcome(end)
+
+    async def _traced_run(self, request: dict[str, Any], prompt: Prompt, schema: Any = None) -> tuple[_End, Any]:
+        """`_run`, its trace written when ``save_llm_trace`` is on (the answer, or the error)."""
+        if not self.model_config.save_llm_trace:
+            return await self._run(request)
+        started = time.perf_counter()
+        messages = self._prompt_messages(prompt)
+        try:
+            end, output = await self._run(request)
+        except ModelError as exc:
+            self._trace(started, messages, request["options"], schema=schema, error=exc)
+            raise
+        import json
+
+        self._trace(started, messages, request["options"], schema=schema, usage=end.usage, reasoning=end.reasoning,
+                    text=output if isinstance(output, str) else json.dumps(output))
+        return end, output
 
     def _outcome(self, end: _End, steps: list[Any] | None = None) -> Any:
         """The job's output, its usage recorded; or its error raised."""
@@ -481,14 +504,46 @@ class QueueModel(LLMBaseModel):
         return cls(str(error.get("message") or error.get("code")), provider=error.get("provider") or self.provider,
                    model=self.model_name, status_code=error.get("status_code"), details=details)
 
+    # ---- traces (save_llm_trace), written here as the in-process model writes them ----------
+
+    @staticmethod
+    def _prompt_messages(prompt: Prompt, instruction: str | None = None) -> list[dict[str, Any]]:
+        """The conversation this caller sent, as a trace records it (a tool run's session
+        history and its later turns stay on the worker)."""
+        return [message.model_dump(exclude_defaults=True) for message in to_messages(prompt, instruction or None)]
+
+    def _trace(self, started: float, messages: list[dict[str, Any]], options: Mapping[str, Any], *,
+               text: str | None = None, reasoning: str = "", usage: Usage | None = None,
+               schema: Any = None, tools: list[str] | None = None, error: ModelError | None = None) -> None:
+        """``save_llm_trace``: the call's JSON trace and, under Datus's ``set_context``, the
+        node's trajectory trace (`datus.models.trace`), once per call (a tool run's: one, at
+        its end, with its final answer)."""
+        from datus.models.trace import write_node_trace, write_trace
+
+        record: dict[str, Any] = {
+            "provider": self.provider, "model": self.model_name,
+            "duration_ms": round((time.perf_counter() - started) * 1000.0, 3),
+            "messages": messages, "options": dict(options), "json_schema": schema, "tools": list(tools or []),
+            "job_id": self.recent_jobs[-1] if self.recent_jobs else None,
+        }
+        if error is not None:
+            record["error"] = error.to_dict()
+        else:
+            record.update(text=text or "", reasoning=reasoning or None, tool_calls=[], finish_reason="stop",
+                          usage=usage.model_dump() if usage is not None else None)
+        write_trace(self.model_config.trace_dir, self.provider, record)
+        if error is None and self.workflow is not None and self.current_node is not None:
+            write_node_trace(self.workflow, self.current_node, messages, text or "", reasoning or None)
+
     # ---- the public interface ------------------------------------------------------------
 
     async def acomplete(self, prompt: Prompt, enable_thinking: bool | None = None, **kwargs: Any) -> Generation:
         """The answer as a `Generation` (text, usage; ``finish_reason`` "stop": the job keeps
         only the text)."""
-        request = {"kind": "generate", "stream": False, "options": self._job_options(kwargs, enable_thinking),
-                   **self._prompt_fields(prompt)}
-        end, output = await self._run(request)
+        # traced, the job streams: its deltas carry the reasoning, which the answer's text does not
+        request = {"kind": "generate", "stream": bool(self.model_config.save_llm_trace),
+                   "options": self._job_options(kwargs, enable_thinking), **self._prompt_fields(prompt)}
+        end, output = await self._traced_run(request, prompt)
         return Generation(text=output if isinstance(output, str) else str(output), finish_reason="stop",
                           usage=end.usage or Usage())
 
@@ -503,7 +558,7 @@ class QueueModel(LLMBaseModel):
             schema = {"type": "json_schema", "json_schema": {"name": json_format.name, "schema": json_format.schema}}
         request = {"kind": "json", "options": self._job_options(kwargs), "output_schema": schema,
                    **self._prompt_fields(prompt)}
-        _, output = await self._run(request)
+        _, output = await self._traced_run(request, prompt, schema)
         if json_format.pydantic_model is not None and isinstance(output, dict):
             import json
 
@@ -520,16 +575,21 @@ class QueueModel(LLMBaseModel):
                    **self._prompt_fields(prompt)}
         end = _End()
         emitted = False
+        started = time.perf_counter()
         async with contextlib.aclosing(self._job(request, end)) as steps:
             async for step in steps:
                 if step.action_type == "assistant_delta" and isinstance(step.output, dict):
                     emitted = True
+                    end.reasoning += step.output.get("reasoning") or ""
                     yield StreamDelta(text=step.output.get("text") or "", reasoning=step.output.get("reasoning") or "")
                 elif step.action_type == "retry" and emitted and isinstance(step.output, dict):
                     # as in-process: an error after a delta is raised, since what the caller saw cannot be
                     # taken back (the job would stream its next attempt from the start); the job is cancelled
                     raise self._error(end.job_id, None, step.output.get("error") or {}, None)
         output = self._outcome(end)
+        if self.model_config.save_llm_trace:
+            self._trace(started, self._prompt_messages(prompt), request["options"], usage=end.usage,
+                        text=output if isinstance(output, str) else str(output), reasoning=end.reasoning)
         yield Generation(text=output if isinstance(output, str) else str(output), finish_reason="stop",
                          usage=end.usage or Usage())
 
@@ -612,11 +672,16 @@ class QueueModel(LLMBaseModel):
             self._check_tool_names(local_tools)
             request = self._tool_run_request(prompt, local_tools, named, instruction, output_type, max_turns,
                                              session, kwargs)
+            started = time.perf_counter()
             await run_hooks.start()  # before the job: what it raises sends nothing
             async with contextlib.aclosing(self._tool_run_steps(
                     request, local_tools, run_hooks, manager, live_steps, end)) as steps:
                 async for step in steps:
                     yield step
+            if self.model_config.save_llm_trace:
+                self._trace(started, self._prompt_messages(prompt, request.get("instruction")),
+                            request["options"], text=end.raw_text or "", usage=end.usage,
+                            schema=request.get("output_schema"), tools=list(local_tools))
 
     def _function_tools(self, tools: Any) -> list[Any]:
         from datus.models.function_tools import as_tools
@@ -721,6 +786,7 @@ class QueueModel(LLMBaseModel):
             if end.usage is not None:
                 hooks.run_context.usage.set(end.usage)
             await hooks.end(content)  # as in-process: before the final step is handed out
+        end.raw_text = final_output.get("raw_output") if isinstance(final_output.get("raw_output"), str) else None
         if manager is not None:
             manager.add_action(final)
         yield final
@@ -797,7 +863,7 @@ class _End:
     """How a job ended: its terminal step and status, its stored result when the step was not
     enough, its usage, and a tool run's result dict."""
 
-    __slots__ = ("job_id", "result", "result_dict", "status", "step", "usage")
+    __slots__ = ("job_id", "raw_text", "reasoning", "result", "result_dict", "status", "step", "usage")
 
     def __init__(self) -> None:
         self.job_id: str | None = None
@@ -806,6 +872,8 @@ class _End:
         self.result: Any = None
         self.usage: Usage | None = None
         self.result_dict: dict[str, Any] = {}
+        self.raw_text: str | None = None  # a tool run's final answer as the model wrote it
+        self.reasoning: str = ""  # a streamed job's reasoning deltas, joined (for the trace)
 
 
 def _as_in_process(step: Any, local_tools: Mapping[str, Any]) -> None:

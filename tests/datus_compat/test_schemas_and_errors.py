@@ -82,9 +82,6 @@ def test_error_codes_datus_lacks_still_format_like_datus_codes() -> None:
         assert isinstance(code.code, str) and isinstance(code.desc, str), cls
 
 
-@pytest.mark.queue_xfail("set_context(workflow=, current_node=) with save_llm_trace writes no "
-                        "{trajectory_dir}/{task}/{node}.yml: the queue model's generate writes no trajectory trace "
-                        "(and a job's answer carries no reasoning text for one)")
 def test_set_context_writes_the_nodes_trajectory_trace(datus_config: Any, server: FakeProviderServer,
                                                       tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """agent/node/node.py:190-196: with save_llm_trace the node calls

@@ -414,3 +414,32 @@ def test_the_job_systems_own_error_codes_map_to_the_nearest_model_error(code: st
               "provider": "openai", "retryable": True}
     again = model._error("job-2", JobStatus.FAILED, stored, None)
     assert type(again).__name__ == "RateLimitError" and again.status_code == 429 and again.slug == "model_rate_limit"
+
+
+@pytest.mark.skipif(tool_run_skip_reason() is not None, reason=str(tool_run_skip_reason()))
+def test_save_llm_trace_writes_the_callers_traces(job_env: JobEnv, caller: AgentConfig, fleet: None,
+                                                  fake: FakeProviderServer, tmp_path: Path) -> None:
+    """A queue entry with save_llm_trace writes, in the caller, one JSON trace per call under
+    trace_dir (as `datus.models.trace` does in-process): a generate's prompt and answer, a tool
+    run's conversation as sent and final answer, and the job that answered."""
+    from types import SimpleNamespace
+
+    traces = tmp_path / "traces"
+    config = AgentConfig.from_dict({"agent": {"models": {"traced": {
+        "type": "queue", "model": "openai", "save_llm_trace": True, "trace_dir": str(traces)}}}})
+    model = LLMBaseModel.create_model(config, "traced")
+    model.set_context(workflow=SimpleNamespace(global_config=SimpleNamespace(trajectory_dir=str(tmp_path / "runs")),
+                                               task=SimpleNamespace(id="t1")),
+                      current_node=SimpleNamespace(id="n1"))
+    fake.script.add(Reply(text="Forty-two."), match="q-trace-one")
+    assert model.generate("q-trace-one: the answer?") == "Forty-two."
+    fake.script.add(Reply(tool_calls=[ScriptedToolCall("list_tables", {})]), Reply(text="Tables listed."),
+                    match="q-trace-two")
+    asyncio.run(model.generate_with_tools("q-trace-two: tables?", mcp_servers=["shop"], instruction="SQL."))
+    records = sorted((json.loads(path.read_text()) for path in (traces / "openai").glob("*.json")),
+                     key=lambda record: record["text"])
+    assert [(r["text"], r["messages"][-1]["content"], r["job_id"] in model.recent_jobs) for r in records] == [
+        ("Forty-two.", "q-trace-one: the answer?", True), ("Tables listed.", "q-trace-two: tables?", True)]
+    assert records[1]["messages"][0] == {"role": "system", "content": "SQL."} and records[1]["tools"] == []
+    node = (tmp_path / "runs" / "t1" / "n1.yml").read_text()  # Datus's trajectory trace: the last call wins
+    assert "Tables listed." in node and "q-trace-two: tables?" in node

@@ -473,7 +473,8 @@ def test_a_caller_tools_step_is_made_as_in_process() -> None:
     from datus.schemas.action_history import ActionHistory, ActionRole
 
     class MCPLike:  # a server object's tool as `datus.models.agents_mcp.AgentsMCPTool` has it
-        meta = {"server": "fs", "tool": "read"}
+        def __init__(self) -> None:
+            self.meta = {"server": "fs", "tool": "read"}
 
     def lookup(key: str) -> str:
         return key

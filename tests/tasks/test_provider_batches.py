@@ -604,7 +604,9 @@ def test_ten_thousand_items_across_both_size_limits(env: Env) -> None:
     run = env.dq("batch", str(questions), "--model", "gpt", "--out", str(env.dir / "out.jsonl"),
                  "--via", "batch-api", "--api-max-requests", "3000", "--api-max-mb", "2", *FAST)
     assert run.returncode == 0, run.stdout + run.stderr
-    # round 1's parts: what the split made (an item the fake failed goes again in a later round)
+    # round 1's parts: what the split made (an item a provider leaves out of its results goes
+    # again in a later round; the fake did, under load, until it judged a batch's phase at the
+    # moment it answered its items)
     found = [part for part in parts(env, batch_id_of(run.stdout)) if part.round == 1]
     assert sum(part.items for part in found) == 10_000 and all(part.items <= 3_000 for part in found)
     # the 6,000 short questions: two parts cut by the count; the 4,000 long ones: two cut by the

@@ -162,8 +162,7 @@ class _AnthropicBatches:
         return JSONResponse(self._batch(job, request))
 
     def _batch(self, job: BatchJob, request: Request) -> dict[str, Any]:
-        self.engine.advance(job)
-        phase = job.phase(time.time())
+        phase = job.phase(self.engine.advance(job))
         status = "ended" if phase == "ended" else "canceling" if job.cancelled_at is not None else "in_progress"
         ended = status == "ended"
         base = str(request.base_url).rstrip("/")

@@ -270,8 +270,10 @@ class BatchEngine:
             if job.cancelled_at is None and job.phase(time.time()) != "ended":
                 job.cancelled_at = time.time()
 
-    def advance(self, job: BatchJob, now: float | None = None) -> None:
-        """Answer the items due by ``now``; settle the rest once the batch has ended."""
+    def advance(self, job: BatchJob, now: float | None = None) -> float:
+        """Answer the items due by ``now``; settle the rest once the batch has ended. Returns
+        ``now``: a caller judges the batch's phase at the same moment (a later clock read could
+        say "ended" with items not answered yet, and a results file would miss them)."""
         now = time.time() if now is None else now
         with self._lock:
             phase = job.phase(now)
@@ -296,6 +298,7 @@ class BatchEngine:
                     if item.outcome == "pending":
                         item.outcome = rest
                         self.answered.append(Answered(job.batch_id, item.custom_id, rest))
+        return now
 
     def _answer(self, job: BatchJob, item: BatchItem) -> None:
         """The online answer to one item: parse, script, render."""

@@ -126,8 +126,7 @@ class _GeminiBatches:
         return JSONResponse({})
 
     def _batch(self, job: BatchJob) -> dict[str, Any]:
-        self.engine.advance(job)
-        phase = job.phase(time.time())
+        phase = job.phase(self.engine.advance(job))
         if phase == "ended":
             state = ("BATCH_STATE_CANCELLED" if job.cancelled_at is not None else
                      "BATCH_STATE_EXPIRED" if job.expired else "BATCH_STATE_SUCCEEDED")

@@ -211,17 +211,16 @@ class _OpenAIBatches:
 
     # -- the Batch object -------------------------------------------------------------------
 
-    def _status(self, job: BatchJob) -> str:
+    def _status(self, job: BatchJob, now: float | None = None) -> str:
         if job.failed is not None:
             return "failed"
-        phase = job.phase(time.time())
+        phase = job.phase(time.time() if now is None else now)
         if phase == "ended":
             return "cancelled" if job.cancelled_at is not None else "expired" if job.expired else "completed"
         return phase
 
     def _batch(self, job: BatchJob) -> dict[str, Any]:
-        self.engine.advance(job)
-        status = self._status(job)
+        status = self._status(job, self.engine.advance(job))
         created = int(job.created_at)
         s = job.settings
         batch: dict[str, Any] = {

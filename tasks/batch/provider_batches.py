@@ -31,7 +31,6 @@ from __future__ import annotations
 import hashlib
 import time
 import uuid
-from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -318,7 +317,7 @@ class ProviderBatchRun:
         succeeded: list[str] = []
         failed: list[str] = []
         latency_ms = (datetime.now(UTC) - _aware(part.created_at)).total_seconds() * 1000.0
-        for result in self._results(progress):
+        for result in self.api.results(progress):
             item_id = mapping.get(result.custom_id)
             if item_id is None or item_id not in questions:
                 continue  # not ours (or no longer in the input)
@@ -340,9 +339,6 @@ class ProviderBatchRun:
         self.parts_store.update_part(part.part_id, state=PartState.COLLECTED, output_file_id=progress.output_file_id,
                                      error_file_id=progress.error_file_id, provider_status=progress.status,
                                      request_counts=progress.counts)
-
-    def _results(self, progress: Progress) -> Iterator[Any]:
-        return self.api.results(progress)
 
 
 def _aware(moment: datetime) -> datetime:

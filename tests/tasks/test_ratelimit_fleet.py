@@ -239,7 +239,10 @@ def test_rate_limits_spend_a_time_budget_not_attempts_and_other_errors_keep_max_
 def test_a_countdown_past_the_visibility_margin_is_capped_and_the_job_still_succeeds(
         configure: Configure, worker: StartWorker, fake: FakeProviderServer) -> None:
     client = configure()
-    worker("openai", concurrency=4, visibility_timeout_s=4)  # retries may wait at most 2 s at a time
+    # a 4 s visibility timeout instead of an hour: the cap is half of it (retries may wait at most
+    # 2 s at a time), so the test sees a capped countdown in seconds; the cap's arithmetic is the
+    # same with the defaults (min(DQ_MAX_RETRY_COUNTDOWN_S 600 s, half of 3,600 s): 10 min)
+    worker("openai", concurrency=4, visibility_timeout_s=4)
     fake.script.add(Fault("rate_limit", retry_after=5), match="far: ")
     job_id = client.submit({"model": "openai", "prompt": "far: retry after 5 s", "stream": False})
     result = client.result(job_id, timeout=60)

@@ -1,11 +1,14 @@
 """The fleet's model catalogue: what a caller may know of the models the workers serve.
 
-Each worker publishes, when it starts consuming (`datus_queue.workers.signals`), every model of
-its agent.yml into the Redis hash `keys.model_catalog` — the agent.yml name -> `CatalogEntry`:
-the provider (``type``), the provider's model id, Datus's ``vendor``, the context window,
-``max_tokens``, its own prices, and the ``base_url`` when it holds no credentials (no user or password, no query
-string). Never a key: a caller holds none. Workers with the same agent.yml write the same
-entries; a name another worker's agent.yml lacks is left as it is.
+Each worker publishes every model of its agent.yml into the Redis hash `keys.model_catalog`
+(the agent.yml name -> `CatalogEntry`) when it starts consuming, and again every
+``DQ_SWEEP_INTERVAL_S`` from its sweep loop (`tasks.maintenance.sweep_loop`): a Redis that lost the
+hash (restarted without persistence, away when the worker started) has it back within an
+interval. An entry holds the provider (``type``), the provider's model id, Datus's ``vendor``, the
+context window, ``max_tokens``, its own prices, and the ``base_url`` when it holds no credentials
+(no user or password, no query string). Never a key: a caller holds none. Workers with the same agent.yml write the same
+entries; a name another worker's agent.yml lacks is left as it is (entries do not expire: a
+model dropped from every agent.yml stays listed until the hash is deleted).
 
 A queue model (`datus.models.queue_model`) reads its entry when it is made, so its
 ``model_config`` carries the served model's id and provider as Datus reads them; the fleet's

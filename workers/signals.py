@@ -4,8 +4,8 @@ Celery's log readable while the broker is away.
 - The runtime (the process's event loop) starts at worker init (prefork: in each child after the
   fork) and stops at shutdown.
 - The sweeps (`tasks.maintenance.sweep_loop`) start once the worker consumes (``worker_ready``,
-  in the main process under every pool) and stop at shutdown: recovery needs no `dq beat`. Then
-  too the worker publishes its models to the fleet's catalogue (`tasks.catalog`).
+  in the main process under every pool) and stop at shutdown: recovery needs no `dq beat`. The
+  same loop keeps the worker's models in the fleet's catalogue (`tasks.catalog`).
 - While Redis is away Celery's consumer logs every reconnect attempt and, for each running job it
   stops, a line and a traceback: hundreds of lines for one outage. `OutageLogFilter` keeps the
   first line of the outage and the line that ends it, and says there how many jobs were stopped.
@@ -77,7 +77,7 @@ def _quiet_http_logs() -> None:
 
 def _start_sweeps(**_: Any) -> None:
     """Every worker offers to sweep (one per interval fleet-wide): a dead worker's jobs run again
-    without `dq beat`."""
+    without `dq beat`; and it keeps its models in the fleet's catalogue."""
     global _sweeps
     from datus_queue.tasks.app import app
     from datus_queue.tasks.context import get_context
@@ -86,20 +86,8 @@ def _start_sweeps(**_: Any) -> None:
     with _sweeps_lock:
         if _sweeps is None:
             ctx = get_context()
-            _sweeps = SweepLoop(ctx.settings, ctx.store, app)
+            _sweeps = SweepLoop(ctx.settings, ctx.store, app, catalog=ctx.agent_config)
             _sweeps.start()
-
-
-def _publish_catalog(**_: Any) -> None:
-    """The models this worker serves, for callers' queue models (`tasks.catalog`)."""
-    from datus_queue.tasks.catalog import publish
-    from datus_queue.tasks.context import get_context
-
-    try:
-        ctx = get_context()
-        logger.info("published %d model(s) to the fleet's catalogue", publish(ctx.redis, ctx.agent_config))
-    except Exception as exc:  # noqa: BLE001 - callers then fall back to the names; the worker serves on
-        logger.warning("could not publish the model catalogue: %s: %s", type(exc).__name__, exc)
 
 
 def _stop_sweeps(**_: Any) -> None:
@@ -130,7 +118,6 @@ def connect() -> None:
     signals.worker_init.connect(_start_unless_prefork, weak=False)
     signals.worker_shutdown.connect(_stop, weak=False)
     signals.worker_ready.connect(_start_sweeps, weak=False)
-    signals.worker_ready.connect(_publish_catalog, weak=False)
     signals.worker_shutdown.connect(_stop_sweeps, weak=False)
     from datus.models.redact import install_log_redaction
 

@@ -14,6 +14,10 @@ after a renewal) plus a turn and a quarter (the sweep that came just before the 
 nothing): ``DQ_LEASE_S + 1.25 × DQ_SWEEP_INTERVAL_S``, 27.5 s by default. A retry whose countdown
 message the dead worker held is sent again ``DQ_RESEND_AFTER_S`` + 1.25 intervals after it was due.
 
+The loop also keeps the worker's models in the fleet's catalogue (`tasks.catalog`): it writes them
+at its first offer and again once an interval has passed, so a Redis that lost them (restarted
+without persistence, flushed, away when the worker started) has them back within an interval.
+
 Redis or the job store being away is an outage (`Outage`): one line when it starts, one when it
 ends, and the loop goes on offering. Anything else is a bug: its traceback is logged once, and
 again only when it changes.
@@ -25,6 +29,7 @@ import logging
 import os
 import socket
 import threading
+import time
 from typing import Any
 
 from datus_queue.tasks import keys
@@ -40,9 +45,11 @@ TURN_KEY = f"{keys.maintenance('sweep')}:turn"  # a string with an expiry: who s
 
 
 class SweepLoop:
-    """The sweeps of one worker process. ``store`` is the process's `JobStore`, ``app`` its Celery app."""
+    """The sweeps of one worker process. ``store`` is the process's `JobStore`, ``app`` its Celery
+    app, ``catalog`` the agent.yml whose models it keeps in the fleet's catalogue (None: none)."""
 
-    def __init__(self, settings: Settings, store: Any, app: Any, node: str | None = None) -> None:
+    def __init__(self, settings: Settings, store: Any, app: Any, node: str | None = None,
+                 catalog: Any = None) -> None:
         from datus_queue.tasks.redis_connect import connect
 
         self.settings, self.store, self.app = settings, store, app
@@ -55,6 +62,8 @@ class SweepLoop:
         self._redis = Outage(logger, f"Redis ({_where(settings.redis_url)})")
         self._store = Outage(logger, "the job store")
         self._bug: str | None = None
+        self._catalog = catalog
+        self._published_at: float | None = None  # time.monotonic() of the last catalogue write
 
     def start(self) -> None:
         if self._thread is not None:
@@ -79,6 +88,7 @@ class SweepLoop:
     def run_once(self) -> SweepReport | None:
         """Sweep if it is this worker's turn: the report, or None (not its turn, or it failed)."""
         try:
+            self._publish_catalog()
             mine = bool(self.redis.set(TURN_KEY, self.node, nx=True, px=max(1, int(self.settings.sweep_interval_s * 1000))))
         except Exception as exc:  # noqa: BLE001 - an outage is waited out; anything else is logged
             self._failed(exc, "taking the sweep's turn")
@@ -95,6 +105,19 @@ class SweepLoop:
         self._bug = None
         record_run(self.redis, "sweep", report.model_dump())
         return report
+
+    def _publish_catalog(self) -> None:
+        if self._catalog is None:
+            return
+        at = time.monotonic()
+        if self._published_at is not None and at - self._published_at < self.settings.sweep_interval_s:
+            return
+        from datus_queue.tasks.catalog import publish
+
+        count = publish(self.redis, self._catalog)
+        if self._published_at is None:
+            logger.info("published %d model(s) to the fleet's catalogue", count)
+        self._published_at = at
 
     def _failed(self, exc: BaseException, doing: str) -> None:
         import redis.exceptions

@@ -194,6 +194,28 @@ def test_one_worker_of_many_sweeps_per_interval_and_an_outage_is_one_line(
     assert not any(record.exc_info for record in caplog.records)  # no traceback
 
 
+def test_the_sweep_loop_writes_the_catalogue_again_once_an_interval_has_passed(
+        job_env: JobEnv, client: JobClient) -> None:
+    from datus.models.config import AgentConfig
+    from datus_queue.tasks.maintenance.sweep_loop import SweepLoop
+
+    # an interval of 0.5 s instead of 10 s: the test waits one out (what the interval spaces does
+    # not depend on its length; test_queue_model.py's worker test runs on the default)
+    loop = SweepLoop(job_env.settings(sweep_interval_s=0.5), client.store, client.app,
+                     catalog=AgentConfig.from_file(job_env.agent_yml))
+    try:
+        loop.run_once()
+        assert b"openai" in client.redis.hgetall(keys.model_catalog())
+        client.redis.delete(keys.model_catalog())  # what a Redis restarted without persistence has
+        loop.run_once()
+        assert client.redis.hgetall(keys.model_catalog()) == {}  # not again within the interval
+        time.sleep(0.6)
+        loop.run_once()
+        assert b"openai" in client.redis.hgetall(keys.model_catalog())
+    finally:
+        loop.stop()
+
+
 # -- leases ------------------------------------------------------------------------------------------
 
 

@@ -28,7 +28,7 @@ from datus.testing.fake_server import FakeProviderServer
 from datus_queue.tasks import keys
 from datus_queue.tasks.client import JobClient
 from datus_queue.tasks.schemas import JobStatus
-from tests.tasks.conftest import KNOWN_KEY, JobEnv, StartWorker, generations, tool_run_skip_reason
+from tests.tasks.conftest import KNOWN_KEY, JobEnv, StartWorker, generations, tool_run_skip_reason, wait_for
 
 ANSWER_SCHEMA = {"type": "object", "properties": {"sql": {"type": "string"}}, "required": ["sql"]}
 
@@ -124,6 +124,10 @@ def test_a_queue_models_config_is_the_served_model_the_workers_publish(
     # the name known from the catalogue alone, its calls run on the fleet
     fake.script.add(Reply(text="catalogued"), match="q-catalogue")
     assert model.generate("q-catalogue: hi") == "catalogued"
+    # a Redis that lost the catalogue (restarted without persistence) has it back within an interval
+    # (DQ_SWEEP_INTERVAL_S, 10 s by default; the worker runs on the defaults): the wait guards only
+    client.redis.delete(keys.model_catalog())
+    wait_for(lambda: b"deepseek" in client.redis.hgetall(keys.model_catalog()), 30, "the catalogue to be written again")
 
 
 def test_the_catalogue_shows_no_credentials() -> None:

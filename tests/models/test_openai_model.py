@@ -45,8 +45,12 @@ def tiktoken_count(text: str, model: str) -> int:
     ensure_tiktoken_cache()  # offline: seeds tiktoken's cache from the shipped files
     import tiktoken
 
+    try:
+        encoding = tiktoken.encoding_for_model(model)
+    except KeyError:  # the reference is tiktoken's own map; older tiktokens (0.9) lack newer models
+        pytest.skip(f"tiktoken {tiktoken.__version__} maps no encoding to {model}: no reference to check against")
     # Special-token lookalikes in user text are plain text, as the API treats them.
-    return len(tiktoken.encoding_for_model(model).encode(text, allowed_special=set(), disallowed_special=()))
+    return len(encoding.encode(text, allowed_special=set(), disallowed_special=()))
 
 
 OPENAI = Provider(

@@ -211,9 +211,14 @@ def test_openai_encoding_name(model: str, expected: str) -> None:
     ],
 )
 def test_openai_encoding_name_agrees_with_tiktoken(model: str) -> None:
+    import tiktoken
     from tiktoken.model import encoding_name_for_model
 
-    assert openai_encoding_name(model) == encoding_name_for_model(model)
+    try:
+        theirs = encoding_name_for_model(model)
+    except KeyError:  # older tiktokens (0.9, the low end CI tests) lack newer models: ours maps them anyway
+        pytest.skip(f"tiktoken {tiktoken.__version__} maps no encoding to {model}: no reference to check against")
+    assert openai_encoding_name(model) == theirs
 
 
 @pytest.mark.parametrize(

@@ -20,7 +20,9 @@ def _default_schedule_dir() -> str:
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="DQ_", extra="ignore")
+    # the namespaces newer pydantic-settings protect; 2.6's default ("model_") warns on every `dq` about model_cache_size
+    model_config = SettingsConfigDict(env_prefix="DQ_", extra="ignore",
+                                      protected_namespaces=("model_validate", "model_dump", "settings_customise_sources"))
 
     redis_url: str = Field(default="redis://127.0.0.1:6379/0", description="broker, results and events: redis://, "
                            "rediss:// (TLS, certificate verified) or sentinel://h:26379;sentinel://h2:26379/0"

@@ -192,8 +192,8 @@ class SentinelSet(_Processes):
             self.sentinel_ports.append(port)
         for port in self.sentinel_ports:  # each knows the replica and the other sentinels
             client = self.client(port, decode_responses=True)
-            _wait(lambda c=client: (int(c.sentinel_master(MASTER_NAME)["num-slaves"]) >= 1
-                                    and int(c.sentinel_master(MASTER_NAME)["num-other-sentinels"]) >= sentinels - 1),
+            _wait(lambda c=client: (int(_master_state(c)["num-slaves"]) >= 1
+                                    and int(_master_state(c)["num-other-sentinels"]) >= sentinels - 1),
                   self.procs[-1], "the sentinels to find the replica and each other", timeout=30)
             client.close()
 
@@ -209,7 +209,7 @@ class SentinelSet(_Processes):
     def master_port_now(self) -> int:
         client = self.client(self.sentinel_ports[0], decode_responses=True)
         try:
-            return int(client.sentinel_get_master_addr_by_name(MASTER_NAME)[1])
+            return int(_master_address(client)[1])
         finally:
             client.close()
 
@@ -254,9 +254,9 @@ class SentinelSet(_Processes):
     def _settled(self, new: int) -> bool:
         for port in self.sentinel_ports:
             with self.client(port, decode_responses=True) as client:
-                if int(client.sentinel_get_master_addr_by_name(MASTER_NAME)[1]) != new:
+                if int(_master_address(client)[1]) != new:
                     return False
-                state = client.sentinel_master(MASTER_NAME)
+                state = _master_state(client)
                 if not state.get("is_master") or state.get("is_sdown") or state.get("is_odown"):
                     return False
         for port in (self.master_port, self.replica_port):
@@ -265,3 +265,16 @@ class SentinelSet(_Processes):
                     if client.info("replication")["role"] != "slave":
                         return False
         return True
+
+
+# ``SENTINEL MASTER`` and ``SENTINEL GET-MASTER-ADDR-BY-NAME`` as redis-py parses them. Not
+# ``client.sentinel_master`` / ``sentinel_get_master_addr_by_name``: redis-py 6.4 (the low end CI
+# tests) passes their parsers arguments they do not take (TypeError ``return_responses``, ``once``).
+
+
+def _master_state(client: redis.Redis) -> dict[str, object]:
+    return client.execute_command("SENTINEL MASTER", MASTER_NAME)
+
+
+def _master_address(client: redis.Redis) -> tuple[str, int]:
+    return client.execute_command("SENTINEL GET-MASTER-ADDR-BY-NAME", MASTER_NAME)

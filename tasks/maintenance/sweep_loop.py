@@ -89,6 +89,10 @@ class SweepLoop:
         """Sweep if it is this worker's turn: the report, or None (not its turn, or it failed)."""
         try:
             self._publish_catalog()
+        except Exception as exc:  # noqa: BLE001 - as below; the next offer writes it again
+            self._failed(exc, "writing the model catalogue")
+            return None
+        try:
             mine = bool(self.redis.set(TURN_KEY, self.node, nx=True, px=max(1, int(self.settings.sweep_interval_s * 1000))))
         except Exception as exc:  # noqa: BLE001 - an outage is waited out; anything else is logged
             self._failed(exc, "taking the sweep's turn")

@@ -236,6 +236,16 @@ def test_rate_limits_spend_a_time_budget_not_attempts_and_other_errors_keep_max_
     assert len(generations(fake, "budget: 500")) == 2  # max_retries: 1
 
 
+def test_the_countdown_cap_with_the_default_settings_is_ten_minutes_inside_the_visibility_timeout() -> None:
+    """The cap the test below sees in seconds, with the settings a user gets (no DQ_* set)."""
+    from datus_queue.tasks.jobs import retry_ceiling
+    from datus_queue.tasks.settings import Settings
+
+    defaults = Settings.model_construct()  # every field at its default, whatever DQ_* this process has
+    assert (defaults.max_retry_countdown_s, defaults.visibility_timeout_s) == (600, 3600)
+    assert retry_ceiling(defaults) == 600 < defaults.visibility_timeout_s / 2
+
+
 def test_a_countdown_past_the_visibility_margin_is_capped_and_the_job_still_succeeds(
         configure: Configure, worker: StartWorker, fake: FakeProviderServer) -> None:
     client = configure()

@@ -148,15 +148,19 @@ def service(job_env: JobEnv) -> Iterator[Any]:
         handle.stop()
 
 
+def _unacked_headers(client: redis.Redis) -> list[dict[str, Any]]:
+    """The headers of the messages in kombu's unacked hash."""
+    return [json.loads(raw)[0]["headers"] for raw in client.hvals("unacked")]
+
+
 def _held(client: redis.Redis) -> dict[str, bool]:
     """Job id -> whether the message kombu's unacked hash holds for it has an eta (a retry's countdown)."""
-    messages = [json.loads(raw)[0]["headers"] for raw in client.hvals("unacked")]
-    return {headers["id"]: bool(headers.get("eta")) for headers in messages}
+    return {headers["id"]: bool(headers.get("eta")) for headers in _unacked_headers(client)}
 
 
 def _unacked(client: redis.Redis) -> list[str]:
     """The job ids of the messages in kombu's unacked hash."""
-    return [json.loads(raw)[0]["headers"]["id"] for raw in client.hvals("unacked")]
+    return [headers["id"] for headers in _unacked_headers(client)]
 
 
 # -- a worker killed mid call, or holding a retry's countdown ---------------------------------------

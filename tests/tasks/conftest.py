@@ -383,16 +383,17 @@ StartBeat = Callable[..., Worker]
 
 @pytest.fixture
 def beat(job_env: JobEnv) -> Iterator[StartBeat]:
-    """``beat(env=None, wait="lock")`` starts ``dq beat`` with `SHORT_SCHEDULER` (``env`` on top)
-    and waits until it holds the scheduler lock (``wait="lock"``), until it is waiting for it as
-    a standby (``"standby"``), or not at all (``None``)."""
+    """``beat(env=None, wait="lock", short=True)`` starts ``dq beat`` with `SHORT_SCHEDULER`
+    (``short=False``: the default settings; ``env`` on top) and waits until it holds the scheduler
+    lock (``wait="lock"``), until it is waiting for it as a standby (``"standby"``), or not at all
+    (``None``)."""
     started: list[Worker] = []
 
-    def start(env: dict[str, str] | None = None, wait: str | None = "lock") -> Worker:
+    def start(env: dict[str, str] | None = None, wait: str | None = "lock", short: bool = True) -> Worker:
         log_path = job_env.dir / f"beat-{len(started) + 1}.log"
         with open(log_path, "wb") as log:
             proc = subprocess.Popen([*dq_command(), "beat"], stdout=log, stderr=subprocess.STDOUT,
-                                    stdin=subprocess.DEVNULL, env=_environment(job_env, {**SHORT_SCHEDULER, **(env or {})}),
+                                    stdin=subprocess.DEVNULL, env=_environment(job_env, {**(SHORT_SCHEDULER if short else {}), **(env or {})}),
                                     cwd=job_env.dir, start_new_session=True)
         handle = Worker(proc, log_path, ("beat",),
                         ready_text="beat: Acquired lock" if wait == "lock" else "taking the scheduler lock")

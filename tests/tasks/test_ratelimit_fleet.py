@@ -6,12 +6,16 @@ in ops/bench/ratelimit.py."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import httpx
 import pytest
 import yaml
 
@@ -20,6 +24,7 @@ from datus.models.scripted import Fault
 from datus.testing.fake_server import FakeProviderServer
 from datus.testing.limits import ProviderLimits
 from datus_queue.tasks import keys
+from datus_queue.tasks.cli.services import free_port
 from datus_queue.tasks.client import InvalidJob, JobClient
 from datus_queue.tasks.schemas import JobStatus
 from tests.tasks.conftest import (
@@ -127,26 +132,52 @@ SHAPES = {
 }
 
 
+@pytest.fixture
+def provider_process() -> Iterator[str]:
+    """The fake provider in a process of its own, as a provider is: its clock (when a request
+    arrived, what its windows hold) is not stalled by this test process's threads, as the shared
+    in-process fake's can be (the test's polling holds the same GIL). Yields its URL."""
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "datus.testing.fake_server", "--port", str(port),
+                             "--api-key", KNOWN_KEY], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_for(lambda: _answers(f"{url}/_fake/health"), 30, "the fake provider process")
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def _answers(url: str) -> bool:
+    try:
+        return httpx.get(url, timeout=1).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize(("shape", "budget"), [("openai-quantized-1s", "requests"), ("claude-token-bucket-1s", "requests"),
                                                ("sliding-2s", "requests"), ("openai-quantized-1s", "input_tokens")])
 def test_three_workers_share_one_budget_and_the_provider_never_says_429(
-        shape: str, budget: str, configure: Configure, worker: StartWorker, fake: FakeProviderServer) -> None:
+        shape: str, budget: str, configure: Configure, worker: StartWorker, provider_process: str) -> None:
     # default limiter settings: the burst and share a user gets. The fake counts a prompt's tokens as
     # characters / 4, as OpenAI estimates them for its token limits; the limiter reserves at least that
     if budget == "requests":
         limits: dict[str, float] = {"requests_per_minute": 1200}
     else:  # 60,000 tokens a minute: ten of these prompts a second
         limits = {"input_tokens_per_minute": 60_000}
-    client = configure(models={"openai": {"rate_limits": limits}})
+    client = configure(models={"openai": {"rate_limits": limits, "base_url": f"{provider_process}/v1"}})
     workers = start_fleet(worker, 3, concurrency=20)
     warm_up(client, workers)
-    fake.set_limits(SHAPES[shape](**limits))  # the provider: 429 past what it allows in any of its windows
+    # the provider: 429 past what it allows in any of its windows
+    limited = httpx.post(f"{provider_process}/_fake/limits", json=dataclasses.asdict(SHAPES[shape](**limits)))
+    assert limited.status_code == 200, limited.text
     jobs = client.submit_many([{"model": "openai", "prompt": sized_prompt(i), "stream": False} for i in range(120)])
     results = [client.result(job_id, timeout=180) for job_id in jobs]
 
     assert all(result.status is JobStatus.SUCCEEDED for result in results), {r.error for r in results}
-    counts = fake.enforcer.counts()
+    counts = httpx.get(f"{provider_process}/_fake/limits").json()
     # not one 429 from the provider; for token limits too, whatever the mix of reservations (each is at
     # least the provider's count; the limiter's input-token log keeps any second inside what it allows)
     assert (counts["admitted"], counts["limited"]) == (120, 0), counts
@@ -207,6 +238,36 @@ def test_slots_of_a_worker_killed_holding_them_are_free_again_within_their_lease
     fake.release()
     worker("openai", concurrency=8, env=env, visibility_timeout_s=6)  # its messages come back after 6 s
     results = [client.result(job_id, timeout=60) for job_id in jobs]
+    assert all(result.status is JobStatus.SUCCEEDED for result in results), [r.error for r in results]
+    wait_for(lambda: client.redis.zcard(slots) == 0, 10, "every slot given back")
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_slots_of_a_worker_killed_holding_them_are_free_again_with_the_default_settings(
+        configure: Configure, worker: StartWorker, fake: FakeProviderServer) -> None:
+    # no DQ_* setting changed: the slot lease is DQ_RATE_LIMIT_SLOT_LEASE_S's default, the jobs' lease,
+    # heartbeat and visibility timeout are the defaults, and the killed worker's jobs come back through
+    # the sweep of the worker started after it (test_recovery.py) — what a user's fleet does
+    from datus_queue.tasks.settings import Settings
+
+    lease_s = Settings.model_construct().rate_limit_slot_lease_s
+    client = configure(models={"openai": {"rate_limits": {"max_concurrency": 3}}})
+    holder = worker("openai", concurrency=8)
+    fake.hold()  # the calls get no answer: their slots stay taken
+    jobs = [client.submit({"model": "openai", "prompt": f"slot-{i}", "stream": False}) for i in range(5)]
+    slots = slots_key(client)
+    wait_for(lambda: len(generations(fake, "slot-")) == 3, 20, "three calls in flight")
+    assert client.redis.zcard(slots) == 3
+    killed_at = time_us(client)
+    holder.kill()
+    leases = client.redis.zrange(slots, 0, -1, withscores=True)
+    assert len(leases) == 3 and all(score <= killed_at + lease_s * 1e6 for _, score in leases)  # none past its term
+    wait_for(lambda: all(score < time_us(client) for _, score in client.redis.zrange(slots, 0, -1, withscores=True)),
+             lease_s + 15, "the dead worker's leases to run out")
+    fake.release()
+    worker("openai", concurrency=8)
+    results = [client.result(job_id, timeout=120) for job_id in jobs]
     assert all(result.status is JobStatus.SUCCEEDED for result in results), [r.error for r in results]
     wait_for(lambda: client.redis.zcard(slots) == 0, 10, "every slot given back")
 

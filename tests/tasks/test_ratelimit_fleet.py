@@ -211,16 +211,23 @@ def test_a_cooldown_one_worker_set_is_honoured_by_the_others_before_their_next_r
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("settings", ["short", "defaults"])
 def test_slots_of_a_worker_killed_holding_them_are_free_again_within_their_lease(
-        configure: Configure, worker: StartWorker, fake: FakeProviderServer) -> None:
+        settings: str, configure: Configure, worker: StartWorker, fake: FakeProviderServer) -> None:
+    from datus_queue.tasks.settings import Settings
+
     client = configure(models={"openai": {"rate_limits": {"max_concurrency": 3}}})
-    lease_s = 3
-    # shortened so the test waits seconds, not DQ_RATE_LIMIT_SLOT_LEASE_S's 30 s: what is asserted (a dead
-    # worker's slots end within their lease, nobody renews them) does not depend on its length. The job
-    # leases are short too so that its jobs come back at the 6 s visibility timeout; with the defaults
-    # they come back through the sweep (test_recovery.py)
-    env = {"DQ_RATE_LIMIT_SLOT_LEASE_S": str(lease_s), "DQ_LEASE_S": "2"}
-    holder = worker("openai", concurrency=8, env=env, visibility_timeout_s=6)
+    if settings == "short":
+        lease_s = 3.0
+        # shortened so the test waits seconds, not DQ_RATE_LIMIT_SLOT_LEASE_S's 30 s: what is asserted (a
+        # dead worker's slots end within their lease, nobody renews them) does not depend on its length.
+        # The job leases are short too so that its jobs come back at the 6 s visibility timeout
+        options: dict[str, Any] = {"env": {"DQ_RATE_LIMIT_SLOT_LEASE_S": "3", "DQ_LEASE_S": "2"},
+                                   "visibility_timeout_s": 6}
+    else:  # no DQ_* set: the default slot lease, and the jobs come back through the next worker's sweep
+        lease_s, options = Settings.model_construct().rate_limit_slot_lease_s, {}
+    holder = worker("openai", concurrency=8, **options)
     fake.hold()  # the calls get no answer: their slots stay taken
     jobs = [client.submit({"model": "openai", "prompt": f"slot-{i}", "stream": False}) for i in range(5)]
     slots = slots_key(client)
@@ -236,37 +243,7 @@ def test_slots_of_a_worker_killed_holding_them_are_free_again_within_their_lease
     wait_for(lambda: all(score < time_us(client) for _, score in client.redis.zrange(slots, 0, -1, withscores=True)),
              lease_s + 15, "the dead worker's leases to run out")
     fake.release()
-    worker("openai", concurrency=8, env=env, visibility_timeout_s=6)  # its messages come back after 6 s
-    results = [client.result(job_id, timeout=60) for job_id in jobs]
-    assert all(result.status is JobStatus.SUCCEEDED for result in results), [r.error for r in results]
-    wait_for(lambda: client.redis.zcard(slots) == 0, 10, "every slot given back")
-
-
-@pytest.mark.slow
-@pytest.mark.timeout(300)
-def test_slots_of_a_worker_killed_holding_them_are_free_again_with_the_default_settings(
-        configure: Configure, worker: StartWorker, fake: FakeProviderServer) -> None:
-    # no DQ_* setting changed: the slot lease is DQ_RATE_LIMIT_SLOT_LEASE_S's default, the jobs' lease,
-    # heartbeat and visibility timeout are the defaults, and the killed worker's jobs come back through
-    # the sweep of the worker started after it (test_recovery.py) — what a user's fleet does
-    from datus_queue.tasks.settings import Settings
-
-    lease_s = Settings.model_construct().rate_limit_slot_lease_s
-    client = configure(models={"openai": {"rate_limits": {"max_concurrency": 3}}})
-    holder = worker("openai", concurrency=8)
-    fake.hold()  # the calls get no answer: their slots stay taken
-    jobs = [client.submit({"model": "openai", "prompt": f"slot-{i}", "stream": False}) for i in range(5)]
-    slots = slots_key(client)
-    wait_for(lambda: len(generations(fake, "slot-")) == 3, 20, "three calls in flight")
-    assert client.redis.zcard(slots) == 3
-    killed_at = time_us(client)
-    holder.kill()
-    leases = client.redis.zrange(slots, 0, -1, withscores=True)
-    assert len(leases) == 3 and all(score <= killed_at + lease_s * 1e6 for _, score in leases)  # none past its term
-    wait_for(lambda: all(score < time_us(client) for _, score in client.redis.zrange(slots, 0, -1, withscores=True)),
-             lease_s + 15, "the dead worker's leases to run out")
-    fake.release()
-    worker("openai", concurrency=8)
+    worker("openai", concurrency=8, **options)
     results = [client.result(job_id, timeout=120) for job_id in jobs]
     assert all(result.status is JobStatus.SUCCEEDED for result in results), [r.error for r in results]
     wait_for(lambda: client.redis.zcard(slots) == 0, 10, "every slot given back")

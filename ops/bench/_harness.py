@@ -6,19 +6,14 @@ from __future__ import annotations
 
 import contextlib
 import os
-import signal
-import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
-
 from datus.models.config import AgentConfig
+from datus.testing.fake_process import fake_server_process as _fake_server_process
 from datus_queue.tasks.app import create_app
-from datus_queue.tasks.cli.services import free_port
 from datus_queue.tasks.client import JobClient
 from datus_queue.tasks.settings import Settings
 
@@ -27,23 +22,10 @@ KEY = "sk-bench-not-a-real-key"
 
 @contextlib.contextmanager
 def fake_server_process(latency_ms: float, *options: str) -> Iterator[str]:
-    """The fake provider in a process of its own; ``options``: more of its command line
-    (e.g. ``--requests-per-minute 600 --window-s 2`` to enforce a limit)."""
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "datus.testing.fake_server", "--port", str(port),
-                             "--latency-ms", str(latency_ms), *options],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        for _ in range(100):
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(f"{url}/_fake/health", timeout=0.5).status_code == 200:
-                    break
-            time.sleep(0.05)
+    """The fake provider in a process of its own (`datus.testing.fake_process`); ``options``: more
+    of its command line (e.g. ``--requests-per-minute 600 --window-s 2`` to enforce a limit)."""
+    with _fake_server_process("--latency-ms", str(latency_ms), *options) as url:
         yield url
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(10)
 
 
 @contextlib.contextmanager

@@ -72,8 +72,9 @@ def test_a_worker_killed_mid_job_every_job_completes_exactly_once(worker: StartW
 @pytest.mark.slow
 def test_sigterm_requeues_jobs_in_flight_at_once(worker: StartWorker, client: JobClient,
                                                  fake: FakeProviderServer) -> None:
+    # the default settings: the visibility timeout of an hour, the lease, the heartbeat and the sweep
     fake.hold()  # the first worker's calls get no answer until released: it cannot wait them out
-    first = worker("openai", visibility_timeout_s=300)
+    first = worker("openai")
     jobs = [client.submit({"model": "openai", "prompt": f"term-{i}", "stream": False}) for i in range(3)]
     wait_for(lambda: len(generations(fake, "term-")) == 3, 20, "all three calls in flight")
     first.terminate()
@@ -81,12 +82,14 @@ def test_sigterm_requeues_jobs_in_flight_at_once(worker: StartWorker, client: Jo
     assert first.wait_exit(30) is not None, first.log()[-3000:]
     assert fake.in_flight >= 3  # (>=: the shared fake may still be sleeping on an earlier test's calls)
     fake.release()
-    second = worker("openai", visibility_timeout_s=300)
-    # requeued at once: redelivered only after the 300 s visibility timeout, these would time out
-    results = [client.result(job_id, timeout=40) for job_id in jobs]
+    second = worker("openai")
+    results = [client.result(job_id, timeout=60) for job_id in jobs]
 
     assert all(result.status is JobStatus.SUCCEEDED for result in results), [r.error for r in results]
     assert all((result.attempts, result.deliveries) == (1, 2) for result in results)  # a redelivery
+    # requeued by the stopping worker itself: not sent again by the sweep (which, with the dead worker's
+    # heartbeat gone, would have after about DQ_LEASE_S + a sweep interval) nor by the visibility timeout
+    assert [client.store.get(job_id).resends for job_id in jobs] == [0, 0, 0]
     assert all(len(terminal_steps(client, job_id)) == 1 for job_id in jobs)
     # the second worker ran every job
     assert all(f"[{job_id}] received" in second.log() for job_id in jobs), first.log()[-2000:]

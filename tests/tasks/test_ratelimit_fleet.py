@@ -9,8 +9,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
-import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -21,10 +19,10 @@ import yaml
 
 from datus.models.config import AgentConfig
 from datus.models.scripted import Fault
+from datus.testing.fake_process import fake_server_process
 from datus.testing.fake_server import FakeProviderServer
 from datus.testing.limits import ProviderLimits
 from datus_queue.tasks import keys
-from datus_queue.tasks.cli.services import free_port
 from datus_queue.tasks.client import InvalidJob, JobClient
 from datus_queue.tasks.schemas import JobStatus
 from tests.tasks.conftest import (
@@ -134,26 +132,10 @@ SHAPES = {
 
 @pytest.fixture
 def provider_process() -> Iterator[str]:
-    """The fake provider in a process of its own, as a provider is: its clock (when a request
-    arrived, what its windows hold) is not stalled by this test process's threads, as the shared
-    in-process fake's can be (the test's polling holds the same GIL). Yields its URL."""
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "datus.testing.fake_server", "--port", str(port),
-                             "--api-key", KNOWN_KEY], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_for(lambda: _answers(f"{url}/_fake/health"), 30, "the fake provider process")
+    """The fake provider in a process of its own: its clock is not stalled by this test process's
+    threads (`datus.testing.fake_process`). Yields its URL."""
+    with fake_server_process("--api-key", KNOWN_KEY) as url:
         yield url
-    finally:
-        proc.terminate()
-        proc.wait(10)
-
-
-def _answers(url: str) -> bool:
-    try:
-        return httpx.get(url, timeout=1).status_code == 200
-    except httpx.HTTPError:
-        return False
 
 
 @pytest.mark.slow

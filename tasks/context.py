@@ -132,8 +132,11 @@ class JobContext:
                 from datus_queue.tasks.redis_connect import async_client
 
                 # blocking pool: at hundreds of jobs in flight, wait for a connection rather
-                # than fail (redis-py's default pool raises past 100 connections)
-                client = async_client(self.settings, max_connections=self.settings.redis_max_connections, timeout=30)
+                # than fail (redis-py's default pool raises past 100 connections). No command on
+                # this client blocks in Redis, so a reply later than the socket timeout is a hung
+                # connection (a peer gone without a reset): it is dropped, not waited on for ever
+                client = async_client(self.settings, max_connections=self.settings.redis_max_connections, timeout=30,
+                                      socket_timeout=30, socket_connect_timeout=5)
                 state = {
                     "redis": client,
                     "publisher": AsyncEventPublisher(client, self.settings.event_ttl_s, self.settings.event_maxlen,

@@ -426,12 +426,15 @@ class _LoopState:
     async def _renew(self) -> None:
         """While this process holds slots: extend their leases every third of a lease, so a
         call longer than a lease keeps its slot and a dead worker's slots still run out."""
-        lease_us = self.owner.lease_s * 1e6
+        lease_us, every = self.owner.lease_s * 1e6, self.owner.lease_s / 3
         while any(self.slots.values()):
-            await asyncio.sleep(self.owner.lease_s / 3)
-            for key, slots in list(self.slots.items()):
-                if slots:
-                    try:
-                        await self.batch.call(RENEW, [key], [lease_us, *slots])
-                    except Exception as exc:  # noqa: BLE001 - try again next time; leases are long
-                        logger.warning("renewing concurrency slots failed: %s: %s", type(exc).__name__, exc)
+            await asyncio.sleep(every)
+            renewals = [self.batch.call(RENEW, [key], [lease_us, *slots]) for key, slots in self.slots.items() if slots]
+            try:
+                # a reply that does not come within a tick is given up on, so one lost reply (a
+                # hung connection) costs one renewal, not every renewal after it
+                await asyncio.wait_for(asyncio.gather(*renewals), every)
+            except TimeoutError:
+                logger.warning("renewing concurrency slots: no reply from Redis within %.1fs; trying again", every)
+            except Exception as exc:  # noqa: BLE001 - try again next time; leases are long
+                logger.warning("renewing concurrency slots failed: %s: %s", type(exc).__name__, exc)

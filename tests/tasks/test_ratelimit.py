@@ -235,7 +235,7 @@ async def test_a_request_whose_loop_stalls_past_its_start_books_again_instead_of
     second = asyncio.create_task(bound.before(planned()))
     await asyncio.sleep(0.02)  # booked one spacing after the first, sleeping until then
     assert float(dq_redis.hget(bound.keys[0], "tr")) == pytest.approx(first + 2 * spacing, abs=1)
-    time.sleep(0.3)  # the loop is held (a blocking call elsewhere in the worker) past that start
+    time.sleep(0.3)  # noqa: ASYNC251 - the loop is held (a blocking call elsewhere in the worker) past that start
     await bound.after(await second, RequestOutcome())
     # it did not go late, squeezed against whoever is booked next: its slot is lost, it booked again
     assert float(dq_redis.hget(bound.keys[0], "tr")) >= first + 0.3e6 + spacing
@@ -299,6 +299,29 @@ async def test_held_slots_are_renewed_while_their_call_runs(context: JobContext,
     assert dq_redis.zscore(bound.keys[1], permit.slot) > first  # still held, lease extended
     await bound.after(permit, RequestOutcome(usage=Usage()))
     assert dq_redis.zcard(bound.keys[1]) == 0
+
+
+async def test_a_renewal_whose_reply_never_comes_does_not_stop_the_ones_after_it(
+        context: JobContext, dq_redis: redis.Redis, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A RENEW sent on a connection that hangs gets no reply: the renewer gives up on it after a
+    tick and renews again, instead of waiting on it while every held lease runs out."""
+    bound = limiter(context, max_concurrency=3)  # lease 0.6 s in this fixture: a tick of 0.2 s
+    permit = await bound.before(planned())
+    batch = context.limiter.loop_state().batch
+    real_call, lost = batch.call, []
+
+    def call(script: str, keys_: list[str], args: list[Any], orphan: Any = None) -> asyncio.Future[Any]:
+        if not lost:  # the first renewal's reply is lost
+            lost.append(asyncio.get_running_loop().create_future())
+            return lost[0]
+        return real_call(script, keys_, args, orphan)
+
+    monkeypatch.setattr(batch, "call", call)
+    first = dq_redis.zscore(bound.keys[1], permit.slot)
+    await asyncio.sleep(1.0)  # longer than the lease
+    assert lost and lost[0].cancelled()  # the lost one was given up on
+    assert dq_redis.zscore(bound.keys[1], permit.slot) > first  # and the slot renewed after it
+    await bound.after(permit, RequestOutcome(usage=Usage()))
 
 
 async def test_low_remaining_budget_headers_set_a_pace_before_any_429(context: JobContext,

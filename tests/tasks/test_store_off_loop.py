@@ -39,6 +39,7 @@ class Seen:
 
     events: list[tuple[float, str, str, bool]] = field(default_factory=list)  # (at, job id, action type, terminal)
     renewals: list[tuple[float, str]] = field(default_factory=list)  # (at, slot id): a slot's lease moved on
+    errors: list[str] = field(default_factory=list)  # what the watchers met (they go on after it)
     stop: threading.Event = field(default_factory=threading.Event)
 
 
@@ -64,16 +65,19 @@ def _follow_events(redis_url: str, job_ids: set[str], seen: Seen, subscribed: th
 
 def _watch_slots(redis_url: str, seen: Seen) -> None:
     """A slot whose score (its lease's end) goes up was renewed; a new slot is an acquire."""
-    client = redis.Redis.from_url(redis_url)
+    client = redis.Redis.from_url(redis_url, socket_timeout=5)  # a hung read is an error seen, not a silent watcher
     leases: dict[str, float] = {}
     try:
         while not seen.stop.is_set():
-            for key in client.scan_iter("dq:rl:*:slots"):
-                for member, score in client.zrange(key, 0, -1, withscores=True):
-                    slot = member.decode()
-                    if slot in leases and score > leases[slot]:
-                        seen.renewals.append((time.monotonic(), slot))
-                    leases[slot] = max(score, leases.get(slot, 0.0))
+            try:
+                for key in client.scan_iter("dq:rl:*:slots"):
+                    for member, score in client.zrange(key, 0, -1, withscores=True):
+                        slot = member.decode()
+                        if slot in leases and score > leases[slot]:
+                            seen.renewals.append((time.monotonic(), slot))
+                        leases[slot] = max(score, leases.get(slot, 0.0))
+            except redis.RedisError as exc:
+                seen.errors.append(f"{time.monotonic():.3f} slot watcher: {exc!r}")
             time.sleep(0.05)
     finally:
         client.close()
@@ -127,7 +131,7 @@ def test_events_and_slot_renewals_flow_while_the_store_is_locked(
     _with_concurrency_limit(job_env)
     # a slot lease of 3 s instead of 30 s: renewals every second instead of every ten, so that
     # several fall inside the hold (how a renewal is made does not depend on the lease)
-    worker("openai", concurrency=16, env={"DQ_RATE_LIMIT_SLOT_LEASE_S": "3"})
+    started = worker("openai", concurrency=16, env={"DQ_RATE_LIMIT_SLOT_LEASE_S": "3"})
 
     delays = {marker: 3.0 + n for n, marker in enumerate(SHORT)} | dict.fromkeys(LONG, 18.0)
     for marker, delay in delays.items():  # each answer comes that long after its request arrives
@@ -160,4 +164,5 @@ def test_events_and_slot_renewals_flow_while_the_store_is_locked(
     others = {job for at, job, _ in during if at > first_at and job != first_job}
     assert len(others) >= 2, f"after {first_job} met the lock, events came only from {others}: {events}"
     assert any(first_at < at < released_at for at, _ in seen.renewals), (
-        f"no slot renewal between the first blocked write and the release: {seen.renewals}")
+        f"no slot renewal between the first blocked write ({first_at:.3f}) and the release ({released_at:.3f}, "
+        f"taken {taken_at:.3f}): {seen.renewals}; watcher errors {seen.errors}; worker log:\n{started.log()[-6000:]}")

@@ -66,6 +66,7 @@ from typing import Any, Self, get_args
 
 import uvicorn
 from starlette.applications import Starlette
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import BaseRoute, Route
@@ -96,6 +97,23 @@ _THREAD_PREFIX = "fake-provider-server"
 _SSE_HEADERS = {"cache-control": "no-cache"}
 #: What answers an unscripted request, by the name the CLI and `POST /_fake/script` use.
 FALLBACKS: dict[str, Handler] = {"echo": echo_handler, "agent": agent_handler}
+
+
+_ARRIVED = "fake_arrived"  # the request's scope state: (time.time(), time.monotonic()) when it arrived
+
+
+class _StampArrival:
+    """Stamps each request with when it arrived — as the server's first code to see it, before its
+    body is read — so the limits count arrivals at the provider's edge, not when the handler got
+    round to the request (a busy server's own delay is not the client's burst)."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "http":
+            scope.setdefault("state", {})[_ARRIVED] = (time.time(), time.monotonic())
+        await self.app(scope, receive, send)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -318,7 +336,7 @@ class FakeProviderServer:
         routes += openai_batch_routes(self.batches, self.protocols)
         routes += anthropic_batch_routes(self.batches, self.protocols)
         routes += gemini_batch_routes(self.batches, self.protocols)
-        return Starlette(routes=routes)
+        return Starlette(routes=routes, middleware=[Middleware(_StampArrival)])
 
     def _endpoint(self, protocol: WireProtocol) -> Callable[[Request], Awaitable[Response]]:
         async def endpoint(request: Request) -> Response:
@@ -327,13 +345,14 @@ class FakeProviderServer:
         return endpoint
 
     async def _generate(self, protocol: WireProtocol, request: Request) -> Response:
+        arrived_at, arrived = request.scope["state"][_ARRIVED]
         raw = await request.body()
         try:
             body, valid = json.loads(raw), True
         except ValueError:
             body, valid = raw.decode("utf-8", "replace"), False
         record = RecordedRequest(request.method, request.url.path, dict(request.headers), body, protocol.name,
-                                 time.time())
+                                 arrived_at)
         with self._lock:
             self._requests.append(record)
             self._in_flight += 1
@@ -342,12 +361,13 @@ class FakeProviderServer:
         try:
             if gate is not None:
                 await gate.wait()
-            return await self._answer(protocol, request, body, valid)
+            return await self._answer(protocol, request, body, valid, arrived)
         finally:
             with self._lock:
                 self._in_flight -= 1
 
-    async def _answer(self, protocol: WireProtocol, request: Request, body: Any, valid: bool) -> Response:
+    async def _answer(self, protocol: WireProtocol, request: Request, body: Any, valid: bool,
+                      arrived: float) -> Response:
         denied = protocol.authenticate(request, self.api_key)
         if denied is not None:
             return denied
@@ -358,7 +378,7 @@ class FakeProviderServer:
         except ProtocolError as exc:
             return exc.response
         enforcer = self.enforcer
-        admission = enforcer.admit(estimate_usage(scripted, Reply()).input_tokens) if enforcer else None
+        admission = enforcer.admit(estimate_usage(scripted, Reply()).input_tokens, at=arrived) if enforcer else None
         if admission is not None and not admission.admitted:
             response = protocol.render_fault(Fault("rate_limit", retry_after=round(admission.retry_after_s, 3)),
                                              scripted)

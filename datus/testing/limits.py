@@ -196,10 +196,13 @@ class LimitEnforcer:
         self._tokens = _Budget(limits.input_tokens_per_minute, limits, now) if limits.input_tokens_per_minute else None
         self.admitted = 0
         self.limited = 0
+        self._last = now
 
-    def admit(self, input_tokens: int) -> Admission:
+    def admit(self, input_tokens: int, at: float | None = None) -> Admission:
+        """``at``: when the request arrived, on this enforcer's clock (default: now). Arrivals
+        handled out of order count at the latest time seen, so the windows only move forward."""
         with self._lock:
-            now = self._clock()
+            now = self._last = max(self._clock() if at is None else at, self._last)
             budgets = [(budget, cost) for budget, cost in ((self._requests, 1.0), (self._tokens, float(input_tokens)))
                        if budget is not None]
             for budget, _ in budgets:

@@ -71,6 +71,17 @@ def test_a_sliding_window_counts_the_last_window_s_at_every_moment() -> None:
     assert admitted(enforcer, clock, [102.0, 102.05, 102.1]) == [True, False, True]  # as the oldest leave
 
 
+def test_requests_count_when_they_arrived_and_one_handled_out_of_order_counts_at_the_latest() -> None:
+    clock = Clock()
+    enforcer = LimitEnforcer(ProviderLimits(requests_per_minute=120, window_s=1, enforcement="sliding_window"),
+                             clock=clock)  # 2 a second
+    clock.now = 105.0  # the server got round to them late: they count when they arrived
+    assert [enforcer.admit(1, at=at).admitted for at in (100.0, 100.5, 100.9, 101.01)] == [True, True, False, True]
+    # handled after 101.01 though it arrived at 100.95: it counts at 101.01, and the window is full then
+    assert not enforcer.admit(1, at=100.95).admitted
+    assert enforcer.admit(1, at=101.6).admitted
+
+
 def test_tokens_are_counted_in_the_same_windows_and_a_limit_below_one_a_window_stretches_it() -> None:
     clock = Clock()
     tokens = LimitEnforcer(ProviderLimits(input_tokens_per_minute=6000, window_s=2), clock=clock)

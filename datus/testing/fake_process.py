@@ -10,7 +10,6 @@ that is not the callers' and that no limiter could absorb."""
 from __future__ import annotations
 
 import contextlib
-import os
 import re
 import subprocess
 import sys
@@ -21,19 +20,13 @@ __all__ = ["fake_server_process"]
 _LISTENING = re.compile(r"listening on (http://\S+)")
 
 
-def _ahead() -> None:
-    """In the child, before exec: nice -10 if allowed (its threads inherit it), else as it is."""
-    with contextlib.suppress(OSError):
-        os.nice(-10)
-
-
 @contextlib.contextmanager
 def fake_server_process(*options: str) -> Iterator[str]:
     """Start the server with ``options`` (more of its command line: ``--latency-ms 100``,
     ``--api-key K``, ``--requests-per-minute 600 --window-s 2``); yield its URL once it listens;
     SIGTERM it at the end."""
-    proc = subprocess.Popen([sys.executable, "-m", "datus.testing.fake_server", "--port", "0", *options],
-                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, preexec_fn=_ahead)
+    proc = subprocess.Popen([sys.executable, "-m", "datus.testing.fake_server", "--port", "0", "--nice", "-10",
+                             *options], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     try:
         assert proc.stdout is not None
         line = proc.stdout.readline()  # its first line says where it listens (empty: it exited)

@@ -53,9 +53,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import dataclasses
 import json
 import logging
+import os
 import signal
 import socket
 import sys
@@ -577,8 +579,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--input-tokens-per-minute", type=float, default=None, help="enforce an input-token limit")
     parser.add_argument("--window-s", type=float, default=60.0,
                         help="how much of a limit may be used at once, in seconds of it (default 60)")
+    parser.add_argument("--nice", type=int, default=0,
+                        help="add this to the process's nice value first (negative: ahead of other processes, "
+                             "where the OS allows it; else it runs as it is)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
+    if args.nice:
+        with contextlib.suppress(OSError):  # before any thread starts: they inherit it
+            os.nice(args.nice)
     stopping = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stopping.set())

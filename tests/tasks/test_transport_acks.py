@@ -86,7 +86,7 @@ def test_without_a_hub_each_acknowledgement_is_written_at_once(channel: Any, dq_
 
 def test_a_closing_channel_writes_the_acknowledgements_it_holds_and_puts_back_the_rest(
         channel: Any, hub: Hub, dq_redis: redis.Redis) -> None:
-    acked, kept = _take(channel, 2)
+    acked, _kept = _take(channel, 2)  # the second stays unacknowledged
     acked.ack()
     channel.close()
     assert dq_redis.hlen("unacked") == 0, "the acknowledged one removed, the other put back on its queue"

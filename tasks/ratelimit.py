@@ -427,8 +427,14 @@ class _LoopState:
         """While this process holds slots: extend their leases every third of a lease, so a
         call longer than a lease keeps its slot and a dead worker's slots still run out."""
         lease_us, every = self.owner.lease_s * 1e6, self.owner.lease_s / 3
+        loop = asyncio.get_running_loop()
+        due = loop.time()
         while any(self.slots.values()):
-            await asyncio.sleep(every)
+            # on a fixed beat: a renewal given up on below has used its tick, so the next goes at
+            # once — a tick's sleep after it would renew as the lease ran out (at a third, two thirds,
+            # then a full lease)
+            due = max(due + every, loop.time())
+            await asyncio.sleep(due - loop.time())
             renewals = [self.batch.call(RENEW, [key], [lease_us, *slots]) for key, slots in self.slots.items() if slots]
             try:
                 # a reply that does not come within a tick is given up on, so one lost reply (a

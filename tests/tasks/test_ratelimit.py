@@ -324,6 +324,36 @@ async def test_a_renewal_whose_reply_never_comes_does_not_stop_the_ones_after_it
     await bound.after(permit, RequestOutcome(usage=Usage()))
 
 
+@pytest.mark.slow
+async def test_with_the_default_lease_a_lost_renewal_costs_one_tick_and_the_slot_never_lapses(
+        dq_redis_url: str, dq_redis: redis.Redis, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The same with the slot lease a user gets (30 s: a renewal every 10 s): the RENEW at 10 s
+    gets no reply, is given up on at 20 s, and the next goes then, 10 s before the lease would
+    run out — not a tick later, as the lease runs out."""
+    ctx = JobContext(Settings(redis_url=dq_redis_url), AgentConfig())
+    try:
+        assert ctx.settings.rate_limit_slot_lease_s == 30
+        bound = limiter(ctx, max_concurrency=3)
+        permit = await bound.before(planned())
+        batch = ctx.limiter.loop_state().batch
+        real_call, lost = batch.call, []
+
+        def call(script: str, keys_: list[str], args: list[Any], orphan: Any = None) -> asyncio.Future[Any]:
+            if not lost:  # the first renewal's reply is lost
+                lost.append(asyncio.get_running_loop().create_future())
+                return lost[0]
+            return real_call(script, keys_, args, orphan)
+
+        monkeypatch.setattr(batch, "call", call)
+        first = dq_redis.zscore(bound.keys[1], permit.slot)
+        await asyncio.sleep(25)  # the lost renewal given up on at 20 s; the lease would end at 30 s
+        assert lost and lost[0].cancelled()
+        assert dq_redis.zscore(bound.keys[1], permit.slot) > first, "renewed at once after the lost reply"
+        await bound.after(permit, RequestOutcome(usage=Usage()))
+    finally:
+        await ctx.aclose()
+
+
 async def test_low_remaining_budget_headers_set_a_pace_before_any_429(context: JobContext,
                                                                       dq_redis: redis.Redis) -> None:
     bound = limiter(context)

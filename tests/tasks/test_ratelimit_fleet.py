@@ -114,12 +114,13 @@ def slots_key(client: JobClient) -> str:
 
 
 # a 400-character prompt: 100 tokens as the fake counts them (four characters a token)
+PROMPT_TOKENS = 100
 SENTENCE = "Which customers in Berlin placed more than two orders last year, and what did they spend? "
 
 
 def sized_prompt(i: int) -> str:
     head = f"({i:03d}) "
-    return head + (SENTENCE * 5)[: 400 - len(head)]
+    return head + (SENTENCE * 5)[: PROMPT_TOKENS * 4 - len(head)]
 
 
 # the providers' documented shapes (datus/testing/limits.py), and the 2 s sliding windows of issue 18
@@ -130,7 +131,7 @@ SHAPES = {
 }
 
 
-def tightest_window(url: str, shape: str, per_s: int, counted: int) -> str:
+def tightest_window(url: str, shape: str, per_s: float, counted: int) -> str:
     """Where the provider saw the last ``counted`` arrivals (those under its limits) closest
     together: for a failure's message (how far the fleet's spread went past the slack its share
     leaves)."""
@@ -178,8 +179,10 @@ def test_three_workers_share_one_budget_and_the_provider_never_says_429(
     counts = httpx.get(f"{provider_process}/_fake/limits").json()
     # not one 429 from the provider; for token limits too, whatever the mix of reservations (each is at
     # least the provider's count; the limiter's input-token log keeps any second inside what it allows)
+    prompts_per_s = (limits["requests_per_minute"] if budget == "requests"
+                     else limits["input_tokens_per_minute"] / PROMPT_TOKENS) / 60
     assert (counts["admitted"], counts["limited"]) == (120, 0), (counts, tightest_window(
-        provider_process, shape, 20 if budget == "requests" else 10, counts["admitted"] + counts["limited"]))
+        provider_process, shape, prompts_per_s, counts["admitted"] + counts["limited"]))
     assert all(result.rate_limit_retries == 0 and result.attempts == 1 for result in results)
     # 60 slots against a provider that takes 20 a second: the limiter held jobs back, and gave them tickets
     assert sum(result.rate_limit_waits for result in results) > 0

@@ -301,22 +301,28 @@ async def test_held_slots_are_renewed_while_their_call_runs(context: JobContext,
     assert dq_redis.zcard(bound.keys[1]) == 0
 
 
+def lose_the_first_renewal(ctx: JobContext, monkeypatch: pytest.MonkeyPatch) -> list[asyncio.Future[Any]]:
+    """Make the first RENEW's reply never come (a connection that hangs); the list gets its future."""
+    batch = ctx.limiter.loop_state().batch
+    real_call, lost = batch.call, []
+
+    def call(script: str, keys_: list[str], args: list[Any], orphan: Any = None) -> asyncio.Future[Any]:
+        if not lost:
+            lost.append(asyncio.get_running_loop().create_future())
+            return lost[0]
+        return real_call(script, keys_, args, orphan)
+
+    monkeypatch.setattr(batch, "call", call)
+    return lost
+
+
 async def test_a_renewal_whose_reply_never_comes_does_not_stop_the_ones_after_it(
         context: JobContext, dq_redis: redis.Redis, monkeypatch: pytest.MonkeyPatch) -> None:
     """A RENEW sent on a connection that hangs gets no reply: the renewer gives up on it after a
     tick and renews again, instead of waiting on it while every held lease runs out."""
     bound = limiter(context, max_concurrency=3)  # lease 0.6 s in this fixture: a tick of 0.2 s
     permit = await bound.before(planned())
-    batch = context.limiter.loop_state().batch
-    real_call, lost = batch.call, []
-
-    def call(script: str, keys_: list[str], args: list[Any], orphan: Any = None) -> asyncio.Future[Any]:
-        if not lost:  # the first renewal's reply is lost
-            lost.append(asyncio.get_running_loop().create_future())
-            return lost[0]
-        return real_call(script, keys_, args, orphan)
-
-    monkeypatch.setattr(batch, "call", call)
+    lost = lose_the_first_renewal(context, monkeypatch)
     first = dq_redis.zscore(bound.keys[1], permit.slot)
     await asyncio.sleep(1.0)  # longer than the lease
     assert lost and lost[0].cancelled()  # the lost one was given up on
@@ -335,16 +341,7 @@ async def test_with_the_default_lease_a_lost_renewal_costs_one_tick_and_the_slot
         assert ctx.settings.rate_limit_slot_lease_s == 30
         bound = limiter(ctx, max_concurrency=3)
         permit = await bound.before(planned())
-        batch = ctx.limiter.loop_state().batch
-        real_call, lost = batch.call, []
-
-        def call(script: str, keys_: list[str], args: list[Any], orphan: Any = None) -> asyncio.Future[Any]:
-            if not lost:  # the first renewal's reply is lost
-                lost.append(asyncio.get_running_loop().create_future())
-                return lost[0]
-            return real_call(script, keys_, args, orphan)
-
-        monkeypatch.setattr(batch, "call", call)
+        lost = lose_the_first_renewal(ctx, monkeypatch)
         first = dq_redis.zscore(bound.keys[1], permit.slot)
         await asyncio.sleep(25)  # the lost renewal given up on at 20 s; the lease would end at 30 s
         assert lost and lost[0].cancelled()
